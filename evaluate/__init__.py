@@ -1,0 +1,1 @@
+"""Evaluate: splice SAEs into the LM and compute core metrics."""

@@ -1,0 +1,1 @@
+"""Harvest: LM loading, text sources, packing, hooks and the store writer loop."""

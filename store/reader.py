@@ -1,0 +1,169 @@
+"""Open an activation store and read it: whole ranges, or shuffled training batches.
+
+Random single rows through the zarr API are ~1000x slower than a memmap
+(DESIGN.md), so training reads whole inner chunks in a random order into a
+shuffle buffer, with the next chunk prefetched in a background thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import queue
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import zarr
+
+from .format import FORMAT_NAME, StoreError, from_stored
+
+
+class ActivationStore:
+    """Read-only view of a store written by :class:`saestrata.store.writer.StoreWriter`.
+
+    Args:
+        path: store directory.
+        allow_partial: accept a store whose shards are not all committed (reads
+            only the committed prefix).
+
+    Raises:
+        StoreError: not a saestrata store, or uncommitted shards without ``allow_partial``.
+    """
+
+    def __init__(self, path: str | Path, allow_partial: bool = False):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise StoreError(f"{self.path} is not an activation store (no zarr.json): run 'saestrata harvest' first")
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r", use_consolidated=False)
+        except Exception as err:
+            raise StoreError(f"{self.path} cannot be opened as a Zarr v3 group ({err}): the store is corrupt") from err
+        self.attrs = dict(self.group.attrs)
+        if self.attrs.get("format") != FORMAT_NAME:
+            raise StoreError(f"{self.path} is a Zarr group but not a saestrata activation store")
+        committed = set(self.attrs.get("committed_shards", []))
+        missing = [s for s in range(self.attrs["n_shards"]) if s not in committed]
+        if missing and not allow_partial:
+            raise StoreError(
+                f"{self.path} is half-written: shards {missing[:5]}{'...' if len(missing) > 5 else ''} are not "
+                "committed; resume the harvest or pass --allow-partial"
+            )
+        # Readable tokens: the committed prefix of whole shards.
+        first_missing = missing[0] if missing else self.attrs["n_shards"]
+        self.n_tokens = min(self.attrs["n_tokens"], first_missing * self.attrs["shard_tokens"])
+
+    @property
+    def hooks(self) -> list[str]:
+        """Hook names stored, e.g. ``["blocks.4.hook_resid_post", ...]``."""
+        return list(self.attrs["hooks"])
+
+    @property
+    def d_model(self) -> int:
+        """Activation width."""
+        return int(self.attrs["d_model"])
+
+    @property
+    def dtype(self) -> str:
+        """Logical activation dtype (``bfloat16`` ...)."""
+        return self.attrs["dtype"]
+
+    def hook_for_layer(self, layer: int) -> str:
+        """Hook name of block ``layer``; raises StoreError naming the layers the store has."""
+        name = f"blocks.{layer}.hook_resid_post"
+        if name not in self.hooks:
+            have = ", ".join(str(h.split(".")[1]) for h in self.hooks)
+            raise StoreError(f"store {self.path.name} has no layer {layer}: it holds layers {have}")
+        return name
+
+    def activations(self, hook: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``hook`` as a ``[n, d_model]`` tensor in the logical dtype (CPU)."""
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        return from_stored(self.group[hook][start:stop], self.dtype)
+
+    def aligned(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``token_ids``, ``doc_index`` or ``position``."""
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        return self.group[name][start:stop]
+
+    def stats(self, hook: str) -> dict:
+        """Per-hook activation statistics recorded at harvest (``mean_norm``, ``max_abs``, ...)."""
+        stats = self.attrs.get("activation_stats", {}).get(hook)
+        if stats is None:
+            raise StoreError(f"{self.path} has no activation statistics for {hook}: the harvest did not finish")
+        return stats
+
+
+def shuffled_batches(
+    store: ActivationStore,
+    hook: str,
+    batch_size: int,
+    seed: int = 0,
+    token_range: tuple[int, int] | None = None,
+    exclude_bos: bool = True,
+    buffer_chunks: int = 16,
+) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches ``[batch_size, d_model]`` (logical dtype, CPU) from one hook.
+
+    Each epoch visits every inner chunk of ``token_range`` once in a seeded random
+    order; ``buffer_chunks`` chunks are mixed and row-shuffled before batches are cut.
+    Deterministic given ``seed``. BOS rows (``token_ids == bos_token_id``) are skipped
+    when ``exclude_bos``: their norms are orders of magnitude above other tokens.
+
+    Raises:
+        StoreError: the range holds no usable rows.
+    """
+    start, stop = token_range or (0, store.n_tokens)
+    chunk = int(store.attrs["chunk_tokens"])
+    bounds = [(s, min(s + chunk, stop)) for s in range(start, stop, chunk)]
+    bos = store.attrs.get("bos_token_id")
+    if not bounds:
+        raise StoreError(f"no tokens in range {start}..{stop} of {store.path}: the store or range is empty")
+    # Separate generators: chunk order is drawn in the prefetch thread, row order here.
+    chunk_rng, row_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+
+    def chunks() -> Iterator[torch.Tensor]:
+        while True:
+            for i in chunk_rng.permutation(len(bounds)):
+                lo, hi = bounds[i]
+                acts = store.activations(hook, lo, hi)
+                if exclude_bos and bos is not None:
+                    keep = store.aligned("token_ids", lo, hi) != bos
+                    acts = acts[torch.from_numpy(keep)]
+                yield acts
+
+    pending = torch.empty(0, store.d_model, dtype=store.activations(hook, start, start + 1).dtype)
+    source = _prefetch(chunks())
+    while True:
+        parts = [pending] + [next(source) for _ in range(buffer_chunks)]
+        buf = torch.cat(parts)
+        if len(buf) == 0:
+            raise StoreError(f"no usable (non-BOS) rows in {store.path}")
+        buf = buf[torch.from_numpy(row_rng.permutation(len(buf)))]
+        n_full = len(buf) // batch_size
+        for b in range(n_full):
+            yield buf[b * batch_size : (b + 1) * batch_size]
+        pending = buf[n_full * batch_size :]
+
+
+def _prefetch(it: Iterator, depth: int = 4) -> Iterator:
+    """Run ``it`` in a daemon thread, ``depth`` items ahead (zarr reads release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    sentinel = object()
+
+    def work():
+        try:
+            for item in it:
+                q.put(item)
+        except BaseException as err:  # hand the error to the consumer
+            q.put(err)
+        q.put(sentinel)
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is sentinel:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -1,0 +1,1 @@
+"""Train: SAE architectures (one module per family), the registry of presets, the one-pass trainer."""
