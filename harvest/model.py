@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..device import resolve_device
+
 EMBEDDED_MODEL = "gemma-3-270m"
 _CONVERTED_MARK = "saestrata-converted.json"
 
@@ -93,13 +95,6 @@ def check_layers(layers: list[int], n_layers: int, model_id: str) -> list[int]:
     if bad:
         raise ModelError(f"layer {bad[0]} out of range for {model_id}: it has blocks 0..{n_layers - 1}")
     return sorted(set(layers))
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to torch."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def default_cache_dir() -> Path:

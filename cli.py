@@ -1,0 +1,191 @@
+"""The ``saestrata`` command line: harvest -> train -> evaluate, plus the offline demo.
+
+Every error the user can fix is reported as one line (``click.ClickException``),
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from .harvest.model import EMBEDDED_MODEL
+from .harvest.text import EMBEDDED_DATASET
+
+_USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def _one_line_errors(fn):
+    """Turn the project's user-facing errors (all ValueError subclasses) into one-line CLI errors."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as err:
+            raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+
+    return wrapper
+
+
+def _int_list(_ctx, _param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 4,8") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="saestrata")
+def main():
+    """Cached-activation pipeline for sparse-autoencoder research on Gemma models.
+
+    \b
+    saestrata harvest   write residual-stream activations into a Zarr v3 store
+    saestrata train     train one or many SAEs from a store in one pass
+    saestrata evaluate  splice an SAE into the LM and score it (CE/KL recovery, FVU, L0)
+    saestrata demo      all three on the embedded Gemma 3 270M + Wikipedia, offline
+    """
+
+
+_model_opts = [
+    click.option("--device", default="auto", show_default=True, help="auto = CUDA when available, else CPU."),
+    click.option("--dtype", default="bfloat16", show_default=True,
+                 type=click.Choice(["bfloat16", "float32", "float16"]), help="Model dtype (Gemma residuals overflow float16)."),
+]
+
+
+def _with(opts):
+    def deco(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+@main.command()
+@click.option("--model", default=EMBEDDED_MODEL, show_default=True, help="gemma-3-270m (embedded), a hub name or a local folder.")
+@click.option("--layers", required=True, callback=_int_list, help="Blocks whose resid_post to store, e.g. 4,8.")
+@click.option("--dataset", default=EMBEDDED_DATASET, show_default=True,
+              help="wiki-vital (embedded), a datasets name, a local folder or a .txt/.jsonl/.parquet file.")
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]))
+@click.option("--tokens", default=100_000, show_default=True, help="Tokens to harvest (rounded up to whole rows).")
+@click.option("--context-length", default=128, show_default=True)
+@click.option("--batch-rows", default=16, show_default=True, help="Rows per forward pass.")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Text order seed (embedded corpus).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="New store directory.")
+@_with(_model_opts)
+@_one_line_errors
+def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, text_field, seed, out, device, dtype):
+    """Write residual-stream activations (blocks.L.hook_resid_post) into a Zarr v3 store."""
+    from .harvest.harvester import HarvestConfig, harvest as run
+
+    t0 = time.perf_counter()
+    path = run(HarvestConfig(layers=layers, tokens=tokens, out=out, model=model, dataset=dataset, split=split,
+                             context_length=context_length, batch_rows=batch_rows, seed=seed, text_field=text_field,
+                             device=device, dtype=dtype))
+    click.echo(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+
+
+@main.command()
+@click.option("--store", type=click.Path(path_type=Path), help="Store written by 'saestrata harvest'.")
+@click.option("--layer", type=int, help="Block whose activations to train on.")
+@click.option("--arch", "archs", default="topk", show_default=True, help="Comma-separated arch or preset names.")
+@click.option("--set", "sets", multiple=True, metavar="NAME=V1,V2", help="Hyperparameter (sweep): --set k=16,32.")
+@click.option("--d-sae", type=int, help="Latents per SAE (default: --expansion x d_model).")
+@click.option("--expansion", default=8, show_default=True)
+@click.option("--tokens", default=600 * 1024, show_default=True, help="Training tokens per SAE.")
+@click.option("--batch-size", default=1024, show_default=True)
+@click.option("--lr", default=4e-4, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-autocast", is_flag=True, help="Train in fp32 (default: bf16 autocast, fp32 master weights).")
+@click.option("--allow-partial", is_flag=True, help="Train on the committed part of a half-written store.")
+@click.option("--list-archs", is_flag=True, help="List every arch and preset with its source, then exit.")
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory: one sub-folder per SAE.")
+@_one_line_errors
+def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,
+          allow_partial, list_archs, out):
+    """Train SAEs from a store in one pass: every batch is read once and fed to every SAE."""
+    from .train.registry import ARCHS, resolve
+    from .train.sweep import expand_specs
+    from .train.trainer import TrainConfig, train as run
+
+    if list_archs:
+        for name, info in ARCHS.items():
+            presets = ", ".join(info.presets) or "-"
+            click.echo(f"{name:<20} presets: {presets:<40} source: {info.source}")
+        return
+    if store is None or layer is None or out is None:
+        raise click.UsageError("--store, --layer and --out are required (or use --list-archs)")
+    names = [a.strip() for a in archs.split(",") if a.strip()]
+    for name in names:
+        resolve(name)  # fail fast, before reading the store
+    specs = expand_specs(names, list(sets))
+    folders = run(TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, expansion=expansion,
+                              batch_size=batch_size, tokens=tokens, lr=lr, seed=seed, device=device,
+                              autocast=not no_autocast, allow_partial=allow_partial))
+    for name, folder in folders.items():
+        click.echo(f"saved {name} -> {folder}")
+
+
+@main.command()
+@click.option("--sae", "saes", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Saved SAE folder (repeatable).")
+@click.option("--dataset", default=EMBEDDED_DATASET, show_default=True)
+@click.option("--split", default="eval", show_default=True, type=click.Choice(["train", "eval"]))
+@click.option("--tokens", default=8192, show_default=True)
+@click.option("--batch-rows", default=4, show_default=True)
+@click.option("--model", default=None, help="Default: the model the SAE was trained on.")
+@click.option("--out", type=click.Path(path_type=Path), help="Result JSON (one SAE) or directory (several).")
+@_with(_model_opts)
+@_one_line_errors
+def evaluate(saes, dataset, split, tokens, batch_rows, model, out, device, dtype):
+    """Splice SAEs into the LM and report CE/KL recovery, reconstruction and sparsity (SAEBench layout)."""
+    from .evaluate.core import EvalConfig, evaluate_sae, sae_model_id
+    from .harvest.model import load_model
+
+    lm = load_model(model or sae_model_id(saes[0]), device, dtype)
+    for sae in saes:
+        result = evaluate_sae(EvalConfig(sae=sae, dataset=dataset, split=split, tokens=tokens, batch_rows=batch_rows,
+                                         model=lm.model_id, device=device, dtype=dtype), lm=lm)
+        if out is None:
+            target = sae / "core_eval.json"
+        elif len(saes) == 1:
+            target = out
+        else:
+            target = out / f"{sae.name}_core.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(result, indent=2))
+        m = result["eval_result_metrics"]
+        click.echo(f"{sae}: ce_loss_score {m['model_performance_preservation']['ce_loss_score']:.3f} "
+                   f"explained_variance {m['reconstruction_quality']['explained_variance']:.3f} "
+                   f"l0 {m['sparsity']['l0']:.1f} -> {target}")
+
+
+@main.command()
+@click.option("--out", default=Path("demo-out"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--train-tokens", default=100_000, show_default=True, help="Harvested training tokens.")
+@click.option("--eval-tokens", default=8192, show_default=True)
+@click.option("--steps", default=600, show_default=True, help="Training steps of 1024 tokens per SAE.")
+@click.option("--layers", default="4,8", show_default=True, callback=_int_list)
+@click.option("--archs", default="standard,topk", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@_one_line_errors
+def demo(out, train_tokens, eval_tokens, steps, layers, archs, device):
+    """Harvest -> train -> evaluate on the embedded Gemma 3 270M and Wikipedia text, offline."""
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, train_tokens=train_tokens, eval_tokens=eval_tokens, steps=steps, layers=layers,
+                        archs=[a for a in archs.split(",") if a], device=device), echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""``saestrata evaluate``: SAEBench-style core metrics by splicing an SAE into the LM.
+
+Definitions (DESIGN.md, "Metrics"; SAEBench ``core`` eval layout):
+
+- ``ce_loss_score = (CE_zero_abl - CE_sae) / (CE_zero_abl - CE_clean)``
+- ``kl_div_score = (KL_abl - KL_sae) / KL_abl`` with ``KL_* = KL(p_clean || p_*)`` per token
+- ``explained_variance = 1 - E||x - x_hat||^2 / (E||x||^2 - sum_d E[x_d]^2)`` over all
+  evaluated tokens (SAEBench's current per-batch formula has a known bug; not copied)
+- ``mse``: mean squared error per element; ``cossim``: mean cosine(x, x_hat) per token
+- ``l0``: mean non-zero latents per token; ``l1``: mean sum of latents per token
+- ``frac_alive``: latents firing at least once; ``feature_utilisation``: latents whose
+  mean activation exceeds 1e-4 (seed 004, sec. 5.3)
+
+Special tokens (BOS, pad, EOS) are masked: their activations are never replaced and
+no CE/KL is counted where the input or the target token is special.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..harvest.model import LoadedModel, ModelError, check_layers, layer_of_hook, load_model
+from ..harvest.packing import pack_documents
+from ..harvest.text import EMBEDDED_DATASET, DatasetError, iter_documents
+from ..train.sae_io import load_sae
+from .splice import sae_replacement, splice, zero_replacement
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate on. ``tokens`` is rounded up to whole context rows."""
+
+    sae: Path
+    dataset: str = EMBEDDED_DATASET
+    split: str = "eval"
+    tokens: int = 8192
+    batch_rows: int = 4
+    context_length: int | None = None  # default: the SAE's training context length
+    model: str | None = None  # default: the SAE's model
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    seed: int = 0
+    text_field: str = "text"
+    extra: dict = field(default_factory=dict)
+
+
+class _Sums:
+    """Token-weighted accumulators of every core metric (float64)."""
+
+    def __init__(self, d_sae: int):
+        self.n_ce = 0
+        self.ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+        self.kl = {"sae": 0.0, "zero": 0.0}
+        self.n_tok = 0
+        self.sq_err = self.sq_x = self.cos = self.l0 = self.l1 = 0.0
+        self.sum_x: torch.Tensor | None = None
+        self.fire_count = torch.zeros(d_sae, dtype=torch.float64)
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64)
+
+
+def _token_mask(token_ids: torch.Tensor, special: set[int]) -> torch.Tensor:
+    """``[n, T]`` bool, True at special tokens."""
+    return torch.isin(token_ids, torch.tensor(sorted(special), dtype=token_ids.dtype))
+
+
+def _accumulate_logits(sums: _Sums, logits: torch.Tensor, token_ids: torch.Tensor, special_mask: torch.Tensor) -> None:
+    """CE of each group and KL(clean || group) over positions with non-special input and target."""
+    n = token_ids.shape[0]
+    valid = (~special_mask[:, :-1]) & (~special_mask[:, 1:])
+    target = token_ids[:, 1:][valid]
+    logp = {}
+    for g, name in enumerate(("clean", "sae", "zero")):
+        lg = logits[g * n : (g + 1) * n, :-1][valid].float()
+        logp[name] = torch.log_softmax(lg, dim=-1)
+        sums.ce[name] += float(-logp[name].gather(-1, target[:, None]).sum())
+    p_clean = logp["clean"].exp()
+    for name in ("sae", "zero"):
+        sums.kl[name] += float((p_clean * (logp["clean"] - logp[name])).sum())
+    sums.n_ce += int(valid.sum())
+
+
+def _accumulate_recon(sums: _Sums, record: dict, keep_flat: torch.Tensor) -> None:
+    """Reconstruction and sparsity sums over non-special tokens."""
+    use = ~keep_flat
+    x, x_hat, f = record["x"][use].double(), record["x_hat"][use].double(), record["f"][use].double()
+    sums.n_tok += len(x)
+    sums.sq_err += float((x - x_hat).pow(2).sum())
+    sums.sq_x += float(x.pow(2).sum())
+    sums.sum_x = x.sum(0) if sums.sum_x is None else sums.sum_x + x.sum(0)
+    sums.cos += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum())
+    sums.l0 += float((f > 0).sum())
+    sums.l1 += float(f.sum())
+    sums.fire_count += (f > 0).sum(0).cpu()
+    sums.act_sum += f.sum(0).cpu()
+
+
+def sae_model_id(sae_folder: str | Path) -> str:
+    """Model id recorded in a saved SAE's ``cfg.json`` (raises FileNotFoundError if absent)."""
+    cfg_path = Path(sae_folder) / "cfg.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{sae_folder} is not a saved SAE (no cfg.json)")
+    cfg = json.loads(cfg_path.read_text())
+    return cfg.get("saestrata", {}).get("model_id") or cfg["model_name"]
+
+
+def evaluate_sae(cfg: EvalConfig, lm: LoadedModel | None = None, progress: bool = True) -> dict:
+    """Core metrics of the SAE at ``cfg.sae`` in SAEBench's JSON layout.
+
+    Raises:
+        FileNotFoundError: not a saved SAE.
+        ModelError: the SAE's layer is out of range, or its ``d_in`` differs from the model's d_model.
+        DatasetError: no evaluation text.
+    """
+    sae, sae_cfg = load_sae(cfg.sae)
+    ours = sae_cfg.get("saestrata", {})
+    model_id = cfg.model or ours.get("model_id") or sae_cfg.get("model_name")
+    lm = lm or load_model(model_id, cfg.device, cfg.dtype)
+    layer = layer_of_hook(sae_cfg["hook_name"])
+    check_layers([layer], lm.n_layers, model_id)
+    if sae.d_in != lm.d_model:
+        raise ModelError(
+            f"SAE {Path(cfg.sae).name} has d_in {sae.d_in} but {model_id} has d_model {lm.d_model}: "
+            "evaluate it on the model it was trained on"
+        )
+    sae = sae.to(lm.device)
+    ctx = cfg.context_length or ours.get("context_length") or 128
+    n_rows = max(1, -(-cfg.tokens // ctx))
+    special = set(lm.tokenizer.all_special_ids)
+    rows = pack_documents(iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_field), lm.tokenizer, ctx)
+    sums = _Sums(sae.d_sae)
+    record: dict = {}
+    groups = [None, sae_replacement(sae, record), zero_replacement]
+    done, seconds = 0, 0.0
+    bar = tqdm(total=n_rows * ctx, unit="tok", desc=f"evaluate {Path(cfg.sae).name}", disable=not progress)
+    with torch.inference_mode():
+        while done < n_rows:
+            batch = [next(rows, None) for _ in range(min(cfg.batch_rows, n_rows - done))]
+            batch = [r for r in batch if r is not None]
+            if not batch:
+                break
+            ids = torch.from_numpy(np.stack([r.token_ids for r in batch])).long()
+            keep = _token_mask(ids, special)
+            t0 = time.perf_counter()
+            with splice(lm.layers, layer, groups, keep.to(lm.device)):
+                logits = lm.model(input_ids=ids.repeat(3, 1).to(lm.device), use_cache=False).logits
+            _accumulate_logits(sums, logits.cpu(), ids, keep)
+            _accumulate_recon(sums, {k: v.cpu() for k, v in record.items()}, keep.reshape(-1))
+            seconds += time.perf_counter() - t0
+            done += len(batch)
+            bar.update(len(batch) * ctx)
+    bar.close()
+    if sums.n_tok == 0 or sums.n_ce == 0:
+        raise DatasetError(f"no evaluation tokens from {cfg.dataset!r} split {cfg.split!r}: the dataset is empty")
+    return _result(cfg, sae_cfg, sums, model_id, layer, ctx, done * ctx, seconds)
+
+
+def _result(cfg, sae_cfg, s: _Sums, model_id, layer, ctx, n_tokens, seconds) -> dict:
+    """Assemble SAEBench's ``core`` layout from the accumulators."""
+    ce = {k: v / s.n_ce for k, v in s.ce.items()}
+    kl = {k: v / s.n_ce for k, v in s.kl.items()}
+    mean_x = s.sum_x / s.n_tok
+    total_var = s.sq_x / s.n_tok - float(mean_x.pow(2).sum())
+    freq = (s.fire_count / s.n_tok).numpy()
+    mean_act = (s.act_sum / s.n_tok).numpy()
+    ce_den = ce["zero"] - ce["clean"]
+    metrics = {
+        "model_behavior_preservation": {
+            "kl_div_score": (kl["zero"] - kl["sae"]) / kl["zero"] if kl["zero"] > 0 else float("nan"),
+            "kl_div_with_ablation": kl["zero"], "kl_div_with_sae": kl["sae"],
+        },
+        "model_performance_preservation": {
+            "ce_loss_score": (ce["zero"] - ce["sae"]) / ce_den if ce_den != 0 else float("nan"),
+            "ce_loss_with_ablation": ce["zero"], "ce_loss_with_sae": ce["sae"], "ce_loss_without_sae": ce["clean"],
+        },
+        "reconstruction_quality": {
+            "explained_variance": 1.0 - (s.sq_err / s.n_tok) / total_var,
+            "mse": s.sq_err / (s.n_tok * len(mean_x)), "cossim": s.cos / s.n_tok,
+        },
+        "sparsity": {"l0": s.l0 / s.n_tok, "l1": s.l1 / s.n_tok},
+        "misc_metrics": {
+            "frac_alive": float((freq > 0).mean()),
+            "feature_utilisation": float((mean_act > 1e-4).mean()),
+            "freq_over_1_percent": float((freq > 0.01).mean()),
+            "freq_over_10_percent": float((freq > 0.1).mean()),
+            "n_tokens": n_tokens, "n_reconstructed_tokens": s.n_tok, "n_ce_positions": s.n_ce,
+            "eval_tokens_per_s": n_tokens / max(seconds, 1e-9),
+        },
+    }
+    hist, edges = np.histogram(np.log10(freq[freq > 0]), bins=40, range=(-6, 0)) if (freq > 0).any() else ([], [])
+    return {
+        "eval_type_id": "core",
+        "eval_config": {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+                        "model_name": model_id, "hook_layer": layer, "context_size": ctx,
+                        "exclude_special_tokens_from_reconstruction": True},
+        "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": metrics,
+        "eval_result_details": [],
+        "eval_result_unstructured": {
+            "log10_feature_density_histogram": {"counts": [int(c) for c in hist], "edges": [float(e) for e in edges],
+                                                "n_dead": int((freq == 0).sum())},
+        },
+        "sae_cfg_dict": sae_cfg,
+    }

@@ -1,0 +1,148 @@
+"""The interface every SAE shares, plus the parts most architectures reuse.
+
+Shapes: inputs ``x`` are ``[batch, d_in]`` float (fp32 master weights; the trainer
+may autocast matmuls to bf16), latents ``f`` are ``[batch, d_sae]``.
+
+Parameter names follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``W_dec [d_sae, d_in]``, ``b_dec [d_in]``; extra parameters keep their own names
+and are saved as extra tensors (DESIGN.md, "SAE architectures").
+
+Activation normalisation: the trainer feeds ``x * s`` with ``s = sqrt(d_in) /
+E||x||`` (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", sec. 2.1
+and Anthropic's April 2024 update, both normalise inputs to a fixed norm); at
+save time :meth:`SAE.fold_input_scale` rewrites the weights so the saved SAE takes
+raw activations and returns raw reconstructions with the same latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ForwardOutput:
+    """Result of :meth:`SAE.forward`.
+
+    Attributes:
+        x_hat: ``[batch, d_in]`` reconstruction.
+        f: ``[batch, d_sae]`` latent activations (non-negative for all built-in archs).
+        losses: named scalar loss terms, already weighted; the training loss is their sum.
+            ``mse`` (squared error summed over ``d_in``, mean over batch) is always present.
+    """
+
+    x_hat: torch.Tensor
+    f: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Total training loss (sum of ``losses``)."""
+        return sum(self.losses.values())
+
+
+class SAE(nn.Module):
+    """Base class: a linear encoder, an activation, a linear decoder.
+
+    Subclasses set ``arch`` and implement :meth:`activation` and optionally
+    :meth:`penalties`. ``sparsity_scale`` (0..1) is set by the trainer for
+    sparsity-coefficient warmup; ``unit_norm_decoder`` asks the trainer to keep
+    decoder rows at unit norm.
+
+    Args:
+        d_in: input width (d_model of the hooked layer).
+        d_sae: number of latents.
+        seed: RNG seed of the initialisation.
+    """
+
+    arch: ClassVar[str] = "base"
+    unit_norm_decoder: ClassVar[bool] = True
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0):
+        super().__init__()
+        self.d_in, self.d_sae = d_in, d_sae
+        gen = torch.Generator().manual_seed(seed)
+        w_dec = torch.randn(d_sae, d_in, generator=gen)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        # Tied init (Gao et al. 2024 sec. 2.3; Conerly et al. 2024): encoder = decoder transpose.
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.sparsity_scale = 1.0
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    # -- hyperparameters (saved in cfg.json) ------------------------------------------
+    def hparams(self) -> dict:
+        """Architecture hyperparameters needed to rebuild this SAE (JSON-serialisable)."""
+        return {}
+
+    # -- the forward pass -------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - b_dec) @ W_enc + b_enc``: ``[batch, d_in] -> [batch, d_sae]``."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """Latents from pre-activations; ``[batch, d_sae] -> [batch, d_sae]``."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, d_in] -> [batch, d_sae]`` latent activations."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """``[batch, d_sae] -> [batch, d_in]``: ``f @ W_dec + b_dec``."""
+        return f @ self.W_dec + self.b_dec
+
+    def penalties(self, x: torch.Tensor, pre: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> dict:
+        """Extra weighted loss terms (sparsity, auxiliary). Default: none."""
+        return {}
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        """Encode, decode and compute the loss terms; ``x`` is ``[batch, d_in]``."""
+        pre = self.pre_acts(x)
+        f = self.activation(pre)
+        x_hat = self.decode(f)
+        mse = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
+        return ForwardOutput(x_hat, f, {"mse": mse, **self.penalties(x, pre, f, x_hat)})
+
+    # -- training-time bookkeeping ----------------------------------------------------
+    @torch.no_grad()
+    def update_firing(self, f: torch.Tensor) -> None:
+        """Dead-latent tracking: reset the counter of latents that fired in this batch."""
+        fired = (f > 0).any(0)
+        self.tokens_since_fired += f.shape[0]
+        self.tokens_since_fired[fired] = 0
+
+    @torch.no_grad()
+    def init_b_dec(self, x: torch.Tensor) -> None:
+        """Initialise ``b_dec`` to the mean of a first batch ``[batch, d_in]`` (a cheap geometric-median stand-in)."""
+        self.b_dec.copy_(x.float().mean(0))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the decoder-gradient component along each unit-norm row (keeps Adam on the sphere)."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            w = self.W_dec
+            w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm (only for archs with ``unit_norm_decoder``)."""
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    # -- saving -----------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on ``x * scale`` take raw ``x``: the latents are unchanged.
+
+        ``(s x - b_dec) W_enc = (x - b_dec/s)(s W_enc)`` and ``x_hat = (f W_dec + b_dec) / s``.
+        Subclasses with input-space extra parameters must override and extend this.
+        """
+        self.W_enc *= scale
+        self.W_dec /= scale
+        self.b_dec /= scale

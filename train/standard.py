@@ -1,0 +1,46 @@
+"""``standard``: ReLU SAE with an L1 penalty weighted by decoder-row norms.
+
+Source: Anthropic, "Circuits Updates - April 2024" (Conerly et al.), training
+recipe: loss ``||x - x_hat||^2 + lambda * sum_i f_i ||W_dec,i||_2`` on inputs scaled
+to ``E||x||^2 = d_in``, decoder rows unconstrained (the weighting makes the penalty
+invariant to shrinking latents), lambda warmed up over the first 5% of steps by
+the trainer's ``sparsity_scale``. The paper uses lambda ~5; default here 5.0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import SAE
+
+
+class StandardSAE(SAE):
+    """ReLU + decoder-norm-weighted L1. ``[batch, d_in] -> [batch, d_sae]``.
+
+    Args:
+        d_in, d_sae, seed: see :class:`SAE`.
+        l1_coeff: lambda of the weighted L1 term (dimensionless, on normalised inputs).
+    """
+
+    arch = "standard"
+    unit_norm_decoder = False
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0):
+        super().__init__(d_in, d_sae, seed)
+        self.l1_coeff = l1_coeff
+        with torch.no_grad():  # April update: decoder rows start at norm 0.1, encoder = transpose
+            self.W_dec *= 0.1
+            self.W_enc.copy_(self.W_dec.T)
+
+    def hparams(self) -> dict:
+        """``{"l1_coeff": ...}``."""
+        return {"l1_coeff": self.l1_coeff}
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """ReLU."""
+        return torch.relu(pre)
+
+    def penalties(self, x, pre, f, x_hat) -> dict:
+        """``l1``: lambda * sparsity_scale * mean over batch of ``sum_i f_i ||W_dec,i||``."""
+        weighted = (f.float() * self.W_dec.norm(dim=-1)).sum(-1).mean()
+        return {"l1": self.l1_coeff * self.sparsity_scale * weighted}

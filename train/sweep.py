@@ -1,0 +1,48 @@
+"""Expand ``--arch`` names and ``--set NAME=V1,V2`` options into one SAESpec per grid point."""
+
+from __future__ import annotations
+
+import itertools
+
+from .trainer import SAESpec
+
+
+def parse_value(text: str):
+    """``"32"`` -> 32, ``"1.5"`` -> 1.5, ``"true"`` -> True, anything else stays a string."""
+    low = text.strip().lower()
+    if low in {"true", "false"}:
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_sets(sets: list[str]) -> dict[str, list]:
+    """``["k=16,32", "lr=1e-4"]`` -> ``{"k": [16, 32], "lr": [0.0001]}``; raises ValueError on a bad item."""
+    grid: dict[str, list] = {}
+    for item in sets:
+        name, sep, values = item.partition("=")
+        if not sep or not name.strip() or not values.strip():
+            raise ValueError(f"bad --set {item!r}: use NAME=V1,V2 (e.g. --set k=16,32)")
+        grid[name.strip()] = [parse_value(v) for v in values.split(",")]
+    return grid
+
+
+def expand_specs(archs: list[str], sets: list[str]) -> list[SAESpec]:
+    """One spec per arch x grid point; ``lr`` in the grid sets the learning rate, the rest are hyperparameters.
+
+    Names are the arch name, suffixed with ``-name=value`` for swept settings.
+    """
+    grid = parse_sets(sets)
+    keys = list(grid)
+    specs = []
+    for arch in archs:
+        for values in itertools.product(*(grid[k] for k in keys)):
+            point = dict(zip(keys, values))
+            lr = point.pop("lr", None)
+            suffix = "".join(f"-{k}={v}" for k, v in zip(keys, values) if len(grid[k]) > 1)
+            specs.append(SAESpec(name=arch + suffix, arch=arch, hparams=point, lr=lr))
+    return specs
