@@ -6,35 +6,32 @@ paper's settings). ``saestrata train --list-archs`` prints this table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
 
+from .arch_info import ArchError, ArchInfo
 from .base import SAE
-from .standard import StandardSAE
-from .topk import TopKSAE
+
+# One module per family; each defines ``ARCHS: dict[str, ArchInfo]``.
+_MODULES = [
+    "standard", "topk", "batchtopk", "jumprelu", "matryoshka",
+    "seed000_hsae", "seed001_grouped", "seed002_importance", "seed003_tiered", "seed004_groups",
+]
 
 
-class ArchError(ValueError):
-    """Raised for an unknown architecture, preset or hyperparameter."""
+def _collect() -> dict[str, ArchInfo]:
+    archs: dict[str, ArchInfo] = {}
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"{__package__}.{name}":
+                continue  # family not written yet
+            raise
+        archs.update(module.ARCHS)
+    return archs
 
 
-@dataclass(frozen=True)
-class ArchInfo:
-    """One architecture: its class, where it comes from, and its named presets."""
-
-    cls: type[SAE]
-    source: str
-    presets: dict[str, dict] = field(default_factory=dict)
-
-
-ARCHS: dict[str, ArchInfo] = {
-    "standard": ArchInfo(StandardSAE, "Conerly et al., Anthropic Circuits Update, April 2024"),
-    "topk": ArchInfo(TopKSAE, "Gao et al. 2024, Scaling and evaluating sparse autoencoders"),
-}
-
-
-def register(name: str, info: ArchInfo) -> None:
-    """Add an architecture to the registry (used by the arch modules)."""
-    ARCHS[name] = info
+ARCHS: dict[str, ArchInfo] = _collect()
 
 
 def resolve(name: str) -> tuple[str, dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .arch_info import ArchInfo
 from .base import SAE
 
 
@@ -44,3 +45,6 @@ class StandardSAE(SAE):
         """``l1``: lambda * sparsity_scale * mean over batch of ``sum_i f_i ||W_dec,i||``."""
         weighted = (f.float() * self.W_dec.norm(dim=-1)).sum(-1).mean()
         return {"l1": self.l1_coeff * self.sparsity_scale * weighted}
+
+
+ARCHS = {"standard": ArchInfo(StandardSAE, "Conerly et al., Anthropic Circuits Update, April 2024")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .arch_info import ArchInfo
 from .base import SAE
 
 
@@ -75,3 +76,6 @@ class TopKSAE(AuxKMixin, SAE):
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``auxk`` (only while training)."""
         return {"auxk": self.auxk_loss(x, pre, x_hat)} if self.training else {}
+
+
+ARCHS = {"topk": ArchInfo(TopKSAE, "Gao et al. 2024, Scaling and evaluating sparse autoencoders, sec. 2.3, app. A.2")}
