@@ -50,6 +50,7 @@ def main():
     saestrata harvest   write residual-stream activations into a Zarr v3 store
     saestrata train     train one or many SAEs from a store in one pass
     saestrata evaluate  splice an SAE into the LM and score it (CE/KL recovery, FVU, L0)
+    saestrata store     ls / info / verify activation stores
     saestrata demo      all three on the embedded Gemma 3 270M + Wikipedia, offline
     """
 
@@ -80,18 +81,28 @@ def _with(opts):
 @click.option("--batch-rows", default=16, show_default=True, help="Rows per forward pass.")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Text order seed (embedded corpus).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="New store directory.")
+@click.option("--rows-per-chunk", default=8, show_default=True, help="Context rows per inner chunk (read unit).")
+@click.option("--chunks-per-shard", default=8, show_default=True, help="Inner chunks per shard (write/commit unit).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Store directory: new, or an existing store of the same harvest to resume, reuse or extend.")
 @_with(_model_opts)
 @_one_line_errors
-def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, text_field, seed, out, device, dtype):
-    """Write residual-stream activations (blocks.L.hook_resid_post) into a Zarr v3 store."""
+def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, text_field, seed, rows_per_chunk,
+            chunks_per_shard, out, device, dtype):
+    """Write residual-stream activations (blocks.L.hook_resid_post) into a Zarr v3 store.
+
+    Rerunning on an existing store of the same harvest resumes it from its first
+    uncommitted shard, reuses it when complete, or extends it to more --tokens; a
+    store of a different harvest is refused, naming the differing fields.
+    """
     from .harvest.harvester import HarvestConfig, harvest as run
 
     t0 = time.perf_counter()
     path = run(HarvestConfig(layers=layers, tokens=tokens, out=out, model=model, dataset=dataset, split=split,
                              context_length=context_length, batch_rows=batch_rows, seed=seed, text_field=text_field,
-                             device=device, dtype=dtype))
-    click.echo(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+                             device=device, dtype=dtype, rows_per_chunk=rows_per_chunk,
+                             chunks_per_shard=chunks_per_shard))
+    click.echo(f"store {path} ready in {time.perf_counter() - t0:.0f} s")
 
 
 @main.command()
@@ -149,13 +160,11 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
 @_one_line_errors
 def evaluate(saes, dataset, split, tokens, batch_rows, model, out, device, dtype):
     """Splice SAEs into the LM and report CE/KL recovery, reconstruction and sparsity (SAEBench layout)."""
-    from .evaluate.core import EvalConfig, evaluate_sae, sae_model_id
-    from .harvest.model import load_model
+    from .evaluate.core import EvalConfig, evaluate_saes
 
-    lm = load_model(model or sae_model_id(saes[0]), device, dtype)
-    for sae in saes:
-        result = evaluate_sae(EvalConfig(sae=sae, dataset=dataset, split=split, tokens=tokens, batch_rows=batch_rows,
-                                         model=lm.model_id, device=device, dtype=dtype), lm=lm)
+    results = evaluate_saes(list(saes), EvalConfig(dataset=dataset, split=split, tokens=tokens, batch_rows=batch_rows,
+                                                   model=model, device=device, dtype=dtype))
+    for sae, result in zip(saes, results):
         if out is None:
             target = sae / "core_eval.json"
         elif len(saes) == 1:
@@ -186,6 +195,10 @@ def demo(out, train_tokens, eval_tokens, steps, layers, archs, device):
     run_demo(DemoConfig(out=out, train_tokens=train_tokens, eval_tokens=eval_tokens, steps=steps, layers=layers,
                         archs=[a for a in archs.split(",") if a], device=device), echo=click.echo)
 
+
+from .store.cli import store as _store_commands  # noqa: E402  (ls / info / verify)
+
+main.add_command(_store_commands)
 
 if __name__ == "__main__":
     main()

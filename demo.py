@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .evaluate.core import EvalConfig, evaluate_sae
+from .evaluate.core import EvalConfig, evaluate_saes
 from .harvest.harvester import HarvestConfig, harvest
 from .harvest.model import load_model
 from .store import ActivationStore, StoreError
@@ -80,8 +80,10 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> list[dict]
         saes += [(layer, name, folder) for name, folder in folders.items()]
 
     rows = []
-    for layer, name, folder in saes:
-        result = evaluate_sae(EvalConfig(sae=folder, tokens=cfg.eval_tokens, device=cfg.device), lm=lm)
+    t0 = time.perf_counter()
+    results = evaluate_saes([f for _, _, f in saes], EvalConfig(tokens=cfg.eval_tokens, device=cfg.device), lm=lm)
+    timings["evaluate_s"] = time.perf_counter() - t0
+    for (layer, name, folder), result in zip(saes, results):
         (cfg.out / "results").mkdir(exist_ok=True)
         (cfg.out / "results" / f"layer{layer}_{name}_core.json").write_text(json.dumps(result, indent=2))
         m = result["eval_result_metrics"]

@@ -2,8 +2,9 @@
 
 The hook rewrites the output of block ``layer`` (``blocks.L.hook_resid_post``).
 Rows of the batch are split into groups, each with its own replacement, so the
-clean, SAE-spliced and zero-ablated passes run as ONE batched forward (the three
-groups see identical inputs up to ``layer``). Positions flagged in ``keep`` (special
+clean pass, the zero-ablated pass of each layer and the spliced pass of each SAE
+run as ONE batched forward (a group differs from the clean one only from its
+layer on), and the clean and ablated passes are shared by every SAE. Positions flagged in ``keep`` (special
 tokens such as BOS) keep their original activation in every group, as SAEBench
 does with ``exclude_special_tokens_from_reconstruction``.
 """
@@ -27,53 +28,85 @@ def _with_hidden(output, hidden):
 
 
 @contextmanager
-def splice(layers, layer: int, groups: list[Replacement], keep: torch.Tensor) -> Iterator[None]:
-    """Within the context, block ``layer``'s output is rewritten group by group.
+def splice(layers, plan: dict[int, list[Replacement]], keep: torch.Tensor) -> Iterator[None]:
+    """Within the context, the outputs of the blocks in ``plan`` are rewritten group by group.
 
     Args:
         layers: the model's decoder blocks (``model.model.layers``).
-        layer: block index whose output (resid_post) is replaced.
-        groups: one replacement per equal slice of the batch; ``None`` leaves it clean.
-            A batch of ``len(groups) * n`` rows gives rows ``[g*n, (g+1)*n)`` to group ``g``.
+        plan: ``{layer: [replacement per group]}``; every list has one entry per group
+            (``None`` leaves that group unchanged at that layer). A batch of
+            ``n_groups * n`` rows gives rows ``[g*n, (g+1)*n)`` to group ``g``.
         keep: ``[n, T]`` bool, True where the original activation is kept (special tokens).
 
     Raises:
-        ValueError: batch size not divisible by the number of groups.
+        ValueError: the lists differ in length, or the batch is not ``n_groups`` equal slices.
     """
+    n_groups = {len(groups) for groups in plan.values()}
+    if len(n_groups) != 1:
+        raise ValueError("every layer of a splice plan needs one entry per group")
+    (n_groups,) = n_groups
 
-    def hook(_module, _inputs, output):
-        h = _hidden(output)
-        n = h.shape[0] // len(groups)
-        if n * len(groups) != h.shape[0]:
-            raise ValueError(f"batch of {h.shape[0]} rows is not {len(groups)} equal groups")
-        parts = []
-        for g, fn in enumerate(groups):
-            chunk = h[g * n : (g + 1) * n]
-            if fn is not None:
-                new = fn(chunk).to(chunk.dtype)
-                chunk = torch.where(keep[..., None].to(chunk.device), chunk, new)
-            parts.append(chunk)
-        return _with_hidden(output, torch.cat(parts))
+    def make_hook(groups: list[Replacement]):
+        def hook(_module, _inputs, output):
+            h = _hidden(output)
+            n = h.shape[0] // n_groups
+            if n * n_groups != h.shape[0]:
+                raise ValueError(f"batch of {h.shape[0]} rows is not {n_groups} equal groups")
+            parts = []
+            for g, fn in enumerate(groups):
+                chunk = h[g * n : (g + 1) * n]
+                if fn is not None:
+                    new = fn(chunk).to(chunk.dtype)
+                    chunk = torch.where(keep[..., None].to(chunk.device), chunk, new)
+                parts.append(chunk)
+            return _with_hidden(output, torch.cat(parts))
 
-    handle = layers[layer].register_forward_hook(hook)
+        return hook
+
+    handles = [layers[layer].register_forward_hook(make_hook(groups)) for layer, groups in plan.items()]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
-def sae_replacement(sae, record: dict | None = None) -> Replacement:
-    """Replacement ``h -> sae(h)`` computed in fp32; stores ``x``, ``x_hat``, ``f`` (flattened) in ``record``."""
+def sae_replacement(sae, record: dict | None = None, rows: dict | None = None) -> Replacement:
+    """Replacement ``h [n, T, d] -> sae(h)`` computed in fp32; stores ``x``, ``x_hat``, ``f`` (flattened) in ``record``.
+
+    Token SAEs see the ``n*T`` tokens flattened. Sequence SAEs (``sae.needs_sequences``,
+    e.g. seed 000's temporal SAE) see ``h`` as whole rows plus the document boundaries
+    of the current batch, which the caller writes into the mutable ``rows`` dict before
+    each forward: ``rows["doc_index"]`` ``[n, T]`` int, optionally ``rows["valid"]``
+    ``[n, T]`` bool (False on special tokens, which then give no context).
+
+    The returned function raises ValueError for a sequence SAE when ``rows`` lacks a
+    ``doc_index`` of shape ``[n, T]``: boundaries are never guessed.
+    """
 
     def fn(h: torch.Tensor) -> torch.Tensor:
+        if getattr(sae, "needs_sequences", False):
+            doc_index, valid = _row_context(rows, h)
+            f = sae.encode_seq(h.float(), doc_index, valid).flatten(0, 1)
+        else:
+            f = sae.encode(h.reshape(-1, h.shape[-1]).float())
         x = h.reshape(-1, h.shape[-1]).float()
-        f = sae.encode(x)
         x_hat = sae.decode(f)
         if record is not None:
             record.update(x=x, x_hat=x_hat, f=f)
         return x_hat.reshape(h.shape)
 
     return fn
+
+
+def _row_context(rows: dict | None, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(doc_index [n, T], valid [n, T] | None)`` on ``h``'s device from the caller's ``rows`` dict."""
+    doc_index = (rows or {}).get("doc_index")
+    if doc_index is None or tuple(doc_index.shape) != tuple(h.shape[:2]):
+        got = None if doc_index is None else tuple(doc_index.shape)
+        raise ValueError(f"a sequence SAE needs rows['doc_index'] of shape {tuple(h.shape[:2])}, got {got}")
+    valid = rows.get("valid")
+    return doc_index.to(h.device), None if valid is None else valid.to(h.device)
 
 
 def zero_replacement(h: torch.Tensor) -> torch.Tensor:

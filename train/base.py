@@ -52,6 +52,13 @@ class SAE(nn.Module):
     sparsity-coefficient warmup; ``unit_norm_decoder`` asks the trainer to keep
     decoder rows at unit norm.
 
+    Sequence SAEs (``needs_sequences = True``, e.g. seed 000's temporal SAE) see whole
+    context rows. They also implement ``encode_seq(x [R, T, d_in], doc_index [R, T],
+    valid [R, T] bool | None) -> f [R, T, d_sae]`` and ``forward_seq(x, doc_index, valid)
+    -> ForwardOutput`` whose ``x_hat``/``f`` hold only the valid tokens, flattened
+    row-major (the rows of ``x[valid]``), so the trainer's metrics see the same tokens
+    it feeds token SAEs. Their context never crosses a row or a change of ``doc_index``.
+
     Args:
         d_in: input width (d_model of the hooked layer).
         d_sae: number of latents.
@@ -60,6 +67,7 @@ class SAE(nn.Module):
 
     arch: ClassVar[str] = "base"
     unit_norm_decoder: ClassVar[bool] = True
+    needs_sequences: ClassVar[bool] = False  # True: fed [R, T, d] rows via encode_seq/forward_seq
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0):
         super().__init__()
@@ -134,6 +142,12 @@ class SAE(nn.Module):
         """Rescale decoder rows to unit norm (only for archs with ``unit_norm_decoder``)."""
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    def after_step(self, step: int, steps: int) -> None:
+        """Called by the trainer after optimiser step ``step`` (0-based) of ``steps``; default no-op.
+
+        For SAEs with schedules or periodic bookkeeping (e.g. curricula, importance tracking).
+        """
 
     # -- saving -----------------------------------------------------------------------
     @torch.no_grad()

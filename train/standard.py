@@ -21,21 +21,22 @@ class StandardSAE(SAE):
     Args:
         d_in, d_sae, seed: see :class:`SAE`.
         l1_coeff: lambda of the weighted L1 term (dimensionless, on normalised inputs).
+        init_dec_norm: initial decoder-row norm (the update suggests 0.05-1; 0.1 here).
     """
 
     arch = "standard"
     unit_norm_decoder = False
 
-    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0):
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0, init_dec_norm: float = 0.1):
         super().__init__(d_in, d_sae, seed)
-        self.l1_coeff = l1_coeff
-        with torch.no_grad():  # April update: decoder rows start at norm 0.1, encoder = transpose
-            self.W_dec *= 0.1
+        self.l1_coeff, self.init_dec_norm = l1_coeff, init_dec_norm
+        with torch.no_grad():  # April update: decoder rows start at a small norm, encoder = transpose
+            self.W_dec *= init_dec_norm
             self.W_enc.copy_(self.W_dec.T)
 
     def hparams(self) -> dict:
-        """``{"l1_coeff": ...}``."""
-        return {"l1_coeff": self.l1_coeff}
+        """``{"l1_coeff": ..., "init_dec_norm": ...}``."""
+        return {"l1_coeff": self.l1_coeff, "init_dec_norm": self.init_dec_norm}
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """ReLU."""

@@ -18,12 +18,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from ..device import resolve_device
-from ..store import ActivationStore, StoreError, shuffled_batches
+from ..store import ActivationStore, StoreError, sequence_batches, shuffled_batches
 from .base import SAE
 from .registry import build
 from .sae_io import save_sae
@@ -87,12 +88,16 @@ class _Slot:
         self.seconds = 0.0
         self.last: dict = {}
 
-    def step(self, x: torch.Tensor, step: int, autocast: bool) -> dict | None:
-        """One optimiser step on normalised ``x [batch, d_in]``; returns metrics, or None if it failed."""
+    def step(self, x: torch.Tensor, step: int, autocast: bool, rows: tuple | None = None) -> dict | None:
+        """One optimiser step on normalised ``x [batch, d_in]``; returns metrics, or None if it failed.
+
+        Sequence SAEs train on ``rows = (acts [R, T, d_in], doc_index [R, T], valid [R, T])``
+        instead, where ``x == acts[valid]``, so metrics cover the same tokens for every SAE.
+        """
         t0 = time.perf_counter()
         self.sae.sparsity_scale = min(1.0, (step + 1) / self.sparsity_warm)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = self.sae(x)
+            out = self.sae.forward_seq(*rows) if self.sae.needs_sequences else self.sae(x)
         loss = out.loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,6 +109,7 @@ class _Slot:
         self.opt.step()
         self.sched.step()
         self.sae.normalize_decoder()
+        self.sae.after_step(step, self.steps)
         self.sae.update_firing(out.f)
         self.seconds += time.perf_counter() - t0
         return _metrics(x, out, loss, self.sae, self.opt.param_groups[0]["lr"])
@@ -125,6 +131,26 @@ def _metrics(x: torch.Tensor, out, loss: torch.Tensor, sae: SAE, lr: float) -> d
 def sae_dead_window(sae: SAE) -> int:
     """Tokens without firing after which a latent counts as dead (trainer setting stored on the SAE)."""
     return getattr(sae, "dead_window_tokens", 250_000)
+
+
+def _feed(store: ActivationStore, hook: str, cfg: TrainConfig, scale: float, device: torch.device,
+          sequences: bool) -> Iterator[tuple[torch.Tensor, tuple | None]]:
+    """Endless ``(x [N, d_in], rows)`` batches, scaled and on ``device``; every SAE gets the same batch.
+
+    Token SAEs only: ``x`` = shuffled tokens, ``rows`` None. With a sequence SAE: whole
+    context rows ``rows = (acts, doc_index, valid)`` (``batch_size // context_length``
+    rows; ``valid`` = not BOS) and ``x = acts[valid]``, the same tokens flattened.
+    """
+    if not sequences:
+        for x in shuffled_batches(store, hook, cfg.batch_size, seed=cfg.seed):
+            yield x.to(device).float() * scale, None
+        return
+    n_rows = max(1, cfg.batch_size // int(store.attrs["context_length"]))
+    bos = store.attrs.get("bos_token_id")
+    for acts, doc_index, token_ids in sequence_batches(store, hook, n_rows, seed=cfg.seed):
+        acts = acts.to(device).float() * scale
+        valid = (token_ids != bos if bos is not None else torch.ones_like(token_ids, dtype=torch.bool)).to(device)
+        yield acts[valid], (acts, doc_index.to(device), valid)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
@@ -157,17 +183,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
         sae.dead_window_tokens = cfg.dead_window_tokens
         slots.append(_Slot(spec, sae, cfg, steps))
 
-    batches = shuffled_batches(store, hook, cfg.batch_size, seed=cfg.seed)
+    batches = _feed(store, hook, cfg, scale, device, any(s.sae.needs_sequences for s in slots))
     bar = tqdm(range(steps), desc=f"train {len(slots)} SAE(s) on {hook}", unit="step", disable=not progress)
     for step in bar:
-        x = next(batches).to(device).float() * scale
+        x, rows = next(batches)
         if step == 0:
             for slot in slots:
                 slot.sae.init_b_dec(x)
         for slot in slots:
             if slot.failed:
                 continue
-            metrics = slot.step(x, step, cfg.autocast)
+            metrics = slot.step(x, step, cfg.autocast, rows)
             if metrics is None:
                 tqdm.write(f"{slot.spec.name}: stopped, {slot.failed}; keeping its last good weights")
                 continue

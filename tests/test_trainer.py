@@ -1,0 +1,68 @@
+"""The one-pass trainer: several SAEs per pass, sweeps, failure isolation, deterministic reader."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from saestrata.store import ActivationStore, shuffled_batches
+from saestrata.train.sae_io import load_sae
+from saestrata.train.sweep import expand_specs
+from saestrata.train.trainer import SAESpec, TrainConfig, train
+
+
+def _log(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    specs = [SAESpec("standard", "standard"), SAESpec("topk", "topk", {"k": 8}),
+             SAESpec("broken", "standard", {"l1_coeff": float("nan")})]
+    return train(TrainConfig(store=tiny_store, layer=1, out=out, specs=specs, d_sae=128, batch_size=256,
+                             tokens=60 * 256, log_every=5, lr=1e-3), progress=False)
+
+
+def test_every_sae_learns_in_one_pass(run):
+    for name in ("standard", "topk"):
+        log = _log(run[name])
+        assert all(math.isfinite(v) for row in log for v in row.values() if isinstance(v, float))
+        assert log[-1]["loss"] < 0.8 * log[0]["loss"], name
+        assert log[-1]["fvu"] < log[0]["fvu"], name
+    assert all(row["l0"] == 8 for row in _log(run["topk"]))
+
+
+def test_non_finite_sae_stops_alone(run):
+    _, cfg = load_sae(run["broken"])
+    assert cfg["saestrata"]["failed"].startswith("non-finite loss at step 0")
+    _, ok = load_sae(run["topk"])
+    assert ok["saestrata"]["failed"] is None
+
+
+def test_saved_sae_records_provenance(run, tiny_store):
+    _, cfg = load_sae(run["topk"])
+    ours = cfg["saestrata"]
+    assert ours["hook_name"] == "blocks.1.hook_resid_post" and ours["train_tokens"] == 60 * 256
+    assert ours["input_scale"] > 0 and cfg["hook_layer"] == 1
+
+
+def test_sweep_expands_grid():
+    specs = expand_specs(["topk", "standard"], ["k=4,8", "lr=1e-3"])
+    assert [s.name for s in specs] == ["topk-k=4", "topk-k=8", "standard-k=4", "standard-k=8"]
+    assert all(s.lr == 1e-3 and "lr" not in s.hparams for s in specs)
+    assert specs[1].hparams == {"k": 8}
+
+
+def test_shuffled_batches_deterministic_and_skip_bos(tiny_store):
+    store = ActivationStore(tiny_store)
+    hook = "blocks.1.hook_resid_post"
+    a = [b for _, b in zip(range(5), shuffled_batches(store, hook, 100, seed=3))]
+    b = [b for _, b in zip(range(5), shuffled_batches(store, hook, 100, seed=3))]
+    c = next(shuffled_batches(store, hook, 100, seed=4))
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], c)
+    bos_rows = store.activations(hook)[torch.from_numpy(store.aligned("token_ids") == store.attrs["bos_token_id"])]
+    batch_rows = torch.cat(a).float()
+    # No batch row equals any BOS activation (BOS rows are identical, huge-norm vectors).
+    assert not (batch_rows[:, None, :] == bos_rows[:1].float()[None]).all(-1).any()

@@ -1,0 +1,516 @@
+"""Seed 001: grouped-orthogonality, hierarchical, attention-grouped and contrastive SAEs.
+
+Source: ``shared/seeds/001_0012a683e3519a7f.txt`` ("The limits of structural
+approaches to knowledge separation"), sec. 3.1 (ReLU encoder, linear decoder),
+4.1 (8x8 hierarchy, Eq. 1), 4.2 (attention group assignment, Eq. 2), 4.3 (loss,
+Eqs. 3-4), 5.2 (training protocol) and 6.1 (the six variants and their settings).
+
+All variants share Eq. 3, ``||x - x_hat||^2 + l1 ||f||_1 + l2 L_ortho + l3 L_contrast``
+on the trainer's normalised inputs, with Eq. 4's orthogonality between groups of
+latents. Presets (``ARCHS[...].presets``; sizes are fractions of ``d_sae``, so
+they fit d_model 640 and 2304 alike):
+
+- ``seed001_fixed_ortho``: 32 static groups, alpha 0.1 (sec. 6.1 "Fixed Orthogonal").
+- ``seed001_adaptive_ortho32``: 32 groups re-formed every 100 steps, alpha in [0.05, 0.15].
+- ``seed001_adaptive_ortho64``: 64 groups re-formed every 50 steps, alpha in [0.2, 0.4].
+- ``seed001_static_hier``: 8x8 static hierarchy, alpha_L1 0.4, alpha_L2 0.2 (sec. 4.1, 6.1).
+- ``seed001_dynamic_hier``: 8x8 attention-assigned groups (Eq. 2, temperature init 1.0,
+  refreshed every 50 steps), entropy weight 0.01 (sec. 4.2, 6.1).
+- ``seed001_contrastive_hier``: the above + InfoNCE, temperature 0.1, weight 0.1 (sec. 4.3, 6.1).
+
+Readings of ambiguous or missing details (seed section in brackets):
+
+* Eq. 4's ``h_g`` [4.3] is the ``[batch, |g|]`` block of latent activations, so
+  ``h_gi^T h_gj`` is the cross-group co-activation (Gram) block. We divide it by
+  the batch size (a batch mean) so the penalty does not grow with batch size;
+  the paper's sum over ordered pairs ``i != j`` is kept as written (each unordered
+  pair counts twice), as is the unsquared Frobenius norm.
+* ``lambda_2`` of Eq. 3 is not given [4.3]; the alphas are the paper's only
+  orthogonality weights [6.1], so ``lambda_2 = 1``. ``lambda_1`` (L1) is not given
+  either; we use 5.0, the project's calibration for an L1 penalty with unit-norm
+  decoder rows on inputs of mean norm ``sqrt(d_in)`` (see standard.py), warmed up
+  by the trainer's ``sparsity_scale``. Decoder rows are kept at unit norm so
+  plain L1 cannot be gamed by shrinking latents.
+* "Fixed Orthogonal" [1, 6.1] gives no group count; we use 32 static contiguous
+  groups, the count of the next variant, so the two differ only in adaptivity.
+* "Adaptive" [6.1] says only that alpha moves in a range and groups are updated
+  every 100 (32 groups) or 50 (64 groups) steps. At each update we (a) set
+  ``alpha = lo + (hi - lo) * c``, ``c`` the mean absolute correlation between the
+  groups' summed activations in the batch (the "feature correlation" of sec. 6.2),
+  so correlated groups are pushed harder; (b) re-form equal-size groups by one
+  balanced k-means step on the latents' co-activation profiles, so latents that
+  fire together share a group ("dynamic feature grouping", sec. 1).
+* The 8x8 hierarchy [4.1]: fine group ``(i, j)`` lies inside coarse group ``i``;
+  the level-2 term of Eq. 4 (``sum_{i, j != k}``) pairs only fine groups of the
+  same coarse parent. Static groups are contiguous latent ranges.
+* Eq. 2 [4.2] assigns *latents* to groups (assignments are "updated every 50
+  steps", so they are a per-latent state, not a per-token routing). A latent's
+  key is a learned projection of its layer-normalised decoder direction (sec. 4.3
+  mentions layer normalisation; it also makes keys invariant to the input-scale
+  fold). The decoder direction is detached there so the assignment loss moves the
+  attention, not the dictionary. Fine groups are nested by construction:
+  ``p(i, j) = p(i) p(j | i)`` with a softmax over ``j`` inside each coarse ``i``.
+  Soft assignments enter Eq. 4 by weighting each latent's activation by its
+  membership probability (hard one-hot assignments give back the static form).
+  Between refreshes the cached assignment (a buffer, saved with the SAE) is used
+  and the attention gets no gradient; on a refresh step the live, differentiable
+  assignment is used and cached. ``update_every=1`` trains it every step.
+* Entropy regularisation [4.3, 6.1, weight 0.01] is read as keeping group *usage*
+  balanced (the stated purpose, "prevent degenerate solutions", i.e. every latent
+  in one group, which zeroes Eq. 4): loss ``w * sum_levels (log n - H(mean p))``,
+  non-negative and zero at uniform usage.
+* InfoNCE [4.3, 6.1, 6.2]: "inter-group contrastive loss", "separated feature
+  groups in embedding space (mean cosine similarity ...)" and a reported mean NCE
+  of 4.2 ~ ln 64 all point to contrast between the 64 fine groups. A group's
+  embedding is its activation pattern over the batch tokens (``f @ P_fine``,
+  column g); the positive pair is the same group's pattern on a second view of
+  the batch (inputs plus Gaussian noise of ``view_noise`` times each token's RMS,
+  since a flat token batch offers no natural pairs), negatives are the other
+  groups. ``contrast_over="tokens"`` instead contrasts tokens (rows) of the same
+  two views. The loss is symmetrised over the two views.
+* Training protocol [5.2]: AdamW, lr 3e-4, weight decay 0.01, batch 2048, 1000
+  steps belong to the trainer (which uses Adam, no weight decay); the template
+  the paper's numbers suggest used ``d_sae = d_model``, which is a trainer
+  setting (``--d-sae``), not a preset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch_info import ArchError, ArchInfo
+from .base import SAE
+
+SEED = "shared/seeds/001_0012a683e3519a7f.txt"
+
+
+# --------------------------------------------------------------------------------------
+# Group structure helpers
+# --------------------------------------------------------------------------------------
+def static_group_ids(d_sae: int, n_groups: int) -> torch.Tensor:
+    """Contiguous, near-equal groups: latent ``n`` -> ``n * n_groups // d_sae``.
+
+    Returns a ``[d_sae]`` int64 tensor with values in ``[0, n_groups)``.
+
+    Raises:
+        ArchError: ``n_groups < 1`` or more groups than latents.
+    """
+    if not 1 <= n_groups <= d_sae:
+        raise ArchError(f"need 1 <= n_groups <= d_sae, got n_groups={n_groups}, d_sae={d_sae}")
+    return torch.arange(d_sae) * n_groups // d_sae
+
+
+def one_hot(ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``[d_sae]`` int group ids -> ``[d_sae, n_groups]`` float32 hard assignment matrix."""
+    return F.one_hot(ids.long(), n_groups).float()
+
+
+def latent_gram(f: torch.Tensor) -> torch.Tensor:
+    """Batch-mean co-activation ``f^T f / batch``: ``[batch, d_sae] -> [d_sae, d_sae]`` float32.
+
+    Eq. 4's ``h^T h`` of seed 001 sec. 4.3, divided by the batch size (module docstring).
+    """
+    return (f.T @ f).float() / f.shape[0]
+
+
+def block_frobenius(gram: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """Frobenius norms of the group blocks of ``gram``, soft or hard groups.
+
+    With membership ``A [d_sae, n]`` each latent's activation is weighted by ``A``, so
+    block ``(i, j)`` is ``diag(A_i) G diag(A_j)`` and its squared norm is
+    ``((A*A)^T (G*G) (A*A))_ij``; for one-hot ``A`` this is ``||h_gi^T h_gj||_F`` of
+    seed 001 Eq. 4. Returns ``[n, n]`` float32. The clamp keeps the gradient finite
+    (zero) for all-zero blocks, where the square root's derivative is undefined.
+    """
+    a2 = assign.float().pow(2)
+    sq = a2.T @ (gram.float().pow(2) @ a2)
+    return sq.clamp_min(1e-30).sqrt()
+
+
+def ortho_penalty(f: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """Unweighted single-level Eq. 4: ``sum_{i != j} ||h_gi^T h_gj||_F / batch`` (scalar float32).
+
+    Args:
+        f: ``[batch, d_sae]`` latents.
+        assign: ``[d_sae, n_groups]`` membership (one-hot or soft rows summing to 1).
+    Source: seed 001 sec. 4.3, Eq. 4 (first term), sec. 6.1 (grouped variants).
+    """
+    blocks = block_frobenius(latent_gram(f), assign)
+    off = ~torch.eye(blocks.shape[0], dtype=torch.bool, device=blocks.device)
+    return blocks[off].sum()
+
+
+def sibling_mask(n_coarse: int, n_fine: int, device=None) -> torch.Tensor:
+    """``[n_coarse*n_fine]^2`` bool: fine groups ``(i, j), (i, k)`` with ``j != k`` (Eq. 4's level-2 pairs)."""
+    parent = torch.arange(n_coarse * n_fine, device=device) // n_fine
+    same = parent[:, None] == parent[None, :]
+    return same & ~torch.eye(len(parent), dtype=torch.bool, device=device)
+
+
+def hier_ortho_terms(f: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
+                     n_fine: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unweighted level-1 and level-2 sums of seed 001 Eq. 4 (sec. 4.1, 4.3).
+
+    Args:
+        f: ``[batch, d_sae]`` latents.
+        coarse: ``[d_sae, n_coarse]`` coarse membership.
+        fine: ``[d_sae, n_coarse * n_fine]`` fine membership; fine group ``k`` lies in coarse ``k // n_fine``.
+    Returns:
+        ``(sum_{i != j} ||h_g1i^T h_g1j||_F, sum_{i, j != k} ||h_g2ij^T h_g2ik||_F)``, both ``/ batch``, float32.
+    """
+    gram = latent_gram(f)
+    b1 = block_frobenius(gram, coarse)
+    b2 = block_frobenius(gram, fine)
+    off = ~torch.eye(b1.shape[0], dtype=torch.bool, device=b1.device)
+    return b1[off].sum(), b2[sibling_mask(coarse.shape[1], n_fine, b2.device)].sum()
+
+
+def usage_entropy(assign: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the mean group usage ``mean_n assign[n]``: ``[d_sae, n] -> []`` float32.
+
+    ``log n`` for balanced usage, 0 when every latent sits in one group (seed 001 sec. 4.3
+    "entropy regularization on group assignments").
+    """
+    usage = assign.float().mean(0)
+    return -(usage * usage.clamp_min(1e-12).log()).sum()
+
+
+def inter_group_correlation(f: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """Mean absolute Pearson correlation between groups' summed activations over the batch.
+
+    ``f [batch, d_sae]``, ``assign [d_sae, n]`` -> scalar float32 in ``[0, 1]``; groups that
+    never fire in the batch contribute 0. The "feature correlation" of seed 001 sec. 6.2.
+    """
+    act = f.float() @ assign.float()
+    act = act - act.mean(0)
+    act = act / act.norm(dim=0).clamp_min(1e-12)
+    corr = act.T @ act
+    off = ~torch.eye(corr.shape[0], dtype=torch.bool, device=corr.device)
+    return corr[off].abs().mean()
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between two views; row ``i`` of ``a`` and of ``b`` are a positive pair.
+
+    Args:
+        a, b: ``[n, e]`` embeddings (any float dtype); compared by cosine similarity.
+        temperature: softmax temperature (seed 001 sec. 4.3 / 6.1 use 0.1).
+    Returns:
+        Scalar float32: mean over both directions of ``-log softmax_j(cos(a_i, b_j) / T)[i]``
+        (van den Oord et al. 2018, "CPC", sec. 2.3; seed 001 sec. 4.3). ``ln n`` at chance.
+    Raises:
+        ValueError: shapes differ.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"views must have equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    logits = F.normalize(a.float(), dim=-1, eps=1e-12) @ F.normalize(b.float(), dim=-1, eps=1e-12).T
+    logits = logits / temperature
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+@torch.no_grad()
+def balanced_assign(affinity: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Assign each row (latent) to a column (group) by affinity, at most ``capacity`` rows per group.
+
+    Rounds: every free latent proposes its best group that still has room; each group accepts
+    its highest-affinity proposers up to its remaining room. ``affinity [d, n]`` -> ``[d]`` int64.
+
+    Raises:
+        ValueError: ``capacity * n < d`` (not every latent would fit).
+    """
+    d, n = affinity.shape
+    if capacity * n < d:
+        raise ValueError(f"capacity {capacity} x {n} groups cannot hold {d} latents")
+    # NaN would stall the rounds (argmax may pick a full group); rank it last instead, above full groups.
+    affinity = torch.nan_to_num(affinity.float(), nan=-1e30, posinf=1e30, neginf=-1e30)
+    ids = torch.full((d,), -1, dtype=torch.long, device=affinity.device)
+    room = torch.full((n,), capacity, dtype=torch.long, device=affinity.device)
+    while (ids < 0).any():
+        free = (ids < 0).nonzero().squeeze(1)
+        scores = affinity[free].masked_fill(room[None, :] == 0, -math.inf)
+        best, choice = scores.max(1)
+        for g in choice.unique().tolist():
+            mine = free[choice == g]
+            take = mine[best[choice == g].argsort(descending=True)[: int(room[g])]]
+            ids[take] = g
+            room[g] -= len(take)
+    return ids
+
+
+@torch.no_grad()
+def coactivation_groups(f: torch.Tensor, ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """One balanced k-means step on latents' co-activation profiles (our reading of sec. 6.1 "Adaptive").
+
+    A latent's profile is its unit-normalised activation column over the batch; a group's
+    centroid is the normalised mean profile of its current members; latents move to their
+    most similar centroid under equal capacity ``ceil(d_sae / n_groups)``.
+    ``f [batch, d_sae]``, ``ids [d_sae]`` -> new ``[d_sae]`` int64 ids.
+    """
+    prof = F.normalize(f.float().T, dim=1, eps=1e-12)  # [d_sae, batch]
+    cent = F.normalize(one_hot(ids, n_groups).T @ prof, dim=1, eps=1e-12)  # [n_groups, batch]
+    return balanced_assign(prof @ cent.T, math.ceil(f.shape[1] / n_groups))
+
+
+# --------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------
+class _ReluL1SAE(SAE):
+    """ReLU encoder, unit-norm decoder, plain L1 (seed 001 sec. 3.1 and Eq. 3's first two terms)."""
+
+    unit_norm_decoder = True
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0):
+        super().__init__(d_in, d_sae, seed)
+        self.l1_coeff = l1_coeff
+        self._calls = 0  # training forwards seen; drives the every-N-steps updates
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """ReLU (seed 001 sec. 3.1)."""
+        return torch.relu(pre)
+
+    def l1(self, f: torch.Tensor) -> torch.Tensor:
+        """``l1_coeff * sparsity_scale * mean_batch ||f||_1`` (scalar float32; Eq. 3)."""
+        return self.l1_coeff * self.sparsity_scale * f.float().sum(-1).mean()
+
+    def _tick(self, every: int) -> bool:
+        """Count a training forward; True on the first and then every ``every``-th one."""
+        if not self.training:
+            return False
+        due = self._calls % every == 0
+        self._calls += 1
+        return due
+
+
+class GroupedOrthoSAE(_ReluL1SAE):
+    """ReLU SAE with Eq. 4's orthogonality between ``n_groups`` latent groups (seed 001 sec. 6.1).
+
+    ``[batch, d_in] -> [batch, d_sae]``. Fixed variant: static contiguous groups and constant
+    ``alpha``. Adaptive variant (``adaptive=True``): every ``update_every`` training steps the
+    groups are re-formed from co-activation and ``alpha`` is set inside ``alpha_range`` from the
+    measured inter-group correlation (module docstring).
+
+    Args:
+        d_in, d_sae, seed: see :class:`SAE`.
+        l1_coeff: L1 weight (dimensionless on normalised inputs).
+        n_groups: number of groups (<= d_sae).
+        alpha: orthogonality weight of the fixed variant.
+        adaptive: re-form groups and adapt alpha.
+        alpha_range: ``[lo, hi]`` of the adaptive alpha.
+        update_every: training steps between adaptive updates.
+    Raises:
+        ArchError: bad group count, alpha range or update interval.
+    Buffers: ``group_ids [d_sae]`` int64, ``alpha`` scalar float32 (saved with the SAE).
+    """
+
+    arch = "seed001_grouped_ortho"
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0, n_groups: int = 32,
+                 alpha: float = 0.1, adaptive: bool = False, alpha_range: tuple | list = (0.05, 0.15),
+                 update_every: int = 100):
+        super().__init__(d_in, d_sae, seed, l1_coeff)
+        lo, hi = (float(v) for v in alpha_range)
+        if not 0 <= lo <= hi or update_every < 1:
+            raise ArchError(f"need 0 <= alpha_range[0] <= alpha_range[1] and update_every >= 1, "
+                            f"got {alpha_range}, {update_every}")
+        self.n_groups, self.adaptive, self.alpha_range, self.update_every = n_groups, adaptive, (lo, hi), update_every
+        self.init_alpha = alpha
+        self.register_buffer("group_ids", static_group_ids(d_sae, n_groups))
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+
+    def hparams(self) -> dict:
+        """Constructor settings (JSON-serialisable)."""
+        return {"l1_coeff": self.l1_coeff, "n_groups": self.n_groups, "alpha": self.init_alpha,
+                "adaptive": self.adaptive, "alpha_range": list(self.alpha_range), "update_every": self.update_every}
+
+    @torch.no_grad()
+    def adapt(self, f: torch.Tensor) -> None:
+        """Adaptive update from a batch ``f [batch, d_sae]``: new alpha, then regrouped latents."""
+        lo, hi = self.alpha_range
+        corr = inter_group_correlation(f, one_hot(self.group_ids, self.n_groups).to(f.device))
+        self.alpha.fill_(lo + (hi - lo) * float(corr.clamp(0, 1)))
+        self.group_ids.copy_(coactivation_groups(f.detach(), self.group_ids, self.n_groups))
+
+    def penalties(self, x, pre, f, x_hat) -> dict:
+        """``l1`` and ``ortho = alpha * sum_{i != j} ||h_gi^T h_gj||_F / batch`` (Eq. 3-4)."""
+        if self.adaptive and self._tick(self.update_every):
+            self.adapt(f)
+        assign = one_hot(self.group_ids, self.n_groups).to(f.device)
+        return {"l1": self.l1(f), "ortho": self.alpha * ortho_penalty(f, assign)}
+
+
+class StaticHierSAE(_ReluL1SAE):
+    """ReLU SAE with the static two-level hierarchy of seed 001 sec. 4.1 and both terms of Eq. 4.
+
+    ``[batch, d_in] -> [batch, d_sae]``. Latents form ``n_coarse`` contiguous coarse groups,
+    each split into ``n_fine`` contiguous fine groups (8x8 in the paper).
+
+    Args:
+        d_in, d_sae, seed, l1_coeff: see :class:`GroupedOrthoSAE`.
+        n_coarse, n_fine: hierarchy shape (``n_coarse * n_fine <= d_sae``).
+        alpha_l1, alpha_l2: level weights (paper: 0.4, 0.2).
+    Raises:
+        ArchError: more fine groups than latents.
+    """
+
+    arch = "seed001_static_hier"
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0, n_coarse: int = 8,
+                 n_fine: int = 8, alpha_l1: float = 0.4, alpha_l2: float = 0.2):
+        super().__init__(d_in, d_sae, seed, l1_coeff)
+        self.n_coarse, self.n_fine, self.alpha_l1, self.alpha_l2 = n_coarse, n_fine, alpha_l1, alpha_l2
+        fine = static_group_ids(d_sae, n_coarse * n_fine)
+        self.register_buffer("fine_ids", fine)  # coarse group of fine k is k // n_fine (nesting)
+
+    def hparams(self) -> dict:
+        """Constructor settings (JSON-serialisable)."""
+        return {"l1_coeff": self.l1_coeff, "n_coarse": self.n_coarse, "n_fine": self.n_fine,
+                "alpha_l1": self.alpha_l1, "alpha_l2": self.alpha_l2}
+
+    def assignments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One-hot ``(coarse [d_sae, n_coarse], fine [d_sae, n_coarse*n_fine])`` float32."""
+        return (one_hot(self.fine_ids // self.n_fine, self.n_coarse),
+                one_hot(self.fine_ids, self.n_coarse * self.n_fine))
+
+    def penalties(self, x, pre, f, x_hat) -> dict:
+        """``l1``, ``ortho_level1 = alpha_L1 * level-1 sum``, ``ortho_level2 = alpha_L2 * level-2 sum`` (Eq. 4)."""
+        t1, t2 = hier_ortho_terms(f, *self.assignments(), self.n_fine)
+        return {"l1": self.l1(f), "ortho_level1": self.alpha_l1 * t1, "ortho_level2": self.alpha_l2 * t2}
+
+
+class DynamicHierSAE(StaticHierSAE):
+    """8x8 hierarchy with attention-assigned soft groups, entropy regularisation and optional InfoNCE.
+
+    Seed 001 sec. 4.2 (Eq. 2): ``p(g_k^l | latent) = softmax_k(q_k^l . K(latent) / tau)`` with
+    learned queries, key projection and temperature; nested levels ``p(i, j) = p(i) p(j | i)``.
+    Keys are ``LayerNorm(W_dec[n]) @ W_key`` (decoder detached; module docstring). Assignments
+    are refreshed every ``update_every`` training steps (live and differentiable on those steps,
+    cached in the ``assign_coarse`` / ``assign_fine`` buffers in between).
+    ``[batch, d_in] -> [batch, d_sae]``.
+
+    Args:
+        d_in, d_sae, seed, l1_coeff, n_coarse, n_fine, alpha_l1, alpha_l2: see :class:`StaticHierSAE`.
+        d_key: width of keys and queries.
+        temperature: initial tau (paper sec. 6.1: 1.0), learned as ``log_tau``.
+        entropy_coeff: weight of the usage-entropy regulariser (paper: 0.01).
+        update_every: steps between assignment refreshes (paper: 50).
+        contrast_coeff: InfoNCE weight (0 = off; paper's contrastive variant: 0.1).
+        contrast_temperature: InfoNCE temperature (paper: 0.1).
+        contrast_over: ``"groups"`` (fine groups' batch patterns, default) or ``"tokens"``.
+        view_noise: std of the second view's Gaussian noise, in units of each token's RMS.
+    Raises:
+        ArchError: bad ``contrast_over``, ``update_every < 1`` or too many groups.
+    Buffers: ``assign_coarse``, ``assign_fine`` (cached assignments, saved); the inherited static
+    ``fine_ids`` layout is kept for the shared hierarchy code but unused by this class's loss.
+    """
+
+    arch = "seed001_dynamic_hier"
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0, n_coarse: int = 8,
+                 n_fine: int = 8, alpha_l1: float = 0.4, alpha_l2: float = 0.2, d_key: int = 64,
+                 temperature: float = 1.0, entropy_coeff: float = 0.01, update_every: int = 50,
+                 contrast_coeff: float = 0.0, contrast_temperature: float = 0.1, contrast_over: str = "groups",
+                 view_noise: float = 0.1):
+        super().__init__(d_in, d_sae, seed, l1_coeff, n_coarse, n_fine, alpha_l1, alpha_l2)
+        if contrast_over not in ("groups", "tokens") or update_every < 1:
+            raise ArchError(f"contrast_over must be 'groups' or 'tokens' and update_every >= 1, "
+                            f"got {contrast_over!r}, {update_every}")
+        self.d_key, self.init_temperature, self.entropy_coeff = d_key, temperature, entropy_coeff
+        self.update_every, self.contrast_coeff, self.contrast_temperature = update_every, contrast_coeff, contrast_temperature
+        self.contrast_over, self.view_noise = contrast_over, view_noise
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.W_key = nn.Parameter(torch.randn(d_in, d_key, generator=gen) / math.sqrt(d_in))
+        # Query scale 1/sqrt(d_key): logits start ~N(0, 1), so initial assignments are soft but not uniform.
+        self.q_coarse = nn.Parameter(torch.randn(n_coarse, d_key, generator=gen) / math.sqrt(d_key))
+        self.q_fine = nn.Parameter(torch.randn(n_coarse, n_fine, d_key, generator=gen) / math.sqrt(d_key))
+        self.log_tau = nn.Parameter(torch.tensor(math.log(temperature)))
+        with torch.no_grad():
+            coarse, fine = self.live_assignments()
+        self.register_buffer("assign_coarse", coarse)
+        self.register_buffer("assign_fine", fine)
+
+    def hparams(self) -> dict:
+        """Constructor settings (JSON-serialisable)."""
+        return {**super().hparams(), "d_key": self.d_key, "temperature": self.init_temperature,
+                "entropy_coeff": self.entropy_coeff, "update_every": self.update_every,
+                "contrast_coeff": self.contrast_coeff, "contrast_temperature": self.contrast_temperature,
+                "contrast_over": self.contrast_over, "view_noise": self.view_noise}
+
+    def live_assignments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 2 now: ``(coarse [d_sae, n_coarse], fine [d_sae, n_coarse*n_fine])`` float32, rows sum to 1."""
+        keys = F.layer_norm(self.W_dec.detach().float(), (self.d_in,)) @ self.W_key  # [d_sae, d_key]
+        tau = self.log_tau.exp()
+        coarse = torch.softmax(keys @ self.q_coarse.T / tau, -1)
+        cond = torch.softmax(torch.einsum("nd,ijd->nij", keys, self.q_fine) / tau, -1)  # p(j | i)
+        return coarse, (coarse[:, :, None] * cond).reshape(self.d_sae, -1)
+
+    def assignments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Live assignments on refresh steps (then cached), else the cached buffers."""
+        if not self._tick(self.update_every):
+            return self.assign_coarse, self.assign_fine
+        coarse, fine = self.live_assignments()
+        self.assign_coarse.copy_(coarse.detach())
+        self.assign_fine.copy_(fine.detach())
+        return coarse, fine
+
+    def entropy_reg(self, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        """``entropy_coeff * sum_levels (log n_l - H(usage_l))`` (scalar float32, >= 0)."""
+        gap = lambda a: math.log(a.shape[1]) - usage_entropy(a)  # noqa: E731
+        return self.entropy_coeff * (gap(coarse) + gap(fine))
+
+    def second_view(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents ``[batch, d_sae]`` of ``x`` plus Gaussian noise of ``view_noise`` x per-token RMS."""
+        rms = x.float().pow(2).mean(-1, keepdim=True).sqrt()
+        return self.encode(x + self.view_noise * rms * torch.randn_like(x.float()))
+
+    def contrast(self, f: torch.Tensor, f2: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        """Unweighted InfoNCE between the views' fine-group activations ``f @ fine`` ([batch, n_groups])."""
+        z1, z2 = f.float() @ fine, f2.float() @ fine
+        if self.contrast_over == "groups":
+            z1, z2 = z1.T, z2.T
+        return info_nce(z1, z2, self.contrast_temperature)
+
+    def penalties(self, x, pre, f, x_hat) -> dict:
+        """``l1``, ``ortho_level1``, ``ortho_level2``, ``entropy`` and (training, ``contrast_coeff > 0``) ``contrast``."""
+        coarse, fine = self.assignments()
+        t1, t2 = hier_ortho_terms(f, coarse, fine, self.n_fine)
+        out = {"l1": self.l1(f), "ortho_level1": self.alpha_l1 * t1, "ortho_level2": self.alpha_l2 * t2,
+               "entropy": self.entropy_reg(coarse, fine)}
+        if self.contrast_coeff > 0 and self.training:
+            out["contrast"] = self.contrast_coeff * self.contrast(f, self.second_view(x), fine)
+        return out
+
+
+class ContrastiveHierSAE(DynamicHierSAE):
+    """:class:`DynamicHierSAE` with InfoNCE on by default (seed 001 sec. 4.3, 6.1: T 0.1, weight 0.1)."""
+
+    arch = "seed001_contrastive_hier"
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, contrast_coeff: float = 0.1, **kwargs):
+        super().__init__(d_in, d_sae, seed, contrast_coeff=contrast_coeff, **kwargs)
+
+
+_SRC = f"{SEED}, sec. 4.1-4.3, 6.1"
+ARCHS = {
+    GroupedOrthoSAE.arch: ArchInfo(GroupedOrthoSAE, f"{SEED}, sec. 4.3 Eq. 4, 6.1 (fixed / adaptive orthogonal)", {
+        "seed001_fixed_ortho": {"n_groups": 32, "alpha": 0.1},
+        "seed001_adaptive_ortho32": {"n_groups": 32, "adaptive": True, "alpha": 0.1,
+                                     "alpha_range": [0.05, 0.15], "update_every": 100},
+        "seed001_adaptive_ortho64": {"n_groups": 64, "adaptive": True, "alpha": 0.3,
+                                     "alpha_range": [0.2, 0.4], "update_every": 50},
+    }),
+    StaticHierSAE.arch: ArchInfo(StaticHierSAE, _SRC, {
+        "seed001_static_hier": {"n_coarse": 8, "n_fine": 8, "alpha_l1": 0.4, "alpha_l2": 0.2},
+    }),
+    DynamicHierSAE.arch: ArchInfo(DynamicHierSAE, _SRC, {
+        "seed001_dynamic_hier": {"temperature": 1.0, "entropy_coeff": 0.01, "update_every": 50},
+    }),
+    ContrastiveHierSAE.arch: ArchInfo(ContrastiveHierSAE, _SRC, {
+        "seed001_contrastive_hier": {"temperature": 1.0, "entropy_coeff": 0.01, "update_every": 50,
+                                     "contrast_coeff": 0.1, "contrast_temperature": 0.1},
+    }),
+}
