@@ -21,8 +21,8 @@ from .registry import build
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 # SAELens architecture / activation names for the archs it knows; others load only in saestrata.
-_SAELENS_ARCH = {"standard": "standard", "topk": "topk", "batchtopk": "topk", "jumprelu": "jumprelu",
-                 "matryoshka": "topk"}
+_SAELENS_ARCH = {"standard": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
+                 "matryoshka": "jumprelu"}  # batchtopk/matryoshka save their global threshold as `threshold [d_sae]`
 
 
 def sae_config(sae: SAE, meta: dict) -> dict:

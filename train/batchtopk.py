@@ -1,0 +1,129 @@
+"""``batchtopk``: BatchTopK SAE with a global inference threshold and the AuxK loss.
+
+Source: Bussmann, Leask, Nanda 2024, "BatchTopK Sparse Autoencoders":
+sec. 3, training keeps the ``k * batch`` largest (ReLU'd) pre-activations across
+the whole batch instead of ``k`` per token, so the number of active latents varies
+per token with an average of ``k``; at inference a single threshold ``theta``
+replaces the batch dependence: ``f = ReLU(pre) * H(pre - theta)``, with ``theta``
+the expectation over training batches of the smallest kept positive activation.
+We estimate that expectation with an exponential running average (rate
+``threshold_lr``, 0.01 by default, i.e. ~100-step memory) seeded by the first batch,
+so short CPU runs are not dominated by the untrained first steps.
+Dead latents get the AuxK loss of Gao et al. 2024, app. A.2 (``AuxKMixin``).
+
+Saving: ``threshold`` is a ``[d_sae]`` buffer holding the global value in every
+entry, which is exactly SAELens' JumpReLU ``threshold`` tensor, so a saved
+BatchTopK SAE loads in SAELens as ``architecture: "jumprelu"`` with identical
+inference behaviour (see ``_SAELENS_ARCH`` in sae_io.py). Thresholds act on
+pre-activations, which :meth:`SAE.fold_input_scale` leaves unchanged, so the
+base folding stays correct.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arch_info import ArchError, ArchInfo
+from .base import SAE
+from .topk import AuxKMixin
+
+
+def batch_topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k * batch`` largest ReLU'd pre-activations of the whole batch, zero the rest.
+
+    Bussmann et al. 2024, sec. 3 (BatchTopK). ``pre`` is ``[batch, d_sae]`` float;
+    returns the same shape and dtype. Non-zeros number ``min(k * batch, #positive)``
+    (a kept zero stays zero). Gradients flow to the kept entries only.
+    """
+    flat = torch.relu(pre).flatten()
+    n_keep = min(k * pre.shape[0], flat.numel())
+    values, indices = flat.topk(n_keep, sorted=False)
+    return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+
+
+def threshold_relu(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """JumpReLU inference: ``ReLU(pre) * (pre > threshold)``, SAELens' JumpReLU encode rule.
+
+    ``pre`` ``[batch, d_sae]``; ``threshold`` ``[d_sae]`` (or broadcastable), same units
+    as ``pre``. Returns ``[batch, d_sae]`` in ``pre``'s dtype.
+    """
+    return torch.relu(pre) * (pre > threshold).to(pre.dtype)
+
+
+class BatchTopKSAE(AuxKMixin, SAE):
+    """BatchTopK SAE: ``k * batch`` active latents per training batch, a global threshold in eval.
+
+    ``[batch, d_in] -> [batch, d_sae]``. Training mode uses :func:`batch_topk_relu`;
+    eval mode uses :func:`threshold_relu` with the ``threshold`` buffer (``[d_sae]``,
+    all entries equal; 0 until the first training batch, i.e. plain ReLU).
+
+    Args:
+        d_in, d_sae, seed: see :class:`SAE`.
+        k: mean active latents per token in training (default 32).
+        aux_k: latents used by AuxK (default ``d_in // 2``, Gao et al. 2024 app. A.2).
+        aux_coeff: AuxK weight (default 1/32).
+        threshold_lr: rate of the running average of the threshold, in (0, 1].
+
+    Raises:
+        ArchError: ``k`` outside ``[1, d_sae]`` or ``threshold_lr`` outside ``(0, 1]``.
+    """
+
+    arch = "batchtopk"
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, k: int = 32, aux_k: int | None = None,
+                 aux_coeff: float = 1 / 32, threshold_lr: float = 0.01):
+        super().__init__(d_in, d_sae, seed)
+        _check_batchtopk_args(k, d_sae, threshold_lr)
+        self.k, self.aux_k, self.aux_coeff = k, aux_k or d_in // 2, aux_coeff
+        self.threshold_lr = threshold_lr
+        self.register_buffer("threshold", torch.zeros(d_sae))
+
+    def hparams(self) -> dict:
+        """``k``, ``aux_k``, ``aux_coeff``, ``threshold_lr``."""
+        return {"k": self.k, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff, "threshold_lr": self.threshold_lr}
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """BatchTopK while training, the global JumpReLU threshold in eval; ``[batch, d_sae]``."""
+        if self.training:
+            return batch_topk_relu(pre, self.k)
+        return threshold_relu(pre, self.threshold)
+
+    def penalties(self, x, pre, f, x_hat) -> dict:
+        """``auxk`` (only while training)."""
+        return {"auxk": self.auxk_loss(x, pre, x_hat)} if self.training else {}
+
+    @torch.no_grad()
+    def update_firing(self, f: torch.Tensor) -> None:
+        """Dead-latent tracking plus the threshold's running average (training batches only).
+
+        ``f`` is the ``[batch, d_sae]`` output of a training-mode forward pass.
+        """
+        super().update_firing(f)
+        if self.training:
+            self.update_threshold(f)
+
+    @torch.no_grad()
+    def update_threshold(self, f: torch.Tensor) -> None:
+        """Move ``threshold`` towards the smallest positive entry of ``f`` (Bussmann et al. 2024, sec. 3).
+
+        The first observation sets it directly (a zero threshold means "not yet seen").
+        A batch without positive entries leaves it unchanged.
+        """
+        positive = f[f > 0]
+        if positive.numel() == 0:
+            return
+        observed = positive.min().float()
+        current = self.threshold[0]
+        new = observed if current <= 0 else current + self.threshold_lr * (observed - current)
+        self.threshold.fill_(float(new))
+
+
+def _check_batchtopk_args(k: int, d_sae: int, threshold_lr: float) -> None:
+    """Raise ``ArchError`` for a ``k`` or ``threshold_lr`` the method cannot use."""
+    if not 1 <= k <= d_sae:
+        raise ArchError(f"k={k} must be between 1 and d_sae={d_sae}")
+    if not 0 < threshold_lr <= 1:
+        raise ArchError(f"threshold_lr={threshold_lr} must be in (0, 1]")
+
+
+ARCHS = {"batchtopk": ArchInfo(BatchTopKSAE, "Bussmann, Leask, Nanda 2024, BatchTopK Sparse Autoencoders, sec. 3")}

@@ -1,0 +1,181 @@
+"""``jumprelu``: JumpReLU SAE trained with straight-through estimators and an L0 penalty.
+
+Source: Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction
+Fidelity with JumpReLU Sparse Autoencoders":
+- sec. 3: ``f = JumpReLU_theta(pre) = pre * H(pre - theta)`` with a per-latent
+  threshold ``theta = exp(log_theta) > 0``; loss ``||x - x_hat||^2 + lambda * ||f||_0``.
+- sec. 4 (eqs. 11-12): pseudo-derivatives w.r.t. ``theta`` through a kernel
+  ``K`` of bandwidth ``epsilon``: ``d/dtheta JumpReLU = -(theta/eps) K((z-theta)/eps)``
+  and ``d/dtheta H(z-theta) = -(1/eps) K((z-theta)/eps)``, with the rectangle kernel
+  ``K(u) = 1 if |u| < 1/2``. The pre-activation ``z`` gets its true gradient
+  (``H(z - theta)`` through JumpReLU, zero through the step), as in the paper's
+  pseudo-code (app. J), which also ReLUs the pre-activations first; we do too,
+  so training and SAELens' JumpReLU inference rule agree.
+
+Normalisation and defaults (our calibration, not numbers from the paper): the
+paper trains on activations scaled to unit mean squared norm with
+``epsilon = theta_init = 0.001``. The trainer here scales inputs to mean norm
+``sqrt(d_in)``, which multiplies pre-activations by ``sqrt(d_in)`` and the squared
+error by ``d_in``; keeping the same geometry gives ``epsilon = theta_init =
+0.001 * sqrt(d_in)`` (0.025 for d_in 640) and an L0 coefficient of
+``lambda = 0.001 * d_in`` (0.64 for d_in 640), i.e. the same trade-off as
+``lambda = 0.001`` in the paper's normalisation. ``lambda`` is warmed up by the
+trainer's ``sparsity_scale``.
+
+Caveat: ``log_theta`` moves at most ~lr per Adam step and only pre-activations
+within ``epsilon/2`` of ``theta`` push it, so L0 falls slowly; the paper trains
+for billions of tokens. Short CPU runs keep a high L0.
+
+Saving: the state dict holds ``threshold = exp(log_threshold)`` (SAELens' name,
+``[d_sae]``) instead of ``log_threshold``; loading converts back. Thresholds act
+on pre-activations, which :meth:`SAE.fold_input_scale` leaves unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .arch_info import ArchError, ArchInfo
+from .base import SAE
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """Rectangle kernel ``K(u) = 1 if -1/2 < u < 1/2 else 0`` (Rajamanoharan et al. 2024, sec. 4).
+
+    Any shape; returns the same shape and dtype.
+    """
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """``z * H(z - theta)`` with the sec. 4 pseudo-derivative w.r.t. ``theta``."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad * (z > theta).to(grad.dtype)
+        grad_theta = -(theta / eps) * rectangle((z - theta) / eps) * grad
+        return grad_z, _sum_to(grad_theta, theta), None
+
+
+class _StepFn(torch.autograd.Function):
+    """``H(z - theta)`` with the sec. 4 pseudo-derivative w.r.t. ``theta`` and none w.r.t. ``z``."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * rectangle((z - theta) / eps) * grad
+        return None, _sum_to(grad_theta, theta), None  # no STE for z (paper, app. J)
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a broadcast gradient ``[batch, d_sae]`` back to ``like``'s shape (``[d_sae]``)."""
+    return grad.sum(0).to(like.dtype) if grad.dim() > like.dim() else grad.to(like.dtype)
+
+
+def jumprelu(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """JumpReLU ``z * H(z - theta)`` with the STE of Rajamanoharan et al. 2024, sec. 4.
+
+    ``z`` ``[batch, d_sae]`` pre-activations; ``theta`` ``[d_sae]`` positive thresholds in
+    the same units; ``bandwidth`` epsilon in those units. Returns ``[batch, d_sae]``.
+    Gradients: ``dz = H(z - theta)``, ``dtheta = -(theta/eps) K((z - theta)/eps)``.
+    """
+    return _JumpReLUFn.apply(z, theta, bandwidth)
+
+
+def step(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Heaviside ``H(z - theta)`` as 0/1 floats with the STE of Rajamanoharan et al. 2024, sec. 4.
+
+    Shapes as :func:`jumprelu`. Gradients: ``dz = 0``, ``dtheta = -(1/eps) K((z - theta)/eps)``;
+    summed over the latent axis it is the per-token L0 with a trainable threshold.
+    """
+    return _StepFn.apply(z, theta, bandwidth)
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE with a per-latent learned threshold. ``[batch, d_in] -> [batch, d_sae]``.
+
+    Parameters: the base ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` plus
+    ``log_threshold`` ``[d_sae]`` (saved as ``threshold = exp(log_threshold)``).
+
+    Args:
+        d_in, d_sae, seed: see :class:`SAE`.
+        l0_coeff: lambda of the L0 penalty on normalised inputs (default ``0.001 * d_in``).
+        bandwidth: STE kernel width epsilon in pre-activation units (default ``0.001 * sqrt(d_in)``).
+        init_threshold: initial theta of every latent (default ``0.001 * sqrt(d_in)``).
+
+    Raises:
+        ArchError: a non-positive ``l0_coeff``, ``bandwidth`` or ``init_threshold``.
+    """
+
+    arch = "jumprelu"
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l0_coeff: float | None = None,
+                 bandwidth: float | None = None, init_threshold: float | None = None):
+        super().__init__(d_in, d_sae, seed)
+        unit = math.sqrt(d_in)  # input norm the trainer normalises to; the paper's is 1
+        self.l0_coeff = 0.001 * d_in if l0_coeff is None else l0_coeff
+        self.bandwidth = 0.001 * unit if bandwidth is None else bandwidth
+        init_threshold = 0.001 * unit if init_threshold is None else init_threshold
+        for name, value in [("l0_coeff", self.l0_coeff), ("bandwidth", self.bandwidth),
+                            ("init_threshold", init_threshold)]:
+            if not value > 0:
+                raise ArchError(f"jumprelu {name}={value} must be positive")
+        self.init_threshold = init_threshold
+        # Log parameterisation keeps theta positive (paper, app. J pseudo-code).
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
+        self.register_state_dict_post_hook(_save_threshold)
+        self.register_load_state_dict_pre_hook(_load_threshold)
+
+    def hparams(self) -> dict:
+        """``l0_coeff``, ``bandwidth``, ``init_threshold`` (resolved values)."""
+        return {"l0_coeff": self.l0_coeff, "bandwidth": self.bandwidth, "init_threshold": self.init_threshold}
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """``[d_sae]`` thresholds theta, in pre-activation units."""
+        return self.log_threshold.exp()
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """``JumpReLU_theta(ReLU(pre))``; same values as SAELens' ``ReLU(pre) * (pre > theta)``."""
+        return jumprelu(torch.relu(pre), self.threshold, self.bandwidth)
+
+    def penalties(self, x, pre, f, x_hat) -> dict:
+        """``l0``: lambda * sparsity_scale * mean over batch of the STE L0 (sec. 3-4); training only."""
+        if not self.training:
+            return {}
+        l0 = step(torch.relu(pre), self.threshold, self.bandwidth).sum(-1).mean()
+        return {"l0": self.l0_coeff * self.sparsity_scale * l0.float()}
+
+
+def _save_threshold(module: JumpReLUSAE, state: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: replace ``log_threshold`` by SAELens' ``threshold = exp(log_threshold)``."""
+    log_theta = state.pop(prefix + "log_threshold")
+    state[prefix + "threshold"] = log_theta.exp()
+
+
+def _load_threshold(module, state: dict, prefix: str, *args) -> None:
+    """Load pre-hook: accept SAELens' ``threshold`` and store it as ``log_threshold``."""
+    if prefix + "threshold" in state:
+        state[prefix + "log_threshold"] = state.pop(prefix + "threshold").log()
+
+
+ARCHS = {"jumprelu": ArchInfo(
+    JumpReLUSAE, "Rajamanoharan et al. 2024, Jumping Ahead: JumpReLU SAEs, sec. 3-4 and app. J")}

@@ -1,0 +1,110 @@
+"""``matryoshka``: Matryoshka BatchTopK SAE (nested-prefix reconstruction losses).
+
+Sources: Bussmann, Nabeshima, Karvonen, Nanda 2025, "Learning Multi-Level Features
+with Matryoshka Sparse Autoencoders", sec. 3: latents come from BatchTopK
+(:mod:`.batchtopk`) and the loss is
+``sum_{m in M} ||x - (f_{1:m} W_dec[1:m] + b_dec)||^2 + alpha * L_aux``:
+every nested prefix of the dictionary must reconstruct ``x`` on its own, so early
+latents learn general features and later ones refine them. Nabeshima 2024
+("Matryoshka Sparse Autoencoders", LessWrong) proposed the same nested objective.
+The prefix ends ``M`` are fixed fractions of ``d_sae`` (default 1/16, 1/8, 1/4,
+1/2, 1); the terms are summed with equal weight as in the paper's equation.
+Inference (eval mode) uses BatchTopK's global threshold, so a saved SAE loads in
+SAELens as ``architecture: "jumprelu"`` like BatchTopK.
+
+Loss keys: ``mse`` is the full-dictionary term (the usual reconstruction error,
+so logs compare across archs), ``prefix_mse`` the sum of the shorter prefixes'
+terms, ``auxk`` the dead-latent term (training only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .arch_info import ArchError, ArchInfo
+from .base import ForwardOutput
+from .batchtopk import BatchTopKSAE
+
+DEFAULT_PREFIX_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+
+
+def prefix_sizes(d_sae: int, fractions) -> list[int]:
+    """Prefix lengths ``round(fraction * d_sae)`` for strictly increasing fractions ending at 1.
+
+    Returns a list of ints, the last equal to ``d_sae``.
+
+    Raises:
+        ArchError: empty list, a fraction outside (0, 1], not strictly increasing,
+            last fraction not 1, or two fractions rounding to the same length.
+    """
+    fractions = [float(f) for f in fractions]
+    if not fractions or fractions[-1] != 1.0 or any(not 0 < f <= 1 for f in fractions):
+        raise ArchError(f"prefix_fractions {fractions} must lie in (0, 1] and end with 1.0")
+    sizes = [max(1, round(f * d_sae)) for f in fractions]
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ArchError(f"prefix_fractions {fractions} give non-increasing prefix sizes {sizes} for d_sae={d_sae}")
+    return sizes
+
+
+def squared_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over ``d_in``, mean over batch (the base class's ``mse``); fp32 scalar."""
+    return (x_hat.float() - x.float()).pow(2).sum(-1).mean()
+
+
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK SAE. ``[batch, d_in] -> [batch, d_sae]``.
+
+    Args:
+        d_in, d_sae, seed, k, aux_k, aux_coeff, threshold_lr: see :class:`BatchTopKSAE`.
+        prefix_fractions: increasing fractions of ``d_sae`` ending at 1.0 that mark the
+            nested prefixes (default 1/16, 1/8, 1/4, 1/2, 1).
+
+    Raises:
+        ArchError: bad ``prefix_fractions`` (see :func:`prefix_sizes`) or BatchTopK arguments.
+    """
+
+    arch = "matryoshka"
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, k: int = 32, aux_k: int | None = None,
+                 aux_coeff: float = 1 / 32, threshold_lr: float = 0.01,
+                 prefix_fractions=DEFAULT_PREFIX_FRACTIONS):
+        super().__init__(d_in, d_sae, seed, k=k, aux_k=aux_k, aux_coeff=aux_coeff, threshold_lr=threshold_lr)
+        self.prefix_fractions = [float(f) for f in prefix_fractions]
+        self.prefix_sizes = prefix_sizes(d_sae, self.prefix_fractions)
+
+    def hparams(self) -> dict:
+        """BatchTopK's hyperparameters plus ``prefix_fractions``."""
+        return {**super().hparams(), "prefix_fractions": self.prefix_fractions}
+
+    def prefix_reconstructions(self, f: torch.Tensor) -> list[torch.Tensor]:
+        """``[f_{1:m} W_dec[1:m] + b_dec for m in prefix_sizes]``, each ``[batch, d_in]``.
+
+        Built group by group so the whole list costs one decoder matmul; the last
+        entry equals :meth:`decode` up to float rounding.
+        """
+        out, running, start = [], self.b_dec, 0
+        for end in self.prefix_sizes:
+            running = running + f[:, start:end] @ self.W_dec[start:end]
+            out.append(running)
+            start = end
+        return out
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        """Encode, decode every prefix, and return the summed nested losses; ``x`` is ``[batch, d_in]``.
+
+        ``x_hat`` is the full-dictionary reconstruction; loss = ``mse + prefix_mse (+ auxk)``.
+        """
+        pre = self.pre_acts(x)
+        f = self.activation(pre)
+        partials = self.prefix_reconstructions(f)
+        x_hat = partials[-1]
+        errors = [squared_error(x, p) for p in partials]
+        losses = {"mse": errors[-1]}
+        if len(errors) > 1:
+            losses["prefix_mse"] = torch.stack(errors[:-1]).sum()
+        return ForwardOutput(x_hat, f, {**losses, **self.penalties(x, pre, f, x_hat)})
+
+
+ARCHS = {"matryoshka": ArchInfo(
+    MatryoshkaSAE, "Bussmann et al. 2025, Learning Multi-Level Features with Matryoshka SAEs, sec. 3; "
+                   "Nabeshima 2024")}
