@@ -196,6 +196,54 @@ def demo(out, train_tokens, eval_tokens, steps, layers, archs, device):
                         archs=[a for a in archs.split(",") if a], device=device), echo=click.echo)
 
 
+@main.command()
+@click.option("--sae", "saes", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Saved SAE folder (repeatable).")
+@click.option("--benchmark", default="wiki", show_default=True, type=click.Choice(["wiki", "wmdp"]),
+              help="wiki: embedded, offline; wmdp: wmdp-bio vs 4 MMLU subjects (SAEBench).")
+@click.option("--questions-dir", type=click.Path(path_type=Path),
+              help="Local wmdp-bio.jsonl / <mmlu subject>.jsonl files (question, choices, answer).")
+@click.option("--full-grid", is_flag=True, help="SAEBench's whole sweep (16 settings) instead of the 8-setting default.")
+@click.option("--max-retain-questions", default=300, show_default=True)
+@click.option("--no-control", is_flag=True, help="Skip the random-latent control.")
+@click.option("--batch-rows", default=32, show_default=True)
+@click.option("--model", default=None, help="Default: the model the SAE was trained on.")
+@click.option("--out", type=click.Path(path_type=Path), help="Result JSON (one SAE) or directory (several).")
+@_with(_model_opts)
+@_one_line_errors
+def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, no_control, batch_rows, model, out,
+            device, dtype):
+    """SAEBench unlearning: clamp forget-specific latents, score forgotten vs retained knowledge."""
+    from .evaluate.core import sae_model_id
+    from .evaluate.unlearning import UnlearnConfig, run_unlearning
+    from .harvest.model import load_model
+
+    lm = load_model(model or sae_model_id(saes[0]), device, dtype)
+    for sae in saes:
+        result = run_unlearning(UnlearnConfig(sae=sae, benchmark=benchmark, questions_dir=questions_dir,
+                                              full_grid=full_grid, max_retain_questions=max_retain_questions,
+                                              random_control=not no_control, batch_rows=batch_rows,
+                                              model=lm.model_id, device=device, dtype=dtype), lm=lm)
+        target = sae / "unlearning_eval.json" if out is None else out if len(saes) == 1 else out / f"{sae.name}_unlearning.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(result, indent=2))
+        m = result["eval_result_metrics"]["unlearning"]
+        click.echo(f"{sae}: unlearning_score {m['unlearning_score']:.3f} (random-latent control "
+                   f"{m['random_latent_control_score'] if m['random_latent_control_score'] is not None else 'skipped'}) "
+                   f"-> {target}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for report.md/.html and PNGs.")
+@_one_line_errors
+def report(paths, out):
+    """One Markdown + HTML page with plots from run directories, SAE folders or result JSONs."""
+    from .evaluate.report import write_report
+
+    click.echo(f"wrote {write_report(list(paths), out)} and report.html")
+
+
 from .store.cli import store as _store_commands  # noqa: E402  (ls / info / verify)
 
 main.add_command(_store_commands)

@@ -31,6 +31,7 @@ from ..harvest.model import LoadedModel, ModelError, check_layers, layer_of_hook
 from ..harvest.packing import pack_documents
 from ..harvest.text import EMBEDDED_DATASET, DatasetError, iter_documents
 from ..train.sae_io import load_sae
+from .diagnostics import Diagnostics
 from .splice import sae_replacement, splice, zero_replacement
 
 
@@ -104,6 +105,8 @@ def _accumulate_recon(sums: _Sums, record: dict, keep_flat: torch.Tensor) -> Non
     sums.l1 += float(f.sum())
     sums.fire_count += (f > 0).sum(0).cpu()
     sums.act_sum += f.sum(0).cpu()
+    if getattr(sums, "diag", None) is not None:
+        sums.diag.update(f)
 
 
 def sae_model_id(sae_folder: str | Path) -> str:
@@ -164,6 +167,8 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
     special = set(lm.tokenizer.all_special_ids)
     rows = pack_documents(iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_field), lm.tokenizer, ctx)
     sums = [_Sums(sae.d_sae) for sae, _, _ in loaded]
+    for s, (sae, _, _) in zip(sums, loaded):
+        s.diag = Diagnostics(sae)  # evaluate/diagnostics.py: density, group structure, silhouette
     ce, kl, n_ce = [0.0] * n_groups, [0.0] * n_groups, 0
     done, seconds = 0, 0.0
     bar = tqdm(total=n_rows * ctx, unit="tok", desc=f"evaluate {len(loaded)} SAE(s)", disable=not progress)
@@ -240,6 +245,7 @@ def _result(cfg, sae_cfg, s: _Sums, ce: dict, kl: dict, model_id, layer, ctx, ti
         "eval_result_unstructured": {
             "log10_feature_density_histogram": {"counts": [int(c) for c in hist], "edges": [float(e) for e in edges],
                                                 "n_dead": int((freq == 0).sum())},
+            "diagnostics": s.diag.result() if getattr(s, "diag", None) is not None else None,
         },
         "sae_cfg_dict": sae_cfg,
     }

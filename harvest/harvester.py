@@ -8,18 +8,23 @@ recorded in the store metadata at the end (trainers normalise with them).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..store import StoreWriter
-from ..store.format import to_stored
+from ..store import StoreError, StoreWriter
+from ..store.format import FORMAT_VERSION, committed_tokens, shard_bounds, to_stored
+from ..store.writer import is_empty_store_dir
 from .hooks import residuals
 from .model import EMBEDDED_MODEL, LoadedModel, check_layers, hook_name, load_model
 from .packing import Row, pack_documents
@@ -62,13 +67,32 @@ class _Stats:
         if len(acts):
             self.max_abs = max(self.max_abs, float(acts.abs().max()))
 
+    def record(self) -> list:
+        """``[n, norm_sum, sq_sum, max_abs]``: the JSON-exact state, committed with each shard."""
+        return [self.n, self.norm_sum, self.sq_sum, self.max_abs]
+
+    def merge(self, record: list) -> None:
+        """Add the state of another :meth:`record` (e.g. one shard's)."""
+        n, norm_sum, sq_sum, max_abs = record
+        self.n += int(n)
+        self.norm_sum += float(norm_sum)
+        self.sq_sum += float(sq_sum)
+        self.max_abs = max(self.max_abs, float(max_abs))
+
     def as_dict(self) -> dict:
         n = max(self.n, 1)
         return {"n": self.n, "mean_norm": self.norm_sum / n, "rms_norm": math.sqrt(self.sq_sum / n), "max_abs": self.max_abs}
 
 
 def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = True) -> Path:
-    """Write activations of ``cfg.layers`` for ``cfg.tokens`` tokens into a new store at ``cfg.out``.
+    """Write activations of ``cfg.layers`` for ``cfg.tokens`` tokens into the store at ``cfg.out``.
+
+    A new or empty ``cfg.out`` gets a new store. An existing store with the same
+    identity (:func:`harvest_identity`) is resumed from its uncommitted shards (the
+    text order is deterministic, so the result is bit-identical to an uninterrupted
+    run), reused as is when complete and large enough, or extended when ``cfg.tokens``
+    asks for more (see ``StoreWriter.extend`` for when that is refused). On resume
+    the store's own layout (shard/chunk sizes, batch rows) wins over ``cfg``'s.
 
     Args:
         cfg: what to harvest.
@@ -81,56 +105,121 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = 
     Raises:
         ModelError: layer out of range / model not loadable.
         DatasetError: the source yields no full context row.
-        StoreError: ``cfg.out`` exists and is not empty.
+        StoreError: ``cfg.out`` is not empty and not a store, or an extension is unsafe.
+        IdentityMismatch: ``cfg.out`` holds a store with a different identity (names the fields).
         FloatingPointError: the model produced NaN/Inf activations (nothing of that shard is written).
     """
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
     layers = check_layers(cfg.layers, lm.n_layers, cfg.model)
     hooks = [hook_name(layer) for layer in layers]
-    ctx = cfg.context_length
-    n_rows = max(1, -(-cfg.tokens // ctx))
-    rows_iter = pack_documents(iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_field), lm.tokenizer, ctx)
-    first = list(itertools.islice(rows_iter, min(n_rows, cfg.batch_rows)))
-    if not first:
-        raise DatasetError(f"dataset {cfg.dataset!r} split {cfg.split!r} gave no full row of {ctx} tokens: it is empty")
-    rows_iter = itertools.chain(first, rows_iter)
-
-    shard_rows = cfg.rows_per_chunk * cfg.chunks_per_shard
-    writer = StoreWriter(
-        cfg.out, hooks, lm.d_model, n_rows * ctx, shard_tokens=shard_rows * ctx,
-        chunk_tokens=cfg.rows_per_chunk * ctx, dtype=cfg.dtype, attrs=_identity_attrs(cfg, lm, layers, hooks),
-    )
-    stats = {h: _Stats() for h in hooks}
-    bos = lm.tokenizer.bos_token_id
-    done_rows = 0
-    bar = tqdm(total=n_rows * ctx, unit="tok", desc=f"harvest {cfg.split}", disable=not progress)
-    for shard in itertools.count():
-        rows = list(itertools.islice(rows_iter, min(shard_rows, n_rows - done_rows)))
-        if not rows:
-            break
-        acts = _forward_rows(lm, rows, layers, cfg.batch_rows)
-        token_ids = np.concatenate([r.token_ids for r in rows])
-        not_bos = torch.from_numpy(token_ids != bos)
-        for layer, hook in zip(layers, hooks):
-            if not torch.isfinite(acts[layer]).all():
-                raise FloatingPointError(f"non-finite activations at {hook} in shard {shard}: check --dtype / the model")
-            stats[hook].update(acts[layer][not_bos])
-        writer.write_shard(
-            shard,
-            {hook: to_stored(acts[layer]) for layer, hook in zip(layers, hooks)},
-            {"token_ids": token_ids, "doc_index": np.concatenate([r.doc_index for r in rows]),
-             "position": np.concatenate([r.position for r in rows])},
-        )
-        done_rows += len(rows)
-        bar.update(len(rows) * ctx)
-        if done_rows == n_rows:
-            break
-    bar.close()
-    if done_rows < n_rows:
-        writer.truncate(done_rows * ctx)
-        print(f"note: {cfg.dataset} {cfg.split} ran out after {done_rows * ctx} of {n_rows * ctx} tokens")
+    identity = harvest_identity(cfg, lm, layers, hooks)
+    n_rows = max(1, -(-cfg.tokens // cfg.context_length))
+    writer = _open_writer(cfg, lm, layers, hooks, identity, n_rows)
+    if writer is None:
+        return Path(cfg.out)
+    _write_pending(writer, cfg, lm, layers, hooks, progress)
+    stats = _merge_stats(writer.records(), hooks)
     writer.finish({"activation_stats": {h: s.as_dict() for h, s in stats.items()}})
     return Path(cfg.out)
+
+
+def _rows(cfg: HarvestConfig, lm: LoadedModel) -> Iterator[Row]:
+    """Packed rows of the configured source in their deterministic order."""
+    docs = iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_field)
+    return pack_documents(docs, lm.tokenizer, cfg.context_length)
+
+
+def _open_writer(
+    cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hooks: list[str], identity: dict, n_rows: int
+) -> StoreWriter | None:
+    """A writer for a new, resumed or extended store, or None when a complete store is reused."""
+    ctx, out = cfg.context_length, Path(cfg.out)
+    if is_empty_store_dir(out):
+        if next(_rows(cfg, lm), None) is None:
+            raise DatasetError(
+                f"dataset {cfg.dataset!r} split {cfg.split!r} gave no full row of {ctx} tokens: it is empty"
+            )
+        shard_rows = cfg.rows_per_chunk * cfg.chunks_per_shard
+        attrs = {**_identity_attrs(cfg, lm, layers, hooks), "batch_rows": cfg.batch_rows}
+        return StoreWriter(out, hooks, lm.d_model, n_rows * ctx, shard_tokens=shard_rows * ctx,
+                           chunk_tokens=cfg.rows_per_chunk * ctx, dtype=cfg.dtype, attrs=attrs, identity=identity)
+    writer = StoreWriter.reopen(out, identity)
+    wanted = n_rows * ctx
+    if writer.complete and (wanted <= writer.n_tokens or writer.source_exhausted):
+        why = "its text source ran out" if wanted > writer.n_tokens else f"{wanted} tokens requested"
+        print(f"reusing {out}: complete store with {writer.n_tokens} tokens ({why})")
+        writer.close()
+        return None
+    if wanted > writer.n_tokens and not writer.source_exhausted:
+        print(f"extending {out} from {writer.n_tokens} to {wanted} planned tokens")
+        writer.extend(wanted, {"tokens_requested": cfg.tokens})
+    pending = writer.pending_shards()
+    if pending and writer.committed:
+        print(f"resuming {out} at shard {pending[0]} of {writer.n_shards} ({len(writer.committed)} committed)")
+    return writer
+
+
+def _write_pending(
+    writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hooks: list[str], progress: bool
+) -> None:
+    """Forward and write every uncommitted shard, skipping (but reading) the rows of committed ones."""
+    ctx = cfg.context_length
+    batch_rows = int(writer.group.attrs.get("batch_rows", cfg.batch_rows))
+    shard_rows = writer.shard_tokens // ctx
+    rows_iter = _rows(cfg, lm)
+    bos = lm.tokenizer.bos_token_id
+    bar = tqdm(total=writer.n_tokens, unit="tok", desc=f"harvest {cfg.split}", disable=not progress)
+    bar.update(committed_tokens(dict(writer.group.attrs)))
+    shard = 0
+    while shard < writer.n_shards:
+        lo, hi = shard_bounds(shard, shard_rows, writer.n_tokens // ctx)
+        rows = list(itertools.islice(rows_iter, hi - lo))
+        if shard in writer.committed:
+            if len(rows) < hi - lo:
+                raise StoreError(f"the text source now gives fewer rows than committed shard {shard} holds: it changed")
+        else:
+            if len(rows) < hi - lo:
+                writer.truncate((lo + len(rows)) * ctx)
+                print(f"note: {cfg.dataset} {cfg.split} ran out after {writer.n_tokens} tokens")
+                if not rows:
+                    break
+            _write_shard(writer, shard, rows, lm, layers, hooks, batch_rows, bos)
+            bar.update(len(rows) * ctx)
+        shard += 1
+    bar.close()
+
+
+def _write_shard(
+    writer: StoreWriter, shard: int, rows: list[Row], lm: LoadedModel, layers: list[int], hooks: list[str],
+    batch_rows: int, bos: int,
+) -> None:
+    """Forward one shard's rows and write/commit them with their statistics record."""
+    acts = _forward_rows(lm, rows, layers, batch_rows)
+    token_ids = np.concatenate([r.token_ids for r in rows])
+    not_bos = torch.from_numpy(token_ids != bos)
+    record = {}
+    for layer, hook in zip(layers, hooks):
+        if not torch.isfinite(acts[layer]).all():
+            raise FloatingPointError(f"non-finite activations at {hook} in shard {shard}: check --dtype / the model")
+        stats = _Stats()
+        stats.update(acts[layer][not_bos])
+        record[hook] = stats.record()
+    writer.write_shard(
+        shard,
+        {hook: to_stored(acts[layer]) for layer, hook in zip(layers, hooks)},
+        {"token_ids": token_ids, "doc_index": np.concatenate([r.doc_index for r in rows]),
+         "position": np.concatenate([r.position for r in rows])},
+        record=record,
+    )
+
+
+def _merge_stats(records: dict[int, dict], hooks: list[str]) -> dict[str, "_Stats"]:
+    """Per-hook statistics over all shards, merged in shard order (same result however the run was split)."""
+    stats = {h: _Stats() for h in hooks}
+    for record in records.values():
+        for hook in hooks:
+            stats[hook].merge(record[hook])
+    return stats
 
 
 def _forward_rows(lm: LoadedModel, rows: list[Row], layers: list[int], batch_rows: int) -> dict[int, torch.Tensor]:
@@ -141,6 +230,52 @@ def _forward_rows(lm: LoadedModel, rows: list[Row], layers: list[int], batch_row
         for layer, acts in residuals(lm, ids, layers).items():
             out[layer].append(acts.reshape(-1, acts.shape[-1]).cpu())
     return {layer: torch.cat(parts) for layer, parts in out.items()}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 (16 hex chars) of a tokenizer's vocabulary (token -> id), special ids and BOS id.
+
+    Independent of where the tokenizer was loaded from, so team members with different
+    cache paths get the same store identity. Costs ~1-3 s for Gemma's 262k vocabulary,
+    so it is cached per tokenizer object (and vocabulary size).
+    """
+    return _fingerprint(tokenizer, len(tokenizer))
+
+
+@functools.lru_cache(maxsize=4)
+def _fingerprint(tokenizer, _vocab_size: int) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    payload = json.dumps([vocab, sorted(set(tokenizer.all_special_ids)), tokenizer.bos_token_id], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def harvest_identity(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hooks: list[str]) -> dict:
+    """Fields that determine a store's content; equal identities mean equal stores (bit for bit).
+
+    Model (name + weights hash), layers and hook names, dataset + split + split rule +
+    text field + order seed, context length, BOS handling, dtype, tokenizer fingerprint
+    and store format version. Not included: the token count (a store can grow), the
+    shard layout and batch size (a resumed store keeps its own), the device.
+    """
+    return {
+        "model_id": cfg.model,
+        "weights_hash": lm.weights_hash,
+        "layers": list(layers),
+        "hooks": list(hooks),
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "split_rule": SPLIT_RULE,
+        "text_field": cfg.text_field,
+        "order_seed": cfg.seed,
+        "context_length": cfg.context_length,
+        "bos_handling": _BOS_HANDLING,
+        "dtype": cfg.dtype,
+        "tokenizer": tokenizer_fingerprint(lm.tokenizer),
+        "format_version": FORMAT_VERSION,
+    }
+
+
+_BOS_HANDLING = "every row and every document starts with BOS"
 
 
 def _identity_attrs(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hooks: list[str]) -> dict:
@@ -159,7 +294,7 @@ def _identity_attrs(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hook
         "text_field": cfg.text_field,
         "order_seed": cfg.seed,
         "context_length": cfg.context_length,
-        "bos_handling": "every row and every document starts with BOS",
+        "bos_handling": _BOS_HANDLING,
         "bos_token_id": tok.bos_token_id,
         "special_token_ids": sorted(set(tok.all_special_ids)),
         "tokenizer": getattr(tok, "name_or_path", type(tok).__name__),

@@ -88,6 +88,8 @@ def _hf_documents(dataset: str, split: str, text_field: str) -> Iterator[Documen
         builder = LOCAL_SUFFIXES.get(path.suffix)
         if builder is None:
             raise DatasetError(f"unsupported file {path.name}: use .txt, .jsonl or .parquet")
+        if path.stat().st_size == 0:  # datasets' streaming reader crashes on empty files
+            raise DatasetError(f"{path} is empty: give a file with at least one document")
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)
     else:

@@ -1,7 +1,11 @@
 """Zarr v3 activation store: layout, commit-protocol writer, readers. Imports nothing else of saestrata."""
 
-from .format import StoreError
-from .reader import ActivationStore, shuffled_batches
+from .audit import list_stores, store_info, verify_store
+from .format import IdentityMismatch, StoreError
+from .reader import ActivationStore, sequence_batches, shuffled_batches
 from .writer import StoreWriter
 
-__all__ = ["ActivationStore", "StoreError", "StoreWriter", "shuffled_batches"]
+__all__ = [
+    "ActivationStore", "IdentityMismatch", "StoreError", "StoreWriter", "list_stores", "sequence_batches",
+    "shuffled_batches", "store_info", "verify_store",
+]

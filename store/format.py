@@ -18,8 +18,13 @@ This module imports nothing else from saestrata (data flows one way).
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
+import zarr
 
 FORMAT_NAME = "saestrata-activations"
 FORMAT_VERSION = 1
@@ -62,3 +67,83 @@ def shard_bounds(shard: int, shard_tokens: int, n_tokens: int) -> tuple[int, int
 def n_shards(n_tokens: int, shard_tokens: int) -> int:
     """Number of shards covering ``n_tokens`` (the last may be partial)."""
     return -(-n_tokens // shard_tokens)
+
+
+class IdentityMismatch(StoreError):
+    """Raised when an existing store was harvested with a different identity than requested."""
+
+
+def identity_key(identity: dict) -> str:
+    """Content key of a harvest identity: sha256 (first 16 hex chars) of its canonical JSON.
+
+    Args:
+        identity: JSON-serialisable fields that determine the store's content (model,
+            weights hash, hooks, dataset, split, order seed, context length, dtype, tokenizer ...).
+
+    Returns:
+        16 lowercase hex characters; equal identities give equal keys on every machine.
+    """
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def identity_diff(stored: dict, wanted: dict) -> list[str]:
+    """Fields whose values differ between two identities, as ``"name (stored != wanted)"`` strings, sorted."""
+    names = sorted(set(stored) | set(wanted))
+    missing = object()
+    return [
+        f"{n} ({stored.get(n, '<absent>')!r} != {wanted.get(n, '<absent>')!r})"
+        for n in names
+        if stored.get(n, missing) != wanted.get(n, missing)
+    ]
+
+
+def check_identity(path: Path, attrs: dict, wanted: dict) -> None:
+    """Refuse a store whose recorded identity differs from ``wanted``.
+
+    Raises:
+        IdentityMismatch: one line naming the store and every differing field, or saying
+            that the store has no identity record (written before identities existed).
+    """
+    stored = attrs.get("identity")
+    if stored is None:
+        raise IdentityMismatch(f"{path} has no identity record (older saestrata store): harvest into a new --out")
+    diff = identity_diff(stored, wanted)
+    if diff:
+        raise IdentityMismatch(f"{path} holds a different harvest: {'; '.join(diff)}; choose a new --out or delete it")
+
+
+def committed_tokens(attrs: dict) -> int:
+    """Tokens in committed shards of a store, from its group attributes (0 if nothing is committed)."""
+    n_tok, shard_tok = int(attrs["n_tokens"]), int(attrs["shard_tokens"])
+    committed = {int(s) for s in attrs.get("committed_shards", [])}
+    bounds = [shard_bounds(s, shard_tok, n_tok) for s in committed if s < n_shards(n_tok, shard_tok)]
+    return sum(stop - start for start, stop in bounds)
+
+
+def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
+    """Open the Zarr v3 group of a saestrata store (``mode`` ``"r"`` or ``"r+"``), ignoring consolidated metadata.
+
+    Raises:
+        StoreError: no ``zarr.json`` at ``path``, unreadable group metadata, or not a saestrata store.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise StoreError(f"{path} is not an activation store (no zarr.json): run 'saestrata harvest' first")
+    try:
+        group = zarr.open_group(str(path), mode=mode, use_consolidated=False)
+    except Exception as err:
+        raise StoreError(f"{path} cannot be opened as a Zarr v3 group ({err}): the store is corrupt") from err
+    if group.attrs.get("format") != FORMAT_NAME:
+        raise StoreError(f"{path} is a Zarr group but not a saestrata activation store")
+    return group
+
+
+def shard_key(array: zarr.Array, shard: int) -> str:
+    """Store key (relative to the array folder) of shard number ``shard`` along tokens, e.g. ``c/3/0``."""
+    return array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+
+
+def array_names(attrs: dict) -> list[str]:
+    """Every array of a store: the hook arrays, then the aligned 1-D arrays."""
+    return [*attrs["hooks"], *ALIGNED_ARRAYS]

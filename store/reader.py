@@ -146,6 +146,63 @@ def shuffled_batches(
         pending = buf[n_full * batch_size :]
 
 
+
+def sequence_batches(
+    store: ActivationStore,
+    hook: str,
+    rows_per_batch: int,
+    seed: int = 0,
+    token_range: tuple[int, int] | None = None,
+    buffer_chunks: int = 16,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Endless batches of whole context rows, for SAEs that model the token sequence.
+
+    Yields CPU tuples ``(acts, doc_index, token_ids)``: ``acts [R, T, d_model]`` in the
+    logical dtype, ``doc_index [R, T]`` int64, ``token_ids [R, T]`` int32, with ``R =
+    rows_per_batch`` and ``T = attrs["context_length"]``. Rows never straddle a chunk
+    (chunks hold whole rows). Rows are kept whole and in token order; the row order
+    is seeded-random: each epoch visits the inner chunks of ``token_range`` in a random
+    order and shuffles the rows of ``buffer_chunks`` chunks at a time (as
+    :func:`shuffled_batches` does for tokens). BOS rows are included; callers mask
+    them with ``token_ids``. ``token_range`` is shrunk to whole rows.
+
+    Raises:
+        StoreError: the chunk size is not a multiple of the context length, or the
+            range holds no whole row.
+        ValueError: ``rows_per_batch < 1``.
+    """
+    if rows_per_batch < 1:
+        raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    ctx, chunk = int(store.attrs["context_length"]), int(store.attrs["chunk_tokens"])
+    if chunk % ctx:
+        raise StoreError(f"{store.path}: chunk_tokens {chunk} is not a multiple of context length {ctx}")
+    start, stop = token_range or (0, store.n_tokens)
+    start, stop = -(-start // ctx) * ctx, stop // ctx * ctx  # whole rows only
+    if stop <= start:
+        raise StoreError(f"no whole context row in range {start}..{stop} of {store.path}")
+    bounds = [(s, min(s + chunk, stop)) for s in range(start, stop, chunk)]
+    chunk_rng, row_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
+
+    def chunks() -> Iterator[tuple[torch.Tensor, ...]]:
+        while True:
+            for i in chunk_rng.permutation(len(bounds)):
+                lo, hi = bounds[i]
+                yield (store.activations(hook, lo, hi).reshape(-1, ctx, store.d_model),
+                       torch.from_numpy(store.aligned("doc_index", lo, hi).astype(np.int64)).reshape(-1, ctx),
+                       torch.from_numpy(store.aligned("token_ids", lo, hi).astype(np.int32)).reshape(-1, ctx))
+
+    source = _prefetch(chunks())
+    pending: list[tuple[torch.Tensor, ...]] = []
+    while True:
+        parts = pending + [next(source) for _ in range(buffer_chunks)]
+        buf = [torch.cat(column) for column in zip(*parts)]
+        order = torch.from_numpy(row_rng.permutation(len(buf[0])))
+        buf = [column[order] for column in buf]
+        n_full = len(order) // rows_per_batch
+        for b in range(n_full):
+            yield tuple(column[b * rows_per_batch : (b + 1) * rows_per_batch] for column in buf)
+        pending = [tuple(column[n_full * rows_per_batch :] for column in buf)]
+
 def _prefetch(it: Iterator, depth: int = 4) -> Iterator:
     """Run ``it`` in a daemon thread, ``depth`` items ahead (zarr reads release the GIL)."""
     q: queue.Queue = queue.Queue(maxsize=depth)

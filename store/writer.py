@@ -1,14 +1,40 @@
-"""Create an activation store and write it shard by shard with a commit record.
+"""Create, resume and extend an activation store, shard by shard, with a commit record.
 
 Protocol (DESIGN.md, measured zarr 3.x facts): arrays are preallocated to the
 planned token count; a writer writes only whole shards; a shard counts only once
-its index is appended to the group attribute ``committed_shards`` after all its
-arrays are written; metadata is re-consolidated at every commit so readers never
-see stale consolidated metadata.
+its index is appended to the group attribute ``committed_shards`` (together with
+its optional per-shard record in ``shard_records``, one atomic ``zarr.json``
+write) after all its arrays are written; metadata is re-consolidated at every
+commit so readers never see stale consolidated metadata.
+
+Crash safety: zarr's local store writes every object to a ``*.partial`` temp file
+and renames it, so a killed writer leaves whole old/new objects plus stray
+``*.partial`` files. :meth:`StoreWriter.reopen` deletes those and every file of an
+uncommitted shard, so a resumed harvest rewrites exactly the uncommitted shards.
+
+Arrays are opened with ``write_empty_chunks=True``: zarr's default silently skips
+inner chunks (and whole shard files) equal to the fill value, which would make a
+legitimately all-zero shard (e.g. ``doc_index`` of the first document) look missing.
+
+Extension policy (:meth:`StoreWriter.extend`): growing the planned token count is
+a metadata-only resize that adds new shards, and is allowed unless the last shard
+of the current plan is partial *and* committed. Growing such a shard would have to
+rewrite committed bytes (a crash there could lose data), so it is refused.
+
+One writer per store at a time: a writer holds an exclusive ``flock`` on the store
+directory itself (no extra file for zarr to trip over; released by the kernel even
+on SIGKILL); a second harvest into the same store is refused instead of deleting the
+first one's in-flight shards.
+
+``SAESTRATA_FAULT`` (tests only) makes the writer SIGKILL itself at a named point,
+see :func:`_fault`.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -16,7 +42,16 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from .format import ALIGNED_ARRAYS, FORMAT_NAME, FORMAT_VERSION, StoreError, n_shards, shard_bounds, stored_dtype
+from .format import (
+    ALIGNED_ARRAYS, FORMAT_NAME, FORMAT_VERSION, StoreError, array_names, check_identity, identity_key,
+    n_shards, open_group, shard_bounds, shard_key, stored_dtype,
+)
+
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+FAULT_ENV = "SAESTRATA_FAULT"
+FAULT_POINTS = (
+    "after-create", "before-write", "mid-shard", "torn-write", "before-commit", "after-commit", "before-finish",
+)
 
 
 def _consolidate(path: Path) -> None:
@@ -25,18 +60,64 @@ def _consolidate(path: Path) -> None:
         zarr.consolidate_metadata(str(path))
 
 
+def _fault(point: str, shard: int | None = None) -> None:
+    """Test-only crash injection: SIGKILL this process if ``$SAESTRATA_FAULT`` names this point.
+
+    ``SAESTRATA_FAULT`` is ``"<point>"`` or ``"<point>:<shard>"`` with a point from
+    :data:`FAULT_POINTS`; unset (the normal case) does nothing.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    name, _, at = spec.partition(":")
+    if name == point and (not at or shard is None or int(at) == shard):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def is_empty_store_dir(path: str | Path) -> bool:
+    """True if ``path`` does not exist or is an empty directory (a new store may be created there)."""
+    path = Path(path)
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+class _DirLock:
+    """Exclusive ``flock`` on a directory's file descriptor; :meth:`close` (or process exit) releases it."""
+
+    def __init__(self, path: Path):
+        path.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise StoreError(
+                f"{path} is being written by another harvest (it is locked): wait for it or stop it"
+            ) from None
+
+    def close(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+
 class StoreWriter:
-    """Writes one harvest into a new Zarr v3 group.
+    """Writes one harvest into a Zarr v3 group: create new (this constructor) or :meth:`reopen` to resume.
 
     Args:
         path: directory to create (must not exist, or be empty).
         hooks: hook names, e.g. ``["blocks.8.hook_resid_post"]``.
         d_model: activation width.
-        n_tokens: planned tokens (a multiple of ``shard_tokens``' row size is not required).
+        n_tokens: planned tokens (> 0).
         shard_tokens: tokens per shard; must be a multiple of ``chunk_tokens``.
         chunk_tokens: tokens per inner chunk (the unit of reading and checksumming).
         dtype: logical activation dtype (``bfloat16``, ``float16``, ``float32``).
         attrs: metadata stored in the group attributes (JSON-serialisable).
+        identity: fields that determine the content (see ``format.identity_key``); stored as
+            ``attrs["identity"]`` and ``attrs["identity_key"]`` so a later run can resume or refuse.
 
     Raises:
         StoreError: if ``path`` holds anything, or shapes are inconsistent.
@@ -52,47 +133,147 @@ class StoreWriter:
         chunk_tokens: int,
         dtype: str,
         attrs: dict,
+        identity: dict | None = None,
     ):
-        self.path = Path(path)
-        if self.path.exists() and any(self.path.iterdir()):
-            raise StoreError(f"{self.path} already exists and is not empty: choose a new --out or delete it")
+        path = Path(path)
         if n_tokens <= 0:
             raise StoreError("nothing to write: the planned token count is 0 (is the dataset empty?)")
         if shard_tokens % chunk_tokens:
             raise StoreError(f"shard_tokens {shard_tokens} must be a multiple of chunk_tokens {chunk_tokens}")
-        self.hooks, self.n_tokens, self.shard_tokens = list(hooks), n_tokens, shard_tokens
-        self.group = zarr.open_group(str(self.path), mode="w")
+        if not is_empty_store_dir(path):
+            raise StoreError(f"{path} already exists and is not empty: choose a new --out or delete it")
+        lock = _DirLock(path)
+        if not is_empty_store_dir(path):  # another process created it between the check and the lock
+            lock.close()
+            raise StoreError(f"{path} already exists and is not empty: choose a new --out or delete it")
+        group = zarr.open_group(str(path), mode="a")
         crc = [zarr.codecs.Crc32cCodec()]
-        for hook in self.hooks:
-            arr = self.group.create_array(
+        for hook in hooks:
+            arr = group.create_array(
                 hook, shape=(n_tokens, d_model), chunks=(chunk_tokens, d_model), shards=(shard_tokens, d_model),
-                dtype=stored_dtype(dtype), compressors=crc, fill_value=0,
+                dtype=stored_dtype(dtype), compressors=crc, fill_value=0, config=_ARRAY_CONFIG,
             )
             arr.attrs.update({"logical_dtype": dtype, "hook_name": hook})
         for name, np_dtype in ALIGNED_ARRAYS.items():
-            self.group.create_array(
+            group.create_array(
                 name, shape=(n_tokens,), chunks=(chunk_tokens,), shards=(shard_tokens,),
-                dtype=np_dtype, compressors=crc, fill_value=0,
+                dtype=np_dtype, compressors=crc, fill_value=0, config=_ARRAY_CONFIG,
             )
-        self.group.attrs.update({
-            **attrs,
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hooks": self.hooks, "d_model": d_model,
+        ident = {} if identity is None else {"identity": identity, "identity_key": identity_key(identity)}
+        group.attrs.update({
+            **attrs, **ident,
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "hooks": list(hooks), "d_model": d_model,
             "dtype": dtype, "n_tokens": n_tokens, "shard_tokens": shard_tokens, "chunk_tokens": chunk_tokens,
-            "n_shards": n_shards(n_tokens, shard_tokens), "committed_shards": [], "complete": False,
+            "n_shards": n_shards(n_tokens, shard_tokens), "committed_shards": [], "shard_records": {},
+            "complete": False, "source_exhausted": False,
         })
-        _consolidate(self.path)
+        _consolidate(path)
+        self._bind(path, group, lock)
+        _fault("after-create")
 
-    def write_shard(self, shard: int, acts: dict[str, np.ndarray], aligned: dict[str, np.ndarray]) -> None:
+    @classmethod
+    def reopen(cls, path: str | Path, identity: dict) -> "StoreWriter":
+        """Open an existing store to resume or extend it, after checking its identity.
+
+        Removes leftover ``*.partial`` temp files and every file of uncommitted shards
+        (they may be torn or half of a shard), and resets array shapes to the recorded
+        plan if a crash interrupted a resize. Committed shards are never touched.
+
+        Args:
+            path: an existing store directory.
+            identity: the identity the caller would write (compared field by field).
+
+        Raises:
+            StoreError: not a saestrata store / unreadable, or another writer holds the store's lock.
+            IdentityMismatch: the store records a different identity (names the differing fields).
+        """
+        path = Path(path)
+        group = open_group(path, mode="r+")
+        check_identity(path, dict(group.attrs), identity)
+        lock = _DirLock(path)
+        group = open_group(path, mode="r+")  # re-read: the previous writer may have committed meanwhile
+        writer = cls.__new__(cls)
+        writer._bind(path, group, lock)
+        writer._reconcile_shapes()
+        writer._remove_uncommitted_files()
+        return writer
+
+    def _bind(self, path: Path, group: zarr.Group, lock) -> None:
+        self.path, self.group, self._lock = path, group, lock
+        attrs = group.attrs
+        self.hooks = list(attrs["hooks"])
+        self.n_tokens, self.shard_tokens = int(attrs["n_tokens"]), int(attrs["shard_tokens"])
+        self.chunk_tokens = int(attrs["chunk_tokens"])
+        self.committed = {int(s) for s in attrs.get("committed_shards", [])}
+
+    def _array(self, name: str) -> zarr.Array:
+        return self.group[name].with_config(_ARRAY_CONFIG)
+
+    @property
+    def n_shards(self) -> int:
+        """Shards in the current plan (the last may be partial)."""
+        return n_shards(self.n_tokens, self.shard_tokens)
+
+    @property
+    def complete(self) -> bool:
+        """True once :meth:`finish` ran (every shard committed, final metadata written)."""
+        return bool(self.group.attrs.get("complete", False))
+
+    @property
+    def source_exhausted(self) -> bool:
+        """True if the text source ran out and the plan was truncated (the store cannot grow)."""
+        return bool(self.group.attrs.get("source_exhausted", False))
+
+    def pending_shards(self) -> list[int]:
+        """Shard numbers of the current plan not yet committed, ascending."""
+        return [s for s in range(self.n_shards) if s not in self.committed]
+
+    def records(self) -> dict[int, dict]:
+        """Per-shard records committed with :meth:`write_shard`, ``{shard: record}`` in shard order."""
+        raw = self.group.attrs.get("shard_records", {})
+        return {int(k): raw[k] for k in sorted(raw, key=int)}
+
+    def _reconcile_shapes(self) -> None:
+        """Resize arrays back to the recorded plan after a crash between a resize and its attrs update."""
+        for name in array_names(self.group.attrs):
+            arr = self.group[name]
+            if arr.shape[0] != self.n_tokens:
+                arr.resize((self.n_tokens, *arr.shape[1:]))
+
+    def _remove_uncommitted_files(self) -> None:
+        """Delete ``*.partial`` temp files and the shard files of every uncommitted shard."""
+        for leftover in self.path.rglob("*.partial"):
+            leftover.unlink(missing_ok=True)
+        for name in array_names(self.group.attrs):
+            arr = self.group[name]
+            for folder in (self.path / name / "c").glob("*"):
+                if folder.name.isdigit() and int(folder.name) not in self.committed:
+                    self._remove_shard_file(arr, name, int(folder.name))
+
+    def _remove_shard_file(self, arr: zarr.Array, name: str, shard: int) -> None:
+        target = self.path / name / shard_key(arr, shard)
+        target.unlink(missing_ok=True)
+        parent = target.parent
+        if parent != self.path / name / "c" and parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()
+
+    def write_shard(
+        self, shard: int, acts: dict[str, np.ndarray], aligned: dict[str, np.ndarray], record: dict | None = None
+    ) -> None:
         """Write all arrays of one whole shard and commit it.
 
         Args:
-            shard: shard number.
+            shard: shard number (``0 <= shard < n_shards``).
             acts: ``{hook: [rows, d_model]}`` in the stored dtype (see ``format.to_stored``).
             aligned: ``{"token_ids", "doc_index", "position"}`` each ``[rows]``.
+            record: optional JSON-serialisable per-shard record (e.g. statistics), committed
+                atomically with the shard in ``attrs["shard_records"][str(shard)]``.
 
         Raises:
-            StoreError: wrong row count for the shard or a missing array.
+            StoreError: shard out of range or already committed, wrong row count, or a missing array.
         """
+        if not 0 <= shard < self.n_shards or shard in self.committed:
+            raise StoreError(f"shard {shard} of {self.path} is out of range or already committed")
         start, stop = shard_bounds(shard, self.shard_tokens, self.n_tokens)
         for name, values in {**acts, **aligned}.items():
             if len(values) != stop - start:
@@ -100,27 +281,99 @@ class StoreWriter:
         missing = set(self.hooks) - set(acts) | set(ALIGNED_ARRAYS) - set(aligned)
         if missing:
             raise StoreError(f"shard {shard} misses arrays {sorted(missing)}")
-        for name, values in {**acts, **aligned}.items():
-            self.group[name][start:stop] = values
-        committed = list(self.group.attrs["committed_shards"]) + [shard]
-        self.group.attrs["committed_shards"] = sorted(committed)
+        _fault("before-write", shard)
+        for i, (name, values) in enumerate({**acts, **aligned}.items()):
+            if i == 1:
+                _fault("mid-shard", shard)
+                self._torn_write_fault(name, shard)
+            self._array(name)[start:stop] = values
+        _fault("before-commit", shard)
+        self._commit(shard, record)
+        _fault("after-commit", shard)
         _consolidate(self.path)
 
-    def truncate(self, n_tokens: int) -> None:
-        """Shrink every array to ``n_tokens`` when the text source ran out early.
+    def _torn_write_fault(self, name: str, shard: int) -> None:
+        """Test-only: emulate a store without atomic writes, killed halfway through one shard file."""
+        spec = os.environ.get(FAULT_ENV, "")
+        if spec not in ("torn-write", f"torn-write:{shard}"):
+            return
+        target = self.path / name / shard_key(self.group[name], shard)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"\x7f" * 100)
+        target.with_suffix(".deadbeef.partial").write_bytes(b"\x00" * 10)
+        _fault("torn-write", shard)
 
-        Only valid for a single writer after its last shard (resize from several
-        processes loses rows, DESIGN.md). Raises StoreError if ``n_tokens`` is 0.
+    def _commit(self, shard: int, record: dict | None) -> None:
+        """Append ``shard`` (and its record) to the commit record in one group-metadata write."""
+        self.committed.add(shard)
+        update = {"committed_shards": sorted(self.committed)}
+        if record is not None:
+            update["shard_records"] = {**self.group.attrs.get("shard_records", {}), str(shard): record}
+        self.group.attrs.update(update)
+
+    def truncate(self, n_tokens: int) -> None:
+        """Shrink the plan to ``n_tokens`` because the text source ran out; marks ``source_exhausted``.
+
+        Only valid for a single writer and only before the shard containing token
+        ``n_tokens - 1`` is written (resize from several processes loses rows, DESIGN.md).
+
+        Raises:
+            StoreError: ``n_tokens`` is 0, or a committed shard would be cut.
         """
         if n_tokens <= 0:
             raise StoreError("the text source gave no tokens: the dataset is empty")
-        for name in [*self.hooks, *ALIGNED_ARRAYS]:
+        cut = n_shards(n_tokens, self.shard_tokens) - (1 if n_tokens % self.shard_tokens else 0)
+        if any(s >= cut for s in self.committed):
+            raise StoreError(f"cannot truncate {self.path} to {n_tokens} tokens: it would cut committed shards")
+        self._resize(n_tokens, {"source_exhausted": True})
+
+    def extend(self, n_tokens: int, attrs: dict | None = None) -> None:
+        """Grow the plan to ``n_tokens`` (no-op if not larger), adding uncommitted shards; clears ``complete``.
+
+        Args:
+            n_tokens: new planned token count.
+            attrs: extra group attributes to record with the new plan (e.g. the tokens requested).
+
+        Raises:
+            StoreError: the source was exhausted, or the last shard of the current plan is
+                partial and committed (growing it would rewrite committed data).
+        """
+        if n_tokens <= self.n_tokens:
+            return
+        if self.source_exhausted:
+            raise StoreError(f"cannot extend {self.path}: its text source ran out at {self.n_tokens} tokens")
+        last, tail = self.n_shards - 1, self.n_tokens % self.shard_tokens
+        if tail and last in self.committed:
+            raise StoreError(
+                f"cannot extend {self.path} to {n_tokens} tokens: its last shard {last} is partial "
+                f"({tail} of {self.shard_tokens} tokens) and committed, and growing it would rewrite committed "
+                f"data; harvest into a new --out (plan --tokens as a multiple of {self.shard_tokens} to allow "
+                "extension)"
+            )
+        self._resize(n_tokens, {**(attrs or {}), "complete": False})
+
+    def _resize(self, n_tokens: int, attrs: dict) -> None:
+        """Resize every array, then record the plan (a crash in between is undone by :meth:`reopen`)."""
+        for name in array_names(self.group.attrs):
             arr = self.group[name]
             arr.resize((n_tokens, *arr.shape[1:]))
         self.n_tokens = n_tokens
-        self.group.attrs.update({"n_tokens": n_tokens, "n_shards": n_shards(n_tokens, self.shard_tokens)})
+        self.group.attrs.update({**attrs, "n_tokens": n_tokens, "n_shards": self.n_shards})
+        _consolidate(self.path)
 
     def finish(self, extra_attrs: dict) -> None:
-        """Record final metadata (e.g. activation statistics) and mark the store complete."""
+        """Record final metadata (e.g. activation statistics) and mark the store complete.
+
+        Raises:
+            StoreError: some shard of the plan is not committed.
+        """
+        if self.pending_shards():
+            raise StoreError(f"cannot finish {self.path}: shards {self.pending_shards()[:5]} are not committed")
+        _fault("before-finish")
         self.group.attrs.update({**extra_attrs, "complete": True})
         _consolidate(self.path)
+        self.close()
+
+    def close(self) -> None:
+        """Release the writer lock (also released when the process exits or the writer is garbage-collected)."""
+        self._lock.close()

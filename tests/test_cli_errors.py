@@ -58,3 +58,12 @@ def test_bad_set_syntax(tiny_store, tmp_path):
 def test_unknown_split(split, tmp_path):
     result = CliRunner().invoke(main, ["harvest", "--layers", "1", "--split", split, "--out", str(tmp_path)])
     assert result.exit_code != 0 and "Invalid value for '--split'" in result.output
+
+
+def test_empty_dataset(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    line = _run(["harvest", "--model", str(tiny_model_dir), "--layers", "1", "--dataset", str(empty),
+                 "--tokens", "256", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert "empty" in line
+    assert not (tmp_path / "s").exists()

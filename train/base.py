@@ -67,6 +67,7 @@ class SAE(nn.Module):
 
     arch: ClassVar[str] = "base"
     unit_norm_decoder: ClassVar[bool] = True
+    max_grad_norm: ClassVar[float] = float("inf")  # gradient-norm clip applied by the trainer
     needs_sequences: ClassVar[bool] = False  # True: fed [R, T, d] rows via encode_seq/forward_seq
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0):

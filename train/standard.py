@@ -26,6 +26,7 @@ class StandardSAE(SAE):
 
     arch = "standard"
     unit_norm_decoder = False
+    max_grad_norm = 1.0  # April update: gradients clipped to norm 1
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0, init_dec_norm: float = 0.1):
         super().__init__(d_in, d_sae, seed)

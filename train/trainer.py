@@ -86,7 +86,28 @@ class _Slot:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = open(self.folder / LOG_FILE, "w")
         self.seconds = 0.0
+        self.steps_done = 0
         self.last: dict = {}
+        self._window: list[dict] = []
+
+    def record(self, metrics: dict) -> None:
+        """Keep a step's metrics for the next log line."""
+        self.last = metrics
+        self.steps_done += 1
+        self._window.append(metrics)
+
+    def write_log(self, step: int, batch_size: int) -> None:
+        """Append one JSONL line: metrics averaged over the steps since the last line.
+
+        Single batches are noisy (rare huge-norm tokens move the MSE 2-3x), so curves
+        use the window mean; ``window`` says how many steps it covers.
+        """
+        mean = {k: sum(m[k] for m in self._window) / len(self._window) for k in self._window[-1]}
+        line = {"step": step, "tokens": (step + 1) * batch_size, "window": len(self._window),
+                "tokens_per_s": self.steps_done * batch_size / max(self.seconds, 1e-9), **mean}
+        self.log.write(json.dumps(line) + "\n")
+        self.log.flush()
+        self._window = []
 
     def step(self, x: torch.Tensor, step: int, autocast: bool, rows: tuple | None = None) -> dict | None:
         """One optimiser step on normalised ``x [batch, d_in]``; returns metrics, or None if it failed.
@@ -102,7 +123,7 @@ class _Slot:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_parallel_grad()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.sae.max_grad_norm)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             self.failed = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {step}"
             return None
@@ -197,12 +218,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
             if metrics is None:
                 tqdm.write(f"{slot.spec.name}: stopped, {slot.failed}; keeping its last good weights")
                 continue
-            slot.last = metrics
+            slot.record(metrics)
             if step % cfg.log_every == 0 or step == steps - 1:
-                tokens_per_s = (step + 1) * cfg.batch_size / max(slot.seconds, 1e-9)
-                slot.log.write(json.dumps({"step": step, "tokens": (step + 1) * cfg.batch_size,
-                                           "tokens_per_s": tokens_per_s, **metrics}) + "\n")
-                slot.log.flush()
+                slot.write_log(step, cfg.batch_size)
         live = [s for s in slots if not s.failed]
         if live:
             bar.set_postfix({s.spec.name: f"L0 {s.last['l0']:.0f} fvu {s.last['fvu']:.3f}" for s in live[:3]})
@@ -219,7 +237,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
         slot.log.close()
         slot.sae.fold_input_scale(scale)
         extra = {"failed": slot.failed, "final_train_metrics": slot.last,
-                 "train_tokens_per_s": steps * cfg.batch_size / max(slot.seconds, 1e-9)}
+                 "train_tokens_per_s": slot.steps_done * cfg.batch_size / max(slot.seconds, 1e-9)}
         folders[slot.spec.name] = save_sae(slot.sae.cpu().eval(), slot.folder, {**meta, **extra})
     return folders
 

@@ -1,0 +1,81 @@
+"""The bytes of one shard file, read without zarr (for verification and memory-mapping).
+
+Layout written by :class:`~saestrata.store.writer.StoreWriter` (zarr v3 ``sharding_indexed``,
+index at the end, inner codecs ``bytes`` + ``crc32c``, no compression):
+
+- each inner chunk is stored as its raw little-endian bytes followed by a 4-byte crc32c
+  of those bytes, at an offset given by the index (zarr orders chunks in the file by
+  Morton order, so always go through the index);
+- the index is the last ``16 * n_inner + 4`` bytes: ``n_inner`` pairs of little-endian
+  uint64 ``(offset, nbytes)`` in inner-chunk order along tokens (``nbytes`` includes the
+  4 crc bytes; both are ``2**64 - 1`` for a chunk that was never written), then the
+  crc32c of those ``16 * n_inner`` bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from .format import StoreError
+
+EMPTY = np.uint64(2**64 - 1)
+CRC_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Parsed index of one shard file.
+
+    Attributes:
+        offsets: ``[n_inner]`` uint64 byte offsets of each inner chunk (``EMPTY`` if absent).
+        nbytes: ``[n_inner]`` uint64 stored sizes, crc included (``EMPTY`` if absent).
+        file_size: size of the shard file in bytes.
+    """
+
+    offsets: np.ndarray
+    nbytes: np.ndarray
+    file_size: int
+
+    def present(self, inner: int) -> bool:
+        """True if inner chunk ``inner`` was written."""
+        return self.offsets[inner] != EMPTY
+
+
+def crc32c(data: bytes | memoryview) -> bytes:
+    """crc32c of ``data`` as the 4 little-endian bytes zarr's crc32c codec appends."""
+    return int(google_crc32c.value(bytes(data))).to_bytes(4, "little")
+
+
+def read_index(path: str | Path, n_inner: int) -> ShardIndex:
+    """Parse and checksum the index at the end of a shard file.
+
+    Args:
+        path: the shard file.
+        n_inner: inner chunks per shard (``shard_tokens // chunk_tokens``).
+
+    Raises:
+        StoreError: file missing or too short, index crc mismatch, or an entry pointing outside the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"shard file {path} is missing")
+    size = path.stat().st_size
+    index_bytes = 16 * n_inner + CRC_BYTES
+    if size < index_bytes:
+        raise StoreError(f"shard file {path} is truncated ({size} bytes, index alone needs {index_bytes})")
+    with open(path, "rb") as fh:
+        fh.seek(size - index_bytes)
+        raw = fh.read(index_bytes)
+    body, stored_crc = raw[:-CRC_BYTES], raw[-CRC_BYTES:]
+    if crc32c(body) != stored_crc:
+        raise StoreError(f"shard file {path} has a corrupt index (crc32c mismatch)")
+    pairs = np.frombuffer(body, dtype="<u8").reshape(n_inner, 2)
+    offsets, nbytes = pairs[:, 0].copy(), pairs[:, 1].copy()
+    present = offsets != EMPTY
+    if np.any(offsets[present] + nbytes[present] > size - index_bytes):
+        raise StoreError(f"shard file {path} has index entries pointing past its data")
+    return ShardIndex(offsets=offsets, nbytes=nbytes, file_size=size)

@@ -1,0 +1,76 @@
+"""Report (evaluate/report.py) from synthetic result JSONs and a training log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from saestrata.cli import main
+from saestrata.evaluate.report import ReportError, collect, write_report
+
+
+def _core(arch: str, l0: float, ce: float, ev: float) -> dict:
+    return {"eval_type_id": "core", "sae_cfg_dict": {"saestrata": {"arch": arch}},
+            "eval_result_metrics": {"sparsity": {"l0": l0}, "model_performance_preservation": {"ce_loss_score": ce},
+                                    "reconstruction_quality": {"explained_variance": ev},
+                                    "model_behavior_preservation": {"kl_div_score": 0.5}},
+            "eval_result_unstructured": {"log10_feature_density_histogram": {
+                "counts": [1, 5, 2], "edges": [-3.0, -2.0, -1.0, 0.0], "n_dead": 4}}}
+
+
+def _unlearning() -> dict:
+    details = [{"kind": "selected", "forget_accuracy": 0.6, "retain_accuracy": 0.995},
+               {"kind": "random", "forget_accuracy": 0.97, "retain_accuracy": 0.98}]
+    return {"eval_type_id": "unlearning", "sae_cfg_dict": {"architecture": "topk"},
+            "eval_result_metrics": {"unlearning": {"unlearning_score": 0.4, "random_latent_control_score": 0.0}},
+            "eval_result_details": details}
+
+
+@pytest.fixture
+def run_dir(scratch):
+    for name, arch, l0, ce, ev in [("topk", "topk", 32.0, 0.913, 0.876), ("standard", "standard", 61.5, 0.842, 0.801)]:
+        folder = scratch / "run" / name
+        folder.mkdir(parents=True)
+        (folder / "core_eval.json").write_text(json.dumps(_core(arch, l0, ce, ev)))
+        (folder / "cfg.json").write_text("{}")  # not a result: ignored
+        (folder / "train_log.jsonl").write_text("\n".join(json.dumps({"step": s, "tokens": 1024 * (s + 1),
+                                                                        "fvu": 1.0 / (s + 1)}) for s in range(5)))
+    (scratch / "run" / "topk" / "unlearning_eval.json").write_text(json.dumps(_unlearning()))
+    return scratch / "run"
+
+
+def test_report_writes_page_plots_and_traceable_numbers(run_dir, scratch):
+    md = write_report([run_dir], scratch / "out")
+    text = md.read_text()
+    for number, source in [("0.913", "topk/core_eval.json"), ("0.842", "standard/core_eval.json"),
+                           ("0.4", "topk/unlearning_eval.json")]:
+        line = next(ln for ln in text.splitlines() if source in ln and f"| {number} |" in ln)
+        assert line  # the number sits in the row naming its file
+    for png in ["l0_vs_ce_loss_score.png", "l0_vs_explained_variance.png", "training_curves.png",
+                "density_histograms.png", "unlearning.png"]:
+        assert (scratch / "out" / png).stat().st_size > 1000
+        assert png in text
+    assert "<table" in (scratch / "out" / "report.html").read_text()
+
+
+def test_collect_sorts_inputs(run_dir):
+    found = collect([run_dir])
+    assert len(found.core) == 2 and len(found.unlearning) == 1 and len(found.train_logs) == 2
+
+
+def test_report_errors(scratch):
+    (scratch / "empty").mkdir()
+    with pytest.raises(ReportError, match="no core/unlearning"):
+        collect([scratch / "empty"])
+    with pytest.raises(FileNotFoundError):
+        collect([scratch / "missing"])
+
+
+def test_report_cli(run_dir, scratch):
+    result = CliRunner().invoke(main, ["report", str(run_dir), "--out", str(scratch / "cli")])
+    assert result.exit_code == 0, result.output
+    assert (scratch / "cli" / "report.html").exists()
+    bad = CliRunner().invoke(main, ["report", str(scratch / "nothing"), "--out", str(scratch / "x")])
+    assert bad.exit_code != 0 and "does not exist" in bad.output
