@@ -108,7 +108,8 @@ def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, t
 @main.command()
 @click.option("--store", type=click.Path(path_type=Path), help="Store written by 'saestrata harvest'.")
 @click.option("--layer", type=int, help="Block whose activations to train on.")
-@click.option("--arch", "archs", default="topk", show_default=True, help="Comma-separated arch or preset names.")
+@click.option("--arch", "archs", default="topk", show_default=True,
+              help="Comma-separated arch or preset names; 'all' = every arch/preset.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=V1,V2", help="Hyperparameter (sweep): --set k=16,32.")
 @click.option("--d-sae", type=int, help="Latents per SAE (default: --expansion x d_model).")
 @click.option("--expansion", default=8, show_default=True)
@@ -125,7 +126,7 @@ def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, t
 def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,
           allow_partial, list_archs, out):
     """Train SAEs from a store in one pass: every batch is read once and fed to every SAE."""
-    from .train.registry import ARCHS, resolve
+    from .train.registry import ARCHS, expand_names
     from .train.sweep import expand_specs
     from .train.trainer import TrainConfig, train as run
 
@@ -136,9 +137,7 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
         return
     if store is None or layer is None or out is None:
         raise click.UsageError("--store, --layer and --out are required (or use --list-archs)")
-    names = [a.strip() for a in archs.split(",") if a.strip()]
-    for name in names:
-        resolve(name)  # fail fast, before reading the store
+    names = expand_names([a.strip() for a in archs.split(",") if a.strip()])  # fail fast, before reading
     specs = expand_specs(names, list(sets))
     folders = run(TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, expansion=expansion,
                               batch_size=batch_size, tokens=tokens, lr=lr, seed=seed, device=device,
@@ -185,15 +184,19 @@ def evaluate(saes, dataset, split, tokens, batch_rows, model, out, device, dtype
 @click.option("--eval-tokens", default=8192, show_default=True)
 @click.option("--steps", default=600, show_default=True, help="Training steps of 1024 tokens per SAE.")
 @click.option("--layers", default="4,8", show_default=True, callback=_int_list)
-@click.option("--archs", default="standard,topk", show_default=True)
+@click.option("--archs", default="standard,topk", show_default=True, help="Comma-separated; 'all' = every arch/preset.")
+@click.option("--d-sae", default=4096, show_default=True)
+@click.option("--eval-batch-rows", default=4, show_default=True, help="Rows per evaluation forward (memory ~ rows x SAEs).")
 @click.option("--device", default="auto", show_default=True)
 @_one_line_errors
-def demo(out, train_tokens, eval_tokens, steps, layers, archs, device):
+def demo(out, train_tokens, eval_tokens, steps, layers, archs, d_sae, eval_batch_rows, device):
     """Harvest -> train -> evaluate on the embedded Gemma 3 270M and Wikipedia text, offline."""
     from .demo import DemoConfig, run_demo
+    from .train.registry import expand_names
 
     run_demo(DemoConfig(out=out, train_tokens=train_tokens, eval_tokens=eval_tokens, steps=steps, layers=layers,
-                        archs=[a for a in archs.split(",") if a], device=device), echo=click.echo)
+                        archs=expand_names([a for a in archs.split(",") if a]), d_sae=d_sae,
+                        eval_batch_rows=eval_batch_rows, device=device), echo=click.echo)
 
 
 @main.command()

@@ -33,6 +33,7 @@ class DemoConfig:
     d_sae: int = 4096
     layers: list[int] = field(default_factory=lambda: [4, 8])
     archs: list[str] = field(default_factory=lambda: ["standard", "topk"])
+    eval_batch_rows: int = 4
     device: str = "auto"
 
 
@@ -41,14 +42,14 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _store_ready(path: Path, cfg: DemoConfig) -> bool:
-    """True if ``path`` holds a finished store with the demo's layers and enough tokens."""
+    """True if ``path`` holds a finished store with (at least) the demo's layers and enough tokens."""
     if not path.exists():
         return False
     try:
         store = ActivationStore(path)
     except StoreError as err:
         raise StoreError(f"{err} (delete {path} to start the demo afresh)") from err
-    return (store.attrs.get("complete") and store.attrs.get("layers") == sorted(cfg.layers)
+    return (store.attrs.get("complete") and set(cfg.layers) <= set(store.attrs.get("layers", []))
             and store.n_tokens >= cfg.train_tokens)
 
 
@@ -81,7 +82,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> list[dict]
 
     rows = []
     t0 = time.perf_counter()
-    results = evaluate_saes([f for _, _, f in saes], EvalConfig(tokens=cfg.eval_tokens, device=cfg.device), lm=lm)
+    results = evaluate_saes([f for _, _, f in saes], EvalConfig(tokens=cfg.eval_tokens, batch_rows=cfg.eval_batch_rows,
+                                                                     device=cfg.device), lm=lm)
     timings["evaluate_s"] = time.perf_counter() - t0
     for (layer, name, folder), result in zip(saes, results):
         (cfg.out / "results").mkdir(exist_ok=True)

@@ -157,10 +157,11 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
     zero_group = {layer: 1 + i for i, layer in enumerate(layers)}
     plan = {layer: [None] * n_groups for layer in layers}
     records = [{} for _ in loaded]
+    rows_ctx: dict = {}  # document boundaries of the current batch, for sequence SAEs (temporal)
     for layer in layers:
         plan[layer][zero_group[layer]] = zero_replacement
     for i, (sae, _, layer) in enumerate(loaded):
-        plan[layer][1 + len(layers) + i] = sae_replacement(sae, records[i])
+        plan[layer][1 + len(layers) + i] = sae_replacement(sae, records[i], rows_ctx)
 
     ctx = cfg.context_length or loaded[0][1].get("saestrata", {}).get("context_length") or 128
     n_rows = max(1, -(-cfg.tokens // ctx))
@@ -179,6 +180,7 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
                 break
             ids = torch.from_numpy(np.stack([r.token_ids for r in batch])).long()
             keep = _token_mask(ids, special)
+            rows_ctx.update(doc_index=torch.from_numpy(np.stack([r.doc_index for r in batch])), valid=~keep)
             t0 = time.perf_counter()
             with splice(lm.layers, plan, keep.to(lm.device)):
                 logits = lm.model(input_ids=ids.repeat(n_groups, 1).to(lm.device), use_cache=False).logits

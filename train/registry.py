@@ -60,3 +60,25 @@ def build(arch: str, d_in: int, d_sae: int, seed: int = 0, **hparams) -> SAE:
         return ARCHS[base].cls(d_in, d_sae, seed=seed, **{**preset, **hparams})
     except TypeError as err:
         raise ArchError(f"bad hyperparameter for {arch}: {err}") from err
+
+
+def every_variant() -> list[str]:
+    """One name per distinct SAE: archs without presets by arch name, the others by each preset.
+
+    This is the set ``--arch all`` trains (the comparison table of the README).
+    """
+    names = []
+    for arch, info in ARCHS.items():
+        names += list(info.presets) if info.presets else [arch]
+    return names
+
+
+def expand_names(names: list[str]) -> list[str]:
+    """Replace ``all`` by :func:`every_variant` and check every name (ArchError on an unknown one)."""
+    out = []
+    for name in names:
+        out += every_variant() if name == "all" else [name]
+    for name in out:
+        resolve(name)
+    return out
+
