@@ -132,8 +132,9 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
 
     if list_archs:
         for name, info in ARCHS.items():
-            presets = ", ".join(info.presets) or "-"
-            click.echo(f"{name:<20} presets: {presets:<40} source: {info.source}")
+            click.echo(f"{name}\n    source:  {info.source}")
+            if info.presets:
+                click.echo(f"    presets: {', '.join(info.presets)}")
         return
     if store is None or layer is None or out is None:
         raise click.UsageError("--store, --layer and --out are required (or use --list-archs)")

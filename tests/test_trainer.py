@@ -19,7 +19,7 @@ def _log(folder):
 @pytest.fixture(scope="module")
 def run(tiny_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    specs = [SAESpec("standard", "standard"), SAESpec("topk", "topk", {"k": 8}),
+    specs = [SAESpec("standard", "standard", {"l1_coeff": 1.0}), SAESpec("topk", "topk", {"k": 8}),
              SAESpec("broken", "standard", {"l1_coeff": float("nan")})]
     return train(TrainConfig(store=tiny_store, layer=1, out=out, specs=specs, d_sae=128, batch_size=256,
                              tokens=60 * 256, log_every=5, lr=1e-3), progress=False)

@@ -85,7 +85,9 @@ def test_clamp_hook_in_tiny_model(tiny_lm):
     assert fired.any() and (~fired).any()
     assert torch.equal(clamped[~fired], clean[~fired])
     assert not torch.equal(clamped[fired], clean[fired])
-    expected = clean.float() + (U.clamp_latents(f, torch.as_tensor(latents), 100) - f) @ sae.W_dec
+    lat = torch.as_tensor(latents)
+    values = 100 / sae.W_dec[lat].norm(dim=-1)  # SAEBench multipliers are in unit-decoder-norm units
+    expected = clean.float() + (U.clamp_latents(f, lat, values) - f) @ sae.W_dec
     torch.testing.assert_close(clamped[fired].float(), expected[fired], atol=0.5, rtol=0.02)  # bf16 rounding
 
 

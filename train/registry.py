@@ -37,16 +37,24 @@ ARCHS: dict[str, ArchInfo] = _collect()
 def resolve(name: str) -> tuple[str, dict]:
     """Map an arch or preset name to ``(arch, preset hyperparameters)``.
 
+    ``-`` and ``_`` are interchangeable (``group-sparsity`` = ``group_sparsity``).
+
     Raises:
         ArchError: the name is neither an arch nor a preset.
     """
-    if name in ARCHS:
-        return name, {}
+    key = _canonical(name)
     for arch, info in ARCHS.items():
-        if name in info.presets:
-            return arch, dict(info.presets[name])
+        if _canonical(arch) == key:
+            return arch, {}
+        for preset, hparams in info.presets.items():
+            if _canonical(preset) == key:
+                return arch, dict(hparams)
     known = sorted(set(ARCHS) | {p for info in ARCHS.values() for p in info.presets})
     raise ArchError(f"unknown arch {name!r}: choose from {', '.join(known)} (see saestrata train --list-archs)")
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
 
 
 def build(arch: str, d_in: int, d_sae: int, seed: int = 0, **hparams) -> SAE:
