@@ -126,14 +126,16 @@ def _scatter(rows: list[dict], y: str, out: Path) -> Path | None:
     if not pts:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arch in sorted({r["arch"] for r in pts}):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    markers = "osD^v<>Pp*Xh"  # colour x marker keeps up to 120 archs distinguishable
+    for i, arch in enumerate(sorted({r["arch"] for r in pts})):
         sel = [r for r in pts if r["arch"] == arch]
-        ax.scatter([r["l0"] for r in sel], [r[y] for r in sel], label=arch)
+        ax.scatter([r["l0"] for r in sel], [r[y] for r in sel], label=arch, color=f"C{i % 10}",
+                   marker=markers[(i // 10) % len(markers)])
     ax.set_xscale("log")
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel(y)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
