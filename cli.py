@@ -121,11 +121,18 @@ def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, t
 @click.option("--no-autocast", is_flag=True, help="Train in fp32 (default: bf16 autocast, fp32 master weights).")
 @click.option("--allow-partial", is_flag=True, help="Train on the committed part of a half-written store.")
 @click.option("--list-archs", is_flag=True, help="List every arch and preset with its source, then exit.")
+@click.option("--checkpoint-every", default=100, show_default=True,
+              help="Steps between checkpoints in --out (0 = off); removed when the run finishes.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same settings).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory: one sub-folder per SAE.")
 @_one_line_errors
 def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,
-          allow_partial, list_archs, out):
-    """Train SAEs from a store in one pass: every batch is read once and fed to every SAE."""
+          allow_partial, list_archs, checkpoint_every, resume, out):
+    """Train SAEs from a store in one pass: every batch is read once and fed to every SAE.
+
+    With --resume, an interrupted run continues from its last checkpoint and ends with
+    the same SAEs and logs as an uninterrupted run; other settings are refused.
+    """
     from .train.registry import ARCHS, expand_names
     from .train.sweep import expand_specs
     from .train.trainer import TrainConfig, train as run
@@ -142,7 +149,8 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
     specs = expand_specs(names, list(sets))
     folders = run(TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, expansion=expansion,
                               batch_size=batch_size, tokens=tokens, lr=lr, seed=seed, device=device,
-                              autocast=not no_autocast, allow_partial=allow_partial))
+                              autocast=not no_autocast, allow_partial=allow_partial,
+                              checkpoint_every=checkpoint_every, resume=resume))
     for name, folder in folders.items():
         click.echo(f"saved {name} -> {folder}")
 

@@ -150,6 +150,23 @@ class SAE(nn.Module):
         For SAEs with schedules or periodic bookkeeping (e.g. curricula, importance tracking).
         """
 
+    # -- checkpoints ------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        """Training state kept in plain Python attributes (not buffers), for trainer checkpoints.
+
+        Returns a dict of ints / floats / strings (e.g. step counters). Buffers and parameters
+        are saved by ``state_dict`` and must not be repeated here. Default: ``{}``.
+        Subclasses extend the parent's dict (``{**super().extra_state(), ...}``).
+        """
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` returned; default: nothing to restore.
+
+        Raises:
+            KeyError: ``state`` lacks a key this class wrote (a checkpoint of another arch).
+        """
+
     # -- saving -----------------------------------------------------------------------
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
@@ -161,3 +178,14 @@ class SAE(nn.Module):
         self.W_enc *= scale
         self.W_dec /= scale
         self.b_dec /= scale
+
+
+def groups_from_ids(ids: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """``{f"{prefix}{g}": latent indices}`` for every group id present in ``ids`` (long ``[d_sae]``).
+
+    Used by structured SAEs to implement ``latent_groups()`` for the per-group
+    diagnostics of evaluate/diagnostics.py.
+    """
+    ids = ids.detach().cpu().long()
+    return {f"{prefix}{int(g)}": (ids == g).nonzero().flatten() for g in ids.unique()}
+

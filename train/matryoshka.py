@@ -72,6 +72,13 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.prefix_fractions = [float(f) for f in prefix_fractions]
         self.prefix_sizes = prefix_sizes(d_sae, self.prefix_fractions)
 
+    latent_group_kind = "prefix"
+
+    def latent_groups(self) -> dict[str, torch.Tensor]:
+        """Latents added by each nested prefix (Bussmann et al. 2025 sec. 3) for diagnostics."""
+        starts = [0, *self.prefix_sizes[:-1]]
+        return {f"prefix{i + 1}": torch.arange(a, b) for i, (a, b) in enumerate(zip(starts, self.prefix_sizes))}
+
     def hparams(self) -> dict:
         """BatchTopK's hyperparameters plus ``prefix_fractions``."""
         return {**super().hparams(), "prefix_fractions": self.prefix_fractions}

@@ -144,6 +144,13 @@ class HierarchicalSAE(SAE):
         self.W_dec, self.W_skip = nn.Parameter(w_d1), nn.Parameter(w_d1.clone())
         self.W_dec2, self.b_dec2 = nn.Parameter(w_d2), nn.Parameter(torch.zeros(half))
 
+    latent_group_kind = "level"
+
+    def latent_groups(self) -> dict[str, torch.Tensor]:
+        """Latent indices of level 1 (first half) and level 2 (second half) for diagnostics (seed 000 sec. 4)."""
+        half = self.d_sae // 2
+        return {"level1": torch.arange(half), "level2": torch.arange(half, self.d_sae)}
+
     def hparams(self) -> dict:
         """``lambda1``, ``lambda2``, ``lambda_d``."""
         return {"lambda1": self.lambda1, "lambda2": self.lambda2, "lambda_d": self.lambda_d}

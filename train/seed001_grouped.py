@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch_info import ArchError, ArchInfo
-from .base import SAE
+from .base import SAE, groups_from_ids
 
 SEED = "shared/seeds/001_0012a683e3519a7f.txt"
 
@@ -285,6 +285,15 @@ class _ReluL1SAE(SAE):
         self._calls += 1
         return due
 
+    def extra_state(self) -> dict:
+        """``{"calls": int}``: training forwards seen, which schedule the every-N-steps updates."""
+        return {**super().extra_state(), "calls": self._calls}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore the forward counter from :meth:`extra_state`. Raises ``KeyError`` if it is missing."""
+        super().load_extra_state(state)
+        self._calls = int(state["calls"])
+
 
 class GroupedOrthoSAE(_ReluL1SAE):
     """ReLU SAE with Eq. 4's orthogonality between ``n_groups`` latent groups (seed 001 sec. 6.1).
@@ -321,6 +330,12 @@ class GroupedOrthoSAE(_ReluL1SAE):
         self.init_alpha = alpha
         self.register_buffer("group_ids", static_group_ids(d_sae, n_groups))
         self.register_buffer("alpha", torch.tensor(float(alpha)))
+
+    latent_group_kind = "group"
+
+    def latent_groups(self) -> dict[str, torch.Tensor]:
+        """Current latent groups (``group_ids``) for diagnostics (seed 001 sec. 4.3)."""
+        return groups_from_ids(self.group_ids, "group")
 
     def hparams(self) -> dict:
         """Constructor settings (JSON-serialisable)."""
@@ -365,6 +380,12 @@ class StaticHierSAE(_ReluL1SAE):
         self.n_coarse, self.n_fine, self.alpha_l1, self.alpha_l2 = n_coarse, n_fine, alpha_l1, alpha_l2
         fine = static_group_ids(d_sae, n_coarse * n_fine)
         self.register_buffer("fine_ids", fine)  # coarse group of fine k is k // n_fine (nesting)
+
+    latent_group_kind = "coarse group"
+
+    def latent_groups(self) -> dict[str, torch.Tensor]:
+        """Coarse groups (``fine_ids // n_fine``) for diagnostics (seed 001 sec. 4.1)."""
+        return groups_from_ids(self.fine_ids // self.n_fine, "coarse")
 
     def hparams(self) -> dict:
         """Constructor settings (JSON-serialisable)."""
@@ -432,6 +453,10 @@ class DynamicHierSAE(StaticHierSAE):
             coarse, fine = self.live_assignments()
         self.register_buffer("assign_coarse", coarse)
         self.register_buffer("assign_fine", fine)
+
+    def latent_groups(self) -> dict[str, torch.Tensor]:
+        """Coarse groups by the most probable cached assignment (seed 001 sec. 4.2) for diagnostics."""
+        return groups_from_ids(self.assign_coarse.argmax(-1), "coarse")
 
     def hparams(self) -> dict:
         """Constructor settings (JSON-serialisable)."""

@@ -89,7 +89,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch_info import ArchError, ArchInfo
-from .base import SAE
+from .base import SAE, groups_from_ids
 
 _EPS = 1e-8
 
@@ -256,6 +256,12 @@ class ImportanceSAE(SAE):
         self.register_buffer("n_updates", torch.zeros(1, dtype=torch.long))
         self._step, self._last_update_step = 0, -1
 
+    latent_group_kind = "cluster"
+
+    def latent_groups(self) -> dict[str, torch.Tensor]:
+        """Current k-means clusters of latents (seed 002 sec. 4) for diagnostics."""
+        return groups_from_ids(self.clusters, "cluster")
+
     def hparams(self) -> dict:
         """Every constructor argument except the sizes and seed."""
         keys = ["l1_coeff", "n_clusters", "min_cluster_size", "contrast_coeff", "importance_weights", "memory",
@@ -303,6 +309,15 @@ class ImportanceSAE(SAE):
     def after_step(self, step: int, steps: int) -> None:
         """Advance the step counter that schedules :meth:`update_state`."""
         self._step = step + 1
+
+    def extra_state(self) -> dict:
+        """``{"step": int, "last_update_step": int}``: the counters that schedule :meth:`update_state`."""
+        return {**super().extra_state(), "step": self._step, "last_update_step": self._last_update_step}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore the update schedule from :meth:`extra_state`. Raises ``KeyError`` if a key is missing."""
+        super().load_extra_state(state)
+        self._step, self._last_update_step = int(state["step"]), int(state["last_update_step"])
 
     @torch.no_grad()
     def update_state(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:

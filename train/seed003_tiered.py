@@ -147,6 +147,12 @@ class TieredHSAE(SAE):
                 "tier_layernorm": self.tier_layernorm}
 
     # -- structure ----------------------------------------------------------------------
+    latent_group_kind = "tier"
+
+    def latent_groups(self) -> dict[str, torch.Tensor]:
+        """Latent indices of each tier, for tier-activity diagnostics (seed 003 sec. 5)."""
+        return {f"tier{i + 1}": torch.arange(s.start, s.stop) for i, s in enumerate(self.tier_slices())}
+
     def tier_slices(self) -> list[slice]:
         """Slice of each tier in the concatenated latent vector ``[d_sae]``."""
         ends = torch.tensor(self.widths).cumsum(0).tolist()
@@ -207,6 +213,15 @@ class TieredHSAE(SAE):
     def after_step(self, step: int, steps: int) -> None:
         """Advance the curriculum: progress of the next step is ``(step + 1) / steps``."""
         self.progress = (step + 1) / max(steps, 1)
+
+    def extra_state(self) -> dict:
+        """``{"progress": float}``: the curriculum position set by :meth:`after_step`."""
+        return {**super().extra_state(), "progress": self.progress}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore the curriculum position from :meth:`extra_state`. Raises ``KeyError`` if it is missing."""
+        super().load_extra_state(state)
+        self.progress = float(state["progress"])
 
     def tier_grads(self, i: int) -> list[torch.Tensor]:
         """Gradient tensors (views) of tier ``i``'s own parameters; empty entries are skipped."""

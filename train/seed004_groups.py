@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from .arch_info import ArchError, ArchInfo
-from .base import SAE
+from .base import SAE, groups_from_ids
 
 
 def group_sizes(d_sae: int, groups: int) -> list[int]:
@@ -96,6 +96,12 @@ class GroupSparsitySAE(SAE):
     def hparams(self) -> dict:
         """``groups``, ``gamma``, ``l1_coeff``."""
         return {"groups": self.groups, "gamma": self.gamma, "l1_coeff": self.l1_coeff}
+
+    latent_group_kind = "group"
+
+    def latent_groups(self) -> dict[str, torch.Tensor]:
+        """Latent indices of each penalty group k = 1..K (seed 004 sec. 4.1) for diagnostics."""
+        return {f"group{k + 1}": idx for k, idx in enumerate(groups_from_ids(self.group_index(), "").values())}
 
     def group_index(self) -> torch.Tensor:
         """0-based group of every latent, long ``[d_sae]`` (for per-group diagnostics)."""

@@ -9,12 +9,17 @@ Matmuls run under bf16 autocast (AMX on this CPU) with fp32 master weights.
 A non-finite loss or gradient stops only that SAE: its update is not applied,
 so its weights stay the last good ones and are saved with a ``failed`` note;
 the others go on.
+
+Checkpoints (``checkpoint_every``) and ``resume`` continue an interrupted run exactly:
+the resumed run gives bit-identical SAEs and the same logs as an uninterrupted one
+(:mod:`saestrata.train.checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +31,8 @@ from tqdm.auto import tqdm
 from ..device import resolve_device
 from ..store import ActivationStore, StoreError, sequence_batches, shuffled_batches
 from .base import SAE
+from .checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, rng_state, run_identity,
+                         set_rng_state, truncate_log, write_checkpoint)
 from .registry import build
 from .sae_io import save_sae
 
@@ -48,6 +55,11 @@ class TrainConfig:
 
     ``tokens`` is the total training budget per SAE (steps = tokens // batch_size);
     ``d_sae`` defaults to ``expansion * d_model``.
+
+    ``checkpoint_every`` (steps; 0 = off) writes ``<out>/checkpoint.pt`` atomically; it is
+    removed once the run finishes. ``resume`` continues from that checkpoint (same
+    settings required). ``stop_after_step`` stops once that many steps are done,
+    without saving the SAEs: it simulates an interruption (tests, planned pauses).
     """
 
     store: Path
@@ -68,6 +80,9 @@ class TrainConfig:
     log_every: int = 25
     dead_window_tokens: int = 250_000
     allow_partial: bool = False
+    checkpoint_every: int = 100
+    resume: bool = False
+    stop_after_step: int | None = None
 
 
 class _Slot:
@@ -84,7 +99,7 @@ class _Slot:
         self.failed: str | None = None
         self.folder = Path(cfg.out) / spec.name
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.folder / LOG_FILE, "w")
+        self.log = open(self.folder / LOG_FILE, "a" if cfg.resume else "w")  # resume: load_state cuts it
         self.seconds = 0.0
         self.steps_done = 0
         self.last: dict = {}
@@ -108,6 +123,37 @@ class _Slot:
         self.log.write(json.dumps(line) + "\n")
         self.log.flush()
         self._window = []
+
+    def state(self) -> dict:
+        """Everything needed to continue this SAE exactly (tensors are live references; save at once).
+
+        Keys: ``sae`` (state_dict: parameters and buffers), ``extra`` (:meth:`SAE.extra_state`),
+        ``opt``, ``sched``, ``failed``, ``seconds``, ``steps_done``, ``last``, ``window`` and
+        ``log_bytes`` (size of the flushed ``train_log.jsonl``).
+        """
+        self.log.flush()
+        os.fsync(self.log.fileno())
+        return {"sae": self.sae.state_dict(), "extra": self.sae.extra_state(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "failed": self.failed, "seconds": self.seconds,
+                "steps_done": self.steps_done, "last": self.last, "window": self._window,
+                "log_bytes": os.fstat(self.log.fileno()).st_size}
+
+    def load_state(self, state: dict) -> None:
+        """Restore :meth:`state` and cut the log back to its length at the checkpoint.
+
+        Raises:
+            CheckpointError: the log is missing or shorter than at the checkpoint.
+            RuntimeError: the saved tensors do not fit this SAE (``load_state_dict``).
+        """
+        self.sae.load_state_dict(state["sae"])
+        self.sae.load_extra_state(state["extra"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.failed, self.seconds, self.steps_done = state["failed"], state["seconds"], state["steps_done"]
+        self.last, self._window = state["last"], list(state["window"])
+        self.log.close()
+        truncate_log(self.folder / LOG_FILE, state["log_bytes"])
+        self.log = open(self.folder / LOG_FILE, "a")
 
     def step(self, x: torch.Tensor, step: int, autocast: bool, rows: tuple | None = None) -> dict | None:
         """One optimiser step on normalised ``x [batch, d_in]``; returns metrics, or None if it failed.
@@ -174,57 +220,52 @@ def _feed(store: ActivationStore, hook: str, cfg: TrainConfig, scale: float, dev
         yield acts[valid], (acts, doc_index.to(device), valid)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
-    """Train every SAE in ``cfg.specs`` on one pass of shuffled batches; returns ``{name: folder}``.
-
-    Raises:
-        StoreError: store missing, half-written (without ``allow_partial``) or lacking the layer.
-        ArchError: unknown arch or hyperparameter.
-        ValueError: empty spec list or duplicate names.
-    """
+def _check_config(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` (one line) for an empty or duplicated spec list or a negative interval."""
     if not cfg.specs:
         raise ValueError("no SAE to train: pass --arch")
     names = [s.name for s in cfg.specs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate SAE names in one run: {names}")
-    store = ActivationStore(cfg.store, allow_partial=cfg.allow_partial)
-    hook = store.hook_for_layer(cfg.layer)
-    d_in = store.d_model
-    d_sae = cfg.d_sae or cfg.expansion * d_in
-    # Inputs scaled to mean norm sqrt(d_in) (Gao et al. 2024 sec. 2.1); folded back at save.
-    scale = math.sqrt(d_in) / store.stats(hook)["mean_norm"]
-    device = resolve_device(cfg.device)
-    steps = cfg.tokens // cfg.batch_size
-    if steps < 1:
-        raise ValueError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
-    torch.manual_seed(cfg.seed)
-    slots = []
-    for i, spec in enumerate(cfg.specs):
-        sae = build(spec.arch, d_in, d_sae, seed=cfg.seed + i, **spec.hparams).to(device).train()
-        sae.dead_window_tokens = cfg.dead_window_tokens
-        slots.append(_Slot(spec, sae, cfg, steps))
+    if cfg.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0 = off), got {cfg.checkpoint_every}")
 
-    batches = _feed(store, hook, cfg, scale, device, any(s.sae.needs_sequences for s in slots))
-    bar = tqdm(range(steps), desc=f"train {len(slots)} SAE(s) on {hook}", unit="step", disable=not progress)
-    for step in bar:
-        x, rows = next(batches)
-        if step == 0:
-            for slot in slots:
-                slot.sae.init_b_dec(x)
-        for slot in slots:
-            if slot.failed:
-                continue
-            metrics = slot.step(x, step, cfg.autocast, rows)
-            if metrics is None:
-                tqdm.write(f"{slot.spec.name}: stopped, {slot.failed}; keeping its last good weights")
-                continue
-            slot.record(metrics)
-            if step % cfg.log_every == 0 or step == steps - 1:
-                slot.write_log(step, cfg.batch_size)
-        live = [s for s in slots if not s.failed]
-        if live:
-            bar.set_postfix({s.spec.name: f"L0 {s.last['l0']:.0f} fvu {s.last['fvu']:.3f}" for s in live[:3]})
 
+def _train_step(slots: list[_Slot], x: torch.Tensor, rows: tuple | None, step: int, cfg: TrainConfig) -> None:
+    """Feed batch ``x [N, d_in]`` (``rows`` for sequence SAEs) to every live SAE; log when due."""
+    for slot in slots:
+        if slot.failed:
+            continue
+        metrics = slot.step(x, step, cfg.autocast, rows)
+        if metrics is None:
+            tqdm.write(f"{slot.spec.name}: stopped, {slot.failed}; keeping its last good weights")
+            continue
+        slot.record(metrics)
+        if step % cfg.log_every == 0 or step == slot.steps - 1:
+            slot.write_log(step, cfg.batch_size)
+
+
+def _save_checkpoint(cfg: TrainConfig, identity: dict, done: int, slots: list[_Slot]) -> None:
+    """Write ``<out>/checkpoint.pt`` after ``done`` completed steps (atomic; see :mod:`.checkpoint`)."""
+    write_checkpoint(cfg.out, {"identity": identity, "step": done, "rng": rng_state(),
+                               "slots": {slot.spec.name: slot.state() for slot in slots}})
+
+
+def _restore(ckpt: dict, slots: list[_Slot]) -> int:
+    """Load a checkpoint read by :func:`read_checkpoint` into ``slots``; returns the completed steps.
+
+    Raises:
+        CheckpointError: the log of an SAE is missing or shorter than at the checkpoint.
+    """
+    for slot in slots:
+        slot.load_state(ckpt["slots"][slot.spec.name])
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["step"])
+
+
+def _save_all(cfg: TrainConfig, store: ActivationStore, hook: str, scale: float, steps: int,
+              slots: list[_Slot]) -> dict[str, Path]:
+    """Fold the input scale into every SAE and save it with its provenance; returns ``{name: folder}``."""
     meta = {
         "model_id": store.attrs.get("model_id"), "weights_hash": store.attrs.get("weights_hash"),
         "hook_name": hook, "layer": cfg.layer, "context_length": store.attrs.get("context_length"),
@@ -242,4 +283,68 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
     return folders
 
 
-__all__ = ["SAESpec", "StoreError", "TrainConfig", "train"]
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
+    """Train every SAE in ``cfg.specs`` on one pass of shuffled batches; returns ``{name: folder}``.
+
+    With ``cfg.resume`` it continues from ``<out>/checkpoint.pt``: the batch stream is
+    re-created with the same seed and fast-forwarded, logs are cut back to the checkpoint
+    and appended to. Returns ``{}`` when ``cfg.stop_after_step`` interrupts the run.
+
+    Raises:
+        StoreError: store missing, half-written (without ``allow_partial``) or lacking the layer.
+        ArchError: unknown arch or hyperparameter.
+        CheckpointError: ``resume`` without a checkpoint, or one written with other settings.
+        ValueError: empty spec list, duplicate names, too few tokens or a negative ``checkpoint_every``.
+    """
+    _check_config(cfg)
+    store = ActivationStore(cfg.store, allow_partial=cfg.allow_partial)
+    hook = store.hook_for_layer(cfg.layer)
+    d_in = store.d_model
+    d_sae = cfg.d_sae or cfg.expansion * d_in
+    # Inputs scaled to mean norm sqrt(d_in) (Gao et al. 2024 sec. 2.1); folded back at save.
+    scale = math.sqrt(d_in) / store.stats(hook)["mean_norm"]
+    device = resolve_device(cfg.device)
+    steps = cfg.tokens // cfg.batch_size
+    if steps < 1:
+        raise ValueError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
+    identity = run_identity(cfg, store, d_sae)
+    ckpt = read_checkpoint(cfg.out, identity) if cfg.resume else None  # refuse before touching anything
+    if ckpt is None:
+        checkpoint_path(cfg.out).unlink(missing_ok=True)  # a fresh run must not leave an old one to resume
+    torch.manual_seed(cfg.seed)
+    slots = []
+    for i, spec in enumerate(cfg.specs):
+        sae = build(spec.arch, d_in, d_sae, seed=cfg.seed + i, **spec.hparams).to(device).train()
+        sae.dead_window_tokens = cfg.dead_window_tokens
+        slots.append(_Slot(spec, sae, cfg, steps))
+    start = _restore(ckpt, slots) if ckpt is not None else 0
+
+    batches = _feed(store, hook, cfg, scale, device, any(s.sae.needs_sequences for s in slots))
+    for _ in range(start):  # fast-forward: the stream is deterministic given the seed
+        next(batches)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {len(slots)} SAE(s) on {hook}",
+               unit="step", disable=not progress)
+    for step in bar:
+        x, rows = next(batches)
+        if step == 0:
+            for slot in slots:
+                slot.sae.init_b_dec(x)
+        _train_step(slots, x, rows, step, cfg)
+        done = step + 1
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
+            _save_checkpoint(cfg, identity, done, slots)
+        if cfg.stop_after_step is not None and done >= cfg.stop_after_step and done < steps:
+            bar.close()
+            for slot in slots:
+                slot.log.close()
+            return {}
+        live = [s for s in slots if not s.failed]
+        if live:
+            bar.set_postfix({s.spec.name: f"L0 {s.last['l0']:.0f} fvu {s.last['fvu']:.3f}" for s in live[:3]})
+
+    folders = _save_all(cfg, store, hook, scale, steps, slots)
+    checkpoint_path(cfg.out).unlink(missing_ok=True)  # the saved SAEs supersede it
+    return folders
+
+
+__all__ = ["CheckpointError", "SAESpec", "StoreError", "TrainConfig", "train"]
