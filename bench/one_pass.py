@@ -26,6 +26,19 @@ def _run(store: Path, layer: int, specs: list[SAESpec], steps: int, d_sae: int, 
     return time.perf_counter() - t0
 
 
+def _matmul_seconds(batch: int, d_in: int, d_sae: int, reps: int = 10) -> float:
+    """Best time of one bf16 ``[batch, d_in] @ [d_in, d_sae]`` matmul on this machine (the roofline unit)."""
+    import torch
+
+    a, b = torch.randn(batch, d_in).bfloat16(), torch.randn(d_in, d_sae).bfloat16()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def main() -> None:
     """Print seconds for both arms and their ratio."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,6 +56,11 @@ def main() -> None:
     print(f"one pass, 4 SAEs : {one:8.1f} s  ({tokens / one:,.0f} SAE-tokens/s)")
     print(f"4 separate runs  : {separate:8.1f} s  ({tokens / separate:,.0f} SAE-tokens/s)")
     print(f"speed-up ratio   : {separate / one:.2f}x  (target >= 1.5x)")
+    # A dense SAE step is ~5 matmuls of this shape (enc fwd, dec fwd, 3 for the two backward passes).
+    mm = _matmul_seconds(1024, 640, args.d_sae)
+    step = one / (len(ARCHS) * args.steps)
+    print(f"bf16 matmul 1024x640x{args.d_sae}: {mm * 1e3:.1f} ms ({2 * 1024 * 640 * args.d_sae / mm / 1e9:.0f} GFLOP/s)")
+    print(f"mean SAE step    : {step * 1e3:.1f} ms = {step / (5 * mm):.1f}x the 5-matmul roofline")
 
 
 if __name__ == "__main__":
