@@ -59,6 +59,7 @@ class _Stats:
         self.n, self.norm_sum, self.sq_sum, self.max_abs = 0, 0.0, 0.0, 0.0
 
     def update(self, acts: torch.Tensor) -> None:
+        """Add ``acts`` ``[n, d_model]`` (any float dtype) to the running sums."""
         acts = acts.float()
         norms = acts.norm(dim=-1)
         self.n += len(acts)
@@ -80,6 +81,7 @@ class _Stats:
         self.max_abs = max(self.max_abs, float(max_abs))
 
     def as_dict(self) -> dict:
+        """``{"n", "mean_norm", "rms_norm", "max_abs"}`` in activation units."""
         n = max(self.n, 1)
         return {"n": self.n, "mean_norm": self.norm_sum / n, "rms_norm": math.sqrt(self.sq_sum / n), "max_abs": self.max_abs}
 

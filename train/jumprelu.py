@@ -55,12 +55,14 @@ class _JumpReLUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, theta, bandwidth):
+        """``z * H(z - theta)``; ``z`` ``[batch, d_sae]``, ``theta`` ``[d_sae]``."""
         ctx.save_for_backward(z, theta)
         ctx.bandwidth = bandwidth
         return z * (z > theta).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad):
+        """Straight-through for ``z``; rectangle-kernel pseudo-derivative for ``theta`` (sec. 4)."""
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_z = grad * (z > theta).to(grad.dtype)
@@ -73,12 +75,14 @@ class _StepFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, theta, bandwidth):
+        """``H(z - theta)`` as ``z``'s dtype, ``[batch, d_sae]``."""
         ctx.save_for_backward(z, theta)
         ctx.bandwidth = bandwidth
         return (z > theta).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad):
+        """No gradient to ``z``; rectangle-kernel pseudo-derivative for ``theta`` (sec. 4)."""
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_theta = -(1.0 / eps) * rectangle((z - theta) / eps) * grad
