@@ -99,13 +99,29 @@ def core_rows(inputs: Inputs) -> list[dict]:
     return rows
 
 
+def _scoring_setting(details: list[dict]) -> dict:
+    """The selected-latent setting that sets the score: lowest forget accuracy among those keeping retain.
+
+    Falls back to the setting with the highest retain accuracy when none keeps it (score 0).
+    """
+    selected = [d for d in details if d.get("kind") == "selected"]
+    if not selected:
+        return {}
+    ok = [d for d in selected if d.get("retain_ok")]
+    if ok:
+        return min(ok, key=lambda d: d.get("forget_accuracy", 1.0))
+    return max(selected, key=lambda d: d.get("retain_accuracy", 0.0))
+
+
 def unlearning_rows(inputs: Inputs) -> list[dict]:
-    """One row per unlearning result: label, arch, unlearning_score, random-latent control, file."""
+    """One row per unlearning result: score, control, and forget/retain accuracy of the scoring setting."""
     rows = []
     for path, r in inputs.unlearning:
         m = r.get("eval_result_metrics", {}).get("unlearning", {})
+        best = _scoring_setting(r.get("eval_result_details", []))
         rows.append({"sae": _label(path), "arch": _arch(r), "unlearning_score": m.get("unlearning_score"),
                      "random_latent_control_score": m.get("random_latent_control_score"),
+                     "forget_acc": best.get("forget_accuracy"), "retain_acc": best.get("retain_accuracy"),
                      "forget_known": m.get("forget_known"), "retain_known": m.get("retain_known"), "file": str(path)})
     return rows
 

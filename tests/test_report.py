@@ -74,3 +74,17 @@ def test_report_cli(run_dir, scratch):
     assert (scratch / "cli" / "report.html").exists()
     bad = CliRunner().invoke(main, ["report", str(scratch / "nothing"), "--out", str(scratch / "x")])
     assert bad.exit_code != 0 and "does not exist" in bad.output
+
+
+def test_scoring_setting_is_lowest_forget_among_retained():
+    from saestrata.evaluate.report import _scoring_setting
+
+    details = [
+        {"kind": "selected", "forget_accuracy": 0.9, "retain_accuracy": 0.995, "retain_ok": True},
+        {"kind": "selected", "forget_accuracy": 0.5, "retain_accuracy": 0.90, "retain_ok": False},
+        {"kind": "selected", "forget_accuracy": 0.8, "retain_accuracy": 0.991, "retain_ok": True},
+        {"kind": "random", "forget_accuracy": 0.1, "retain_accuracy": 0.999, "retain_ok": True},
+    ]
+    assert _scoring_setting(details)["forget_accuracy"] == 0.8
+    none_ok = [dict(d, retain_ok=False) for d in details[:3]]
+    assert _scoring_setting(none_ok)["retain_accuracy"] == 0.995
