@@ -141,8 +141,12 @@ def test_verify_detects_missing_shard_file(scratch, reference):
     out = scratch / "missing.zarr"
     shutil.copytree(reference, out)
     _shard_file(out, "doc_index", 3).unlink()
-    # zarr alone would silently read fill values for the lost shard:
-    assert ActivationStore(out).aligned("doc_index").shape == (TOKENS,)
+    # zarr alone would silently read fill values for the lost shard ...
+    group = zarr.open_group(str(out), mode="r", use_consolidated=False)
+    assert group["doc_index"][:].shape == (TOKENS,)
+    # ... while the memory-mapped reader behind ActivationStore refuses it:
+    with pytest.raises(StoreError, match="shard file .* is missing"):
+        ActivationStore(out).aligned("doc_index")
     res = CliRunner().invoke(store_cli, ["verify", str(out)])
     assert res.exit_code == 1 and "shard 3 of doc_index" in res.output and "missing" in res.output
 
