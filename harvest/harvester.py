@@ -281,25 +281,18 @@ _BOS_HANDLING = "every row and every document starts with BOS"
 
 
 def _identity_attrs(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hooks: list[str]) -> dict:
-    """Metadata that makes the store self-describing (DESIGN.md, "Store format")."""
+    """Metadata that makes the store self-describing (DESIGN.md, "Store format"): the identity plus descriptive fields."""
     tok = lm.tokenizer
+    identity = harvest_identity(cfg, lm, layers, hooks)
     return {
         **cfg.extra_attrs,
-        "model_id": cfg.model,
-        "weights_hash": lm.weights_hash,
+        **identity,
+        "tokenizer_fingerprint": identity["tokenizer"],
+        "tokenizer": getattr(tok, "name_or_path", type(tok).__name__),
         "model_class": type(lm.model).__name__,
         "n_layers": lm.n_layers,
-        "layers": layers,
-        "dataset": cfg.dataset,
-        "split": cfg.split,
-        "split_rule": SPLIT_RULE,
-        "text_field": cfg.text_field,
-        "order_seed": cfg.seed,
-        "context_length": cfg.context_length,
-        "bos_handling": _BOS_HANDLING,
         "bos_token_id": tok.bos_token_id,
         "special_token_ids": sorted(set(tok.all_special_ids)),
-        "tokenizer": getattr(tok, "name_or_path", type(tok).__name__),
         "tokenizer_vocab_size": len(tok),
         "tokens_requested": cfg.tokens,
         "software": f"saestrata {__version__}",
