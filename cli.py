@@ -85,15 +85,21 @@ def _with(opts):
 @click.option("--chunks-per-shard", default=8, show_default=True, help="Inner chunks per shard (write/commit unit).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Store directory: new, or an existing store of the same harvest to resume, reuse or extend.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Shard-writer processes on a dask LocalCluster (0 = harvest in this process).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Use an existing dask scheduler (tcp://host:8786) instead; its workers must see --out and the model.")
 @_with(_model_opts)
 @_one_line_errors
 def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, text_field, seed, rows_per_chunk,
-            chunks_per_shard, out, device, dtype):
+            chunks_per_shard, out, workers, scheduler, device, dtype):
     """Write residual-stream activations (blocks.L.hook_resid_post) into a Zarr v3 store.
 
     Rerunning on an existing store of the same harvest resumes it from its first
     uncommitted shard, reuses it when complete, or extends it to more --tokens; a
     store of a different harvest is refused, naming the differing fields.
+    With --workers N (or --scheduler) shards are forwarded and written by dask
+    workers, each shard by exactly one, and committed here; the store is the same.
     """
     from .harvest.harvester import HarvestConfig, harvest as run
 
@@ -101,7 +107,7 @@ def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, t
     path = run(HarvestConfig(layers=layers, tokens=tokens, out=out, model=model, dataset=dataset, split=split,
                              context_length=context_length, batch_rows=batch_rows, seed=seed, text_field=text_field,
                              device=device, dtype=dtype, rows_per_chunk=rows_per_chunk,
-                             chunks_per_shard=chunks_per_shard))
+                             chunks_per_shard=chunks_per_shard, workers=workers, scheduler=scheduler))
     click.echo(f"store {path} ready in {time.perf_counter() - t0:.0f} s")
 
 

@@ -50,6 +50,8 @@ class HarvestConfig:
     rows_per_chunk: int = 8
     chunks_per_shard: int = 8
     extra_attrs: dict = field(default_factory=dict)
+    workers: int = 0  # >0: shard writers on a dask LocalCluster of this many processes (harvest/parallel.py)
+    scheduler: str | None = None  # address of an existing dask scheduler (workers must see ``out``)
 
 
 class _Stats:
@@ -119,7 +121,12 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = 
     writer = _open_writer(cfg, lm, layers, hooks, identity, n_rows)
     if writer is None:
         return Path(cfg.out)
-    _write_pending(writer, cfg, lm, layers, hooks, progress)
+    if cfg.workers or cfg.scheduler:
+        from .parallel import write_pending_parallel
+
+        write_pending_parallel(writer, cfg, lm, layers, hooks, progress)
+    else:
+        _write_pending(writer, cfg, lm, layers, hooks, progress)
     stats = _merge_stats(writer.records(), hooks)
     writer.finish({"activation_stats": {h: s.as_dict() for h, s in stats.items()}})
     return Path(cfg.out)
@@ -161,41 +168,75 @@ def _open_writer(
     return writer
 
 
-def _write_pending(
-    writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hooks: list[str], progress: bool
-) -> None:
-    """Forward and write every uncommitted shard, skipping (but reading) the rows of committed ones."""
+@dataclass
+class ShardJob:
+    """One uncommitted shard to harvest: its number and its packed rows (in text order).
+
+    ``truncate_to`` is set on the last job when the text source ran out: the plan
+    must shrink to that many tokens before this shard is written (``rows`` may be empty).
+    """
+
+    shard: int
+    rows: list[Row]
+    truncate_to: int | None = None
+
+
+def _pending_jobs(writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel) -> Iterator[ShardJob]:
+    """Jobs for every uncommitted shard, reading (and checking) the rows of committed ones to keep the order."""
     ctx = cfg.context_length
-    batch_rows = int(writer.group.attrs.get("batch_rows", cfg.batch_rows))
     shard_rows = writer.shard_tokens // ctx
     rows_iter = _rows(cfg, lm)
-    bos = lm.tokenizer.bos_token_id
-    bar = tqdm(total=writer.n_tokens, unit="tok", desc=f"harvest {cfg.split}", disable=not progress)
-    bar.update(committed_tokens(dict(writer.group.attrs)))
-    shard = 0
-    while shard < writer.n_shards:
+    for shard in range(writer.n_shards):
         lo, hi = shard_bounds(shard, shard_rows, writer.n_tokens // ctx)
         rows = list(itertools.islice(rows_iter, hi - lo))
         if shard in writer.committed:
             if len(rows) < hi - lo:
                 raise StoreError(f"the text source now gives fewer rows than committed shard {shard} holds: it changed")
+        elif len(rows) < hi - lo:
+            yield ShardJob(shard, rows, truncate_to=(lo + len(rows)) * ctx)
+            return
         else:
-            if len(rows) < hi - lo:
-                writer.truncate((lo + len(rows)) * ctx)
-                print(f"note: {cfg.dataset} {cfg.split} ran out after {writer.n_tokens} tokens")
-                if not rows:
-                    break
-            _write_shard(writer, shard, rows, lm, layers, hooks, batch_rows, bos)
-            bar.update(len(rows) * ctx)
-        shard += 1
+            yield ShardJob(shard, rows)
+
+
+def _truncate(writer: StoreWriter, cfg: HarvestConfig, n_tokens: int) -> None:
+    """Shrink the plan because the text source ran out (single-writer only: drain workers first)."""
+    writer.truncate(n_tokens)
+    print(f"note: {cfg.dataset} {cfg.split} ran out after {writer.n_tokens} tokens")
+
+
+def _write_pending(
+    writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hooks: list[str], progress: bool
+) -> None:
+    """Forward and write every uncommitted shard in this process, in shard order."""
+    batch_rows = int(writer.group.attrs.get("batch_rows", cfg.batch_rows))
+    bos = lm.tokenizer.bos_token_id
+    bar = tqdm(total=writer.n_tokens, unit="tok", desc=f"harvest {cfg.split}", disable=not progress)
+    bar.update(committed_tokens(dict(writer.group.attrs)))
+    for job in _pending_jobs(writer, cfg, lm):
+        if job.truncate_to is not None:
+            _truncate(writer, cfg, job.truncate_to)
+            if not job.rows:
+                break
+        acts, aligned, record = shard_payload(lm, job.rows, layers, hooks, batch_rows, bos, job.shard)
+        writer.write_shard(job.shard, acts, aligned, record=record)
+        bar.update(len(job.rows) * cfg.context_length)
     bar.close()
 
 
-def _write_shard(
-    writer: StoreWriter, shard: int, rows: list[Row], lm: LoadedModel, layers: list[int], hooks: list[str],
-    batch_rows: int, bos: int,
-) -> None:
-    """Forward one shard's rows and write/commit them with their statistics record."""
+def shard_payload(
+    lm: LoadedModel, rows: list[Row], layers: list[int], hooks: list[str], batch_rows: int, bos: int, shard: int,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """Forward one shard's rows: what ``StoreWriter.write_shard`` takes.
+
+    Returns:
+        ``(acts, aligned, record)``: ``acts`` ``{hook: [n, d_model]}`` in the stored dtype,
+        ``aligned`` ``{"token_ids", "doc_index", "position"}`` each ``[n]``, and ``record``
+        ``{hook: _Stats.record()}`` over the shard's non-BOS tokens (``n = len(rows) * ctx``).
+
+    Raises:
+        FloatingPointError: NaN/Inf activations (nothing of the shard is written).
+    """
     acts = _forward_rows(lm, rows, layers, batch_rows)
     token_ids = np.concatenate([r.token_ids for r in rows])
     not_bos = torch.from_numpy(token_ids != bos)
@@ -206,13 +247,10 @@ def _write_shard(
         stats = _Stats()
         stats.update(acts[layer][not_bos])
         record[hook] = stats.record()
-    writer.write_shard(
-        shard,
-        {hook: to_stored(acts[layer]) for layer, hook in zip(layers, hooks)},
-        {"token_ids": token_ids, "doc_index": np.concatenate([r.doc_index for r in rows]),
-         "position": np.concatenate([r.position for r in rows])},
-        record=record,
-    )
+    stored = {hook: to_stored(acts[layer]) for layer, hook in zip(layers, hooks)}
+    aligned = {"token_ids": token_ids, "doc_index": np.concatenate([r.doc_index for r in rows]),
+               "position": np.concatenate([r.position for r in rows])}
+    return stored, aligned, record
 
 
 def _merge_stats(records: dict[int, dict], hooks: list[str]) -> dict[str, "_Stats"]:

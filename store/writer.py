@@ -206,9 +206,6 @@ class StoreWriter:
         self.chunk_tokens = int(attrs["chunk_tokens"])
         self.committed = {int(s) for s in attrs.get("committed_shards", [])}
 
-    def _array(self, name: str) -> zarr.Array:
-        return self.group[name].with_config(_ARRAY_CONFIG)
-
     @property
     def n_shards(self) -> int:
         """Shards in the current plan (the last may be partial)."""
@@ -272,24 +269,33 @@ class StoreWriter:
         Raises:
             StoreError: shard out of range or already committed, wrong row count, or a missing array.
         """
-        if not 0 <= shard < self.n_shards or shard in self.committed:
-            raise StoreError(f"shard {shard} of {self.path} is out of range or already committed")
-        start, stop = shard_bounds(shard, self.shard_tokens, self.n_tokens)
-        for name, values in {**acts, **aligned}.items():
-            if len(values) != stop - start:
-                raise StoreError(f"shard {shard} of {name} needs {stop - start} rows, got {len(values)}")
-        missing = set(self.hooks) - set(acts) | set(ALIGNED_ARRAYS) - set(aligned)
-        if missing:
-            raise StoreError(f"shard {shard} misses arrays {sorted(missing)}")
-        _fault("before-write", shard)
-        for i, (name, values) in enumerate({**acts, **aligned}.items()):
-            if i == 1:
-                _fault("mid-shard", shard)
-                self._torn_write_fault(name, shard)
-            self._array(name)[start:stop] = values
+        if shard in self.committed:
+            raise StoreError(f"shard {shard} of {self.path} is already committed")
+        _write_arrays(self.path, self.group, shard, acts, aligned, torn_write=self._torn_write_fault)
         _fault("before-commit", shard)
         self._commit(shard, record)
         _fault("after-commit", shard)
+        _consolidate(self.path)
+
+    def commit_shard(self, shard: int, record: dict | None = None) -> None:
+        """Commit a shard whose arrays another process wrote with :func:`write_uncommitted_shard`.
+
+        Checks that every array's shard file exists first: a worker on a machine that
+        does not share this store's filesystem would otherwise commit a shard whose
+        bytes are elsewhere (reads would silently return fill values).
+
+        Raises:
+            StoreError: already committed, or a shard file is missing.
+        """
+        if shard in self.committed:
+            raise StoreError(f"shard {shard} of {self.path} is already committed")
+        for name in array_names(self.group.attrs):
+            if not (self.path / name / shard_key(self.group[name], shard)).is_file():
+                raise StoreError(
+                    f"shard {shard} of {name} was reported written but {self.path} has no file for it: "
+                    "do the workers see the same filesystem path as this process?"
+                )
+        self._commit(shard, record)
         _consolidate(self.path)
 
     def _torn_write_fault(self, name: str, shard: int) -> None:
@@ -377,3 +383,44 @@ class StoreWriter:
     def close(self) -> None:
         """Release the writer lock (also released when the process exits or the writer is garbage-collected)."""
         self._lock.close()
+
+
+def write_uncommitted_shard(path: str | Path, shard: int, acts: dict[str, np.ndarray], aligned: dict[str, np.ndarray]) -> None:
+    """Write one whole shard's arrays WITHOUT committing it (worker side of a parallel harvest).
+
+    The process that holds the store's :class:`StoreWriter` (and its lock) assigns
+    each shard to exactly one worker and commits it with :meth:`StoreWriter.commit_shard`
+    once this returns; until then the shard does not count and a resume rewrites it.
+    Workers never touch group metadata: concurrent metadata writes lose updates
+    (DESIGN.md, measured zarr 3.x facts), whole-shard files from distinct writers do not.
+
+    Args and Raises: as :meth:`StoreWriter.write_shard` (no record; the committer stores it).
+    """
+    path = Path(path)
+    group = open_group(path, mode="r+")
+    if shard in set(group.attrs.get("committed_shards", [])):
+        raise StoreError(f"shard {shard} of {path} is already committed")
+    _write_arrays(path, group, shard, acts, aligned)
+
+
+def _write_arrays(path: Path, group: zarr.Group, shard: int, acts: dict[str, np.ndarray],
+                  aligned: dict[str, np.ndarray], torn_write=None) -> None:
+    """Check and write every array of one shard (activations first); fault points for the tests."""
+    attrs = group.attrs
+    n_tok, shard_tok = int(attrs["n_tokens"]), int(attrs["shard_tokens"])
+    if not 0 <= shard < n_shards(n_tok, shard_tok):
+        raise StoreError(f"shard {shard} of {path} is out of range")
+    start, stop = shard_bounds(shard, shard_tok, n_tok)
+    for name, values in {**acts, **aligned}.items():
+        if len(values) != stop - start:
+            raise StoreError(f"shard {shard} of {name} needs {stop - start} rows, got {len(values)}")
+    missing = set(attrs["hooks"]) - set(acts) | set(ALIGNED_ARRAYS) - set(aligned)
+    if missing:
+        raise StoreError(f"shard {shard} misses arrays {sorted(missing)}")
+    _fault("before-write", shard)
+    for i, (name, values) in enumerate({**acts, **aligned}.items()):
+        if i == 1:
+            _fault("mid-shard", shard)
+            if torn_write is not None:
+                torn_write(name, shard)
+        group[name].with_config(_ARRAY_CONFIG)[start:stop] = values
