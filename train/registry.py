@@ -57,15 +57,30 @@ def _canonical(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+# Preset/--set keys that configure the optimiser, not the SAE module (seed papers give both).
+OPTIMIZER_HPARAMS = ("lr", "weight_decay")
+
+
+def optimizer_hparams(arch: str, hparams: dict | None = None) -> dict:
+    """``{"lr", "weight_decay"}`` set by the preset of ``arch`` or by ``hparams`` (overrides win); may be empty."""
+    _, preset = resolve(arch)
+    merged = {**preset, **(hparams or {})}
+    return {k: merged[k] for k in OPTIMIZER_HPARAMS if k in merged}
+
+
 def build(arch: str, d_in: int, d_sae: int, seed: int = 0, **hparams) -> SAE:
     """Instantiate architecture ``arch`` (an arch or preset name) with overrides ``hparams``.
+
+    Optimiser keys (:data:`OPTIMIZER_HPARAMS`) are ignored here; the trainer reads
+    them with :func:`optimizer_hparams`.
 
     Raises:
         ArchError: unknown arch or a hyperparameter the arch does not take.
     """
     base, preset = resolve(arch)
+    module_hparams = {k: v for k, v in {**preset, **hparams}.items() if k not in OPTIMIZER_HPARAMS}
     try:
-        return ARCHS[base].cls(d_in, d_sae, seed=seed, **{**preset, **hparams})
+        return ARCHS[base].cls(d_in, d_sae, seed=seed, **module_hparams)
     except TypeError as err:
         raise ArchError(f"bad hyperparameter for {arch}: {err}") from err
 

@@ -347,16 +347,18 @@ class AdaptiveMaskSAE(SAE):
         return {"l1": self.l1_coeff * self.sparsity_scale * f.float().sum(-1).mean()}
 
 
+# Sec. 5: "AdamW ... learning rate 3e-4"; no weight decay is stated, so torch.optim.AdamW's default 0.01.
+_OPT = {"lr": 3e-4, "weight_decay": 0.01}
 ARCHS = {
     "hsae_skip": ArchInfo(HierarchicalSAE, f"{SEED}, sec. 4 eqs. 1-4, sec. 5", {
-        "seed000_hsae": {"lambda1": 0.03, "lambda2": 0.05, "lambda_d": 0.02},
-        "seed000_hsae_no_separation": {"lambda1": 0.03, "lambda2": 0.05, "lambda_d": 0.0},  # sec. 6 ablation
+        "seed000_hsae": {**_OPT, "lambda1": 0.03, "lambda2": 0.05, "lambda_d": 0.02},
+        "seed000_hsae_no_separation": {**_OPT, "lambda1": 0.03, "lambda2": 0.05, "lambda_d": 0.0},  # sec. 6 ablation
     }),
     "temporal_dilated": ArchInfo(TemporalSAE, f"{SEED}, sec. 5 baseline (dilated convolutions, rates 1,2,4)", {
-        "seed000_temporal": {"rates": [1, 2, 4], "kernel_size": 2, "l1_coeff": 0.03},
-        "seed000_temporal_single_scale": {"rates": [1], "kernel_size": 2, "l1_coeff": 0.03},  # sec. 6 ablation
+        "seed000_temporal": {**_OPT, "rates": [1, 2, 4], "kernel_size": 2, "l1_coeff": 0.03},
+        "seed000_temporal_single_scale": {**_OPT, "rates": [1], "kernel_size": 2, "l1_coeff": 0.03},  # sec. 6 ablation
     }),
     "adaptive_mask": ArchInfo(AdaptiveMaskSAE, f"{SEED}, sec. 5 baseline (learnable importance masks)", {
-        "seed000_adaptive": {"l1_coeff": 0.03, "mask_init": 0.0},
+        "seed000_adaptive": {**_OPT, "l1_coeff": 0.03, "mask_init": 0.0},
     }),
 }

@@ -520,22 +520,24 @@ class ContrastiveHierSAE(DynamicHierSAE):
 
 
 _SRC = f"{SEED}, sec. 4.1-4.3, 6.1"
+# Sec. 5 / 6: AdamW, learning rate 3e-4, weight decay 0.01 (batch 2048 there; ours is the run's).
+_OPT = {"lr": 3e-4, "weight_decay": 0.01}
 ARCHS = {
     GroupedOrthoSAE.arch: ArchInfo(GroupedOrthoSAE, f"{SEED}, sec. 4.3 Eq. 4, 6.1 (fixed / adaptive orthogonal)", {
-        "seed001_fixed_ortho": {"n_groups": 32, "alpha": 0.1},
-        "seed001_adaptive_ortho32": {"n_groups": 32, "adaptive": True, "alpha": 0.1,
+        "seed001_fixed_ortho": {**_OPT, "n_groups": 32, "alpha": 0.1},
+        "seed001_adaptive_ortho32": {**_OPT, "n_groups": 32, "adaptive": True, "alpha": 0.1,
                                      "alpha_range": [0.05, 0.15], "update_every": 100},
-        "seed001_adaptive_ortho64": {"n_groups": 64, "adaptive": True, "alpha": 0.3,
+        "seed001_adaptive_ortho64": {**_OPT, "n_groups": 64, "adaptive": True, "alpha": 0.3,
                                      "alpha_range": [0.2, 0.4], "update_every": 50},
     }),
     StaticHierSAE.arch: ArchInfo(StaticHierSAE, _SRC, {
-        "seed001_static_hier": {"n_coarse": 8, "n_fine": 8, "alpha_l1": 0.4, "alpha_l2": 0.2},
+        "seed001_static_hier": {**_OPT, "n_coarse": 8, "n_fine": 8, "alpha_l1": 0.4, "alpha_l2": 0.2},
     }),
     DynamicHierSAE.arch: ArchInfo(DynamicHierSAE, _SRC, {
-        "seed001_dynamic_hier": {"temperature": 1.0, "entropy_coeff": 0.01, "update_every": 50},
+        "seed001_dynamic_hier": {**_OPT, "temperature": 1.0, "entropy_coeff": 0.01, "update_every": 50},
     }),
     ContrastiveHierSAE.arch: ArchInfo(ContrastiveHierSAE, _SRC, {
-        "seed001_contrastive_hier": {"temperature": 1.0, "entropy_coeff": 0.01, "update_every": 50,
+        "seed001_contrastive_hier": {**_OPT, "temperature": 1.0, "entropy_coeff": 0.01, "update_every": 50,
                                      "contrast_coeff": 0.1, "contrast_temperature": 0.1},
     }),
 }

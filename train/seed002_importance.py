@@ -365,7 +365,8 @@ class ImportanceSAE(SAE):
         return idx
 
 
-_RUN2 = {"contrast_coeff": 0.2, "min_cluster_size": 5, "update_every": 100, "prune_rate": 0.0, "unlearn_coeff": 0.0}
+# Sec. 5: Adam, learning rate 3e-4, decoupled weight decay 0.01 (= AdamW).
+_RUN2 = {"lr": 3e-4, "weight_decay": 0.01, "contrast_coeff": 0.2, "min_cluster_size": 5, "update_every": 100, "prune_rate": 0.0, "unlearn_coeff": 0.0}
 ARCHS = {
     "importance_tracking": ArchInfo(
         ImportanceSAE,

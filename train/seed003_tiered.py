@@ -263,8 +263,9 @@ ARCHS = {
         TieredHSAE,
         "seed 003 (shared/seeds/003_6f21324b84bfb1b6.txt), sec. 3.1 eq. (1)-(3), sec. 4 eq. (5)-(6), sec. 5",
         presets={
+            # Sec. 5: AdamW, lr 3e-4, weight decay 1e-4 (its cubic 2000-step warmup is not used: one shared schedule).
             # Sec. 4-5: widths 1:2:3 of d_sae (the paper's 4608 latents = --expansion 2 on Gemma-2-2B).
-            "seed003-tiered": {"tier_ratios": [1, 2, 3], "tier_init": [0.1, 0.3, 0.6],
+            "seed003-tiered": {"lr": 3e-4, "weight_decay": 1e-4, "tier_ratios": [1, 2, 3], "tier_init": [0.1, 0.3, 0.6],
                                "tier_clip": [1.0, 2.0, 5.0], "l1_coeff": 0.04, "curriculum_frac": 0.2,
                                "tier_layernorm": True},
         },

@@ -33,7 +33,7 @@ from ..store import ActivationStore, StoreError, sequence_batches, shuffled_batc
 from .base import SAE
 from .checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, rng_state, run_identity,
                          set_rng_state, truncate_log, write_checkpoint)
-from .registry import build
+from .registry import build, optimizer_hparams
 from .sae_io import save_sae
 
 LOG_FILE = "train_log.jsonl"
@@ -85,12 +85,26 @@ class TrainConfig:
     stop_after_step: int | None = None
 
 
+def _optimizer(spec: SAESpec, sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or AdamW when the preset (or ``--set weight_decay=``) asks for decoupled weight decay.
+
+    Learning rate: ``--set lr=`` (``spec.lr``) > the preset's ``lr`` > ``cfg.lr``. The seed
+    presets carry their papers' AdamW settings (registry.OPTIMIZER_HPARAMS); weight decay
+    applies to every parameter, as ``torch.optim.AdamW`` does by default.
+    """
+    opt = optimizer_hparams(spec.arch, spec.hparams)
+    lr = spec.lr or opt.get("lr") or cfg.lr
+    if opt.get("weight_decay"):
+        return torch.optim.AdamW(sae.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=opt["weight_decay"])
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+
+
 class _Slot:
     """One SAE being trained: its module, optimiser, schedule, log and status."""
 
     def __init__(self, spec: SAESpec, sae: SAE, cfg: TrainConfig, steps: int):
         self.spec, self.sae, self.steps = spec, sae, steps
-        self.opt = torch.optim.Adam(sae.parameters(), lr=spec.lr or cfg.lr, betas=(0.9, 0.999))
+        self.opt = _optimizer(spec, sae, cfg)
         warm, decay = max(1, int(cfg.warmup_frac * steps)), max(1, int(cfg.decay_frac * steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min((s + 1) / warm, 1.0, max(0.0, (steps - s) / decay))
