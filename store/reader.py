@@ -1,8 +1,24 @@
 """Open an activation store and read it: whole ranges, or shuffled training batches.
 
 Random single rows through the zarr API are ~1000x slower than a memmap
-(DESIGN.md), so training reads whole inner chunks in a random order into a
-shuffle buffer, with the next chunk prefetched in a background thread.
+(DESIGN.md), so training reads whole inner chunks in a seeded random order and
+mixes ``buffer_chunks`` of them at a time. How the batch stream stays close to a
+plain memmap gather (issue 3): one background thread does all the work and hands
+finished batches to the consumer, which only dequeues.
+
+- A chunk is a read-only view of the shard bytes (``np.memmap``, crc32c checked on
+  first touch, store/memmap.py) or, for compressed/remote stores, the array zarr
+  decodes. It is never concatenated nor copied into a buffer.
+- The buffer is an index list ``(chunk slot, row)`` of its usable rows: BOS rows are
+  dropped from the list, not from the data. A seeded permutation of the list cuts
+  the batches; rows left over (already shuffled) start the next buffer.
+- Each batch is gathered once from the chunk arrays into a fresh array: one
+  ``np.take`` per source chunk into a batch laid out by chunk, then one in-cache
+  ``take`` into the permuted order (numpy call overhead, not bandwidth, is what a
+  per-row or per-chunk fancy-index scatter would cost).
+
+Both chunk sources hold the same values, so the memmap and zarr paths yield
+identical batches.
 """
 
 from __future__ import annotations
@@ -101,6 +117,20 @@ class ActivationStore:
         parts = [mapped.chunk(c) for c in range(first, last + 1)]
         return np.concatenate(parts)[: stop - start]  # a copy: callers may keep it after the map closes
 
+    def _chunk_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``name`` (stored dtype), without a copy when they lie in one mapped chunk.
+
+        Returns a read-only ``np.memmap`` view (valid as long as it is referenced) for
+        uncompressed local shards, else the array the zarr API decodes.
+        """
+        mapped = self._mapped(name)
+        if mapped is None or start >= stop:
+            return self.group[name][start:stop]
+        c, size = start // mapped.chunk_tokens, mapped.chunk_tokens
+        if (stop - 1) // size != c:  # straddles chunks: only whole-range reads need that
+            return self._read(name, start, stop)
+        return mapped.chunk(c)[start - c * size : stop - c * size]
+
     def _mapped(self, name: str):
         """A cached :class:`MemmapArray` for ``name``, or None when the array cannot be mapped."""
         if not hasattr(self, "_maps"):
@@ -132,45 +162,38 @@ def shuffled_batches(
     """Endless shuffled batches ``[batch_size, d_model]`` (logical dtype, CPU) from one hook.
 
     Each epoch visits every inner chunk of ``token_range`` once in a seeded random
-    order; ``buffer_chunks`` chunks are mixed and row-shuffled before batches are cut.
-    Deterministic given ``seed``. BOS rows (``token_ids == bos_token_id``) are skipped
-    when ``exclude_bos``: their norms are orders of magnitude above other tokens.
+    order (a range edge inside a chunk gives a partial chunk); the rows of
+    ``buffer_chunks`` chunks are mixed by a seeded permutation before batches are
+    cut. Deterministic given ``seed``. BOS rows (``token_ids == bos_token_id``) are
+    skipped when ``exclude_bos``: their norms are orders of magnitude above other tokens.
+    Batches are produced in a background thread (module docstring); each is a fresh
+    tensor the caller may keep or modify.
 
     Raises:
         StoreError: the range holds no usable rows.
     """
     start, stop = token_range or (0, store.n_tokens)
-    chunk = int(store.attrs["chunk_tokens"])
-    bounds = [(s, min(s + chunk, stop)) for s in range(start, stop, chunk)]
-    bos = store.attrs.get("bos_token_id")
-    if not bounds:
+    if stop <= start:
         raise StoreError(f"no tokens in range {start}..{stop} of {store.path}: the store or range is empty")
-    # Separate generators: chunk order is drawn in the prefetch thread, row order here.
+    bounds = _chunk_bounds(start, stop, int(store.attrs["chunk_tokens"]))
+    bos = store.attrs.get("bos_token_id") if exclude_bos else None
+    # Separate generators: chunk order and row order (both drawn in the worker thread).
     chunk_rng, row_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
 
-    def chunks() -> Iterator[torch.Tensor]:
-        while True:
-            for i in chunk_rng.permutation(len(bounds)):
-                lo, hi = bounds[i]
-                acts = store.activations(hook, lo, hi)
-                if exclude_bos and bos is not None:
-                    keep = store.aligned("token_ids", lo, hi) != bos
-                    acts = acts[torch.from_numpy(keep)]
-                yield acts
+    def chunks() -> Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]]:
+        for lo, hi in _endless(bounds, chunk_rng):
+            acts = store._chunk_rows(hook, lo, hi)
+            if bos is None:
+                keep = np.arange(hi - lo)
+            else:
+                keep = np.flatnonzero(store._chunk_rows("token_ids", lo, hi) != bos)
+            yield (acts,), keep
 
-    pending = torch.empty(0, store.d_model, dtype=store.activations(hook, start, start + 1).dtype)
-    source = _prefetch(chunks())
-    while True:
-        parts = [pending] + [next(source) for _ in range(buffer_chunks)]
-        buf = torch.cat(parts)
-        if len(buf) == 0:
-            raise StoreError(f"no usable (non-BOS) rows in {store.path}")
-        buf = buf[torch.from_numpy(row_rng.permutation(len(buf)))]
-        n_full = len(buf) // batch_size
-        for b in range(n_full):
-            yield buf[b * batch_size : (b + 1) * batch_size]
-        pending = buf[n_full * batch_size :]
+    def batches() -> Iterator[torch.Tensor]:
+        for (rows,) in _mixed(chunks(), buffer_chunks, batch_size, row_rng, store.path):
+            yield from_stored(rows, store.dtype)
 
+    yield from _prefetch(batches(), depth=8)
 
 
 def sequence_batches(
@@ -189,8 +212,9 @@ def sequence_batches(
     (chunks hold whole rows). Rows are kept whole and in token order; the row order
     is seeded-random: each epoch visits the inner chunks of ``token_range`` in a random
     order and shuffles the rows of ``buffer_chunks`` chunks at a time (as
-    :func:`shuffled_batches` does for tokens). BOS rows are included; callers mask
-    them with ``token_ids``. ``token_range`` is shrunk to whole rows.
+    :func:`shuffled_batches` does for tokens, with the same background gather). BOS
+    rows are included; callers mask them with ``token_ids``. ``token_range`` is shrunk
+    to whole rows.
 
     Raises:
         StoreError: the chunk size is not a multiple of the context length, or the
@@ -206,31 +230,110 @@ def sequence_batches(
     start, stop = -(-start // ctx) * ctx, stop // ctx * ctx  # whole rows only
     if stop <= start:
         raise StoreError(f"no whole context row in range {start}..{stop} of {store.path}")
-    bounds = [(s, min(s + chunk, stop)) for s in range(start, stop, chunk)]
+    bounds = _chunk_bounds(start, stop, chunk)  # cuts on the chunk grid are row boundaries too
     chunk_rng, row_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
 
-    def chunks() -> Iterator[tuple[torch.Tensor, ...]]:
-        while True:
-            for i in chunk_rng.permutation(len(bounds)):
-                lo, hi = bounds[i]
-                yield (store.activations(hook, lo, hi).reshape(-1, ctx, store.d_model),
-                       torch.from_numpy(store.aligned("doc_index", lo, hi).astype(np.int64)).reshape(-1, ctx),
-                       torch.from_numpy(store.aligned("token_ids", lo, hi).astype(np.int32)).reshape(-1, ctx))
+    def chunks() -> Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]]:
+        for lo, hi in _endless(bounds, chunk_rng):
+            columns = (store._chunk_rows(hook, lo, hi).reshape(-1, ctx, store.d_model),
+                       store._chunk_rows("doc_index", lo, hi).reshape(-1, ctx),
+                       store._chunk_rows("token_ids", lo, hi).reshape(-1, ctx))
+            yield columns, np.arange(len(columns[0]))
 
-    source = _prefetch(chunks())
-    pending: list[tuple[torch.Tensor, ...]] = []
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for acts, docs, toks in _mixed(chunks(), buffer_chunks, rows_per_batch, row_rng, store.path):
+            yield (from_stored(acts, store.dtype), torch.from_numpy(docs.astype(np.int64, copy=False)),
+                   torch.from_numpy(toks.astype(np.int32, copy=False)))
+
+    yield from _prefetch(batches(), depth=8)
+
+
+def _chunk_bounds(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` pieces of ``[start, stop)`` cut on the inner-chunk grid, so each piece lies in one stored chunk."""
+    edges = [start, *range((start // chunk + 1) * chunk, stop, chunk), stop]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _endless(bounds: list[tuple[int, int]], rng: np.random.Generator) -> Iterator[tuple[int, int]]:
+    """``bounds`` in a fresh seeded random order per epoch, forever."""
     while True:
-        parts = pending + [next(source) for _ in range(buffer_chunks)]
-        buf = [torch.cat(column) for column in zip(*parts)]
-        order = torch.from_numpy(row_rng.permutation(len(buf[0])))
-        buf = [column[order] for column in buf]
-        n_full = len(order) // rows_per_batch
+        for i in rng.permutation(len(bounds)):
+            yield bounds[i]
+
+
+def _mixed(chunks: Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]], buffer_chunks: int, batch: int,
+           rng: np.random.Generator, where: Path) -> Iterator[tuple[np.ndarray, ...]]:
+    """Mix the usable rows of ``buffer_chunks`` chunks at a time into batches, gathering each row once.
+
+    Args:
+        chunks: endless ``(columns, keep)``: ``columns`` are arrays sharing their first
+            dimension (the rows of one chunk, memmap views or decoded copies) and ``keep``
+            the int64 indices of the usable rows.
+        buffer_chunks: chunks per buffer; rows left over (fewer than ``batch``) start the next one.
+        batch: rows per batch.
+        rng: draws each buffer's row permutation.
+        where: the store path, for the error message.
+
+    Yields:
+        One fresh array per column, ``[batch, *row_shape]`` in the column's dtype.
+
+    Raises:
+        StoreError: a whole buffer holds no usable row.
+    """
+    sources: list[tuple[np.ndarray, ...]] = []
+    src = row = np.empty(0, np.int64)
+    while True:
+        used, leftover = np.unique(src, return_inverse=True)  # leftovers keep only the chunks they point into
+        sources, leftover, row_left = [sources[i] for i in used], leftover.reshape(-1), row
+        srcs, rows = [], []
+        for _ in range(buffer_chunks):
+            columns, keep = next(chunks)
+            srcs.append(np.full(len(keep), len(sources), np.int64))
+            rows.append(keep.astype(np.int64, copy=False))
+            sources.append(columns)
+        src, row = np.concatenate(srcs), np.concatenate(rows)
+        if len(src) + len(leftover) == 0:
+            raise StoreError(f"no usable (non-BOS) rows in {where}")
+        perm = rng.permutation(len(src))
+        # Leftovers (already in random order) go first, so only the first batch of a
+        # buffer also reads from the previous buffer's chunks (fewer sources per gather).
+        src, row = np.concatenate([leftover, src[perm]]), np.concatenate([row_left, row[perm]])
+        n_full = len(src) // batch
         for b in range(n_full):
-            yield tuple(column[b * rows_per_batch : (b + 1) * rows_per_batch] for column in buf)
-        pending = [tuple(column[n_full * rows_per_batch :] for column in buf)]
+            cut = slice(b * batch, (b + 1) * batch)
+            yield _gather(sources, src[cut], row[cut])
+        src, row = src[n_full * batch :], row[n_full * batch :]
+
+
+def _gather(sources: list[tuple[np.ndarray, ...]], src: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``out[i] = sources[src[i]][column][row[i]]`` for every column: fresh arrays ``[len(src), *row_shape]``.
+
+    numpy calls cost microseconds each, so per source chunk there is one ``np.take``
+    (``mode="clip"``: no bounds-check buffering) into a batch laid out by source, then
+    one in-cache ``take`` restores the permuted order. Measured for a 1024 x 640 bf16
+    batch from 16 chunks: ~190 us, vs ~260 us for a fancy-index read + scatter per
+    chunk and ~155 us for one flat gather of the same rows.
+    """
+    n = len(src)
+    # Few sources: a 16-bit key makes the stable argsort a radix sort (~10x faster than on int64).
+    order = np.argsort(src.astype(np.uint16) if len(sources) < 2**16 else src, kind="stable")
+    edges = [0, *np.cumsum(np.bincount(src, minlength=len(sources))).tolist()]
+    grouped_rows = row[order]
+    inverse = np.empty(n, np.int64)
+    inverse[order] = np.arange(n)
+    present = [k for k in range(len(sources)) if edges[k + 1] > edges[k]]
+    out = []
+    for c, col in enumerate(sources[src[0]]):
+        grouped = np.empty((n, *col.shape[1:]), col.dtype)
+        for k in present:
+            lo, hi = edges[k], edges[k + 1]
+            sources[k][c].take(grouped_rows[lo:hi], axis=0, out=grouped[lo:hi], mode="clip")  # rows are valid
+        out.append(grouped.take(inverse, axis=0))
+    return tuple(out)
+
 
 def _prefetch(it: Iterator, depth: int = 4) -> Iterator:
-    """Run ``it`` in a daemon thread, ``depth`` items ahead (zarr reads release the GIL)."""
+    """Run ``it`` in a daemon thread, ``depth`` items ahead (numpy copies and zarr reads release the GIL)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     sentinel = object()
 
