@@ -76,7 +76,8 @@ def _with(opts):
 @click.option("--dataset", default=EMBEDDED_DATASET, show_default=True,
               help="wiki-vital (embedded), a datasets name, a local folder or a .txt/.jsonl/.parquet file.")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]))
-@click.option("--tokens", default=100_000, show_default=True, help="Tokens to harvest (rounded up to whole rows).")
+@click.option("--tokens", default=98_304, show_default=True,
+              help="Tokens to harvest (rounded up to whole rows; whole shards of 8,192 keep the store extensible).")
 @click.option("--context-length", default=128, show_default=True)
 @click.option("--batch-rows", default=16, show_default=True, help="Rows per forward pass.")
 @click.option("--text-field", default="text", show_default=True)
@@ -195,7 +196,7 @@ def evaluate(saes, dataset, split, tokens, batch_rows, model, out, device, dtype
 
 @main.command()
 @click.option("--out", default=Path("demo-out"), show_default=True, type=click.Path(path_type=Path))
-@click.option("--train-tokens", default=100_000, show_default=True, help="Harvested training tokens.")
+@click.option("--train-tokens", default=98_304, show_default=True, help="Harvested training tokens.")
 @click.option("--eval-tokens", default=8192, show_default=True)
 @click.option("--steps", default=600, show_default=True, help="Training steps of 1024 tokens per SAE.")
 @click.option("--layers", default="4,8", show_default=True, callback=_int_list)

@@ -26,7 +26,7 @@ class DemoConfig:
     """Demo sizes: ``steps`` of ``batch_size`` tokens per SAE, on ``d_sae`` latents."""
 
     out: Path = Path("demo-out")
-    train_tokens: int = 100_000
+    train_tokens: int = 98_304  # 12 whole shards of 8,192 tokens: no padded chunk, extensible
     eval_tokens: int = 8192
     steps: int = 600
     batch_size: int = 1024

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import zarr
 
-from .format import FORMAT_NAME, StoreError, from_stored
+from .format import FORMAT_NAME, StoreError, from_stored, shard_key
 from .memmap import MemmapArray
 
 
@@ -112,7 +112,7 @@ class ActivationStore:
         """
         mapped = self._mapped(name)
         if mapped is None or start % mapped.chunk_tokens or start >= stop:
-            return self.group[name][start:stop]
+            return self._zarr(name)[start:stop]
         first, last = start // mapped.chunk_tokens, (stop - 1) // mapped.chunk_tokens
         parts = [mapped.chunk(c) for c in range(first, last + 1)]
         return np.concatenate(parts)[: stop - start]  # a copy: callers may keep it after the map closes
@@ -125,11 +125,59 @@ class ActivationStore:
         """
         mapped = self._mapped(name)
         if mapped is None or start >= stop:
-            return self.group[name][start:stop]
+            return self._zarr(name)[start:stop]
         c, size = start // mapped.chunk_tokens, mapped.chunk_tokens
         if (stop - 1) // size != c:  # straddles chunks: only whole-range reads need that
             return self._read(name, start, stop)
         return mapped.chunk(c)[start - c * size : stop - c * size]
+
+    def _zarr(self, name: str) -> zarr.Array:
+        """Array ``name`` through the zarr API, after checking every committed shard has its file.
+
+        zarr reads a missing shard file as fill values without complaint (DESIGN.md), so a
+        lost file would silently become zeros; this check runs once per array (one ``stat``
+        per shard; local stores only).
+
+        Raises:
+            StoreError: a committed shard's file is missing.
+        """
+        if not hasattr(self, "_checked"):
+            self._checked: set[str] = set()
+        arr = self.group[name]
+        if name not in self._checked:
+            last = -(-self.n_tokens // int(self.attrs["shard_tokens"]))
+            for shard in range(last):
+                if not (self.path / name / shard_key(arr, shard)).is_file():
+                    raise StoreError(
+                        f"shard {shard} of {name}: shard file {name}/{shard_key(arr, shard)} is missing from "
+                        f"{self.path}; run 'saestrata store verify' and re-harvest"
+                    )
+            self._checked.add(name)
+        return arr
+
+    def not_bos(self, start: int, stop: int) -> np.ndarray:
+        """Bool ``[stop - start]``: True where ``token_ids`` is not the BOS id (all True without one).
+
+        Within one shard. ``token_ids`` is zstd-compressed (format v2), and decoding one inner
+        chunk through zarr costs ~1 ms, so each shard's mask is decoded once and kept as
+        packed bits (1 bit per token: 12.5 MB for 100M tokens).
+
+        Raises:
+            ValueError: the range crosses a shard boundary.
+        """
+        shard_tokens = int(self.attrs["shard_tokens"])
+        shard = start // shard_tokens
+        if stop > (shard + 1) * shard_tokens or stop <= start:
+            raise ValueError(f"rows {start}..{stop} are not inside one shard of {shard_tokens} tokens")
+        if not hasattr(self, "_bos_bits"):
+            self._bos_bits: dict[int, np.ndarray] = {}
+        if shard not in self._bos_bits:
+            lo, hi = shard * shard_tokens, min((shard + 1) * shard_tokens, self.n_tokens)
+            bos = self.attrs.get("bos_token_id")
+            ids = self._read("token_ids", lo, hi)
+            self._bos_bits[shard] = np.packbits(ids != bos if bos is not None else np.ones(hi - lo, bool))
+        offset = start - shard * shard_tokens
+        return np.unpackbits(self._bos_bits[shard], count=offset + stop - start)[offset:].astype(bool)
 
     def _mapped(self, name: str):
         """A cached :class:`MemmapArray` for ``name``, or None when the array cannot be mapped."""
@@ -183,10 +231,7 @@ def shuffled_batches(
     def chunks() -> Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]]:
         for lo, hi in _endless(bounds, chunk_rng):
             acts = store._chunk_rows(hook, lo, hi)
-            if bos is None:
-                keep = np.arange(hi - lo)
-            else:
-                keep = np.flatnonzero(store._chunk_rows("token_ids", lo, hi) != bos)
+            keep = np.arange(hi - lo) if bos is None else np.flatnonzero(store.not_bos(lo, hi))
             yield (acts,), keep
 
     def batches() -> Iterator[torch.Tensor]:

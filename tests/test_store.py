@@ -236,11 +236,14 @@ def test_memmap_matches_zarr_reads(scratch):
 
     _write(scratch / "s.zarr", "bfloat16")  # 88 tokens: the last shard and last chunk are partial
     store = ActivationStore(scratch / "s.zarr")
-    for name in [*HOOKS, "token_ids", "doc_index", "position"]:
+    for name in HOOKS:
         mapped = MemmapArray(store.path, name, store.n_tokens)
         assert mapped.n_chunks == 11
         whole = np.concatenate([mapped.chunk(i) for i in range(mapped.n_chunks)])
         assert whole.dtype == store.group[name].dtype and np.array_equal(whole, store.group[name][:])
+    for name in ["token_ids", "doc_index", "position"]:  # zstd-compressed (format 2): never mapped
+        with pytest.raises(StoreError, match="only uncompressed"):
+            MemmapArray(store.path, name, store.n_tokens)
     rows = np.random.default_rng(0).integers(0, 88, size=200)
     got = memmap_activations(store, HOOKS[0], rows)
     assert torch.equal(got.view(torch.int16), store.activations(HOOKS[0])[torch.from_numpy(rows)].view(torch.int16))
