@@ -122,7 +122,7 @@ def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, t
 @click.option("--expansion", default=8, show_default=True)
 @click.option("--tokens", default=600 * 1024, show_default=True, help="Training tokens per SAE.")
 @click.option("--batch-size", default=1024, show_default=True)
-@click.option("--lr", default=4e-4, show_default=True)
+@click.option("--lr", type=float, help="Learning rate (default: a preset's, else 2e-4 / sqrt(d_sae / 16384)).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-autocast", is_flag=True, help="Train in fp32 (default: bf16 autocast, fp32 master weights).")
@@ -131,10 +131,12 @@ def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, t
 @click.option("--checkpoint-every", default=100, show_default=True,
               help="Steps between checkpoints in --out (0 = off); removed when the run finishes.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same settings).")
+@click.option("--sae-threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="SAEs stepped concurrently on CPU, one intra-op thread each (0 = one per core).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory: one sub-folder per SAE.")
 @_one_line_errors
 def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,
-          allow_partial, list_archs, checkpoint_every, resume, out):
+          allow_partial, list_archs, checkpoint_every, resume, sae_threads, out):
     """Train SAEs from a store in one pass: every batch is read once and fed to every SAE.
 
     With --resume, an interrupted run continues from its last checkpoint and ends with
@@ -157,7 +159,7 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
     folders = run(TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, expansion=expansion,
                               batch_size=batch_size, tokens=tokens, lr=lr, seed=seed, device=device,
                               autocast=not no_autocast, allow_partial=allow_partial,
-                              checkpoint_every=checkpoint_every, resume=resume))
+                              checkpoint_every=checkpoint_every, resume=resume, sae_threads=sae_threads))
     for name, folder in folders.items():
         click.echo(f"saved {name} -> {folder}")
 

@@ -69,6 +69,9 @@ class SAE(nn.Module):
     unit_norm_decoder: ClassVar[bool] = True
     max_grad_norm: ClassVar[float] = float("inf")  # gradient-norm clip applied by the trainer
     needs_sequences: ClassVar[bool] = False  # True: fed [R, T, d] rows via encode_seq/forward_seq
+    # False: the trainer never steps this SAE concurrently with others (its numerics were
+    # seen to depend on what ran beside it; tests/test_train_resume.py checks bit-identity).
+    thread_safe: ClassVar[bool] = True
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0):
         super().__init__()
@@ -154,7 +157,7 @@ class SAE(nn.Module):
     def extra_state(self) -> dict:
         """Training state kept in plain Python attributes (not buffers), for trainer checkpoints.
 
-        Returns a dict of ints / floats / strings (e.g. step counters). Buffers and parameters
+        Returns a dict of ints / floats / strings / CPU tensors (e.g. step counters, a generator state). Buffers and parameters
         are saved by ``state_dict`` and must not be repeated here. Default: ``{}``.
         Subclasses extend the parent's dict (``{**super().extra_state(), ...}``).
         """

@@ -443,6 +443,9 @@ class DynamicHierSAE(StaticHierSAE):
         self.d_key, self.init_temperature, self.entropy_coeff = d_key, temperature, entropy_coeff
         self.update_every, self.contrast_coeff, self.contrast_temperature = update_every, contrast_coeff, contrast_temperature
         self.contrast_over, self.view_noise = contrast_over, view_noise
+        # Own generator for the second view's noise: the trainer may step SAEs in parallel threads,
+        # so drawing from the global generator would make the noise depend on thread timing.
+        self._noise = torch.Generator().manual_seed(seed + 2)
         gen = torch.Generator().manual_seed(seed + 1)
         self.W_key = nn.Parameter(torch.randn(d_in, d_key, generator=gen) / math.sqrt(d_in))
         # Query scale 1/sqrt(d_key): logits start ~N(0, 1), so initial assignments are soft but not uniform.
@@ -487,10 +490,20 @@ class DynamicHierSAE(StaticHierSAE):
         gap = lambda a: math.log(a.shape[1]) - usage_entropy(a)  # noqa: E731
         return self.entropy_coeff * (gap(coarse) + gap(fine))
 
+    def extra_state(self) -> dict:
+        """Parent state plus ``noise_rng``: the second view's generator state (uint8 tensor)."""
+        return {**super().extra_state(), "noise_rng": self._noise.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state`; raises ``KeyError`` if ``noise_rng`` is missing."""
+        super().load_extra_state(state)
+        self._noise.set_state(state["noise_rng"])
+
     def second_view(self, x: torch.Tensor) -> torch.Tensor:
         """Latents ``[batch, d_sae]`` of ``x`` plus Gaussian noise of ``view_noise`` x per-token RMS."""
         rms = x.float().pow(2).mean(-1, keepdim=True).sqrt()
-        return self.encode(x + self.view_noise * rms * torch.randn_like(x.float()))
+        noise = torch.randn(x.shape, generator=self._noise).to(x.device)
+        return self.encode(x + self.view_noise * rms * noise)
 
     def contrast(self, f: torch.Tensor, f2: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
         """Unweighted InfoNCE between the views' fine-group activations ``f @ fine`` ([batch, n_groups])."""
@@ -514,6 +527,9 @@ class ContrastiveHierSAE(DynamicHierSAE):
     """:class:`DynamicHierSAE` with InfoNCE on by default (seed 001 sec. 4.3, 6.1: T 0.1, weight 0.1)."""
 
     arch = "seed001_contrastive_hier"
+    # Its InfoNCE step gave run-to-run differences in the last bits when stepped beside other
+    # SAEs in the trainer's thread pool (cause not isolated), so it always runs alone.
+    thread_safe = False
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, contrast_coeff: float = 0.1, **kwargs):
         super().__init__(d_in, d_sae, seed, contrast_coeff=contrast_coeff, **kwargs)

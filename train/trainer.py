@@ -21,6 +21,8 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -70,7 +72,7 @@ class TrainConfig:
     expansion: int = 8
     batch_size: int = 1024
     tokens: int = 600 * 1024
-    lr: float = 4e-4
+    lr: float | None = None  # None: default_lr(d_sae) unless a preset or --set gives one
     warmup_frac: float = 0.05
     decay_frac: float = 0.2
     sparsity_warmup_frac: float = 0.05
@@ -81,19 +83,30 @@ class TrainConfig:
     dead_window_tokens: int = 250_000
     allow_partial: bool = False
     checkpoint_every: int = 100
+    sae_threads: int = 0  # SAEs stepped concurrently, one intra-op thread each (0 = auto, see _sae_pool)
     resume: bool = False
     stop_after_step: int | None = None
+
+
+def default_lr(d_sae: int) -> float:
+    """``2e-4 / sqrt(d_sae / 2**14)``: 4e-4 at 4,096 latents, 5.7e-4 at 2,048.
+
+    The 1/sqrt(n_latents) law is read off Gao et al. 2024, Fig. 3 (optimal learning rate
+    vs number of latents), with the constant the dictionary_learning TopK/BatchTopK
+    trainers use, so both libraries start from the same rate (bench/vs_dictionary_learning.py).
+    """
+    return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
 def _optimizer(spec: SAESpec, sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam, or AdamW when the preset (or ``--set weight_decay=``) asks for decoupled weight decay.
 
-    Learning rate: ``--set lr=`` (``spec.lr``) > the preset's ``lr`` > ``cfg.lr``. The seed
+    Learning rate: ``--set lr=`` (``spec.lr``) > the preset's ``lr`` > ``cfg.lr`` > :func:`default_lr`. The seed
     presets carry their papers' AdamW settings (registry.OPTIMIZER_HPARAMS); weight decay
     applies to every parameter, as ``torch.optim.AdamW`` does by default.
     """
     opt = optimizer_hparams(spec.arch, spec.hparams)
-    lr = spec.lr or opt.get("lr") or cfg.lr
+    lr = spec.lr or opt.get("lr") or cfg.lr or default_lr(sae.d_sae)
     if opt.get("weight_decay"):
         return torch.optim.AdamW(sae.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=opt["weight_decay"])
     return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
@@ -245,18 +258,55 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"checkpoint_every must be >= 0 (0 = off), got {cfg.checkpoint_every}")
 
 
-def _train_step(slots: list[_Slot], x: torch.Tensor, rows: tuple | None, step: int, cfg: TrainConfig) -> None:
-    """Feed batch ``x [N, d_in]`` (``rows`` for sequence SAEs) to every live SAE; log when due."""
-    for slot in slots:
-        if slot.failed:
-            continue
-        metrics = slot.step(x, step, cfg.autocast, rows)
+def _train_step(slots: list[_Slot], x: torch.Tensor, rows: tuple | None, step: int, cfg: TrainConfig,
+                pool: ThreadPoolExecutor | None = None) -> None:
+    """Feed batch ``x [N, d_in]`` (``rows`` for sequence SAEs) to every live SAE; log when due.
+
+    With a ``pool`` the SAEs step concurrently (they share only the read-only batch);
+    messages and logs are still written here, in slot order.
+    """
+    live = [slot for slot in slots if not slot.failed]
+    run = lambda slot: slot.step(x, step, cfg.autocast, rows)  # noqa: E731
+    together = [slot for slot in live if pool and slot.sae.thread_safe]
+    results = dict(zip(map(id, together), pool.map(run, together))) if together else {}
+    results.update({id(slot): run(slot) for slot in live if id(slot) not in results})  # alone, in this thread
+    for slot in live:
+        metrics = results[id(slot)]
         if metrics is None:
             tqdm.write(f"{slot.spec.name}: stopped, {slot.failed}; keeping its last good weights")
             continue
         slot.record(metrics)
         if step % cfg.log_every == 0 or step == slot.steps - 1:
             slot.write_log(step, cfg.batch_size)
+
+
+@contextmanager
+def _sae_pool(cfg: TrainConfig, n_saes: int, device: torch.device):
+    """A thread pool stepping SAEs concurrently, or None (one SAE, a GPU, or ``sae_threads=1``).
+
+    On CPU each SAE step is a chain of mid-sized ops whose intra-op parallelism costs
+    thread synchronisation (and stalls badly when another process holds a core); several
+    SAEs stepped side by side with one intra-op thread each keep every core busy instead
+    (bench/one_pass.py). Auto (``sae_threads=0``): as many threads as cores, at most one
+    per SAE. torch's intra-op thread count is restored afterwards. Results are
+    deterministic for a given ``sae_threads`` (each SAE's ops run in one thread), but
+    differ in the last bits from a sequential run.
+    """
+    cores = torch.get_num_threads()
+    threads = cfg.sae_threads or (min(n_saes, cores) if device.type == "cpu" else 1)
+    if threads <= 1 or n_saes <= 1:
+        yield None
+        return
+    per_thread = max(1, cores // threads)
+    torch.set_num_threads(per_thread)
+    try:
+        # Set in every pool thread too: OpenMP's thread count is per calling thread, and a
+        # thread left at the default would make an SAE's numerics depend on which thread ran it.
+        with ThreadPoolExecutor(threads, thread_name_prefix="sae", initializer=torch.set_num_threads,
+                                initargs=(per_thread,)) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(cores)
 
 
 def _save_checkpoint(cfg: TrainConfig, identity: dict, done: int, slots: list[_Slot]) -> None:
@@ -338,23 +388,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
         next(batches)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {len(slots)} SAE(s) on {hook}",
                unit="step", disable=not progress)
-    for step in bar:
-        x, rows = next(batches)
-        if step == 0:
-            for slot in slots:
-                slot.sae.init_b_dec(x)
-        _train_step(slots, x, rows, step, cfg)
-        done = step + 1
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
-            _save_checkpoint(cfg, identity, done, slots)
-        if cfg.stop_after_step is not None and done >= cfg.stop_after_step and done < steps:
-            bar.close()
-            for slot in slots:
-                slot.log.close()
-            return {}
-        live = [s for s in slots if not s.failed]
-        if live:
-            bar.set_postfix({s.spec.name: f"L0 {s.last['l0']:.0f} fvu {s.last['fvu']:.3f}" for s in live[:3]})
+    with _sae_pool(cfg, len(slots), device) as pool:
+        for step in bar:
+            x, rows = next(batches)
+            if step == 0:
+                for slot in slots:
+                    slot.sae.init_b_dec(x)
+            _train_step(slots, x, rows, step, cfg, pool)
+            done = step + 1
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
+                _save_checkpoint(cfg, identity, done, slots)
+            if cfg.stop_after_step is not None and done >= cfg.stop_after_step and done < steps:
+                bar.close()
+                for slot in slots:
+                    slot.log.close()
+                return {}
+            live = [s for s in slots if not s.failed]
+            if live:
+                bar.set_postfix({s.spec.name: f"L0 {s.last['l0']:.0f} fvu {s.last['fvu']:.3f}" for s in live[:3]})
 
     folders = _save_all(cfg, store, hook, scale, steps, slots)
     checkpoint_path(cfg.out).unlink(missing_ok=True)  # the saved SAEs supersede it
