@@ -17,6 +17,9 @@ BatchTopK SAE loads in SAELens as ``architecture: "jumprelu"`` with identical
 inference behaviour (see ``_SAELENS_ARCH`` in sae_io.py). Thresholds act on
 pre-activations, which :meth:`SAE.fold_input_scale` leaves unchanged, so the
 base folding stays correct.
+
+Kernels: ``kernels="sparse"`` trains on the active (row, latent) pairs only, a flat list
+whose per-row counts vary (:mod:`.kernels`); same loss and gradients as ``"dense"``.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from __future__ import annotations
 import torch
 
 from .arch_info import ArchError, ArchInfo
-from .base import SAE
-from .topk import AuxKMixin
+from .base import SAE, ForwardOutput
+from .kernels import ActiveSet, check_kernels
+from .topk import AuxKMixin, SparseKernelsMixin
 
 
 def batch_topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,7 +54,7 @@ def threshold_relu(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return torch.relu(pre) * (pre > threshold).to(pre.dtype)
 
 
-class BatchTopKSAE(AuxKMixin, SAE):
+class BatchTopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
     """BatchTopK SAE: ``k * batch`` active latents per training batch, a global threshold in eval.
 
     ``[batch, d_in] -> [batch, d_sae]``. Training mode uses :func:`batch_topk_relu`;
@@ -63,17 +67,20 @@ class BatchTopKSAE(AuxKMixin, SAE):
         aux_k: latents used by AuxK (default ``d_in // 2``, Gao et al. 2024 app. A.2).
         aux_coeff: AuxK weight (default 1/32).
         threshold_lr: rate of the running average of the threshold, in (0, 1].
+        kernels: ``"dense"`` or ``"sparse"`` training kernels (:mod:`.kernels`), same maths;
+            None = ``kernels.DEFAULT_KERNELS``.
 
     Raises:
-        ArchError: ``k`` outside ``[1, d_sae]`` or ``threshold_lr`` outside ``(0, 1]``.
+        ArchError: ``k`` outside ``[1, d_sae]``, ``threshold_lr`` outside ``(0, 1]`` or unknown ``kernels``.
     """
 
     arch = "batchtopk"
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, k: int = 32, aux_k: int | None = None,
-                 aux_coeff: float = 1 / 32, threshold_lr: float = 0.01):
+                 aux_coeff: float = 1 / 32, threshold_lr: float = 0.01, kernels: str | None = None):
         super().__init__(d_in, d_sae, seed)
         _check_batchtopk_args(k, d_sae, threshold_lr)
+        self.kernels = check_kernels(kernels)
         self.k, self.aux_k, self.aux_coeff = k, aux_k or d_in // 2, aux_coeff
         self.threshold_lr = threshold_lr
         self.register_buffer("threshold", torch.zeros(d_sae))
@@ -87,6 +94,17 @@ class BatchTopKSAE(AuxKMixin, SAE):
         if self.training:
             return batch_topk_relu(pre, self.k)
         return threshold_relu(pre, self.threshold)
+
+    def select(self, pre: torch.Tensor, group_ends=None) -> ActiveSet:
+        """The pairs :func:`batch_topk_relu` keeps non-zero, as a flat list (per-row counts vary)."""
+        flat = torch.relu(pre).flatten()
+        values, indices = flat.topk(min(self.k * pre.shape[0], flat.numel()), sorted=False)  # the dense call
+        d_sae = pre.shape[1]
+        return ActiveSet.from_values(values, indices // d_sae, indices % d_sae, *pre.shape, group_ends)
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        """:meth:`SAE.forward`, on the sparse kernels when ``kernels="sparse"`` and training."""
+        return self.sparse_forward(x) if self.use_sparse() else super().forward(x)
 
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``auxk`` (only while training)."""

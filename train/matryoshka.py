@@ -15,6 +15,11 @@ SAELens as ``architecture: "jumprelu"`` like BatchTopK.
 Loss keys: ``mse`` is the full-dictionary term (the usual reconstruction error,
 so logs compare across archs), ``prefix_mse`` the sum of the shorter prefixes'
 terms, ``auxk`` the dead-latent term (training only).
+
+Kernels: with ``kernels="sparse"`` each prefix reconstruction sums only the active
+latents below its boundary: the active pairs are decoded per (row, prefix group) in one
+``embedding_bag`` and the groups are summed cumulatively (:mod:`.kernels`), the same
+maths as :meth:`MatryoshkaSAE.prefix_reconstructions`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from .arch_info import ArchError, ArchInfo
 from .base import ForwardOutput
 from .batchtopk import BatchTopKSAE
+from .kernels import sparse_decode
 
 DEFAULT_PREFIX_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
@@ -55,7 +61,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     """Matryoshka BatchTopK SAE. ``[batch, d_in] -> [batch, d_sae]``.
 
     Args:
-        d_in, d_sae, seed, k, aux_k, aux_coeff, threshold_lr: see :class:`BatchTopKSAE`.
+        d_in, d_sae, seed, k, aux_k, aux_coeff, threshold_lr, kernels: see :class:`BatchTopKSAE`.
         prefix_fractions: increasing fractions of ``d_sae`` ending at 1.0 that mark the
             nested prefixes (default 1/16, 1/8, 1/4, 1/2, 1).
 
@@ -67,8 +73,9 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, k: int = 32, aux_k: int | None = None,
                  aux_coeff: float = 1 / 32, threshold_lr: float = 0.01,
-                 prefix_fractions=DEFAULT_PREFIX_FRACTIONS):
-        super().__init__(d_in, d_sae, seed, k=k, aux_k=aux_k, aux_coeff=aux_coeff, threshold_lr=threshold_lr)
+                 prefix_fractions=DEFAULT_PREFIX_FRACTIONS, kernels: str | None = None):
+        super().__init__(d_in, d_sae, seed, k=k, aux_k=aux_k, aux_coeff=aux_coeff, threshold_lr=threshold_lr,
+                         kernels=kernels)
         self.prefix_fractions = [float(f) for f in prefix_fractions]
         self.prefix_sizes = prefix_sizes(d_sae, self.prefix_fractions)
 
@@ -101,15 +108,30 @@ class MatryoshkaSAE(BatchTopKSAE):
 
         ``x_hat`` is the full-dictionary reconstruction; loss = ``mse + prefix_mse (+ auxk)``.
         """
+        if self.use_sparse():
+            return self.sparse_forward(x)
         pre = self.pre_acts(x)
         f = self.activation(pre)
         partials = self.prefix_reconstructions(f)
-        x_hat = partials[-1]
+        return self._nested_output(x, f, partials, self.penalties(x, pre, f, partials[-1]))
+
+    def sparse_forward(self, x: torch.Tensor) -> ForwardOutput:
+        """:meth:`forward` on the sparse kernels: group ``g``'s share of each row holds only its active latents."""
+        pre, act, vals = self.sparse_code(x, self.prefix_sizes)
+        groups = sparse_decode(vals, self.W_dec, act).view(x.shape[0], len(self.prefix_sizes), -1)
+        prefixes = groups.cumsum(1) + self.b_dec  # [B, G, d_in]: prefix m = groups 0..m
+        partials = list(prefixes.unbind(1))
+        f = act.to_dense(vals, pre.dtype)
+        return self._nested_output(x, f, partials, {"auxk": self.auxk_loss_sparse(x, pre, partials[-1])})
+
+    @staticmethod
+    def _nested_output(x, f, partials, penalties) -> ForwardOutput:
+        """The loss dict of Bussmann et al. 2025 sec. 3 from the prefix reconstructions ``[batch, d_in]``."""
         errors = [squared_error(x, p) for p in partials]
         losses = {"mse": errors[-1]}
         if len(errors) > 1:
             losses["prefix_mse"] = torch.stack(errors[:-1]).sum()
-        return ForwardOutput(x_hat, f, {**losses, **self.penalties(x, pre, f, x_hat)})
+        return ForwardOutput(partials[-1], f, {**losses, **penalties})
 
 
 ARCHS = {"matryoshka": ArchInfo(

@@ -6,6 +6,12 @@ appendix A.2 (AuxK: reconstruct the residual error ``e = x - x_hat`` with the to
 ``k_aux`` latents among those dead for a window of tokens, coefficient 1/32,
 ``k_aux = d_in / 2``). The AuxK term here is normalised by ``||e||^2`` as in the
 paper's reference implementation, so it is scale-free.
+
+Kernels: ``kernels="dense"`` computes the step with dense matmuls over the
+``[batch, d_sae]`` code; ``kernels="sparse"`` (``--set kernels=sparse``) computes the same
+loss and gradients from the active latents only (:mod:`.kernels`), AuxK included. The
+default is ``kernels.DEFAULT_KERNELS``; the switch affects training-mode forward passes
+only and is not saved with the SAE.
 """
 
 from __future__ import annotations
@@ -13,7 +19,13 @@ from __future__ import annotations
 import torch
 
 from .arch_info import ArchInfo
-from .base import SAE
+from .base import SAE, ForwardOutput
+from .kernels import ActiveSet, check_kernels, gather_columns, gather_pre_acts, sparse_decode
+
+# AuxK on the sparse kernels: dead-column matmuls when k_aux >= n_dead / AUXK_DENSE_SHARE, pair
+# lists below. Measured here at d_in 640, d_sae 4096, k_aux 320, batch 1024 (fwd+bwd, 1 thread):
+# the matmuls won up to n_dead = 2048 (k_aux / n_dead = 0.16), the pair lists at 4096 (0.08).
+AUXK_DENSE_SHARE = 8
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,8 +59,69 @@ class AuxKMixin:
         e_hat = (f_aux @ self.W_dec).float()
         return self.aux_coeff * (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-12)
 
+    def auxk_loss_sparse(self, x: torch.Tensor, pre: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """:meth:`auxk_loss` for the sparse kernels; ``pre`` ``[batch, d_sae]`` was computed without autograd.
 
-class TopKSAE(AuxKMixin, SAE):
+        Same maths: the ``k_aux`` largest pre-activations among dead latents, ReLU'd,
+        decode the detached residual. Everything runs on the dead columns only
+        (``[batch, n_dead]``), which selects the same latents as the dense path's ``-inf``
+        mask up to tie order. With ``k_aux`` a large share of ``n_dead`` (the usual case:
+        ``k_aux = d_in / 2`` of a few hundred dead latents) that block is dense and goes
+        through matmuls ``n_dead / d_sae`` the dense size; a sparser one goes through the
+        pair-list kernels.
+        """
+        dead = (self.tokens_since_fired >= self.dead_window_tokens).nonzero().flatten()
+        if dead.numel() == 0:
+            return pre.new_zeros(()).float()
+        k_aux = min(self.aux_k, dead.numel())
+        e = (x - x_hat).detach().float()
+        if k_aux * AUXK_DENSE_SHARE >= dead.numel():
+            f_aux = topk_relu(gather_columns(x, self, pre, dead), k_aux)  # [batch, n_dead]
+            e_hat = (f_aux @ self.W_dec[dead]).float()
+        else:
+            values, j = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
+            rows = torch.arange(pre.shape[0], device=pre.device).unsqueeze(1).expand_as(j)
+            act = ActiveSet.from_values(values.flatten(), rows.flatten(), dead[j].flatten(), *pre.shape)
+            e_hat = sparse_decode(gather_pre_acts(x, self, pre, act), self.W_dec, act)
+        return self.aux_coeff * (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+class SparseKernelsMixin:
+    """Training forward pass of the TopK family on :mod:`.kernels` (needs ``AuxKMixin`` and ``SAE``).
+
+    Subclasses implement :meth:`select` (which pairs are active) and set ``kernels``.
+    """
+
+    kernels: str = "dense"
+
+    def use_sparse(self) -> bool:
+        """True when this forward pass should run on the sparse kernels (training mode only)."""
+        return self.kernels == "sparse" and self.training
+
+    def select(self, pre: torch.Tensor, group_ends: list[int] | None = None) -> ActiveSet:
+        """The pairs of ``pre`` ``[batch, d_sae]`` (no autograd) where ``activation`` is > 0.
+
+        ``group_ends``: Matryoshka prefix ends, passed on to :class:`ActiveSet`.
+        """
+        raise NotImplementedError
+
+    def sparse_code(self, x: torch.Tensor, group_ends: list[int] | None = None):
+        """``(pre, act, vals)``: dense pre-activations (no autograd), active pairs, their fp32 values ``[N]``."""
+        with torch.no_grad():
+            pre = self.pre_acts(x)  # the one dense matmul (bf16 under autocast)
+            act = self.select(pre, group_ends)
+        return pre, act, gather_pre_acts(x, self, pre, act)
+
+    def sparse_forward(self, x: torch.Tensor) -> ForwardOutput:
+        """:meth:`SAE.forward` with the same losses, computed from the active latents only."""
+        pre, act, vals = self.sparse_code(x)
+        x_hat = sparse_decode(vals, self.W_dec, act) + self.b_dec
+        f = act.to_dense(vals, pre.dtype)
+        mse = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
+        return ForwardOutput(x_hat, f, {"mse": mse, "auxk": self.auxk_loss_sparse(x, pre, x_hat)})
+
+
+class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
     """TopK SAE. ``[batch, d_in] -> [batch, d_sae]`` with exactly <= k non-zeros per row.
 
     Args:
@@ -56,14 +129,17 @@ class TopKSAE(AuxKMixin, SAE):
         k: active latents per token (default 32).
         aux_k: latents used by AuxK (default ``d_in // 2``).
         aux_coeff: AuxK weight (default 1/32).
+        kernels: ``"dense"`` or ``"sparse"`` training kernels (:mod:`.kernels`), same maths;
+            None = ``kernels.DEFAULT_KERNELS``.
     """
 
     arch = "topk"
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, k: int = 32, aux_k: int | None = None,
-                 aux_coeff: float = 1 / 32):
+                 aux_coeff: float = 1 / 32, kernels: str | None = None):
         super().__init__(d_in, d_sae, seed)
         self.k, self.aux_k, self.aux_coeff = k, aux_k or d_in // 2, aux_coeff
+        self.kernels = check_kernels(kernels)
 
     def hparams(self) -> dict:
         """``k``, ``aux_k``, ``aux_coeff``."""
@@ -72,6 +148,16 @@ class TopKSAE(AuxKMixin, SAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """ReLU(TopK(pre))."""
         return topk_relu(pre, self.k)
+
+    def select(self, pre: torch.Tensor, group_ends=None) -> ActiveSet:
+        """The pairs :func:`topk_relu` keeps non-zero: per-row top-k with a positive value."""
+        values, cols = pre.topk(self.k, dim=-1, sorted=False)  # the dense path's exact call
+        rows = torch.arange(pre.shape[0], device=pre.device).unsqueeze(1).expand_as(cols)
+        return ActiveSet.from_values(values.flatten(), rows.flatten(), cols.flatten(), *pre.shape, group_ends)
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        """:meth:`SAE.forward`, on the sparse kernels when ``kernels="sparse"`` and training."""
+        return self.sparse_forward(x) if self.use_sparse() else super().forward(x)
 
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``auxk`` (only while training)."""

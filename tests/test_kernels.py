@@ -1,0 +1,176 @@
+"""Sparse TopK-family kernels (train/kernels.py): same losses, reconstructions and gradients as dense.
+
+Every comparison runs in fp32 without autocast against the existing dense computation
+(``kernels="dense"``), for topk, batchtopk and matryoshka, with and without dead latents
+(AuxK through both of its sparse branches: dead-column matmuls and pair lists).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import saestrata.train.topk as topk_module
+from saestrata.train.arch_info import ArchError
+from saestrata.train.kernels import ActiveSet, _argsort, gather_pre_acts, sparse_decode
+from saestrata.train.registry import build
+from saestrata.train.trainer import SAESpec, TrainConfig, train
+
+ARCHS = ["topk", "batchtopk", "matryoshka"]
+D_IN, D_SAE, BATCH, K = 24, 96, 40, 6
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _pair(arch: str, dead_every: int | None, aux_k: int = 12):
+    """Identical dense and sparse SAEs (non-trivial biases), every ``dead_every``-th latent dead."""
+    saes = []
+    for kernels in ("dense", "sparse"):
+        sae = build(arch, D_IN, D_SAE, seed=7, k=K, aux_k=aux_k, kernels=kernels).train()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.randn(D_IN, generator=gen) * 0.3)
+            sae.b_enc.copy_(torch.randn(D_SAE, generator=gen) * 0.1)
+        if dead_every:
+            sae.tokens_since_fired[::dead_every] = sae.dead_window_tokens
+        saes.append(sae)
+    return saes
+
+
+def _inputs(seed: int = 0) -> torch.Tensor:
+    return torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(seed)) * 1.5
+
+
+def _assert_same_step(dense, sparse, x):
+    out_d, out_s = dense(x), sparse(x)
+    assert out_d.losses.keys() == out_s.losses.keys()
+    for key in out_d.losses:
+        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], **TOL, msg=key)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
+    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    out_d.loss.backward()
+    out_s.loss.backward()
+    for (name, p_d), (_, p_s) in zip(dense.named_parameters(), sparse.named_parameters()):
+        assert p_s.grad is not None and p_s.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-4, atol=1e-5, msg=name)
+    return out_d, out_s
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_matches_dense_without_dead_latents(arch):
+    dense, sparse = _pair(arch, None)
+    out_d, _ = _assert_same_step(dense, sparse, _inputs())
+    assert float(out_d.losses["auxk"].detach()) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_matches_dense_auxk_dead_columns(arch):
+    # 32 dead latents, k_aux 12: the dead block is dense enough for the dead-column matmuls.
+    dense, sparse = _pair(arch, 3)
+    out_d, _ = _assert_same_step(dense, sparse, _inputs(1))
+    assert float(out_d.losses["auxk"].detach()) > 0
+    dead = dense.tokens_since_fired >= dense.dead_window_tokens
+    assert float(sparse.W_dec.grad[dead].abs().max()) > 0  # AuxK reached the dead decoder rows
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_matches_dense_auxk_pair_lists(arch, monkeypatch):
+    # 48 dead latents, k_aux 3: below the share, AuxK goes through the pair-list kernels.
+    monkeypatch.setattr(topk_module, "AUXK_DENSE_SHARE", 8)
+    dense, sparse = _pair(arch, 2, aux_k=3)
+    out_d, _ = _assert_same_step(dense, sparse, _inputs(2))
+    assert float(out_d.losses["auxk"].detach()) > 0
+
+
+def test_matryoshka_prefixes_sum_only_latents_below_their_boundary():
+    _, sparse = _pair("matryoshka", None)
+    x = _inputs(3)
+    out = sparse(x)
+    f = out.f.detach()
+    expected = sum((x - (f[:, :m] @ sparse.W_dec[:m] + sparse.b_dec)).pow(2).sum(-1).mean()
+                   for m in sparse.prefix_sizes)
+    torch.testing.assert_close(out.loss.detach(), expected.detach(), rtol=1e-5, atol=1e-4)
+
+
+def test_batchtopk_sparse_rows_have_varying_counts():
+    _, sparse = _pair("batchtopk", None)
+    out = sparse(_inputs(4))
+    counts = (out.f > 0).sum(-1)
+    assert int(counts.sum()) <= K * BATCH and len(set(counts.tolist())) > 1
+
+
+def test_kernels_against_dense_autograd_including_input_grad():
+    gen = torch.Generator().manual_seed(5)
+    sae = build("topk", D_IN, D_SAE, seed=2, k=K)
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=gen)
+    x = torch.randn(BATCH, D_IN, generator=gen, requires_grad=True)
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+    values, cols = pre.topk(K, dim=-1)
+    rows = torch.arange(BATCH).unsqueeze(1).expand_as(cols)
+    act = ActiveSet.from_values(values.flatten(), rows.flatten(), cols.flatten(), BATCH, D_SAE, [D_SAE // 4, D_SAE])
+    assert len(act) == int((values > 0).sum())
+    weight = torch.randn(BATCH, 2, D_IN, generator=gen)
+    out = (sparse_decode(gather_pre_acts(x, sae, pre, act), sae.W_dec, act).view(BATCH, 2, D_IN) * weight).sum()
+    grads = torch.autograd.grad(out, [x, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec])
+
+    dense_pre = sae.pre_acts(x)
+    mask = torch.zeros(BATCH, D_SAE, dtype=torch.bool)
+    mask[act.rows, act.cols] = True
+    f = torch.where(mask, dense_pre, torch.zeros_like(dense_pre))
+    q = D_SAE // 4
+    ref = (torch.stack([f[:, :q] @ sae.W_dec[:q], f[:, q:] @ sae.W_dec[q:]], 1) * weight).sum()
+    ref_grads = torch.autograd.grad(ref, [x, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec])
+    torch.testing.assert_close(out, ref, **TOL)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_under_bf16_autocast_gives_fp32_grads(arch):
+    dense, sparse = _pair(arch, 3)
+    x = _inputs(6)
+    losses = []
+    for sae in (dense, sparse):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x)
+        out.loss.backward()
+        losses.append(float(out.loss.detach()))
+        assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in sae.parameters())
+    assert math.isclose(losses[0], losses[1], rel_tol=2e-2)
+
+
+def test_eval_mode_and_bad_switch():
+    _, sparse = _pair("topk", None)
+    x = _inputs(7)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse.eval()(x).x_hat, sparse.decode(sparse.encode(x)))  # eval is dense
+    assert "kernels" not in sparse.hparams()  # a speed switch, not part of the saved SAE
+    with pytest.raises(ArchError):
+        build("topk", D_IN, D_SAE, kernels="fast")
+
+
+def test_trainer_runs_sparse_kernels_like_dense(tiny_store, tmp_path):
+    """fp32 training, AuxK on after one batch: the sparse run tracks the dense one step by step."""
+    folders = {}
+    for kern in ("dense", "sparse"):  # separate runs: SAE i is seeded cfg.seed + i in both
+        specs = [SAESpec(f"{arch}-{kern}", arch, {"k": 4, "kernels": kern}) for arch in ARCHS]
+        folders.update(train(TrainConfig(store=tiny_store, layer=1, out=tmp_path / kern, specs=specs, d_sae=512,
+                                         batch_size=256, tokens=12 * 256, log_every=1, lr=1e-3, autocast=False,
+                                         dead_window_tokens=256, checkpoint_every=0), progress=False))
+    for arch in ARCHS:
+        logs = [[json.loads(line) for line in (folders[f"{arch}-{k}"] / "train_log.jsonl").read_text().splitlines()]
+                for k in ("dense", "sparse")]
+        assert any(row["auxk"] > 0 for row in logs[0])
+        for row_d, row_s in zip(*logs):
+            assert math.isclose(row_d["loss"], row_s["loss"], rel_tol=1e-3), (arch, row_d["step"])
+            assert row_d["l0"] == row_s["l0"]
+
+
+@pytest.mark.parametrize("bound", [7, 4096, 70_000, 2**33])
+def test_radix_argsort_is_torch_stable_argsort(bound):
+    keys = torch.randint(0, bound, (3000,), generator=torch.Generator().manual_seed(bound % 1000))
+    assert torch.equal(_argsort(keys, bound), torch.argsort(keys, stable=True))

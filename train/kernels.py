@@ -1,0 +1,319 @@
+"""Sparse training kernels for TopK-family SAEs (topk, batchtopk, matryoshka; issue 4).
+
+A TopK SAE step computed densely spends most of its matmuls on zeros: the decoder
+multiplies a ``[batch, d_sae]`` code with ~k non-zeros per row, and the backward pass
+forms dense ``[batch, d_sae]`` gradients for the decoder input and the encoder. Only the
+encoder's forward matmul is really needed densely (to find the top-k). Everything else
+touches just the ``N ~ batch * k`` active (row, latent) pairs:
+
+* decode:          ``x_hat[b] = sum_n v_n W_dec[c_n]`` over pairs of row ``b``
+  (an ``embedding_bag`` with per-sample weights, never a ``[batch, d_sae]`` matmul);
+* d loss / d v_n:  ``<dL/dx_hat[b_n], W_dec[c_n]>`` (a sampled dense-dense product);
+* d loss / d W_dec[c]: ``sum_{n: c_n = c} v_n dL/dx_hat[b_n]`` (an ``embedding_bag`` over
+  the pairs grouped by latent);
+* encoder: ``v_n = pre[b_n, c_n]`` with ``pre = (x - b_dec) W_enc + b_enc``, so
+  ``dW_enc[:, c] = sum_{n: c_n = c} g_n (x[b_n] - b_dec)``, ``db_enc[c] = sum g_n`` and
+  ``db_dec = -W_enc @ db_enc``: no dense ``[batch, d_sae]`` gradient and no dense
+  ``grad_pre @ W_enc^T``.
+
+Sources of the idea: Gao et al. 2024, "Scaling and evaluating sparse autoencoders"
+(their appendix on kernels: the decoder and the gradients only need the k active
+latents), and EleutherAI ``sparsify``'s fused encoder / sparse decoder. This is our
+own implementation on stock PyTorch ops (``embedding_bag``, ``sparse.sampled_addmm``,
+``index_add_``) plus a numpy radix argsort, no custom C++.
+
+Numerics: the selection runs on the caller's ``pre`` (bf16 under autocast, exactly the
+values the dense path uses), the selected values are then carried in fp32, and every
+sparse kernel runs in fp32 with autocast disabled: they are memory-bound gathers, bf16
+would save little and would accumulate in low precision. The one dense block that
+remains besides the encoder matmul (AuxK over the dead columns, :class:`_GatherColumns`)
+runs its matmuls in the forward's autocast dtype, as the dense path does. Gradients
+reach the fp32 master weights in fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import cached_property
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .arch_info import ArchError
+
+KERNELS = ("dense", "sparse")
+# Default of the topk / batchtopk / matryoshka ``kernels`` switch ("dense" is the reference).
+# bench/one_pass.py --kernels (topk, d_in 640, d_sae 4096, batch 1024, busy 2-core machine):
+# sparse / dense mean step 0.49-0.56 with 1 thread, 0.54-0.87 with 2 threads (load-dependent).
+DEFAULT_KERNELS = "sparse"
+
+
+def check_kernels(kernels: str | None) -> str:
+    """The ``kernels`` switch of the TopK-family SAEs, ``None`` meaning :data:`DEFAULT_KERNELS`.
+
+    Raises:
+        ArchError: not one of :data:`KERNELS` (a bad ``--set kernels=`` value).
+    """
+    kernels = DEFAULT_KERNELS if kernels is None else kernels
+    if kernels not in KERNELS:
+        raise ArchError(f"kernels={kernels!r} must be one of {', '.join(KERNELS)}")
+    return kernels
+
+
+def _argsort(keys: torch.Tensor, bound: int) -> torch.Tensor:
+    """Stable argsort of 1-D integer ``keys`` in ``[0, bound)``; long ``[N]``.
+
+    On CPU: LSD radix sort with numpy's 16-bit stable argsort (a single-threaded radix
+    pass), one pass per 16 bits of ``bound``. torch's own CPU integer sort is a multi-pass
+    parallel radix sort; with 2 threads on a busy machine each pass waits for a descheduled
+    worker and a 32k-key sort took 10-340 ms instead of 0.3 ms (measured, torch 2.13);
+    the numpy passes take ~0.3 ms per 32k keys.
+    """
+    if keys.device.type != "cpu":
+        return torch.argsort(keys, stable=True)
+    k, order, shift = keys.numpy(), None, 0
+    while True:
+        digit = ((k if order is None else k[order]) >> shift) & 0xFFFF
+        step = np.argsort(digit.astype(np.uint16), kind="stable")
+        order = step if order is None else order[step]
+        shift += 16
+        if bound <= 1 << shift:
+            return torch.from_numpy(order)
+
+
+def _offsets(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """CSR-style offsets ``[n + 1]`` (long) of sorted ``keys`` in ``[0, n)``."""
+    out = keys.new_zeros(n + 1)
+    out[1:] = torch.bincount(keys, minlength=n).cumsum(0)
+    return out
+
+
+class ActiveSet:
+    """The active (row, latent) pairs of one batch, sorted by row then latent.
+
+    Args:
+        rows, cols: long ``[N]``, any order, no duplicate pairs.
+        n_rows: batch size ``B``. n_latents: ``d_sae``.
+        group_ends: optional increasing latent boundaries ending at ``d_sae``
+            (Matryoshka prefixes). The decoder then returns one partial reconstruction
+            per (row, group) "bag" ``row * G + group`` instead of one per row.
+
+    Everything the kernels need (bag offsets, the latent-major permutation) is derived
+    lazily and shared between the encoder and decoder backward passes.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_latents: int,
+                 group_ends: list[int] | None = None):
+        order = _argsort(rows * n_latents + cols, n_rows * n_latents)  # unique keys: a well-defined order
+        self.rows, self.cols = rows[order], cols[order]
+        self.n_rows, self.n_latents = n_rows, n_latents
+        self.n_groups = len(group_ends) if group_ends else 1
+        if self.n_groups > 1:
+            bounds = torch.tensor(group_ends[:-1], dtype=self.cols.dtype, device=self.cols.device)
+            self.bags = self.rows * self.n_groups + torch.bucketize(self.cols, bounds, right=True)
+        else:
+            self.bags = self.rows
+        self.n_bags = n_rows * self.n_groups
+
+    @classmethod
+    def from_values(cls, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int,
+                    n_latents: int, group_ends: list[int] | None = None) -> "ActiveSet":
+        """Keep only pairs whose selected pre-activation ``values`` is > 0.
+
+        The SAEs ReLU the selected values, so a pair with value <= 0 adds nothing to the
+        reconstruction and gets a zero gradient (ReLU's derivative at <= 0 is 0 in torch):
+        dropping it changes neither loss nor gradients, and the kept values need no ReLU.
+        """
+        keep = values > 0
+        return cls(rows[keep], cols[keep], n_rows, n_latents, group_ends)
+
+    def __len__(self) -> int:
+        return self.cols.numel()
+
+    @cached_property
+    def bag_crow(self) -> torch.Tensor:
+        """``[n_bags + 1]`` offsets of each decoder bag (rows are bags when there are no groups)."""
+        return _offsets(self.bags, self.n_bags)
+
+    @cached_property
+    def row_crow(self) -> torch.Tensor:
+        """``[n_rows + 1]`` offsets of each batch row."""
+        return self.bag_crow if self.n_groups == 1 else _offsets(self.rows, self.n_rows)
+
+    @cached_property
+    def by_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(perm [N], crow [d_sae + 1])``: the pairs grouped by latent, for weight gradients."""
+        perm = _argsort(self.cols, self.n_latents)
+        return perm, _offsets(self.cols[perm], self.n_latents)
+
+    def sum_by_latent(self, table: torch.Tensor, table_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``out[c] = sum_{n: cols[n] = c} weights[n] * table[table_index[n]]``: ``[d_sae, D]`` fp32.
+
+        ``table`` ``[R, D]`` fp32, ``table_index`` long ``[N]`` (rows or bags), ``weights`` ``[N]``.
+        One ``embedding_bag`` over the latent-major order: the sparse ``f^T @ table``.
+        """
+        perm, crow = self.by_latent
+        return F.embedding_bag(table_index[perm], table, crow[:-1], mode="sum",
+                               per_sample_weights=weights[perm])
+
+    def to_dense(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[n_rows, d_sae]`` code with ``values`` (``[N]``) at the pairs (differentiable in ``values``)."""
+        f = values.new_zeros((self.n_rows, self.n_latents), dtype=dtype)
+        return f.index_put((self.rows, self.cols), values.to(dtype))
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """``pre[rows, cols]`` with a sparse backward into ``x, b_dec, W_enc, b_enc``.
+
+    ``pre = (x - b_dec) @ W_enc + b_enc`` was computed by the caller without autograd
+    (the one dense matmul the TopK family needs); this op re-attaches the selected
+    entries to the parameters. Backward, with ``g [N]`` the gradient of the values:
+    ``db_enc = index_add(cols, g)``, ``dW_enc = (sum by latent of g * (x - b_dec)[rows])^T``,
+    ``db_dec = -W_enc @ db_enc``, ``dx = sum by row of g * W_enc[:, cols]^T`` (only if needed).
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, pre, act):  # noqa: D102 (see class docstring)
+        ctx.act = act
+        ctx.save_for_backward(x, b_dec, W_enc)
+        return pre[act.rows, act.cols].float()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, b_dec, W_enc = ctx.saved_tensors
+        act = ctx.act
+        need_x, need_b_dec, need_W, need_b_enc = ctx.needs_input_grad[:4]
+        g = grad.float()
+        d_x = d_b_dec = d_W = d_b_enc = None
+        with torch.autocast(g.device.type, enabled=False):
+            col_sum = g.new_zeros(act.n_latents).index_add_(0, act.cols, g) if need_b_enc or need_b_dec else None
+            if need_W:
+                xc = x.float() - b_dec.float()
+                d_W = act.sum_by_latent(xc, act.rows, g).t()  # [d_in, d_sae] view; AccumulateGrad lays it out
+            if need_b_enc:
+                d_b_enc = col_sum
+            if need_b_dec:
+                d_b_dec = -(W_enc.float() @ col_sum)
+            if need_x:
+                d_x = F.embedding_bag(act.cols, W_enc.float().t().contiguous(), act.row_crow[:-1], mode="sum",
+                                      per_sample_weights=g).to(x.dtype)
+        return d_x, d_b_dec, d_W, d_b_enc, None, None
+
+
+class _GatherColumns(torch.autograd.Function):
+    """``pre[:, cols]`` (``[B, n]``) with a backward into ``x, b_dec, W_enc, b_enc`` touching only ``cols``.
+
+    For AuxK, whose top-``k_aux`` among the dead latents is too dense for pair lists at
+    our sizes (``k_aux = d_in / 2`` of a few hundred dead latents): the gradient of the
+    dead columns is a dense ``[B, n]`` block, so ``dW_enc[:, cols] = (x - b_dec)^T g`` is a
+    matmul ``n / d_sae`` the size of the dense one, run in the forward's autocast dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, pre, cols):  # noqa: D102 (see class docstring)
+        ctx.save_for_backward(x, b_dec, W_enc, cols)
+        ctx.mm_dtype = _autocast_dtype(x.device.type)
+        return pre.index_select(1, cols)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, b_dec, W_enc, cols = ctx.saved_tensors
+        need_x, need_b_dec, need_W, need_b_enc = ctx.needs_input_grad[:4]
+        d_x = d_b_dec = d_W = d_b_enc = None
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.float()
+            col_sum = g.sum(0)
+            w_cols = W_enc.index_select(1, cols).float()  # [d_in, n]
+            if need_W:
+                xc = x.float() - b_dec.float()
+                block = (xc.t().to(ctx.mm_dtype) @ g.to(ctx.mm_dtype)).float()  # [d_in, n]
+                d_W = W_enc.new_zeros(W_enc.shape, dtype=torch.float32).index_copy_(1, cols, block)
+            if need_b_enc:
+                d_b_enc = g.new_zeros(W_enc.shape[1]).index_copy_(0, cols, col_sum)
+            if need_b_dec:
+                d_b_dec = -(w_cols @ col_sum)
+            if need_x:
+                d_x = (g.to(ctx.mm_dtype) @ w_cols.t().to(ctx.mm_dtype)).to(x.dtype)
+        return d_x, d_b_dec, d_W, d_b_enc, None, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    """The matmul dtype autocast would use now on ``device_type`` (fp32 when autocast is off)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``out[bag] = sum_{n in bag} vals[n] * W_dec[cols[n]]`` (no bias) with a sparse backward.
+
+    Forward is one ``embedding_bag``. Backward: ``dvals[n] = <dout[bag_n], W_dec[cols_n]>`` via
+    ``torch.sparse.sampled_addmm`` (only the N sampled dot products of ``dout @ W_dec^T``)
+    and ``dW_dec = sum by latent of vals * dout[bags]`` via ``embedding_bag``.
+    """
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, act):  # noqa: D102 (see class docstring)
+        ctx.act = act
+        ctx.save_for_backward(vals, W_dec)
+        with torch.autocast(vals.device.type, enabled=False):
+            return F.embedding_bag(act.cols, W_dec.float(), act.bag_crow[:-1], mode="sum",
+                                   per_sample_weights=vals.float())
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        vals, W_dec = ctx.saved_tensors
+        act = ctx.act
+        d_vals = d_W = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.float().contiguous()
+            w = W_dec.float()
+            if ctx.needs_input_grad[0]:
+                d_vals = _sampled_dot(g, w, act).to(vals.dtype)
+            if ctx.needs_input_grad[1]:
+                d_W = act.sum_by_latent(g, act.bags, vals.float()).to(W_dec.dtype)
+        return d_vals, d_W, None
+
+
+def _sampled_dot(g: torch.Tensor, w: torch.Tensor, act: ActiveSet) -> torch.Tensor:
+    """``[N]``: ``<g[bags[n]], w[cols[n]]>`` for ``g [n_bags, D]``, ``w [d_sae, D]`` (fp32).
+
+    ``sampled_addmm`` evaluates ``g @ w^T`` only at the CSR pattern (bags x latents, which
+    is exactly our pair order), so nothing of size ``[batch, d_sae]`` is formed.
+    """
+    if len(act) == 0:
+        return g.new_zeros(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": we rely only on sampled_addmm
+        warnings.simplefilter("ignore")
+        mask = torch.sparse_csr_tensor(act.bag_crow, act.cols, g.new_zeros(len(act)),
+                                       (act.n_bags, act.n_latents), check_invariants=False)
+        return torch.sparse.sampled_addmm(mask, g, w.t()).values()
+
+
+def gather_pre_acts(x: torch.Tensor, sae, pre: torch.Tensor, act: ActiveSet) -> torch.Tensor:
+    """Selected pre-activations ``pre[act.rows, act.cols]`` as fp32 ``[N]``, differentiable in the SAE.
+
+    ``x`` ``[B, d_in]``; ``sae`` has ``b_dec, W_enc [d_in, d_sae], b_enc``; ``pre`` ``[B, d_sae]``
+    is ``sae.pre_acts(x)`` computed under ``torch.no_grad()`` (any float dtype).
+    """
+    return _GatherPreActs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, pre.detach(), act)
+
+
+def gather_columns(x: torch.Tensor, sae, pre: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``pre[:, cols]`` ``[B, n]`` (``pre``'s dtype), differentiable in the SAE's encoder; see :class:`_GatherColumns`.
+
+    ``cols`` long ``[n]``; ``pre`` is ``sae.pre_acts(x)`` computed under ``torch.no_grad()``.
+    """
+    return _GatherColumns.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, pre.detach(), cols)
+
+
+def sparse_decode(vals: torch.Tensor, W_dec: torch.Tensor, act: ActiveSet) -> torch.Tensor:
+    """``sum_n vals[n] W_dec[cols[n]]`` per bag: fp32 ``[n_bags, d_in]`` (no ``b_dec``).
+
+    Equals ``f @ W_dec`` for the dense code ``f = act.to_dense(vals)`` when there are no
+    groups; with Matryoshka groups, row ``r * G + g`` holds group ``g``'s share of row ``r``.
+    """
+    return _SparseDecode.apply(vals, W_dec, act)
+
+
+__all__ = ["DEFAULT_KERNELS", "KERNELS", "ActiveSet", "check_kernels", "gather_columns", "gather_pre_acts",
+           "sparse_decode"]
