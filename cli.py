@@ -131,8 +131,9 @@ def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, t
 @click.option("--checkpoint-every", default=100, show_default=True,
               help="Steps between checkpoints in --out (0 = off); removed when the run finishes.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same settings).")
-@click.option("--sae-threads", default=0, show_default=True, type=click.IntRange(min=0),
-              help="SAEs stepped concurrently on CPU, one intra-op thread each (0 = one per core).")
+@click.option("--sae-threads", default=1, show_default=True, type=click.IntRange(min=0),
+              help="SAEs stepped side by side on CPU, one intra-op thread each (0 = one per core); "
+                   "faster on a busy shared machine, slower on an idle one.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory: one sub-folder per SAE.")
 @_one_line_errors
 def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,

@@ -83,7 +83,7 @@ class TrainConfig:
     dead_window_tokens: int = 250_000
     allow_partial: bool = False
     checkpoint_every: int = 100
-    sae_threads: int = 0  # SAEs stepped concurrently, one intra-op thread each (0 = auto, see _sae_pool)
+    sae_threads: int = 1  # SAEs stepped concurrently (>1: one intra-op thread each, see _sae_pool)
     resume: bool = False
     stop_after_step: int | None = None
 
@@ -287,8 +287,12 @@ def _sae_pool(cfg: TrainConfig, n_saes: int, device: torch.device):
     On CPU each SAE step is a chain of mid-sized ops whose intra-op parallelism costs
     thread synchronisation (and stalls badly when another process holds a core); several
     SAEs stepped side by side with one intra-op thread each keep every core busy instead
-    (bench/one_pass.py). Auto (``sae_threads=0``): as many threads as cores, at most one
-    per SAE. torch's intra-op thread count is restored afterwards. Results are
+    (bench/one_pass.py). Measured there (4 SAEs x 100 steps, d_sae 4096, four runs on a
+    quiet but noisy machine): side by side 34.6-44.9 s, one after another 31.0-46.3 s, i.e.
+    no reliable gain; under load from other processes side by side was 4x faster (6-7 s vs
+    26-29 s for 10 steps in a contended probe). So it is opt-in: ``sae_threads=1`` (default) steps them one after another with all cores,
+    ``0`` uses as many threads as cores (at most one per SAE). torch's intra-op thread
+    count is restored afterwards. Results are
     deterministic for a given ``sae_threads`` (each SAE's ops run in one thread), but
     differ in the last bits from a sequential run.
     """
