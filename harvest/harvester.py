@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..store import StoreError, StoreWriter
 from ..store.format import FORMAT_VERSION, committed_tokens, shard_bounds, to_stored
+from ..store.reader import prefetch
 from ..store.writer import is_empty_store_dir
 from .hooks import residuals
 from .model import EMBEDDED_MODEL, LoadedModel, check_layers, hook_name, load_model
@@ -185,7 +186,8 @@ def _pending_jobs(writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel) -> I
     """Jobs for every uncommitted shard, reading (and checking) the rows of committed ones to keep the order."""
     ctx = cfg.context_length
     shard_rows = writer.shard_tokens // ctx
-    rows_iter = _rows(cfg, lm)
+    # Tokenising and packing run a shard ahead in a thread, beside the forward pass.
+    rows_iter = prefetch(_rows(cfg, lm), depth=2 * shard_rows)
     for shard in range(writer.n_shards):
         lo, hi = shard_bounds(shard, shard_rows, writer.n_tokens // ctx)
         rows = list(itertools.islice(rows_iter, hi - lo))

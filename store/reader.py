@@ -238,7 +238,7 @@ def shuffled_batches(
         for (rows,) in _mixed(chunks(), buffer_chunks, batch_size, row_rng, store.path):
             yield from_stored(rows, store.dtype)
 
-    yield from _prefetch(batches(), depth=8)
+    yield from prefetch(batches(), depth=8)
 
 
 def sequence_batches(
@@ -290,7 +290,7 @@ def sequence_batches(
             yield (from_stored(acts, store.dtype), torch.from_numpy(docs.astype(np.int64, copy=False)),
                    torch.from_numpy(toks.astype(np.int32, copy=False)))
 
-    yield from _prefetch(batches(), depth=8)
+    yield from prefetch(batches(), depth=8)
 
 
 def _chunk_bounds(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
@@ -377,8 +377,12 @@ def _gather(sources: list[tuple[np.ndarray, ...]], src: np.ndarray, row: np.ndar
     return tuple(out)
 
 
-def _prefetch(it: Iterator, depth: int = 4) -> Iterator:
-    """Run ``it`` in a daemon thread, ``depth`` items ahead (numpy copies and zarr reads release the GIL)."""
+def prefetch(it: Iterator, depth: int = 4) -> Iterator:
+    """Run ``it`` in a daemon thread, ``depth`` items ahead; its exceptions re-raise here.
+
+    Worth it when the producer releases the GIL (numpy copies, zarr reads, Rust
+    tokenizers). An abandoned generator leaves the thread blocked on a full queue.
+    """
     q: queue.Queue = queue.Queue(maxsize=depth)
     sentinel = object()
 
