@@ -53,10 +53,12 @@ def main() -> None:
     n_tok = ids.numel()
 
     def clean():
+        """One clean forward of the rows (timed by the caller)."""
         with torch.inference_mode():
             lm.model(input_ids=ids, use_cache=False)
 
     def spliced():
+        """One forward with the SAE spliced in (timed by the caller)."""
         with torch.inference_mode(), splice(lm.layers, {layer: [sae_replacement(sae)]}, keep):
             lm.model(input_ids=ids, use_cache=False)
 

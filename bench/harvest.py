@@ -56,6 +56,7 @@ def main() -> None:
     lm = load_model(device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         def cfg(name: str, workers: int = 0) -> HarvestConfig:
+            """A harvest of the benchmark's rows into ``tmp/name`` (``workers`` > 0: dask)."""
             return HarvestConfig(layers=layers, tokens=args.tokens, out=Path(tmp) / name, device="cpu",
                                  batch_rows=args.batch_rows, workers=workers)
 

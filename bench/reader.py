@@ -128,6 +128,7 @@ def main() -> None:
     rates: dict[str, float] = {}
 
     def keep_best(name: str, fn) -> None:
+        """Keep the best tokens/s of ``fn`` under ``name`` (called once per interleaved round)."""
         rates[name] = max(rates.get(name, 0.0), _rate(fn, args.batches, args.batch))
 
     # Bytes per token of our store: the layer's shard files (crc32c and shard indexes
@@ -149,6 +150,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
 
         def gather():
+            """One random-row gather of a batch from the flat memmap, as a bf16 tensor."""
             rows = mm[np.sort(rng.integers(0, len(mm), args.batch))]
             return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
 
@@ -168,6 +170,7 @@ def main() -> None:
     x = next(ours_it).float() * (math.sqrt(store.d_model) / store.stats(hook)["mean_norm"])
 
     def step():
+        """One bf16-autocast TopK training step on the fixed batch."""
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = sae(x).loss
         opt.zero_grad()

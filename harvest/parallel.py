@@ -144,6 +144,7 @@ def write_pending_parallel(
         shard_of: dict[str, tuple[int, int]] = {}
 
         def settle(fut) -> None:
+            """Commit one finished shard (or keep its error for the end) and advance the bar."""
             shard, n = shard_of.pop(fut.key)
             try:
                 record = fut.result()

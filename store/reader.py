@@ -229,12 +229,14 @@ def shuffled_batches(
     chunk_rng, row_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
 
     def chunks() -> Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]]:
+        """Endless ``((acts chunk view,), usable row indices)`` in seeded chunk order."""
         for lo, hi in _endless(bounds, chunk_rng):
             acts = store._chunk_rows(hook, lo, hi)
             keep = np.arange(hi - lo) if bos is None else np.flatnonzero(store.not_bos(lo, hi))
             yield (acts,), keep
 
     def batches() -> Iterator[torch.Tensor]:
+        """Finished ``[batch_size, d_model]`` tensors in the logical dtype."""
         for (rows,) in _mixed(chunks(), buffer_chunks, batch_size, row_rng, store.path):
             yield from_stored(rows, store.dtype)
 
@@ -279,6 +281,7 @@ def sequence_batches(
     chunk_rng, row_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
 
     def chunks() -> Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]]:
+        """Endless ``((acts, doc_index, token_ids) chunk views, all row indices)`` in seeded chunk order."""
         for lo, hi in _endless(bounds, chunk_rng):
             columns = (store._chunk_rows(hook, lo, hi).reshape(-1, ctx, store.d_model),
                        store._chunk_rows("doc_index", lo, hi).reshape(-1, ctx),
