@@ -289,6 +289,7 @@ def sequence_batches(
             yield columns, np.arange(len(columns[0]))
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Finished ``(acts, doc_index, token_ids)`` row batches (shapes in the docstring above)."""
         for acts, docs, toks in _mixed(chunks(), buffer_chunks, rows_per_batch, row_rng, store.path):
             yield (from_stored(acts, store.dtype), torch.from_numpy(docs.astype(np.int64, copy=False)),
                    torch.from_numpy(toks.astype(np.int32, copy=False)))
@@ -390,6 +391,7 @@ def prefetch(it: Iterator, depth: int = 4) -> Iterator:
     sentinel = object()
 
     def work():
+        """Producer: fill the queue, then hand over an error (if any) and the end marker."""
         try:
             for item in it:
                 q.put(item)

@@ -174,13 +174,15 @@ class _GatherPreActs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, pre, act):  # noqa: D102 (see class docstring)
+    def forward(ctx, x, b_dec, W_enc, b_enc, pre, act):
+        """Autograd forward; shapes and formula in the class docstring."""
         ctx.act = act
         ctx.save_for_backward(x, b_dec, W_enc)
         return pre[act.rows, act.cols].float()
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
+        """Gradients of the inputs that need them (class docstring); None for the rest."""
         x, b_dec, W_enc = ctx.saved_tensors
         act = ctx.act
         need_x, need_b_dec, need_W, need_b_enc = ctx.needs_input_grad[:4]
@@ -211,13 +213,15 @@ class _GatherColumns(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, pre, cols):  # noqa: D102 (see class docstring)
+    def forward(ctx, x, b_dec, W_enc, b_enc, pre, cols):
+        """Autograd forward; shapes and formula in the class docstring."""
         ctx.save_for_backward(x, b_dec, W_enc, cols)
         ctx.mm_dtype = _autocast_dtype(x.device.type)
         return pre.index_select(1, cols)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
+        """Gradients of the inputs that need them (class docstring); None for the rest."""
         x, b_dec, W_enc, cols = ctx.saved_tensors
         need_x, need_b_dec, need_W, need_b_enc = ctx.needs_input_grad[:4]
         d_x = d_b_dec = d_W = d_b_enc = None
@@ -252,7 +256,8 @@ class _SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, vals, W_dec, act):  # noqa: D102 (see class docstring)
+    def forward(ctx, vals, W_dec, act):
+        """Autograd forward; shapes and formula in the class docstring."""
         ctx.act = act
         ctx.save_for_backward(vals, W_dec)
         with torch.autocast(vals.device.type, enabled=False):
@@ -260,7 +265,8 @@ class _SparseDecode(torch.autograd.Function):
                                    per_sample_weights=vals.float())
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx, grad_out):
+        """Gradients of the inputs that need them (class docstring); None for the rest."""
         vals, W_dec = ctx.saved_tensors
         act = ctx.act
         d_vals = d_W = None
