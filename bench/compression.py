@@ -32,6 +32,7 @@ import torch
 import zarr
 import zarr.codecs
 
+from saestrata.allocator import tune_allocator
 from saestrata.store import ActivationStore
 from saestrata.store.memmap import MemmapArray
 
@@ -238,4 +239,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # as the CLI does: the benches measure what users run
     main()

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from saestrata.allocator import tune_allocator
 from saestrata.train.trainer import SAESpec, TrainConfig, train
 
 ARCHS = ["standard", "topk", "batchtopk", "matryoshka"]
@@ -114,4 +115,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # as the CLI does: the benches measure what users run
     main()

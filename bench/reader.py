@@ -35,6 +35,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from saestrata.allocator import tune_allocator
 from saestrata.store import ActivationStore, shuffled_batches
 from saestrata.store.format import ALIGNED_ARRAYS, stored_dtype
 from saestrata.train.registry import build
@@ -194,4 +195,5 @@ def main() -> None:
         print(f"{name:<24s}: {rate:12,.0f} tokens/s   {label} = {reader / rate:.2f}  (target >= {target})")
 
 if __name__ == "__main__":
+    tune_allocator()  # as the CLI does: the benches measure what users run
     main()

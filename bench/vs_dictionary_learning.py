@@ -42,6 +42,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from saestrata.allocator import tune_allocator
 from saestrata.store import ActivationStore, shuffled_batches
 from saestrata.train.batchtopk import batch_topk_relu
 from saestrata.train.registry import build
@@ -354,4 +355,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # as the CLI does: the benches measure what users run
     main()

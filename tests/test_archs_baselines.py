@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from saestrata.train.arch_info import ArchError
-from saestrata.train.batchtopk import BatchTopKSAE
+from saestrata.train.batchtopk import BatchTopKSAE, top_n
 from saestrata.train.jumprelu import JumpReLUSAE, jumprelu, step
 from saestrata.train.matryoshka import MatryoshkaSAE
 from saestrata.train.registry import build
@@ -47,6 +47,25 @@ def test_batchtopk_keeps_k_times_batch_largest_in_training():
     # Kept entries are the largest pre-activations of the whole batch, passed through unchanged.
     assert float(pre[active].min()) >= float(pre[~active].max())
     torch.testing.assert_close(f[active], pre[active])
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "sample-holds-the-largest", "half"])
+def test_top_n_selects_what_topk_selects(case):
+    g = torch.Generator().manual_seed(3)
+    flat = torch.randn(512 * 1024, generator=g).relu()
+    n = 8 * 512
+    if case == "ties":  # bf16-like values: many entries equal to the n-th largest
+        flat = flat.bfloat16().float()
+    if case == "sample-holds-the-largest":  # the strided sample alone is above everything else: fallback path
+        flat = torch.rand(flat.numel(), generator=g) * 0.5
+        flat[:: (flat.numel() // (2 * n)) | 1] += 1.0
+    if case == "half":
+        n = flat.numel() // 2
+    values, indices = top_n(flat, n)
+    reference = flat.topk(n).values
+    assert indices.numel() == n and len(set(indices.tolist())) == n
+    torch.testing.assert_close(flat[indices], values, rtol=0, atol=0)
+    torch.testing.assert_close(values.sort(descending=True).values, reference, rtol=0, atol=0)
 
 
 def test_batchtopk_threshold_is_running_min_and_used_in_eval():

@@ -40,9 +40,33 @@ def batch_topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
     (a kept zero stays zero). Gradients flow to the kept entries only.
     """
     flat = torch.relu(pre).flatten()
-    n_keep = min(k * pre.shape[0], flat.numel())
-    values, indices = flat.topk(n_keep, sorted=False)
+    values, indices = top_n(flat, min(k * pre.shape[0], flat.numel()))
     return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+
+
+def top_n(flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` largest entries of 1-D ``flat`` and their indices (unsorted): ``flat.topk(n)``, faster.
+
+    ``torch.topk`` over a whole batch (4M entries, n = 32,768) takes ~30 ms on this CPU, a
+    third of a BatchTopK step. Exact shortcut: take a lower bound ``t`` of the n-th largest
+    value from an evenly strided sample (2x oversampled), keep the entries ``>= t`` (about
+    ``2n``), check there are at least ``n`` of them, and run ``topk`` on those only
+    (~4.4 ms). Every entry larger than the n-th largest is ``>= t``, so the kept values are
+    exactly ``flat.topk(n)``'s; only the choice among entries tied with the n-th largest
+    may differ, which ``topk`` leaves unspecified too. Falls back to ``flat.topk`` when the
+    check fails or ``n`` is over a quarter of the entries. The stride is odd so that on a
+    flattened ``[batch, 2^j]`` code the sample covers every latent.
+    """
+    stride = (flat.numel() // (2 * n)) | 1
+    if stride >= 5:
+        sample = flat[::stride]
+        m = max(1, min(sample.numel(), (2 * n) // stride))
+        bound = sample.topk(m, sorted=False).values.min()
+        candidates = (flat >= bound).nonzero().squeeze(1)
+        if candidates.numel() >= n:
+            values, picked = flat[candidates].topk(n, sorted=False)
+            return values, candidates[picked]
+    return flat.topk(n, sorted=False)
 
 
 def threshold_relu(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -103,7 +127,7 @@ class BatchTopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
     def select(self, pre: torch.Tensor, group_ends=None) -> ActiveSet:
         """The pairs :func:`batch_topk_relu` keeps non-zero, as a flat list (per-row counts vary)."""
         flat = torch.relu(pre).flatten()
-        values, indices = flat.topk(min(self.k * pre.shape[0], flat.numel()), sorted=False)  # the dense call
+        values, indices = top_n(flat, min(self.k * pre.shape[0], flat.numel()))  # the dense path's call
         d_sae = pre.shape[1]
         return ActiveSet.from_values(values, indices // d_sae, indices % d_sae, *pre.shape, group_ends)
 

@@ -158,9 +158,13 @@ class ActiveSet:
                                per_sample_weights=weights[perm])
 
     def to_dense(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The ``[n_rows, d_sae]`` code with ``values`` (``[N]``) at the pairs (differentiable in ``values``)."""
+        """The ``[n_rows, d_sae]`` code with ``values`` (``[N]``) at the pairs, detached.
+
+        For dead-latent tracking and metrics only (the loss goes through :func:`sparse_decode`),
+        so it is written in place into one fresh buffer: no autograd node, no clone.
+        """
         f = values.new_zeros((self.n_rows, self.n_latents), dtype=dtype)
-        return f.index_put((self.rows, self.cols), values.to(dtype))
+        return f.index_put_((self.rows, self.cols), values.detach().to(dtype))
 
 
 class _GatherPreActs(torch.autograd.Function):
