@@ -25,6 +25,7 @@ def _one_line_errors(fn):
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        """``fn``, with a user error re-raised as ``click.ClickException`` (first line of its message)."""
         try:
             return fn(*args, **kwargs)
         except _USER_ERRORS as err:
@@ -68,7 +69,10 @@ _model_opts = [
 
 
 def _with(opts):
+    """Decorator applying a shared list of click options (first in the list = first in --help)."""
+
     def deco(fn):
+        """``fn`` with every option of ``opts`` attached."""
         for opt in reversed(opts):
             fn = opt(fn)
         return fn

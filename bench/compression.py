@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 import zarr.codecs
+
+from _common import best_time, dir_bytes
 
 from saestrata.allocator import tune_allocator
 from saestrata.store import ActivationStore
@@ -58,21 +59,6 @@ def codec_table() -> dict[str, list]:
             blosc(cname="zstd", clevel=3, shuffle="shuffle", typesize=2, blocksize=2**18), crc()],
         "blosc zstd 3 bitshuffle": [blosc(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=2), crc()],
     }
-
-
-def best_time(fn, repeats: int) -> float:
-    """Smallest wall time in seconds of ``repeats`` calls of ``fn``."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def dir_bytes(path: Path) -> int:
-    """Total size in bytes of every file under ``path``."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def write_array(group: zarr.Group, name: str, data: np.ndarray, compressors: list, chunk: int, shard: int) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import best_time
+
 from saestrata.allocator import tune_allocator
 from saestrata.evaluate.core import EvalConfig, evaluate_saes
 from saestrata.evaluate.splice import sae_replacement, splice
@@ -26,15 +28,6 @@ from saestrata.harvest.model import layer_of_hook, load_model
 from saestrata.harvest.packing import pack_documents
 from saestrata.harvest.text import iter_documents
 from saestrata.train.sae_io import load_sae
-
-
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -64,7 +57,7 @@ def main() -> None:
             lm.model(input_ids=ids, use_cache=False)
 
     clean()  # warm-up
-    t_clean, t_spliced = _best(clean, args.repeats), _best(spliced, args.repeats)
+    t_clean, t_spliced = best_time(clean, args.repeats), best_time(spliced, args.repeats)
     print(f"clean forward    : {n_tok / t_clean:8.0f} tokens/s")
     print(f"spliced forward  : {n_tok / t_spliced:8.0f} tokens/s")
     print(f"ratio            : {t_clean / t_spliced:.2f}  (target >= 0.8)")

@@ -1,12 +1,20 @@
 """Benchmark: 4 SAEs trained in ONE pass over a store vs 4 separate runs (issue 4, target >= 1.5x).
 
 Both arms train the same four SAEs (standard, topk, batchtopk, matryoshka) for the
-same steps on the same store; the ratio is measured in one run on the same machine.
-The one-pass arm runs twice: SAEs stepped one after another (the default) and side by
-side in threads (``--sae-threads 0``), to show what the shared read and the threads buy.
+same steps on the same store. The arms run ``--rounds`` times, interleaved (one pass,
+side by side, separate, one pass, ...), and the ratio is taken of the median seconds:
+single runs on this shared VM vary by 30% from one minute to the next. The one-pass arm
+runs twice: SAEs stepped one after another (the default) and side by side in threads
+(``--sae-threads 0``). Each arm also reports the SAEs' own step clocks (forward,
+backward, clip, Adam; the trainer's ``train_tokens_per_s``) so the cost outside the
+steps (reading, setup, saving), the only cost a shared pass can save, is visible.
 Run on an idle machine:
 
     .venv/bin/python bench/one_pass.py --store demo-out/store-train --layer 8 --steps 100
+
+``--processes`` adds the arms as users run them: one ``saestrata train --arch a,b,c,d``
+process vs four ``saestrata train --arch a`` processes (each paying Python, torch and
+store start-up).
 
 ``--kernels`` instead times one topk SAE on the dense and on the sparse training kernels
 (train/kernels.py), both trained in the same pass on the same batches, each timed by
@@ -21,9 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from _common import interleaved
 
 from saestrata.allocator import tune_allocator
 from saestrata.train.trainer import SAESpec, TrainConfig, train
@@ -31,11 +45,63 @@ from saestrata.train.trainer import SAESpec, TrainConfig, train
 ARCHS = ["standard", "topk", "batchtopk", "matryoshka"]
 
 
+ONE, THREADS, SEPARATE = "one pass, one after another (default)", "one pass, side by side (threads)", "4 separate runs"
+ONE_CLI, SEPARATE_CLI = "1 CLI process, 4 SAEs", "4 CLI processes, 1 SAE each"
+
+
 def _run(store: Path, layer: int, specs: list[SAESpec], steps: int, d_sae: int, out: Path, **cfg) -> float:
+    """Wall seconds of one in-process ``train`` call."""
     t0 = time.perf_counter()
     train(TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, tokens=steps * 1024,
                       log_every=10**9, **cfg), progress=False)
     return time.perf_counter() - t0
+
+
+def _step_seconds(out: Path, names: list[str], steps: int) -> float:
+    """Sum over SAEs of the time their own steps took (from ``train_tokens_per_s`` in each cfg.json)."""
+    return sum(steps * 1024 / json.loads((out / n / "cfg.json").read_text())["saestrata"]["train_tokens_per_s"]
+               for n in names)
+
+
+@dataclass
+class _Arm:
+    """One way of training the four SAEs; ``run()`` returns wall seconds and records the step clocks."""
+
+    jobs: list[list[str]]  # arch lists, one per train call
+    out: Path
+    args: argparse.Namespace
+    cli: bool = False
+    cfg: dict = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+
+    def run(self) -> float:
+        t0, steps = time.perf_counter(), self.args.steps
+        for i, archs in enumerate(self.jobs):
+            out = self.out / str(i)
+            if self.cli:
+                subprocess.run([str(Path(sys.executable).parent / "saestrata"), "train", "--store", str(self.args.store),
+                                "--layer", str(self.args.layer), "--arch", ",".join(archs), "--out", str(out),
+                                "--tokens", str(steps * 1024), "--d-sae", str(self.args.d_sae),
+                                "--checkpoint-every", "0"], check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+            else:
+                _run(self.args.store, self.args.layer, [SAESpec(a, a) for a in archs], steps, self.args.d_sae, out,
+                     checkpoint_every=0, **self.cfg)
+        wall = time.perf_counter() - t0
+        self.step_seconds.append(sum(_step_seconds(self.out / str(i), archs, steps)
+                                     for i, archs in enumerate(self.jobs)))
+        return wall
+
+
+def _arms(args: argparse.Namespace, tmp: Path) -> dict[str, _Arm]:
+    """The arms to time: in-process one pass (two steppings) and separate runs, plus CLI processes."""
+    arms = {ONE: _Arm([ARCHS], tmp / "one", args),
+            THREADS: _Arm([ARCHS], tmp / "threads", args, cfg={"sae_threads": 0}),
+            SEPARATE: _Arm([[a] for a in ARCHS], tmp / "separate", args)}
+    if args.processes:
+        arms[ONE_CLI] = _Arm([ARCHS], tmp / "one-cli", args, cli=True)
+        arms[SEPARATE_CLI] = _Arm([[a] for a in ARCHS], tmp / "separate-cli", args, cli=True)
+    return arms
 
 
 def _matmul_seconds(batch: int, d_in: int, d_sae: int, reps: int = 10) -> float:
@@ -82,6 +148,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, required=True)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--d-sae", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every arm (median kept)")
+    ap.add_argument("--processes", action="store_true", help="also time 1 vs 4 `saestrata train` processes")
     ap.add_argument("--kernels", action="store_true", help="time one topk SAE on dense vs sparse kernels")
     ap.add_argument("--dead-window-tokens", type=int, default=250_000,
                     help="with --kernels: tokens without firing before AuxK trains a latent")
@@ -94,22 +162,28 @@ def main() -> None:
     if args.kernels:
         _kernels(args)
         return
+    tokens = len(ARCHS) * args.steps * 1024
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        specs = [SAESpec(a, a) for a in ARCHS]
-        one = _run(args.store, args.layer, specs, args.steps, args.d_sae, tmp / "one")
-        one_thr = _run(args.store, args.layer, specs, args.steps, args.d_sae, tmp / "one-thr", sae_threads=0)
-        separate = sum(_run(args.store, args.layer, [SAESpec(a, a)], args.steps, args.d_sae, tmp / f"sep-{a}")
-                       for a in ARCHS)
-    tokens = len(ARCHS) * args.steps * 1024
-    print(f"one pass, 4 SAEs, one after another (default): {one:8.1f} s  ({tokens / one:,.0f} SAE-tokens/s)")
-    print(f"one pass, 4 SAEs, side by side (threads)     : {one_thr:8.1f} s  ({tokens / one_thr:,.0f} SAE-tokens/s)")
-    print(f"4 separate runs                              : {separate:8.1f} s  ({tokens / separate:,.0f} SAE-tokens/s)")
-    print(f"speed-up ratio separate / one pass           : {separate / one:.2f}x  (target >= 1.5x; "
-          f"{separate / one_thr:.2f}x with side-by-side stepping)")
+        arms = _arms(args, tmp)
+        # Untimed warm-up: the first train call of a process pays one-off costs (oneDNN kernels, page cache).
+        _run(args.store, args.layer, [SAESpec(a, a) for a in ARCHS], 2, args.d_sae, tmp / "warm-up", checkpoint_every=0)
+        print(f"{len(arms)} arms x {args.rounds} rounds, interleaved; {args.steps} steps of 1024 tokens per SAE, "
+              f"d_sae {args.d_sae}", flush=True)
+        seconds = interleaved({name: arm.run for name, arm in arms.items()}, args.rounds)
+    for name, arm in arms.items():
+        med = statistics.median(seconds[name])
+        steps = f"; SAE step clocks {statistics.median(arm.step_seconds):6.1f} s" if arm.step_seconds else ""
+        print(f"{name:42s}: {med:7.1f} s median of {', '.join(f'{t:.1f}' for t in seconds[name])}"
+              f"  ({tokens / med:,.0f} SAE-tokens/s{steps})")
+    ratio = lambda a, b: statistics.median(seconds[a]) / statistics.median(seconds[b])  # noqa: E731
+    print(f"speed-up, separate / one pass: {ratio(SEPARATE, ONE):.2f}x (target >= 1.5x); "
+          f"separate / side by side: {ratio(SEPARATE, THREADS):.2f}x")
+    if args.processes:
+        print(f"speed-up as CLI processes, 4 processes / 1: {ratio(SEPARATE_CLI, ONE_CLI):.2f}x")
     # A dense SAE step is ~5 matmuls of this shape (enc fwd, dec fwd, 3 for the two backward passes).
     mm = _matmul_seconds(1024, 640, args.d_sae)
-    step = one / (len(ARCHS) * args.steps)
+    step = statistics.median(arms[ONE].step_seconds) / (len(ARCHS) * args.steps)
     print(f"bf16 matmul 1024x640x{args.d_sae}: {mm * 1e3:.1f} ms ({2 * 1024 * 640 * args.d_sae / mm / 1e9:.0f} GFLOP/s)")
     print(f"mean SAE step    : {step * 1e3:.1f} ms = {step / (5 * mm):.1f}x the 5-matmul roofline")
 

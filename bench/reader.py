@@ -35,6 +35,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from _common import dir_bytes
+
 from saestrata.allocator import tune_allocator
 from saestrata.store import ActivationStore, shuffled_batches
 from saestrata.store.format import ALIGNED_ARRAYS, stored_dtype
@@ -48,11 +50,6 @@ def _rate(fn, batches: int, batch: int) -> float:
     for _ in range(batches):
         fn()
     return batches * batch / (time.perf_counter() - t0)
-
-
-def _dir_bytes(path: Path) -> int:
-    """Bytes of every file under ``path`` (or of ``path`` itself)."""
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def write_arrow_cache(store: ActivationStore, hook: str, out: Path) -> None:
@@ -136,9 +133,9 @@ def main() -> None:
     # included), the aligned arrays counted whole (what a one-layer store holds; a store
     # of L layers shares them), and the group metadata.
     n_tok = store.n_tokens
-    layer_b = _dir_bytes(args.store / hook) / n_tok
-    aligned_b = {name: _dir_bytes(args.store / name) / n_tok for name in ALIGNED_ARRAYS}
-    meta_b = _dir_bytes(args.store / "zarr.json") / n_tok
+    layer_b = dir_bytes(args.store / hook) / n_tok
+    aligned_b = {name: dir_bytes(args.store / name) / n_tok for name in ALIGNED_ARRAYS}
+    meta_b = dir_bytes(args.store / "zarr.json") / n_tok
     ours_b = layer_b + sum(aligned_b.values()) + meta_b
     chunk = int(store.attrs["chunk_tokens"])
     row_bytes = store.d_model * stored_dtype(store.dtype).itemsize
@@ -158,7 +155,7 @@ def main() -> None:
         cache = Path(tmp) / "saelens-cache"
         write_arrow_cache(store, hook, cache)
         ctx = int(store.attrs["context_length"])
-        arrow_b = _dir_bytes(cache) / (n_tok // ctx * ctx)  # whole contexts only
+        arrow_b = dir_bytes(cache) / (n_tok // ctx * ctx)  # whole contexts only
         ours_it = shuffled_batches(store, hook, args.batch, seed=0)
         arrow_it = arrow_cache_batches(cache, hook, args.batch, exclude=[bos] if bos is not None else [])
         for _ in range(args.repeats):

@@ -11,6 +11,7 @@ each batch in lockstep, so machine contention hits both sides alike. Arms:
    construction in batch mode; their inference threshold is reported too).
 2. Standard (ReLU + L1): our ``standard`` vs their ``StandardTrainer``, an L1 sweep on
    each side; FVU is compared at matched L0 by interpolating FVU against log L0.
+3. TopK, k=32 (``--arms topk``): our ``topk`` vs their ``TopKTrainer`` (L0 = k on both sides).
 
 Throughput = training tokens / wall time of each trainer's per-batch update call
 (ours: the trainer's ``_train_step``, i.e. step + per-step metrics + logging; theirs:
@@ -80,7 +81,7 @@ class Runner:
     """One SAE under training: its update call, its encode/decode for evaluation and its timer."""
 
     side: str  # "ours" or "theirs"
-    arm: str  # "batchtopk" or "standard"
+    arm: str  # "topk", "batchtopk" or "standard"
     setting: str  # e.g. "k=32", "l1=5"
     precision: str
     update: Callable[[int, torch.Tensor], None]
@@ -147,6 +148,8 @@ def their_runner(dl_trainers, arm: str, setting: str, l1: float | None, k: int, 
                   warmup_steps=warm, decay_start=decay_start, seed=seed, device="cpu")
     if arm == "batchtopk":
         trainer = dl_trainers.BatchTopKTrainer(k=k, threshold_start_step=warm, **common)
+    elif arm == "topk":
+        trainer = dl_trainers.TopKTrainer(k=k, threshold_start_step=warm, **common)
     else:
         if standard == "april":  # not re-exported by dictionary_learning.trainers
             cls = importlib.import_module("dictionary_learning.trainers.standard").StandardTrainerAprilUpdate
@@ -257,6 +260,11 @@ def print_results(runners: list[Runner], batch_size: int) -> None:
         return sum(r.steps for r in rs) * batch_size / sum(r.seconds for r in rs)
 
     arms = {r.arm for r in runners}
+    if "topk" in arms:
+        o, t = [next(r for r in runners if r.side == s and r.arm == "topk") for s in ("ours", "theirs")]
+        print(f"\nTopK {o.setting}: throughput ours/theirs = {rate('ours', 'topk') / rate('theirs', 'topk'):.2f}x "
+              f"(target >= 1.0x); FVU at L0 = k: ours {o.results['fvu']:.4f} vs theirs {t.results['fvu']:.4f} -> "
+              f"ours/theirs {o.results['fvu'] / t.results['fvu']:.3f} (<= 1 is better)")
     if "batchtopk" in arms:
         o, t = [next(r for r in runners if r.side == s and r.arm == "batchtopk") for s in ("ours", "theirs")]
         speed = rate("ours", "batchtopk") / rate("theirs", "batchtopk")
@@ -290,10 +298,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=32, help="BatchTopK mean active latents per token (both sides)")
+    ap.add_argument("--k", type=int, default=32, help="TopK / BatchTopK (mean) active latents per token (both sides)")
     ap.add_argument("--our-l1", default="2,5,15", help="l1_coeff sweep of our 'standard'")
     ap.add_argument("--their-l1", default="0.3,1,3", help="l1_penalty sweep of their StandardTrainer")
-    ap.add_argument("--arms", default="batchtopk,standard")
+    ap.add_argument("--arms", default="batchtopk,standard", help="comma-separated: topk, batchtopk, standard")
     ap.add_argument("--holdout-frac", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ours-fp32", action="store_true", help="train ours without bf16 autocast")
@@ -318,6 +326,11 @@ def main() -> None:
                           batch_size=args.batch_size, tokens=args.steps * args.batch_size, seed=args.seed,
                           device="cpu", autocast=not args.ours_fp32)
         runners: list[Runner] = []
+        if "topk" in arms:
+            runners.append(our_runner("topk", {"k": args.k}, f"k={args.k}", cfg, d_in, args.d_sae, args.steps,
+                                      args.seed))
+            runners.append(their_runner(dl_trainers, "topk", f"k={args.k}", None, args.k, d_in, args.d_sae,
+                                        args.steps, args.seed, lm_name, args.layer))
         if "batchtopk" in arms:
             runners.append(our_runner("batchtopk", {"k": args.k}, f"k={args.k}", cfg, d_in, args.d_sae,
                                       args.steps, args.seed))

@@ -182,8 +182,15 @@ class ShardJob:
     truncate_to: int | None = None
 
 
-def _pending_jobs(writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel) -> Iterator[ShardJob]:
-    """Jobs for every uncommitted shard, reading (and checking) the rows of committed ones to keep the order."""
+def pending_jobs(writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel) -> Iterator[ShardJob]:
+    """Jobs for every uncommitted shard, in shard order, for this process or for workers (:mod:`.parallel`).
+
+    The text is re-read from the start: the rows of committed shards are skipped (and
+    counted, to keep every shard's rows in text order), so resuming sees the same rows.
+
+    Raises:
+        StoreError: the text source gives fewer rows than an already committed shard holds.
+    """
     ctx = cfg.context_length
     shard_rows = writer.shard_tokens // ctx
     # Tokenising and packing run a shard ahead in a thread, beside the forward pass.
@@ -201,8 +208,11 @@ def _pending_jobs(writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel) -> I
             yield ShardJob(shard, rows)
 
 
-def _truncate(writer: StoreWriter, cfg: HarvestConfig, n_tokens: int) -> None:
-    """Shrink the plan because the text source ran out (single-writer only: drain workers first)."""
+def truncate_plan(writer: StoreWriter, cfg: HarvestConfig, n_tokens: int) -> None:
+    """Shrink the store's plan to ``n_tokens`` because the text source ran out, and say so.
+
+    Single writer only: in a parallel harvest, in-flight shards are drained first.
+    """
     writer.truncate(n_tokens)
     print(f"note: {cfg.dataset} {cfg.split} ran out after {writer.n_tokens} tokens")
 
@@ -215,9 +225,9 @@ def _write_pending(
     bos = lm.tokenizer.bos_token_id
     bar = tqdm(total=writer.n_tokens, unit="tok", desc=f"harvest {cfg.split}", disable=not progress)
     bar.update(committed_tokens(dict(writer.group.attrs)))
-    for job in _pending_jobs(writer, cfg, lm):
+    for job in pending_jobs(writer, cfg, lm):
         if job.truncate_to is not None:
-            _truncate(writer, cfg, job.truncate_to)
+            truncate_plan(writer, cfg, job.truncate_to)
             if not job.rows:
                 break
         acts, aligned, record = shard_payload(lm, job.rows, layers, hooks, batch_rows, bos, job.shard)

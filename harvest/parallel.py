@@ -125,7 +125,7 @@ def write_pending_parallel(
     """
     from distributed import as_completed
 
-    from .harvester import _pending_jobs, _truncate
+    from .harvester import pending_jobs, truncate_plan
 
     n_workers = cfg.workers or 0
     task = ShardTask(
@@ -154,13 +154,13 @@ def write_pending_parallel(
             writer.commit_shard(shard, record)
             bar.update(n)
 
-        for job in _pending_jobs(writer, cfg, lm):
+        for job in pending_jobs(writer, cfg, lm):
             if errors:
                 break
             if job.truncate_to is not None:
                 for fut in futures:  # resizing while workers write is unsafe (DESIGN.md): drain first
                     settle(fut)
-                _truncate(writer, cfg, job.truncate_to)
+                truncate_plan(writer, cfg, job.truncate_to)
                 if not job.rows:
                     break
             fut = client.submit(harvest_shard, task, job.shard, job.rows, key=f"saestrata-{run}-shard-{job.shard}",

@@ -66,3 +66,22 @@ def test_shuffled_batches_deterministic_and_skip_bos(tiny_store):
     batch_rows = torch.cat(a).float()
     # No batch row equals any BOS activation (BOS rows are identical, huge-norm vectors).
     assert not (batch_rows[:, None, :] == bos_rows[:1].float()[None]).all(-1).any()
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk", "matryoshka"])
+def test_gradient_norm_is_clipped_to_one(arch, tmp_path):
+    """The reference trainers (dictionary_learning) clip these archs' gradient norm at 1; so does ours."""
+    from saestrata.train.registry import build
+    from saestrata.train.trainer import _Slot
+
+    sae = build(arch, 16, 64, seed=0).train()
+    sae.dead_window_tokens = 10**6
+    slot = _Slot(SAESpec(arch, arch), sae, TrainConfig(store=tmp_path, layer=0, out=tmp_path, specs=[]), 10)
+    x = torch.randn(256, 16) * 50  # far from b_dec's init: raw gradient norm >> 1
+    raw = sae(x).loss
+    raw.backward()
+    raw_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in sae.parameters() if p.grad is not None))
+    assert raw_norm > 10
+    assert slot.step(x, 0, autocast=False) is not None
+    norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in sae.parameters() if p.grad is not None))
+    assert norm == pytest.approx(1.0, rel=1e-4)
