@@ -21,9 +21,10 @@ def tune_allocator() -> bool:
     threshold with a fresh ``mmap`` and trims freed memory at the heap top, so each SAE step
     (several [batch, d_sae] temporaries of 16-64 MiB) re-faults its memory page by page:
     measured ~14,000 minor page faults per TopK step (d_in 640, d_sae 4096, batch 1024, with
-    ``resource.getrusage``) and a step 1.4-1.7x slower than with the settings below (README
-    "Benchmarks"). With the mmap threshold at 1 GiB and the trim threshold at 2 GiB the same
-    step faults ~270 times. The price: up to 2 GiB of freed heap stays mapped for reuse.
+    ``resource.getrusage``); with the mmap threshold at 1 GiB and the trim threshold at 2 GiB
+    the same step faults ~270 times. ``bench/one_pass.py --allocator`` (4 SAEs x 100 steps in
+    one ``saestrata train`` process): process wall 35.2 -> 27.2 s (1.29x), the SAEs' own step
+    clocks 1.12x (README "Benchmarks"). The price: up to 2 GiB of freed heap stays mapped.
 
     Process-wide, so the entry points call it (the CLI and ``bench/``), not the library
     functions. ``SAESTRATA_MALLOC=system`` keeps glibc's defaults.

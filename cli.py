@@ -55,8 +55,8 @@ def main():
     saestrata store     ls / info / verify activation stores
     saestrata demo      all three on the embedded Gemma 3 270M + Wikipedia, offline
 
-    Freed large buffers are kept for reuse (glibc malloc settings, 1.4-1.7x faster SAE
-    steps on CPU); SAESTRATA_MALLOC=system keeps the system defaults.
+    Freed large buffers are kept for reuse (glibc malloc settings: ~1.3x faster training
+    on CPU); SAESTRATA_MALLOC=system keeps the system defaults.
     """
     tune_allocator()
 

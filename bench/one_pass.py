@@ -16,6 +16,12 @@ Run on an idle machine:
 process vs four ``saestrata train --arch a`` processes (each paying Python, torch and
 store start-up).
 
+``--allocator`` instead times one ``saestrata train`` process of the four SAEs with the
+allocator settings the CLI applies (saestrata/allocator.py) against one with
+``SAESTRATA_MALLOC=system`` (glibc's defaults), interleaved, and compares the SAEs' step clocks:
+
+    .venv/bin/python bench/one_pass.py --store demo-out/store-train --layer 8 --steps 100 --allocator
+
 ``--kernels`` instead times one topk SAE on the dense and on the sparse training kernels
 (train/kernels.py), both trained in the same pass on the same batches, each timed by
 the trainer's own per-SAE step clock (forward, backward, clip, Adam; data loading and
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -72,6 +79,7 @@ class _Arm:
     args: argparse.Namespace
     cli: bool = False
     cfg: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # extra environment of the CLI processes
     step_seconds: list[float] = field(default_factory=list)
 
     def run(self) -> float:
@@ -83,7 +91,7 @@ class _Arm:
                                 "--layer", str(self.args.layer), "--arch", ",".join(archs), "--out", str(out),
                                 "--tokens", str(steps * 1024), "--d-sae", str(self.args.d_sae),
                                 "--checkpoint-every", "0"], check=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, env={**os.environ, **self.env})
             else:
                 _run(self.args.store, self.args.layer, [SAESpec(a, a) for a in archs], steps, self.args.d_sae, out,
                      checkpoint_every=0, **self.cfg)
@@ -141,6 +149,22 @@ def _kernels(args) -> None:
     print(f"sparse / dense step time: {steps_ms['topk-sparse'] / steps_ms['topk-dense']:.2f}")
 
 
+def _allocator(args) -> None:
+    """SAE step clocks of one CLI process with the tuned allocator vs glibc's defaults (median of rounds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        arms = {"tuned (CLI default)": _Arm([ARCHS], tmp / "tuned", args, cli=True),
+                "SAESTRATA_MALLOC=system": _Arm([ARCHS], tmp / "system", args, cli=True,
+                                                env={"SAESTRATA_MALLOC": "system"})}
+        print(f"2 arms x {args.rounds} rounds, interleaved; one process, 4 SAEs x {args.steps} steps", flush=True)
+        wall = interleaved({name: arm.run for name, arm in arms.items()}, args.rounds)
+    clocks = {name: statistics.median(arm.step_seconds) for name, arm in arms.items()}
+    for name, arm in arms.items():
+        print(f"{name:24s}: SAE step clocks {clocks[name]:6.1f} s (rounds: "
+              f"{', '.join(f'{t:.1f}' for t in arm.step_seconds)}); process wall {statistics.median(wall[name]):.1f} s")
+    print(f"speed-up of the SAE steps, system / tuned: {clocks['SAESTRATA_MALLOC=system'] / clocks['tuned (CLI default)']:.2f}x")
+
+
 def main() -> None:
     """Print seconds for both arms and their ratio (``--kernels``: dense vs sparse topk steps)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -151,6 +175,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every arm (median kept)")
     ap.add_argument("--processes", action="store_true", help="also time 1 vs 4 `saestrata train` processes")
     ap.add_argument("--kernels", action="store_true", help="time one topk SAE on dense vs sparse kernels")
+    ap.add_argument("--allocator", action="store_true", help="time the CLI with vs without its malloc settings")
     ap.add_argument("--dead-window-tokens", type=int, default=250_000,
                     help="with --kernels: tokens without firing before AuxK trains a latent")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -161,6 +186,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)  # 1 thread is far less noisy on a shared machine
     if args.kernels:
         _kernels(args)
+        return
+    if args.allocator:
+        _allocator(args)
         return
     tokens = len(ARCHS) * args.steps * 1024
     with tempfile.TemporaryDirectory() as tmp:

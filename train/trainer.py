@@ -4,7 +4,7 @@ Every batch is read once and fed to every SAE (``dictionary_learning``'s
 "several trainers, one buffer"). Each SAE has its own Adam optimiser, learning
 rate schedule (linear warmup, constant, linear decay to 0 over the last
 ``decay_frac`` of steps), sparsity-coefficient warmup and dead-latent tracking.
-Matmuls run under bf16 autocast (AMX on this CPU) with fp32 master weights.
+Matmuls run under bf16 autocast (AVX-512 BF16 on this CPU; it has no AMX) with fp32 master weights.
 
 A non-finite loss or gradient stops only that SAE: its update is not applied,
 so its weights stay the last good ones and are saved with a ``failed`` note;
@@ -291,10 +291,10 @@ def _sae_pool(cfg: TrainConfig, n_saes: int, device: torch.device):
     On CPU each SAE step is a chain of mid-sized ops whose intra-op parallelism costs
     thread synchronisation (and stalls badly when another process holds a core); several
     SAEs stepped side by side with one intra-op thread each keep every core busy instead
-    (bench/one_pass.py). Measured there (4 SAEs x 100 steps, d_sae 4096, four runs on a
-    quiet but noisy machine): side by side 34.6-44.9 s, one after another 31.0-46.3 s, i.e.
-    no reliable gain; under load from other processes side by side was 4x faster (6-7 s vs
-    26-29 s for 10 steps in a contended probe). So it is opt-in: ``sae_threads=1`` (default) steps them one after another with all cores,
+    (bench/one_pass.py). Measured there (4 SAEs x 100 steps, d_sae 4096, medians of 3
+    interleaved rounds on an idle machine): side by side 26.9 s, one after another 22.5 s;
+    under load from other processes side by side was 4x faster (6-7 s vs 26-29 s for 10
+    steps in a contended probe). So it is opt-in: ``sae_threads=1`` (default) steps them one after another with all cores,
     ``0`` uses as many threads as cores (at most one per SAE). torch's intra-op thread
     count is restored afterwards. Results are
     deterministic for a given ``sae_threads`` (each SAE's ops run in one thread), but
