@@ -267,12 +267,14 @@ def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, no_
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for report.md/.html and PNGs.")
+@click.option("--matched-l0", type=click.FloatRange(min=0, min_open=True),
+              help="Also tabulate each arch's metrics at this L0 (log-L0 interpolation of a sweep).")
 @_one_line_errors
-def report(paths, out):
+def report(paths, out, matched_l0):
     """One Markdown + HTML page with plots from run directories, SAE folders or result JSONs."""
     from .evaluate.report import write_report
 
-    click.echo(f"wrote {write_report(list(paths), out)} and report.html")
+    click.echo(f"wrote {write_report(list(paths), out, matched_l0)} and report.html")
 
 
 from .store.cli import store as _store_commands  # noqa: E402  (ls / info / verify)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,37 @@ def unlearning_rows(inputs: Inputs) -> list[dict]:
     return rows
 
 
+METRICS_AT_L0 = ("explained_variance", "ce_loss_score", "kl_div_score")
+
+
+def matched_l0_rows(rows: list[dict], l0: float) -> list[dict]:
+    """Each arch's metrics at a common ``l0``, interpolated linearly in log L0 (SAEBench-style comparison).
+
+    For every arch, the two core results nearest to ``l0`` on either side (L0 below and
+    above it, or equal) give :data:`METRICS_AT_L0` at ``l0``; an arch whose results do not
+    bracket ``l0`` gets no row (no extrapolation). Results of one arch family (e.g. several
+    presets of ``importance_tracking``) share one curve. Each row names the two results used.
+    """
+    out = []
+    for arch in sorted({r["arch"] for r in rows}):
+        pts = sorted((r for r in rows if r["arch"] == arch and isinstance(r["l0"], (int, float)) and r["l0"] > 0),
+                     key=lambda r: r["l0"])
+        below = [r for r in pts if r["l0"] <= l0]
+        above = [r for r in pts if r["l0"] >= l0]
+        if not below or not above:
+            continue
+        lo, hi = below[-1], above[0]
+        span = math.log(hi["l0"]) - math.log(lo["l0"])
+        w = 0.0 if span == 0 else (math.log(l0) - math.log(lo["l0"])) / span
+        row = {"arch": arch, "l0": l0}
+        for key in METRICS_AT_L0:
+            a, b = lo.get(key), hi.get(key)
+            row[key] = a + w * (b - a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+        row["between"] = f"{lo['sae']} (L0 {lo['l0']:.1f}), {hi['sae']} (L0 {hi['l0']:.1f})"
+        out.append(row)
+    return out
+
+
 # ----------------------------------------------------------------------------- plots
 def _plt():
     import matplotlib
@@ -145,9 +177,11 @@ def _scatter(rows: list[dict], y: str, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     markers = "osD^v<>Pp*Xh"  # colour x marker keeps up to 120 archs distinguishable
     for i, arch in enumerate(sorted({r["arch"] for r in pts})):
-        sel = [r for r in pts if r["arch"] == arch]
-        ax.scatter([r["l0"] for r in sel], [r[y] for r in sel], label=arch, color=f"C{i % 10}",
-                   marker=markers[(i // 10) % len(markers)])
+        sel = sorted((r for r in pts if r["arch"] == arch), key=lambda r: r["l0"])
+        # Several results of one arch (a sweep) are joined into its L0 trade-off curve.
+        ax.plot([r["l0"] for r in sel], [r[y] for r in sel], label=arch, color=f"C{i % 10}",
+                marker=markers[(i // 10) % len(markers)], linestyle="-" if len(sel) > 1 else "none",
+                linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel(y)
@@ -252,8 +286,10 @@ def _html_table(rows: list[dict]) -> str:
     return f"<table border=1 cellpadding=3><tr>{head}</tr>{body}</table>"
 
 
-def write_report(paths: list[Path], out: Path) -> Path:
+def write_report(paths: list[Path], out: Path, matched_l0: float | None = None) -> Path:
     """Write ``out/report.md``, ``out/report.html`` and the PNG plots; returns the Markdown path.
+
+    ``matched_l0`` adds a section with every arch's metrics at that L0 (:func:`matched_l0_rows`).
 
     Raises:
         FileNotFoundError: an input path does not exist.
@@ -273,6 +309,9 @@ def write_report(paths: list[Path], out: Path) -> Path:
     logs = [{"sae": _label(p), "steps": len(r), "last_tokens": r[-1].get("tokens") if r else None,
              "last_fvu": r[-1].get("fvu") if r else None, "file": str(p)} for p, r in inputs.train_logs]
     sections = [("Core metrics", core), ("Unlearning", unl), ("Training logs", logs)]
+    if matched_l0 is not None:
+        sections.insert(1, (f"At matched L0 {matched_l0:g} (linear in log L0 between the two results "
+                            "bracketing it; archs not bracketing it are left out)", matched_l0_rows(core, matched_l0)))
     md = ["# saestrata report\n", "Every number below is copied from the file named in its row.\n"]
     page = ["<html><head><meta charset='utf-8'><title>saestrata report</title></head><body>",
             "<h1>saestrata report</h1><p>Every number below is copied from the file named in its row.</p>"]

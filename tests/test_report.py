@@ -88,3 +88,30 @@ def test_scoring_setting_is_lowest_forget_among_retained():
     assert _scoring_setting(details)["forget_accuracy"] == 0.8
     none_ok = [dict(d, retain_ok=False) for d in details[:3]]
     assert _scoring_setting(none_ok)["retain_accuracy"] == 0.995
+
+
+def test_matched_l0_interpolates_in_log_l0_between_bracketing_results():
+    from saestrata.evaluate.report import matched_l0_rows
+
+    def row(sae, arch, l0, ev):
+        return {"sae": sae, "arch": arch, "l0": l0, "explained_variance": ev, "ce_loss_score": ev / 2,
+                "kl_div_score": None, "file": sae}
+
+    rows = [row("a-8", "a", 8.0, 0.5), row("a-128", "a", 128.0, 0.9), row("a-1000", "a", 1000.0, 0.99),
+            row("b-64", "b", 64.0, 0.7), row("b-100", "b", 100.0, 0.8),  # b never reaches L0 32: no row
+            row("c-32", "c", 32.0, 0.6)]
+    out = {r["arch"]: r for r in matched_l0_rows(rows, 32.0)}
+    assert set(out) == {"a", "c"}
+    # log2: 8 -> 3, 32 -> 5, 128 -> 7: halfway, so EV halfway between 0.5 and 0.9 (by hand).
+    assert out["a"]["explained_variance"] == pytest.approx(0.7)
+    assert out["a"]["ce_loss_score"] == pytest.approx(0.35)
+    assert out["a"]["kl_div_score"] is None
+    assert "a-8" in out["a"]["between"] and "a-128" in out["a"]["between"]
+    assert out["c"]["explained_variance"] == pytest.approx(0.6)  # an exact hit needs no neighbour
+
+
+def test_report_cli_matched_l0(run_dir, scratch):
+    out = scratch / "report-matched"
+    result = CliRunner().invoke(main, ["report", str(run_dir), "--out", str(out), "--matched-l0", "32"])
+    assert result.exit_code == 0, result.output
+    assert "At matched L0 32" in (out / "report.md").read_text()
