@@ -527,8 +527,13 @@ class ContrastiveHierSAE(DynamicHierSAE):
     """:class:`DynamicHierSAE` with InfoNCE on by default (seed 001 sec. 4.3, 6.1: T 0.1, weight 0.1)."""
 
     arch = "seed001_contrastive_hier"
-    # Its InfoNCE step gave run-to-run differences in the last bits when stepped beside other
-    # SAEs in the trainer's thread pool (cause not isolated), so it always runs alone.
+    # Stepped concurrently with another SAE (trainer thread pool), its updates differ in the last
+    # bits from a sequential run, from the 3rd step on (d_in 640, d_sae 2048, beside a topk SAE).
+    # Narrowed down (2026-11-22): alone in a pool thread, or beside the other SAE with the steps
+    # serialised by a lock, it is bit-identical; a fixed noise tensor instead of its generator
+    # still differs; without the contrast term (f @ fine, normalise, InfoNCE cross-entropy) it is
+    # identical. So some op of the contrast term reads state another thread's step changes; which
+    # one is not isolated. Until it is, it always steps alone.
     thread_safe = False
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, contrast_coeff: float = 0.1, **kwargs):
