@@ -174,3 +174,22 @@ def test_trainer_runs_sparse_kernels_like_dense(tiny_store, tmp_path):
 def test_radix_argsort_is_torch_stable_argsort(bound):
     keys = torch.randint(0, bound, (3000,), generator=torch.Generator().manual_seed(bound % 1000))
     assert torch.equal(_argsort(keys, bound), torch.argsort(keys, stable=True))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_bookkeeping_matches_dense_code(arch):
+    """Firing, L0 and the BatchTopK threshold read off the active pairs equal those of the dense code."""
+    dense, sparse = _pair(arch, dead_every=None)
+    x = _inputs()
+    out_d, out_s = dense(x), sparse(x)
+    assert out_s.active is not None and out_d.active is None
+    assert torch.equal(out_s.fired(), (out_s.f > 0).any(0))
+    assert torch.equal(out_s.fired(), out_d.fired())
+    assert out_s.l0() == pytest.approx(float((out_d.f > 0).sum(-1).float().mean()))
+    torch.testing.assert_close(out_s.min_active(), out_d.f[out_d.f > 0].min().float(), **TOL)
+    for sae, out in ((dense, out_d), (sparse, out_s)):
+        sae.tokens_since_fired += 7
+        sae.update_firing(out)
+    assert torch.equal(dense.tokens_since_fired, sparse.tokens_since_fired)
+    if arch != "topk":
+        torch.testing.assert_close(sparse.threshold, dense.threshold, **TOL)

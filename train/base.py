@@ -16,32 +16,67 @@ raw activations and returns raw reconstructions with the same latents.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 
-@dataclass
 class ForwardOutput:
     """Result of :meth:`SAE.forward`.
 
     Attributes:
         x_hat: ``[batch, d_in]`` reconstruction.
-        f: ``[batch, d_sae]`` latent activations (non-negative for all built-in archs).
+        f: ``[batch, d_sae]`` latent activations (non-negative for all built-in archs). The
+            sparse kernels (:mod:`.kernels`) pass ``active`` + ``values`` instead and ``f`` is
+            built on first access, so training steps that never read it skip a dense
+            ``[batch, d_sae]`` write.
         losses: named scalar loss terms, already weighted; the training loss is their sum.
             ``mse`` (squared error summed over ``d_in``, mean over batch) is always present.
+        active: the :class:`~.kernels.ActiveSet` of (row, latent) pairs with ``f > 0``, or None.
+        values: fp32 ``[N]`` activations at ``active``'s pairs (detached), or None.
     """
 
-    x_hat: torch.Tensor
-    f: torch.Tensor
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    def __init__(self, x_hat: torch.Tensor, f: torch.Tensor | None = None, losses: dict | None = None, *,
+                 active=None, values: torch.Tensor | None = None, f_dtype: torch.dtype = torch.float32):
+        if f is None and active is None:
+            raise ValueError("ForwardOutput needs f or active + values")
+        self.x_hat, self._f, self.losses = x_hat, f, losses if losses is not None else {}
+        self.active, self.values, self._f_dtype = active, values, f_dtype
+
+    @property
+    def f(self) -> torch.Tensor:
+        """``[batch, d_sae]`` latents (built from ``active`` on first access)."""
+        if self._f is None:
+            self._f = self.active.to_dense(self.values, self._f_dtype)
+        return self._f
 
     @property
     def loss(self) -> torch.Tensor:
         """Total training loss (sum of ``losses``)."""
         return sum(self.losses.values())
+
+    @property
+    def n_rows(self) -> int:
+        """Batch size (tokens) of this output."""
+        return self.active.n_rows if self._f is None else self._f.shape[0]
+
+    def fired(self) -> torch.Tensor:
+        """bool ``[d_sae]``: latents active on at least one token of the batch."""
+        return self.active.fired() if self.active is not None else (self.f > 0).any(0)
+
+    def l0(self) -> float:
+        """Mean number of active latents per token."""
+        if self.active is not None:
+            return len(self.active) / self.active.n_rows
+        return float((self.f > 0).sum(-1).float().mean())
+
+    def min_active(self) -> torch.Tensor | None:
+        """Smallest positive activation of the batch (fp32 scalar), None when nothing fired."""
+        if self.active is not None:
+            return self.values.min().float() if len(self.active) else None
+        positive = self.f[self.f > 0]
+        return positive.min().float() if positive.numel() else None
 
 
 class SAE(nn.Module):
@@ -123,11 +158,15 @@ class SAE(nn.Module):
 
     # -- training-time bookkeeping ----------------------------------------------------
     @torch.no_grad()
-    def update_firing(self, f: torch.Tensor) -> None:
-        """Dead-latent tracking: reset the counter of latents that fired in this batch."""
-        fired = (f > 0).any(0)
-        self.tokens_since_fired += f.shape[0]
-        self.tokens_since_fired[fired] = 0
+    def update_firing(self, out: ForwardOutput | torch.Tensor) -> None:
+        """Dead-latent tracking: reset the counter of latents that fired in this batch.
+
+        ``out`` is a training forward's :class:`ForwardOutput` (its active pairs when it has
+        them) or its latents ``f`` ``[batch, d_sae]``.
+        """
+        out = out if isinstance(out, ForwardOutput) else ForwardOutput(None, out)
+        self.tokens_since_fired += out.n_rows
+        self.tokens_since_fired[out.fired()] = 0
 
     @torch.no_grad()
     def init_b_dec(self, x: torch.Tensor) -> None:

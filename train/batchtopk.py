@@ -140,26 +140,26 @@ class BatchTopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         return {"auxk": self.auxk_loss(x, pre, x_hat)} if self.training else {}
 
     @torch.no_grad()
-    def update_firing(self, f: torch.Tensor) -> None:
+    def update_firing(self, out: ForwardOutput | torch.Tensor) -> None:
         """Dead-latent tracking plus the threshold's running average (training batches only).
 
-        ``f`` is the ``[batch, d_sae]`` output of a training-mode forward pass.
+        ``out``: a training-mode forward's :class:`ForwardOutput` or its latents ``f`` ``[batch, d_sae]``.
         """
-        super().update_firing(f)
+        out = out if isinstance(out, ForwardOutput) else ForwardOutput(None, out)
+        super().update_firing(out)
         if self.training:
-            self.update_threshold(f)
+            self.update_threshold(out)
 
     @torch.no_grad()
-    def update_threshold(self, f: torch.Tensor) -> None:
-        """Move ``threshold`` towards the smallest positive entry of ``f`` (Bussmann et al. 2024, sec. 3).
+    def update_threshold(self, out: ForwardOutput) -> None:
+        """Move ``threshold`` towards the batch's smallest positive activation (Bussmann et al. 2024, sec. 3).
 
         The first observation sets it directly (a zero threshold means "not yet seen").
         A batch without positive entries leaves it unchanged.
         """
-        positive = f[f > 0]
-        if positive.numel() == 0:
+        observed = out.min_active()
+        if observed is None:
             return
-        observed = positive.min().float()
         current = self.threshold[0]
         new = observed if current <= 0 else current + self.threshold_lr * (observed - current)
         self.threshold.fill_(float(new))

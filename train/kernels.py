@@ -157,6 +157,10 @@ class ActiveSet:
         return F.embedding_bag(table_index[perm], table, crow[:-1], mode="sum",
                                per_sample_weights=weights[perm])
 
+    def fired(self) -> torch.Tensor:
+        """bool ``[d_sae]``: latents with at least one pair."""
+        return torch.zeros(self.n_latents, dtype=torch.bool, device=self.cols.device).index_fill_(0, self.cols, True)
+
     def to_dense(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The ``[n_rows, d_sae]`` code with ``values`` (``[N]``) at the pairs, detached.
 

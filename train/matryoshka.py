@@ -113,7 +113,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         pre = self.pre_acts(x)
         f = self.activation(pre)
         partials = self.prefix_reconstructions(f)
-        return self._nested_output(x, f, partials, self.penalties(x, pre, f, partials[-1]))
+        return ForwardOutput(partials[-1], f, self._nested_losses(x, partials, self.penalties(x, pre, f, partials[-1])))
 
     def sparse_forward(self, x: torch.Tensor) -> ForwardOutput:
         """:meth:`forward` on the sparse kernels: group ``g``'s share of each row holds only its active latents."""
@@ -121,17 +121,17 @@ class MatryoshkaSAE(BatchTopKSAE):
         groups = sparse_decode(vals, self.W_dec, act).view(x.shape[0], len(self.prefix_sizes), -1)
         prefixes = groups.cumsum(1) + self.b_dec  # [B, G, d_in]: prefix m = groups 0..m
         partials = list(prefixes.unbind(1))
-        f = act.to_dense(vals, pre.dtype)
-        return self._nested_output(x, f, partials, {"auxk": self.auxk_loss_sparse(x, pre, partials[-1])})
+        losses = self._nested_losses(x, partials, {"auxk": self.auxk_loss_sparse(x, pre, partials[-1])})
+        return ForwardOutput(partials[-1], None, losses, active=act, values=vals.detach(), f_dtype=pre.dtype)
 
     @staticmethod
-    def _nested_output(x, f, partials, penalties) -> ForwardOutput:
+    def _nested_losses(x, partials, penalties) -> dict:
         """The loss dict of Bussmann et al. 2025 sec. 3 from the prefix reconstructions ``[batch, d_in]``."""
         errors = [squared_error(x, p) for p in partials]
         losses = {"mse": errors[-1]}
         if len(errors) > 1:
             losses["prefix_mse"] = torch.stack(errors[:-1]).sum()
-        return ForwardOutput(partials[-1], f, {**losses, **penalties})
+        return {**losses, **penalties}
 
 
 ARCHS = {"matryoshka": ArchInfo(

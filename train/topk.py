@@ -116,9 +116,9 @@ class SparseKernelsMixin:
         """:meth:`SAE.forward` with the same losses, computed from the active latents only."""
         pre, act, vals = self.sparse_code(x)
         x_hat = sparse_decode(vals, self.W_dec, act) + self.b_dec
-        f = act.to_dense(vals, pre.dtype)
         mse = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
-        return ForwardOutput(x_hat, f, {"mse": mse, "auxk": self.auxk_loss_sparse(x, pre, x_hat)})
+        return ForwardOutput(x_hat, None, {"mse": mse, "auxk": self.auxk_loss_sparse(x, pre, x_hat)},
+                             active=act, values=vals.detach(), f_dtype=pre.dtype)
 
 
 class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):

@@ -208,7 +208,7 @@ class _Slot:
         self.sched.step()
         self.sae.normalize_decoder()
         self.sae.after_step(step, self.steps)
-        self.sae.update_firing(out.f)
+        self.sae.update_firing(out)
         self.seconds += time.perf_counter() - t0
         return _metrics(x, out, loss, self.sae, self.opt.param_groups[0]["lr"])
 
@@ -221,7 +221,7 @@ def _metrics(x: torch.Tensor, out, loss: torch.Tensor, sae: SAE, lr: float) -> d
         var = (xf - xf.mean(0)).pow(2).sum(-1).mean()
         return {
             "loss": float(loss), **{k: float(v) for k, v in out.losses.items()},
-            "l0": float((out.f > 0).sum(-1).float().mean()), "fvu": float(resid / var),
+            "l0": out.l0(), "fvu": float(resid / var),
             "dead_frac": float((sae.tokens_since_fired >= sae_dead_window(sae)).float().mean()), "lr": lr,
         }
 
