@@ -292,9 +292,9 @@ def _sae_pool(cfg: TrainConfig, n_saes: int, device: torch.device):
     thread synchronisation (and stalls badly when another process holds a core); several
     SAEs stepped side by side with one intra-op thread each keep every core busy instead
     (bench/one_pass.py). Measured there (4 SAEs x 100 steps, d_sae 4096, medians of 3
-    interleaved rounds on an idle machine): side by side 26.9 s, one after another 22.5 s;
-    under load from other processes side by side was 4x faster (6-7 s vs 26-29 s for 10
-    steps in a contended probe). So it is opt-in: ``sae_threads=1`` (default) steps them one after another with all cores,
+    interleaved rounds on an idle machine): side by side 18.5 s, one after another 18.8 s
+    (26.9 vs 22.5 s in a noisier earlier run); under load from other processes side by side
+    was 4x faster (6-7 s vs 26-29 s for 10 steps in a contended probe). So it is opt-in: ``sae_threads=1`` (default) steps them one after another with all cores,
     ``0`` uses as many threads as cores (at most one per SAE). torch's intra-op thread
     count is restored afterwards. Results are
     deterministic for a given ``sae_threads`` (each SAE's ops run in one thread), but
