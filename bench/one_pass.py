@@ -83,6 +83,7 @@ class _Arm:
     step_seconds: list[float] = field(default_factory=list)
 
     def run(self) -> float:
+        """Train every job once (in this process or as CLI processes); wall seconds. Appends the step clocks."""
         t0, steps = time.perf_counter(), self.args.steps
         for i, archs in enumerate(self.jobs):
             out = self.out / str(i)

@@ -35,6 +35,9 @@ class ForwardOutput:
             ``mse`` (squared error summed over ``d_in``, mean over batch) is always present.
         active: the :class:`~.kernels.ActiveSet` of (row, latent) pairs with ``f > 0``, or None.
         values: fp32 ``[N]`` activations at ``active``'s pairs (detached), or None.
+
+    Raises:
+        ValueError: neither ``f`` nor ``active`` given.
     """
 
     def __init__(self, x_hat: torch.Tensor, f: torch.Tensor | None = None, losses: dict | None = None, *,

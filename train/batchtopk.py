@@ -54,7 +54,7 @@ def top_n(flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     (~4.4 ms). Every entry larger than the n-th largest is ``>= t``, so the kept values are
     exactly ``flat.topk(n)``'s; only the choice among entries tied with the n-th largest
     may differ, which ``topk`` leaves unspecified too. Falls back to ``flat.topk`` when the
-    check fails or ``n`` is over a quarter of the entries. The stride is odd so that on a
+    check fails or ``n`` is over about an eighth of the entries. The stride is odd so that on a
     flattened ``[batch, 2^j]`` code the sample covers every latent.
     """
     stride = (flat.numel() // (2 * n)) | 1
