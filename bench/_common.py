@@ -18,10 +18,11 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def interleaved(arms: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Run every arm once per round, arms interleaved (A B C A B C ...); ``{name: [seconds per round]}``.
+    """Run every arm once per round, arms interleaved (A B C A B C ...); ``{name: [result per round]}``.
 
-    Interleaving spreads the slow phases of a noisy shared machine over every arm, so ratios
-    of the medians compare like with like. Each arm times itself and returns seconds.
+    Interleaving spreads the slow phases of a noisy shared machine over every arm, so the
+    arms' medians (or bests) compare like with like. Each arm times itself and returns its
+    figure (seconds, or a rate).
     """
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(rounds):

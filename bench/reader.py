@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from _common import dir_bytes
+from _common import dir_bytes, interleaved
 
 from saestrata.allocator import tune_allocator
 from saestrata.store import ActivationStore, shuffled_batches
@@ -123,12 +123,6 @@ def main() -> None:
     store = ActivationStore(args.store)
     hook = store.hook_for_layer(args.layer)
     bos = store.attrs.get("bos_token_id")
-    rates: dict[str, float] = {}
-
-    def keep_best(name: str, fn) -> None:
-        """Keep the best tokens/s of ``fn`` under ``name`` (called once per interleaved round)."""
-        rates[name] = max(rates.get(name, 0.0), _rate(fn, args.batches, args.batch))
-
     # Bytes per token of our store: the layer's shard files (crc32c and shard indexes
     # included), the aligned arrays counted whole (what a one-layer store holds; a store
     # of L layers shares them), and the group metadata.
@@ -158,10 +152,10 @@ def main() -> None:
         arrow_b = dir_bytes(cache) / (n_tok // ctx * ctx)  # whole contexts only
         ours_it = shuffled_batches(store, hook, args.batch, seed=0)
         arrow_it = arrow_cache_batches(cache, hook, args.batch, exclude=[bos] if bos is not None else [])
-        for _ in range(args.repeats):
-            keep_best("reader", lambda: next(ours_it))
-            keep_best("gather", gather)
-            keep_best("arrow", lambda: next(arrow_it))
+        arms = {"reader": lambda: next(ours_it), "gather": gather, "arrow": lambda: next(arrow_it)}
+        rounds = interleaved({name: (lambda fn=fn: _rate(fn, args.batches, args.batch)) for name, fn in arms.items()},
+                             args.repeats)
+        rates = {name: max(r) for name, r in rounds.items()}  # the best tokens/s of each arm
 
     sae = build("topk", store.d_model, 4096)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
