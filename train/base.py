@@ -110,6 +110,9 @@ class SAE(nn.Module):
     # False: the trainer never steps this SAE concurrently with others (its numerics were
     # seen to depend on what ran beside it; tests/test_train_resume.py checks bit-identity).
     thread_safe: ClassVar[bool] = True
+    # How ``--target-l0`` reaches this arch (trainer.py): "penalty" = the trainer scales every
+    # sparsity term through ``sparsity_scale``; "k" = the arch takes ``k`` latents per token.
+    sparsity_control: ClassVar[str] = "penalty"
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0):
         super().__init__()
@@ -194,6 +197,16 @@ class SAE(nn.Module):
 
         For SAEs with schedules or periodic bookkeeping (e.g. curricula, importance tracking).
         """
+
+    def counters(self) -> dict[str, float]:
+        """Mechanism counters written into every train-log line (``"counters"``), e.g. latents pruned.
+
+        Each value is a plain float/int describing the mechanism's state or cumulative
+        activity at log time (not averaged over the window), so a reader of the log can see
+        that a mechanism a paper describes actually acted. Default: ``{}``. Subclasses extend
+        the parent's dict.
+        """
+        return {}
 
     # -- checkpoints ------------------------------------------------------------------
     def extra_state(self) -> dict:

@@ -43,7 +43,8 @@ def run_identity(cfg, store, d_sae: int) -> dict:
         store: the opened :class:`~saestrata.store.ActivationStore`.
         d_sae: the resolved number of latents.
     """
-    specs = [{"name": s.name, "arch": s.arch, "hparams": s.hparams, "lr": s.lr} for s in cfg.specs]
+    specs = [{"name": s.name, "arch": s.arch, "hparams": s.hparams, "lr": s.lr,
+              "target_l0": s.target_l0, "seed": s.seed} for s in cfg.specs]
     return {
         "store": str(Path(cfg.store).resolve()), "identity_key": store.attrs.get("identity_key"),
         "n_tokens": int(store.n_tokens), "layer": cfg.layer, "specs": specs, "d_sae": d_sae,

@@ -35,7 +35,7 @@ ARCHS: dict[str, ArchInfo] = _collect()
 
 
 def resolve(name: str) -> tuple[str, dict]:
-    """Map an arch or preset name to ``(arch, preset hyperparameters)``.
+    """Map an arch or preset name to ``(arch, preset hyperparameters)``; a preset wins over an arch of the same name.
 
     ``-`` and ``_`` are interchangeable (``group-sparsity`` = ``group_sparsity``).
 
@@ -43,12 +43,14 @@ def resolve(name: str) -> tuple[str, dict]:
         ArchError: the name is neither an arch nor a preset.
     """
     key = _canonical(name)
+    # Presets first: a preset may carry its arch's name (seed001_static_hier) and must then apply.
     for arch, info in ARCHS.items():
-        if _canonical(arch) == key:
-            return arch, {}
         for preset, hparams in info.presets.items():
             if _canonical(preset) == key:
                 return arch, dict(hparams)
+    for arch in ARCHS:
+        if _canonical(arch) == key:
+            return arch, {}
     known = sorted(set(ARCHS) | {p for info in ARCHS.values() for p in info.presets})
     raise ArchError(f"unknown arch {name!r}: choose from {', '.join(known)} (see saestrata train --list-archs)")
 

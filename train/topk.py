@@ -45,6 +45,12 @@ class AuxKMixin:
     """
 
     dead_window_tokens: int = 250_000
+    sparsity_control = "k"  # --target-l0 L trains with k = L
+
+    def counters(self) -> dict[str, float]:
+        """``auxk_dead``: latents AuxK currently treats as dead (it acts only when > 0)."""
+        n_dead = int((self.tokens_since_fired >= self.dead_window_tokens).sum())
+        return {**super().counters(), "auxk_dead": n_dead}
 
     def auxk_loss(self, x: torch.Tensor, pre: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """Weighted AuxK term (scalar); zero when no latent is dead."""

@@ -35,7 +35,7 @@ from ..store import ActivationStore, StoreError, sequence_batches, shuffled_batc
 from .base import SAE
 from .checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, rng_state, run_identity,
                          set_rng_state, truncate_log, write_checkpoint)
-from .registry import build, optimizer_hparams
+from .registry import ARCHS, build, optimizer_hparams, resolve
 from .sae_io import save_sae
 
 LOG_FILE = "train_log.jsonl"
@@ -43,12 +43,19 @@ LOG_FILE = "train_log.jsonl"
 
 @dataclass
 class SAESpec:
-    """One SAE to train: ``name`` is its folder in the run dir, ``arch`` an arch or preset name."""
+    """One SAE to train: ``name`` is its folder in the run dir, ``arch`` an arch or preset name.
+
+    ``target_l0`` (tokens' mean active latents) calibrates sparsity (see :class:`L0Controller`);
+    ``seed`` offsets the initialisation seed (``TrainConfig.seed + seed``); the batch stream
+    depends on ``TrainConfig.seed`` only, so every SAE of a pass sees the same batches.
+    """
 
     name: str
     arch: str
     hparams: dict = field(default_factory=dict)
     lr: float | None = None
+    target_l0: float | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -80,7 +87,7 @@ class TrainConfig:
     device: str = "auto"
     autocast: bool = True
     log_every: int = 25
-    dead_window_tokens: int = 250_000
+    dead_window_tokens: int | None = None  # None: a tenth of the budget (see dead_window)
     allow_partial: bool = False
     checkpoint_every: int = 100
     sae_threads: int = 1  # SAEs stepped concurrently (>1: one intra-op thread each, see _sae_pool)
@@ -116,6 +123,70 @@ def _optimizer(spec: SAESpec, sae: SAE, cfg: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
+def lr_factor(step: int, steps: int, warm: int, decay: int) -> float:
+    """Learning-rate multiplier of 0-based ``step`` of ``steps``: linear warmup over ``warm`` steps,
+    constant, then linear decay over the last ``decay`` steps reaching exactly 0 at the last step.
+
+    (Anthropic April 2024 update / dictionary_learning's schedule: decay to zero.)
+    """
+    return min((step + 1) / warm, 1.0, max(0.0, (steps - 1 - step) / decay))
+
+
+def dead_window(cfg: TrainConfig) -> int:
+    """Tokens without firing after which a latent counts as dead (AuxK's window, ``dead_frac``).
+
+    ``cfg.dead_window_tokens``, or a tenth of the per-SAE budget: Gao et al. 2024 (app. A.2) call a
+    latent dead after 10M tokens of runs of billions; a window that is most of a short run
+    would leave AuxK idle (issue 10, defect 6). At least one batch.
+    """
+    return max(cfg.batch_size, cfg.dead_window_tokens or cfg.tokens // 10)
+
+
+class L0Controller:
+    """``--target-l0`` for penalty archs: a multiplier on every sparsity term, steered to the target.
+
+    The trainer sets ``sae.sparsity_scale = warmup(step) * multiplier``; every penalty arch
+    scales all its sparsity terms by ``sparsity_scale`` (train/base.py), so one generic knob
+    calibrates them all. After the sparsity warmup and until the lr decay starts, each step
+    moves ``log(multiplier)`` by ``gain * clip(log((L0 + 1) / (target + 1)), -1, 1)`` (integral
+    control on the batch L0); then the multiplier is frozen, so the last ``decay_frac`` of
+    training runs at a fixed objective. The final L0 lands near, not at, the target: the
+    benchmark trains points on both sides of each target and interpolates in log L0
+    (``report --matched-l0``). TopK-family archs (``sparsity_control == "k"``) take
+    ``k = round(target)`` instead.
+
+    Args:
+        target: mean active latents per token wanted (> 0).
+        start, stop: 0-based steps between which the multiplier moves.
+        gain: step size in log space (default 0.02: a 10x miss moves it e^1 in ~50 steps).
+    """
+
+    def __init__(self, target: float, start: int, stop: int, gain: float = 0.02):
+        self.target, self.start, self.stop, self.gain = float(target), start, stop, gain
+        self.log_mult = 0.0
+        self.updates = 0
+
+    @property
+    def multiplier(self) -> float:
+        """Current factor on the sparsity terms (1.0 at the start)."""
+        return math.exp(self.log_mult)
+
+    def update(self, step: int, l0: float) -> None:
+        """Feed the batch L0 of 0-based ``step``; moves the multiplier inside ``[start, stop)``."""
+        if self.start <= step < self.stop and math.isfinite(l0):
+            err = math.log((l0 + 1.0) / (self.target + 1.0))
+            self.log_mult = min(30.0, max(-30.0, self.log_mult + self.gain * max(-1.0, min(1.0, err))))
+            self.updates += 1
+
+    def state(self) -> dict:
+        """Checkpointable state."""
+        return {"log_mult": self.log_mult, "updates": self.updates}
+
+    def load(self, state: dict) -> None:
+        """Restore :meth:`state`."""
+        self.log_mult, self.updates = state["log_mult"], state["updates"]
+
+
 class _Slot:
     """One SAE being trained: its module, optimiser, schedule, log and status."""
 
@@ -123,10 +194,11 @@ class _Slot:
         self.spec, self.sae, self.steps = spec, sae, steps
         self.opt = _optimizer(spec, sae, cfg)
         warm, decay = max(1, int(cfg.warmup_frac * steps)), max(1, int(cfg.decay_frac * steps))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min((s + 1) / warm, 1.0, max(0.0, (steps - s) / decay))
-        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warm, decay))
         self.sparsity_warm = max(1, int(cfg.sparsity_warmup_frac * steps))
+        self.l0_control = None
+        if spec.target_l0 is not None and sae.sparsity_control == "penalty":
+            self.l0_control = L0Controller(spec.target_l0, self.sparsity_warm, max(self.sparsity_warm, steps - decay))
         self.failed: str | None = None
         self.folder = Path(cfg.out) / spec.name
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -150,10 +222,18 @@ class _Slot:
         """
         mean = {k: sum(m[k] for m in self._window) / len(self._window) for k in self._window[-1]}
         line = {"step": step, "tokens": (step + 1) * batch_size, "window": len(self._window),
-                "tokens_per_s": self.steps_done * batch_size / max(self.seconds, 1e-9), **mean}
+                "tokens_per_s": self.steps_done * batch_size / max(self.seconds, 1e-9), **mean,
+                "counters": self.counters()}
         self.log.write(json.dumps(line) + "\n")
         self.log.flush()
         self._window = []
+
+    def counters(self) -> dict:
+        """The SAE's mechanism counters (:meth:`SAE.counters`) plus the L0 controller's state."""
+        out = dict(self.sae.counters())
+        if self.l0_control is not None:
+            out.update(sparsity_multiplier=self.l0_control.multiplier, l0_control_updates=self.l0_control.updates)
+        return out
 
     def state(self) -> dict:
         """Everything needed to continue this SAE exactly (tensors are live references; save at once).
@@ -167,7 +247,8 @@ class _Slot:
         return {"sae": self.sae.state_dict(), "extra": self.sae.extra_state(), "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(), "failed": self.failed, "seconds": self.seconds,
                 "steps_done": self.steps_done, "last": self.last, "window": self._window,
-                "log_bytes": os.fstat(self.log.fileno()).st_size}
+                "log_bytes": os.fstat(self.log.fileno()).st_size,
+                "l0_control": self.l0_control.state() if self.l0_control else None}
 
     def load_state(self, state: dict) -> None:
         """Restore :meth:`state` and cut the log back to its length at the checkpoint.
@@ -182,6 +263,8 @@ class _Slot:
         self.sched.load_state_dict(state["sched"])
         self.failed, self.seconds, self.steps_done = state["failed"], state["seconds"], state["steps_done"]
         self.last, self._window = state["last"], list(state["window"])
+        if self.l0_control is not None:
+            self.l0_control.load(state["l0_control"])
         self.log.close()
         truncate_log(self.folder / LOG_FILE, state["log_bytes"])
         self.log = open(self.folder / LOG_FILE, "a")
@@ -189,11 +272,16 @@ class _Slot:
     def step(self, x: torch.Tensor, step: int, autocast: bool, rows: tuple | None = None) -> dict | None:
         """One optimiser step on normalised ``x [batch, d_in]``; returns metrics, or None if it failed.
 
-        Sequence SAEs train on ``rows = (acts [R, T, d_in], doc_index [R, T], valid [R, T])``
-        instead, where ``x == acts[valid]``, so metrics cover the same tokens for every SAE.
+        Sequence SAEs train on their own stream ``rows = (acts [R, T, d_in], doc_index [R, T],
+        valid [R, T])`` instead and their metrics cover ``acts[valid]``; token SAEs get the same
+        shuffled ``x`` whether or not a sequence SAE shares the pass (issue 10, defect 2).
         """
+        if self.sae.needs_sequences:
+            x = rows[0][rows[2]]
         t0 = time.perf_counter()
-        self.sae.sparsity_scale = min(1.0, (step + 1) / self.sparsity_warm)
+        mult = self.l0_control.multiplier if self.l0_control else 1.0
+        self.sae.sparsity_scale = min(1.0, (step + 1) / self.sparsity_warm) * mult
+        lr = self.opt.param_groups[0]["lr"]  # the rate this step uses (logged)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = self.sae.forward_seq(*rows) if self.sae.needs_sequences else self.sae(x)
         loss = out.loss
@@ -210,7 +298,10 @@ class _Slot:
         self.sae.after_step(step, self.steps)
         self.sae.update_firing(out)
         self.seconds += time.perf_counter() - t0
-        return _metrics(x, out, loss, self.sae, self.opt.param_groups[0]["lr"])
+        metrics = _metrics(x, out, loss, self.sae, lr)
+        if self.l0_control is not None:
+            self.l0_control.update(step, metrics["l0"])
+        return metrics
 
 
 def _metrics(x: torch.Tensor, out, loss: torch.Tensor, sae: SAE, lr: float) -> dict:
@@ -233,22 +324,41 @@ def sae_dead_window(sae: SAE) -> int:
 
 def _feed(store: ActivationStore, hook: str, cfg: TrainConfig, scale: float, device: torch.device,
           sequences: bool) -> Iterator[tuple[torch.Tensor, tuple | None]]:
-    """Endless ``(x [N, d_in], rows)`` batches, scaled and on ``device``; every SAE gets the same batch.
+    """Endless ``(x [N, d_in], rows)`` batches, scaled and on ``device``.
 
-    Token SAEs only: ``x`` = shuffled tokens, ``rows`` None. With a sequence SAE: whole
-    context rows ``rows = (acts, doc_index, valid)`` (``batch_size // context_length``
-    rows; ``valid`` = not BOS) and ``x = acts[valid]``, the same tokens flattened.
+    ``x`` = shuffled tokens for every token SAE: the same stream whatever else shares the
+    pass. ``rows`` is None unless a sequence SAE trains in the pass; then it is a separate
+    stream of whole context rows ``(acts [R, T, d_in], doc_index [R, T], valid [R, T])``
+    (``R = batch_size // context_length``; ``valid`` = not BOS) for the sequence SAEs only.
     """
+    tokens = (x.to(device).float() * scale for x in shuffled_batches(store, hook, cfg.batch_size, seed=cfg.seed))
     if not sequences:
-        for x in shuffled_batches(store, hook, cfg.batch_size, seed=cfg.seed):
-            yield x.to(device).float() * scale, None
+        for x in tokens:
+            yield x, None
         return
     n_rows = max(1, cfg.batch_size // int(store.attrs["context_length"]))
     bos = store.attrs.get("bos_token_id")
-    for acts, doc_index, token_ids in sequence_batches(store, hook, n_rows, seed=cfg.seed):
+    for x, (acts, doc_index, token_ids) in zip(tokens, sequence_batches(store, hook, n_rows, seed=cfg.seed)):
         acts = acts.to(device).float() * scale
         valid = (token_ids != bos if bos is not None else torch.ones_like(token_ids, dtype=torch.bool)).to(device)
-        yield acts[valid], (acts, doc_index.to(device), valid)
+        yield x, (acts, doc_index.to(device), valid)
+
+
+def _hparams(spec: SAESpec, d_sae: int) -> dict:
+    """``spec.hparams`` plus ``k = round(target_l0)`` for TopK-family archs asked for a target L0.
+
+    Raises:
+        ValueError: ``target_l0`` together with an explicit ``k``, or a ``k`` outside ``[1, d_sae]``.
+    """
+    hp = dict(spec.hparams)
+    if spec.target_l0 is None or ARCHS[resolve(spec.arch)[0]].cls.sparsity_control != "k":
+        return hp
+    if "k" in hp:
+        raise ValueError(f"{spec.name}: give --target-l0 or k, not both")
+    k = int(round(spec.target_l0))
+    if not 1 <= k <= d_sae:
+        raise ValueError(f"{spec.name}: --target-l0 {spec.target_l0} needs k in [1, {d_sae}]")
+    return {**hp, "k": k}
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -349,7 +459,8 @@ def _save_all(cfg: TrainConfig, store: ActivationStore, hook: str, scale: float,
     for slot in slots:
         slot.log.close()
         slot.sae.fold_input_scale(scale)
-        extra = {"failed": slot.failed, "final_train_metrics": slot.last,
+        extra = {"failed": slot.failed, "final_train_metrics": slot.last, "target_l0": slot.spec.target_l0,
+                 "final_counters": slot.counters(), "lr": slot.opt.param_groups[0]["initial_lr"],
                  "train_tokens_per_s": slot.steps_done * cfg.batch_size / max(slot.seconds, 1e-9)}
         folders[slot.spec.name] = save_sae(slot.sae.cpu().eval(), slot.folder, {**meta, **extra})
     return folders
@@ -385,9 +496,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
         checkpoint_path(cfg.out).unlink(missing_ok=True)  # a fresh run must not leave an old one to resume
     torch.manual_seed(cfg.seed)
     slots = []
-    for i, spec in enumerate(cfg.specs):
-        sae = build(spec.arch, d_in, d_sae, seed=cfg.seed + i, **spec.hparams).to(device).train()
-        sae.dead_window_tokens = cfg.dead_window_tokens
+    for spec in cfg.specs:
+        # The init seed depends on the run seed and the spec, never on the SAE's position in the pass.
+        sae = build(spec.arch, d_in, d_sae, seed=cfg.seed + spec.seed, **_hparams(spec, d_sae)).to(device).train()
+        sae.dead_window_tokens = dead_window(cfg)
         slots.append(_Slot(spec, sae, cfg, steps))
     start = _restore(ckpt, slots) if ckpt is not None else 0
 
@@ -401,7 +513,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
             x, rows = next(batches)
             if step == 0:
                 for slot in slots:
-                    slot.sae.init_b_dec(x)
+                    slot.sae.init_b_dec(rows[0][rows[2]] if slot.sae.needs_sequences else x)
             _train_step(slots, x, rows, step, cfg, pool)
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
