@@ -158,11 +158,13 @@ class L0Controller:
     Args:
         target: mean active latents per token wanted (> 0).
         start, stop: 0-based steps between which the multiplier moves.
-        gain: step size in log space (default 0.02: a 10x miss moves it e^1 in ~50 steps).
+        gain: step size in log space; default ``max(0.02, 8 / (stop - start))``, so that even a
+            short run can move the multiplier by e^8 (a 10x miss moves it e^1 in <= 50 steps).
     """
 
-    def __init__(self, target: float, start: int, stop: int, gain: float = 0.02):
-        self.target, self.start, self.stop, self.gain = float(target), start, stop, gain
+    def __init__(self, target: float, start: int, stop: int, gain: float | None = None):
+        self.target, self.start, self.stop = float(target), start, stop
+        self.gain = gain if gain is not None else max(0.02, 8.0 / max(1, stop - start))
         self.log_mult = 0.0
         self.updates = 0
 

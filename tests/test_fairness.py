@@ -1,0 +1,105 @@
+"""Issue 10 defects 1, 2 and 6 and the --target-l0 calibration: what makes a comparison fair.
+
+Each test here failed on the code before the fix it guards:
+- presets named like their arch were never applied (registry.resolve matched the arch first);
+- a sequence SAE in a pass switched every token SAE to batches of whole context rows, and the
+  init seed depended on the SAE's position in the pass;
+- the lr schedule ended at lr/decay_steps instead of 0; the dead window was fixed at 250k tokens.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saestrata.train.registry import build, resolve
+from saestrata.train.trainer import L0Controller, SAESpec, TrainConfig, _optimizer, dead_window, lr_factor, train
+
+
+def _log(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["seed001_static_hier", "seed001_dynamic_hier", "seed001_contrastive_hier"])
+def test_presets_named_like_their_arch_are_applied(name):
+    arch, preset = resolve(name)
+    assert arch == name
+    assert preset.get("lr") == 3e-4 and preset.get("weight_decay") == 0.01  # seed 001 sec. 5
+    cfg = TrainConfig(store=None, layer=0, out=None, specs=[], lr=4e-4)
+    opt = _optimizer(SAESpec(name, name), build(name, 16, 64), cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["lr"] == 3e-4 and opt.defaults["weight_decay"] == 0.01
+
+
+def _train(store, out, specs, steps=12, **kw):
+    return train(TrainConfig(store=store, layer=1, out=out, specs=specs, d_sae=64, batch_size=128,
+                             tokens=steps * 128, log_every=1, checkpoint_every=0, **kw), progress=False)
+
+
+def test_token_sae_batches_do_not_depend_on_what_shares_the_pass(tiny_store, tmp_path):
+    alone = _train(tiny_store, tmp_path / "alone", [SAESpec("topk", "topk", {"k": 4})])
+    # Beside a sequence SAE (seed 000 temporal) and placed second in the pass.
+    shared = _train(tiny_store, tmp_path / "shared", [SAESpec("temporal", "seed000_temporal"),
+                                                      SAESpec("topk", "topk", {"k": 4})])
+    a, b = load_file(str(alone["topk"] / "sae_weights.safetensors")), load_file(str(shared["topk"] / "sae_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["mse"] for r in _log(alone["topk"])] == [r["mse"] for r in _log(shared["topk"])]
+    assert _log(shared["temporal"])[-1]["l0"] > 0  # the sequence SAE trained on its own stream
+
+
+def test_lr_schedule_decays_to_zero(tiny_store, tmp_path):
+    assert lr_factor(99, 100, 5, 20) == 0.0 and lr_factor(79, 100, 5, 20) == 1.0
+    assert lr_factor(0, 100, 5, 20) == pytest.approx(0.2)
+    out = _train(tiny_store, tmp_path / "run", [SAESpec("topk", "topk", {"k": 4})], steps=10, lr=1e-3)
+    lrs = [r["lr"] for r in _log(out["topk"])]
+    assert lrs[-1] == 0.0 and max(lrs) == pytest.approx(1e-3)
+
+
+def test_dead_window_is_a_fraction_of_the_budget():
+    cfg = TrainConfig(store=None, layer=0, out=None, specs=[], tokens=1_000_000, batch_size=1024)
+    assert dead_window(cfg) == 100_000  # AuxK can act within the run
+    cfg.dead_window_tokens = 5_000
+    assert dead_window(cfg) == 5_000
+
+
+def test_auxk_acts_at_the_default_window(tiny_store, tmp_path):
+    # k=1 of 64 latents leaves most latents idle; with the default window (a tenth of the run)
+    # AuxK must see dead latents and contribute a loss before the run ends.
+    out = _train(tiny_store, tmp_path / "run", [SAESpec("topk", "topk", {"k": 1})], steps=30)
+    log = _log(out["topk"])
+    assert max(r["counters"]["auxk_dead"] for r in log) > 0
+    assert max(r["auxk"] for r in log) > 0
+
+
+def test_l0_controller_moves_towards_the_target():
+    ctl = L0Controller(target=10, start=2, stop=50)
+    ctl.update(0, 100.0)
+    assert ctl.multiplier == 1.0  # before start: untouched
+    for step in range(2, 50):
+        ctl.update(step, 100.0)
+    assert ctl.multiplier > 2.0  # L0 too high -> stronger penalty
+    frozen = ctl.multiplier
+    ctl.update(60, 100.0)
+    assert ctl.multiplier == frozen  # after stop: frozen
+    low = L0Controller(target=10, start=0, stop=10)
+    for step in range(10):
+        low.update(step, 1.0)
+    assert low.multiplier < 1.0
+
+
+def test_target_l0_calibrates_a_penalty_arch_and_sets_k(tiny_store, tmp_path):
+    specs = [SAESpec("free", "standard", {"l1_coeff": 0.01}),
+             SAESpec("calibrated", "standard", {"l1_coeff": 0.01}, target_l0=4),
+             SAESpec("topk", "topk", target_l0=6)]
+    out = _train(tiny_store, tmp_path / "run", specs, steps=120, lr=3e-3)
+    free, cal = _log(out["free"]), _log(out["calibrated"])
+    assert cal[-1]["counters"]["sparsity_multiplier"] > 1.0
+    assert cal[-1]["l0"] < 0.5 * free[-1]["l0"]
+    assert abs(cal[-1]["l0"] - 4) < abs(free[-1]["l0"] - 4)
+    cfg = json.loads((out["topk"] / "cfg.json").read_text())
+    assert cfg["saestrata"]["hparams"]["k"] == 6 and cfg["saestrata"]["target_l0"] == 6
+    with pytest.raises(ValueError, match="not both"):
+        _train(tiny_store, tmp_path / "bad", [SAESpec("topk", "topk", {"k": 3}, target_l0=6)])
