@@ -51,7 +51,7 @@ def run_identity(cfg, store, d_sae: int) -> dict:
         "batch_size": cfg.batch_size, "tokens": cfg.tokens, "seed": cfg.seed, "lr": cfg.lr,
         "warmup_frac": cfg.warmup_frac, "decay_frac": cfg.decay_frac,
         "sparsity_warmup_frac": cfg.sparsity_warmup_frac, "autocast": cfg.autocast, "log_every": cfg.log_every,
-        "dead_window_tokens": cfg.dead_window_tokens,
+        "dead_window_tokens": cfg.dead_window_tokens, "max_grad_norm": cfg.max_grad_norm,
     }
 
 

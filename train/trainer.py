@@ -88,6 +88,9 @@ class TrainConfig:
     autocast: bool = True
     log_every: int = 25
     dead_window_tokens: int | None = None  # None: a tenth of the budget (see dead_window)
+    # Gradient-norm clip for EVERY arch (one rule for a fair comparison; the reference TopK/BatchTopK
+    # trainers and Anthropic's April update clip to 1). None: each arch's own ``max_grad_norm``.
+    max_grad_norm: float | None = 1.0
     allow_partial: bool = False
     checkpoint_every: int = 100
     sae_threads: int = 1  # SAEs stepped concurrently (>1: one intra-op thread each, see _sae_pool)
@@ -194,6 +197,7 @@ class _Slot:
 
     def __init__(self, spec: SAESpec, sae: SAE, cfg: TrainConfig, steps: int):
         self.spec, self.sae, self.steps = spec, sae, steps
+        self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else sae.max_grad_norm
         self.opt = _optimizer(spec, sae, cfg)
         warm, decay = max(1, int(cfg.warmup_frac * steps)), max(1, int(cfg.decay_frac * steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warm, decay))
@@ -290,7 +294,7 @@ class _Slot:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_parallel_grad()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.sae.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.max_grad_norm)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             self.failed = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {step}"
             return None
