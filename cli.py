@@ -34,6 +34,19 @@ def _one_line_errors(fn):
     return wrapper
 
 
+def _float_list(value: str | None, option: str) -> list[float] | None:
+    """``"32,64"`` -> ``[32.0, 64.0]``; raises click.BadParameter naming ``option`` for a non-positive or bad item."""
+    if not value:
+        return None
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use positive numbers, e.g. 32,64", param_hint=option) from None
+    if not out or any(not (v > 0) for v in out):
+        raise click.BadParameter(f"{value!r}: every target must be > 0", param_hint=option)
+    return out
+
+
 def _int_list(_ctx, _param, value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -143,10 +156,13 @@ def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, t
 @click.option("--sae-threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="SAEs stepped side by side on CPU, one intra-op thread each (0 = one per core); "
                    "faster on a busy shared machine, slower on an idle one.")
+@click.option("--target-l0", "target_l0", metavar="L1,L2",
+              help="Calibrate sparsity to these mean active latents per token: k = L for the TopK family, "
+                   "a controller on the sparsity coefficient for penalty archs (one SAE per target).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory: one sub-folder per SAE.")
 @_one_line_errors
 def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,
-          allow_partial, list_archs, checkpoint_every, resume, sae_threads, out):
+          allow_partial, list_archs, checkpoint_every, resume, sae_threads, target_l0, out):
     """Train SAEs from a store in one pass: every batch is read once and fed to every SAE.
 
     With --resume, an interrupted run continues from its last checkpoint and ends with
@@ -165,7 +181,7 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
     if store is None or layer is None or out is None:
         raise click.UsageError("--store, --layer and --out are required (or use --list-archs)")
     names = expand_names([a.strip() for a in archs.split(",") if a.strip()])  # fail fast, before reading
-    specs = expand_specs(names, list(sets))
+    specs = expand_specs(names, list(sets), _float_list(target_l0, "--target-l0"))
     folders = run(TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, expansion=expansion,
                               batch_size=batch_size, tokens=tokens, lr=lr, seed=seed, device=device,
                               autocast=not no_autocast, allow_partial=allow_partial,
@@ -204,6 +220,53 @@ def evaluate(saes, dataset, split, tokens, batch_rows, model, out, device, dtype
         click.echo(f"{sae}: ce_loss_score {m['model_performance_preservation']['ce_loss_score']:.3f} "
                    f"explained_variance {m['reconstruction_quality']['explained_variance']:.3f} "
                    f"l0 {m['sparsity']['l0']:.1f} -> {target}")
+
+
+@main.command()
+@click.option("--out", default=Path("docs/results/benchmark"), show_default=True, type=click.Path(path_type=Path),
+              help="Results (JSONs, train logs, tables, report): small, meant to be committed.")
+@click.option("--work", default=Path("benchmark-work"), show_default=True, type=click.Path(path_type=Path),
+              help="Store and SAE weights (large).")
+@click.option("--layer", default=8, show_default=True, type=click.IntRange(min=0))
+@click.option("--variants", help="Comma-separated arch/preset names (default: every variant).")
+@click.option("--targets", default="24,40,48,80", show_default=True,
+              help="Target L0s; two on each side of 32 and of 64 give the matched rows.")
+@click.option("--tokens-per-sae", default=1_048_576, show_default=True, type=click.IntRange(min=1024))
+@click.option("--d-sae", default=2048, show_default=True, type=click.IntRange(min=1))
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Init seeds for topk and the best seed-paper variant.")
+@click.option("--eval-tokens", default=8192, show_default=True, type=click.IntRange(min=1))
+@click.option("--no-unlearn", is_flag=True, help="Skip the unlearning stage.")
+@click.option("--stages", help="Comma-separated subset of: store,lr,matched,published,evaluate,seeds,unlearn,report.")
+@click.option("--quick", is_flag=True, help="A ~20-minute version: 5 variants, L0 24/40, 256k tokens each, no unlearning.")
+@click.option("--device", default="auto", show_default=True)
+@_one_line_errors
+def benchmark(out, work, layer, variants, targets, tokens_per_sae, d_sae, seeds, eval_tokens, no_unlearn, stages,
+              quick, device):
+    """The fair comparison: every variant on one store, at matched L0, one budget, SAEBench metrics, unlearning.
+
+    Resumable: rerunning skips every SAE and result already written; interrupting loses at most
+    one SAE's steps since its last checkpoint. See saestrata/benchmark.py for the stages.
+    """
+    from .benchmark import BenchmarkConfig, quick_config, run_benchmark
+
+    if quick:
+        cfg = quick_config(out, work)
+    else:
+        cfg = BenchmarkConfig(out=out, work=work, layer=layer, tokens_per_sae=tokens_per_sae, d_sae=d_sae,
+                              targets=tuple(_float_list(targets, "--targets")), seeds=seeds, eval_tokens=eval_tokens,
+                              unlearn=not no_unlearn,
+                              variants=[v.strip() for v in variants.split(",") if v.strip()] if variants else None)
+    cfg.device = device
+    if stages:
+        known = set(BenchmarkConfig().stages)
+        chosen = tuple(s.strip() for s in stages.split(",") if s.strip())
+        bad = [s for s in chosen if s not in known]
+        if bad:
+            raise click.BadParameter(f"unknown stage(s) {', '.join(bad)}: choose from {', '.join(sorted(known))}",
+                                     param_hint="--stages")
+        cfg.stages = chosen
+    click.echo(f"results -> {run_benchmark(cfg, echo=click.echo)}")
 
 
 @main.command()

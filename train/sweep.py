@@ -31,18 +31,23 @@ def parse_sets(sets: list[str]) -> dict[str, list]:
     return grid
 
 
-def expand_specs(archs: list[str], sets: list[str]) -> list[SAESpec]:
-    """One spec per arch x grid point; ``lr`` in the grid sets the learning rate, the rest are hyperparameters.
+def expand_specs(archs: list[str], sets: list[str], target_l0s: list[float] | None = None) -> list[SAESpec]:
+    """One spec per arch x grid point x target L0; ``lr`` in the grid sets the learning rate, the rest are
+    hyperparameters; each of ``target_l0s`` gives a spec calibrated to that L0 (``SAESpec.target_l0``).
 
-    Names are the arch name, suffixed with ``-name=value`` for swept settings.
+    Names are the arch name, suffixed with ``-name=value`` for swept settings and ``-l0=L`` for
+    several targets.
     """
     grid = parse_sets(sets)
     keys = list(grid)
+    targets = list(target_l0s) if target_l0s else [None]
     specs = []
     for arch in archs:
         for values in itertools.product(*(grid[k] for k in keys)):
-            point = dict(zip(keys, values))
-            lr = point.pop("lr", None)
-            suffix = "".join(f"-{k}={v}" for k, v in zip(keys, values) if len(grid[k]) > 1)
-            specs.append(SAESpec(name=arch + suffix, arch=arch, hparams=point, lr=lr))
+            for target in targets:
+                point = dict(zip(keys, values))
+                lr = point.pop("lr", None)
+                suffix = "".join(f"-{k}={v}" for k, v in zip(keys, values) if len(grid[k]) > 1)
+                suffix += f"-l0={target:g}" if len(targets) > 1 else ""
+                specs.append(SAESpec(name=arch + suffix, arch=arch, hparams=point, lr=lr, target_l0=target))
     return specs

@@ -1,0 +1,407 @@
+"""``saestrata benchmark``: every SAE variant on the same activations, compared at matched L0.
+
+One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
+
+1. **store**: harvest the whole embedded wiki train split (or ``--train-tokens``) for ``--layer``
+   (the harvester resumes a half-written store and reuses a finished one).
+2. **lr sweep**: per arch (one representative variant each), the same small sweep
+   ``lr = default_lr(d_sae) * {0.5, 1, 2}`` at target L0 32 on a quarter of the budget, plain
+   Adam, the same gradient clip (1.0) for all. The rate with the lowest final training FVU among
+   the runs whose L0 landed within 25% of the target (all runs when none did) is kept for every
+   variant of that arch. Sweep runs see each token once, so their last-window FVU is a held-out
+   estimate.
+3. **matched**: every variant at each target L0 of ``--targets`` (default 24, 40, 48, 80: two
+   points bracketing L0 32 and two bracketing 64), the arch's swept lr, plain Adam (weight decay 0),
+   ``k = target`` for the TopK family, the trainer's L0 controller for penalty archs
+   (:class:`~saestrata.train.trainer.L0Controller`).
+4. **published**: each seed variant (and ``standard``) once more at its paper's own settings
+   (the preset's sparsity weights and AdamW lr / weight decay): the "as published" point.
+5. **seeds**: ``--seeds`` init seeds for ``topk`` and for the seed-paper variant with the best
+   matched-L0-32 CE loss score, at the two targets bracketing 32 (spread reported).
+6. **evaluate**: SAEBench core metrics of every SAE on the eval split (different articles).
+7. **unlearn**: the embedded wiki unlearning benchmark for every variant's SAE nearest L0 32 and
+   for every published seed point.
+8. **report**: ``report.md``/``report.html``/PNGs with matched-L0 rows at 32 and 64, the
+   matched table ``matched.md`` and the claims table ``claims.md`` (paper's value | at the paper's
+   settings | at matched L0), every number naming the JSON it came from.
+
+Every SAE trains alone (one SAE per pass: interrupting loses at most the steps since its last
+checkpoint) and is skipped once its ``cfg.json`` exists; a JSON result is skipped once written
+(atomically). Each result records the fingerprint of the code that produced it
+(:func:`code_fingerprint`); the report says when results of different code are mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent
+TOKENS_ALL = 2_000_000  # more than the embedded train split holds: the harvester stops at its end
+LR_MULTIPLIERS = (0.5, 1.0, 2.0)
+SWEEP_TARGET = 32.0
+PUBLISHED = ("standard",)  # baselines that also get an "as published" point (their default settings)
+
+
+@dataclass
+class BenchmarkConfig:
+    """Sizes and scope of a benchmark run (defaults: the full benchmark of issue 10).
+
+    ``out`` receives the committed results (JSONs, logs, report); ``work`` the store and the SAE
+    weights (large, not committed). ``variants`` None = every arch/preset
+    (:func:`~saestrata.train.registry.every_variant`). ``tokens_per_sae`` is each SAE's
+    training budget (>= 1M tokens in the full run; the store is re-read past one epoch).
+    """
+
+    out: Path = Path("docs/results/benchmark")
+    work: Path = Path("benchmark-work")
+    layer: int = 8
+    train_tokens: int = TOKENS_ALL
+    tokens_per_sae: int = 1_048_576
+    d_sae: int = 2048
+    batch_size: int = 1024
+    targets: tuple[float, ...] = (24.0, 40.0, 48.0, 80.0)
+    variants: list[str] | None = None
+    lr_sweep_frac: float = 0.25
+    seeds: int = 3
+    eval_tokens: int = 8192
+    eval_group: int = 6
+    unlearn: bool = True
+    unlearn_retain_questions: int = 200
+    device: str = "auto"
+    model: str | None = None  # None: the embedded Gemma 3 270M; any name/folder load_model takes
+    stages: tuple[str, ...] = ("store", "lr", "matched", "published", "evaluate", "seeds", "unlearn", "report")
+
+
+def quick_config(out: Path, work: Path) -> BenchmarkConfig:
+    """A ~20-minute version on this 2-core CPU: 5 variants, 2 targets around L0 32, 256k tokens each."""
+    return BenchmarkConfig(out=out, work=work, train_tokens=262_144, tokens_per_sae=262_144,
+                           targets=(24.0, 40.0), variants=["topk", "batchtopk", "standard", "seed004-groups",
+                                                            "seed000_adaptive"],
+                           seeds=1, eval_tokens=2048, unlearn=False)
+
+
+def code_fingerprint() -> str:
+    """sha256 (first 16 hex digits) of every ``.py`` file of the package that can change a result."""
+    h = hashlib.sha256()
+    for sub in ("train", "evaluate", "store", "harvest"):
+        for path in sorted((ROOT / sub).glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON atomically (temp file + rename): a result is either whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _read_log(folder: Path) -> list[dict]:
+    path = folder / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@dataclass
+class Job:
+    """One SAE to train: its name (folder), the SAESpec fields and the stage it belongs to."""
+
+    name: str
+    arch: str
+    stage: str
+    hparams: dict = field(default_factory=dict)
+    lr: float | None = None
+    target_l0: float | None = None
+    seed: int = 0
+    tokens: int = 0
+
+
+class Benchmark:
+    """The benchmark's state on disk: which SAEs and results exist, and how to make the missing ones.
+
+    Args:
+        cfg: the run's :class:`BenchmarkConfig`.
+        echo: where progress lines go (one line per finished unit of work).
+    """
+
+    def __init__(self, cfg: BenchmarkConfig, echo: Callable[[str], None] = print):
+        from .train.registry import every_variant, expand_names
+
+        self.cfg, self.echo = cfg, echo
+        self.variants = expand_names(cfg.variants) if cfg.variants else every_variant()
+        self.store = cfg.work / "store-train"
+        self.code = code_fingerprint()
+        self._lm = None
+
+    # -- paths ------------------------------------------------------------------------
+    def sae_dir(self, name: str) -> Path:
+        """Folder of SAE ``name`` (weights, cfg.json, train_log.jsonl)."""
+        return self.cfg.work / "runs" / name / name
+
+    def done(self, name: str) -> bool:
+        """True once SAE ``name`` is saved (``save_sae`` writes cfg.json last)."""
+        return (self.sae_dir(name) / "cfg.json").exists()
+
+    # -- stage 1 ----------------------------------------------------------------------
+    def harvest_store(self) -> None:
+        """Harvest (or resume, or reuse) the train store of ``cfg.layer``."""
+        from .harvest.harvester import HarvestConfig, harvest
+
+        kw = {"model": self.cfg.model} if self.cfg.model else {}
+        harvest(HarvestConfig(layers=[self.cfg.layer], tokens=self.cfg.train_tokens, out=self.store,
+                              device=self.cfg.device, **kw), lm=self.lm())
+
+    # -- training ---------------------------------------------------------------------
+    def train_job(self, job: Job) -> Path:
+        """Train one SAE alone (resuming its checkpoint if one exists); copy its cfg.json and log to ``out``."""
+        from .train.checkpoint import CheckpointError, checkpoint_path
+        from .train.trainer import SAESpec, TrainConfig, train
+
+        run_dir = self.cfg.work / "runs" / job.name
+        if not self.done(job.name):
+            spec = SAESpec(job.name, job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed)
+            tc = TrainConfig(store=self.store, layer=self.cfg.layer, out=run_dir, specs=[spec], d_sae=self.cfg.d_sae,
+                             batch_size=self.cfg.batch_size, tokens=job.tokens, device=self.cfg.device,
+                             checkpoint_every=200, resume=checkpoint_path(run_dir).exists())
+            t0 = time.perf_counter()
+            try:
+                train(tc, progress=False)
+            except CheckpointError as err:  # settings changed since the checkpoint: start this SAE afresh
+                self.echo(f"  {job.name}: {err}; retraining from scratch")
+                checkpoint_path(run_dir).unlink(missing_ok=True)
+                tc.resume = False
+                train(tc, progress=False)
+            log = _read_log(self.sae_dir(job.name))
+            last = log[-1] if log else {}
+            self.echo(f"  trained {job.name} ({job.stage}): L0 {last.get('l0', float('nan')):.1f} "
+                      f"fvu {last.get('fvu', float('nan')):.3f} in {time.perf_counter() - t0:.0f} s")
+        dest = self.cfg.out / "saes" / job.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("cfg.json", "train_log.jsonl"):
+            shutil.copyfile(self.sae_dir(job.name) / f, dest / f)
+        _write_json(dest / "job.json", {**asdict(job), "code": self.code})
+        return self.sae_dir(job.name)
+
+    def _arch_of(self, variant: str) -> str:
+        from .train.registry import resolve
+
+        return resolve(variant)[0]
+
+    def lr_jobs(self) -> list[Job]:
+        """The lr sweep: one representative variant per arch x :data:`LR_MULTIPLIERS`, at L0 32."""
+        from .train.trainer import default_lr
+
+        reps: dict[str, str] = {}
+        for v in self.variants:
+            reps.setdefault(self._arch_of(v), v)
+        tokens = max(self.cfg.batch_size, int(self.cfg.tokens_per_sae * self.cfg.lr_sweep_frac))
+        base = default_lr(self.cfg.d_sae)
+        return [Job(f"lr-{v}-x{m:g}", v, "lr", {"weight_decay": 0.0}, base * m, SWEEP_TARGET, 0, tokens)
+                for v in reps.values() for m in LR_MULTIPLIERS]
+
+    def chosen_lrs(self) -> dict[str, dict]:
+        """``{arch: {"lr", "fvu", "l0", "runs"}}`` from the finished sweep (written to ``out/lr_sweep.json``)."""
+        by_arch: dict[str, list[dict]] = {}
+        for job in self.lr_jobs():
+            log = _read_log(self.sae_dir(job.name))
+            if not log:
+                continue
+            last = log[-1]
+            by_arch.setdefault(self._arch_of(job.arch), []).append(
+                {"sae": job.name, "lr": job.lr, "fvu": last["fvu"], "l0": last["l0"]})
+        chosen = {}
+        for arch, runs in by_arch.items():
+            near = [r for r in runs if abs(r["l0"] - SWEEP_TARGET) <= 0.25 * SWEEP_TARGET and math.isfinite(r["fvu"])]
+            pool = near or [r for r in runs if math.isfinite(r["fvu"])] or runs
+            best = min(pool, key=lambda r: r["fvu"] if math.isfinite(r["fvu"]) else math.inf)
+            chosen[arch] = {"lr": best["lr"], "fvu": best["fvu"], "l0": best["l0"], "runs": runs,
+                            "rule": "lowest final train FVU among runs with L0 within 25% of 32" if near
+                            else "lowest final train FVU (no run within 25% of L0 32)"}
+        _write_json(self.cfg.out / "lr_sweep.json", {"target_l0": SWEEP_TARGET, "code": self.code, "archs": chosen})
+        return chosen
+
+    def matched_jobs(self, lrs: dict[str, dict]) -> list[Job]:
+        """Every variant at every target L0, with its arch's swept lr and plain Adam."""
+        from .train.trainer import default_lr
+
+        jobs = []
+        for v in self.variants:
+            lr = lrs.get(self._arch_of(v), {}).get("lr", default_lr(self.cfg.d_sae))
+            jobs += [Job(f"{v}-l0={t:g}", v, "matched", {"weight_decay": 0.0}, lr, t, 0, self.cfg.tokens_per_sae)
+                     for t in self.cfg.targets]
+        return jobs
+
+    def published_jobs(self) -> list[Job]:
+        """Each seed variant (and :data:`PUBLISHED` baselines) at its preset's own settings."""
+        return [Job(f"{v}-published", v, "published", tokens=self.cfg.tokens_per_sae)
+                for v in self.variants if v.startswith("seed") or v in PUBLISHED]
+
+    def seed_jobs(self, best_seed_variant: str | None, lrs: dict[str, dict]) -> list[Job]:
+        """Extra init seeds (1 .. seeds-1) for topk and the best seed variant at the targets bracketing 32."""
+        from .train.trainer import default_lr
+
+        below = max((t for t in self.cfg.targets if t <= SWEEP_TARGET), default=None)
+        above = min((t for t in self.cfg.targets if t >= SWEEP_TARGET), default=None)
+        jobs = []
+        for v in [x for x in ("topk", best_seed_variant) if x and x in self.variants]:
+            lr = lrs.get(self._arch_of(v), {}).get("lr", default_lr(self.cfg.d_sae))
+            for s in range(1, self.cfg.seeds):
+                jobs += [Job(f"{v}-l0={t:g}-seed{s}", v, "seeds", {"weight_decay": 0.0}, lr, t, s,
+                             self.cfg.tokens_per_sae) for t in (below, above) if t is not None]
+        return jobs
+
+    # -- evaluation ---------------------------------------------------------------------
+    def lm(self):
+        """The LM, loaded once per benchmark run."""
+        if self._lm is None:
+            from .harvest.model import load_model
+
+            self._lm = load_model(self.cfg.model, device=self.cfg.device) if self.cfg.model else \
+                load_model(device=self.cfg.device)
+        return self._lm
+
+    def core_path(self, name: str) -> Path:
+        """Where SAE ``name``'s core result goes."""
+        return self.cfg.out / "core" / f"{name}.json"
+
+    def evaluate(self, names: list[str]) -> None:
+        """Core metrics of every finished SAE in ``names`` lacking a result, ``eval_group`` SAEs per batched forward."""
+        from .evaluate.core import EvalConfig, evaluate_saes
+
+        todo = [n for n in names if self.done(n) and not self.core_path(n).exists()]
+        for i in range(0, len(todo), self.cfg.eval_group):
+            group = todo[i : i + self.cfg.eval_group]
+            t0 = time.perf_counter()
+            results = evaluate_saes([self.sae_dir(n) for n in group],
+                                    EvalConfig(tokens=self.cfg.eval_tokens, batch_rows=1, device=self.cfg.device),
+                                    lm=self.lm(), progress=False)
+            for n, r in zip(group, results):
+                r["saestrata_benchmark"] = {"sae": n, "code": self.code}
+                _write_json(self.core_path(n), r)
+            self.echo(f"  evaluated {', '.join(group)} in {time.perf_counter() - t0:.0f} s")
+
+    def unlearn(self, names: list[str]) -> None:
+        """The embedded wiki unlearning benchmark for every SAE in ``names`` lacking a result."""
+        from .evaluate.unlearning import UnlearnConfig, run_unlearning
+
+        for n in names:
+            path = self.cfg.out / "unlearning" / f"{n}.json"
+            if path.exists() or not self.done(n):
+                continue
+            t0 = time.perf_counter()
+            r = run_unlearning(UnlearnConfig(sae=self.sae_dir(n), max_retain_questions=self.cfg.unlearn_retain_questions,
+                                             device=self.cfg.device), lm=self.lm(), progress=False)
+            r["saestrata_benchmark"] = {"sae": n, "code": self.code}
+            _write_json(path, r)
+            self.echo(f"  unlearning {n}: score {r['eval_result_metrics']['unlearning']['unlearning_score']:.3f} "
+                      f"in {time.perf_counter() - t0:.0f} s")
+
+    # -- selection helpers ----------------------------------------------------------------
+    def core(self, name: str) -> dict | None:
+        """The core result of SAE ``name``, or None."""
+        path = self.core_path(name)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def nearest_to(self, variant: str, l0: float) -> str | None:
+        """The evaluated matched-stage SAE of ``variant`` whose L0 is nearest ``l0`` (in log L0)."""
+        best, dist = None, math.inf
+        for t in self.cfg.targets:
+            name = f"{variant}-l0={t:g}"
+            r = self.core(name)
+            if r is None:
+                continue
+            got = r["eval_result_metrics"]["sparsity"]["l0"]
+            d = abs(math.log(max(got, 1e-9) / l0))
+            if d < dist:
+                best, dist = name, d
+        return best
+
+    def best_seed_variant(self) -> str | None:
+        """The seed-paper variant with the highest CE loss score interpolated at L0 32."""
+        from .evaluate.report import matched_l0_rows
+
+        scores = {}
+        for v in self.variants:
+            if not v.startswith("seed"):
+                continue
+            rows = [self._core_row(f"{v}-l0={t:g}", v) for t in self.cfg.targets]
+            rows = [r for r in rows if r]
+            hit = matched_l0_rows(rows, SWEEP_TARGET)
+            if hit and hit[0]["ce_loss_score"] is not None:
+                scores[v] = hit[0]["ce_loss_score"]
+        return max(scores, key=scores.get) if scores else None
+
+    def _core_row(self, name: str, variant: str) -> dict | None:
+        r = self.core(name)
+        if r is None:
+            return None
+        m = r["eval_result_metrics"]
+        return {"sae": name, "arch": variant, "l0": m["sparsity"]["l0"],
+                "ce_loss_score": m["model_performance_preservation"]["ce_loss_score"],
+                "explained_variance": m["reconstruction_quality"]["explained_variance"],
+                "kl_div_score": m["model_behavior_preservation"]["kl_div_score"]}
+
+    # -- the whole run ------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Run every stage of ``cfg.stages`` in order, skipping finished work; returns ``out``."""
+        cfg, stages = self.cfg, set(self.cfg.stages)
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        _write_json(cfg.out / "config.json", {**asdict(cfg), "code": self.code, "variants": self.variants})
+        if "store" in stages:
+            self.echo("[1/8] store")
+            self.harvest_store()
+        lr_jobs = self.lr_jobs()
+        if "lr" in stages:
+            self.echo(f"[2/8] lr sweep: {len(lr_jobs)} short runs")
+            for job in lr_jobs:
+                self.train_job(job)
+        lrs = self.chosen_lrs()
+        matched, published = self.matched_jobs(lrs), self.published_jobs()
+        if "matched" in stages:
+            self.echo(f"[3/8] matched L0: {len(matched)} SAEs")
+            for job in matched:
+                self.train_job(job)
+        if "published" in stages:
+            self.echo(f"[4/8] as published: {len(published)} SAEs")
+            for job in published:
+                self.train_job(job)
+        if "evaluate" in stages:
+            self.echo("[5/8] evaluate")
+            self.evaluate([j.name for j in matched + published])
+        seeds = self.seed_jobs(self.best_seed_variant(), lrs)
+        if "seeds" in stages:
+            self.echo(f"[6/8] seeds: {len(seeds)} SAEs")
+            for job in seeds:
+                self.train_job(job)
+            if "evaluate" in stages:
+                self.evaluate([j.name for j in seeds])
+        if "unlearn" in stages and cfg.unlearn:
+            names = [n for n in (self.nearest_to(v, SWEEP_TARGET) for v in self.variants) if n]
+            names += [j.name for j in published if j.arch.startswith(("seed000", "seed001", "seed002"))]
+            self.echo(f"[7/8] unlearning: {len(names)} SAEs")
+            self.unlearn(names)
+        if "report" in stages:
+            self.echo("[8/8] report")
+            from .benchmark_report import write_benchmark_report
+
+            write_benchmark_report(self)
+        return cfg.out
+
+
+def run_benchmark(cfg: BenchmarkConfig, echo: Callable[[str], None] = print) -> Path:
+    """Run (or resume) the benchmark described by ``cfg``; returns the results folder.
+
+    Raises:
+        ArchError: an unknown name in ``cfg.variants``.
+        StoreError / ModelError / DatasetError: from the stages (one-line messages).
+    """
+    return Benchmark(cfg, echo).run()

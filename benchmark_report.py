@@ -1,0 +1,265 @@
+"""Tables of ``saestrata benchmark``: matched-L0 rows, seed spread, as-published points, seed claims.
+
+Writes into the benchmark's ``out`` folder: ``matched.md`` (every variant at L0 32 and 64),
+``published.md``, ``claims.md``, ``summary.json`` (all rows, machine-readable) and
+``report/`` (:func:`~saestrata.evaluate.report.write_report`: core/unlearning tables and the
+Pareto plots of EV and CE loss score against L0). Every number is copied or interpolated from
+a JSON under ``out`` that its row names; interpolation is linear in log L0 between the two
+results bracketing the L0 (:func:`~saestrata.evaluate.report.matched_l0_rows`), never
+extrapolated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from .evaluate.report import matched_l0_rows, write_report
+
+MATCHED_AT = (32.0, 64.0)
+
+
+def _num(v, fmt: str = ".3f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def _core_row(bench, name: str, variant: str) -> dict | None:
+    """Metrics of one evaluated SAE (None if not evaluated yet)."""
+    r = bench.core(name)
+    if r is None:
+        return None
+    m = r["eval_result_metrics"]
+    cfg = json.loads((bench.cfg.out / "saes" / name / "cfg.json").read_text())["saestrata"]
+    return {"sae": name, "arch": variant, "l0": m["sparsity"]["l0"],
+            "explained_variance": m["reconstruction_quality"]["explained_variance"],
+            "ce_loss_score": m["model_performance_preservation"]["ce_loss_score"],
+            "kl_div_score": m["model_behavior_preservation"]["kl_div_score"],
+            "dead_frac": 1.0 - m["misc_metrics"]["frac_alive"], "alive": round(m["misc_metrics"]["frac_alive"] * r["sae_cfg_dict"]["d_sae"]),
+            "train_tokens_per_s": cfg.get("train_tokens_per_s"), "failed": cfg.get("failed"),
+            "counters": cfg.get("final_counters") or {}, "code": r.get("saestrata_benchmark", {}).get("code"),
+            "diagnostics": r["eval_result_unstructured"].get("diagnostics") or {},
+            "file": f"core/{name}.json"}
+
+
+def _unlearning(bench, name: str | None) -> float | None:
+    if not name:
+        return None
+    path = bench.cfg.out / "unlearning" / f"{name}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["eval_result_metrics"]["unlearning"]["unlearning_score"]
+
+
+def _matched(bench, variant: str, l0: float, seed: int = 0) -> dict | None:
+    """``variant`` interpolated at ``l0`` from its matched-stage results (seed 0 = the main runs)."""
+    suffix = f"-seed{seed}" if seed else ""
+    rows = [r for r in (_core_row(bench, f"{variant}-l0={t:g}{suffix}", variant) for t in bench.cfg.targets) if r]
+    hit = matched_l0_rows(rows, l0)
+    if not hit:
+        return None
+    row = hit[0]
+    used = [r for r in rows if r["sae"] in row["between"]]
+    row["dead_frac"] = statistics.mean(r["dead_frac"] for r in used) if used else None
+    row["train_tokens_per_s"] = statistics.mean(r["train_tokens_per_s"] for r in used if r["train_tokens_per_s"]) if used else None
+    row["files"] = ", ".join(r["file"] for r in used)
+    return row
+
+
+def matched_table(bench) -> tuple[str, list[dict]]:
+    """Markdown table: every variant at L0 32 and 64, plus its unlearning score (SAE nearest L0 32)."""
+    rows = []
+    for v in bench.variants:
+        unl_sae = bench.nearest_to(v, 32.0)
+        for l0 in MATCHED_AT:
+            m = _matched(bench, v, l0)
+            rows.append({"variant": v, "l0": l0, **({k: m[k] for k in ("explained_variance", "ce_loss_score",
+                                                                           "kl_div_score", "dead_frac",
+                                                                           "train_tokens_per_s", "between", "files")}
+                                                    if m else {}),
+                         "unlearning_score": _unlearning(bench, unl_sae) if l0 == 32.0 else None,
+                         "unlearning_sae": unl_sae if l0 == 32.0 else None})
+    lines = ["| variant | L0 | EV | CE loss score | KL score | dead frac | unlearning (SAE nearest L0 32) | train tok/s | from |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ce_loss_score" not in r:
+            lines.append(f"| {r['variant']} | {r['l0']:g} | not bracketed by its trained points | | | | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {r['l0']:g} | {_num(r['explained_variance'])} | {_num(r['ce_loss_score'])} | "
+                     f"{_num(r['kl_div_score'])} | {_num(r['dead_frac'])} | {_num(r['unlearning_score'])} | "
+                     f"{_num(r['train_tokens_per_s'], ',.0f')} | {r['between']} |")
+    return "\n".join(lines), rows
+
+
+def seed_spread(bench) -> tuple[str, list[dict]]:
+    """Markdown: matched-L0-32 metrics per init seed for topk and the best seed variant, mean and spread."""
+    rows, lines = [], ["| variant | seeds | EV at L0 32 (mean ± sd) | CE loss score (mean ± sd) | KL score (mean ± sd) | per seed CE |",
+                       "|---|---|---|---|---|---|"]
+    for v in ("topk", bench.best_seed_variant()):
+        if not v:
+            continue
+        per = [m for m in (_matched(bench, v, 32.0, s) for s in range(bench.cfg.seeds)) if m]
+        if not per:
+            continue
+
+        def ms(key):
+            vals = [p[key] for p in per if p[key] is not None]
+            return (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else (None, None)
+
+        row = {"variant": v, "n": len(per), **{k: ms(k) for k in ("explained_variance", "ce_loss_score", "kl_div_score")},
+               "per_seed_ce": [p["ce_loss_score"] for p in per]}
+        rows.append(row)
+        fmt = lambda t: f"{_num(t[0])} ± {_num(t[1])}"  # noqa: E731
+        lines.append(f"| {v} | {len(per)} | {fmt(row['explained_variance'])} | {fmt(row['ce_loss_score'])} | "
+                     f"{fmt(row['kl_div_score'])} | {', '.join(_num(c) for c in row['per_seed_ce'])} |")
+    return "\n".join(lines), rows
+
+
+def published_table(bench) -> tuple[str, list[dict]]:
+    """Markdown: each variant at its paper's own settings (its preset's sparsity weights and optimiser)."""
+    rows = [r for r in (_core_row(bench, j.name, j.arch) for j in bench.published_jobs()) if r]
+    lines = ["| SAE | L0 | EV | CE loss score | KL score | dead frac | unlearning | failed | from |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        r["unlearning_score"] = _unlearning(bench, r["sae"])
+        lines.append(f"| {r['sae']} | {_num(r['l0'], '.1f')} | {_num(r['explained_variance'])} | "
+                     f"{_num(r['ce_loss_score'])} | {_num(r['kl_div_score'])} | {_num(r['dead_frac'])} | "
+                     f"{_num(r['unlearning_score'])} | {r['failed'] or ''} | {r['file']} |")
+    return "\n".join(lines), rows
+
+
+# --------------------------------------------------------------------------- seed claims
+def _pub(bench, variant: str) -> dict | None:
+    return _core_row(bench, f"{variant}-published", variant)
+
+
+def _near(bench, variant: str) -> dict | None:
+    name = bench.nearest_to(variant, 32.0)
+    return _core_row(bench, name, variant) if name else None
+
+
+def _tokens_to_fvu(bench, name: str, fvu: float) -> int | None:
+    """Training tokens until the logged (window-mean) FVU first reaches ``fvu``; None if never."""
+    path = bench.cfg.out / "saes" / name / "train_log.jsonl"
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("fvu", math.inf) <= fvu:
+            return r["tokens"]
+    return None
+
+
+def _diag(row: dict | None, *keys):
+    d = (row or {}).get("diagnostics") or {}
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def _counter(row: dict | None, word: str):
+    hits = {k: v for k, v in ((row or {}).get("counters") or {}).items() if word in k}
+    return ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in hits.items()) or None
+
+
+def _fmt_pair(a, b, fmt=".3f") -> str:
+    return f"{_num(a, fmt)} vs {_num(b, fmt)}"
+
+
+def claims(bench) -> list[dict]:
+    """The seeds' checkable claims: paper's value, measured at the paper's settings, measured at matched L0."""
+    d_sae = bench.cfg.d_sae
+    out = []
+
+    def add(claim, source, paper, published, matched, note=""):
+        out.append({"claim": claim, "source": source, "paper": paper, "published": published, "matched": matched,
+                    "note": note})
+
+    hsae_p, std_p = _pub(bench, "seed000_hsae"), _pub(bench, "standard")
+    hsae_m, std_m = _near(bench, "seed000_hsae"), _near(bench, "standard")
+    sparsity = lambda r: None if r is None else 1 - r["l0"] / d_sae  # noqa: E731
+    add("activation sparsity (share of zero latents), HSAE vs standard SAE", "000, sec. 1 and 6", "60% vs 40%",
+        _fmt_pair(sparsity(hsae_p), sparsity(std_p)), _fmt_pair(sparsity(hsae_m), sparsity(std_m)),
+        "at matched L0 both are ~1 - 32/d_sae by construction")
+    t_h, t_s = _tokens_to_fvu(bench, "seed000_hsae-published", 0.5), _tokens_to_fvu(bench, "standard-published", 0.5)
+    t_hm = _tokens_to_fvu(bench, hsae_m["sae"], 0.5) if hsae_m else None
+    t_sm = _tokens_to_fvu(bench, std_m["sae"], 0.5) if std_m else None
+    add("faster initial convergence: training tokens to train FVU 0.5, HSAE vs standard", "000, sec. 1",
+        "40% faster", _fmt_pair(t_h, t_s, ",d" if t_h and t_s else ""), _fmt_pair(t_hm, t_sm, ",d" if t_hm and t_sm else ""))
+    for seed, variants in (("000", ("seed000_hsae", "seed000_hsae_no_separation", "seed000_temporal",
+                                    "seed000_temporal_single_scale", "seed000_adaptive")),
+                           ("001", tuple(v for v in bench.variants if v.startswith("seed001"))),
+                           ("002", tuple(v for v in bench.variants if v.startswith("seed002")))):
+        pub = [(v, _unlearning(bench, f"{v}-published")) for v in variants]
+        mat = [(v, _unlearning(bench, bench.nearest_to(v, 32.0))) for v in variants]
+        fmt = lambda pairs: ", ".join(f"{v.split('_', 1)[-1]} {_num(s)}" for v, s in pairs if s is not None) or "-"  # noqa: E731
+        add("unlearning score on the (embedded wiki) unlearning benchmark", f"{seed}, abstract", "0.0 for every variant",
+            fmt(pub), fmt(mat), "embedded wiki benchmark, not WMDP-bio (DESIGN.md)")
+    dyn_p, dyn_m = _pub(bench, "seed001_dynamic_hier"), _near(bench, "seed001_dynamic_hier")
+    add("group assignment entropy of the dynamic hierarchy (nats)", "001, sec. 6", "2.3",
+        _num(_diag(dyn_p, "group_entropy", "nats")), _num(_diag(dyn_m, "group_entropy", "nats")))
+    st_p, fx_p = _pub(bench, "seed001_static_hier"), _pub(bench, "seed001_fixed_ortho")
+    st_m, fx_m = _near(bench, "seed001_static_hier"), _near(bench, "seed001_fixed_ortho")
+    add("inter-group correlation (mean |corr|), static 8x8 vs fixed orthogonality", "001, sec. 6",
+        "15% lower", _fmt_pair(_diag(st_p, "inter_group_correlation", "mean_abs"),
+                               _diag(fx_p, "inter_group_correlation", "mean_abs")),
+        _fmt_pair(_diag(st_m, "inter_group_correlation", "mean_abs"), _diag(fx_m, "inter_group_correlation", "mean_abs")))
+    hier_p, hier_m = _pub(bench, "seed002-hierarchical"), _near(bench, "seed002-hierarchical")
+    add("average silhouette of the 32 latent clusters", "002, sec. 6", "0.72",
+        _num(_diag(hier_p, "silhouette", "value")), _num(_diag(hier_m, "silhouette", "value")))
+    pr_p, pr_m = _pub(bench, "seed002-pruning"), _near(bench, "seed002-pruning")
+    c_p, c_m = _pub(bench, "seed002-contrastive"), _near(bench, "seed002-contrastive")
+    add("pruning: latents pruned; CE loss score pruning vs contrastive-only", "002, sec. 5-6",
+        "no unlearning gain", f"{_counter(pr_p, 'prun') or '-'}; CE {_fmt_pair((pr_p or {}).get('ce_loss_score'), (c_p or {}).get('ce_loss_score'))}",
+        f"{_counter(pr_m, 'prun') or '-'}; CE {_fmt_pair((pr_m or {}).get('ce_loss_score'), (c_m or {}).get('ce_loss_score'))}")
+    t_p, t_m = _pub(bench, "seed003-tiered"), _near(bench, "seed003-tiered")
+    add("tiered HSAE training: NaN losses, explained variance", "003, sec. 6", "NaN; EV -0.785",
+        f"{'failed: ' + t_p['failed'] if t_p and t_p['failed'] else 'finite'}; EV {_num((t_p or {}).get('explained_variance'))}",
+        f"{'failed' if t_m and t_m['failed'] else 'finite'}; EV {_num((t_m or {}).get('explained_variance'))}")
+    g_p, g_m = _pub(bench, "seed004-groups"), _near(bench, "seed004-groups")
+    add("alive latents, standard SAE -> group sparsity", "004, sec. 1 and 6", "85 -> 1,247",
+        _fmt_pair((std_p or {}).get("alive"), (g_p or {}).get("alive"), "d" if std_p and g_p else ""),
+        _fmt_pair((std_m or {}).get("alive"), (g_m or {}).get("alive"), "d" if std_m and g_m else ""),
+        f"of {d_sae} latents")
+    add("explained variance, standard SAE -> group sparsity", "004, sec. 6", "0.31 -> 0.926",
+        _fmt_pair((std_p or {}).get("explained_variance"), (g_p or {}).get("explained_variance")),
+        _fmt_pair((std_m or {}).get("explained_variance"), (g_m or {}).get("explained_variance")))
+    for v in [v for v in bench.variants if v.startswith("seed004") and v != "seed004-groups"]:
+        p, m = _pub(bench, v), _near(bench, v)
+        add(f"ablation {v}: EV, alive latents", "004, sec. 6 (gamma 1.25/1.5/2.0, K 3/5/7)", "see paper",
+            f"EV {_num((p or {}).get('explained_variance'))}, alive {(p or {}).get('alive', '-')}",
+            f"EV {_num((m or {}).get('explained_variance'))}, alive {(m or {}).get('alive', '-')}")
+    return out
+
+
+def claims_table(rows: list[dict]) -> str:
+    """Markdown of :func:`claims`."""
+    lines = ["| claim (seed file, section) | paper | measured at the paper's settings | measured at matched L0 (SAE nearest 32) | note |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['claim']} ({r['source']}) | {r['paper']} | {r['published']} | {r['matched']} | {r['note']} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def write_benchmark_report(bench) -> Path:
+    """Write every table and the report of a benchmark run into ``bench.cfg.out``; returns ``matched.md``."""
+    out = bench.cfg.out
+    matched_md, matched_rows = matched_table(bench)
+    spread_md, spread_rows = seed_spread(bench)
+    pub_md, pub_rows = published_table(bench)
+    claim_rows = claims(bench)
+    codes = sorted({json.loads(p.read_text()).get("saestrata_benchmark", {}).get("code", "?")
+                    for p in (out / "core").glob("*.json")}) if (out / "core").exists() else []
+    mixed = (f"\n\n**Warning: these results come from {len(codes)} code versions ({', '.join(codes)}); "
+             "rerun the stale ones before citing.**" if len(codes) > 1 else "")
+    (out / "matched.md").write_text(f"# Every variant at matched L0\n\nCode {', '.join(codes) or '-'}.{mixed}\n\n"
+                                    f"{matched_md}\n\n## Init seeds\n\n{spread_md}\n")
+    (out / "published.md").write_text(f"# At each paper's own settings\n\n{pub_md}\n")
+    (out / "claims.md").write_text(f"# The seeds' claims, checked\n\n{claims_table(claim_rows)}\n")
+    (out / "summary.json").write_text(json.dumps({"codes": codes, "matched": matched_rows, "seeds": spread_rows,
+                                                  "published": pub_rows, "claims": claim_rows}, indent=2, default=str))
+    inputs = [p for p in (out / "core", out / "unlearning", out / "saes") if p.exists()]
+    if inputs:
+        write_report(inputs, out / "report", matched_l0=32.0)
+    return out / "matched.md"
