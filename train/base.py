@@ -226,6 +226,48 @@ class SAE(nn.Module):
         """
 
     # -- saving -----------------------------------------------------------------------
+    # Why SAELens cannot represent this arch; written to cfg.json when saelens_export() is None.
+    saelens_unsupported: ClassVar[str] = "no SAELens export is declared for this arch"
+
+    @torch.no_grad()
+    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]] | None:
+        """The SAELens ``architecture`` and tensors whose inference equals this SAE's eval mode, or None.
+
+        SAELens 6 (``sae_lens.SAE.load_from_disk``) loads a state dict strictly, so the
+        tensors are exactly the ones its class expects: ``W_enc [d_in, d_sae]``,
+        ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` (fp32, on the CPU),
+        plus ``threshold [d_sae]`` for ``"jumprelu"``. Its rules, with
+        ``pre = (x - b_dec) W_enc + b_enc``: ``standard`` encodes ``ReLU(pre)``, ``topk``
+        ``ReLU(TopK(pre))``, ``jumprelu`` ``ReLU(pre) * (pre > threshold)``; all decode
+        ``f W_dec + b_dec``. An arch whose extra parameters only reshape that computation
+        (masks, gates) folds them into these tensors; the saved folder keeps its own
+        tensors too (train/sae_io.py), so saestrata reloads it unchanged.
+
+        Default: None (``saelens_unsupported`` says why); archs override it.
+        """
+        return None
+
+    @torch.no_grad()
+    def linear_tensors(self, gain: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Detached fp32 CPU copies of ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``; ``gain`` folded into the encoder.
+
+        ``gain`` (``[d_sae]``, >= 0) multiplies latent ``i``'s encoder column and bias:
+        ``ReLU(pre_i) * g_i = ReLU(pre_i * g_i)`` for ``g_i >= 0``, so an SAE encoding
+        ``ReLU(pre) * gain`` becomes a plain ReLU SAE with the same latents and decoder.
+
+        Raises:
+            ValueError: ``gain`` has a negative entry (ReLU does not commute with it).
+        """
+        out = {name: getattr(self, name).detach().float().cpu().clone()
+               for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        if gain is not None:
+            gain = gain.detach().float().cpu()
+            if (gain < 0).any():
+                raise ValueError("a latent gain folded into the encoder must be >= 0")
+            out["W_enc"] *= gain
+            out["b_enc"] *= gain
+        return out
+
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
         """Make an SAE trained on ``x * scale`` take raw ``x``: the latents are unchanged.

@@ -14,7 +14,7 @@ Dead latents get the AuxK loss of Gao et al. 2024, app. A.2 (``AuxKMixin``).
 Saving: ``threshold`` is a ``[d_sae]`` buffer holding the global value in every
 entry, which is exactly SAELens' JumpReLU ``threshold`` tensor, so a saved
 BatchTopK SAE loads in SAELens as ``architecture: "jumprelu"`` with identical
-inference behaviour (see ``_SAELENS_ARCH`` in sae_io.py). Thresholds act on
+inference behaviour (:meth:`BatchTopKSAE.saelens_export`). Thresholds act on
 pre-activations, which :meth:`SAE.fold_input_scale` leaves unchanged, so the
 base folding stays correct.
 
@@ -149,6 +149,15 @@ class BatchTopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         super().update_firing(out)
         if self.training:
             self.update_threshold(out)
+
+    @torch.no_grad()
+    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """``("jumprelu", linear tensors + threshold [d_sae])``: eval mode is JumpReLU with the global threshold.
+
+        Exact for eval mode only (training mode's batch-wide top-k has no SAELens form);
+        :class:`~.matryoshka.MatryoshkaSAE` inherits this (its prefixes only shape the loss).
+        """
+        return "jumprelu", {**self.linear_tensors(), "threshold": self.threshold.detach().float().cpu().clone()}
 
     @torch.no_grad()
     def update_threshold(self, out: ForwardOutput) -> None:

@@ -168,6 +168,11 @@ class JumpReLUSAE(SAE):
         l0 = step(torch.relu(pre), self.threshold, self.bandwidth).sum(-1).mean()
         return {"l0": self.l0_coeff * self.sparsity_scale * l0.float()}
 
+    @torch.no_grad()
+    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """``("jumprelu", linear tensors + threshold = exp(log_threshold))``, SAELens' JumpReLU rule."""
+        return "jumprelu", {**self.linear_tensors(), "threshold": self.threshold.detach().float().cpu().clone()}
+
 
 def _save_threshold(module: JumpReLUSAE, state: dict, prefix: str, local_metadata) -> None:
     """State-dict hook: replace ``log_threshold`` by SAELens' ``threshold = exp(log_threshold)``."""

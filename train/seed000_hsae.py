@@ -128,6 +128,7 @@ class HierarchicalSAE(SAE):
     """
 
     arch = "hsae_skip"
+    saelens_unsupported = "two-level encoder (z2 = ReLU(z1 W_enc2 + b_enc2)) and a skip decoder; no SAELens arch"
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, lambda1: float = 0.03, lambda2: float = 0.05,
                  lambda_d: float = 0.02):
@@ -230,6 +231,7 @@ class TemporalSAE(SAE):
 
     arch = "temporal_dilated"
     needs_sequences = True
+    saelens_unsupported = "latents read earlier tokens (causal dilated convolutions); SAELens SAEs are token-wise"
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, rates=(1, 2, 4), kernel_size: int = 2,
                  l1_coeff: float = 0.03):
@@ -341,6 +343,13 @@ class AdaptiveMaskSAE(SAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """``ReLU(pre) * mask``."""
         return torch.relu(pre) * self.mask()
+
+    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """``("standard", ...)`` with the mask folded into the encoder: ``ReLU(pre) * m = ReLU(pre * m)``, ``m > 0``.
+
+        Latents and decoder are unchanged; ``importance`` stays in saestrata's tensors.
+        """
+        return "standard", self.linear_tensors(self.mask())
 
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``l1``: ``l1_coeff * sparsity_scale * mean_tokens sum_i f_i`` on the masked latents."""

@@ -273,6 +273,14 @@ class _ReluL1SAE(SAE):
         """ReLU (seed 001 sec. 3.1)."""
         return torch.relu(pre)
 
+    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """``("standard", W_enc/b_enc/W_dec/b_dec)``: inference is ReLU + linear decoder (sec. 3.1).
+
+        Groups, alphas, attention keys/queries and cached assignments only enter the loss
+        (Eqs. 2-4), so they are left out of SAELens' tensors (kept for saestrata).
+        """
+        return "standard", self.linear_tensors()
+
     def l1(self, f: torch.Tensor) -> torch.Tensor:
         """``l1_coeff * sparsity_scale * mean_batch ||f||_1`` (scalar float32; Eq. 3)."""
         return self.l1_coeff * self.sparsity_scale * f.float().sum(-1).mean()

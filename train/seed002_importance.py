@@ -274,6 +274,15 @@ class ImportanceSAE(SAE):
         """ReLU, with pruned latents masked to 0."""
         return torch.relu(pre) * self.keep_mask.to(pre.dtype)
 
+    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """``("standard", ...)`` with ``keep_mask`` folded into the encoder: pruned latents get zero columns.
+
+        ``ReLU(pre) * m = ReLU(pre * m)`` for ``m`` in {0, 1}, so a pruned latent's encoder
+        column and bias are zeroed (``pre = 0``, always silent). Importance scores and
+        clusters only drive training (sec. 4) and stay in saestrata's tensors.
+        """
+        return "standard", self.linear_tensors(self.keep_mask)
+
     def candidates(self) -> torch.Tensor:
         """Bool ``[d_sae]``: unpruned latents with ``s_i < tau`` (none before the first update). Seed 002 sec. 4."""
         if int(self.n_updates) == 0:

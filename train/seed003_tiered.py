@@ -113,6 +113,7 @@ class TieredHSAE(SAE):
     """
 
     arch = "tiered_hsae"
+    saelens_unsupported = "chained tiers (tier i reads layer-normed tier i-1); no SAELens arch"
     unit_norm_decoder = True
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, tier_ratios=(1, 2, 3), tier_init=(0.1, 0.3, 0.6),

@@ -112,6 +112,10 @@ class GroupSparsitySAE(SAE):
         """ReLU (seed 004 sec. 4.2)."""
         return torch.relu(pre)
 
+    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """``("standard", W_enc/b_enc/W_dec/b_dec)``: the group weights only shape the L1 (sec. 4.1 eq. 1)."""
+        return "standard", self.linear_tensors()
+
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``l1``: ``sparsity_scale * mean_batch sum_j w_j |f_j|`` with ``w`` from :func:`group_l1_weights`."""
         weighted = (f.float().abs() * self.l1_weights).sum(-1).mean()

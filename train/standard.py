@@ -48,5 +48,9 @@ class StandardSAE(SAE):
         weighted = (f.float() * self.W_dec.norm(dim=-1)).sum(-1).mean()
         return {"l1": self.l1_coeff * self.sparsity_scale * weighted}
 
+    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """``("standard", W_enc/b_enc/W_dec/b_dec)``: SAELens' standard SAE is this SAE's inference."""
+        return "standard", self.linear_tensors()
+
 
 ARCHS = {"standard": ArchInfo(StandardSAE, "Conerly et al., Anthropic Circuits Update, April 2024")}

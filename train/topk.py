@@ -173,5 +173,9 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         """``auxk`` (only while training)."""
         return {"auxk": self.auxk_loss(x, pre, x_hat)} if self.training else {}
 
+    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """``("topk", W_enc/b_enc/W_dec/b_dec)``: SAELens' TopK encodes ``ReLU(TopK(pre))`` as we do (sec. 2.3)."""
+        return "topk", self.linear_tensors()
+
 
 ARCHS = {"topk": ArchInfo(TopKSAE, "Gao et al. 2024, Scaling and evaluating sparse autoencoders, sec. 2.3, app. A.2")}
