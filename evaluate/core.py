@@ -1,18 +1,48 @@
-"""``saestrata evaluate``: SAEBench-style core metrics by splicing an SAE into the LM.
+"""``saestrata evaluate``: SAEBench's ``core`` metrics by splicing an SAE into the LM.
 
-Definitions (DESIGN.md, "Metrics"; SAEBench ``core`` eval layout):
+Source of the definitions: SAEBench ``sae_bench/evals/core/main.py`` at commit
+:data:`SAEBENCH_COMMIT` (``get_recons_loss``, ``get_downstream_reconstruction_metrics``,
+``get_sparsity_and_variance_metrics``, ``calculate_misc_metrics``), checked against
+SAELens ``sae_lens/evals.py``. Every deviation is listed in :data:`DEVIATIONS_FROM_SAEBENCH`
+and in each result's ``eval_config``. Special tokens are SAEBench's ``ignore_tokens``
+``{bos, eos, pad}``; "masked" below means "those positions are left out".
 
-- ``ce_loss_score = (CE_zero_abl - CE_sae) / (CE_zero_abl - CE_clean)``
-- ``kl_div_score = (KL_abl - KL_sae) / KL_abl`` with ``KL_* = KL(p_clean || p_*)`` per token
+Under SAEBench's keys, with SAEBench's definitions:
+
+- ``ce_loss_score = (CE_abl - CE_sae) / (CE_abl - CE_clean)``, ``kl_div_score =
+  (KL_abl - KL_sae) / KL_abl``, ``KL_* = KL(p_clean || p_*)``. The ablation zeros the
+  residual at EVERY position, BOS included (``standard_zero_ablate_hook``); the SAE
+  replaces only non-special positions (``exclude_special_tokens_from_reconstruction``).
+  CE: mean over the T-1 positions t (t predicts t+1) whose INPUT token is non-special;
+  KL: mean over all T positions whose input token is non-special.
+- ``l0``: mean number of latents ``!= 0`` per token; ``l1``: mean ``sum_i f_i`` (no abs).
+- ``mse``: SAEBench's literal mean over tokens of ``||x - x_hat||^2 / n_batch`` with
+  ``n_batch`` the batch's non-special token count, so it scales with 1 / batch size (SAELens
+  PRs #665, #711); a batch is ``batch_rows`` rows (``eval_config["mse_batch_tokens"]``
+  = ``batch_rows * context_size`` tokens before masking).
+- ``explained_variance_legacy``: mean over tokens of ``1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2``
+  (the paper-era number).
+- ``cossim``: mean over tokens of ``cos(x, x_hat)``.
+- ``frac_alive``, ``freq_over_{1,10}_percent``, ``normalized_freq_over_{1,10}_percent``: from
+  the firing frequency (``f > 0``) of each latent over non-special tokens.
+
+Our definitions (DESIGN.md, "Metrics"), declared as deviations:
+
 - ``explained_variance = 1 - E||x - x_hat||^2 / (E||x||^2 - sum_d E[x_d]^2)`` over all
-  evaluated tokens (SAEBench's current per-batch formula has a known bug; not copied)
-- ``mse``: mean squared error per element; ``cossim``: mean cosine(x, x_hat) per token
-- ``l0``: mean non-zero latents per token; ``l1``: mean sum of latents per token
-- ``frac_alive``: latents firing at least once; ``feature_utilisation``: latents whose
-  mean activation exceeds 1e-4 (seed 004, sec. 5.3)
-
-Special tokens (BOS, pad, EOS) are masked: their activations are never replaced and
-no CE/KL is counted where the input or the target token is special.
+  evaluated tokens: the centred formula SAEBench's code comment intends. The literal value
+  of SAEBench's current code, total variance ``E||x||^2 - (mean_d E[x_d^2])^2`` from
+  batch means, is ``explained_variance_saebench_code``; it mixes x^2 with x^4, so it is
+  not a variance ratio: with ``E||x||^2 > d_in^2`` its "total variance" is negative and it
+  exceeds 1 (on x = 50 + N(0, 1) in 16 dims and x_hat = x + N(0, 0.01) it is > 1 while the
+  centred value is ~0.99; tests/test_eval_parity.py).
+- ``mse_per_token = E||x - x_hat||^2`` (independent of batching), ``mse_per_element`` = that / d_in.
+- ``*_strict``: CE and KL over the T-1 positions whose input AND target are non-special
+  (saestrata's previous masking; no score for predicting a document's BOS).
+- ``*_bos_kept`` (with ``EvalConfig.bos_kept_ablation``): the ablation keeps special-token
+  positions as the SAE does (saestrata's previous ablation); ``ce_loss_score_bos_kept_strict``
+  reproduces saestrata's previous ``ce_loss_score`` (which also masked <unk> and <mask>). It costs one more forward group per layer
+  (one of 3 for a single SAE), so it is off by default.
+- ``feature_utilisation``: latents whose mean activation exceeds 1e-4 (seed 004, sec. 5.3).
 """
 
 from __future__ import annotations
@@ -50,18 +80,118 @@ class EvalConfig:
     dtype: str = "bfloat16"
     seed: int = 0
     text_field: str = "text"
+    bos_kept_ablation: bool = False  # one more forward group per layer for the *_bos_kept scores
     extra: dict = field(default_factory=dict)
 
 
-class _Sums:
-    """Token-weighted reconstruction/sparsity accumulators of one SAE (float64)."""
+SAEBENCH_COMMIT = "8042bb3828c6340da8d12062324e92b2077c571c"  # sae_bench/evals/core/main.py checked against
+
+DEVIATIONS_FROM_SAEBENCH = (
+    "explained_variance = 1 - E||x-x_hat||^2 / (E||x||^2 - sum_d E[x_d]^2) over all tokens, the centred formula "
+    "SAEBench's code comment intends; its literal code value is explained_variance_saebench_code",
+    "CE and KL from fp32 log_softmax of the logits (SAEBench: TransformerLens log_softmax, and softmax then log "
+    "for KL, in the logits' dtype)",
+    "cossim counts a token with ||x|| = 0 or ||x_hat|| = 0 as 0 (SAEBench: NaN)",
+    "one batched forward holds the clean, ablated and spliced groups (SAEBench: separate forwards); same values "
+    "up to floating-point batching effects",
+    "CE/KL and reconstruction/sparsity use the same rows (SAEBench: n_eval_reconstruction_batches and "
+    "n_eval_sparsity_variance_batches, each drawn from the start of its activation store)",
+    "rows are saestrata-packed documents of the chosen split (BOS at every row start and before every document; "
+    "SAEBench: its ActivationsStore rows, default openwebtext, context 128, 16 prompts per batch)",
+    "not computed: shrinkage (l2_norm_in, l2_norm_out, l2_ratio, relative_reconstruction_bias), token_stats, "
+    "average_max_encoder/decoder_cosine_sim, per-latent eval_result_details",
+    "extra keys, not in SAEBench: *_strict (CE/KL where input and target are non-special), *_bos_kept "
+    "(ablation keeps special-token positions, with bos_kept_ablation), mse_per_token, mse_per_element, "
+    "feature_utilisation, diagnostics",
+)
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """SAEBench's ``ignore_tokens``: ``{pad, eos, bos}`` ids of ``tokenizer`` (None entries dropped)."""
+    return {t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None}
+
+
+class ReconSums:
+    """float64 accumulators of the reconstruction and sparsity metrics of one SAE, batch by batch.
+
+    Feed each batch's non-special tokens with :meth:`add`; :meth:`metrics` gives SAEBench's
+    per-token means over all batches (``get_sparsity_and_variance_metrics``) and our variants.
+    The SAEBench values that are per-batch (``mse``, ``explained_variance_legacy``,
+    ``explained_variance_saebench_code``) depend on how tokens are batched, as in SAEBench.
+
+    Args:
+        d_sae: number of latents (for the per-latent firing counts).
+    """
 
     def __init__(self, d_sae: int):
-        self.n_tok = 0
-        self.sq_err = self.sq_x = self.cos = self.l0 = self.l1 = 0.0
+        self.n_tok = self.n_batches = 0
+        self.rss = self.sq_x = self.cos = self.l0 = self.l1 = 0.0
+        self.mse_saebench = self.ev_legacy = 0.0  # sums over tokens of SAEBench's per-token values
+        self.batch_mean_sq = self.batch_mean_x2 = self.batch_mean_rss = 0.0  # sums over batches of batch means
         self.sum_x: torch.Tensor | None = None
         self.fire_count = torch.zeros(d_sae, dtype=torch.float64)
         self.act_sum = torch.zeros(d_sae, dtype=torch.float64)
+        self.diag: Diagnostics | None = None
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:
+        """Add one batch: ``x``, ``x_hat`` ``[n, d_in]`` and latents ``f`` ``[n, d_sae]`` of its non-special tokens.
+
+        A batch without tokens is skipped (SAEBench would average an empty tensor into NaN).
+        """
+        if len(x) == 0:
+            return
+        x, x_hat, f = x.double(), x_hat.double(), f.double()
+        n = len(x)
+        rss = (x - x_hat).pow(2).sum(-1)  # [n] residual sum of squares per token
+        sq = x.pow(2).sum(-1)
+        self.n_tok += n
+        self.n_batches += 1
+        self.rss += float(rss.sum())
+        self.sq_x += float(sq.sum())
+        self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
+        # SAEBench: mse = resid_sum_of_squares / flattened_mask.sum() per token, i.e. divided by
+        # the batch's unmasked token count (scales with 1/batch size; SAELens PRs #665, #711).
+        self.mse_saebench += float(rss.sum()) / n
+        # SAEBench's explained_variance_legacy: per token, against the batch mean.
+        self.ev_legacy += float((1 - rss / (x - x.mean(0)).pow(2).sum(-1)).sum())
+        # SAEBench's explained_variance code: batch means of ||x||^2, of x_d^2 (over tokens and dims), of rss.
+        self.batch_mean_sq += float(sq.mean())
+        self.batch_mean_x2 += float(x.pow(2).mean())
+        self.batch_mean_rss += float(rss.mean())
+        den = x.norm(dim=-1) * x_hat.norm(dim=-1)
+        self.cos += float(torch.where(den > 0, (x * x_hat).sum(-1) / den.clamp_min(1e-300), 0.0).sum())
+        self.l0 += float((f != 0).sum())  # SAEBench: != 0 (densities below use > 0, as SAEBench)
+        self.l1 += float(f.sum())  # SAEBench: plain sum, no abs
+        self.fire_count += (f > 0).sum(0).cpu()
+        self.act_sum += f.sum(0).cpu()
+        if self.diag is not None:
+            self.diag.update(f)
+
+    def metrics(self) -> dict[str, float]:
+        """Scalar metrics (see the module docstring) plus ``density`` (``[d_sae]`` numpy, firing frequency).
+
+        Raises:
+            ValueError: no tokens were added.
+        """
+        if self.n_tok == 0:
+            raise ValueError("no tokens were added to ReconSums")
+        n, nb = self.n_tok, self.n_batches
+        mean_x = self.sum_x / n
+        total_var = self.sq_x / n - float(mean_x.pow(2).sum())
+        code_total_var = self.batch_mean_sq / nb - (self.batch_mean_x2 / nb) ** 2  # x^2 minus x^4: the bug
+        return {
+            "explained_variance": 1.0 - (self.rss / n) / total_var,
+            "explained_variance_legacy": self.ev_legacy / n,
+            "explained_variance_saebench_code": 1.0 - (self.batch_mean_rss / nb) / code_total_var,
+            "mse": self.mse_saebench / n,
+            "mse_per_token": self.rss / n,
+            "mse_per_element": self.rss / (n * len(mean_x)),
+            "cossim": self.cos / n,
+            "l0": self.l0 / n,
+            "l1": self.l1 / n,
+            "density": (self.fire_count / n).numpy(),
+            "mean_act": (self.act_sum / n).numpy(),
+        }
 
 
 def _token_mask(token_ids: torch.Tensor, special: set[int]) -> torch.Tensor:
@@ -69,47 +199,62 @@ def _token_mask(token_ids: torch.Tensor, special: set[int]) -> torch.Tensor:
     return torch.isin(token_ids, torch.tensor(sorted(special), dtype=token_ids.dtype))
 
 
-def _accumulate_logits(ce: list, kl: list, logits: torch.Tensor, token_ids: torch.Tensor,
-                       special_mask: torch.Tensor, chunk: int = 16) -> int:
-    """Add each group's summed CE and KL(clean || group) over positions with non-special input and target.
+class _LogitSums:
+    """Per-group summed CE and KL(clean || group) under SAEBench's masks and the strict masks.
 
-    ``logits`` is ``[n_groups * n, T, vocab]``, group 0 clean. Returns the number of positions.
-    ``KL(p || q) = sum_v p_v log p_v - sum_v p_v log q_v``. Positions are processed ``chunk``
-    at a time so each fp32 ``[chunk, vocab]`` block stays in cache (the 262k-vocab softmax,
-    not the forward, dominates evaluation on a CPU).
+    SAEBench (``get_downstream_reconstruction_metrics``): CE at the T-1 positions t < T-1
+    (t predicts t+1) whose INPUT token is non-special; KL at all T positions whose input
+    token is non-special. Strict: t < T-1 with input AND target non-special, for both.
     """
-    n = token_ids.shape[0]
-    valid = (~special_mask[:, :-1]) & (~special_mask[:, 1:])
-    target = token_ids[:, 1:][valid][:, None]
-    groups = [logits[g * n : (g + 1) * n, :-1][valid] for g in range(len(ce))]  # [P, vocab] each
-    for lo in range(0, len(target), chunk):
-        tgt = target[lo : lo + chunk]
-        clean = torch.log_softmax(groups[0][lo : lo + chunk].float(), dim=-1)
-        p_clean = clean.exp()
-        neg_entropy = torch.einsum("pv,pv->p", p_clean, clean)
-        for g in range(len(ce)):
-            lp = clean if g == 0 else torch.log_softmax(groups[g][lo : lo + chunk].float(), dim=-1)
-            ce[g] += float(-lp.gather(-1, tgt).sum())
-            if g:
-                kl[g] += float((neg_entropy - torch.einsum("pv,pv->p", p_clean, lp)).sum())
-    return int(valid.sum())
+
+    def __init__(self, n_groups: int):
+        self.ce, self.kl = [0.0] * n_groups, [0.0] * n_groups
+        self.ce_strict, self.kl_strict = [0.0] * n_groups, [0.0] * n_groups
+        self.n_ce = self.n_kl = self.n_strict = 0
+
+    def add(self, logits: torch.Tensor, token_ids: torch.Tensor, special_mask: torch.Tensor, chunk: int = 16) -> None:
+        """Add one batch: ``logits`` ``[n_groups * n, T, vocab]`` (group 0 clean), ``token_ids``/``special_mask`` ``[n, T]``.
+
+        ``KL(p || q) = (sum_v p_v log p_v - sum_v p_v log q_v) / sum_v p_v`` in fp32. Dividing by
+        ``sum_v p_v`` (1 up to rounding) removes most of the fp32 error: torch's CPU log_softmax
+        normalises 262k logits to ~2e-5 (measured), which times ``log p - log q`` is ~1e-4 of
+        KL; the sums are ``torch.sum`` (``einsum`` was ~1e-4 off too). Positions are processed
+        ``chunk`` at a time so each fp32 ``[chunk, vocab]`` block stays in cache (the 262k-vocab
+        softmax, not the forward, dominates evaluation on a CPU).
+        """
+        n, T = token_ids.shape
+        scored = ~special_mask  # input token non-special
+        has_next = torch.ones_like(scored)
+        has_next[:, -1] = False
+        target = torch.roll(token_ids, -1, dims=1)  # last column wraps around; never used (has_next False)
+        strict = has_next & ~torch.roll(special_mask, -1, dims=1)
+        tgt, ce_m, st_m = target[scored][:, None], has_next[scored], strict[scored]
+        groups = [logits[g * n : (g + 1) * n][scored] for g in range(len(self.ce))]  # [P, vocab] each
+        for lo in range(0, len(tgt), chunk):
+            sl = slice(lo, lo + chunk)
+            cm, sm = ce_m[sl], st_m[sl]
+            clean = torch.log_softmax(groups[0][sl].float(), dim=-1)
+            p_clean = clean.exp()
+            p_sum = p_clean.sum(-1)
+            neg_entropy = (p_clean * clean).sum(-1)
+            for g in range(len(self.ce)):
+                lp = clean if g == 0 else torch.log_softmax(groups[g][sl].float(), dim=-1)
+                ce = -lp.gather(-1, tgt[sl])[:, 0]
+                self.ce[g] += float(ce[cm].sum())
+                self.ce_strict[g] += float(ce[sm].sum())
+                if g:
+                    kl = (neg_entropy - (p_clean * lp).sum(-1)) / p_sum
+                    self.kl[g] += float(kl.sum())
+                    self.kl_strict[g] += float(kl[sm].sum())
+        self.n_ce += int(ce_m.sum())
+        self.n_kl += len(tgt)
+        self.n_strict += int(st_m.sum())
 
 
-def _accumulate_recon(sums: _Sums, record: dict, keep_flat: torch.Tensor) -> None:
-    """Reconstruction and sparsity sums over non-special tokens."""
+def _accumulate_recon(sums: ReconSums, record: dict, keep_flat: torch.Tensor) -> None:
+    """Reconstruction and sparsity sums over non-special tokens of one batch."""
     use = ~keep_flat
-    x, x_hat, f = record["x"][use].double(), record["x_hat"][use].double(), record["f"][use].double()
-    sums.n_tok += len(x)
-    sums.sq_err += float((x - x_hat).pow(2).sum())
-    sums.sq_x += float(x.pow(2).sum())
-    sums.sum_x = x.sum(0) if sums.sum_x is None else sums.sum_x + x.sum(0)
-    sums.cos += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum())
-    sums.l0 += float((f > 0).sum())
-    sums.l1 += float(f.sum())
-    sums.fire_count += (f > 0).sum(0).cpu()
-    sums.act_sum += f.sum(0).cpu()
-    if getattr(sums, "diag", None) is not None:
-        sums.diag.update(f)
+    sums.add(record["x"][use], record["x_hat"][use], record["f"][use])
 
 
 def sae_model_id(sae_folder: str | Path) -> str:
@@ -141,10 +286,14 @@ def evaluate_sae(cfg: EvalConfig, lm: LoadedModel | None = None, progress: bool 
 
 def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None = None,
                   progress: bool = True) -> list[dict]:
-    """Core metrics of several SAEs from ONE batched forward per batch of rows.
+    """Core metrics of several SAEs from ONE batched forward per batch of ``cfg.batch_rows`` rows.
 
-    The batch holds a clean group, one zero-ablated group per distinct layer and one
-    spliced group per SAE, so the clean and ablated passes are shared by all SAEs.
+    The batch holds a clean group, one zero-ablated group per distinct layer (every position
+    zeroed, as SAEBench), with ``cfg.bos_kept_ablation`` one more per layer that keeps the
+    special-token positions, and one spliced group per SAE (special-token positions kept
+    clean, SAEBench's ``exclude_special_tokens_from_reconstruction=True``). The clean and
+    ablated passes are shared by all SAEs. Each result is SAEBench's ``core`` layout (see
+    the module docstring for every key).
 
     Raises:
         FileNotFoundError: a folder is not a saved SAE.
@@ -156,24 +305,29 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
     lm = lm or load_model(model_id, cfg.device, cfg.dtype)
     loaded = [_load_checked(f, lm, model_id) for f in folders]
     layers = sorted({layer for _, _, layer in loaded})
-    n_groups = 1 + len(layers) + len(loaded)
     zero_group = {layer: 1 + i for i, layer in enumerate(layers)}
+    kept_group = {layer: 1 + len(layers) + i for i, layer in enumerate(layers)} if cfg.bos_kept_ablation else {}
+    first_sae = 1 + len(zero_group) + len(kept_group)
+    n_groups = first_sae + len(loaded)
     plan = {layer: [None] * n_groups for layer in layers}
     records = [{} for _ in loaded]
     rows_ctx: dict = {}  # document boundaries of the current batch, for sequence SAEs (temporal)
     for layer in layers:
         plan[layer][zero_group[layer]] = zero_replacement
+        if cfg.bos_kept_ablation:
+            plan[layer][kept_group[layer]] = zero_replacement
     for i, (sae, _, layer) in enumerate(loaded):
-        plan[layer][1 + len(layers) + i] = sae_replacement(sae, records[i], rows_ctx)
+        plan[layer][first_sae + i] = sae_replacement(sae, records[i], rows_ctx)
+    keep_groups = set(kept_group.values()) | set(range(first_sae, n_groups))  # not SAEBench's zero groups
 
     ctx = cfg.context_length or loaded[0][1].get("saestrata", {}).get("context_length") or 128
     n_rows = max(1, -(-cfg.tokens // ctx))
-    special = set(lm.tokenizer.all_special_ids)
+    special = special_token_ids(lm.tokenizer)
     rows = pack_documents(iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_field), lm.tokenizer, ctx)
-    sums = [_Sums(sae.d_sae) for sae, _, _ in loaded]
+    sums = [ReconSums(sae.d_sae) for sae, _, _ in loaded]
     for s, (sae, _, _) in zip(sums, loaded):
         s.diag = Diagnostics(sae)  # evaluate/diagnostics.py: density, group structure, silhouette
-    ce, kl, n_ce = [0.0] * n_groups, [0.0] * n_groups, 0
+    logit_sums = _LogitSums(n_groups)
     done, seconds = 0, 0.0
     bar = tqdm(total=n_rows * ctx, unit="tok", desc=f"evaluate {len(loaded)} SAE(s)", disable=not progress)
     with torch.inference_mode():
@@ -185,55 +339,80 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
             keep = _token_mask(ids, special)
             rows_ctx.update(doc_index=torch.from_numpy(np.stack([r.doc_index for r in batch])), valid=~keep)
             t0 = time.perf_counter()
-            with splice(lm.layers, plan, keep.to(lm.device)):
+            with splice(lm.layers, plan, keep.to(lm.device), keep_groups):
                 logits = lm.model(input_ids=ids.repeat(n_groups, 1).to(lm.device), use_cache=False).logits
-            n_ce += _accumulate_logits(ce, kl, logits.cpu(), ids, keep)
+            logit_sums.add(logits.cpu(), ids, keep)
             for s, record in zip(sums, records):
                 _accumulate_recon(s, {k: v.cpu() for k, v in record.items()}, keep.reshape(-1))
             seconds += time.perf_counter() - t0
             done += len(batch)
             bar.update(len(batch) * ctx)
     bar.close()
-    if n_ce == 0 or sums[0].n_tok == 0:
+    if logit_sums.n_ce == 0 or logit_sums.n_strict == 0 or sums[0].n_tok == 0:
         raise DatasetError(f"no evaluation tokens from {cfg.dataset!r} split {cfg.split!r}: the dataset is empty")
+    ls = logit_sums
     results = []
     for i, ((_, sae_cfg, layer), s) in enumerate(zip(loaded, sums)):
-        g_sae, g_zero = 1 + len(layers) + i, zero_group[layer]
-        group_ce = {"clean": ce[0] / n_ce, "sae": ce[g_sae] / n_ce, "zero": ce[g_zero] / n_ce}
-        group_kl = {"sae": kl[g_sae] / n_ce, "zero": kl[g_zero] / n_ce}
-        timing = {"n_tokens": done * ctx, "n_ce_positions": n_ce, "n_forward_groups": n_groups,
+        groups = {"clean": 0, "sae": first_sae + i, "zero": zero_group[layer]}
+        if cfg.bos_kept_ablation:
+            groups["bos_kept"] = kept_group[layer]
+        ce = {name: ls.ce[g] / ls.n_ce for name, g in groups.items()}
+        kl = {name: ls.kl[g] / ls.n_kl for name, g in groups.items()}
+        ce_strict = {name: ls.ce_strict[g] / ls.n_strict for name, g in groups.items()}
+        kl_strict = {name: ls.kl_strict[g] / ls.n_strict for name, g in groups.items()}
+        timing = {"n_tokens": done * ctx, "n_ce_positions": ls.n_ce, "n_kl_positions": ls.n_kl,
+                  "n_strict_positions": ls.n_strict, "n_forward_groups": n_groups,
                   "eval_tokens_per_s": done * ctx / max(seconds, 1e-9)}
-        results.append(_result(replace(cfg, sae=folders[i]), sae_cfg, s, group_ce, group_kl, model_id, layer, ctx,
-                               timing))
+        results.append(_result(replace(cfg, sae=folders[i]), sae_cfg, s, (ce, kl, ce_strict, kl_strict), model_id,
+                               layer, ctx, timing, special))
     return results
 
 
-def _result(cfg, sae_cfg, s: _Sums, ce: dict, kl: dict, model_id, layer, ctx, timing: dict) -> dict:
-    """Assemble SAEBench's ``core`` layout from the accumulators (``ce``/``kl``: per-position means)."""
-    mean_x = s.sum_x / s.n_tok
-    total_var = s.sq_x / s.n_tok - float(mean_x.pow(2).sum())
-    freq = (s.fire_count / s.n_tok).numpy()
-    mean_act = (s.act_sum / s.n_tok).numpy()
-    ce_den = ce["zero"] - ce["clean"]
+def _ratio(num: float, den: float) -> float:
+    return num / den if den != 0 else float("nan")
+
+
+def _behaviour(ce: dict, kl: dict, suffix: str, with_parts: bool) -> tuple[dict, dict]:
+    """``(model_behavior_preservation, model_performance_preservation)`` entries of one masking ``suffix``."""
+    kl_out = {f"kl_div_score{suffix}": _ratio(kl["zero"] - kl["sae"], kl["zero"])}
+    ce_out = {f"ce_loss_score{suffix}": _ratio(ce["zero"] - ce["sae"], ce["zero"] - ce["clean"])}
+    if with_parts:
+        kl_out.update({f"kl_div_with_ablation{suffix}": kl["zero"], f"kl_div_with_sae{suffix}": kl["sae"]})
+        ce_out.update({f"ce_loss_with_ablation{suffix}": ce["zero"], f"ce_loss_with_sae{suffix}": ce["sae"],
+                       f"ce_loss_without_sae{suffix}": ce["clean"]})
+    if "bos_kept" in ce:
+        kl_out[f"kl_div_score_bos_kept{suffix}"] = _ratio(kl["bos_kept"] - kl["sae"], kl["bos_kept"])
+        ce_out[f"ce_loss_score_bos_kept{suffix}"] = _ratio(ce["bos_kept"] - ce["sae"], ce["bos_kept"] - ce["clean"])
+        if with_parts:
+            kl_out[f"kl_div_with_ablation_bos_kept{suffix}"] = kl["bos_kept"]
+            ce_out[f"ce_loss_with_ablation_bos_kept{suffix}"] = ce["bos_kept"]
+    return kl_out, ce_out
+
+
+def _result(cfg, sae_cfg, s: ReconSums, logit_means: tuple, model_id, layer, ctx, timing: dict,
+            special: set[int]) -> dict:
+    """Assemble SAEBench's ``core`` layout (``logit_means``: per-position means ``(ce, kl, ce_strict, kl_strict)``)."""
+    ce, kl, ce_strict, kl_strict = logit_means
+    kl_main, ce_main = _behaviour(ce, kl, "", with_parts=True)
+    kl_st, ce_st = _behaviour(ce_strict, kl_strict, "_strict", with_parts=True)
+    m = s.metrics()
+    freq, mean_act = m.pop("density"), m.pop("mean_act")
+    total = float(freq.sum())
     metrics = {
-        "model_behavior_preservation": {
-            "kl_div_score": (kl["zero"] - kl["sae"]) / kl["zero"] if kl["zero"] > 0 else float("nan"),
-            "kl_div_with_ablation": kl["zero"], "kl_div_with_sae": kl["sae"],
-        },
-        "model_performance_preservation": {
-            "ce_loss_score": (ce["zero"] - ce["sae"]) / ce_den if ce_den != 0 else float("nan"),
-            "ce_loss_with_ablation": ce["zero"], "ce_loss_with_sae": ce["sae"], "ce_loss_without_sae": ce["clean"],
-        },
-        "reconstruction_quality": {
-            "explained_variance": 1.0 - (s.sq_err / s.n_tok) / total_var,
-            "mse": s.sq_err / (s.n_tok * len(mean_x)), "cossim": s.cos / s.n_tok,
-        },
-        "sparsity": {"l0": s.l0 / s.n_tok, "l1": s.l1 / s.n_tok},
+        "model_behavior_preservation": {**kl_main, **kl_st},
+        "model_performance_preservation": {**ce_main, **ce_st},
+        "reconstruction_quality": {k: m[k] for k in ("explained_variance", "explained_variance_legacy",
+                                                     "explained_variance_saebench_code", "mse", "mse_per_token",
+                                                     "mse_per_element", "cossim")},
+        "sparsity": {"l0": m["l0"], "l1": m["l1"]},
         "misc_metrics": {
             "frac_alive": float((freq > 0).mean()),
             "feature_utilisation": float((mean_act > 1e-4).mean()),
             "freq_over_1_percent": float((freq > 0.01).mean()),
             "freq_over_10_percent": float((freq > 0.1).mean()),
+            # SAEBench calculate_misc_metrics: share of the total density held by latents above 1% / 10%
+            "normalized_freq_over_1_percent": float(freq[freq > 0.01].sum()) / total if total > 0 else 0.0,
+            "normalized_freq_over_10_percent": float(freq[freq > 0.1].sum()) / total if total > 0 else 0.0,
             "n_reconstructed_tokens": s.n_tok, **timing,
         },
     }
@@ -242,7 +421,11 @@ def _result(cfg, sae_cfg, s: _Sums, ce: dict, kl: dict, model_id, layer, ctx, ti
         "eval_type_id": "core",
         "eval_config": {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
                         "model_name": model_id, "hook_layer": layer, "context_size": ctx,
-                        "exclude_special_tokens_from_reconstruction": True},
+                        "exclude_special_tokens_from_reconstruction": True,
+                        "ignore_tokens": sorted(special),
+                        "mse_batch_tokens": cfg.batch_rows * ctx,
+                        "saebench_commit": SAEBENCH_COMMIT,
+                        "deviations_from_saebench": list(DEVIATIONS_FROM_SAEBENCH)},
         "eval_id": str(uuid.uuid4()),
         "datetime_epoch_millis": int(time.time() * 1000),
         "eval_result_metrics": metrics,
@@ -250,7 +433,7 @@ def _result(cfg, sae_cfg, s: _Sums, ce: dict, kl: dict, model_id, layer, ctx, ti
         "eval_result_unstructured": {
             "log10_feature_density_histogram": {"counts": [int(c) for c in hist], "edges": [float(e) for e in edges],
                                                 "n_dead": int((freq == 0).sum())},
-            "diagnostics": s.diag.result() if getattr(s, "diag", None) is not None else None,
+            "diagnostics": s.diag.result() if s.diag is not None else None,
         },
         "sae_cfg_dict": sae_cfg,
     }

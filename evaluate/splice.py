@@ -5,14 +5,17 @@ Rows of the batch are split into groups, each with its own replacement, so the
 clean pass, the zero-ablated pass of each layer and the spliced pass of each SAE
 run as ONE batched forward (a group differs from the clean one only from its
 layer on), and the clean and ablated passes are shared by every SAE. Positions flagged in ``keep`` (special
-tokens such as BOS) keep their original activation in every group, as SAEBench
-does with ``exclude_special_tokens_from_reconstruction``.
+tokens such as BOS) keep their original activation in the groups listed in
+``keep_groups`` (default: every group). evaluate/core.py lists the SAE groups there, as
+SAEBench's ``exclude_special_tokens_from_reconstruction`` does, and leaves SAEBench's
+zero-ablation group out: its ``standard_zero_ablate_hook`` zeros every position, BOS included
+(sae_bench/evals/core/main.py, ``get_recons_loss``).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 
@@ -28,7 +31,8 @@ def _with_hidden(output, hidden):
 
 
 @contextmanager
-def splice(layers, plan: dict[int, list[Replacement]], keep: torch.Tensor) -> Iterator[None]:
+def splice(layers, plan: dict[int, list[Replacement]], keep: torch.Tensor,
+           keep_groups: Collection[int] | None = None) -> Iterator[None]:
     """Within the context, the outputs of the blocks in ``plan`` are rewritten group by group.
 
     Args:
@@ -37,14 +41,20 @@ def splice(layers, plan: dict[int, list[Replacement]], keep: torch.Tensor) -> It
             (``None`` leaves that group unchanged at that layer). A batch of
             ``n_groups * n`` rows gives rows ``[g*n, (g+1)*n)`` to group ``g``.
         keep: ``[n, T]`` bool, True where the original activation is kept (special tokens).
+        keep_groups: indices of the groups in which ``keep`` applies; the replacement of
+            any other group rewrites every position. None (default): every group.
 
     Raises:
-        ValueError: the lists differ in length, or the batch is not ``n_groups`` equal slices.
+        ValueError: the lists differ in length, the batch is not ``n_groups`` equal slices,
+            or ``keep_groups`` names a group outside ``[0, n_groups)``.
     """
     n_groups = {len(groups) for groups in plan.values()}
     if len(n_groups) != 1:
         raise ValueError("every layer of a splice plan needs one entry per group")
     (n_groups,) = n_groups
+    keep_groups = set(range(n_groups)) if keep_groups is None else set(keep_groups)
+    if not keep_groups <= set(range(n_groups)):
+        raise ValueError(f"keep_groups {sorted(keep_groups)} outside the plan's {n_groups} groups")
 
     def make_hook(groups: list[Replacement]):
         def hook(_module, _inputs, output):
@@ -57,7 +67,7 @@ def splice(layers, plan: dict[int, list[Replacement]], keep: torch.Tensor) -> It
                 chunk = h[g * n : (g + 1) * n]
                 if fn is not None:
                     new = fn(chunk).to(chunk.dtype)
-                    chunk = torch.where(keep[..., None].to(chunk.device), chunk, new)
+                    chunk = torch.where(keep[..., None].to(chunk.device), chunk, new) if g in keep_groups else new
                 parts.append(chunk)
             return _with_hidden(output, torch.cat(parts))
 
@@ -110,5 +120,6 @@ def _row_context(rows: dict | None, h: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def zero_replacement(h: torch.Tensor) -> torch.Tensor:
-    """Zero ablation of the residual stream."""
+    """Zero ablation of the residual stream ``[n, T, d] -> zeros``; which positions it reaches is the
+    caller's ``keep_groups`` choice in :func:`splice`."""
     return torch.zeros_like(h)

@@ -43,7 +43,8 @@ def results(tiny_lm, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("saes")
     ident = save_sae(identity_sae(TINY_D_MODEL), root / "identity", _meta(tiny_model_dir))
     zero = save_sae(zero_sae(TINY_D_MODEL), root / "zero", _meta(tiny_model_dir))
-    cfg = EvalConfig(tokens=512, batch_rows=2, context_length=64, model=str(tiny_model_dir), device="cpu")
+    cfg = EvalConfig(tokens=512, batch_rows=2, context_length=64, model=str(tiny_model_dir), device="cpu",
+                     bos_kept_ablation=True)
     return evaluate_saes([ident, zero], cfg, lm=tiny_lm, progress=False)
 
 
@@ -56,14 +57,18 @@ def test_identity_sae_reproduces_clean_ce(results):
 
 
 def test_zero_sae_reproduces_zero_ablation(results):
+    # The SAE keeps special-token positions clean, so a zero SAE is the ablation that keeps them
+    # (``*_bos_kept``); SAEBench's ablation also zeros BOS and must differ from it.
     perf = results[1]["eval_result_metrics"]["model_performance_preservation"]
-    assert perf["ce_loss_with_sae"] == perf["ce_loss_with_ablation"]
-    assert perf["ce_loss_score"] == 0.0
-    assert results[1]["eval_result_metrics"]["model_behavior_preservation"]["kl_div_score"] == 0.0
+    behav = results[1]["eval_result_metrics"]["model_behavior_preservation"]
+    assert perf["ce_loss_with_sae"] == perf["ce_loss_with_ablation_bos_kept"]
+    assert perf["ce_loss_score_bos_kept"] == 0.0
+    assert behav["kl_div_score_bos_kept"] == 0.0
+    assert perf["ce_loss_with_ablation"] != perf["ce_loss_with_ablation_bos_kept"]
     # Ablation must actually change the model, or the two tests above prove nothing.
     # (the random tiny model's CE barely moves, but its next-token distribution does).
-    assert results[1]["eval_result_metrics"]["model_behavior_preservation"]["kl_div_with_ablation"] > 1e-3
-    assert perf["ce_loss_with_ablation"] != perf["ce_loss_without_sae"]
+    assert behav["kl_div_with_ablation_bos_kept"] > 1e-3
+    assert perf["ce_loss_with_ablation_bos_kept"] != perf["ce_loss_without_sae"]
 
 
 def test_result_layout_is_saebench_core(results):
