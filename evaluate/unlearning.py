@@ -30,7 +30,7 @@ SAEs with unit-norm decoder rows on raw Gemma-2-2B residuals (dictionary_learnin
 ReLU SAEs, decoders normalised by its loaders), so its clamp moves the residual by
 ``m + f_i`` along the latent's unit direction: ``m`` is a residual displacement in
 Gemma-2-2B units, applied unchanged at every layer it evaluates (3, 5, 11, 19). Gemma 3
-270M residuals are ~20-60x larger (DESIGN.md; measured below), so the previous
+270M residuals are ~20-70x larger (DESIGN.md; measured below), so the previous
 ``m / ||W_dec[i]||`` (a displacement of ``m``) was 0.4-3.5% of the layer-8 residual norm
 and did almost nothing. We keep SAEBench's *relative* displacement at comparable depth:
 ``v_i = m * scale / ||latent_directions([i])||`` with ``scale = R_model / R_ref``, where

@@ -72,9 +72,13 @@ def test_clamp_moves_spliced_residual_along_latent_direction(name):
         v = 3.7
         with torch.no_grad():
             out = U.clamp_replacement(sae, np.array([i]), v)(h)[0]
-            delta = torch.where(rows, -v - f[:, i], torch.zeros(())).unsqueeze(1) * sae.latent_directions([i])
+            one_hot = torch.zeros(1, D_SAE)
+            one_hot[0, i] = 1.0
+            direction = sae.decode(one_hot) - sae.decode(torch.zeros(1, D_SAE))  # computed here, not by the code
+            delta = torch.where(rows, -v - f[:, i], torch.zeros(())).unsqueeze(1) * direction
         torch.testing.assert_close(out - h[0], delta, atol=1e-5, rtol=1e-5)
         assert torch.equal(out[~rows], h[0][~rows])
+        torch.testing.assert_close(sae.latent_directions([i]), direction, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["seed000_hsae", "topk", "standard"])
@@ -175,8 +179,8 @@ def test_run_unlearning_end_to_end_records_split_clamp_and_rule(name, tiny_lm, t
     sae = build(name, TINY_D_MODEL, 64, seed=0, **({"k": 4} if name == "topk" else {})).eval()
     folder = save_sae(sae, scratch / name, {"model_id": str(tiny_model_dir), "layer": LAYER, "context_length": 64,
                                             "hook_name": f"blocks.{LAYER}.hook_resid_post"})
-    cfg = U.UnlearnConfig(sae=folder, max_forget_questions=None, max_retain_questions=40, forget_tokens=1024,
-                          retain_tokens=1024, context_length=64, n_features=(4,), multipliers=(25, 200),
+    cfg = U.UnlearnConfig(sae=folder, max_forget_questions=24, max_retain_questions=24, forget_tokens=512,
+                          retain_tokens=512, context_length=64, n_features=(4,), multipliers=(25, 200),
                           retain_thresholds=(1.0,), device="cpu")  # 1.0: every latent not firing on all tokens
     result = U.run_unlearning(cfg, lm=tiny_lm, progress=False)
     json.dumps(result)
