@@ -86,8 +86,7 @@ def test_clamp_hook_in_tiny_model(tiny_lm):
     assert torch.equal(clamped[~fired], clean[~fired])
     assert not torch.equal(clamped[fired], clean[fired])
     lat = torch.as_tensor(latents)
-    values = 100 / sae.W_dec[lat].norm(dim=-1)  # SAEBench multipliers are in unit-decoder-norm units
-    expected = clean.float() + (U.clamp_latents(f, lat, values) - f) @ sae.W_dec
+    expected = clean.float() + (U.clamp_latents(f, lat, 100.0) - f) @ sae.W_dec  # values are in latent units
     torch.testing.assert_close(clamped[fired].float(), expected[fired], atol=0.5, rtol=0.02)  # bf16 rounding
 
 
@@ -107,13 +106,16 @@ def test_random_latents_draw_from_forget_alive():
     assert got.tolist() == [1, 3, 4]
 
 
-def test_unlearning_score_formula():
-    # settings 0 and 1 keep retain >= 0.99; setting 2 forgets most but breaks retain
-    assert U.unlearning_score([0.9, 0.5, 0.1], [1.0, 0.995, 0.98]) == pytest.approx(0.5)
+def test_unlearning_score_follows_saebench_rule():
+    """SAEBench get_unlearning_scores: retain < 0.99 (absolute, on the known subset) -> forget accuracy 1."""
+    # settings 0 and 1 keep retain >= 0.99 (0.99 itself is eligible: the rule is "< 0.99 is out")
+    assert U.unlearning_score([0.9, 0.5, 0.1], [1.0, 0.99, 0.98]) == pytest.approx(0.5)
     assert U.unlearning_score([0.3], [0.95]) == 0.0  # nothing eligible
-    assert U.unlearning_score([0.4, 0.2], [0.90, 0.892], base_retain_acc=0.9) == pytest.approx(0.8)
-    assert U.unlearning_score([0.4, 0.2], [0.90, 0.890], base_retain_acc=0.9) == pytest.approx(0.6)  # 0.89 < 0.891
+    assert U.unlearning_score([0.3], [0.9899]) == 0.0
+    assert U.unlearning_score([0.4, 0.2], [0.90, 0.892], threshold=0.89) == pytest.approx(0.8)
+    assert U.unlearning_score([0.4, 0.2], [0.90, 0.889], threshold=0.89) == pytest.approx(0.6)
     assert U.unlearning_score([], []) == 0.0
+    assert U.RETAIN_THRESHOLD == 0.99  # SAEBench's all_side_effects_mcq < 0.99
 
 
 # ----------------------------------------------------------------------------- questions

@@ -150,6 +150,33 @@ class SAE(nn.Module):
         """``[batch, d_sae] -> [batch, d_in]``: ``f @ W_dec + b_dec``."""
         return f @ self.W_dec + self.b_dec
 
+    @torch.no_grad()
+    def latent_directions(self, idx: torch.Tensor) -> torch.Tensor:
+        """Residual-space change per unit of each latent: ``decode(e_i) - decode(0)``.
+
+        ``idx`` long ``[n]`` (any device) -> fp32 ``[n, d_in]`` on the parameters' device, in the
+        units of the SAE's input (raw activations for a saved SAE). Computed through
+        :meth:`decode` itself, so it is right for every arch whose decoder is affine in the
+        latents (every built-in one: ``f W_dec + b_dec``, and seed 000's two-level
+        ``(z2 Wd2 + bd2) Wd1 + z1 Ws + bd1``, where level-1 directions are rows of ``W_skip``
+        and level-2 ones ``Wd2 Wd1``); then ``decode(f + t e_i) - decode(f) = t *
+        latent_directions([i])`` for any ``f``. An arch with a decoder not affine in ``f``
+        must override this (and then it only describes the change from ``f = 0``).
+
+        Raises:
+            IndexError: an index outside ``[0, d_sae)``.
+        """
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.d_sae):
+            raise IndexError(f"latent index out of range [0, {self.d_sae}): got {idx.tolist()}")
+        ref = self.b_dec
+        if type(self).decode is SAE.decode:  # closed form of the base decoder, no d_sae-wide matmul
+            return self.W_dec[idx.to(ref.device)].float()
+        one_hot = torch.zeros(len(idx), self.d_sae, dtype=ref.dtype, device=ref.device)
+        one_hot[torch.arange(len(idx), device=ref.device), idx.to(ref.device)] = 1.0
+        zero = torch.zeros(1, self.d_sae, dtype=ref.dtype, device=ref.device)
+        return (self.decode(one_hot).float() - self.decode(zero).float()).reshape(len(idx), self.d_in)
+
     def penalties(self, x: torch.Tensor, pre: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> dict:
         """Extra weighted loss terms (sparsity, auxiliary). Default: none."""
         return {}
