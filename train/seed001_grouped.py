@@ -52,9 +52,13 @@ Readings of ambiguous or missing details (seed section in brackets):
   ``p(i, j) = p(i) p(j | i)`` with a softmax over ``j`` inside each coarse ``i``.
   Soft assignments enter Eq. 4 by weighting each latent's activation by its
   membership probability (hard one-hot assignments give back the static form).
-  Between refreshes the cached assignment (a buffer, saved with the SAE) is used
-  and the attention gets no gradient; on a refresh step the live, differentiable
-  assignment is used and cached. ``update_every=1`` trains it every step.
+  Every ``update_every`` steps the live assignment is cached (a buffer, saved
+  with the SAE); the loss always sees the cached values, so the groups change
+  only at those refreshes, as the paper says. The attention's parameters are
+  still learned on every step, by a straight-through estimator (the loss takes
+  ``cache + (live - live.detach())``: the cache's value, the live attention's
+  gradient). Without that term the attention would get a gradient only on
+  refresh steps (6 of 300 at every 50).
 * Entropy regularisation [4.3, 6.1, weight 0.01] is read as keeping group *usage*
   balanced (the stated purpose, "prevent degenerate solutions", i.e. every latent
   in one group, which zeroes Eq. 4): loss ``w * sum_levels (log n - H(mean p))``,
@@ -268,6 +272,8 @@ class _ReluL1SAE(SAE):
         super().__init__(d_in, d_sae, seed)
         self.l1_coeff = l1_coeff
         self._calls = 0  # training forwards seen; drives the every-N-steps updates
+        # Mechanism counters (plain floats, see counters()); saved in extra_state so a resumed run logs the same.
+        self._stats: dict[str, float] = {}
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """ReLU (seed 001 sec. 3.1)."""
@@ -293,14 +299,36 @@ class _ReluL1SAE(SAE):
         self._calls += 1
         return due
 
+    def counters(self) -> dict[str, float]:
+        """Mechanism counters of the last training forward / update (see each class's ``_record``).
+
+        Common to all seed 001 variants: ``l1`` (unweighted mean ``||f||_1``), the unweighted
+        orthogonality sums of Eq. 4 and ``inter_group_corr`` (:func:`inter_group_correlation` of
+        the batch over the current groups, seed 001 sec. 6.2's "feature correlation").
+        """
+        return {**super().counters(), **self._stats}
+
     def extra_state(self) -> dict:
-        """``{"calls": int}``: training forwards seen, which schedule the every-N-steps updates."""
-        return {**super().extra_state(), "calls": self._calls}
+        """``{"calls": int, "stats": dict}``: training forwards seen (they schedule the every-N-steps
+        updates) and the counters of :meth:`counters`."""
+        return {**super().extra_state(), "calls": self._calls, "stats": dict(self._stats)}
 
     def load_extra_state(self, state: dict) -> None:
-        """Restore the forward counter from :meth:`extra_state`. Raises ``KeyError`` if it is missing."""
+        """Restore the forward counter and counters from :meth:`extra_state`. Raises ``KeyError`` if missing."""
         super().load_extra_state(state)
         self._calls = int(state["calls"])
+        self._stats = dict(state["stats"])
+
+    @torch.no_grad()
+    def _record_batch(self, f: torch.Tensor, assign: torch.Tensor, **terms: torch.Tensor) -> None:
+        """Store the batch's counters (training forwards only): ``l1``, ``inter_group_corr`` over
+        ``assign [d_sae, n]`` and each unweighted loss term in ``terms`` (scalar tensors)."""
+        if not self.training:
+            return
+        self._stats["l1"] = float(f.float().sum(-1).mean())
+        self._stats["inter_group_corr"] = float(inter_group_correlation(f.detach(), assign.detach()))
+        for name, value in terms.items():
+            self._stats[name] = float(value.detach())
 
 
 class GroupedOrthoSAE(_ReluL1SAE):
@@ -352,18 +380,33 @@ class GroupedOrthoSAE(_ReluL1SAE):
 
     @torch.no_grad()
     def adapt(self, f: torch.Tensor) -> None:
-        """Adaptive update from a batch ``f [batch, d_sae]``: new alpha, then regrouped latents."""
+        """Adaptive update from a batch ``f [batch, d_sae]``: new alpha, then regrouped latents.
+
+        Counts ``group_updates`` and ``group_reassignments`` (latents that changed group, summed
+        over updates; ``group_reassigned_last`` for the latest update) in :meth:`counters`.
+        """
         lo, hi = self.alpha_range
         corr = inter_group_correlation(f, one_hot(self.group_ids, self.n_groups).to(f.device))
         self.alpha.fill_(lo + (hi - lo) * float(corr.clamp(0, 1)))
-        self.group_ids.copy_(coactivation_groups(f.detach(), self.group_ids, self.n_groups))
+        new = coactivation_groups(f.detach(), self.group_ids, self.n_groups)
+        moved = int((new != self.group_ids).sum())
+        self.group_ids.copy_(new)
+        self._stats["group_updates"] = self._stats.get("group_updates", 0) + 1
+        self._stats["group_reassignments"] = self._stats.get("group_reassignments", 0) + moved
+        self._stats["group_reassigned_last"] = moved
 
     def penalties(self, x, pre, f, x_hat) -> dict:
-        """``l1`` and ``ortho = alpha * sum_{i != j} ||h_gi^T h_gj||_F / batch`` (Eq. 3-4)."""
+        """``l1`` and ``ortho = alpha * sum_{i != j} ||h_gi^T h_gj||_F / batch`` (Eq. 3-4).
+
+        Counters: ``ortho`` (the unweighted sum), ``alpha``, ``inter_group_corr``, ``l1`` and, when
+        adaptive, the regrouping counts of :meth:`adapt`.
+        """
         if self.adaptive and self._tick(self.update_every):
             self.adapt(f)
         assign = one_hot(self.group_ids, self.n_groups).to(f.device)
-        return {"l1": self.l1(f), "ortho": self.alpha * ortho_penalty(f, assign)}
+        ortho = ortho_penalty(f, assign)
+        self._record_batch(f, assign, ortho=ortho, alpha=self.alpha)
+        return {"l1": self.l1(f), "ortho": self.alpha * ortho}
 
 
 class StaticHierSAE(_ReluL1SAE):
@@ -406,8 +449,14 @@ class StaticHierSAE(_ReluL1SAE):
                 one_hot(self.fine_ids, self.n_coarse * self.n_fine))
 
     def penalties(self, x, pre, f, x_hat) -> dict:
-        """``l1``, ``ortho_level1 = alpha_L1 * level-1 sum``, ``ortho_level2 = alpha_L2 * level-2 sum`` (Eq. 4)."""
-        t1, t2 = hier_ortho_terms(f, *self.assignments(), self.n_fine)
+        """``l1``, ``ortho_level1 = alpha_L1 * level-1 sum``, ``ortho_level2 = alpha_L2 * level-2 sum`` (Eq. 4).
+
+        Counters: the unweighted sums ``ortho_level1`` / ``ortho_level2``, ``inter_group_corr`` over
+        the coarse groups and ``l1``.
+        """
+        coarse, fine = self.assignments()
+        t1, t2 = hier_ortho_terms(f, coarse, fine, self.n_fine)
+        self._record_batch(f, coarse, ortho_level1=t1, ortho_level2=t2)
         return {"l1": self.l1(f), "ortho_level1": self.alpha_l1 * t1, "ortho_level2": self.alpha_l2 * t2}
 
 
@@ -416,9 +465,9 @@ class DynamicHierSAE(StaticHierSAE):
 
     Seed 001 sec. 4.2 (Eq. 2): ``p(g_k^l | latent) = softmax_k(q_k^l . K(latent) / tau)`` with
     learned queries, key projection and temperature; nested levels ``p(i, j) = p(i) p(j | i)``.
-    Keys are ``LayerNorm(W_dec[n]) @ W_key`` (decoder detached; module docstring). Assignments
-    are refreshed every ``update_every`` training steps (live and differentiable on those steps,
-    cached in the ``assign_coarse`` / ``assign_fine`` buffers in between).
+    Keys are ``LayerNorm(W_dec[n]) @ W_key`` (decoder detached; module docstring). Assignment
+    values are refreshed every ``update_every`` training steps into the ``assign_coarse`` /
+    ``assign_fine`` buffers; the attention gets a gradient every step (:meth:`assignments`).
     ``[batch, d_in] -> [batch, d_sae]``.
 
     Args:
@@ -484,14 +533,54 @@ class DynamicHierSAE(StaticHierSAE):
         cond = torch.softmax(torch.einsum("nd,ijd->nij", keys, self.q_fine) / tau, -1)  # p(j | i)
         return coarse, (coarse[:, :, None] * cond).reshape(self.d_sae, -1)
 
+    def attention_parameters(self) -> list[nn.Parameter]:
+        """The parameters of Eq. 2's attention: ``W_key``, ``q_coarse``, ``q_fine``, ``log_tau``."""
+        return [self.W_key, self.q_coarse, self.q_fine, self.log_tau]
+
     def assignments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Live assignments on refresh steps (then cached), else the cached buffers."""
-        if not self._tick(self.update_every):
+        """``(coarse, fine)`` memberships for the loss: cached values, live gradient (training).
+
+        Every ``update_every`` training forwards the cache is refreshed from the live Eq. 2
+        attention (sec. 4.2: assignments "updated every 50 steps"); in between the loss sees
+        the cached values. The attention still learns on every step: the returned tensors are
+        ``cache + (live - live.detach())`` (straight-through), equal to the cache in value with
+        the gradient of the live attention. Outside training: the cache, no gradient.
+        """
+        if not self.training:
             return self.assign_coarse, self.assign_fine
         coarse, fine = self.live_assignments()
-        self.assign_coarse.copy_(coarse.detach())
-        self.assign_fine.copy_(fine.detach())
-        return coarse, fine
+        if self._tick(self.update_every):
+            self._refresh(coarse.detach(), fine.detach())
+        return (self.assign_coarse + (coarse - coarse.detach()),
+                self.assign_fine + (fine - fine.detach()))
+
+    @torch.no_grad()
+    def _refresh(self, coarse: torch.Tensor, fine: torch.Tensor) -> None:
+        """Cache new assignments; count latents whose most probable group changed (counters)."""
+        moved_c = int((coarse.argmax(-1) != self.assign_coarse.argmax(-1)).sum())
+        moved_f = int((fine.argmax(-1) != self.assign_fine.argmax(-1)).sum())
+        self.assign_coarse.copy_(coarse)
+        self.assign_fine.copy_(fine)
+        st = self._stats
+        st["assign_refreshes"] = st.get("assign_refreshes", 0) + 1
+        st["coarse_reassignments"] = st.get("coarse_reassignments", 0) + moved_c
+        st["fine_reassignments"] = st.get("fine_reassignments", 0) + moved_f
+        st["fine_reassigned_last"] = moved_f
+        usage = lambda a: float(usage_entropy(a))  # noqa: E731
+        st["usage_entropy_coarse"], st["usage_entropy_fine"] = usage(coarse), usage(fine)
+        # Mean per-latent entropy of the fine assignment (nats; ln 64 = 4.16 uniform, 0 one-hot):
+        # the "mean entropy" of seed 001 sec. 6.1 (2.3 there).
+        st["latent_entropy_fine"] = float(-(fine * fine.clamp_min(1e-12).log()).sum(-1).mean())
+        st["tau"] = float(self.log_tau.exp())
+
+    def after_step(self, step: int, steps: int) -> None:
+        """Count steps on which the attention parameters received a non-zero gradient (``assign_grad_steps``).
+
+        Called by the trainer after the optimiser step; the gradients of that step are still held.
+        """
+        super().after_step(step, steps)
+        got = any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in self.attention_parameters())
+        self._stats["assign_grad_steps"] = self._stats.get("assign_grad_steps", 0) + int(got)
 
     def entropy_reg(self, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
         """``entropy_coeff * sum_levels (log n_l - H(usage_l))`` (scalar float32, >= 0)."""
@@ -521,13 +610,21 @@ class DynamicHierSAE(StaticHierSAE):
         return info_nce(z1, z2, self.contrast_temperature)
 
     def penalties(self, x, pre, f, x_hat) -> dict:
-        """``l1``, ``ortho_level1``, ``ortho_level2``, ``entropy`` and (training, ``contrast_coeff > 0``) ``contrast``."""
+        """``l1``, ``ortho_level1``, ``ortho_level2``, ``entropy`` and (training, ``contrast_coeff > 0``) ``contrast``.
+
+        Counters: those of :class:`StaticHierSAE` (soft groups), the refresh counts of
+        :meth:`_refresh`, ``assign_grad_steps`` (:meth:`after_step`) and ``infonce`` (unweighted).
+        """
         coarse, fine = self.assignments()
         t1, t2 = hier_ortho_terms(f, coarse, fine, self.n_fine)
         out = {"l1": self.l1(f), "ortho_level1": self.alpha_l1 * t1, "ortho_level2": self.alpha_l2 * t2,
                "entropy": self.entropy_reg(coarse, fine)}
+        terms = {"ortho_level1": t1, "ortho_level2": t2}
         if self.contrast_coeff > 0 and self.training:
-            out["contrast"] = self.contrast_coeff * self.contrast(f, self.second_view(x), fine)
+            nce = self.contrast(f, self.second_view(x), fine)
+            out["contrast"] = self.contrast_coeff * nce
+            terms["infonce"] = nce
+        self._record_batch(f, coarse, **terms)
         return out
 
 

@@ -148,6 +148,26 @@ def spherical_kmeans(profiles: torch.Tensor, k: int, iters: int, min_size: int =
     return assign
 
 
+def centroid_silhouette(profiles: torch.Tensor, assign: torch.Tensor, k: int) -> float:
+    """Mean simplified silhouette of a clustering of unit rows ``profiles [n, t]`` (``assign`` long ``[n]``).
+
+    Per row ``(b - a) / max(a, b)`` with cosine distances ``a`` to its own cluster's centroid and
+    ``b`` to the nearest other centroid (the centroid form of the silhouette, Hruschka et al. 2004,
+    cheap at ``n x k``); rows that are 0 (latents that never vary) are skipped. In ``[-1, 1]``;
+    NaN when fewer than two clusters are used. Seed 002 sec. 6.4 reports "silhouette score 0.72".
+    """
+    live = profiles.norm(dim=1) > 0.5
+    used = torch.unique(assign[live]) if live.any() else assign[:0]
+    if len(used) < 2:
+        return float("nan")
+    centroids = F.normalize(F.one_hot(assign[live], k).float().T @ profiles[live], dim=1)[used]  # [k_used, t]
+    dist = 1 - profiles[live] @ centroids.T                                                     # [n_live, k_used]
+    own = (assign[live][:, None] == used[None, :])
+    a = dist[own]
+    b = dist.masked_fill(own, math.inf).min(1).values
+    return float(((b - a) / torch.maximum(a, b).clamp_min(_EPS)).mean())
+
+
 def cluster_activity(f: torch.Tensor, clusters: torch.Tensor, k: int) -> torch.Tensor:
     """Summed activation of each cluster per token: ``f [batch, d_sae]`` -> float ``[batch, k]``."""
     return f.float() @ F.one_hot(clusters, k).float()
@@ -255,6 +275,8 @@ class ImportanceSAE(SAE):
         self.register_buffer("clusters", torch.arange(d_sae) % self.n_clusters)
         self.register_buffer("n_updates", torch.zeros(1, dtype=torch.long))
         self._step, self._last_update_step = 0, -1
+        # Mechanism counters (plain floats, see counters()); saved in extra_state so a resumed run logs the same.
+        self._stats: dict[str, float] = {}
 
     latent_group_kind = "cluster"
 
@@ -298,21 +320,59 @@ class ImportanceSAE(SAE):
         if self.contrast_coeff > 0:
             out["contrast"] = self.contrast_coeff * cluster_decorrelation(f, self.clusters, self.n_clusters)
         if self.unlearn_coeff > 0:
-            out["unlearn"] = self.unlearn_coeff * self.unlearn_loss(pre, f)
+            kl, l2 = self.unlearn_terms(pre, f)
+            out["unlearn"] = self.unlearn_coeff * (kl + self.prune_coeff * l2)
+            if self.training:
+                self._count_unlearn(kl, l2)
         return out
 
-    def unlearn_loss(self, pre: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """Seed 002 eq. (4): ``sum_{i cand} KL(Bern(mean_b tanh f_bi) || Bern(target_rate))``
-        ``+ prune_coeff * E_b ||relu(pre)_pruned||^2`` (float scalar, nats + squared input units)."""
-        loss = pre.new_zeros((), dtype=torch.float32)
+    def unlearn_terms(self, pre: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seed 002 eq. (4)'s two parts, unweighted float scalars:
+        ``(sum_{i cand} KL(Bern(mean_b tanh f_bi) || Bern(target_rate))`` [nats],
+        ``E_b ||relu(pre)_pruned||^2`` [squared input units]); each 0 when its latent set is empty."""
+        kl = l2 = pre.new_zeros((), dtype=torch.float32)
         cand = self.candidates()
         if cand.any():
             rate = torch.tanh(f.float()[:, cand]).mean(0)
-            loss = loss + bernoulli_kl(rate, self.target_rate).sum()
+            kl = bernoulli_kl(rate, self.target_rate).sum()
         pruned = self.keep_mask == 0
         if pruned.any():
-            loss = loss + self.prune_coeff * torch.relu(pre.float()[:, pruned]).pow(2).sum(-1).mean()
-        return loss
+            l2 = torch.relu(pre.float()[:, pruned]).pow(2).sum(-1).mean()
+        return kl, l2
+
+    def unlearn_loss(self, pre: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Seed 002 eq. (4): ``KL part + prune_coeff * L2 part`` of :meth:`unlearn_terms` (float scalar)."""
+        kl, l2 = self.unlearn_terms(pre, f)
+        return kl + self.prune_coeff * l2
+
+    @torch.no_grad()
+    def _count_unlearn(self, kl: torch.Tensor, l2: torch.Tensor) -> None:
+        """Counters of eq. (4): last values and the number of training steps each part was non-zero."""
+        st = self._stats
+        st["unlearn_kl"], st["prune_l2"] = float(kl), float(l2)
+        st["unlearn_kl_steps"] = st.get("unlearn_kl_steps", 0) + int(float(kl) > 0)
+        st["prune_l2_steps"] = st.get("prune_l2_steps", 0) + int(float(l2) > 0)
+
+    def counters(self) -> dict[str, float]:
+        """Mechanism counters (seed 002 sec. 4, 6.3-6.4), plain numbers at log time.
+
+        ``importance_updates``; ``latents_pruned`` (masked so far), ``pruned_last_update``;
+        ``candidates`` (unpruned latents with ``s_i < tau``); over unpruned latents the importance
+        ``importance_min`` / ``importance_p05`` / ``importance_median`` / ``importance_mean``;
+        the last update's signal means ``signal_a`` / ``signal_g`` / ``signal_m``;
+        ``cluster_reassignments`` (latents that changed cluster, summed over updates),
+        ``cluster_reassigned_last``, ``clusters_used``, ``silhouette`` (:func:`centroid_silhouette`
+        of the last update's profiles); ``unlearn_kl`` / ``prune_l2`` (eq. 4's parts, unweighted, last
+        training step) and ``unlearn_kl_steps`` / ``prune_l2_steps`` (training steps they were non-zero).
+        """
+        out = {**super().counters(), "importance_updates": int(self.n_updates),
+               "latents_pruned": int((self.keep_mask == 0).sum()), "candidates": int(self.candidates().sum())}
+        kept = self.importance[self.keep_mask > 0].float().cpu()
+        if int(self.n_updates) > 0 and kept.numel():
+            q = torch.quantile(kept, torch.tensor([0.05, 0.5]))
+            out.update(importance_min=float(kept.min()), importance_p05=float(q[0]),
+                       importance_median=float(q[1]), importance_mean=float(kept.mean()))
+        return {**out, **self._stats}
 
     # -- bookkeeping --------------------------------------------------------------------
     def after_step(self, step: int, steps: int) -> None:
@@ -320,13 +380,16 @@ class ImportanceSAE(SAE):
         self._step = step + 1
 
     def extra_state(self) -> dict:
-        """``{"step": int, "last_update_step": int}``: the counters that schedule :meth:`update_state`."""
-        return {**super().extra_state(), "step": self._step, "last_update_step": self._last_update_step}
+        """``{"step", "last_update_step", "stats"}``: the counters that schedule :meth:`update_state`
+        and those of :meth:`counters`."""
+        return {**super().extra_state(), "step": self._step, "last_update_step": self._last_update_step,
+                "stats": dict(self._stats)}
 
     def load_extra_state(self, state: dict) -> None:
         """Restore the update schedule from :meth:`extra_state`. Raises ``KeyError`` if a key is missing."""
         super().load_extra_state(state)
         self._step, self._last_update_step = int(state["step"]), int(state["last_update_step"])
+        self._stats = dict(state["stats"])
 
     @torch.no_grad()
     def update_state(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
@@ -334,11 +397,25 @@ class ImportanceSAE(SAE):
         with torch.autocast(x.device.type, enabled=False):  # bf16 would round counts and similarities
             x, f, x_hat = x.float(), f.float(), x_hat.float()
             profiles = standardized_profiles(f[: self.profile_tokens])
-            warm = self.clusters if int(self.n_updates) > 0 else None  # first update: seeded, not i % K
-            self.clusters.copy_(spherical_kmeans(profiles, self.n_clusters, self.kmeans_iters, self.min_cluster_size,
-                                                 warm))
-            self.update_importance(*self.importance_signals(x, f, x_hat))
-            self.prune()
+            first = int(self.n_updates) == 0
+            warm = None if first else self.clusters  # first update: seeded, not i % K
+            new = spherical_kmeans(profiles, self.n_clusters, self.kmeans_iters, self.min_cluster_size, warm)
+            moved = 0 if first else int((new != self.clusters).sum())  # the first replaces the i % K placeholder
+            self.clusters.copy_(new)
+            a, g, m = self.importance_signals(x, f, x_hat)
+            self.update_importance(a, g, m)
+            pruned = self.prune()
+            st = self._stats
+            st["cluster_reassignments"] = st.get("cluster_reassignments", 0) + moved
+            st["cluster_reassigned_last"] = moved
+            st["clusters_used"] = int(torch.unique(new).numel())
+            sil = centroid_silhouette(profiles, new, self.n_clusters)
+            if math.isfinite(sil):  # NaN (one cluster) would not be valid JSON in the log
+                st["silhouette"] = sil
+            st["pruned_last_update"] = int(pruned.numel())
+            kept = self.keep_mask > 0
+            if kept.any():  # signal means over the latents still kept
+                st["signal_a"], st["signal_g"], st["signal_m"] = (float(v[kept].mean()) for v in (a, g, m))
 
     @torch.no_grad()
     def importance_signals(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor):

@@ -10,9 +10,18 @@ Network Interpretation" (``shared/seeds/004_9406c4346ffe7ee0.txt``).
 - Sec. 4.2 / 5.2: ``E(x) = ReLU(W_e x + b_e)``, ``D(z) = W_d z + b_d``,
   unit-norm decoder rows (ConstrainedAdam), AdamW lr 3e-4, weight decay 1e-4,
   n = d (2304 latents on Gemma-2-2B).
-- Sec. 6.2 ablations: K in {3, 5, 7}, gamma in {1.25, 1.5, 2.0}; both are
-  constructor arguments (``groups``, ``gamma``) so
-  ``--set gamma=1.25,1.5,2.0 --set groups=3,5,7`` sweeps them.
+- Sec. 6.2 ablations: K in {3, 5, 7}, gamma in {1.25, 1.5, 2.0}, lambda 0.06;
+  each is a preset (``seed004-k3``, ``seed004-k7``, ``seed004-gamma1.25``,
+  ``seed004-gamma2``, ``seed004-lambda0.06``; the others keep sec. 4.1's
+  K 5, gamma 1.5, lambda 0.04), and all are constructor arguments (``groups``,
+  ``gamma``, ``l1_coeff``) so ``--set gamma=1.25,1.5,2.0 --set groups=3,5,7``
+  sweeps the full grid.
+- Sec. 6.3's per-group picture (early groups broad and weak, late groups sparse
+  and intense) is logged by :meth:`GroupSparsitySAE.counters`: per group the
+  batch L0, firing rate, mean activation when active and dead latents.
+- ``--target-l0``: the only sparsity term is eq. (1)'s weighted L1, multiplied
+  as a whole by the trainer's ``sparsity_scale``, so the controller rescales
+  lambda and keeps the gamma progression between groups.
 
 Interpretation choices (the paper is silent or inconsistent):
 
@@ -92,6 +101,9 @@ class GroupSparsitySAE(SAE):
         # Derived from hparams, so not saved (persistent=False) but moved with .to(device).
         self.register_buffer("l1_weights", group_l1_weights(d_sae, self.groups, self.l1_coeff, self.gamma),
                              persistent=False)
+        self.register_buffer("_group_of", self.group_index(), persistent=False)
+        # Last training batch, per group: (active latent-token pairs, summed activation, tokens); see counters().
+        self._batch_stats: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def hparams(self) -> dict:
         """``groups``, ``gamma``, ``l1_coeff``."""
@@ -117,9 +129,46 @@ class GroupSparsitySAE(SAE):
         return "standard", self.linear_tensors()
 
     def penalties(self, x, pre, f, x_hat) -> dict:
-        """``l1``: ``sparsity_scale * mean_batch sum_j w_j |f_j|`` with ``w`` from :func:`group_l1_weights`."""
+        """``l1``: ``sparsity_scale * mean_batch sum_j w_j |f_j|`` with ``w`` from :func:`group_l1_weights`.
+
+        The whole eq. (1) penalty is scaled, so ``--target-l0`` moves lambda and keeps gamma's progression.
+        """
+        if self.training:
+            self._record_groups(f)
         weighted = (f.float().abs() * self.l1_weights).sum(-1).mean()
         return {"l1": self.sparsity_scale * weighted}
+
+    @torch.no_grad()
+    def _record_groups(self, f: torch.Tensor) -> None:
+        """Keep the per-group activity of a training batch ``f [batch, d_sae]`` for :meth:`counters`."""
+        f = f.detach().float()
+        active = torch.zeros(self.groups, device=f.device).index_add_(0, self._group_of, (f > 0).sum(0).float())
+        total = torch.zeros(self.groups, device=f.device).index_add_(0, self._group_of, f.sum(0))
+        self._batch_stats = (active, total, f.shape[0])
+
+    def counters(self) -> dict[str, float]:
+        """Per group ``k`` = 1..K (seed 004 sec. 6.3), from the last training batch and the dead-latent counters.
+
+        ``l0_g{k}``: mean active latents per token in group k (they sum to the batch L0);
+        ``rate_g{k}``: mean firing rate of the group's latents (fraction of tokens);
+        ``intensity_g{k}``: mean activation of the group's latents when active (normalised-input units);
+        ``dead_g{k}``: latents of group k that have not fired for the trainer's dead window.
+        Batch values are absent before the first training forward.
+        """
+        out = dict(super().counters())
+        window = getattr(self, "dead_window_tokens", 250_000)  # set by the trainer (trainer.dead_window)
+        dead = torch.zeros(self.groups).index_add_(
+            0, self._group_of.cpu(), (self.tokens_since_fired >= window).float().cpu())
+        sizes = group_sizes(self.d_sae, self.groups)
+        stats = None if self._batch_stats is None else [t.cpu() if torch.is_tensor(t) else t for t in self._batch_stats]
+        for k in range(self.groups):
+            if stats is not None:
+                active, total, tokens = stats
+                out[f"l0_g{k + 1}"] = float(active[k]) / tokens
+                out[f"rate_g{k + 1}"] = float(active[k]) / (tokens * sizes[k])
+                out[f"intensity_g{k + 1}"] = float(total[k]) / max(float(active[k]), 1.0)
+            out[f"dead_g{k + 1}"] = int(dead[k])
+        return out
 
 
 # Sec. 5 setup: AdamW, learning rate 3e-4, weight decay 1e-4.
@@ -133,6 +182,12 @@ ARCHS = {
             "seed004-groups": {**_OPT, "groups": 5, "gamma": 1.5, "l1_coeff": 0.04},
             # Sec. 6.2: uniform-L1 baseline with the same lambda (gamma 1 == one penalty for every group).
             "seed004-uniform": {**_OPT, "groups": 1, "gamma": 1.0, "l1_coeff": 0.04},
+            # Sec. 6.2 ablations, one setting changed each from the chosen K 5, gamma 1.5, lambda 0.04.
+            "seed004-k3": {**_OPT, "groups": 3, "gamma": 1.5, "l1_coeff": 0.04},
+            "seed004-k7": {**_OPT, "groups": 7, "gamma": 1.5, "l1_coeff": 0.04},
+            "seed004-gamma1.25": {**_OPT, "groups": 5, "gamma": 1.25, "l1_coeff": 0.04},
+            "seed004-gamma2": {**_OPT, "groups": 5, "gamma": 2.0, "l1_coeff": 0.04},
+            "seed004-lambda0.06": {**_OPT, "groups": 5, "gamma": 1.5, "l1_coeff": 0.06},
         },
     ),
 }
