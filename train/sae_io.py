@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_path, write_text_atomic
 from .base import SAE
 from .registry import build
 
@@ -47,15 +48,21 @@ def sae_config(sae: SAE, meta: dict) -> dict:
 
 
 def save_sae(sae: SAE, folder: str | Path, meta: dict) -> Path:
-    """Write ``cfg.json`` and ``sae_weights.safetensors`` (fp32) into ``folder``; returns it."""
+    """Write ``cfg.json`` and ``sae_weights.safetensors`` (fp32) into ``folder``; returns it.
+
+    Both files are written atomically (temp + rename) and ``cfg.json`` last: it marks the
+    SAE as saved. An old ``cfg.json`` is removed first, so an interrupted save never
+    leaves a folder that pairs the old config with new weights.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in sae.state_dict().items()
                if k != "tokens_since_fired"}
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / WEIGHTS_FILE)  # never leave a half-written weights file in place
-    (folder / CFG_FILE).write_text(json.dumps(sae_config(sae, meta), indent=2))
+    cfg_text = json.dumps(sae_config(sae, meta), indent=2)  # before touching the disk: may raise TypeError
+    (folder / CFG_FILE).unlink(missing_ok=True)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    write_text_atomic(folder / CFG_FILE, cfg_text)
     return folder
 
 
