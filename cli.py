@@ -266,7 +266,7 @@ def _check_specs(specs, d_sae: int) -> None:
 
     Raises:
         click.BadParameter: a ``--set`` value (or ``lr``) is refused, naming ``--set``, the arch and the range.
-        ArchError: a preset value does not fit this ``d_sae`` (e.g. more groups than latents).
+        ArchError: a preset value or an arch default does not fit this ``d_sae`` (e.g. topk's k=32 > 16).
     """
     from .train.arch_info import ArchError
     from .train.hparams import check_hparams
@@ -275,7 +275,7 @@ def _check_specs(specs, d_sae: int) -> None:
     for spec in specs:
         given = {**spec.hparams, **({"lr": spec.lr} if spec.lr is not None else {})}
         try:
-            check_hparams(spec.arch, given, d_sae)
+            check_hparams(spec.arch, given, d_sae, defaults=False)
         except ArchError as err:
             raise click.BadParameter(str(err), param_hint="'--set'") from None
         check_hparams(spec.arch, {**resolve(spec.arch)[1], **given}, d_sae)

@@ -48,6 +48,7 @@ class HParam:
     elem: str | None = None
     elem_optional: bool = False
     length: int | None = None
+    default: object = inspect.Parameter.empty  # the __init__ default (checked too: k=32 needs d_sae >= 32)
 
     def describe(self, d_sae: int | None) -> str:
         """The allowed values in words, e.g. ``an integer in [1, d_sae=512]``."""
@@ -184,7 +185,7 @@ def declared(arch_cls: type) -> dict[str, HParam]:
         extra = dict(RANGES.get(name, _pattern_range(name)))
         if kind == "seq":
             extra.setdefault("elem", _elem_kind(p.default))
-        out[name] = HParam(name, kind, optional=optional or p.default is None, **extra)
+        out[name] = HParam(name, kind, optional=optional or p.default is None, default=p.default, **extra)
     return out
 
 
@@ -280,7 +281,7 @@ def coerce(spec: HParam, value, d_sae: int | None, finite: bool = True):
     return out
 
 
-def check_hparams(arch: str, hparams: dict, d_sae: int | None, finite: bool = True) -> dict:
+def check_hparams(arch: str, hparams: dict, d_sae: int | None, finite: bool = True, defaults: bool = True) -> dict:
     """``hparams`` (module and optimiser keys) of arch or preset ``arch``, converted to their declared kinds.
 
     Args:
@@ -290,9 +291,13 @@ def check_hparams(arch: str, hparams: dict, d_sae: int | None, finite: bool = Tr
         finite: refuse NaN/inf floats (the CLI). The library passes False: a non-finite
             coefficient then reaches the trainer, which stops that SAE at its first
             non-finite loss and keeps its last good weights.
+        defaults: also check the ``__init__`` defaults ``hparams`` leaves in place.
 
     Returns:
         a new dict with the same keys and converted values.
+
+    Defaults of the arch's ``__init__`` that ``hparams`` leaves in place are checked too
+    (they may not fit ``d_sae``) unless ``defaults`` is False.
 
     Raises:
         ArchError: one line naming the arch, the hyperparameter, the value and the allowed values,
@@ -313,4 +318,12 @@ def check_hparams(arch: str, hparams: dict, d_sae: int | None, finite: bool = Tr
         except _Refused:
             shown = value if isinstance(value, str) else repr(value)
             raise ArchError(f"{arch}: {name}={shown} is refused: {name} takes {spec.describe(d_sae)}") from None
+    for name, spec in specs.items():  # defaults left in place must fit too (topk's k=32 with d_sae=16)
+        if not defaults or name in hparams or spec.default is inspect.Parameter.empty:
+            continue
+        try:
+            coerce(spec, spec.default, d_sae, finite)
+        except _Refused:
+            raise ArchError(f"{arch}: its default {name}={spec.default!r} does not fit: {name} takes "
+                            f"{spec.describe(d_sae)}; pass --set {name}=...") from None
     return out
