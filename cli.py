@@ -43,6 +43,14 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _end_progress_bars() -> None:
+    """Close every open tqdm bar, so the ``Error:`` line starts a line of its own (a bar leaves none)."""
+    from tqdm.std import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _one_line_errors(fn):
     """Turn the project's user-facing errors (ValueError subclasses, OSError) and Ctrl-C into one-line CLI errors."""
 
@@ -52,8 +60,10 @@ def _one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except _USER_ERRORS as err:
+            _end_progress_bars()
             raise click.ClickException(_one_line(err)) from err
         except KeyboardInterrupt as err:
+            _end_progress_bars()
             raise Interrupted(f"interrupted (Ctrl-C) during {fn.__name__}: {_COMMAND_HINT[fn.__name__]}") from err
 
     return wrapper

@@ -255,7 +255,7 @@ CASES = [
     case("train-lr-negative", T + ["--lr", "-1e-3"], "'--lr'", "x>0"),
     case("train-lr-nan", T + ["--lr", "nan"], "'--lr'", "not a finite number"),
     case("train-lr-inf", T + ["--lr", "inf"], "'--lr'", "not a finite number"),
-    case("train-lr-text", T + ["--lr", "fast"], "'--lr'", "not a valid float"),
+    case("train-lr-text", T + ["--lr", "fast"], "'--lr'", "is not a valid"),
     case("train-seed-negative", T + ["--seed", "-1"], "'--seed'", RANGE),
     case("train-checkpoint-every-negative", T + ["--checkpoint-every", "-1"], "'--checkpoint-every'", RANGE),
     case("train-sae-threads-negative", T + ["--sae-threads", "-1"], "'--sae-threads'", RANGE),
