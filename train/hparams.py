@@ -98,12 +98,13 @@ RANGES: dict[str, dict] = {
     "kernels": {"choices": _KERNELS}, "prefix_fractions": _r(0, 1, lo_open=True, elem="float"),
     # JumpReLU (jumprelu.py: each "must be positive"); standard (April update decoder norm)
     "l0_coeff": _NONNEG, "bandwidth": _POSITIVE, "init_threshold": _POSITIVE, "init_dec_norm": _POSITIVE,
-    # seed 000
-    "rates": _r(1, elem="int"), "kernel_size": _r(1), "mask_init": {},
+    # seed 000: taps look kernel_size * rate tokens back; beyond the default 128-token row they see only
+    # padding, and the taps tensor [n_rates, kernel_size, d_sae] must stay allocatable (kernel_size 6e7 = 48 GB)
+    "rates": _r(1, 1024, elem="int"), "kernel_size": _r(1, 128), "mask_init": {},
     # seed 001
     "n_groups": _r(1, D_SAE), "n_coarse": _r(1, D_SAE), "n_fine": _r(1, D_SAE), "alpha": _NONNEG,
     "alpha_l1": _NONNEG, "alpha_l2": _NONNEG,
-    "alpha_range": _r(0, elem="float", length=2), "d_key": _r(1), "temperature": _POSITIVE,
+    "alpha_range": _r(0, elem="float", length=2), "d_key": _r(1, 4096), "temperature": _POSITIVE,
     "contrast_temperature": _POSITIVE, "contrast_over": {"choices": ("groups", "tokens")}, "view_noise": _NONNEG,
     # seed 002
     "n_clusters": _r(1, D_SAE), "min_cluster_size": _r(1), "importance_weights": _r(0, elem="float", length=3),
@@ -316,7 +317,7 @@ def check_hparams(arch: str, hparams: dict, d_sae: int | None, finite: bool = Tr
         try:
             out[name] = coerce(spec, value, d_sae, finite)
         except _Refused:
-            shown = value if isinstance(value, str) else repr(value)
+            shown = value if isinstance(value, str) and value.isprintable() and value.strip() else repr(value)
             raise ArchError(f"{arch}: {name}={shown} is refused: {name} takes {spec.describe(d_sae)}") from None
     for name, spec in specs.items():  # defaults left in place must fit too (topk's k=32 with d_sae=16)
         if not defaults or name in hparams or spec.default is inspect.Parameter.empty:
