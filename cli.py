@@ -6,7 +6,8 @@ never a traceback.
 
 from __future__ import annotations
 
-import json
+import math
+import shutil
 import time
 from functools import wraps
 from pathlib import Path
@@ -17,19 +18,53 @@ from .allocator import tune_allocator
 from .harvest.model import EMBEDDED_MODEL
 from .harvest.text import EMBEDDED_DATASET
 
-_USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+# Every error a user can cause is one of these (the project's errors subclass ValueError;
+# OSError covers unreadable/unwritable paths and a full disk).
+_USER_ERRORS = (ValueError, OSError, FloatingPointError)
+_COMMAND_HINT = {  # what Ctrl-C left behind, per command
+    "harvest": "the store keeps its committed shards and counts no other; rerun the same command to resume it",
+    "train": "SAEs without cfg.json were not saved and count as untrained; rerun with --resume to continue from "
+             "the last checkpoint (or without it to start again)",
+    "evaluate": "no result JSON was written or changed; rerun the command",
+    "unlearn": "results printed above are saved, the others were not written; rerun for those",
+    "report": "report.md/report.html were not replaced; rerun the command",
+    "demo": "rerun the same command: a finished store is reused, a partial one resumed",
+}
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: one line saying what was kept, exit status 130 (128 + SIGINT) as shells expect."""
+
+    exit_code = 130
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (whitespace collapsed), or its type name."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _end_progress_bars() -> None:
+    """Close every open tqdm bar, so the ``Error:`` line starts a line of its own (a bar leaves none)."""
+    from tqdm.std import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _one_line_errors(fn):
-    """Turn the project's user-facing errors (all ValueError subclasses) into one-line CLI errors."""
+    """Turn the project's user-facing errors (ValueError subclasses, OSError) and Ctrl-C into one-line CLI errors."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        """``fn``, with a user error re-raised as ``click.ClickException`` (first line of its message)."""
+        """``fn``, with a user error re-raised as ``click.ClickException`` (its message on one line)."""
         try:
             return fn(*args, **kwargs)
         except _USER_ERRORS as err:
-            raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+            _end_progress_bars()
+            raise click.ClickException(_one_line(err)) from err
+        except KeyboardInterrupt as err:
+            _end_progress_bars()
+            raise Interrupted(f"interrupted (Ctrl-C) during {fn.__name__}: {_COMMAND_HINT[fn.__name__]}") from err
 
     return wrapper
 
@@ -47,13 +82,123 @@ def _float_list(value: str | None, option: str) -> list[float] | None:
     return out
 
 
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN and +-inf (they pass every range comparison)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        """The float, or a click usage error naming the option and the allowed range."""
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number in the range {self._describe_range()}", param, ctx)
+        return rv
+
+
+class Device(click.ParamType):
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, refused at once when this machine lacks it."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        """``value`` unchanged, or a usage error saying which devices exist here."""
+        if value == "auto":
+            return value
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError, ValueError):
+            self.fail(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N", param, ctx)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                self.fail(f"{value!r}: this machine has no CUDA device: use auto or cpu", param, ctx)
+            if device.index is not None and device.index >= count:
+                self.fail(f"{value!r}: this machine has CUDA devices 0..{count - 1}", param, ctx)
+        elif device.type == "mps" and not torch.backends.mps.is_available():
+            self.fail(f"{value!r}: MPS is not available here: use auto or cpu", param, ctx)
+        elif device.type not in ("cpu", "cuda", "mps"):
+            self.fail(f"{value!r} is not supported: use auto, cpu, cuda or cuda:N", param, ctx)
+        return value
+
+
+POS_INT, NONNEG_INT, DEVICE = click.IntRange(min=1), click.IntRange(min=0), Device()
+
+
 def _int_list(_ctx, _param, value: str | None) -> list[int] | None:
+    """``--layers 4,8`` -> ``[4, 8]``; refuses an empty list, non-integers, negatives and repeats."""
     if value is None:
         return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise click.BadParameter("no layers given: pass block indices, e.g. 4,8")
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        layers = [int(v) for v in items]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 4,8") from None
+    for layer in layers:
+        if layer < 0:
+            raise click.BadParameter(f"layer {layer} is negative: blocks are numbered from 0, e.g. 4,8")
+        if layers.count(layer) > 1:
+            raise click.BadParameter(f"layer {layer} is given twice: list each block once, e.g. 4,8")
+    return layers
+
+
+def _model_source(_ctx, _param, value: str | None) -> str | None:
+    """``--model``: a local folder must be a complete model folder (harvest/model.py ``check_model_source``)."""
+    from .harvest.model import ModelError, check_model_source
+
+    if value is not None:
+        try:
+            check_model_source(value)
+        except ModelError as err:
+            raise click.BadParameter(str(err)) from None
+    return value
+
+
+def _dataset_source(_ctx, _param, value: str) -> str:
+    """``--dataset``: a local file must exist, be non-empty and have a supported suffix."""
+    from .harvest.text import DatasetError, check_dataset_source
+
+    try:
+        check_dataset_source(value)
+    except DatasetError as err:
+        raise click.BadParameter(str(err)) from None
+    return value
+
+
+def _non_empty(_ctx, param, value: str) -> str:
+    """A text option that must not be empty (e.g. ``--text-field``)."""
+    if not value.strip():
+        raise click.BadParameter("must not be empty: name the column holding the text (default 'text')")
+    return value.strip()
+
+
+def _outside_stores(_ctx, _param, value: Path | None) -> Path | None:
+    """An output folder that is not, and does not lie inside, an activation store."""
+    from .checks import InputError, check_output_dir
+
+    if value is not None:
+        try:
+            check_output_dir(value, "folder")
+        except InputError as err:
+            raise click.BadParameter(str(err)) from None
+    return value
+
+
+def _store_out(_ctx, _param, value: Path) -> Path:
+    """``harvest --out``: new, empty, or an existing store (resumed/reused/extended); never inside another store."""
+    from .store.format import enclosing_store
+    from .store.writer import is_empty_store_dir
+
+    store = enclosing_store(value)
+    if store is not None and store != value.expanduser().resolve():
+        raise click.BadParameter(f"{value} lies inside the activation store {store}: choose a folder outside it")
+    if store is None and not is_empty_store_dir(value):
+        raise click.BadParameter(f"{value} already exists and is not an activation store: choose a new --out "
+                                 "or delete it")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,7 +220,8 @@ def main():
 
 
 _model_opts = [
-    click.option("--device", default="auto", show_default=True, help="auto = CUDA when available, else CPU."),
+    click.option("--device", default="auto", show_default=True, type=DEVICE,
+                 help="auto = CUDA when available, else CPU; or cpu, cuda, cuda:N."),
     click.option("--dtype", default="bfloat16", show_default=True,
                  type=click.Choice(["bfloat16", "float32", "float16"]), help="Model dtype (Gemma residuals overflow float16)."),
 ]
@@ -93,22 +239,26 @@ def _with(opts):
 
 
 @main.command()
-@click.option("--model", default=EMBEDDED_MODEL, show_default=True, help="gemma-3-270m (embedded), a hub name or a local folder.")
+@click.option("--model", default=EMBEDDED_MODEL, show_default=True, callback=_model_source,
+              help="gemma-3-270m (embedded), a hub name or a local folder.")
 @click.option("--layers", required=True, callback=_int_list, help="Blocks whose resid_post to store, e.g. 4,8.")
-@click.option("--dataset", default=EMBEDDED_DATASET, show_default=True,
+@click.option("--dataset", default=EMBEDDED_DATASET, show_default=True, callback=_dataset_source,
               help="wiki-vital (embedded), a datasets name, a local folder or a .txt/.jsonl/.parquet file.")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]))
-@click.option("--tokens", default=98_304, show_default=True,
+@click.option("--tokens", default=98_304, show_default=True, type=POS_INT,
               help="Tokens to harvest (rounded up to whole rows; whole shards of 8,192 keep the store extensible).")
-@click.option("--context-length", default=128, show_default=True)
-@click.option("--batch-rows", default=16, show_default=True, help="Rows per forward pass.")
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Text order seed (embedded corpus).")
-@click.option("--rows-per-chunk", default=8, show_default=True, help="Context rows per inner chunk (read unit).")
-@click.option("--chunks-per-shard", default=8, show_default=True, help="Inner chunks per shard (write/commit unit).")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--context-length", default=128, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per row, BOS included (at most the model's max_position_embeddings).")
+@click.option("--batch-rows", default=16, show_default=True, type=POS_INT, help="Rows per forward pass.")
+@click.option("--text-field", default="text", show_default=True, callback=_non_empty)
+@click.option("--seed", default=0, show_default=True, type=NONNEG_INT, help="Text order seed (embedded corpus).")
+@click.option("--rows-per-chunk", default=8, show_default=True, type=POS_INT,
+              help="Context rows per inner chunk (read unit).")
+@click.option("--chunks-per-shard", default=8, show_default=True, type=POS_INT,
+              help="Inner chunks per shard (write/commit unit).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), callback=_store_out,
               help="Store directory: new, or an existing store of the same harvest to resume, reuse or extend.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--workers", default=0, show_default=True, type=NONNEG_INT,
               help="Shard-writer processes on a dask LocalCluster (0 = harvest in this process).")
 @click.option("--scheduler", metavar="ADDRESS",
               help="Use an existing dask scheduler (tcp://host:8786) instead; its workers must see --out and the model.")
@@ -134,40 +284,68 @@ def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, t
     click.echo(f"store {path} ready in {time.perf_counter() - t0:.0f} s")
 
 
+def _check_specs(specs, d_sae: int) -> None:
+    """Every spec's hyperparameters against their arch's declared types and ranges (train/hparams.py).
+
+    Raises:
+        click.BadParameter: a ``--set`` value (or ``lr``) is refused, naming ``--set``, the arch and the range.
+        ArchError: a preset value or an arch default does not fit this ``d_sae`` (e.g. topk's k=32 > 16).
+    """
+    from .train.arch_info import ArchError
+    from .train.hparams import check_hparams
+    from .train.registry import resolve
+
+    for spec in specs:
+        given = {**spec.hparams, **({"lr": spec.lr} if spec.lr is not None else {})}
+        try:
+            check_hparams(spec.arch, given, d_sae, defaults=False)
+        except ArchError as err:
+            raise click.BadParameter(str(err), param_hint="'--set'") from None
+        check_hparams(spec.arch, {**resolve(spec.arch)[1], **given}, d_sae)
+
+
 @main.command()
-@click.option("--store", type=click.Path(path_type=Path), help="Store written by 'saestrata harvest'.")
-@click.option("--layer", type=int, help="Block whose activations to train on.")
+@click.option("--store", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Store written by 'saestrata harvest'.")
+@click.option("--layer", type=NONNEG_INT, help="Block whose activations to train on.")
 @click.option("--arch", "archs", default="topk", show_default=True,
               help="Comma-separated arch or preset names; 'all' = every arch/preset.")
-@click.option("--set", "sets", multiple=True, metavar="NAME=V1,V2", help="Hyperparameter (sweep): --set k=16,32.")
-@click.option("--d-sae", type=int, help="Latents per SAE (default: --expansion x d_model).")
-@click.option("--expansion", default=8, show_default=True)
-@click.option("--tokens", default=600 * 1024, show_default=True, help="Training tokens per SAE.")
-@click.option("--batch-size", default=1024, show_default=True)
-@click.option("--lr", type=float, help="Learning rate (default: a preset's, else 2e-4 / sqrt(d_sae / 16384)).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="NAME=V1,V2",
+              help="Hyperparameter (sweep): --set k=16,32; lists as 1:2:4. Types and ranges per arch are checked.")
+@click.option("--d-sae", type=POS_INT, help="Latents per SAE (default: --expansion x d_model).")
+@click.option("--expansion", default=8, show_default=True, type=POS_INT)
+@click.option("--tokens", default=600 * 1024, show_default=True, type=POS_INT, help="Training tokens per SAE.")
+@click.option("--batch-size", default=1024, show_default=True, type=POS_INT)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True),
+              help="Learning rate (default: a preset's, else 2e-4 / sqrt(d_sae / 16384)).")
+@click.option("--seed", default=0, show_default=True, type=NONNEG_INT)
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--no-autocast", is_flag=True, help="Train in fp32 (default: bf16 autocast, fp32 master weights).")
 @click.option("--allow-partial", is_flag=True, help="Train on the committed part of a half-written store.")
 @click.option("--list-archs", is_flag=True, help="List every arch and preset with its source, then exit.")
-@click.option("--checkpoint-every", default=100, show_default=True,
+@click.option("--checkpoint-every", default=100, show_default=True, type=NONNEG_INT,
               help="Steps between checkpoints in --out (0 = off); removed when the run finishes.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same settings).")
-@click.option("--sae-threads", default=1, show_default=True, type=click.IntRange(min=0),
+@click.option("--overwrite", is_flag=True,
+              help="Replace finished SAEs of the same names (and an interrupted run) in --out.")
+@click.option("--sae-threads", default=1, show_default=True, type=NONNEG_INT,
               help="SAEs stepped side by side on CPU, one intra-op thread each (0 = one per core); "
                    "faster on a busy shared machine, slower on an idle one.")
 @click.option("--target-l0", "target_l0", metavar="L1,L2",
               help="Calibrate sparsity to these mean active latents per token: k = L for the TopK family, "
                    "a controller on the sparsity coefficient for penalty archs (one SAE per target).")
-@click.option("--out", type=click.Path(path_type=Path), help="Run directory: one sub-folder per SAE.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory: one sub-folder per SAE.")
 @_one_line_errors
 def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,
-          allow_partial, list_archs, checkpoint_every, resume, sae_threads, target_l0, out):
+          allow_partial, list_archs, checkpoint_every, resume, overwrite, sae_threads, target_l0, out):
     """Train SAEs from a store in one pass: every batch is read once and fed to every SAE.
 
     With --resume, an interrupted run continues from its last checkpoint and ends with
-    the same SAEs and logs as an uninterrupted run; other settings are refused.
+    the same SAEs and logs as an uninterrupted run; other settings are refused. A run
+    directory holding finished SAEs of the same names is refused unless --overwrite.
     """
+    from .checks import check_run_dir
+    from .store import ActivationStore
     from .train.registry import ARCHS, expand_names
     from .train.sweep import expand_specs
     from .train.trainer import TrainConfig, train as run
@@ -182,6 +360,12 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
         raise click.UsageError("--store, --layer and --out are required (or use --list-archs)")
     names = expand_names([a.strip() for a in archs.split(",") if a.strip()])  # fail fast, before reading
     specs = expand_specs(names, list(sets), _float_list(target_l0, "--target-l0"))
+    # Everything the run will refuse is checked before a file is touched (store, layer, hyperparameters, --out).
+    acts = ActivationStore(store, allow_partial=allow_partial)
+    acts.stats(acts.hook_for_layer(layer))
+    _check_specs(specs, d_sae or expansion * acts.d_model)
+    for folder in check_run_dir(out, [s.name for s in specs], resume, overwrite):
+        shutil.rmtree(folder)  # --overwrite: the old SAE and its results go; other folders stay
     folders = run(TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, expansion=expansion,
                               batch_size=batch_size, tokens=tokens, lr=lr, seed=seed, device=device,
                               autocast=not no_autocast, allow_partial=allow_partial,
@@ -190,32 +374,46 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
         click.echo(f"saved {name} -> {folder}")
 
 
+def _model_of(saes: list[Path], cfgs: list[dict], model: str | None) -> str:
+    """``--model``, else the model recorded in the first SAE's cfg.json (UsageError if it records none)."""
+    if model is not None:
+        return model
+    ours = cfgs[0].get("saestrata") if isinstance(cfgs[0].get("saestrata"), dict) else {}
+    recorded = ours.get("model_id") or cfgs[0].get("model_name")
+    if not recorded:
+        raise click.UsageError(f"{saes[0]} records no model in cfg.json: pass --model")
+    return recorded
+
+
 @main.command()
-@click.option("--sae", "saes", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="Saved SAE folder (repeatable).")
-@click.option("--dataset", default=EMBEDDED_DATASET, show_default=True)
+@click.option("--sae", "saes", required=True, multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path), help="Saved SAE folder (repeatable).")
+@click.option("--dataset", default=EMBEDDED_DATASET, show_default=True, callback=_dataset_source)
 @click.option("--split", default="eval", show_default=True, type=click.Choice(["train", "eval"]))
-@click.option("--tokens", default=8192, show_default=True)
-@click.option("--batch-rows", default=4, show_default=True)
-@click.option("--model", default=None, help="Default: the model the SAE was trained on.")
+@click.option("--tokens", default=8192, show_default=True, type=POS_INT)
+@click.option("--batch-rows", default=4, show_default=True, type=POS_INT)
+@click.option("--model", default=None, callback=_model_source, help="Default: the model the SAE was trained on.")
+@click.option("--allow-other-model", is_flag=True,
+              help="Evaluate even when the SAE was trained on activations of other model weights.")
 @click.option("--out", type=click.Path(path_type=Path), help="Result JSON (one SAE) or directory (several).")
 @_with(_model_opts)
 @_one_line_errors
-def evaluate(saes, dataset, split, tokens, batch_rows, model, out, device, dtype):
+def evaluate(saes, dataset, split, tokens, batch_rows, model, allow_other_model, out, device, dtype):
     """Splice SAEs into the LM and report CE/KL recovery, reconstruction and sparsity (SAEBench layout)."""
+    from .atomic import write_json_atomic
+    from .checks import check_same_model, check_sae_folder, result_targets
     from .evaluate.core import EvalConfig, evaluate_saes
+    from .harvest.model import load_model
 
+    cfgs = [check_sae_folder(sae) for sae in saes]
+    targets = result_targets(list(saes), out, "core_eval.json", "core")
+    lm = load_model(_model_of(list(saes), cfgs, model), device, dtype)
+    for sae, cfg in zip(saes, cfgs):
+        check_same_model(sae, cfg, lm.model_id, lm.weights_hash, allow_other_model)
     results = evaluate_saes(list(saes), EvalConfig(dataset=dataset, split=split, tokens=tokens, batch_rows=batch_rows,
-                                                   model=model, device=device, dtype=dtype))
-    for sae, result in zip(saes, results):
-        if out is None:
-            target = sae / "core_eval.json"
-        elif len(saes) == 1:
-            target = out
-        else:
-            target = out / f"{sae.name}_core.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=2))
+                                                   model=model, device=device, dtype=dtype), lm=lm)
+    for sae, result, target in zip(saes, results, targets):
+        write_json_atomic(target, result)
         m = result["eval_result_metrics"]
         click.echo(f"{sae}: ce_loss_score {m['model_performance_preservation']['ce_loss_score']:.3f} "
                    f"explained_variance {m['reconstruction_quality']['explained_variance']:.3f} "
@@ -239,7 +437,7 @@ def evaluate(saes, dataset, split, tokens, batch_rows, model, out, device, dtype
 @click.option("--no-unlearn", is_flag=True, help="Skip the unlearning stage.")
 @click.option("--stages", help="Comma-separated subset of: store,lr,matched,published,evaluate,seeds,unlearn,report.")
 @click.option("--quick", is_flag=True, help="A ~20-minute version: 5 variants, L0 24/40, 256k tokens each, no unlearning.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
 @_one_line_errors
 def benchmark(out, work, layer, variants, targets, tokens_per_sae, d_sae, seeds, eval_tokens, no_unlearn, stages,
               quick, device):
@@ -270,57 +468,83 @@ def benchmark(out, work, layer, variants, targets, tokens_per_sae, d_sae, seeds,
 
 
 @main.command()
-@click.option("--out", default=Path("demo-out"), show_default=True, type=click.Path(path_type=Path))
-@click.option("--train-tokens", default=98_304, show_default=True, help="Harvested training tokens.")
-@click.option("--eval-tokens", default=8192, show_default=True)
-@click.option("--steps", default=600, show_default=True, help="Training steps of 1024 tokens per SAE.")
+@click.option("--out", default=Path("demo-out"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), callback=_outside_stores)
+@click.option("--train-tokens", default=98_304, show_default=True, type=POS_INT, help="Harvested training tokens.")
+@click.option("--eval-tokens", default=8192, show_default=True, type=POS_INT)
+@click.option("--steps", default=600, show_default=True, type=POS_INT, help="Training steps of 1024 tokens per SAE.")
 @click.option("--layers", default="4,8", show_default=True, callback=_int_list)
 @click.option("--archs", default="standard,topk", show_default=True, help="Comma-separated; 'all' = every arch/preset.")
-@click.option("--d-sae", default=4096, show_default=True)
-@click.option("--eval-batch-rows", default=4, show_default=True, help="Rows per evaluation forward (memory ~ rows x SAEs).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--d-sae", default=4096, show_default=True, type=POS_INT)
+@click.option("--eval-batch-rows", default=4, show_default=True, type=POS_INT,
+              help="Rows per evaluation forward (memory ~ rows x SAEs).")
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
 @_one_line_errors
 def demo(out, train_tokens, eval_tokens, steps, layers, archs, d_sae, eval_batch_rows, device):
     """Harvest -> train -> evaluate on the embedded Gemma 3 270M and Wikipedia text, offline."""
     from .demo import DemoConfig, run_demo
     from .train.registry import expand_names
+    from .train.sweep import expand_specs
 
+    names = expand_names([a for a in archs.split(",") if a])
+    _check_specs(expand_specs(names, []), d_sae)  # e.g. topk's k=32 > --d-sae 16: refused before the harvest
     run_demo(DemoConfig(out=out, train_tokens=train_tokens, eval_tokens=eval_tokens, steps=steps, layers=layers,
-                        archs=expand_names([a for a in archs.split(",") if a]), d_sae=d_sae,
-                        eval_batch_rows=eval_batch_rows, device=device), echo=click.echo)
+                        archs=names, d_sae=d_sae, eval_batch_rows=eval_batch_rows, device=device), echo=click.echo)
+
+
+def _questions_dir(ctx, _param, value: Path | None) -> Path | None:
+    """``--questions-dir`` (wmdp only) must hold every question file, so nothing is fetched from the hub."""
+    from .evaluate.unlearning import MMLU_RETAIN, WMDP_FORGET
+
+    if value is None:
+        return None
+    if ctx.params.get("benchmark", "wiki") != "wmdp":
+        raise click.BadParameter("is read only with --benchmark wmdp (put --benchmark before it)")
+    missing = [name for name in (WMDP_FORGET, *MMLU_RETAIN)
+               if not any((value / f"{name}{sfx}").is_file() for sfx in (".jsonl", ".json", ".parquet"))]
+    if missing:
+        raise click.BadParameter(f"{value} lacks {', '.join(f'{m}.jsonl' for m in missing)}: add them, or omit "
+                                 "--questions-dir to load cais/wmdp and cais/mmlu with datasets")
+    return value
 
 
 @main.command()
-@click.option("--sae", "saes", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="Saved SAE folder (repeatable).")
-@click.option("--benchmark", default="wiki", show_default=True, type=click.Choice(["wiki", "wmdp"]),
+@click.option("--sae", "saes", required=True, multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path), help="Saved SAE folder (repeatable).")
+@click.option("--benchmark", default="wiki", show_default=True, type=click.Choice(["wiki", "wmdp"]), is_eager=True,
               help="wiki: embedded, offline; wmdp: wmdp-bio vs 4 MMLU subjects (SAEBench).")
-@click.option("--questions-dir", type=click.Path(path_type=Path),
+@click.option("--questions-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              callback=_questions_dir,
               help="Local wmdp-bio.jsonl / <mmlu subject>.jsonl files (question, choices, answer).")
 @click.option("--full-grid", is_flag=True, help="SAEBench's whole sweep (16 settings) instead of the 8-setting default.")
-@click.option("--max-retain-questions", default=300, show_default=True)
+@click.option("--max-retain-questions", default=300, show_default=True, type=POS_INT)
 @click.option("--no-control", is_flag=True, help="Skip the random-latent control.")
-@click.option("--batch-rows", default=32, show_default=True)
-@click.option("--model", default=None, help="Default: the model the SAE was trained on.")
+@click.option("--batch-rows", default=32, show_default=True, type=POS_INT)
+@click.option("--model", default=None, callback=_model_source, help="Default: the model the SAE was trained on.")
+@click.option("--allow-other-model", is_flag=True,
+              help="Run even when the SAE was trained on activations of other model weights.")
 @click.option("--out", type=click.Path(path_type=Path), help="Result JSON (one SAE) or directory (several).")
 @_with(_model_opts)
 @_one_line_errors
-def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, no_control, batch_rows, model, out,
-            device, dtype):
+def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, no_control, batch_rows, model,
+            allow_other_model, out, device, dtype):
     """SAEBench unlearning: clamp forget-specific latents, score forgotten vs retained knowledge."""
-    from .evaluate.core import sae_model_id
+    from .atomic import write_json_atomic
+    from .checks import check_same_model, check_sae_folder, result_targets
     from .evaluate.unlearning import UnlearnConfig, run_unlearning
     from .harvest.model import load_model
 
-    lm = load_model(model or sae_model_id(saes[0]), device, dtype)
-    for sae in saes:
+    cfgs = [check_sae_folder(sae) for sae in saes]
+    targets = result_targets(list(saes), out, "unlearning_eval.json", "unlearning")
+    lm = load_model(_model_of(list(saes), cfgs, model), device, dtype)
+    for sae, cfg in zip(saes, cfgs):
+        check_same_model(sae, cfg, lm.model_id, lm.weights_hash, allow_other_model)
+    for sae, target in zip(saes, targets):
         result = run_unlearning(UnlearnConfig(sae=sae, benchmark=benchmark, questions_dir=questions_dir,
                                               full_grid=full_grid, max_retain_questions=max_retain_questions,
                                               random_control=not no_control, batch_rows=batch_rows,
                                               model=lm.model_id, device=device, dtype=dtype), lm=lm)
-        target = sae / "unlearning_eval.json" if out is None else out if len(saes) == 1 else out / f"{sae.name}_unlearning.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=2))
+        write_json_atomic(target, result)
         m = result["eval_result_metrics"]["unlearning"]
         click.echo(f"{sae}: unlearning_score {m['unlearning_score']:.3f} (random-latent control "
                    f"{m['random_latent_control_score'] if m['random_latent_control_score'] is not None else 'skipped'}) "
@@ -328,9 +552,10 @@ def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, no_
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for report.md/.html and PNGs.")
-@click.option("--matched-l0", type=click.FloatRange(min=0, min_open=True),
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), callback=_outside_stores,
+              help="Directory for report.md/.html and PNGs.")
+@click.option("--matched-l0", type=FiniteFloat(min=0, min_open=True),
               help="Also tabulate each arch's metrics at this L0 (log-L0 interpolation of a sweep).")
 @_one_line_errors
 def report(paths, out, matched_l0):

@@ -8,12 +8,12 @@ Sized to finish in well under 15 minutes on a 2-core CPU.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .atomic import write_json_atomic, write_text_atomic
 from .evaluate.core import EvalConfig, evaluate_saes
 from .harvest.harvester import HarvestConfig, harvest
 from .harvest.model import load_model
@@ -86,8 +86,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> list[dict]
                                                                      device=cfg.device), lm=lm)
     timings["evaluate_s"] = time.perf_counter() - t0
     for (layer, name, folder), result in zip(saes, results):
-        (cfg.out / "results").mkdir(exist_ok=True)
-        (cfg.out / "results" / f"layer{layer}_{name}_core.json").write_text(json.dumps(result, indent=2))
+        write_json_atomic(cfg.out / "results" / f"layer{layer}_{name}_core.json", result)
         m = result["eval_result_metrics"]
         ours = result["sae_cfg_dict"]["saestrata"]
         rows.append({
@@ -99,8 +98,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> list[dict]
             "train_tokens_per_s": ours["train_tokens_per_s"], "eval_tokens_per_s": m["misc_metrics"]["eval_tokens_per_s"],
         })
     table = _markdown(rows)
-    (cfg.out / "summary.json").write_text(json.dumps({"rows": rows, "timings": timings}, indent=2))
-    (cfg.out / "summary.md").write_text(table + "\n")
+    write_json_atomic(cfg.out / "summary.json", {"rows": rows, "timings": timings})
+    write_text_atomic(cfg.out / "summary.md", table + "\n")
     echo("\n" + table)
     echo("\n" + "  ".join(f"{k} {v:,.1f}" for k, v in timings.items()))
     return rows

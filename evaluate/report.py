@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+
 
 class ReportError(ValueError):
     """Raised when the inputs hold no result or log to report on."""
@@ -325,6 +327,6 @@ def write_report(paths: list[Path], out: Path, matched_l0: float | None = None) 
             md.append(f"### {title}\n\n![{title}]({png.name})\n")
             page.append(f"<h3>{html.escape(title)}</h3><img src='{html.escape(png.name)}'>")
     page.append("</body></html>")
-    (out / "report.html").write_text("\n".join(page), encoding="utf-8")
-    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    write_text_atomic(out / "report.html", "\n".join(page))  # atomic: Ctrl-C keeps the previous page
+    write_text_atomic(out / "report.md", "\n".join(md))
     return out / "report.md"

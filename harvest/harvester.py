@@ -27,7 +27,7 @@ from ..store.format import FORMAT_VERSION, committed_tokens, shard_bounds, to_st
 from ..store.reader import prefetch
 from ..store.writer import is_empty_store_dir
 from .hooks import residuals
-from .model import EMBEDDED_MODEL, LoadedModel, check_layers, hook_name, load_model
+from .model import EMBEDDED_MODEL, LoadedModel, ModelError, check_layers, hook_name, load_model
 from .packing import Row, pack_documents
 from .text import EMBEDDED_DATASET, SPLIT_RULE, DatasetError, iter_documents
 
@@ -108,7 +108,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = 
         the store path.
 
     Raises:
-        ModelError: layer out of range / model not loadable.
+        ModelError: layer out of range / model not loadable / context length beyond the model's positions.
         DatasetError: the source yields no full context row.
         StoreError: ``cfg.out`` is not empty and not a store, or an extension is unsafe.
         IdentityMismatch: ``cfg.out`` holds a store with a different identity (names the fields).
@@ -116,21 +116,40 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = 
     """
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
     layers = check_layers(cfg.layers, lm.n_layers, cfg.model)
+    _check_context_length(cfg, lm)
     hooks = [hook_name(layer) for layer in layers]
     identity = harvest_identity(cfg, lm, layers, hooks)
     n_rows = max(1, -(-cfg.tokens // cfg.context_length))
     writer = _open_writer(cfg, lm, layers, hooks, identity, n_rows)
     if writer is None:
         return Path(cfg.out)
-    if cfg.workers or cfg.scheduler:
-        from .parallel import write_pending_parallel
+    try:
+        if cfg.workers or cfg.scheduler:
+            from .parallel import write_pending_parallel
 
-        write_pending_parallel(writer, cfg, lm, layers, hooks, progress)
-    else:
-        _write_pending(writer, cfg, lm, layers, hooks, progress)
-    stats = _merge_stats(writer.records(), hooks)
-    writer.finish({"activation_stats": {h: s.as_dict() for h, s in stats.items()}})
+            write_pending_parallel(writer, cfg, lm, layers, hooks, progress)
+        else:
+            _write_pending(writer, cfg, lm, layers, hooks, progress)
+        stats = _merge_stats(writer.records(), hooks)
+        writer.finish({"activation_stats": {h: s.as_dict() for h, s in stats.items()}})
+    finally:
+        # An error or Ctrl-C keeps every committed shard; the lock is released at once, so a
+        # rerun (also in this process, e.g. a notebook) can resume instead of being refused.
+        writer.close()
     return Path(cfg.out)
+
+
+def _check_context_length(cfg: HarvestConfig, lm: LoadedModel) -> None:
+    """Refuse rows longer than the model's position range (``max_position_embeddings``), or shorter than 2.
+
+    Raises:
+        ModelError: one line naming ``--context-length`` and the allowed range.
+    """
+    text_cfg = getattr(lm.model.config, "text_config", lm.model.config)
+    limit = getattr(text_cfg, "max_position_embeddings", None)
+    if cfg.context_length < 2 or (limit is not None and cfg.context_length > limit):
+        raise ModelError(f"--context-length {cfg.context_length} does not fit {cfg.model}: use 2..{limit} "
+                         "(BOS plus at least one token, at most max_position_embeddings)")
 
 
 def _rows(cfg: HarvestConfig, lm: LoadedModel) -> Iterator[Row]:

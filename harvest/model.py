@@ -139,6 +139,61 @@ def _convert_embedded(cache_dir: Path) -> Path:
     return target
 
 
+_MODEL_HINT = ("give a Hugging Face model folder (config.json, weights, tokenizer), a hub name such as "
+               f"google/gemma-3-270m, or {EMBEDDED_MODEL} (embedded)")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def _looks_local(model_id: str) -> bool:
+    """True for a name that can only be a folder: it exists, or starts with ``/ . ~``, or has >1 slash.
+
+    Hub names are ``name`` or ``org/name``; anything else that does not exist is a typo'd path.
+    """
+    return Path(model_id).expanduser().exists() or model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
+
+
+def check_model_source(model_id: str) -> None:
+    """Refuse a local model folder that cannot load, before transformers is imported (milliseconds).
+
+    Hub names and the embedded name pass (they are checked when loaded). A local folder
+    must exist and hold ``config.json`` (valid JSON), weights (``model.safetensors``,
+    ``pytorch_model.bin`` or their index) and a tokenizer (``tokenizer.json`` or
+    ``tokenizer.model``): transformers otherwise builds an empty tokenizer or fails
+    with a multi-line message.
+
+    Raises:
+        ModelError: one line naming the folder, what is missing and what to pass instead.
+    """
+    if model_id == EMBEDDED_MODEL or not _looks_local(model_id):
+        return
+    folder = Path(model_id).expanduser()
+    if not folder.exists():
+        raise ModelError(f"model folder {model_id} does not exist: {_MODEL_HINT}")
+    if not folder.is_dir():
+        raise ModelError(f"{model_id} is a file, not a model folder: {_MODEL_HINT}")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{model_id} is not a model folder (no config.json): {_MODEL_HINT}")
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise ModelError(f"{folder / 'config.json'} is not valid JSON ({err}): re-save or re-download the model") from err
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise ModelError(f"{folder / 'config.json'} has no model_type: it is not a Hugging Face model config")
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
+        raise ModelError(f"model folder {model_id} has no weights (model.safetensors or pytorch_model.bin): "
+                         "save the model into it with save_pretrained")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelError(f"model folder {model_id} has no tokenizer (tokenizer.json or tokenizer.model): "
+                         "save the tokenizer into it with tokenizer.save_pretrained")
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (whitespace collapsed), or its type name."""
+    return " ".join(str(err).split()).rstrip(":") or type(err).__name__
+
+
 def resolve_model_path(model_id: str, cache_dir: Path | None = None) -> str:
     """Map ``gemma-3-270m`` to its cached converted folder; return anything else unchanged."""
     if model_id == EMBEDDED_MODEL:
@@ -162,8 +217,10 @@ def load_model(
         cache_dir: where the embedded model is converted (default :func:`default_cache_dir`).
 
     Raises:
-        ModelError: if the model cannot be found or has no ``model.layers``.
+        ModelError: if the model cannot be found, a local folder is incomplete
+            (:func:`check_model_source`), its files are corrupt, or it has no ``model.layers``.
     """
+    check_model_source(model_id)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_id, cache_dir)
@@ -171,9 +228,10 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load model {model_id!r}: {first}") from err
+    except Exception as err:  # OSError, ValueError, safetensors' SafetensorError, KeyError ...: all one line
+        todo = ("its weights are corrupt or truncated: re-save or re-download the model"
+                if type(err).__name__ == "SafetensorError" else _MODEL_HINT)
+        raise ModelError(f"cannot load model {model_id!r} ({_one_line(err)}); {todo}") from err
     model.eval().requires_grad_(False)
     model.to(resolve_device(device))
     folder = Path(path)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -79,17 +81,69 @@ def _check_split(split: str) -> None:
         raise DatasetError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
 
 
-def _hf_documents(dataset: str, split: str, text_field: str) -> Iterator[Document]:
-    """Documents of a ``datasets`` source (hub name, local folder or local files), streamed."""
+def check_dataset_source(dataset: str) -> None:
+    """Refuse a local text source that cannot be read, before anything is loaded (milliseconds).
+
+    The embedded name, hub names and existing folders pass. A name with a local file
+    suffix (:data:`LOCAL_SUFFIXES`) or starting with ``/ . ~`` must be an existing,
+    non-empty file of a supported type.
+
+    Raises:
+        DatasetError: one line naming the file and what to pass instead.
+    """
+    if dataset == EMBEDDED_DATASET:
+        return
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return
+    local = path.exists() or path.suffix in LOCAL_SUFFIXES or dataset.startswith(("/", ".", "~"))
+    if not local:
+        return  # a datasets hub name
+    if not path.exists():
+        raise DatasetError(f"dataset file {dataset} does not exist: give a .txt/.jsonl/.parquet file, a folder, "
+                           f"a datasets name or {EMBEDDED_DATASET}")
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise DatasetError(f"unsupported file {path.name}: use .txt, .jsonl or .parquet")
+    if path.stat().st_size == 0:  # datasets' streaming reader crashes on empty files
+        raise DatasetError(f"{path} is empty: give a file with at least one document")
+
+
+@contextmanager
+def _quiet_datasets():
+    """Silence datasets' own error log while reading: its failure is re-raised as one DatasetError line."""
     import datasets
 
-    path = Path(dataset)
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _read_error(dataset: str, err: Exception) -> DatasetError:
+    """One-line DatasetError for a source that fails while being read (bad bytes, bad JSON ...)."""
+    if isinstance(err, UnicodeDecodeError):
+        return DatasetError(f"dataset {dataset!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} is "
+                            f"{err.reason}): re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8")
+    first = " ".join(str(err).split()) or type(err).__name__
+    return DatasetError(f"cannot read dataset {dataset!r} ({first}): give UTF-8 .txt, JSON lines with a text "
+                        "field, or .parquet")
+
+
+def _hf_documents(dataset: str, split: str, text_field: str) -> Iterator[Document]:
+    """Documents of a ``datasets`` source (hub name, local folder or local files), streamed.
+
+    Raises:
+        DatasetError: unreadable source (not UTF-8, malformed JSON/parquet), no ``text_field``
+            or a ``text_field`` that does not hold text (one line each).
+    """
+    import datasets
+
+    check_dataset_source(dataset)
+    path = Path(dataset).expanduser()
     if path.is_file():
-        builder = LOCAL_SUFFIXES.get(path.suffix)
-        if builder is None:
-            raise DatasetError(f"unsupported file {path.name}: use .txt, .jsonl or .parquet")
-        if path.stat().st_size == 0:  # datasets' streaming reader crashes on empty files
-            raise DatasetError(f"{path} is empty: give a file with at least one document")
+        builder = LOCAL_SUFFIXES[path.suffix]
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)
     else:
@@ -97,10 +151,21 @@ def _hf_documents(dataset: str, split: str, text_field: str) -> Iterator[Documen
             ds = datasets.load_dataset(dataset, split="train", streaming=True)
         except Exception as err:  # datasets raises many types; keep the first line
             raise DatasetError(f"cannot open dataset {dataset!r}: {str(err).splitlines()[0] if str(err) else err!r}") from err
-    for row in ds:
+    rows = iter(ds)
+    for index in itertools.count():
+        try:
+            with _quiet_datasets():
+                row = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:  # UnicodeDecodeError, pyarrow's ArrowInvalid, datasets' errors ...
+            raise _read_error(dataset, err) from err
         text = row.get(text_field)
         if text is None:
             raise DatasetError(f"dataset {dataset!r} has no {text_field!r} field: pass --text-field")
+        if not isinstance(text, str):
+            raise DatasetError(f"dataset {dataset!r} field {text_field!r} holds {type(text).__name__}, not text "
+                               f"(row {index}): pass --text-field naming a text column")
         text = text.strip()
         if text and split_of(text) == split:
             yield Document(key=text[:200], text=text, meta={})

@@ -39,7 +39,7 @@ def store():
 
 
 @store.command("ls")
-@click.argument("directory", type=click.Path(path_type=Path), default=Path("."))
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path), default=Path("."))
 @_one_line
 def ls(directory: Path):
     """One line per store in DIRECTORY: tokens committed/planned, status, model, layers, size."""
@@ -54,7 +54,7 @@ def ls(directory: Path):
 
 
 @store.command("info")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_one_line
 def info(path: Path, as_json: bool):
@@ -81,7 +81,7 @@ def info(path: Path, as_json: bool):
 
 
 @store.command("verify")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
 @_one_line
 def verify(path: Path):
     """Read every committed chunk (crc32c), check files, indexes, shapes and NaN/Inf; exit 1 on any problem."""

@@ -142,6 +142,27 @@ def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
     return group
 
 
+def enclosing_store(path: str | Path) -> Path | None:
+    """The saestrata store that ``path`` is or lies inside (nearest such folder at or above it), else None.
+
+    ``path`` need not exist. A folder counts as a store when its ``zarr.json`` is a group
+    whose attributes carry ``format == FORMAT_NAME`` (array ``zarr.json`` files inside a store
+    are skipped on the way up). Used to refuse outputs that would be written into a store.
+    """
+    here = Path(path).expanduser().resolve()
+    for folder in (here, *here.parents):
+        meta = folder / "zarr.json"
+        if not meta.is_file():
+            continue
+        try:
+            attrs = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(attrs, dict) and attrs.get("format") == FORMAT_NAME:
+            return folder
+    return None
+
+
 def shard_key(array: zarr.Array, shard: int) -> str:
     """Store key (relative to the array folder) of shard number ``shard`` along tokens, e.g. ``c/3/0``."""
     return array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))

@@ -76,11 +76,18 @@ def build(arch: str, d_in: int, d_sae: int, seed: int = 0, **hparams) -> SAE:
     Optimiser keys (:data:`OPTIMIZER_HPARAMS`) are ignored here; the trainer reads
     them with :func:`optimizer_hparams`.
 
+    Every value is checked and converted against its declared type and range first
+    (:func:`~saestrata.train.hparams.check_hparams`; non-finite floats pass, see there).
+
     Raises:
-        ArchError: unknown arch or a hyperparameter the arch does not take.
+        ArchError: unknown arch, a hyperparameter the arch does not take, or a value outside
+            its declared range (one line naming the arch and the allowed values).
     """
+    from .hparams import check_hparams
+
     base, preset = resolve(arch)
     module_hparams = {k: v for k, v in {**preset, **hparams}.items() if k not in OPTIMIZER_HPARAMS}
+    module_hparams = check_hparams(arch, module_hparams, d_sae, finite=False)
     try:
         return ARCHS[base].cls(d_in, d_sae, seed=seed, **module_hparams)
     except TypeError as err:

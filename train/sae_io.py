@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import write_text_atomic
 from .base import SAE
 from .registry import build
 
@@ -72,7 +73,9 @@ def save_sae(sae: SAE, folder: str | Path, meta: dict) -> Path:
     """Write ``cfg.json``, ``sae_weights.safetensors`` and, when needed, ``saestrata_extra.safetensors`` (fp32).
 
     Call it on an eval-mode SAE after :meth:`SAE.fold_input_scale` (SAELens' tensors
-    describe eval-mode inference). Returns ``folder``.
+    describe eval-mode inference). Returns ``folder``. Every file is written atomically
+    (temp + rename) and ``cfg.json`` last: it marks the SAE as saved. An old ``cfg.json`` is
+    removed first, so an interrupted save never pairs the old config with new weights.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,16 +87,18 @@ def save_sae(sae: SAE, folder: str | Path, meta: dict) -> Path:
         weights = export[1]
         # Kept for saestrata: tensors SAELens does not take, and the originals of folded ones.
         extra = {k: v for k, v in state.items() if k not in weights or not torch.equal(weights[k], v)}
+    cfg = sae_config(sae, meta)
+    cfg["saestrata"]["extra_tensors"] = EXTRA_FILE if extra else None
+    # Tensors written only for SAELens (none of the built-in archs has one; load_sae drops them).
+    cfg["saestrata"]["saelens_only_tensors"] = sorted(set(weights) - set(state))
+    cfg_text = json.dumps(cfg, indent=2)  # before touching the disk: may raise TypeError
+    (folder / CFG_FILE).unlink(missing_ok=True)
     _write(weights, folder / WEIGHTS_FILE)
     if extra:
         _write(extra, folder / EXTRA_FILE)
     else:
         (folder / EXTRA_FILE).unlink(missing_ok=True)  # a stale one from an earlier save must not overlay
-    cfg = sae_config(sae, meta)
-    cfg["saestrata"]["extra_tensors"] = EXTRA_FILE if extra else None
-    # Tensors written only for SAELens (none of the built-in archs has one; load_sae drops them).
-    cfg["saestrata"]["saelens_only_tensors"] = sorted(set(weights) - set(state))
-    (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    write_text_atomic(folder / CFG_FILE, cfg_text)
     return folder
 
 
