@@ -13,7 +13,8 @@ One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
 3. **matched**: every variant at each target L0 of ``--targets`` (default 24, 40, 48, 80: two
    points bracketing L0 32 and two bracketing 64), the arch's swept lr, plain Adam (weight decay 0),
    ``k = target`` for the TopK family, the trainer's L0 controller for penalty archs
-   (:class:`~saestrata.train.trainer.L0Controller`).
+   (:class:`~saestrata.train.trainer.L0Controller`). A paper's ablations (:data:`ABLATIONS`)
+   only at the two targets bracketing 32; :data:`PUBLISHED_ONLY` presets skip this stage.
 4. **published**: each seed variant (and ``standard``) once more at its paper's own settings
    (the preset's sparsity weights and AdamW lr / weight decay): the "as published" point.
 5. **seeds**: ``--seeds`` init seeds for ``topk`` and for the seed-paper variant with the best
@@ -48,6 +49,11 @@ TOKENS_ALL = 2_000_000  # more than the embedded train split holds: the harveste
 LR_MULTIPLIERS = (0.5, 1.0, 2.0)
 SWEEP_TARGET = 32.0
 PUBLISHED = ("standard",)  # baselines that also get an "as published" point (their default settings)
+# A paper's ablations: matched only at the two targets bracketing L0 32 (their claims are about one setting).
+ABLATIONS = {"seed000_hsae_no_separation", "seed000_temporal_single_scale", "seed004-uniform", "seed004-k3",
+             "seed004-k7", "seed004-gamma1.25", "seed004-gamma2"}
+# Differs from seed004-groups only in the sparsity weight, which --target-l0 replaces: as published only.
+PUBLISHED_ONLY = {"seed004-lambda0.06"}
 
 
 @dataclass
@@ -235,10 +241,18 @@ class Benchmark:
 
         jobs = []
         for v in self.variants:
+            if v in PUBLISHED_ONLY:
+                continue
             lr = lrs.get(self._arch_of(v), {}).get("lr", default_lr(self.cfg.d_sae))
             jobs += [Job(f"{v}-l0={t:g}", v, "matched", {"weight_decay": 0.0}, lr, t, 0, self.cfg.tokens_per_sae)
-                     for t in self.cfg.targets]
+                     for t in (self.bracket_32() if v in ABLATIONS else self.cfg.targets)]
         return jobs
+
+    def bracket_32(self) -> list[float]:
+        """The targets nearest L0 32 from below and above (those that exist)."""
+        below = [t for t in self.cfg.targets if t <= SWEEP_TARGET]
+        above = [t for t in self.cfg.targets if t >= SWEEP_TARGET]
+        return [t for t in (max(below, default=None), min(above, default=None)) if t is not None]
 
     def published_jobs(self) -> list[Job]:
         """Each seed variant (and :data:`PUBLISHED` baselines) at its preset's own settings."""
@@ -249,14 +263,12 @@ class Benchmark:
         """Extra init seeds (1 .. seeds-1) for topk and the best seed variant at the targets bracketing 32."""
         from .train.trainer import default_lr
 
-        below = max((t for t in self.cfg.targets if t <= SWEEP_TARGET), default=None)
-        above = min((t for t in self.cfg.targets if t >= SWEEP_TARGET), default=None)
         jobs = []
         for v in [x for x in ("topk", best_seed_variant) if x and x in self.variants]:
             lr = lrs.get(self._arch_of(v), {}).get("lr", default_lr(self.cfg.d_sae))
             for s in range(1, self.cfg.seeds):
                 jobs += [Job(f"{v}-l0={t:g}-seed{s}", v, "seeds", {"weight_decay": 0.0}, lr, t, s,
-                             self.cfg.tokens_per_sae) for t in (below, above) if t is not None]
+                             self.cfg.tokens_per_sae) for t in self.bracket_32()]
         return jobs
 
     # -- evaluation ---------------------------------------------------------------------
@@ -331,7 +343,7 @@ class Benchmark:
 
         scores = {}
         for v in self.variants:
-            if not v.startswith("seed"):
+            if not v.startswith("seed") or v in ABLATIONS | PUBLISHED_ONLY:
                 continue
             rows = [self._core_row(f"{v}-l0={t:g}", v) for t in self.cfg.targets]
             rows = [r for r in rows if r]
@@ -385,7 +397,7 @@ class Benchmark:
             if "evaluate" in stages:
                 self.evaluate([j.name for j in seeds])
         if "unlearn" in stages and cfg.unlearn:
-            names = [n for n in (self.nearest_to(v, SWEEP_TARGET) for v in self.variants) if n]
+            names = [n for n in (self.nearest_to(v, SWEEP_TARGET) for v in self.variants if v not in ABLATIONS) if n]
             names += [j.name for j in published if j.arch.startswith(("seed000", "seed001", "seed002"))]
             self.echo(f"[7/8] unlearning: {len(names)} SAEs")
             self.unlearn(names)
