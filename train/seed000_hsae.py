@@ -71,6 +71,8 @@ Readings of ambiguous or contradictory points (choices, written down as required
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -175,16 +177,70 @@ class HierarchicalSAE(SAE):
         return (z2 @ self.W_dec2 + self.b_dec2) @ self.W_dec + z1 @ self.W_skip + self.b_dec
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
-        """Eq. 4 terms on ``x [batch, d_in]``: mse, the two level L1s (warmed up) and the Gram term."""
+        """Eq. 4 terms on ``x [batch, d_in]``: mse, the two level L1s (warmed up) and the Gram term.
+
+        In training mode the batch's per-level L0 and the unweighted Gram value are kept
+        (detached) for :meth:`counters`.
+        """
         z1, z2 = self.levels(x)
         f = torch.cat([z1, z2], dim=-1)
         x_hat = self.decode(f)
+        gram = gram_disentanglement(z1, z2)
+        if self.training:
+            self._last = {"l0_level1": (z1 > 0).sum(-1).float().mean().detach(),
+                          "l0_level2": (z2 > 0).sum(-1).float().mean().detach(), "gram": gram.detach()}
         return ForwardOutput(x_hat, f, {
             "mse": _mse(x, x_hat),
             "l1_level1": self.lambda1 * self.sparsity_scale * z1.float().sum(-1).mean(),
             "l1_level2": self.lambda2 * self.sparsity_scale * z2.float().sum(-1).mean(),
-            "disentangle": self.lambda_d * gram_disentanglement(z1, z2),
+            "disentangle": self.lambda_d * gram,
         })
+
+    @torch.no_grad()
+    def init_b_dec(self, x: torch.Tensor) -> None:
+        """Data-dependent start from the trainer's first batch ``x [batch, d_in]`` (reading 12).
+
+        ``bd1`` = batch mean (as every arch); ``b1 = -bd1 W1`` and ``b2 = -mean(z1) W2``
+        centre both levels' pre-activations on the batch; then ``W1``, ``b1`` and ``b2``
+        are multiplied by the least-squares gain ``g`` that best fits ``x_hat - bd1`` to
+        ``x - bd1`` (``x_hat - bd1 - bd2 Wd1`` is positively homogeneous in that scale, so the
+        fit is exact). A ``g`` that is not finite and positive (e.g. a constant batch) is skipped.
+        """
+        super().init_b_dec(x)
+        x = x.float()
+        self.b_enc.copy_(-self.b_dec @ self.W_enc)
+        z1 = torch.relu(x @ self.W_enc + self.b_enc)
+        self.b_enc2.copy_(-z1.mean(0) @ self.W_enc2)
+        const = self.b_dec + self.b_dec2 @ self.W_dec  # the part of x_hat that does not scale
+        part, target = self.decode(self.encode(x)) - const, x - const
+        gain = float((part * target).sum() / part.pow(2).sum().clamp_min(1e-30))
+        if math.isfinite(gain) and gain > 0:
+            for p in (self.W_enc, self.b_enc, self.b_enc2):
+                p.mul_(gain)
+
+    def counters(self) -> dict[str, float]:
+        """Per-level L0 and dead fraction, and the Gram term (eq. 4) of the last training batch.
+
+        ``l0_level1/2``: mean active latents per token of each level; ``dead_frac_level1/2``:
+        fraction of each level's latents silent for the trainer's dead window; ``gram``: the
+        unweighted ``||G1 * G2||_F^2`` (reading 3), ``disentangle``: ``lambda_d * gram`` as added
+        to the loss (0 in the no-separation ablation, while ``gram`` shows what it would penalise).
+        ``enc_norm_level1`` / ``skip_norm``: mean column norm of ``W1`` / row norm of ``Ws`` (both
+        start at the init gain, reading 12): their ratio is the scale symmetry of reading 7
+        through which the level-1 L1 can be lowered without sparsifying level 1.
+        """
+        from .trainer import sae_dead_window  # the trainer imports this module's registry
+
+        half = self.d_sae // 2
+        dead = (self.tokens_since_fired >= sae_dead_window(self)).float()
+        out = {**super().counters(), "dead_frac_level1": float(dead[:half].mean()),
+               "dead_frac_level2": float(dead[half:].mean()),
+               "enc_norm_level1": float(self.W_enc.detach().norm(dim=0).mean()),
+               "skip_norm": float(self.W_skip.detach().norm(dim=1).mean())}
+        last = getattr(self, "_last", None)
+        if last is not None:
+            out.update({k: float(v) for k, v in last.items()}, disentangle=self.lambda_d * float(last["gram"]))
+        return out
 
     def _unit_norm_weights(self) -> tuple[nn.Parameter, ...]:
         return self.W_dec, self.W_dec2  # sec. 5: unit norm on Wd1 and Wd2 only
@@ -272,18 +328,33 @@ class TemporalSAE(SAE):
             valid: ``[R, T]`` bool, False for tokens that must give no context (BOS,
                 special tokens); None = all valid. Invalid tokens still get latents.
         """
+        return torch.relu(self.b_enc + sum(self.lag_terms(x, doc_index, valid).values()))
+
+    def lag_terms(self, x: torch.Tensor, doc_index: torch.Tensor,
+                  valid: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """``{lag: [R, T, d_sae]}``: each lag's share of the pre-activation (``encode_seq`` = ReLU(b_enc + sum)).
+
+        Lag 0 is the token itself (``sum_r w[r, 0] * u_t``); lag ``j r`` is the dilated branches'
+        view of token ``t - j r`` (zero across rows, documents and invalid tokens). Arguments as
+        :meth:`encode_seq`.
+        """
         u = (x - self.b_dec) @ self.W_enc
         source = u if valid is None else u * valid[..., None].to(u.dtype)
-        pre = self.b_enc + sum(
-            w * (u if lag == 0 else shift_within_documents(source, doc_index, lag))
-            for lag, w in self.lag_weights().items()
-        )
-        return torch.relu(pre)
+        return {lag: w * (u if lag == 0 else shift_within_documents(source, doc_index, lag))
+                for lag, w in self.lag_weights().items()}
 
     def forward_seq(self, x: torch.Tensor, doc_index: torch.Tensor,
                     valid: torch.Tensor | None = None) -> ForwardOutput:
-        """Loss on the valid tokens of ``x [R, T, d_in]``; ``x_hat``, ``f`` are ``[n_valid, .]`` in row-major order."""
-        f = self.encode_seq(x, doc_index, valid)
+        """Loss on the valid tokens of ``x [R, T, d_in]``; ``x_hat``, ``f`` are ``[n_valid, .]`` in row-major order.
+
+        In training mode the norm of each lag's term over the valid tokens is kept (detached)
+        for :meth:`counters`.
+        """
+        terms = self.lag_terms(x, doc_index, valid)
+        f = torch.relu(self.b_enc + sum(terms.values()))
+        if self.training:
+            with torch.no_grad():
+                self._lag_norms = {lag: (t[valid] if valid is not None else t).float().norm() for lag, t in terms.items()}
         if valid is not None:
             x, f = x[valid], f[valid]
         else:
@@ -294,6 +365,22 @@ class TemporalSAE(SAE):
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``l1``: ``l1_coeff * sparsity_scale * mean_tokens sum_i f_i`` (decoder rows are unit norm)."""
         return {"l1": self.l1_coeff * self.sparsity_scale * f.float().sum(-1).mean()}
+
+    def counters(self) -> dict[str, float]:
+        """How much the dilated context acts (reading 9).
+
+        ``tap_abs_lag{L}``: mean over latents of ``|summed tap weight|`` at lag ``L`` (lag 0 starts
+        at 1, the others at 0); ``norm_share_lag{L}``: on the last training batch, the Frobenius
+        norm of lag ``L``'s pre-activation term over the valid tokens divided by the sum over
+        all lags (lag > 0 = what the context adds; all 0 before the first training forward).
+        """
+        out = {**super().counters(),
+               **{f"tap_abs_lag{lag}": float(w.detach().abs().mean()) for lag, w in self.lag_weights().items()}}
+        norms = getattr(self, "_lag_norms", None)
+        if norms is not None:
+            total = max(sum(float(n) for n in norms.values()), 1e-30)
+            out.update({f"norm_share_lag{lag}": float(n) / total for lag, n in norms.items()})
+        return out
 
 
 def shift_within_documents(u: torch.Tensor, doc_index: torch.Tensor, lag: int) -> torch.Tensor:
@@ -354,6 +441,18 @@ class AdaptiveMaskSAE(SAE):
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``l1``: ``l1_coeff * sparsity_scale * mean_tokens sum_i f_i`` on the masked latents."""
         return {"l1": self.l1_coeff * self.sparsity_scale * f.float().sum(-1).mean()}
+
+    def counters(self) -> dict[str, float]:
+        """Mask statistics over the latents (reading 10): every mask starts at ``sigmoid(mask_init)``.
+
+        ``mask_mean``, ``mask_min``, ``mask_max``; ``mask_frac_below_0.5`` / ``mask_frac_below_0.1``:
+        fraction of latents whose mask fell under 0.5 (from 0.5 at the default init) / under 0.1
+        (latents the masks have nearly switched off).
+        """
+        m = self.mask().detach().float()
+        return {**super().counters(), "mask_mean": float(m.mean()), "mask_min": float(m.min()),
+                "mask_max": float(m.max()), "mask_frac_below_0.5": float((m < 0.5).float().mean()),
+                "mask_frac_below_0.1": float((m < 0.1).float().mean())}
 
 
 # Sec. 5: "AdamW ... learning rate 3e-4"; no weight decay is stated, so torch.optim.AdamW's default 0.01.

@@ -130,6 +130,8 @@ class TieredHSAE(SAE):
         self.tier_layernorm = bool(tier_layernorm)
         self.widths = tier_widths(d_sae, tuple(self.tier_ratios))
         self.progress = 0.0  # curriculum position, set by after_step
+        self.clip_counts = [0] * len(self.widths)  # steps whose tier gradient was clipped (counters)
+        self.last_grad_norms: list[float] | None = None
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             # Tier 1 reads x: keep the base tied init, restricted to tier 1's latents.
@@ -194,6 +196,7 @@ class TieredHSAE(SAE):
         if not self.training:
             return tiers
         gates = curriculum_gates(self.progress, len(tiers), self.curriculum_frac)
+        self._gates = gates  # the gates of the last training forward, for counters()
         return [h if g == 1.0 else h * g for h, g in zip(tiers, gates)]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +211,39 @@ class TieredHSAE(SAE):
         mse = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
         l1_per_tier = torch.stack([h.float().abs().sum(-1).mean() for h in tiers])
         l1 = self.l1_coeff * self.sparsity_scale * (self.tier_weights() * l1_per_tier).sum()
+        if self.training:  # per-tier L0 of this batch, for counters()
+            self._tier_l0 = torch.stack([(h > 0).sum(-1).float().mean() for h in tiers]).detach()
         return ForwardOutput(x_hat, f, {"mse": mse, "l1": l1})
+
+    def counters(self) -> dict[str, float]:
+        """What each seed-003 mechanism did, at log time.
+
+        ``l0_tier{i}``: mean active latents per token of tier ``i`` on the last training batch
+        (gated latents count as inactive); ``dead_frac_tier{i}``: fraction of tier ``i``'s
+        latents silent for the trainer's dead window; ``tier_weight{i}``: ``softmax(tier_logits)``
+        (eq. 3); ``curriculum_progress`` (of the next step) and ``gate_tier{i}`` (the gate the last
+        training forward used; before any, the gate at ``progress``) for the curriculum; ``clipped_tier{i}``:
+        optimiser steps whose tier-``i`` gradient was rescaled by the per-tier clipping, and
+        ``grad_norm_tier{i}``: that tier's gradient norm before clipping at the last step (sec. 5).
+        """
+        from .trainer import sae_dead_window  # the trainer imports this module's registry
+
+        dead = (self.tokens_since_fired >= sae_dead_window(self)).float()
+        gates = getattr(self, "_gates", None) or curriculum_gates(self.progress, len(self.widths), self.curriculum_frac)
+        out = {**super().counters(), "curriculum_progress": self.progress}
+        weights = self.tier_weights().detach()
+        last_l0 = getattr(self, "_tier_l0", None)
+        for i, sl in enumerate(self.tier_slices()):
+            n = i + 1
+            if last_l0 is not None:
+                out[f"l0_tier{n}"] = float(last_l0[i])
+            out[f"dead_frac_tier{n}"] = float(dead[sl].mean())
+            out[f"tier_weight{n}"] = float(weights[i])
+            out[f"gate_tier{n}"] = gates[i]
+            out[f"clipped_tier{n}"] = self.clip_counts[i]
+            if self.last_grad_norms is not None:
+                out[f"grad_norm_tier{n}"] = self.last_grad_norms[i]
+        return out
 
     # -- training hooks -----------------------------------------------------------------
     def after_step(self, step: int, steps: int) -> None:
@@ -216,13 +251,17 @@ class TieredHSAE(SAE):
         self.progress = (step + 1) / max(steps, 1)
 
     def extra_state(self) -> dict:
-        """``{"progress": float}``: the curriculum position set by :meth:`after_step`."""
-        return {**super().extra_state(), "progress": self.progress}
+        """``progress`` (the curriculum position set by :meth:`after_step`) and ``clip_counts``."""
+        return {**super().extra_state(), "progress": self.progress, "clip_counts": list(self.clip_counts)}
 
     def load_extra_state(self, state: dict) -> None:
-        """Restore the curriculum position from :meth:`extra_state`. Raises ``KeyError`` if it is missing."""
+        """Restore :meth:`extra_state`. Raises ``KeyError`` if ``progress`` is missing.
+
+        Checkpoints written before ``clip_counts`` existed restore it as zeros.
+        """
         super().load_extra_state(state)
         self.progress = float(state["progress"])
+        self.clip_counts = [int(c) for c in state.get("clip_counts", [0] * len(self.widths))]
 
     def tier_grads(self, i: int) -> list[torch.Tensor]:
         """Gradient tensors (views) of tier ``i``'s own parameters; empty entries are skipped."""
@@ -238,12 +277,17 @@ class TieredHSAE(SAE):
 
     @torch.no_grad()
     def clip_tier_grads(self) -> list[float]:
-        """Rescale each tier's gradient to norm <= ``tier_clip[i]`` (seed 003 sec. 5); returns the pre-clip norms."""
+        """Rescale each tier's gradient to norm <= ``tier_clip[i]`` (seed 003 sec. 5); returns the pre-clip norms.
+
+        Counts the clipped tiers in ``clip_counts`` and keeps the norms in ``last_grad_norms`` (:meth:`counters`).
+        """
         norms = self.tier_grad_norms()
         for i, (norm, bound) in enumerate(zip(norms, self.tier_clip)):
             if bound is not None and norm > bound:
+                self.clip_counts[i] += 1
                 for g in self.tier_grads(i):
                     g.mul_(bound / norm)
+        self.last_grad_norms = norms
         return norms
 
     @torch.no_grad()
