@@ -131,8 +131,8 @@ def test_importance_ema_weights_and_memory():
     gen = torch.Generator().manual_seed(0)
     obs = [[torch.rand(10, generator=gen) for _ in range(3)] for _ in range(3)]
     s = None
-    for a, g, m in obs:
-        sae.update_importance(a, g, m)
+    for i, (a, g, m) in enumerate(obs):
+        sae.update_importance(a, g, m, first=i == 0)
         combined = 0.35 * a + 0.5 * g + 0.15 * m
         s = combined if s is None else 0.9 * s + 0.1 * combined
         torch.testing.assert_close(sae.importance, s)
@@ -170,7 +170,7 @@ def test_pruning_masks_lowest_candidates_below_threshold():
     scores = torch.full((40,), 0.5)
     scores[[3, 7, 11, 20]] = torch.tensor([0.004, 0.001, 0.009, 0.002])
     sae.importance.copy_(scores)
-    sae.n_updates.fill_(1)
+    sae.n_updates.fill_(2)  # round 0 clusters only; scores exist from round 1
     assert sorted(sae.prune().tolist()) == [7, 20]
     assert sorted(sae.prune().tolist()) == [3, 11]
     assert sae.prune().numel() == 0  # only latents below tau are ever pruned
@@ -185,7 +185,7 @@ def test_unlearn_term_kl_and_pruned_l2():
     sae = ImportanceSAE(D_IN, 12, unlearn_coeff=0.3, prune_coeff=0.3, target_rate=1e-4, contrast_coeff=0.0,
                         n_clusters=4)
     sae.importance.copy_(torch.tensor([0.5] * 8 + [0.005, 0.002, 0.001, 0.003]))
-    sae.n_updates.fill_(1)
+    sae.n_updates.fill_(2)  # round 0 clusters only; scores exist from round 1
     sae.keep_mask[[10, 11]] = 0  # pruned; 8 and 9 are unpruned candidates
     x = _x(scale=4.0)
     pre = sae.pre_acts(x)
@@ -199,6 +199,56 @@ def test_unlearn_term_kl_and_pruned_l2():
     losses = sae.eval().penalties(x, pre, f, None)
     assert losses["unlearn"].item() == pytest.approx(0.3 * (kl + 0.3 * l2), rel=1e-4)
     assert bernoulli_kl(torch.tensor([1e-4]), 1e-4).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def _train_importance(sae: ImportanceSAE, steps: int, kill=(), seed=0, lr=1e-3) -> list[dict]:
+    """The trainer's step order on random data; latents in ``kill`` stop firing after step 0.
+
+    Returns ``sae.counters()`` after every step.
+    """
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    sae.train()
+    seen = []
+    for step in range(steps):
+        out = sae(_x(n=128, seed=seed + step, scale=3.0))
+        opt.zero_grad()
+        out.loss.backward()
+        sae.remove_parallel_grad()
+        opt.step()
+        sae.normalize_decoder()
+        sae.after_step(step, steps)
+        if step == 0 and kill:
+            with torch.no_grad():  # fired at initialisation like every latent, silent from now on
+                sae.b_enc[list(kill)] = -1e4
+        seen.append(sae.counters())
+    return seen
+
+
+def test_latent_that_dies_after_init_is_pruned_within_the_papers_budget():
+    """Issue 10: at seed002-hierarchical's settings (memory 0.9, tau 0.01, 5% per round, a round every
+    50 of the paper's 1,000 steps: 20 rounds) a latent silent after initialisation must be pruned.
+    Scaled here to a round every 2 of 40 steps. Before the fix round 0 observed the initialisation
+    (every latent firing on ~half the tokens, score >= 0.18), and 0.18 * 0.9^19 > 0.01."""
+    d_sae, kill = 40, (3, 17)  # budget int(0.05 * 40) = 2 per round
+    sae = build("seed002-hierarchical", D_IN, d_sae, update_every=2, n_clusters=4, min_cluster_size=1)
+    assert (sae.memory, sae.threshold, sae.prune_rate) == (0.9, 0.01, 0.05)
+    seen = _train_importance(sae, 40, kill=kill)
+    assert seen[-1]["importance_updates"] == 20
+    pruned = set(torch.nonzero(sae.keep_mask == 0).flatten().tolist())
+    assert set(kill) <= pruned, (pruned, sae.importance[list(kill)])
+    assert seen[-1]["latents_pruned"] == len(pruned)
+    first = next(i for i, c in enumerate(seen) if c["latents_pruned"] > 0)
+    print("first pruning after step", first, "pruned", sorted(pruned))
+
+
+def test_no_latent_is_scored_at_initialisation():
+    """Round 0 (the first training step) only clusters: no importance, so no candidate yet."""
+    sae = build("seed002-hierarchical", D_IN, 40, update_every=3, n_clusters=4, min_cluster_size=1)
+    seen = _train_importance(sae, 3)
+    assert [c["importance_updates"] for c in seen] == [1, 1, 1]
+    assert float(sae.importance.abs().sum()) == 0 and not sae.scored() and seen[-1]["candidates"] == 0
+    _train_importance(sae, 1, seed=3)
+    assert sae.scored() and float(sae.importance.abs().sum()) > 0
 
 
 def test_kmeans_recovers_correlated_latent_groups_and_min_size():

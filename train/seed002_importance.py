@@ -53,9 +53,16 @@ activations only, so everything must be computable from the SAE and its batch):
   information between "latent i fires" and the token's cluster (the cluster
   with the largest summed activation), divided by ln 2 (its upper bound) so it
   lies in [0, 1].
-- The first update sets ``s_i(0)`` to the first observation instead of
-  starting the recursion from 0; otherwise every score would be below tau at
-  the first update and 5% of all latents would be pruned at once.
+- Schedule: bookkeeping round 0 (the first training step) only forms the
+  clusters; importance is first observed at round 1 (step ``update_every``)
+  and sets ``s_i`` to that observation instead of starting the recursion
+  from 0 (from 0, a single observation below 10 tau would make a latent a
+  candidate). The first observation is not taken at initialisation: there
+  every latent of the tied init fires on ~half the tokens, so every score
+  starts >= 0.18 (measured, layer 8 of Gemma 3 270M), and as observations are
+  >= 0 a score can fall no faster than ``0.9^n``: below tau 0.01 only after 28
+  rounds (1,400 steps at every 50), so nothing could be pruned within the
+  paper's 1,000 steps (issue 10: the earlier code did this).
 - Pruning: at each update the lowest-scoring latents with ``s_i < tau`` are
   pruned, at most ``prune_rate * d_sae`` new ones per update; a pruned latent is
   masked to 0 in :meth:`encode` (train and eval) and stays pruned (its score can
@@ -293,8 +300,17 @@ class ImportanceSAE(SAE):
 
     # -- forward ------------------------------------------------------------------------
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        """ReLU, with pruned latents masked to 0."""
-        return torch.relu(pre) * self.keep_mask.to(pre.dtype)
+        """ReLU, with pruned latents masked to 0.
+
+        The mask is copied: autograd keeps it for the backward pass, and pruning later in the
+        same forward (:meth:`update_state`, called from :meth:`penalties`) edits the buffer in
+        place, which would make that backward raise.
+        """
+        return torch.relu(pre) * self.keep_mask.to(pre.dtype, copy=True)
+
+    def scored(self) -> bool:
+        """True once the importance has an observation: bookkeeping round 1 or later (round 0 only clusters)."""
+        return int(self.n_updates) >= 2
 
     def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]]:
         """``("standard", ...)`` with ``keep_mask`` folded into the encoder: pruned latents get zero columns.
@@ -306,8 +322,8 @@ class ImportanceSAE(SAE):
         return "standard", self.linear_tensors(self.keep_mask)
 
     def candidates(self) -> torch.Tensor:
-        """Bool ``[d_sae]``: unpruned latents with ``s_i < tau`` (none before the first update). Seed 002 sec. 4."""
-        if int(self.n_updates) == 0:
+        """Bool ``[d_sae]``: unpruned latents with ``s_i < tau`` (none before :meth:`scored`). Seed 002 sec. 4."""
+        if not self.scored():
             return torch.zeros_like(self.keep_mask, dtype=torch.bool)
         return (self.importance < self.threshold) & (self.keep_mask > 0)
 
@@ -356,7 +372,9 @@ class ImportanceSAE(SAE):
     def counters(self) -> dict[str, float]:
         """Mechanism counters (seed 002 sec. 4, 6.3-6.4), plain numbers at log time.
 
-        ``importance_updates``; ``latents_pruned`` (masked so far), ``pruned_last_update``;
+        ``importance_updates`` (bookkeeping rounds; round 0 clusters only); ``latents_pruned`` (masked
+        so far), ``pruned_last_update``; ``observation_min`` / ``observation_below_tau`` (the newest
+        observation ``w . (a, g, m)`` of the kept latents: its minimum, how many are below tau);
         ``candidates`` (unpruned latents with ``s_i < tau``); over unpruned latents the importance
         ``importance_min`` / ``importance_p05`` / ``importance_median`` / ``importance_mean``;
         the last update's signal means ``signal_a`` / ``signal_g`` / ``signal_m``;
@@ -368,7 +386,7 @@ class ImportanceSAE(SAE):
         out = {**super().counters(), "importance_updates": int(self.n_updates),
                "latents_pruned": int((self.keep_mask == 0).sum()), "candidates": int(self.candidates().sum())}
         kept = self.importance[self.keep_mask > 0].float().cpu()
-        if int(self.n_updates) > 0 and kept.numel():
+        if self.scored() and kept.numel():
             q = torch.quantile(kept, torch.tensor([0.05, 0.5]))
             out.update(importance_min=float(kept.min()), importance_p05=float(q[0]),
                        importance_median=float(q[1]), importance_mean=float(kept.mean()))
@@ -393,7 +411,12 @@ class ImportanceSAE(SAE):
 
     @torch.no_grad()
     def update_state(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
-        """Seed 002 sec. 4 steps 1 and 4: re-cluster, update importance, prune. Shapes as in :meth:`forward`."""
+        """Seed 002 sec. 4 steps 1 and 4, one bookkeeping round: re-cluster, update importance, prune.
+
+        Round 0 (the first training step, at initialisation) only forms the clusters: there every
+        latent of the tied init fires on about half the tokens, and that observation would hold
+        every score above tau for ~28 rounds (module docstring). Shapes as in :meth:`forward`.
+        """
         with torch.autocast(x.device.type, enabled=False):  # bf16 would round counts and similarities
             x, f, x_hat = x.float(), f.float(), x_hat.float()
             profiles = standardized_profiles(f[: self.profile_tokens])
@@ -402,20 +425,24 @@ class ImportanceSAE(SAE):
             new = spherical_kmeans(profiles, self.n_clusters, self.kmeans_iters, self.min_cluster_size, warm)
             moved = 0 if first else int((new != self.clusters).sum())  # the first replaces the i % K placeholder
             self.clusters.copy_(new)
-            a, g, m = self.importance_signals(x, f, x_hat)
-            self.update_importance(a, g, m)
-            pruned = self.prune()
+            self.n_updates += 1
             st = self._stats
+            if not first:
+                a, g, m = self.importance_signals(x, f, x_hat)
+                combined = self.update_importance(a, g, m, first=int(self.n_updates) == 2)
+                pruned = self.prune()
+                st["pruned_last_update"] = int(pruned.numel())
+                kept = self.keep_mask > 0
+                if kept.any():  # signal means and the newest observation over the latents still kept
+                    st["signal_a"], st["signal_g"], st["signal_m"] = (float(v[kept].mean()) for v in (a, g, m))
+                    st["observation_min"] = float(combined[kept].min())
+                    st["observation_below_tau"] = int((combined[kept] < self.threshold).sum())
             st["cluster_reassignments"] = st.get("cluster_reassignments", 0) + moved
             st["cluster_reassigned_last"] = moved
             st["clusters_used"] = int(torch.unique(new).numel())
             sil = centroid_silhouette(profiles, new, self.n_clusters)
             if math.isfinite(sil):  # NaN (one cluster) would not be valid JSON in the log
                 st["silhouette"] = sil
-            st["pruned_last_update"] = int(pruned.numel())
-            kept = self.keep_mask > 0
-            if kept.any():  # signal means over the latents still kept
-                st["signal_a"], st["signal_g"], st["signal_m"] = (float(v[kept].mean()) for v in (a, g, m))
 
     @torch.no_grad()
     def importance_signals(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor):
@@ -428,15 +455,18 @@ class ImportanceSAE(SAE):
         return a, g, m
 
     @torch.no_grad()
-    def update_importance(self, a: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> None:
-        """Seed 002 eq. (3): ``s = gamma s + (1 - gamma)(w_a a + w_g g + w_m m)``; the first call sets ``s`` itself."""
+    def update_importance(self, a: torch.Tensor, g: torch.Tensor, m: torch.Tensor, first: bool = False) -> torch.Tensor:
+        """Seed 002 eq. (3): ``s = gamma s + (1 - gamma)(w_a a + w_g g + w_m m)``; ``first`` sets ``s`` itself.
+
+        Returns the observation ``w_a a + w_g g + w_m m`` (float ``[d_sae]``).
+        """
         w_a, w_g, w_m = self.importance_weights
         combined = w_a * a + w_g * g + w_m * m
-        if int(self.n_updates) == 0:
+        if first:
             self.importance.copy_(combined)
         else:
             self.importance.mul_(self.memory).add_((1 - self.memory) * combined)
-        self.n_updates += 1
+        return combined
 
     @torch.no_grad()
     def prune(self) -> torch.Tensor:
