@@ -55,7 +55,7 @@ and did almost nothing. We keep SAEBench's *relative* displacement at comparable
 Gemma 3 270M: ``scale = 18,805 / 280 = 67``; m = 25/50/100/200 move the layer-8 residual
 by 1,680/3,360/6,720/13,400, i.e. 0.30/0.59/1.2/2.4 of its RMS norm (SAEBench at Gemma-2-2B
 layer 19: 0.09-0.71). :func:`clamp_calibration` with the default corpus measured
-``scale 67.3`` (R 18,845 at block 13, 5,705 at block 8, 3,024 tokens, 4-10 s). The numbers of each run are in ``eval_config["clamp"]``;
+``scale 67.3`` (R 18,845 at block 13, 5,705 at block 8, 3,024 tokens). The numbers of each run are in ``eval_config["clamp"]``;
 ``UnlearnConfig.clamp_scale`` overrides ``scale``.
 
 Benchmarks:
