@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from saestrata.train.registry import build
+from saestrata.train.registry import build, optimizer_hparams
 from saestrata.train.sae_io import load_sae, save_sae
 from saestrata.train.seed002_importance import ImportanceSAE, bernoulli_kl, spherical_kmeans, standardized_profiles
 from saestrata.train.seed003_tiered import TieredHSAE
@@ -55,6 +55,54 @@ def test_groups_and_gamma_sweep_through_set():
         assert w[0].item() == pytest.approx(0.04)
         assert w[-1].item() == pytest.approx(0.04 * hp["gamma"] ** (hp["groups"] - 1), rel=1e-5)
         assert len(torch.unique(w)) == hp["groups"]
+
+
+def test_ablation_presets_exist_with_the_papers_settings():
+    """Sec. 6.2: K in {3, 5, 7}, gamma in {1.25, 1.5, 2.0}, lambda 0.06 (issue 10: they were missing)."""
+    expected = {"seed004-groups": (5, 1.5, 0.04), "seed004-k3": (3, 1.5, 0.04), "seed004-k7": (7, 1.5, 0.04),
+                "seed004-gamma1.25": (5, 1.25, 0.04), "seed004-gamma2": (5, 2.0, 0.04),
+                "seed004-lambda0.06": (5, 1.5, 0.06), "seed004-uniform": (1, 1.0, 0.04)}
+    for preset, (k, gamma, lam) in expected.items():
+        sae = build(preset, D_IN, 70)
+        assert (sae.groups, sae.gamma, sae.l1_coeff) == (k, gamma, lam), preset
+        assert optimizer_hparams(preset) == {"lr": 3e-4, "weight_decay": 1e-4}, preset  # sec. 5.2
+        w = sae.l1_weights
+        assert w[-1].item() == pytest.approx(lam * gamma ** (k - 1), rel=1e-6)
+
+
+def test_group_counters_match_explicit_counts():
+    """Per-group L0 / firing rate / intensity of the last training batch and dead latents per group."""
+    d_sae, groups = 23, 5  # sizes 5, 5, 5, 4, 4
+    sae = GroupSparsitySAE(D_IN, d_sae, groups=groups).train()
+    sizes = [len(a) for a in np.array_split(np.arange(d_sae), groups)]
+    x = _x(n=50, scale=3.0)
+    f = sae(x).f.detach()
+    sae.dead_window_tokens = 100
+    sae.tokens_since_fired[[0, 1, 22]] = 100  # two dead in group 1, one in group 5
+    c = sae.counters()
+    start = 0
+    for k, size in enumerate(sizes, start=1):
+        block = f[:, start:start + size]
+        start += size
+        assert c[f"l0_g{k}"] == pytest.approx((block > 0).sum(1).float().mean().item(), rel=1e-6)
+        assert c[f"rate_g{k}"] == pytest.approx((block > 0).float().mean().item(), rel=1e-6)
+        active = block[block > 0]
+        assert c[f"intensity_g{k}"] == pytest.approx(active.mean().item() if active.numel() else 0.0, rel=1e-5)
+    assert [c[f"dead_g{k}"] for k in range(1, 6)] == [2, 0, 0, 0, 1]
+    assert sum(c[f"l0_g{k}"] for k in range(1, 6)) == pytest.approx((f > 0).sum(1).float().mean().item(), rel=1e-6)
+    sae.eval()(x * 0)  # evaluation forwards leave the training counters alone
+    assert sae.counters()["l0_g1"] == c["l0_g1"]
+
+
+def test_whole_group_penalty_scales_with_sparsity_scale():
+    """--target-l0 reaches every sparsity term through sparsity_scale; the gamma ratios are kept."""
+    sae = GroupSparsitySAE(D_IN, 23)
+    f = torch.rand(7, 23, generator=torch.Generator().manual_seed(2))
+    full = sae.penalties(None, None, f, None)
+    sae.sparsity_scale = 0.25
+    scaled = sae.penalties(None, None, f, None)
+    assert scaled.keys() == full.keys() == {"l1"}
+    assert scaled["l1"].item() == pytest.approx(0.25 * full["l1"].item(), rel=1e-6)
 
 
 # -- seed 003: tiered HSAE -------------------------------------------------------------------------
