@@ -267,7 +267,7 @@ def test_trains_on_real_gemma_activations(arch, trained_baselines):
     print(f"median of last 10 steps: fvu {statistics.median(r['fvu'] for r in log[-10:]):.3f} "
           f"mse {statistics.median(mse[-10:]):.1f} (first 10: {statistics.median(mse[:10]):.1f})")
     for record in log:
-        assert all(math.isfinite(v) for v in record.values()), record
+        assert all(math.isfinite(v) for v in record.values() if isinstance(v, (int, float))), record
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["saestrata"]["failed"] is None
     # Medians over 10 steps: a few batches holding outlier tokens have several times the usual mse.
