@@ -40,8 +40,8 @@ Our definitions (DESIGN.md, "Metrics"), declared as deviations:
   (saestrata's previous masking; no score for predicting a document's BOS).
 - ``*_bos_kept`` (with ``EvalConfig.bos_kept_ablation``): the ablation keeps special-token
   positions as the SAE does (saestrata's previous ablation); ``ce_loss_score_bos_kept_strict``
-  reproduces saestrata's previous ``ce_loss_score`` (which also masked <unk> and <mask>). It costs one more forward group per layer
-  (one of 3 for a single SAE), so it is off by default.
+  is saestrata's previous ``ce_loss_score`` (which also masked <unk> and <mask>). It costs one
+  more forward group per layer (3 -> 4 groups for a single SAE), so it is off by default.
 - ``feature_utilisation``: latents whose mean activation exceeds 1e-4 (seed 004, sec. 5.3).
 """
 
@@ -67,7 +67,12 @@ from .splice import sae_replacement, splice, zero_replacement
 
 @dataclass
 class EvalConfig:
-    """What to evaluate on. ``tokens`` is rounded up to whole context rows."""
+    """What to evaluate on. ``tokens`` is rounded up to whole context rows.
+
+    ``batch_rows`` rows make one batch (SAEBench's ``batch_size_prompts``; ``mse`` depends on
+    it). ``bos_kept_ablation`` also runs the zero ablation that keeps special-token positions
+    (one more forward group per layer) and adds the ``*_bos_kept`` keys.
+    """
 
     sae: Path | None = None  # filled per SAE in results; evaluate_saes takes the folders
     dataset: str = EMBEDDED_DATASET
@@ -89,8 +94,8 @@ SAEBENCH_COMMIT = "8042bb3828c6340da8d12062324e92b2077c571c"  # sae_bench/evals/
 DEVIATIONS_FROM_SAEBENCH = (
     "explained_variance = 1 - E||x-x_hat||^2 / (E||x||^2 - sum_d E[x_d]^2) over all tokens, the centred formula "
     "SAEBench's code comment intends; its literal code value is explained_variance_saebench_code",
-    "CE and KL from fp32 log_softmax of the logits (SAEBench: TransformerLens log_softmax, and softmax then log "
-    "for KL, in the logits' dtype)",
+    "CE and KL from fp32 log_softmax of the logits, KL divided by sum_v p_v to cancel fp32 normaliser error "
+    "(SAEBench: TransformerLens log_softmax, and softmax then log for KL, in the logits' dtype)",
     "cossim counts a token with ||x|| = 0 or ||x_hat|| = 0 as 0 (SAEBench: NaN)",
     "one batched forward holds the clean, ablated and spliced groups (SAEBench: separate forwards); same values "
     "up to floating-point batching effects",
@@ -213,7 +218,8 @@ class _LogitSums:
         self.n_ce = self.n_kl = self.n_strict = 0
 
     def add(self, logits: torch.Tensor, token_ids: torch.Tensor, special_mask: torch.Tensor, chunk: int = 16) -> None:
-        """Add one batch: ``logits`` ``[n_groups * n, T, vocab]`` (group 0 clean), ``token_ids``/``special_mask`` ``[n, T]``.
+        """Add one batch: ``logits`` ``[n_groups * n, T, vocab]`` (group 0 clean), ``token_ids`` and
+        ``special_mask`` ``[n, T]``.
 
         ``KL(p || q) = (sum_v p_v log p_v - sum_v p_v log q_v) / sum_v p_v`` in fp32. Dividing by
         ``sum_v p_v`` (1 up to rounding) removes most of the fp32 error: torch's CPU log_softmax
@@ -348,7 +354,7 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
             done += len(batch)
             bar.update(len(batch) * ctx)
     bar.close()
-    if logit_sums.n_ce == 0 or logit_sums.n_strict == 0 or sums[0].n_tok == 0:
+    if logit_sums.n_ce == 0 or sums[0].n_tok == 0:
         raise DatasetError(f"no evaluation tokens from {cfg.dataset!r} split {cfg.split!r}: the dataset is empty")
     ls = logit_sums
     results = []
@@ -358,8 +364,8 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
             groups["bos_kept"] = kept_group[layer]
         ce = {name: ls.ce[g] / ls.n_ce for name, g in groups.items()}
         kl = {name: ls.kl[g] / ls.n_kl for name, g in groups.items()}
-        ce_strict = {name: ls.ce_strict[g] / ls.n_strict for name, g in groups.items()}
-        kl_strict = {name: ls.kl_strict[g] / ls.n_strict for name, g in groups.items()}
+        ce_strict = {name: _ratio(ls.ce_strict[g], ls.n_strict) for name, g in groups.items()}
+        kl_strict = {name: _ratio(ls.kl_strict[g], ls.n_strict) for name, g in groups.items()}
         timing = {"n_tokens": done * ctx, "n_ce_positions": ls.n_ce, "n_kl_positions": ls.n_kl,
                   "n_strict_positions": ls.n_strict, "n_forward_groups": n_groups,
                   "eval_tokens_per_s": done * ctx / max(seconds, 1e-9)}
@@ -369,6 +375,7 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
 
 
 def _ratio(num: float, den: float) -> float:
+    """``num / den``, NaN when ``den`` is 0 (a score without a baseline gap, or no positions)."""
     return num / den if den != 0 else float("nan")
 
 

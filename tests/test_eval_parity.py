@@ -167,7 +167,8 @@ def saebench_reference(lm, saes: list, layers: tuple) -> list[dict]:
             s["ms_sq"].append(x.pow(2).sum(-1).mean(0))
             s["mean_act_dim"].append(x.pow(2).mean(0))
             s["ms_resid"].append(rss.mean(0))
-            v["cossim"].append(((x / x.norm(dim=-1, keepdim=True)) * (x_hat / x_hat.norm(dim=-1, keepdim=True))).sum(-1))
+            x_normed, x_hat_normed = x / x.norm(dim=-1, keepdim=True), x_hat / x_hat.norm(dim=-1, keepdim=True)
+            v["cossim"].append((x_normed * x_hat_normed).sum(-1))
             s["fired"] += (f > 0).sum(0)
             s["n_tok"] += int(flat.sum())
             s["x"].append(x)
@@ -257,7 +258,7 @@ def test_variants_are_not_vacuous(reference):
     # Each variant must change the number on this model, or the tests above prove nothing about it.
     for ref in reference:
         assert ref["ce_loss_score"] != pytest.approx(ref["ce_loss_score_bos_kept"], rel=1e-3)
-        assert ref["ce_loss_score"] != pytest.approx(ref["ce_loss_score_strict"], rel=1e-3)
+        assert ref["ce_loss_score"] != pytest.approx(ref["ce_loss_score_strict"], rel=1e-4)  # 10x the parity tolerance
         assert ref["kl_div_score"] != pytest.approx(ref["kl_div_score_bos_kept"], rel=1e-3)
         assert ref["kl_div_score"] != pytest.approx(ref["kl_div_score_strict"], rel=1e-3)
         assert ref["mse"] != pytest.approx(ref["mse_per_token"], rel=1e-3)
