@@ -175,15 +175,18 @@ def test_curriculum_fades_tiers_in_during_training_only():
 
 # -- seed 002: importance tracking -----------------------------------------------------------------
 def test_importance_ema_weights_and_memory():
+    """Eq. (3) from s = 0, bias-corrected: the gamma-weighted mean of the observations so far."""
     sae = ImportanceSAE(D_IN, 10, n_clusters=4)
     gen = torch.Generator().manual_seed(0)
-    obs = [[torch.rand(10, generator=gen) for _ in range(3)] for _ in range(3)]
-    s = None
-    for i, (a, g, m) in enumerate(obs):
-        sae.update_importance(a, g, m, first=i == 0)
-        combined = 0.35 * a + 0.5 * g + 0.15 * m
-        s = combined if s is None else 0.9 * s + 0.1 * combined
-        torch.testing.assert_close(sae.importance, s)
+    obs = [[torch.rand(10, generator=gen) for _ in range(3)] for _ in range(4)]
+    seen = []
+    for n, (a, g, m) in enumerate(obs, start=1):
+        sae.update_importance(a, g, m, n=n)
+        seen.append(0.35 * a + 0.5 * g + 0.15 * m)
+        raw = sum(0.1 * 0.9 ** (n - k) * c for k, c in enumerate(seen, start=1))  # s_n of eq. (3), s_0 = 0
+        torch.testing.assert_close(sae.importance, raw / (1 - 0.9 ** n))
+    with pytest.raises(ValueError):
+        sae.update_importance(*obs[0], n=0)
 
 
 def test_importance_signals_match_definitions():

@@ -53,16 +53,22 @@ activations only, so everything must be computable from the SAE and its batch):
   information between "latent i fires" and the token's cluster (the cluster
   with the largest summed activation), divided by ln 2 (its upper bound) so it
   lies in [0, 1].
-- Schedule: bookkeeping round 0 (the first training step) only forms the
-  clusters; importance is first observed at round 1 (step ``update_every``)
-  and sets ``s_i`` to that observation instead of starting the recursion
-  from 0 (from 0, a single observation below 10 tau would make a latent a
-  candidate). The first observation is not taken at initialisation: there
-  every latent of the tied init fires on ~half the tokens, so every score
-  starts >= 0.18 (measured, layer 8 of Gemma 3 270M), and as observations are
-  >= 0 a score can fall no faster than ``0.9^n``: below tau 0.01 only after 28
-  rounds (1,400 steps at every 50), so nothing could be pruned within the
-  paper's 1,000 steps (issue 10: the earlier code did this).
+- Start of eq. (3), which gives no ``s_i(0)``: bookkeeping round 0 (the first
+  training step) only forms the clusters, and importance is observed from
+  round 1 (step ``update_every``) on. The recursion starts from 0 and the
+  score compared with tau is its bias-corrected value ``s_n / (1 - gamma^n)``
+  (Kingma & Ba 2014, sec. 3; the paper trains with their Adam), the weighted
+  mean of the observations so far: from 0 uncorrected, one observation below
+  ``10 tau`` would make a latent a candidate. Two earlier readings made
+  pruning impossible within the paper's 1,000 steps (20 rounds at every 50),
+  because observations are >= 0 and a score that keeps a weight ``w`` on an
+  early observation ``c_1`` stays >= ``w c_1``: (a) observing at
+  initialisation, where every latent of the tied init fires on ~half the
+  tokens (every score >= 0.18 on layer 8 of Gemma 3 270M) and (b) setting
+  ``s`` to the first observation, which keeps weight ``0.9^(n-1)`` (0.15 at
+  round 19) on it; at step 50 the SAE is still dense (L0 ~940 on layer 8,
+  every observation >= 0.10), so no score could fall below 0.01. Corrected,
+  that weight is ``0.1 * 0.9^(n-1) / (1 - 0.9^n)`` (0.017 at round 19).
 - Pruning: at each update the lowest-scoring latents with ``s_i < tau`` are
   pruned, at most ``prune_rate * d_sae`` new ones per update; a pruned latent is
   masked to 0 in :meth:`encode` (train and eval) and stays pruned (its score can
@@ -429,7 +435,7 @@ class ImportanceSAE(SAE):
             st = self._stats
             if not first:
                 a, g, m = self.importance_signals(x, f, x_hat)
-                combined = self.update_importance(a, g, m, first=int(self.n_updates) == 2)
+                combined = self.update_importance(a, g, m, n=int(self.n_updates) - 1)
                 pruned = self.prune()
                 st["pruned_last_update"] = int(pruned.numel())
                 kept = self.keep_mask > 0
@@ -455,17 +461,24 @@ class ImportanceSAE(SAE):
         return a, g, m
 
     @torch.no_grad()
-    def update_importance(self, a: torch.Tensor, g: torch.Tensor, m: torch.Tensor, first: bool = False) -> torch.Tensor:
-        """Seed 002 eq. (3): ``s = gamma s + (1 - gamma)(w_a a + w_g g + w_m m)``; ``first`` sets ``s`` itself.
+    def update_importance(self, a: torch.Tensor, g: torch.Tensor, m: torch.Tensor, n: int) -> torch.Tensor:
+        """Seed 002 eq. (3) with Adam's bias correction; ``n`` is this observation's 1-based index.
 
-        Returns the observation ``w_a a + w_g g + w_m m`` (float ``[d_sae]``).
+        ``s_n = gamma s_{n-1} + (1 - gamma) c_n`` from ``s_0 = 0``, ``c = w_a a + w_g g + w_m m``;
+        the buffer holds the corrected score ``s_n / (1 - gamma^n)`` (Kingma & Ba 2014, sec. 3),
+        i.e. the weighted mean ``sum_k (1 - gamma) gamma^(n-k) c_k / (1 - gamma^n)``, updated as
+        ``s_hat += rate (c - s_hat)`` with ``rate = (1 - gamma) / (1 - gamma^n)`` (1 at ``n = 1``).
+        Returns the observation ``c`` (float ``[d_sae]``).
+
+        Raises:
+            ValueError: ``n < 1``.
         """
+        if n < 1:
+            raise ValueError(f"observation index n must be >= 1, got {n}")
         w_a, w_g, w_m = self.importance_weights
         combined = w_a * a + w_g * g + w_m * m
-        if first:
-            self.importance.copy_(combined)
-        else:
-            self.importance.mul_(self.memory).add_((1 - self.memory) * combined)
+        rate = (1 - self.memory) / (1 - self.memory ** n)
+        self.importance.mul_(1 - rate).add_(rate * combined)
         return combined
 
     @torch.no_grad()
