@@ -76,9 +76,9 @@ def _float_list(value: str | None, option: str) -> list[float] | None:
     try:
         out = [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"{value!r}: use positive numbers, e.g. 32,64", param_hint=option) from None
+        raise click.BadParameter(f"{value!r}: use positive numbers, e.g. 32,64", param_hint=f"'{option}'") from None
     if not out or any(not (0 < v < math.inf) for v in out):  # NaN fails both comparisons
-        raise click.BadParameter(f"{value!r}: every target must be a finite number > 0", param_hint=option)
+        raise click.BadParameter(f"{value!r}: every target must be a finite number > 0", param_hint=f"'{option}'")
     return out
 
 

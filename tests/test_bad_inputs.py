@@ -276,7 +276,7 @@ CASES = [
          "true or false"),
     case("train-set-choice", T + ["--set", "kernels=gpu"], "'--set'", "dense, sparse"),
     case("train-set-list-entry", T + ["--arch", "temporal_dilated", "--set", "rates=1:0:4"], "'--set'", "rates",
-         "integers >= 1"),
+         "integers in [1, 1024]"),
     case("train-set-jumprelu-bandwidth", T + ["--arch", "jumprelu", "--set", "bandwidth=0"], "'--set'", "> 0"),
     case("train-set-groups-above-d-sae", T + ["--arch", "group_sparsity", "--set", "groups=1000"], "'--set'",
          f"d_sae={NEW_D_SAE}"),
@@ -333,7 +333,7 @@ CASES = [
          "would both write"),
     case("evaluate-device", _opt(E, "--device", "tpu"), "'--device'"),
     case("evaluate-ctrl-c", E, "interrupted (Ctrl-C)", "no result JSON",
-         interrupt=("saestrata.evaluate.core._accumulate_logits", 1)),
+         interrupt=("saestrata.evaluate.core._accumulate_recon", 1)),
     # --- unlearn
     case("unlearn-batch-rows-0", U + ["--batch-rows", "0"], "'--batch-rows'", RANGE),
     case("unlearn-max-retain-0", U + ["--max-retain-questions", "0"], "'--max-retain-questions'", RANGE),
