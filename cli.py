@@ -76,9 +76,9 @@ def _float_list(value: str | None, option: str) -> list[float] | None:
     try:
         out = [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"{value!r}: use positive numbers, e.g. 32,64", param_hint=option) from None
-    if not out or any(not (v > 0) for v in out):
-        raise click.BadParameter(f"{value!r}: every target must be > 0", param_hint=option)
+        raise click.BadParameter(f"{value!r}: use positive numbers, e.g. 32,64", param_hint=f"'{option}'") from None
+    if not out or any(not (0 < v < math.inf) for v in out):  # NaN fails both comparisons
+        raise click.BadParameter(f"{value!r}: every target must be a finite number > 0", param_hint=f"'{option}'")
     return out
 
 
@@ -382,6 +382,13 @@ def _model_of(saes: list[Path], cfgs: list[dict], model: str | None) -> str:
     recorded = ours.get("model_id") or cfgs[0].get("model_name")
     if not recorded:
         raise click.UsageError(f"{saes[0]} records no model in cfg.json: pass --model")
+    from .harvest.model import ModelError, check_model_source
+
+    try:
+        check_model_source(recorded)
+    except ModelError as err:  # e.g. the folder it was trained from was moved or deleted
+        raise click.UsageError(f"{saes[0]} was trained on {recorded}, which cannot be loaded now ({err}): "
+                               "pass --model") from None
     return recorded
 
 

@@ -107,6 +107,7 @@ def golden(tmp_path_factory, tiny_store, tiny_lm, tiny_model_dir) -> Path:
     _write_sae_variant(sae, bad / "other_model",
                        cfg_edit=lambda c: c["saestrata"].update(weights_hash="0123456789abcdef"))
     _write_sae_variant(sae, bad / "no_model", cfg_edit=lambda c: (c.pop("model_name"), c["saestrata"].pop("model_id")))
+    _write_sae_variant(sae, bad / "model_gone", cfg_edit=lambda c: c["saestrata"].update(model_id=str(root / "gone")))
     _write_sae_variant(sae, bad / "topk")  # same folder name as run/topk: both would write topk_core.json
     # Broken model folders (symlinks to the tiny model's files keep them small).
     models = root / "models"
@@ -275,11 +276,15 @@ CASES = [
          "true or false"),
     case("train-set-choice", T + ["--set", "kernels=gpu"], "'--set'", "dense, sparse"),
     case("train-set-list-entry", T + ["--arch", "temporal_dilated", "--set", "rates=1:0:4"], "'--set'", "rates",
-         "integers >= 1"),
+         "integers in [1, 1024]"),
     case("train-set-jumprelu-bandwidth", T + ["--arch", "jumprelu", "--set", "bandwidth=0"], "'--set'", "> 0"),
     case("train-set-groups-above-d-sae", T + ["--arch", "group_sparsity", "--set", "groups=1000"], "'--set'",
          f"d_sae={NEW_D_SAE}"),
     case("train-set-lr-negative", T + ["--set", "lr=-1"], "'--set'", "lr", "> 0"),
+    case("train-target-l0-0", T + ["--target-l0", "0"], "'--target-l0'", "> 0"),
+    case("train-target-l0-inf", T + ["--target-l0", "32,inf"], "'--target-l0'", "finite"),
+    case("train-target-l0-text", T + ["--target-l0", "many"], "'--target-l0'", "positive numbers"),
+    case("train-target-l0-above-d-sae", T + ["--target-l0", "600"], "--target-l0 600", f"[1, {NEW_D_SAE}]"),
     case("train-set-syntax", T + ["--set", "k"], "NAME=V1,V2"),
     case("train-preset-does-not-fit-d-sae", T + ["--arch", "seed004-groups", "--d-sae", "4"], "groups=5",
          "[1, d_sae=4]"),
@@ -315,6 +320,8 @@ CASES = [
          "--allow-other-model"),
     case("evaluate-sae-records-no-model", _opt(E, "--sae", "{ws}/bad_saes/no_model"), "records no model",
          "--model"),
+    case("evaluate-sae-model-gone", _opt(E, "--sae", "{ws}/bad_saes/model_gone"), "cannot be loaded now",
+         "pass --model"),
     case("evaluate-model-missing", E + ["--model", "{ws}/models/nowhere"], "'--model'", "does not exist"),
     case("evaluate-dataset-no-text-field", E + ["--dataset", "{ws}/data/no_field.jsonl"], "no 'text' field"),
     case("evaluate-out-inside-store", E + ["--out", "{ws}/store/core.json"], "inside the activation store"),
@@ -326,7 +333,7 @@ CASES = [
          "would both write"),
     case("evaluate-device", _opt(E, "--device", "tpu"), "'--device'"),
     case("evaluate-ctrl-c", E, "interrupted (Ctrl-C)", "no result JSON",
-         interrupt=("saestrata.evaluate.core._accumulate_logits", 1)),
+         interrupt=("saestrata.evaluate.core._accumulate_recon", 1)),
     # --- unlearn
     case("unlearn-batch-rows-0", U + ["--batch-rows", "0"], "'--batch-rows'", RANGE),
     case("unlearn-max-retain-0", U + ["--max-retain-questions", "0"], "'--max-retain-questions'", RANGE),
