@@ -287,8 +287,8 @@ def test_saebench_code_explained_variance_is_not_a_variance_ratio():
     # "explained variance" exceeds 1, while the centred formula stays in [0, 1].
     g = torch.Generator().manual_seed(0)
     d = 16
-    x = 50.0 + torch.randn(512, d, generator=g, dtype=torch.float64)
-    x_hat = x + 0.1 * torch.randn(512, d, generator=g, dtype=torch.float64)
+    x = 4.5 + torch.randn(512, d, generator=g, dtype=torch.float64)  # E||x||^2 ~ 340 > d^2 = 256
+    x_hat = x + 0.5 * torch.randn(512, d, generator=g, dtype=torch.float64)
     sums = ReconSums(d_sae=4)
     for lo in range(0, 512, 128):  # four batches of 128 tokens
         sums.add(x[lo : lo + 128], x_hat[lo : lo + 128], torch.zeros(128, 4, dtype=torch.float64))
@@ -296,6 +296,6 @@ def test_saebench_code_explained_variance_is_not_a_variance_ratio():
     rss = (x - x_hat).pow(2).sum(-1)
     centred = 1 - rss.mean() / (x.pow(2).sum(-1).mean() - x.mean(0).pow(2).sum())
     assert m["explained_variance"] == pytest.approx(float(centred), rel=1e-9)
-    assert 0.9 < m["explained_variance"] < 1
+    assert 0.7 < m["explained_variance"] < 0.8  # residual variance ~0.25 of the unit variance per dim
     assert m["explained_variance_saebench_code"] > 1
     assert m["mse"] == pytest.approx(float(rss.mean()) / 128, rel=1e-9)  # SAEBench: divided by the batch's tokens
