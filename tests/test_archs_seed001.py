@@ -300,6 +300,51 @@ def test_contrastive_second_view_is_noisy():
     assert not torch.allclose(sae.second_view(x), sae.encode(x))
 
 
+# -- counters (issue 10: every mechanism visible in the train log) ----------------------
+def _corr_of_group_sums(f: torch.Tensor, assign: torch.Tensor) -> float:
+    """Mean |Pearson r| between different groups' summed activity, via torch.corrcoef."""
+    corr = torch.corrcoef((f @ assign).T)
+    return float(corr[~torch.eye(corr.shape[0], dtype=torch.bool)].abs().mean())
+
+
+def test_fixed_and_adaptive_counters():
+    d_in, d_sae, n_groups = 16, 64, 8
+    f, _ = _clustered_latents(n_groups, 8, batch=256)
+    f = f + 0.01  # every group varies, so every correlation is defined
+    sae = build("seed001_adaptive_ortho32", d_in, d_sae, n_groups=n_groups, update_every=2).train()
+    before = sae.group_ids.clone()
+    sae.penalties(None, None, f, None)  # first training call: regroups, then the loss
+    c = sae.counters()
+    assign = s1.one_hot(sae.group_ids, n_groups)
+    assert c["group_updates"] == 1 and c["group_reassignments"] == int((sae.group_ids != before).sum()) > 0
+    assert c["ortho"] == pytest.approx(float(s1.ortho_penalty(f, assign)), rel=1e-5)
+    assert c["alpha"] == pytest.approx(float(sae.alpha), rel=1e-6)
+    assert c["inter_group_corr"] == pytest.approx(_corr_of_group_sums(f, assign), rel=1e-4)
+    assert c["l1"] == pytest.approx(float(f.sum(-1).mean()), rel=1e-6)
+    sae.penalties(None, None, f, None)  # not due: no regrouping
+    assert sae.counters()["group_updates"] == 1
+
+
+def test_static_and_contrastive_counters():
+    d_in, d_sae = 16, 128
+    x = torch.randn(48, d_in, generator=torch.Generator().manual_seed(10)) * 4
+    static = build("seed001_static_hier", d_in, d_sae).train()
+    out = static(x)
+    c = static.counters()
+    assert c["ortho_level1"] == pytest.approx(float(out.losses["ortho_level1"]) / 0.4, rel=1e-5)
+    assert c["ortho_level2"] == pytest.approx(float(out.losses["ortho_level2"]) / 0.2, rel=1e-5)
+    con = build("seed001_contrastive_hier", d_in, d_sae).train()
+    out = con(x)
+    c = con.counters()
+    assert c["infonce"] == pytest.approx(float(out.losses["contrast"]) / 0.1, rel=1e-5)
+    fine = con.assign_fine
+    assert c["latent_entropy_fine"] == pytest.approx(float(-(fine * fine.log()).sum(-1).mean()), rel=1e-5)
+    assert c["tau"] == pytest.approx(1.0) and c["assign_refreshes"] == 1
+    for key in ("usage_entropy_coarse", "usage_entropy_fine", "coarse_reassignments", "fine_reassignments",
+                "inter_group_corr", "ortho_level1", "ortho_level2"):
+        assert key in c, key
+
+
 # -- save / load ------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", PRESETS)
 def test_save_load_round_trip_after_input_scale_fold(preset, scratch):

@@ -292,6 +292,22 @@ def test_latent_that_dies_after_init_is_pruned_within_the_papers_budget():
     print("first pruning after step", first, "pruned", sorted(pruned))
 
 
+def test_kl_term_acts_on_candidates_before_they_are_pruned():
+    """Eq. (4): candidates (s < tau) get the KL term for one interval, then are pruned and get the L2
+    term. Issue 10: before, no latent became a candidate within the paper's 20 rounds, and a round's
+    candidates within the 5% budget were pruned at once, so the KL term was 0 at every step."""
+    d_sae, kill = 40, (3, 17)
+    sae = build("seed002-hierarchical", D_IN, d_sae, update_every=2, n_clusters=4, min_cluster_size=1)
+    seen = _train_importance(sae, 40, kill=kill)
+    became = next(i for i, c in enumerate(seen) if c["candidates"] > 0)
+    pruned_at = next(i for i, c in enumerate(seen) if c["latents_pruned"] > 0)
+    assert pruned_at == became + sae.update_every  # one interval as a candidate first
+    kl_steps = [i for i, c in enumerate(seen) if c["unlearn_kl"] > 0]
+    assert kl_steps[:2] == [became, became + 1] and seen[-1]["unlearn_kl_steps"] >= 2
+    # KL(Bern(rate) || Bern(1e-4)) summed over the candidates, from the rate the module clamps to 1e-6
+    assert seen[became]["unlearn_kl"] > 0 and seen[-1]["prune_l2_steps"] >= 0
+
+
 def test_no_latent_is_scored_at_initialisation():
     """Round 0 (the first training step) only clusters: no importance, so no candidate yet."""
     sae = build("seed002-hierarchical", D_IN, 40, update_every=3, n_clusters=4, min_cluster_size=1)

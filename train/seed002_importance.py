@@ -72,7 +72,13 @@ activations only, so everything must be computable from the SAE and its batch):
 - Pruning: at each update the lowest-scoring latents with ``s_i < tau`` are
   pruned, at most ``prune_rate * d_sae`` new ones per update; a pruned latent is
   masked to 0 in :meth:`encode` (train and eval) and stays pruned (its score can
-  only decay). The mask is saved with the weights.
+  only decay). The mask is saved with the weights. "Consistently low
+  importance" (sec. 4) makes a latent first a candidate for the KL term of
+  eq. (4) and only then prunable: a latent is pruned at a round only if it
+  was a candidate before that round's score update too, so it has spent one
+  interval under the KL term before the L2 term on pruned latents takes over.
+  (Pruning every candidate at once left the KL term no latent whenever a
+  round's candidates fit the 5% budget; issue 10.)
 - ``L_unlearn`` (eq. 4, computable without the LM): ``p(f_i)`` is latent i's
   Bernoulli firing distribution with soft rate ``rho_i = mean_b tanh(f_bi)``
   (differentiable, 0 exactly when it never fires), ``p_target`` is
@@ -431,12 +437,13 @@ class ImportanceSAE(SAE):
             new = spherical_kmeans(profiles, self.n_clusters, self.kmeans_iters, self.min_cluster_size, warm)
             moved = 0 if first else int((new != self.clusters).sum())  # the first replaces the i % K placeholder
             self.clusters.copy_(new)
+            was = self.candidates()  # candidates since the last round (under the KL term since then)
             self.n_updates += 1
             st = self._stats
             if not first:
                 a, g, m = self.importance_signals(x, f, x_hat)
                 combined = self.update_importance(a, g, m, n=int(self.n_updates) - 1)
-                pruned = self.prune()
+                pruned = self.prune(eligible=was)
                 st["pruned_last_update"] = int(pruned.numel())
                 kept = self.keep_mask > 0
                 if kept.any():  # signal means and the newest observation over the latents still kept
@@ -482,9 +489,13 @@ class ImportanceSAE(SAE):
         return combined
 
     @torch.no_grad()
-    def prune(self) -> torch.Tensor:
-        """Mask the lowest-scoring candidates, at most ``floor(prune_rate * d_sae)``; returns their indices (long)."""
-        cand = self.candidates()
+    def prune(self, eligible: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask the lowest-scoring candidates, at most ``floor(prune_rate * d_sae)``; returns their indices (long).
+
+        ``eligible`` (bool ``[d_sae]``) narrows the candidates further; :meth:`update_state` passes
+        the latents that were candidates before this round's score update too (module docstring).
+        """
+        cand = self.candidates() if eligible is None else self.candidates() & eligible
         budget = min(int(self.prune_rate * self.d_sae), int(cand.sum()))
         if budget == 0:
             return torch.zeros(0, dtype=torch.long, device=cand.device)
