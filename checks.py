@@ -36,9 +36,10 @@ def check_sae_folder(folder: str | Path) -> dict:
 
     Checks, in order: ``cfg.json`` present (a run directory is named as such), valid JSON,
     the fields ``d_in``, ``d_sae`` (positive integers), ``hook_name`` and an arch; a known arch
-    with hyperparameters in their declared ranges; ``sae_weights.safetensors`` present,
-    readable (safetensors header and length) and shaped ``W_enc [d_in, d_sae]``,
-    ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]``; finally a trial load.
+    with hyperparameters in their declared ranges; ``sae_weights.safetensors`` present and
+    readable (safetensors header and length); finally a trial load (:func:`load_sae`), so
+    the tensors' names and shapes must fit the arch cfg.json describes (HSAE's ``W_enc`` is
+    ``[d_in, d_sae / 2]``, so no fixed shape is assumed here).
 
     Raises:
         InputError: the first problem found.
@@ -90,18 +91,17 @@ def check_sae_folder(folder: str | Path) -> dict:
     except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for bad files
         raise InputError(f"{weights} is corrupt or truncated ({_one_line(err)}): retrain the SAE or restore "
                          "the file") from err
-    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
-    for name, shape in want.items():
-        if name not in shapes:
-            raise InputError(f"{weights} has no {name}: it is not the weights of a saestrata/SAELens SAE")
-        if shapes[name] != shape:
-            raise InputError(f"{weights} holds {name} of shape {list(shapes[name])} but {CFG_FILE} says "
-                             f"d_in={d_in}, d_sae={d_sae} (needs {list(shape)}): the two files belong to "
-                             "different SAEs")
+    if not shapes:
+        raise InputError(f"{weights} holds no tensors: it is not the weights of an SAE; retrain or restore it")
     try:
-        load_sae(folder)
-    except Exception as err:  # load_state_dict's RuntimeError, an arch's own ArchError ...
-        raise InputError(f"{folder} cannot be loaded ({_one_line(err)}): retrain the SAE or restore it") from err
+        load_sae(folder)  # builds the arch from cfg.json and loads every tensor: names and shapes must match
+    except Exception as err:  # load_state_dict's RuntimeError, an arch's own ArchError, a corrupt extra file ...
+        text = _one_line(err)
+        if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
+            first = text[text.find("size mismatch"):] if "size mismatch" in text else text
+            raise InputError(f"{weights} does not fit {CFG_FILE} (d_in={d_in}, d_sae={d_sae}): the two files "
+                             f"belong to different SAEs; retrain or restore them ({first[:200]})") from err
+        raise InputError(f"{folder} cannot be loaded ({text[:300]}): retrain the SAE or restore it") from err
     return cfg
 
 

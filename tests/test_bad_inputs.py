@@ -629,3 +629,16 @@ def test_any_hparam_value_is_refused_in_one_line_or_builds(data):
         build(arch, 16, 64, **checked)
     except ArchError as err:  # a combination only the arch can judge (e.g. tier widths for this d_sae)
         assert "\n" not in str(err)
+
+
+def test_every_saved_arch_passes_the_sae_folder_check(tmp_path):
+    """The SAE-folder check refuses broken folders only: every arch and preset, saved, passes it."""
+    from saestrata.checks import check_sae_folder
+    from saestrata.train.registry import build, every_variant
+    from saestrata.train.sae_io import save_sae
+
+    meta = {"model_id": "m", "hook_name": "blocks.1.hook_resid_post", "layer": 1}
+    for variant in every_variant():
+        sae = build(variant, 16, 64).eval()
+        cfg = check_sae_folder(save_sae(sae, tmp_path / variant, meta))
+        assert cfg["d_sae"] == 64, variant
