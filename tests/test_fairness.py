@@ -103,3 +103,17 @@ def test_target_l0_calibrates_a_penalty_arch_and_sets_k(tiny_store, tmp_path):
     assert cfg["saestrata"]["hparams"]["k"] == 6 and cfg["saestrata"]["target_l0"] == 6
     with pytest.raises(ValueError, match="not both"):
         _train(tiny_store, tmp_path / "bad", [SAESpec("topk", "topk", {"k": 3}, target_l0=6)])
+
+
+def test_an_arch_with_its_own_clipping_is_not_clipped_again(tiny_store, tmp_path):
+    """Seed 003 sec. 5 clips each tier's gradient to 1 / 2 / 5; the trainer's global norm-1 clip
+    on top would make the bounds 2 and 5 moot. Its runs must not depend on the global clip,
+    while topk's must (its gradients exceed norm 1 here, or the test would prove nothing)."""
+    def weights(name, arch, clip):
+        out = _train(tiny_store, tmp_path / f"{name}-{clip}", [SAESpec(name, arch)], max_grad_norm=clip)
+        return load_file(str(out[name] / "sae_weights.safetensors"))
+
+    for name, arch, clipped in [("tiered", "seed003-tiered", False), ("topk", "topk", True)]:
+        a, b = weights(name, arch, 1.0), weights(name, arch, float("inf"))
+        same = all(torch.equal(a[key], b[key]) for key in a)
+        assert same != clipped, name

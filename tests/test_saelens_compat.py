@@ -42,6 +42,9 @@ EXPECTED = {
     "seed002-pruning": "standard", "seed002-hierarchical": "standard",
     "seed003-tiered": None,  # chained tiers
     "seed004-groups": "standard", "seed004-uniform": "standard",
+    # sec. 6.2 ablations of seed 004: the same arch with other group sizes / gamma / lambda
+    "seed004-k3": "standard", "seed004-k7": "standard", "seed004-gamma1.25": "standard",
+    "seed004-gamma2": "standard", "seed004-lambda0.06": "standard",
 }
 LOADABLE = [v for v, a in EXPECTED.items() if a is not None]
 UNLOADABLE = [v for v, a in EXPECTED.items() if a is None]

@@ -106,6 +106,9 @@ class SAE(nn.Module):
     arch: ClassVar[str] = "base"
     unit_norm_decoder: ClassVar[bool] = True
     max_grad_norm: ClassVar[float] = float("inf")  # gradient-norm clip applied by the trainer
+    # True: the arch's paper prescribes its own clipping (done in remove_parallel_grad), which the
+    # trainer's global clip must not override (seed 003 sec. 5: per-tier bounds 1 / 2 / 5).
+    clips_own_grads: ClassVar[bool] = False
     needs_sequences: ClassVar[bool] = False  # True: fed [R, T, d] rows via encode_seq/forward_seq
     # False: the trainer never steps this SAE concurrently with others (its numerics were
     # seen to depend on what ran beside it; tests/test_train_resume.py checks bit-identity).

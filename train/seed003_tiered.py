@@ -32,7 +32,8 @@ Interpretation choices (the paper leaves these open):
   matrix, its slice of ``b_enc`` and of ``W_dec``) is rescaled to L2 norm at most
   1 / 2 / 5. Shared parameters (``b_dec``, the tier logits) are not clipped.
   The trainer calls :meth:`remove_parallel_grad` between ``backward`` and the
-  optimiser step, so the clipping is done there (no trainer change needed).
+  optimiser step, so the clipping is done there; ``clips_own_grads`` tells the
+  trainer to skip its global norm-1 clip, which would make the bounds 2 and 5 moot.
 - The thresholds are in the units of this project's normalised inputs (mean
   norm ``sqrt(d_in)``), not raw Gemma residuals; with Adam the clipping mainly
   bounds the relative size of outlier steps.
@@ -115,6 +116,7 @@ class TieredHSAE(SAE):
     arch = "tiered_hsae"
     saelens_unsupported = "chained tiers (tier i reads layer-normed tier i-1); no SAELens arch"
     unit_norm_decoder = True
+    clips_own_grads = True  # sec. 5's per-tier bounds, not the trainer's global clip of 1
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, tier_ratios=(1, 2, 3), tier_init=(0.1, 0.3, 0.6),
                  tier_clip=(1.0, 2.0, 5.0), l1_coeff: float = 0.04, curriculum_frac: float = 0.2,

@@ -90,6 +90,7 @@ class TrainConfig:
     dead_window_tokens: int | None = None  # None: a tenth of the budget (see dead_window)
     # Gradient-norm clip for EVERY arch (one rule for a fair comparison; the reference TopK/BatchTopK
     # trainers and Anthropic's April update clip to 1). None: each arch's own ``max_grad_norm``.
+    # Archs whose paper prescribes its own clipping (``SAE.clips_own_grads``: seed 003) keep only that.
     max_grad_norm: float | None = 1.0
     allow_partial: bool = False
     checkpoint_every: int = 100
@@ -198,6 +199,8 @@ class _Slot:
     def __init__(self, spec: SAESpec, sae: SAE, cfg: TrainConfig, steps: int):
         self.spec, self.sae, self.steps = spec, sae, steps
         self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else sae.max_grad_norm
+        if sae.clips_own_grads:  # the paper's own clipping replaces the global one (base.SAE.clips_own_grads)
+            self.max_grad_norm = float("inf")
         self.opt = _optimizer(spec, sae, cfg)
         warm, decay = max(1, int(cfg.warmup_frac * steps)), max(1, int(cfg.decay_frac * steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warm, decay))
