@@ -26,7 +26,9 @@ One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
    matched table ``matched.md`` and the claims table ``claims.md`` (paper's value | at the paper's
    settings | at matched L0), every number naming the JSON it came from.
 
-Every SAE trains alone (one SAE per pass: interrupting loses at most the steps since its last
+Stages 2, 3 and 6 run arch by arch (its sweep, its variants' matched SAEs, their evaluation), and
+the published points in groups of ``eval_group`` trained then evaluated: a session that stops
+leaves evaluated results, not weights a fresh machine would lack. Every SAE trains alone (one SAE per pass: interrupting loses at most the steps since its last
 checkpoint) and is skipped once its ``cfg.json`` exists; a JSON result is skipped once written
 (atomically). Each result records the fingerprint of the code that produced it
 (:func:`code_fingerprint`); the report says when results of different code are mixed.
@@ -371,24 +373,35 @@ class Benchmark:
         if "store" in stages:
             self.echo("[1/8] store")
             self.harvest_store()
-        lr_jobs = self.lr_jobs()
-        if "lr" in stages:
-            self.echo(f"[2/8] lr sweep: {len(lr_jobs)} short runs")
-            for job in lr_jobs:
-                self.train_job(job)
+        # Arch by arch (sweep, then its variants at every target, then their evaluation), so a
+        # session that stops mid-run leaves whole, evaluated units of results behind.
+        lrs = {}
+        archs = list(dict.fromkeys(self._arch_of(v) for v in self.variants))
+        for i, arch in enumerate(archs, 1):
+            sweep = [j for j in self.lr_jobs() if self._arch_of(j.arch) == arch]
+            if "lr" in stages:
+                self.echo(f"[2/8] lr sweep {i}/{len(archs)} {arch}: {len(sweep)} short runs")
+                for job in sweep:
+                    self.train_job(job)
+            lrs = self.chosen_lrs()
+            jobs = [j for j in self.matched_jobs(lrs) if self._arch_of(j.arch) == arch]
+            if "matched" in stages:
+                self.echo(f"[3/8] matched L0 {i}/{len(archs)} {arch}: {len(jobs)} SAEs")
+                for job in jobs:
+                    self.train_job(job)
+            if "evaluate" in stages:
+                self.evaluate([j.name for j in jobs])
         lrs = self.chosen_lrs()
-        matched, published = self.matched_jobs(lrs), self.published_jobs()
-        if "matched" in stages:
-            self.echo(f"[3/8] matched L0: {len(matched)} SAEs")
-            for job in matched:
-                self.train_job(job)
+        published = self.published_jobs()
         if "published" in stages:
             self.echo(f"[4/8] as published: {len(published)} SAEs")
-            for job in published:
-                self.train_job(job)
-        if "evaluate" in stages:
-            self.echo("[5/8] evaluate")
-            self.evaluate([j.name for j in matched + published])
+        for g in range(0, len(published), cfg.eval_group):
+            group = published[g : g + cfg.eval_group]
+            if "published" in stages:
+                for job in group:
+                    self.train_job(job)
+            if "evaluate" in stages:
+                self.evaluate([j.name for j in group])
         seeds = self.seed_jobs(self.best_seed_variant(), lrs)
         if "seeds" in stages:
             self.echo(f"[6/8] seeds: {len(seeds)} SAEs")
