@@ -85,6 +85,11 @@ class BenchmarkConfig:
     unlearn_retain_questions: int = 200
     device: str = "auto"
     model: str | None = None  # None: the embedded Gemma 3 270M; any name/folder load_model takes
+    # One numeric setting for every stage and session, whatever the machine: the LM computes in
+    # ``lm_dtype`` (store rounded to bf16), SAEs train in fp32 unless ``autocast``. float32 by
+    # default: on CPUs without native bf16 (this one reports AVX2 only) bf16 matmuls run ~6x slower.
+    lm_dtype: str = "float32"
+    autocast: bool = False
     stages: tuple[str, ...] = ("store", "lr", "matched", "published", "evaluate", "seeds", "unlearn", "report")
 
 
@@ -166,7 +171,7 @@ class Benchmark:
 
         kw = {"model": self.cfg.model} if self.cfg.model else {}
         harvest(HarvestConfig(layers=[self.cfg.layer], tokens=self.cfg.train_tokens, out=self.store,
-                              device=self.cfg.device, **kw), lm=self.lm())
+                              device=self.cfg.device, compute_dtype=self.cfg.lm_dtype, **kw), lm=self.lm())
 
     # -- training ---------------------------------------------------------------------
     def train_job(self, job: Job) -> Path:
@@ -179,7 +184,7 @@ class Benchmark:
             spec = SAESpec(job.name, job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed)
             tc = TrainConfig(store=self.store, layer=self.cfg.layer, out=run_dir, specs=[spec], d_sae=self.cfg.d_sae,
                              batch_size=self.cfg.batch_size, tokens=job.tokens, device=self.cfg.device,
-                             checkpoint_every=200, resume=checkpoint_path(run_dir).exists())
+                             checkpoint_every=200, resume=checkpoint_path(run_dir).exists(), autocast=self.cfg.autocast)
             t0 = time.perf_counter()
             try:
                 train(tc, progress=False)
@@ -279,8 +284,8 @@ class Benchmark:
         if self._lm is None:
             from .harvest.model import load_model
 
-            self._lm = load_model(self.cfg.model, device=self.cfg.device) if self.cfg.model else \
-                load_model(device=self.cfg.device)
+            kw = {"device": self.cfg.device, "dtype": self.cfg.lm_dtype}
+            self._lm = load_model(self.cfg.model, **kw) if self.cfg.model else load_model(**kw)
         return self._lm
 
     def core_path(self, name: str) -> Path:

@@ -374,8 +374,8 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
         timing = {"n_tokens": done * ctx, "n_ce_positions": ls.n_ce, "n_kl_positions": ls.n_kl,
                   "n_strict_positions": ls.n_strict, "n_forward_groups": n_groups,
                   "eval_tokens_per_s": done * ctx / max(seconds, 1e-9)}
-        results.append(_result(replace(cfg, sae=folders[i]), sae_cfg, s, (ce, kl, ce_strict, kl_strict), model_id,
-                               layer, ctx, timing, special))
+        results.append(_result(replace(cfg, sae=folders[i], dtype=lm.dtype), sae_cfg, s,
+                               (ce, kl, ce_strict, kl_strict), model_id, layer, ctx, timing, special))
     return results
 
 
@@ -436,6 +436,7 @@ def _result(cfg, sae_cfg, s: ReconSums, logit_means: tuple, model_id, layer, ctx
                         "exclude_special_tokens_from_reconstruction": True,
                         "ignore_tokens": sorted(special),
                         "mse_batch_tokens": cfg.batch_rows * ctx,
+                        "llm_dtype": cfg.dtype,  # the LM's actual dtype (SAEBench's key)
                         "saebench_commit": SAEBENCH_COMMIT,
                         "deviations_from_saebench": list(DEVIATIONS_FROM_SAEBENCH)},
         "eval_id": str(uuid.uuid4()),

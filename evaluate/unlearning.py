@@ -955,7 +955,8 @@ def _result(cfg, sae_cfg, lm, layer, bench, base, details, counts, timing, forge
             calibration: dict) -> dict:
     """Assemble SAEBench's ``unlearning`` JSON layout plus per-setting details and the control."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    config.update({**cfg.grid(), "model_name": lm.model_id, "hook_layer": layer, "dataset_names": bench.sources,
+    config.update({**cfg.grid(), "model_name": lm.model_id, "dtype": lm.dtype, "llm_dtype": lm.dtype,
+                   "hook_layer": layer, "dataset_names": bench.sources,
                    "intervention_method": "clamp_feature_activation", "target_metric": "correct",
                    "retain_threshold_rule": f"a setting with pooled retain accuracy < {RETAIN_THRESHOLD} on the known "
                                             "questions counts as forget accuracy 1; score = 1 - min forget accuracy "

@@ -48,6 +48,9 @@ class HarvestConfig:
     text_field: str = "text"
     device: str = "auto"
     dtype: str = "bfloat16"
+    # dtype the LM computes in (None: ``dtype``); activations are rounded to ``dtype`` to be stored.
+    # float32 on CPUs without native bf16 matmul (no AVX-512 BF16 / AMX), where bf16 runs ~6x slower.
+    compute_dtype: str | None = None
     rows_per_chunk: int = 8
     chunks_per_shard: int = 8
     extra_attrs: dict = field(default_factory=dict)
@@ -114,7 +117,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = 
         IdentityMismatch: ``cfg.out`` holds a store with a different identity (names the fields).
         FloatingPointError: the model produced NaN/Inf activations (nothing of that shard is written).
     """
-    lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
+    lm = lm or load_model(cfg.model, cfg.device, cfg.compute_dtype or cfg.dtype)
     layers = check_layers(cfg.layers, lm.n_layers, cfg.model)
     _check_context_length(cfg, lm)
     hooks = [hook_name(layer) for layer in layers]
@@ -249,7 +252,7 @@ def _write_pending(
             truncate_plan(writer, cfg, job.truncate_to)
             if not job.rows:
                 break
-        acts, aligned, record = shard_payload(lm, job.rows, layers, hooks, batch_rows, bos, job.shard)
+        acts, aligned, record = shard_payload(lm, job.rows, layers, hooks, batch_rows, bos, job.shard, cfg.dtype)
         writer.write_shard(job.shard, acts, aligned, record=record)
         bar.update(len(job.rows) * cfg.context_length)
     bar.close()
@@ -257,8 +260,12 @@ def _write_pending(
 
 def shard_payload(
     lm: LoadedModel, rows: list[Row], layers: list[int], hooks: list[str], batch_rows: int, bos: int, shard: int,
+    dtype: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
     """Forward one shard's rows: what ``StoreWriter.write_shard`` takes.
+
+    ``dtype``: the store's dtype; activations computed in another (``compute_dtype``) are
+    rounded to it first, so the statistics describe what is stored. None: the model's dtype.
 
     Returns:
         ``(acts, aligned, record)``: ``acts`` ``{hook: [n, d_model]}`` in the stored dtype,
@@ -269,6 +276,8 @@ def shard_payload(
         FloatingPointError: NaN/Inf activations (nothing of the shard is written).
     """
     acts = _forward_rows(lm, rows, layers, batch_rows)
+    if dtype is not None:
+        acts = {layer: a.to(getattr(torch, dtype)) for layer, a in acts.items()}
     token_ids = np.concatenate([r.token_ids for r in rows])
     not_bos = torch.from_numpy(token_ids != bos)
     record = {}
@@ -324,8 +333,9 @@ def harvest_identity(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hoo
     """Fields that determine a store's content; equal identities mean equal stores (bit for bit).
 
     Model (name + weights hash), layers and hook names, dataset + split + split rule +
-    text field + order seed, context length, BOS handling, dtype, tokenizer fingerprint
-    and store format version. Not included: the token count (a store can grow), the
+    text field + order seed, context length, BOS handling, dtype (and the LM's compute dtype
+    when it differs: taken from the loaded model, so a caller's ``lm`` cannot mislabel a store),
+    tokenizer fingerprint and store format version. Not included: the token count (a store can grow), the
     shard layout and batch size (a resumed store keeps its own), the device.
     """
     return {
@@ -343,6 +353,8 @@ def harvest_identity(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hoo
         "dtype": cfg.dtype,
         "tokenizer": tokenizer_fingerprint(lm.tokenizer),
         "format_version": FORMAT_VERSION,
+        # Only when it differs from ``dtype``, so stores computed in their own dtype keep their identity.
+        **({"compute_dtype": lm.dtype} if lm.dtype != cfg.dtype else {}),
     }
 
 

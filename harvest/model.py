@@ -60,6 +60,11 @@ class LoadedModel:
         """Device of the model's parameters."""
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> str:
+        """Name of the dtype the model computes in (its parameters'), e.g. ``bfloat16``."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
 
 def hook_name(layer: int) -> str:
     """TransformerLens/SAELens hook name for the residual stream after block ``layer``."""

@@ -51,6 +51,7 @@ class ShardTask:
     bos: int
     weights_hash: str
     threads: int
+    compute_dtype: str | None = None  # HarvestConfig.compute_dtype (None: ``dtype``)
 
 
 _WORKER_MODELS: dict[tuple, LoadedModel] = {}
@@ -58,13 +59,13 @@ _WORKER_MODELS: dict[tuple, LoadedModel] = {}
 
 def _worker_model(task: ShardTask) -> LoadedModel:
     """The model for ``task``, loaded once per worker process and checked against the store identity."""
-    key = (task.model, task.device, task.dtype)
+    key = (task.model, task.device, task.compute_dtype or task.dtype)
     if key not in _WORKER_MODELS:
         if task.threads:
             import torch
 
             torch.set_num_threads(task.threads)
-        _WORKER_MODELS[key] = load_model(task.model, task.device, task.dtype)
+        _WORKER_MODELS[key] = load_model(*key)
     lm = _WORKER_MODELS[key]
     if lm.weights_hash != task.weights_hash:
         raise StoreError(
@@ -88,7 +89,7 @@ def harvest_shard(task: ShardTask, shard: int, rows: list) -> dict:
 
     lm = _worker_model(task)
     acts, aligned, record = shard_payload(lm, rows, list(task.layers), list(task.hooks), task.batch_rows,
-                                          task.bos, shard)
+                                          task.bos, shard, task.dtype)
     write_uncommitted_shard(task.store, shard, acts, aligned)
     return record
 
@@ -130,7 +131,8 @@ def write_pending_parallel(
     n_workers = cfg.workers or 0
     task = ShardTask(
         store=str(writer.path.resolve()), model=cfg.model, device=cfg.device, dtype=cfg.dtype,
-        layers=tuple(layers), hooks=tuple(hooks), batch_rows=int(writer.group.attrs.get("batch_rows", cfg.batch_rows)),
+        compute_dtype=cfg.compute_dtype, layers=tuple(layers), hooks=tuple(hooks),
+        batch_rows=int(writer.group.attrs.get("batch_rows", cfg.batch_rows)),
         bos=lm.tokenizer.bos_token_id, weights_hash=lm.weights_hash,
         threads=max(1, (os.cpu_count() or 1) // n_workers) if n_workers and not cfg.scheduler else 0,
     )

@@ -287,3 +287,26 @@ def test_second_writer_is_refused_while_first_holds_the_store(scratch):
     assert (scratch / "s.zarr" / HOOKS[0] / "c" / "0" / "0").is_file()
     first.close()
     StoreWriter.reopen(scratch / "s.zarr", {"name": "unit"}).close()
+
+
+def test_compute_dtype_float32_is_stored_rounded_and_part_of_the_identity(scratch, tiny_model_dir, tiny_lm):
+    """--compute-dtype float32 (CPUs without native bf16): the LM runs in fp32, its residuals are
+    rounded to the store's bf16; the identity says so, and a bf16-computed resume is refused."""
+    from saestrata.harvest.hooks import residuals
+    from saestrata.harvest.model import load_model
+    from saestrata.store.format import from_stored
+
+    out, ref = scratch / "f32.zarr", scratch / "bf16.zarr"
+    harvest(_cfg(out, tiny_model_dir, 128, compute_dtype="float32"), progress=False)
+    harvest(_cfg(ref, tiny_model_dir, 128), lm=tiny_lm, progress=False)
+    group = zarr.open_group(str(out), mode="r")
+    assert group.attrs["compute_dtype"] == "float32" and group.attrs["dtype"] == "bfloat16"
+    assert "compute_dtype" not in zarr.open_group(str(ref), mode="r").attrs  # old identities unchanged
+    stored = from_stored(group["blocks.1.hook_resid_post"][:], "bfloat16")
+    ids = torch.from_numpy(group["token_ids"][:].astype(np.int64)).reshape(-1, 32)
+    fp32 = residuals(load_model(str(tiny_model_dir), "cpu", "float32"), ids, [1])[1].reshape(-1, stored.shape[-1])
+    assert torch.equal(stored, fp32.to(torch.bfloat16))
+    assert not torch.equal(stored, from_stored(zarr.open_group(str(ref), mode="r")["blocks.1.hook_resid_post"][:],
+                                               "bfloat16"))
+    with pytest.raises(IdentityMismatch, match="compute_dtype"):
+        harvest(_cfg(out, tiny_model_dir, 256), lm=tiny_lm, progress=False)
