@@ -561,6 +561,24 @@ def _result(cfg, lm, layer, sae_cfg, dataset, source, llm_per: dict, sae_per: di
     }
 
 
+def markdown_table(results: list[tuple[str, dict]]) -> str:
+    """A Markdown table of ``[(name, sparse_probing result)]``: mean test accuracy at each k, all latents,
+    then the raw-residual rows (``llm_*`` of the first result), then one row per latent group."""
+    ks = list(results[0][1]["eval_config"]["k_values"])
+    head = "| features | " + " | ".join(f"k={k}" for k in ks) + " | all |\n|---|" + "---|" * (len(ks) + 1) + "\n"
+
+    def row(label: str, metrics: dict, prefix: str) -> str:
+        cells = [metrics.get(f"{prefix}_top_{k}_test_accuracy") for k in ks] + [metrics.get(f"{prefix}_test_accuracy")]
+        return f"| {label} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |\n"
+
+    body = "".join(row(name, r["eval_result_metrics"]["sae"], "sae") for name, r in results)
+    body += row("raw residual (d_in channels)", results[0][1]["eval_result_metrics"]["llm"], "llm")
+    for name, r in results:
+        for group, g in r["eval_result_unstructured"]["latent_groups"].items():
+            body += row(f"{name} / {group} ({g['n_latents']} latents)", g, "sae")
+    return head + body
+
+
 __all__ = ["DEVIATIONS", "EVAL_TYPE_ID", "K_VALUES", "ProbeConfig", "balanced_one_vs_rest", "collect_features",
-           "load_labelled_jsonl", "pool_rows", "probe_features", "run_sparse_probing", "top_k_mean_diff",
+           "load_labelled_jsonl", "markdown_table", "pool_rows", "probe_features", "run_sparse_probing", "top_k_mean_diff",
            "wiki_topic_split"]

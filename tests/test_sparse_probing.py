@@ -247,3 +247,17 @@ def test_selection_on_tiny_model_ignores_eval_texts(tiny_lm, tiny_saes, tmp_path
         runs.append(SP.run_sparse_probing(cfg, tiny_lm)[0]["eval_result_unstructured"])
     assert runs[0]["selected_latents"] == runs[1]["selected_latents"]
     assert runs[0]["selected_llm_channels"] == runs[1]["selected_llm_channels"]
+
+
+def test_markdown_table_lists_each_k_the_baseline_and_groups():
+    r = {"eval_config": {"k_values": [1, 5]},
+         "eval_result_metrics": {"llm": {"llm_test_accuracy": 0.9, "llm_top_1_test_accuracy": 0.61,
+                                         "llm_top_5_test_accuracy": 0.72},
+                                 "sae": {"sae_test_accuracy": 0.88, "sae_top_1_test_accuracy": 0.55,
+                                         "sae_top_5_test_accuracy": 0.7}},
+         "eval_result_unstructured": {"latent_groups": {"level1": {"n_latents": 8, "sae_top_1_test_accuracy": 0.5}}}}
+    lines = SP.markdown_table([("hsae", r)]).splitlines()
+    assert lines[0] == "| features | k=1 | k=5 | all |"
+    assert lines[2] == "| hsae | 0.550 | 0.700 | 0.880 |"
+    assert lines[3] == "| raw residual (d_in channels) | 0.610 | 0.720 | 0.900 |"
+    assert lines[4] == "| hsae / level1 (8 latents) | 0.500 | - | - |"
