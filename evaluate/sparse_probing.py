@@ -56,6 +56,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..harvest.hooks import residuals
 from ..harvest.model import LoadedModel, ModelError, check_layers, layer_of_hook
@@ -277,7 +278,8 @@ def pool_rows(h: torch.Tensor, keep: torch.Tensor, saes: dict[str, object]) -> t
 
 @torch.inference_mode()
 def collect_features(lm: LoadedModel, docs: list[Document], saes: dict[str, tuple[object, int]],
-                     context_length: int = 128, batch_rows: int = 8) -> Features:
+                     context_length: int = 128, batch_rows: int = 8, progress: bool = False,
+                     desc: str = "probe texts") -> Features:
     """Pooled residuals and latents of every document: one forward per batch, stopped after the deepest block.
 
     Args:
@@ -295,7 +297,7 @@ def collect_features(lm: LoadedModel, docs: list[Document], saes: dict[str, tupl
     llm = {layer: np.zeros((len(docs), lm.d_model), np.float32) for layer in layers}
     lat = {name: np.zeros((len(docs), sae.d_sae), np.float32) for name, (sae, _) in saes.items()}
     n_tok = np.zeros(len(docs), np.int64)
-    for start in range(0, len(docs), batch_rows):
+    for start in tqdm(range(0, len(docs), batch_rows), desc=desc, unit="batch", disable=not progress):
         idx = order[start: start + batch_rows]
         ids, real = pad_rows([rows[i] for i in idx], pad)
         keep = real & ~torch.isin(ids, special)
@@ -457,7 +459,7 @@ def labelled_docs(cfg: ProbeConfig) -> tuple[list[Document], list[Document], str
     return train, test, Path(cfg.labels).name, f"labelled JSONL {cfg.labels}"
 
 
-def run_sparse_probing(cfg: ProbeConfig, lm: LoadedModel) -> list[dict]:
+def run_sparse_probing(cfg: ProbeConfig, lm: LoadedModel, progress: bool = True) -> list[dict]:
     """SAEBench ``sparse_probing`` of every SAE in ``cfg.saes``: one JSON dict each (SAEBench layout).
 
     Cost: one forward pass (to the deepest SAE block) over all train and test texts, shared
@@ -471,8 +473,8 @@ def run_sparse_probing(cfg: ProbeConfig, lm: LoadedModel) -> list[dict]:
     train, test, dataset, source = labelled_docs(cfg)
     saes = _load_saes(cfg.saes, lm)
     enc = {name: (sae, layer) for name, (sae, layer, _) in saes.items()}
-    f_train = collect_features(lm, train, enc, cfg.context_length, cfg.batch_rows)
-    f_test = collect_features(lm, test, enc, cfg.context_length, cfg.batch_rows)
+    f_train = collect_features(lm, train, enc, cfg.context_length, cfg.batch_rows, progress, "probe train texts")
+    f_test = collect_features(lm, test, enc, cfg.context_length, cfg.batch_rows, progress, "probe test texts")
     y_train = np.array([d.meta[LABEL_KEY] for d in train])
     y_test = np.array([d.meta[LABEL_KEY] for d in test])
     splits = class_splits(y_train, y_test, cfg.seed)

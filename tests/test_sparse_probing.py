@@ -214,7 +214,7 @@ def test_run_on_tiny_model_has_saebench_layout_and_groups(tiny_lm, tiny_saes, tm
     labels = _labels(tmp_path, "l.jsonl")
     cfg = SP.ProbeConfig(saes=tiny_saes, labels=labels, k_values=(1, 2, 5), context_length=32, batch_rows=4,
                          device="cpu")
-    results = SP.run_sparse_probing(cfg, tiny_lm)
+    results = SP.run_sparse_probing(cfg, tiny_lm, progress=False)
     assert len(results) == 2
     for r in results:
         json.dumps(r)
@@ -244,7 +244,7 @@ def test_selection_on_tiny_model_ignores_eval_texts(tiny_lm, tiny_saes, tmp_path
     for name, suffix in (("a.jsonl", ""), ("b.jsonl", " with entirely different closing words")):
         cfg = SP.ProbeConfig(saes=tiny_saes[:1], labels=_labels(tmp_path, name, suffix), k_values=(1, 5),
                              context_length=32, batch_rows=4, device="cpu")
-        runs.append(SP.run_sparse_probing(cfg, tiny_lm)[0]["eval_result_unstructured"])
+        runs.append(SP.run_sparse_probing(cfg, tiny_lm, progress=False)[0]["eval_result_unstructured"])
     assert runs[0]["selected_latents"] == runs[1]["selected_latents"]
     assert runs[0]["selected_llm_channels"] == runs[1]["selected_llm_channels"]
 
