@@ -27,6 +27,7 @@ _COMMAND_HINT = {  # what Ctrl-C left behind, per command
              "the last checkpoint (or without it to start again)",
     "evaluate": "no result JSON was written or changed; rerun the command",
     "unlearn": "results printed above are saved, the others were not written; rerun for those",
+    "probe": "no result JSON was written or changed; rerun the command",
     "report": "report.md/report.html were not replaced; rerun the command",
     "demo": "rerun the same command: a finished store is reused, a partial one resumed",
 }
@@ -210,6 +211,7 @@ def main():
     saestrata harvest   write residual-stream activations into a Zarr v3 store
     saestrata train     train one or many SAEs from a store in one pass
     saestrata evaluate  splice an SAE into the LM and score it (CE/KL recovery, FVU, L0)
+    saestrata probe     SAEBench sparse probing: top-k latents vs the raw residual on labelled texts
     saestrata store     ls / info / verify activation stores
     saestrata demo      all three on the embedded Gemma 3 270M + Wikipedia, offline
 
@@ -564,6 +566,89 @@ def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, no_
         click.echo(f"{sae}: unlearning_score {m['unlearning_score']:.3f} (random-latent control "
                    f"{m['random_latent_control_score'] if m['random_latent_control_score'] is not None else 'skipped'}) "
                    f"-> {target}")
+
+
+def _k_list(_ctx, _param, value: str) -> tuple[int, ...]:
+    """``--k 1,2,5`` -> ``(1, 2, 5)``: positive integers, each once, in the given order."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        ks = [int(v) for v in items]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,2,5") from None
+    if not ks:
+        raise click.BadParameter("no k given: pass latent counts, e.g. 1,2,5,10,20,50")
+    for k in ks:
+        if k < 1:
+            raise click.BadParameter(f"k={k}: every k must be >= 1, e.g. 1,2,5")
+        if ks.count(k) > 1:
+            raise click.BadParameter(f"k={k} is given twice: list each k once, e.g. 1,2,5")
+    return tuple(ks)
+
+
+def _labels_file(_ctx, _param, value: Path | None) -> Path | None:
+    """``--labels``: a readable JSONL of {"text", "label"} lines with two labels in both splits, checked now."""
+    from .evaluate.sparse_probing import load_labelled_jsonl
+    from .harvest.text import DatasetError
+
+    if value is not None:
+        try:
+            load_labelled_jsonl(value)
+        except DatasetError as err:
+            raise click.BadParameter(_one_line(err)) from None
+    return value
+
+
+@main.command()
+@click.option("--sae", "saes", required=True, multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path), help="Saved SAE folder (repeatable).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), callback=_labels_file,
+              help='Your own labelled texts: JSONL of {"text": ..., "label": ...[, "split": "train"|"eval"]} '
+                   "(default: the embedded corpus's 12 article topics).")
+@click.option("--k", "k_values", default="1,2,5,10,20,50", show_default=True, callback=_k_list,
+              help="Numbers of latents (and residual channels) the sparse probes get.")
+@click.option("--train-per-class", default=100, show_default=True, type=POS_INT,
+              help="At most this many train-split texts per class (SAEBench: 2000).")
+@click.option("--test-per-class", default=50, show_default=True, type=POS_INT,
+              help="At most this many eval-split texts per class (SAEBench: 500).")
+@click.option("--context-length", default=128, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per text, BOS included; longer texts are truncated (SAEBench: 128).")
+@click.option("--batch-rows", default=8, show_default=True, type=POS_INT, help="Texts per forward pass.")
+@click.option("--seed", default=42, show_default=True, type=NONNEG_INT, help="Sampling seed (SAEBench: 42).")
+@click.option("--model", default=None, callback=_model_source, help="Default: the model the SAE was trained on.")
+@click.option("--allow-other-model", is_flag=True,
+              help="Run even when the SAE was trained on activations of other model weights.")
+@click.option("--out", type=click.Path(path_type=Path), help="Result JSON (one SAE) or directory (several).")
+@_with(_model_opts)
+@_one_line_errors
+def probe(saes, labels, k_values, train_per_class, test_per_class, context_length, batch_rows, seed, model,
+          allow_other_model, out, device, dtype):
+    """SAEBench sparse probing: per class, a logistic regression on the top-k latents vs on the raw residual."""
+    from .atomic import write_json_atomic
+    from .checks import check_same_model, check_sae_folder, result_targets
+    from .harvest.model import load_model
+
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise click.ClickException("scikit-learn is not installed: pip install scikit-learn") from None
+    from .evaluate.sparse_probing import ProbeConfig, run_sparse_probing
+
+    cfgs = [check_sae_folder(sae) for sae in saes]
+    targets = result_targets(list(saes), out, "sparse_probing_eval.json", "sparse_probing")
+    lm = load_model(_model_of(list(saes), cfgs, model), device, dtype)
+    for sae, cfg in zip(saes, cfgs):
+        check_same_model(sae, cfg, lm.model_id, lm.weights_hash, allow_other_model)
+    results = run_sparse_probing(ProbeConfig(saes=list(saes), labels=labels, k_values=k_values,
+                                             train_per_class=train_per_class, test_per_class=test_per_class,
+                                             context_length=context_length, batch_rows=batch_rows, seed=seed,
+                                             model=model, device=device, dtype=dtype), lm)
+    for sae, result, target in zip(saes, results, targets):
+        write_json_atomic(target, result)
+        llm, m = result["eval_result_metrics"]["llm"], result["eval_result_metrics"]["sae"]
+        tops = " ".join(f"k={k} {m[f'sae_top_{k}_test_accuracy']:.3f}" for k in k_values
+                        if f"sae_top_{k}_test_accuracy" in m)
+        click.echo(f"{sae}: sae top-k accuracy {tops}; all latents {m['sae_test_accuracy']:.3f}; "
+                   f"raw residual {llm['llm_test_accuracy']:.3f} -> {target}")
 
 
 @main.command()
