@@ -109,6 +109,9 @@ def collect(cfg: InspectConfig, progress=None) -> tuple[LatentCollector, dict]:
     sae, _, store, hook = open_inputs(cfg)
     ctx = int(store.attrs["context_length"])
     stop = store.n_tokens if cfg.tokens is None else min(cfg.tokens, store.n_tokens)
+    if stop < ctx:
+        raise ValueError(f"{stop} tokens is less than one context row of {ctx} tokens: read at least {ctx} "
+                         "(--tokens), or all of the store")
     specials = special_ids(store)
     coll = LatentCollector(sae.d_sae, ctx, cfg.top_k, cfg.context, special_ids=specials, seed=cfg.seed)
     t0, done = time.perf_counter(), 0
