@@ -61,7 +61,8 @@ class LatentCollector:
     Attributes:
         n_tokens: tokens counted (special tokens excluded).
         top: :class:`SegmentTopK` ``[d_sae, top_k]``: scores = activations, payload ``index``
-            (int64 global token index), ``tokens`` (int32 ``[2C+1]``), ``acts`` (fp32 ``[2C+1]``).
+            (int64 global token index), ``tokens`` (int32 ``[2C+1]``), ``acts`` (fp32 ``[2C+1]``);
+            read it sorted with :meth:`top_examples`.
         fire_count: int64 ``[d_sae]`` tokens with ``f_i > 0``.
         act_sum: fp64 ``[d_sae]`` sum of ``f_i`` over counted tokens.
         hist: int64 ``[d_sae, N_BINS]`` firing activations per bin.
@@ -86,8 +87,7 @@ class LatentCollector:
         """Add one batch of whole rows.
 
         Args:
-            f: ``[n, d_sae]`` latents (CPU) of tokens ``start .. start + n``; an fp32 ``f`` is
-                modified in place (special tokens' rows are zeroed).
+            f: ``[n, d_sae]`` latents (CPU) of tokens ``start .. start + n``.
             start: global index of the first token.
             token_ids, doc_index, position: ``[n]`` aligned store arrays (numpy or torch).
         """
@@ -96,26 +96,37 @@ class LatentCollector:
         pos = torch.as_tensor(position).to(torch.int64)
         counted = ~torch.isin(tok, self.special) if len(self.special) else torch.ones(len(tok), dtype=torch.bool)
         f = f.float()
-        f[~counted] = 0  # special tokens: no statistic, 0 in windows
         self.n_tokens += int(counted.sum())
-        rows, lats = torch.nonzero(f > 0, as_tuple=True)
-        vals = f[rows, lats]
+        # One pass over the dense latents: flat indices of the non-zeros (built-in archs give f >= 0).
+        flat = torch.nonzero(f.reshape(-1)).flatten()
+        vals = f.reshape(-1)[flat]
+        rows, lats = flat // self.d_sae, flat % self.d_sae
+        keep = counted[rows] & (vals > 0)  # special tokens: no statistic, no example (0 in windows)
+        rows, lats, vals = rows[keep], lats[keep], vals[keep]
         self.fire_count += torch.bincount(lats, minlength=self.d_sae)
         self.act_sum += torch.bincount(lats, weights=vals.double(), minlength=self.d_sae)
         cells = lats * N_BINS + bin_of(vals)
         self.hist += torch.bincount(cells, minlength=self.d_sae * N_BINS)
-        windows = _Windows(f, tok, doc, pos, self.C, self.T)
+        windows = _Windows(f, tok, doc, pos, counted, self.C, self.T)
 
-        def payload(mask: torch.Tensor) -> dict[str, torch.Tensor]:
-            r, lat = rows[mask], lats[mask]
+        def payload(which: torch.Tensor) -> dict[str, torch.Tensor]:
+            """Index, value and context window of the non-zeros ``which`` (int64 positions)."""
+            r, lat = rows[which], lats[which]
             win_tok, win_act = windows.at(r, lat)
-            return {"index": r + start, "value": vals[mask], "tokens": win_tok, "acts": win_act}
+            return {"index": r + start, "value": vals[which], "tokens": win_tok, "acts": win_act}
 
         self.top.update(lats, vals, payload_fn=payload)
         keys = torch.rand(len(vals), generator=self.gen)
         self.samples.update(cells, keys, payload_fn=payload)
 
     # -- results ------------------------------------------------------------------------
+    def top_examples(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(scores fp32 [d_sae, k], payload)``: each latent's top examples by decreasing activation.
+
+        Equal activations keep store order (lower token index first); empty slots (score ``-inf``) last.
+        """
+        return self.top.sorted()
+
     def density(self) -> torch.Tensor:
         """fp64 ``[d_sae]``: fraction of counted tokens on which each latent fires."""
         return self.fire_count.double() / max(self.n_tokens, 1)
@@ -185,9 +196,9 @@ class LatentCollector:
 class _Windows:
     """Context windows of a batch of whole rows: ``at(rows, latents)`` -> token ids and that latent's activations."""
 
-    def __init__(self, f: torch.Tensor, tok: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, context: int,
-                 context_length: int):
-        self.f, self.tok, self.doc, self.pos = f, tok, doc, pos
+    def __init__(self, f: torch.Tensor, tok: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor,
+                 counted: torch.Tensor, context: int, context_length: int):
+        self.f, self.tok, self.doc, self.pos, self.counted = f, tok, doc, pos, counted
         self.offsets = torch.arange(-context, context + 1)
         self.T = context_length
 
@@ -195,7 +206,8 @@ class _Windows:
         """``(tokens int32 [m, 2C+1], acts fp32 [m, 2C+1])`` around batch rows ``rows`` for latents ``lats``.
 
         A slot is inside when its position stays in ``[0, context_length)`` of the same row and its
-        ``doc_index`` equals the centre's; outside slots get token -1 and activation 0.
+        ``doc_index`` equals the centre's; outside slots get token -1 and activation 0, and special
+        tokens (not ``counted``) activation 0.
         """
         where = rows[:, None] + self.offsets  # [m, W]
         in_row = (self.pos[rows][:, None] + self.offsets >= 0) & (self.pos[rows][:, None] + self.offsets < self.T)
@@ -203,5 +215,5 @@ class _Windows:
         safe = where.clamp(0, len(self.tok) - 1)
         inside = in_row & (self.doc[safe] == self.doc[rows][:, None])
         tokens = torch.where(inside, self.tok[safe], torch.full_like(safe, -1, dtype=torch.int32))
-        acts = torch.where(inside, self.f[safe, lats[:, None]], torch.zeros((), dtype=self.f.dtype))
+        acts = torch.where(inside & self.counted[safe], self.f[safe, lats[:, None]], torch.zeros((), dtype=self.f.dtype))
         return tokens.to(torch.int32), acts.float()

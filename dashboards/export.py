@@ -53,19 +53,20 @@ def build(out: Path, coll: LatentCollector, quantiles: dict, logits: dict | None
         block_size: latents per block.
     """
     out.mkdir(parents=True, exist_ok=True)
-    top, d = coll.top, coll.d_sae
+    scores, top = coll.top_examples()
+    d = coll.d_sae
     logit_ids = [logits["top_ids"], logits["bottom_ids"]] if logits else []
-    vocab = token_strings(tokenizer, _used_ids(top.data["tokens"], quantiles["tokens"], *logit_ids))
+    vocab = token_strings(tokenizer, _used_ids(top["tokens"], quantiles["tokens"], *logit_ids))
     density, mean_firing, mean_all = coll.density(), coll.mean_firing(), coll.mean_all()
-    max_act = top.scores[:, 0].clamp_min(0)  # -inf (never fired) -> 0
+    max_act = scores[:, 0].clamp_min(0)  # -inf (never fired) -> 0
     hist = coll.histogram()
     rows, blocks = [], []
     for b, lo in enumerate(range(0, d, block_size)):
         hi = min(lo + block_size, d)
-        empty = ~torch.isfinite(top.scores[lo:hi])
+        empty = ~torch.isfinite(scores[lo:hi])
         tensors = {
-            "top_index": top.data["index"][lo:hi].masked_fill(empty, -1), "top_value": top.data["value"][lo:hi],
-            "top_tokens": top.data["tokens"][lo:hi], "top_acts": top.data["acts"][lo:hi],
+            "top_index": top["index"][lo:hi].masked_fill(empty, -1), "top_value": top["value"][lo:hi],
+            "top_tokens": top["tokens"][lo:hi], "top_acts": top["acts"][lo:hi],
             **{f"q_{k}": v[lo:hi] for k, v in quantiles.items()}, "hist": hist[lo:hi],
             **({f"logit_{k}": v[lo:hi] for k, v in logits.items()} if logits else {}),
         }
@@ -81,7 +82,7 @@ def build(out: Path, coll: LatentCollector, quantiles: dict, logits: dict | None
                       for side in ("top", "bottom")} if logits else None)
             latents.append({"latent": i, "stats": stats, "structure": struct, "logits": table})
             rows.append({"latent": i, **stats, "group": struct["group"],
-                         "top_tokens": _top_tokens(top.data["tokens"][i], coll.C, vocab),
+                         "top_tokens": _top_tokens(top["tokens"][i][torch.isfinite(scores[i])], coll.C, vocab),
                          "logit_top": [r[0] for r in table["top"][:3]] if table else []})
         write_block(out, b, tensors, {"first": lo, "last": hi - 1, "latents": latents})
         blocks.append({"block": b, "name": block_name(b), "first": lo, "last": hi - 1})

@@ -124,27 +124,29 @@ def test_top_examples_and_windows_are_exactly_the_known_ones(known, batch_rows, 
     coll, facts = collect(InspectConfig(sae=root / "sae", store=root / "store", out=tmp_path, top_k=k, context=c,
                                         batch_rows=batch_rows))
     want = _expected_top(tok, x0, k)
-    assert coll.top.data["index"][0].tolist() == want
-    assert coll.top.scores[0].tolist() == pytest.approx(x0[want].tolist())
+    scores, top = coll.top_examples()
+    assert top["index"][0].tolist() == want
+    assert scores[0].tolist() == pytest.approx(x0[want].tolist())
     for slot, g in enumerate(want):
-        assert coll.top.data["tokens"][0, slot].tolist() == _window(tok, doc, g, c), (slot, g)
-        acts = coll.top.data["acts"][0, slot].tolist()
+        assert top["tokens"][0, slot].tolist() == _window(tok, doc, g, c), (slot, g)
+        acts = top["acts"][0, slot].tolist()
         window = _window(tok, doc, g, c)
         expect = [float(x0[g + o - c]) if window[o] == TARGET else 0.0 for o in range(2 * c + 1)]
         assert acts == pytest.approx(expect)  # neighbours' activations too; BOS shown as 0
     # The top examples sit at batch edges (15, 47, 49 for 2-row batches), right after document
     # starts and at row edges: their windows must stop there.
     assert want[:3] == [15, 47, 49]
-    assert all(-1 in coll.top.data["tokens"][0, s].tolist() for s in range(k))
+    assert all(-1 in top["tokens"][0, s].tolist() for s in range(k))
     # Statistics: BOS excluded everywhere; latent 1 fires on every other token.
     counted = int((tok != BOS).sum())
     assert facts["counted_tokens"] == coll.n_tokens == counted
     assert int(coll.fire_count[0]) == int((tok == TARGET).sum()) and int(coll.fire_count[1]) == counted
     assert coll.mean_firing()[0].item() == pytest.approx(float(x0[tok == TARGET].mean()))
-    assert coll.fire_count[2:].tolist() == [0, 0] and torch.isinf(coll.top.scores[2:]).all()
+    assert coll.fire_count[2:].tolist() == [0, 0] and torch.isinf(scores[2:]).all()
     assert coll.histogram().sum(1).tolist() == coll.fire_count.tolist()
     # Memory is fixed by d_sae and k, not by the store: every per-latent buffer is [d_sae, k] or [d_sae, bins].
     assert tuple(coll.top.scores.shape) == (4, k) and tuple(coll.top.data["tokens"].shape) == (4, k, 2 * c + 1)
+    assert all(tuple(v.shape[:2]) == (4, k) for v in coll.top.data.values())
     assert tuple(coll.samples.scores.shape) == (4 * N_BINS, coll.samples.k)
 
 
@@ -177,10 +179,12 @@ def test_segment_topk_matches_a_global_stable_sort():
     cuts = [0, *sorted(torch.randint(0, n, (12,), generator=gen).tolist()), n]
     for a, b in zip(cuts[:-1], cuts[1:]):
         top.update(seg[a:b], score[a:b], {"index": torch.arange(a, b)})
+    scores, data = top.sorted()
     for s in range(n_seg):
         idx = torch.nonzero(seg == s).flatten()
         order = idx[torch.argsort(score[idx], descending=True, stable=True)][:k]
-        assert top.data["index"][s, : len(order)].tolist() == order.tolist()
+        assert data["index"][s, : len(order)].tolist() == order.tolist()
+        assert scores[s, : len(order)].tolist() == score[order].tolist()
 
 
 def test_inspect_files_api_and_cli(known, tiny_lm, tmp_path):
@@ -229,7 +233,7 @@ def test_matches_brute_force_on_the_tiny_store(tiny_store, tmp_path):
     f[torch.isin(tok, torch.tensor(store.attrs["special_token_ids"], dtype=tok.dtype))] = 0
     want = f.T.topk(7, dim=1)
     fired = want.values > 0
-    got = coll.top.scores
+    got = coll.top_examples()[0]
     assert torch.allclose(got[fired], want.values[fired], rtol=1e-5, atol=1e-6)
     assert torch.isinf(got[~fired]).all()
     assert torch.equal(coll.fire_count, (f > 0).sum(0))
