@@ -89,6 +89,8 @@
     const [tokIndex, value, ids, acts] = ex;
     const div = el("div", { class: "example", "data-index": tokIndex });
     div.appendChild(el("span", { class: "val" }, fmt(value, 4)));
+    const line = el("span", { class: "line" });
+    div.appendChild(line);
     let peak = -1;
     ids.forEach((id, j) => { if (id >= 0 && (peak < 0 || acts[j] > acts[peak])) peak = j; });
     ids.forEach((id, j) => {
@@ -100,7 +102,7 @@
       const span = el("span", { class: cls.join(" "), "data-act": acts[j], title: `act ${fmt(acts[j], 4)}` }, tokText(id));
       const a = maxAct > 0 ? Math.max(0, Math.min(1, acts[j] / maxAct)) : 0;
       if (a > 0) span.style.background = `rgba(232, 114, 28, ${(0.15 + 0.85 * a).toFixed(3)})`;
-      div.appendChild(span);
+      line.appendChild(span);
     });
     return div;
   }
