@@ -302,3 +302,33 @@ def test_example_script_runs(known, tiny_lm, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"token {_expected_top(tok, x0, 1)[0]}" in result.stdout
     assert json.loads(result.stdout.strip().splitlines()[-1])["rows"] > 0
+
+
+def test_sequence_sae_gets_whole_rows(known, tmp_path):
+    """A temporal (sequence) SAE at init is a plain SAE on lag 0: same known top examples via encode_seq."""
+    root, tok, doc, x0 = known
+    sae = build("temporal_dilated", D, 4)
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.b_enc, sae.b_dec):
+            p.zero_()
+        sae.W_enc[0, 0] = sae.W_enc[1, 1] = 1.0
+    save_sae(sae.eval(), tmp_path / "temporal", {"hook_name": HOOK, "layer": 1, "context_length": T})
+    coll, _ = collect(InspectConfig(sae=tmp_path / "temporal", store=root / "store", out=tmp_path, top_k=4,
+                                    context=2, batch_rows=3))
+    assert coll.top_examples()[1]["index"][0].tolist() == _expected_top(tok, x0, 4)
+
+
+def test_structure_of_a_two_level_hsae():
+    """seed 000's HSAE: levels from latent_groups(); level-2 children = largest W_dec2 entries, parents = argmax."""
+    from saestrata.dashboards.structure import latent_structure
+
+    sae = build("hsae_skip", 8, 16)
+    s = latent_structure(sae, n_children=3)
+    assert s["kind"] == "level" and s["groups"] == ["level1", "level2"]
+    assert s["group"] == [0] * 8 + [1] * 8
+    w = sae.W_dec2.detach()
+    for j in range(8):
+        kids = s["children"][8 + j]
+        assert len(kids) == 3 and all(0 <= c < 8 for c in kids)
+        assert min(w[j, kids]) >= max(w[j, [c for c in range(8) if c not in kids]])
+    assert s["parent"][:8] == (8 + w.argmax(0)).tolist() and s["parent"][8:] == [-1] * 8
