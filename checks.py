@@ -8,6 +8,7 @@ saying what is wrong and what to pass instead, and none writes or deletes anythi
 - :func:`result_targets`: where evaluate/unlearn write their result JSONs, refusing targets
   that would overwrite something that is not a result, collide, or lie inside a store;
 - :func:`check_output_dir`: an output folder outside every activation store;
+- :func:`check_dashboard_out`: an ``inspect --out`` folder that is new, empty or an earlier dashboard;
 - :func:`check_run_dir`: a training run directory holding no finished SAE of the same name
   (unless ``--overwrite``) and no interrupted run (unless ``--resume`` / ``--overwrite``).
 """
@@ -199,3 +200,20 @@ def check_run_dir(out: Path, names: list[str], resume: bool, overwrite: bool) ->
             raise InputError(f"--out {out} holds an interrupted run ({checkpoint_path(out).name}): pass --resume "
                              "to continue it, --overwrite to start afresh, or choose a new --out")
     return [out / name for name in finished]
+
+
+def check_dashboard_out(out: Path) -> None:
+    """Refuse an ``inspect --out`` that holds anything but an earlier dashboard (its files would be mixed in).
+
+    Raises:
+        InputError: ``out`` is a non-empty folder without a dashboard ``index.json``, or lies inside a store.
+    """
+    check_output_dir(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        fmt = json.loads((out / "index.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != "saestrata-dashboard":
+        raise InputError(f"--out {out} already holds files that are not a dashboard: choose a new or empty folder")

@@ -29,6 +29,7 @@ _COMMAND_HINT = {  # what Ctrl-C left behind, per command
     "unlearn": "results printed above are saved, the others were not written; rerun for those",
     "probe": "no result JSON was written or changed; rerun the command",
     "report": "report.md/report.html were not replaced; rerun the command",
+    "inspect": "the dashboard folder may be incomplete (index.json is written last); rerun the command",
     "demo": "rerun the same command: a finished store is reused, a partial one resumed",
 }
 
@@ -212,6 +213,7 @@ def main():
     saestrata train     train one or many SAEs from a store in one pass
     saestrata evaluate  splice an SAE into the LM and score it (CE/KL recovery, FVU, L0)
     saestrata probe     SAEBench sparse probing: top-k latents vs the raw residual on labelled texts
+    saestrata inspect   feature dashboards + HTML browser from a store (no LM forward pass)
     saestrata store     ls / info / verify activation stores
     saestrata demo      all three on the embedded Gemma 3 270M + Wikipedia, offline
 
@@ -663,6 +665,58 @@ def report(paths, out, matched_l0):
     from .evaluate.report import write_report
 
     click.echo(f"wrote {write_report(list(paths), out, matched_l0)} and report.html")
+
+
+@main.command()
+@click.option("--sae", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Saved SAE folder.")
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Store holding the SAE's hook (e.g. the one it was trained on).")
+@click.option("--tokens", type=POS_INT, help="Tokens to read from the start of the store (default: all).")
+@click.option("--top-k", default=20, show_default=True, type=click.IntRange(1, 1000), help="Top examples per latent.")
+@click.option("--context", default=16, show_default=True, type=click.IntRange(0, 512),
+              help="Tokens shown on each side of an example (inside its row and document).")
+@click.option("--intervals", default=5, show_default=True, type=click.IntRange(1, 20),
+              help="Activation-quantile intervals per latent.")
+@click.option("--per-interval", default=4, show_default=True, type=click.IntRange(1, 100),
+              help="Examples shown per quantile interval.")
+@click.option("--batch-rows", default=32, show_default=True, type=POS_INT, help="Context rows per encode batch.")
+@click.option("--model", default=None, callback=_model_source,
+              help="Unembedding + tokenizer source (default: the model the SAE was trained on).")
+@click.option("--allow-partial", is_flag=True, help="Read the committed part of a half-written store.")
+@click.option("--seed", default=0, show_default=True, type=NONNEG_INT, help="Quantile-sampling seed.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), callback=_outside_stores,
+              help="Dashboard folder (new, empty, or an earlier inspect output to replace).")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE)
+@_one_line_errors
+def inspect(sae, store, tokens, top_k, context, intervals, per_interval, batch_rows, model, allow_partial, seed, out,
+            device):
+    """Feature dashboards from the store: top examples, quantile examples, stats, logit effects, structure.
+
+    One streaming encode over the store's activations (no LM forward pass; memory O(d_sae x
+    top-k)); writes plain files (safetensors + JSON per block of latents, index.json) and a
+    static browser, OUT/index.html, that opens from disk.
+    """
+    from .checks import check_dashboard_out, check_sae_folder
+    from .dashboards.run import InspectConfig, inspect_sae
+
+    cfg = check_sae_folder(sae)
+    check_dashboard_out(out)
+    from tqdm import tqdm
+
+    with tqdm(desc="inspect", unit="tok", unit_scale=True) as bar:
+        def progress(done, total):
+            """Advance the bar to ``done`` of ``total`` tokens."""
+            bar.total = total
+            bar.update(done - bar.n)
+
+        index = inspect_sae(InspectConfig(sae=sae, store=store, out=out, tokens=tokens, top_k=top_k, context=context,
+                                          batch_rows=batch_rows, n_intervals=intervals, per_interval=per_interval,
+                                          allow_partial=allow_partial, seed=seed),
+                            model=_model_of([sae], [cfg], model), device=device, progress=progress)
+    alive = sum(1 for r in index["latents"] if r["fire_count"])
+    click.echo(f"{sae}: {index['tokens']} tokens in {index['seconds']:.1f} s ({index['tokens_per_s']:.0f} tok/s), "
+               f"{alive}/{index['d_sae']} latents fired -> {out / 'index.html'}")
 
 
 from .store.cli import store as _store_commands  # noqa: E402  (ls / info / verify)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import queue
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -295,6 +295,57 @@ def sequence_batches(
                    torch.from_numpy(toks.astype(np.int32, copy=False)))
 
     yield from prefetch(batches(), depth=8)
+
+
+class RowBatch(NamedTuple):
+    """One in-order batch of whole context rows from :func:`ordered_batches` (CPU).
+
+    Attributes:
+        start: global index of the batch's first token (a multiple of the context length).
+        acts: ``[n, d_model]`` activations in the logical dtype.
+        token_ids: ``[n]`` int32.
+        doc_index: ``[n]`` int64.
+        position: ``[n]`` int32, index inside the context row.
+    """
+
+    start: int
+    acts: torch.Tensor
+    token_ids: np.ndarray
+    doc_index: np.ndarray
+    position: np.ndarray
+
+
+def ordered_batches(store: ActivationStore, hook: str, rows_per_batch: int,
+                    token_range: tuple[int, int] | None = None, depth: int = 2) -> Iterator[RowBatch]:
+    """One pass over whole context rows of ``token_range`` in store order, with the aligned arrays.
+
+    For analyses that need every token exactly once (dashboards, probing): no shuffling,
+    no repetition, BOS rows kept (callers mask them with ``token_ids``). ``token_range`` is
+    shrunk to whole rows. Reads run ``depth`` batches ahead in a background thread
+    (:func:`prefetch`); a batch of whole chunks is a memmap read for uncompressed stores.
+    Memory: ``depth + 1`` batches, whatever the store size.
+
+    Raises:
+        StoreError: the range holds no whole row.
+        ValueError: ``rows_per_batch < 1``.
+    """
+    if rows_per_batch < 1:
+        raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    ctx = int(store.attrs["context_length"])
+    start, stop = token_range or (0, store.n_tokens)
+    start, stop = -(-start // ctx) * ctx, min(stop, store.n_tokens) // ctx * ctx
+    if stop <= start:
+        raise StoreError(f"no whole context row in range {start}..{stop} of {store.path}")
+    step = rows_per_batch * ctx
+
+    def batches() -> Iterator[RowBatch]:
+        """The batches, read one after another (runs in the prefetch thread)."""
+        for lo in range(start, stop, step):
+            hi = min(lo + step, stop)
+            yield RowBatch(lo, store.activations(hook, lo, hi), store.aligned("token_ids", lo, hi),
+                           store.aligned("doc_index", lo, hi), store.aligned("position", lo, hi))
+
+    yield from prefetch(batches(), depth=depth)
 
 
 def _chunk_bounds(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:

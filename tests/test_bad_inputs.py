@@ -1,6 +1,6 @@
 """Issue 13: every bad input gets one clear ``Error:`` line, never a traceback, and nothing already written is lost.
 
-:data:`CASES` runs every command (harvest, train, evaluate, unlearn, report, store, demo)
+:data:`CASES` runs every command (harvest, train, evaluate, unlearn, report, store, demo, inspect)
 with bad values, through the real CLI, in a copy of a workspace holding the outputs of
 every stage (a store, a finished run, a core result, a report). Each case must exit
 non-zero with exactly one ``Error:`` line naming the problem, raise no exception but
@@ -108,6 +108,7 @@ def golden(tmp_path_factory, tiny_store, tiny_lm, tiny_model_dir) -> Path:
                        cfg_edit=lambda c: c["saestrata"].update(weights_hash="0123456789abcdef"))
     _write_sae_variant(sae, bad / "no_model", cfg_edit=lambda c: (c.pop("model_name"), c["saestrata"].pop("model_id")))
     _write_sae_variant(sae, bad / "model_gone", cfg_edit=lambda c: c["saestrata"].update(model_id=str(root / "gone")))
+    _write_sae_variant(sae, bad / "layer3", cfg_edit=lambda c: c.update(hook_name="blocks.3.hook_resid_post"))
     _write_sae_variant(sae, bad / "topk")  # same folder name as run/topk: both would write topk_core.json
     # Broken model folders (symlinks to the tiny model's files keep them small).
     models = root / "models"
@@ -180,6 +181,7 @@ U = ["unlearn", "--sae", "{ws}/run/topk", "--device", "cpu"]
 R = ["report", "{ws}/run", "--out", "{ws}/new_report"]
 P = ["probe", "--sae", "{ws}/run/topk", "--device", "cpu"]
 D = ["demo", "--out", "{ws}/demo", "--device", "cpu"]
+I = ["inspect", "--sae", "{ws}/run/topk", "--store", "{ws}/store", "--out", "{ws}/new_dash", "--model", "{model}"]
 
 
 def _opt(base: list[str], option: str, value: str) -> list[str]:
@@ -407,6 +409,24 @@ CASES = [
     case("demo-out-is-file", _opt(D, "--out", "{ws}/file.txt"), "'--out'", "is a file"),
     case("demo-out-inside-store", _opt(D, "--out", "{ws}/store/demo"), "'--out'", "inside the activation store"),
     case("demo-ctrl-c", D, "interrupted (Ctrl-C)", "rerun", interrupt=("saestrata.demo.load_model", 1)),
+    # --- inspect (issue 11)
+    case("inspect-top-k-0", I + ["--top-k", "0"], "'--top-k'", RANGE),
+    case("inspect-top-k-huge", I + ["--top-k", "5000"], "'--top-k'", "1<=x<=1000"),
+    case("inspect-context-negative", I + ["--context", "-1"], "'--context'", RANGE),
+    case("inspect-tokens-0", I + ["--tokens", "0"], "'--tokens'", RANGE),
+    case("inspect-tokens-below-one-row", I + ["--tokens", "10"], "less than one context row", "64"),
+    case("inspect-batch-rows-0", I + ["--batch-rows", "0"], "'--batch-rows'", RANGE),
+    case("inspect-intervals-0", I + ["--intervals", "0"], "'--intervals'", RANGE),
+    case("inspect-sae-is-run-dir", _opt(I, "--sae", "{ws}/run"), "run directory", "run/topk"),
+    case("inspect-sae-corrupt", _opt(I, "--sae", "{ws}/bad_saes/truncated"), "corrupt or truncated"),
+    case("inspect-sae-layer-not-in-store", _opt(I, "--sae", "{ws}/bad_saes/layer3"), "no layer 3", "1, 2"),
+    case("inspect-store-missing", _opt(I, "--store", "{ws}/no_store"), "'--store'", "does not exist"),
+    case("inspect-store-not-a-store", _opt(I, "--store", "{ws}/run"), "not an activation store"),
+    case("inspect-out-is-file", _opt(I, "--out", "{ws}/file.txt"), "'--out'", "is a file"),
+    case("inspect-out-inside-store", _opt(I, "--out", "{ws}/store/dash"), "inside the activation store"),
+    case("inspect-out-not-a-dashboard", _opt(I, "--out", "{ws}/run"), "not a dashboard", "new or empty"),
+    case("inspect-model-missing", _opt(I, "--model", "{ws}/models/nowhere"), "'--model'", "does not exist"),
+    case("inspect-ctrl-c", I, "interrupted (Ctrl-C)", "rerun", interrupt=("saestrata.dashboards.run.encode_batch", 1)),
 ]
 
 
@@ -448,7 +468,7 @@ def test_case_count():
     """The issue asks for at least 40 cases across all seven commands (and ``probe``, added since)."""
     commands = {p.values[0][0] for p in CASES}
     assert len(CASES) >= 40 and commands == {"harvest", "train", "evaluate", "unlearn", "report", "store", "demo",
-                                             "probe"}
+                                             "probe", "inspect"}
 
 
 # ----------------------------------------------------------------------------- Ctrl-C: nothing half-written counts
