@@ -180,6 +180,7 @@ class Benchmark:
         from .train.trainer import SAESpec, TrainConfig, train
 
         run_dir = self.cfg.work / "runs" / job.name
+        self._check_same_job(job)
         if not self.done(job.name):
             spec = SAESpec(job.name, job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed)
             tc = TrainConfig(store=self.store, layer=self.cfg.layer, out=run_dir, specs=[spec], d_sae=self.cfg.d_sae,
@@ -203,6 +204,23 @@ class Benchmark:
             shutil.copyfile(self.sae_dir(job.name) / f, dest / f)
         _write_json(dest / "job.json", {**asdict(job), "code": self.code})
         return self.sae_dir(job.name)
+
+    def _check_same_job(self, job: Job) -> None:
+        """Refuse to reuse SAE ``job.name`` if it was trained with other settings (e.g. another ``--tokens-per-sae``).
+
+        Raises:
+            ValueError: the recorded job differs (names the fields); a mixed-budget table would be unfair.
+        """
+        path = self.cfg.out / "saes" / job.name / "job.json"
+        if not (path.exists() and self.done(job.name)):
+            return
+        old = {k: v for k, v in json.loads(path.read_text()).items() if k != "code"}
+        new = json.loads(json.dumps(asdict(job)))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise ValueError(f"{job.name} in {self.cfg.work} was trained with other settings "
+                             f"({', '.join(f'{k} {old.get(k)} != {new.get(k)}' for k in diff)}): "
+                             f"use a new --work and --out for a benchmark with other sizes")
 
     def _arch_of(self, variant: str) -> str:
         from .train.registry import resolve

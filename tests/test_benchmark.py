@@ -60,3 +60,15 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     a, b = (m["model_performance_preservation"]["ce_loss_score"] for m in (lo, hi))
     assert min(a, b) <= row["ce_loss_score"] <= max(a, b)
     assert "topk-l0=16" in row["between"] and "topk-l0=48" in row["between"]
+
+
+def test_finished_saes_of_other_settings_are_not_reused(tiny_model_dir, tmp_path):
+    """A rerun with another budget must not silently reuse SAEs trained with the old one."""
+    import pytest
+
+    cfg = _cfg(tiny_model_dir, tmp_path, variants=["topk"], targets=(3.0,), seeds=1, stages=("store", "lr"))
+    Benchmark(cfg, lambda _: None).run()
+    bigger = _cfg(tiny_model_dir, tmp_path, variants=["topk"], targets=(3.0,), seeds=1, stages=("lr",),
+                  tokens_per_sae=8192)
+    with pytest.raises(ValueError, match="tokens 1024 != 2048"):
+        Benchmark(bigger, lambda _: None).run()
