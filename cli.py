@@ -128,23 +128,31 @@ class Device(click.ParamType):
 POS_INT, NONNEG_INT, DEVICE = click.IntRange(min=1), click.IntRange(min=0), Device()
 
 
+def _unique_ints(value: str, example: str, empty: str, too_small, twice, minimum: int) -> list[int]:
+    """Comma-separated integers, each ``>= minimum`` and given once; ``click.BadParameter`` with the
+    caller's one-line messages otherwise (``too_small``/``twice``: item -> message)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise click.BadParameter(empty)
+    try:
+        numbers = [int(v) for v in items]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. {example}") from None
+    for n in numbers:
+        if n < minimum:
+            raise click.BadParameter(too_small(n))
+        if numbers.count(n) > 1:
+            raise click.BadParameter(twice(n))
+    return numbers
+
+
 def _int_list(_ctx, _param, value: str | None) -> list[int] | None:
     """``--layers 4,8`` -> ``[4, 8]``; refuses an empty list, non-integers, negatives and repeats."""
     if value is None:
         return None
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise click.BadParameter("no layers given: pass block indices, e.g. 4,8")
-    try:
-        layers = [int(v) for v in items]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 4,8") from None
-    for layer in layers:
-        if layer < 0:
-            raise click.BadParameter(f"layer {layer} is negative: blocks are numbered from 0, e.g. 4,8")
-        if layers.count(layer) > 1:
-            raise click.BadParameter(f"layer {layer} is given twice: list each block once, e.g. 4,8")
-    return layers
+    return _unique_ints(value, "4,8", "no layers given: pass block indices, e.g. 4,8",
+                        lambda n: f"layer {n} is negative: blocks are numbered from 0, e.g. 4,8",
+                        lambda n: f"layer {n} is given twice: list each block once, e.g. 4,8", minimum=0)
 
 
 def _model_source(_ctx, _param, value: str | None) -> str | None:
@@ -572,19 +580,9 @@ def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, no_
 
 def _k_list(_ctx, _param, value: str) -> tuple[int, ...]:
     """``--k 1,2,5`` -> ``(1, 2, 5)``: positive integers, each once, in the given order."""
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    try:
-        ks = [int(v) for v in items]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,2,5") from None
-    if not ks:
-        raise click.BadParameter("no k given: pass latent counts, e.g. 1,2,5,10,20,50")
-    for k in ks:
-        if k < 1:
-            raise click.BadParameter(f"k={k}: every k must be >= 1, e.g. 1,2,5")
-        if ks.count(k) > 1:
-            raise click.BadParameter(f"k={k} is given twice: list each k once, e.g. 1,2,5")
-    return tuple(ks)
+    return tuple(_unique_ints(value, "1,2,5", "no k given: pass latent counts, e.g. 1,2,5,10,20,50",
+                              lambda k: f"k={k}: every k must be >= 1, e.g. 1,2,5",
+                              lambda k: f"k={k} is given twice: list each k once, e.g. 1,2,5", minimum=1))
 
 
 def _labels_file(_ctx, _param, value: Path | None) -> Path | None:

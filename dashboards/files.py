@@ -114,6 +114,7 @@ class Dashboard:
         j, centre = i % size, int(self.index["context"])
 
         def example(prefix: str, *where) -> dict | None:
+            """Example ``where`` of table ``prefix`` (``top``/quantile) as a dict, or None for an empty slot."""
             idx = int(tensors[f"{prefix}_index"][where])
             if idx < 0:
                 return None

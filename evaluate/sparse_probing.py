@@ -50,6 +50,7 @@ import math
 import time
 import uuid
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -160,6 +161,7 @@ def wiki_topic_split(train_per_class: int | None = 100, test_per_class: int | No
         DatasetError: the embedded corpus is not installed.
     """
     def labelled(split: str) -> list[Document]:
+        """The topic-labelled articles of ``split``, tagged with their label and split."""
         return [Document(d.key, d.text, {**d.meta, LABEL_KEY: d.meta["topic"], "split": split})
                 for d in wiki_articles(split) if d.meta.get("topic")]
 
@@ -504,10 +506,8 @@ def _group_result(train_x, test_x, splits, k_values, idx: np.ndarray) -> dict:
 def _counts(train, test, splits: list[ClassSplit], f_train: Features, f_test: Features) -> dict:
     """Texts per class and split, probe rows per class, mean pooled tokens per text."""
     def per_label(docs):
-        out: dict[str, int] = {}
-        for d in docs:
-            out[d.meta[LABEL_KEY]] = out.get(d.meta[LABEL_KEY], 0) + 1
-        return dict(sorted(out.items()))
+        """``{label: number of docs}``, sorted by label."""
+        return dict(sorted(Counter(d.meta[LABEL_KEY] for d in docs).items()))
 
     return {"train_texts_per_class": per_label(train), "test_texts_per_class": per_label(test),
             "probe_rows_per_class": {s.cls: {"train": int(len(s.train_rows)), "test": int(len(s.test_rows))}
@@ -570,6 +570,7 @@ def markdown_table(results: list[tuple[str, dict]]) -> str:
     head = "| features | " + " | ".join(f"k={k}" for k in ks) + " | all |\n|---|" + "---|" * (len(ks) + 1) + "\n"
 
     def row(label: str, metrics: dict, prefix: str) -> str:
+        """One table row: ``prefix``'s top-k accuracies and its all-features accuracy, 3 decimals."""
         cells = [metrics.get(f"{prefix}_top_{k}_test_accuracy") for k in ks] + [metrics.get(f"{prefix}_test_accuracy")]
         return f"| {label} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |\n"
 

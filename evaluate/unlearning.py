@@ -424,6 +424,7 @@ def _fire_recorder(sae, record: list) -> Replacement:
     """Identity replacement that appends ``[n, d_sae]`` bool (latent fires at some non-special position) to ``record``."""
 
     def fn(h: torch.Tensor) -> torch.Tensor:
+        """Record which latents fire in ``h`` ``[rows, seq, d_model]``; return ``h`` unchanged."""
         valid = fn.rows.get("valid")
         f = encode_rows(sae, h.float(), fn.rows.get("doc_index"), valid).reshape(*h.shape[:2], -1)
         fired = (f > 0) & (valid[..., None] if valid is not None else True)
@@ -701,6 +702,7 @@ def clamp_replacement(sae, latents: np.ndarray | torch.Tensor, values: float | t
     values = torch.as_tensor(values, dtype=torch.float32)
 
     def fn(h: torch.Tensor) -> torch.Tensor:
+        """``h`` ``[rows, seq, d_model]`` with the chosen latents clamped (same shape)."""
         x = h.reshape(-1, h.shape[-1]).float()
         f = encode_rows(sae, h.float(), fn.rows.get("doc_index"), fn.rows.get("valid"))
         return clamped_residual(sae, x, idx.to(h.device), values.to(h.device), f).reshape(h.shape)
