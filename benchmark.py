@@ -6,10 +6,11 @@ One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
    (the harvester resumes a half-written store and reuses a finished one).
 2. **lr sweep**: per arch (one representative variant each), the same small sweep
    ``lr = default_lr(d_sae) * {0.5, 1, 2}`` at target L0 32 on a quarter of the budget, plain
-   Adam, the same gradient clip (1.0) for all. The rate with the lowest final training FVU among
-   the runs whose L0 landed within 25% of the target (all runs when none did) is kept for every
-   variant of that arch. Sweep runs see each token once, so their last-window FVU is a held-out
-   estimate.
+   Adam, the same gradient clip (1.0) for all, extended by factors of 2 past an edge while the
+   best rate sits on it (:data:`LR_EXTENSIONS`). Each run is scored by its training FVU and L0
+   averaged over its last 10% of steps; the rate with the lowest FVU among the runs whose L0
+   landed within 25% of the target (all runs when none did) is kept for every variant of that
+   arch. Sweep runs see each token once, so their training FVU is a held-out estimate.
 3. **matched**: every variant at each target L0 of ``--targets`` (default 24, 40, 48, 80: two
    points bracketing L0 32 and two bracketing 64), the arch's swept lr, plain Adam (weight decay 0),
    ``k = target`` for the TopK family, the trainer's L0 controller for penalty archs
@@ -20,17 +21,19 @@ One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
 5. **seeds**: ``--seeds`` init seeds for ``topk`` and for the seed-paper variant with the best
    matched-L0-32 CE loss score, at the two targets bracketing 32 (spread reported).
 6. **evaluate**: SAEBench core metrics of every SAE on the eval split (different articles).
-7. **unlearn**: the embedded wiki unlearning benchmark for every variant's SAE nearest L0 32 and
-   for every published seed point.
+7. **unlearn**: the embedded wiki unlearning benchmark for every variant's SAE nearest L0 32 (run
+   right after that variant's evaluation) and for every published seed point.
 8. **report**: ``report.md``/``report.html``/PNGs with matched-L0 rows at 32 and 64, the
    matched table ``matched.md`` and the claims table ``claims.md`` (paper's value | at the paper's
    settings | at matched L0), every number naming the JSON it came from.
 
-Stages 2, 3 and 6 run arch by arch (its sweep, its variants' matched SAEs, their evaluation), and
-the published points in groups of ``eval_group`` trained then evaluated: a session that stops
-leaves evaluated results, not weights a fresh machine would lack. Every SAE trains alone (one SAE per pass: interrupting loses at most the steps since its last
-checkpoint) and is skipped once its ``cfg.json`` exists; a JSON result is skipped once written
-(atomically). Each result records the fingerprint of the code that produced it
+Stages 2, 3, 6 and 7 run arch by arch (its sweep, its variants' matched SAEs, their evaluation
+and unlearning), and the published points in groups of ``eval_group`` trained then evaluated: a
+session that stops leaves evaluated results, not weights a fresh machine would lack. Every SAE
+trains alone (one SAE per pass: interrupting loses at most the steps since its last checkpoint);
+it is skipped once its weights exist in ``work``, or once its ``cfg.json``/log are in ``out``
+and no pending result needs its weights (:meth:`Benchmark.train_job`); a JSON result is skipped
+once written (atomically). Each result records the fingerprint of the code that produced it
 (:func:`code_fingerprint`); the report says when results of different code are mixed.
 """
 
@@ -49,6 +52,10 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent
 TOKENS_ALL = 2_000_000  # more than the embedded train split holds: the harvester stops at its end
 LR_MULTIPLIERS = (0.5, 1.0, 2.0)
+# When the best rate is at an edge of the grid, the grid grows by a factor 2 on that side, at most
+# this many times (so the sweep can reach 8x or 1/8x the default): a rate at the edge is not tuned.
+LR_EXTENSIONS = 2
+TAIL_FRAC = 0.1  # sweep runs are scored on their last 10% of steps: one log window is too noisy
 SWEEP_TARGET = 32.0
 PUBLISHED = ("standard",)  # baselines that also get an "as published" point (their default settings)
 # A paper's ablations: matched only at the two targets bracketing L0 32 (their claims are about one setting).
@@ -101,6 +108,20 @@ def quick_config(out: Path, work: Path) -> BenchmarkConfig:
                            seeds=1, eval_tokens=2048, unlearn=False)
 
 
+def _choose(runs: list[dict]) -> dict:
+    """The sweep rule: lowest FVU among runs whose L0 is within 25% of :data:`SWEEP_TARGET` (all finite runs when none is).
+
+    Returns ``{"best": run, "runs": runs, "rule": text}``.
+    """
+    finite = [r for r in runs if math.isfinite(r["fvu"])]
+    near = [r for r in finite if abs(r["l0"] - SWEEP_TARGET) <= 0.25 * SWEEP_TARGET]
+    pool = near or finite or runs
+    best = min(pool, key=lambda r: r["fvu"] if math.isfinite(r["fvu"]) else math.inf)
+    rule = ("lowest FVU among runs with L0 within 25% of 32" if near
+            else "lowest FVU (no run within 25% of L0 32)")
+    return {"best": best, "runs": runs, "rule": rule}
+
+
 def code_fingerprint() -> str:
     """sha256 (first 16 hex digits) of every ``.py`` file of the package that can change a result."""
     h = hashlib.sha256()
@@ -122,6 +143,29 @@ def _write_json(path: Path, data) -> None:
 def _read_log(folder: Path) -> list[dict]:
     path = folder / "train_log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def tail_metrics(log: list[dict], frac: float = TAIL_FRAC) -> dict:
+    """Step-weighted mean ``fvu`` and ``l0`` over the last ``frac`` of a run's steps.
+
+    Args:
+        log: train_log.jsonl lines (each a mean over ``window`` steps ending at ``step``).
+        frac: share of the run's steps to average (at least the last line).
+
+    Returns:
+        ``{"fvu", "l0", "steps"}`` (``steps`` = steps averaged); NaN values when ``log`` is empty.
+    """
+    if not log:
+        return {"fvu": math.nan, "l0": math.nan, "steps": 0}
+    need, got, acc = max(1, round(frac * (log[-1]["step"] + 1))), 0, {"fvu": 0.0, "l0": 0.0}
+    for line in reversed(log):
+        w = line.get("window", 1)
+        for k in acc:
+            acc[k] += w * line[k]
+        got += w
+        if got >= need:
+            break
+    return {"fvu": acc["fvu"] / got, "l0": acc["l0"] / got, "steps": got}
 
 
 @dataclass
@@ -161,8 +205,12 @@ class Benchmark:
         return self.cfg.work / "runs" / name / name
 
     def done(self, name: str) -> bool:
-        """True once SAE ``name`` is saved (``save_sae`` writes cfg.json last)."""
+        """True once SAE ``name``'s weights are saved in ``work`` (``save_sae`` writes cfg.json last)."""
         return (self.sae_dir(name) / "cfg.json").exists()
+
+    def recorded(self, name: str) -> bool:
+        """True once SAE ``name``'s cfg.json, log and job.json are copied to ``out`` (they outlive the weights)."""
+        return all((self.cfg.out / "saes" / name / f).exists() for f in ("cfg.json", "train_log.jsonl", "job.json"))
 
     # -- stage 1 ----------------------------------------------------------------------
     def harvest_store(self) -> None:
@@ -174,13 +222,19 @@ class Benchmark:
                               device=self.cfg.device, compute_dtype=self.cfg.lm_dtype, **kw), lm=self.lm())
 
     # -- training ---------------------------------------------------------------------
-    def train_job(self, job: Job) -> Path:
-        """Train one SAE alone (resuming its checkpoint if one exists); copy its cfg.json and log to ``out``."""
+    def train_job(self, job: Job, need_weights: bool = True) -> Path:
+        """Train one SAE alone (resuming its checkpoint if one exists); copy its cfg.json and log to ``out``.
+
+        Skipped when its weights exist, or when ``need_weights`` is False and ``out`` already records it
+        (a fresh machine has ``out`` from git but not the weights: finished, evaluated SAEs are not redone).
+        """
         from .train.checkpoint import CheckpointError, checkpoint_path
         from .train.trainer import SAESpec, TrainConfig, train
 
         run_dir = self.cfg.work / "runs" / job.name
         self._check_same_job(job)
+        if not need_weights and not self.done(job.name) and self.recorded(job.name):
+            return self.sae_dir(job.name)
         if not self.done(job.name):
             spec = SAESpec(job.name, job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed)
             tc = TrainConfig(store=self.store, layer=self.cfg.layer, out=run_dir, specs=[spec], d_sae=self.cfg.d_sae,
@@ -212,7 +266,7 @@ class Benchmark:
             ValueError: the recorded job differs (names the fields); a mixed-budget table would be unfair.
         """
         path = self.cfg.out / "saes" / job.name / "job.json"
-        if not (path.exists() and self.done(job.name)):
+        if not (path.exists() and (self.done(job.name) or self.recorded(job.name))):
             return
         old = {k: v for k, v in json.loads(path.read_text()).items() if k != "code"}
         new = json.loads(json.dumps(asdict(job)))
@@ -227,37 +281,60 @@ class Benchmark:
 
         return resolve(variant)[0]
 
-    def lr_jobs(self) -> list[Job]:
-        """The lr sweep: one representative variant per arch x :data:`LR_MULTIPLIERS`, at L0 32."""
+    def _sweep_rep(self, arch: str) -> str:
+        """The variant that stands for ``arch`` in the lr sweep (its first in ``variants``)."""
+        return next(v for v in self.variants if self._arch_of(v) == arch)
+
+    def _sweep_job(self, variant: str, mult: float) -> Job:
         from .train.trainer import default_lr
 
-        reps: dict[str, str] = {}
-        for v in self.variants:
-            reps.setdefault(self._arch_of(v), v)
         tokens = max(self.cfg.batch_size, int(self.cfg.tokens_per_sae * self.cfg.lr_sweep_frac))
-        base = default_lr(self.cfg.d_sae)
-        return [Job(f"lr-{v}-x{m:g}", v, "lr", {"weight_decay": 0.0}, base * m, SWEEP_TARGET, 0, tokens)
-                for v in reps.values() for m in LR_MULTIPLIERS]
+        return Job(f"lr-{variant}-x{mult:g}", variant, "lr", {"weight_decay": 0.0},
+                   default_lr(self.cfg.d_sae) * mult, SWEEP_TARGET, 0, tokens)
+
+    def _sweep_run(self, job: Job) -> dict | None:
+        """A finished sweep run's score (:func:`tail_metrics` of its log in ``out``), or None.
+
+        Raises:
+            ValueError: it was trained with other settings (:meth:`_check_same_job`).
+        """
+        if not self.recorded(job.name):
+            return None
+        self._check_same_job(job)
+        tail = tail_metrics(_read_log(self.cfg.out / "saes" / job.name))
+        return {"sae": job.name, "lr": job.lr, **tail}
+
+    def lr_jobs(self, arch: str) -> tuple[list[Job], dict | None]:
+        """The lr sweep of ``arch`` as far as its finished runs decide it: ``(jobs, chosen)``.
+
+        Starts from :data:`LR_MULTIPLIERS`; while the best finished rate is the grid's largest
+        (smallest), adds twice (half) that, at most :data:`LR_EXTENSIONS` times. ``chosen`` is None
+        until every job listed has finished.
+        """
+        rep = self._sweep_rep(arch)
+        mults = list(LR_MULTIPLIERS)
+        while True:
+            jobs = [self._sweep_job(rep, m) for m in mults]
+            runs = [self._sweep_run(j) for j in jobs]
+            if any(r is None for r in runs):
+                return jobs, None
+            best = _choose(runs)
+            best_mult = mults[runs.index(best["best"])]
+            if len(mults) - len(LR_MULTIPLIERS) >= LR_EXTENSIONS or min(mults) < best_mult < max(mults):
+                return jobs, best
+            mults.append(best_mult * 2 if best_mult == max(mults) else best_mult / 2)
 
     def chosen_lrs(self) -> dict[str, dict]:
-        """``{arch: {"lr", "fvu", "l0", "runs"}}`` from the finished sweep (written to ``out/lr_sweep.json``)."""
-        by_arch: dict[str, list[dict]] = {}
-        for job in self.lr_jobs():
-            log = _read_log(self.sae_dir(job.name))
-            if not log:
-                continue
-            last = log[-1]
-            by_arch.setdefault(self._arch_of(job.arch), []).append(
-                {"sae": job.name, "lr": job.lr, "fvu": last["fvu"], "l0": last["l0"]})
+        """``{arch: {"lr", "fvu", "l0", "runs", "rule"}}`` for every arch whose sweep has finished (also written to ``out/lr_sweep.json``)."""
         chosen = {}
-        for arch, runs in by_arch.items():
-            near = [r for r in runs if abs(r["l0"] - SWEEP_TARGET) <= 0.25 * SWEEP_TARGET and math.isfinite(r["fvu"])]
-            pool = near or [r for r in runs if math.isfinite(r["fvu"])] or runs
-            best = min(pool, key=lambda r: r["fvu"] if math.isfinite(r["fvu"]) else math.inf)
-            chosen[arch] = {"lr": best["lr"], "fvu": best["fvu"], "l0": best["l0"], "runs": runs,
-                            "rule": "lowest final train FVU among runs with L0 within 25% of 32" if near
-                            else "lowest final train FVU (no run within 25% of L0 32)"}
-        _write_json(self.cfg.out / "lr_sweep.json", {"target_l0": SWEEP_TARGET, "code": self.code, "archs": chosen})
+        for arch in dict.fromkeys(self._arch_of(v) for v in self.variants):
+            _, best = self.lr_jobs(arch)
+            if best is not None:
+                b = best.pop("best")
+                chosen[arch] = {"lr": b["lr"], "fvu": b["fvu"], "l0": b["l0"], **best}
+        _write_json(self.cfg.out / "lr_sweep.json", {"target_l0": SWEEP_TARGET, "code": self.code,
+                                                     "score": f"FVU and L0 averaged over the last {TAIL_FRAC:.0%} of steps",
+                                                     "archs": chosen})
         return chosen
 
     def matched_jobs(self, lrs: dict[str, dict]) -> list[Job]:
@@ -331,7 +408,7 @@ class Benchmark:
         from .evaluate.unlearning import UnlearnConfig, run_unlearning
 
         for n in names:
-            path = self.cfg.out / "unlearning" / f"{n}.json"
+            path = self.unlearning_path(n)
             if path.exists() or not self.done(n):
                 continue
             t0 = time.perf_counter()
@@ -343,6 +420,35 @@ class Benchmark:
                       f"in {time.perf_counter() - t0:.0f} s")
 
     # -- selection helpers ----------------------------------------------------------------
+    def unlearning_path(self, name: str) -> Path:
+        """Where SAE ``name``'s unlearning result goes."""
+        return self.cfg.out / "unlearning" / f"{name}.json"
+
+    @staticmethod
+    def _unlearned_published(job: Job) -> bool:
+        """Published points that get unlearning: seeds 000-002 claim a WMDP-bio score of 0.0."""
+        return job.arch.startswith(("seed000", "seed001", "seed002"))
+
+    def _needs_weights(self, job: Job) -> bool:
+        """True while a result that needs ``job``'s weights is missing (its core eval, or its unlearning run).
+
+        A matched SAE's unlearning is pending while its variant has none and it may be the one nearest
+        L0 32 (all unknown until every matched point of the variant is evaluated).
+        """
+        if not self.core_path(job.name).exists():
+            return True
+        if not self.cfg.unlearn or "unlearn" not in self.cfg.stages:
+            return False
+        if job.stage == "published":
+            return self._unlearned_published(job) and not self.unlearning_path(job.name).exists()
+        if job.stage != "matched" or job.arch in ABLATIONS:
+            return False
+        names = [f"{job.arch}-l0={t:g}" for t in self.cfg.targets]
+        if any(self.unlearning_path(n).exists() for n in names):
+            return False
+        evaluated = all(self.core_path(n).exists() for n in names)
+        return not evaluated or self.nearest_to(job.arch, SWEEP_TARGET) == job.name
+
     def core(self, name: str) -> dict | None:
         """The core result of SAE ``name``, or None."""
         path = self.core_path(name)
@@ -398,22 +504,26 @@ class Benchmark:
             self.harvest_store()
         # Arch by arch (sweep, then its variants at every target, then their evaluation), so a
         # session that stops mid-run leaves whole, evaluated units of results behind.
-        lrs = {}
         archs = list(dict.fromkeys(self._arch_of(v) for v in self.variants))
         for i, arch in enumerate(archs, 1):
-            sweep = [j for j in self.lr_jobs() if self._arch_of(j.arch) == arch]
-            if "lr" in stages:
-                self.echo(f"[2/8] lr sweep {i}/{len(archs)} {arch}: {len(sweep)} short runs")
-                for job in sweep:
-                    self.train_job(job)
-            lrs = self.chosen_lrs()
-            jobs = [j for j in self.matched_jobs(lrs) if self._arch_of(j.arch) == arch]
+            while "lr" in stages:
+                sweep, _ = self.lr_jobs(arch)
+                pending = [j for j in sweep if not self.recorded(j.name)]
+                if not pending:
+                    break
+                self.echo(f"[2/8] lr sweep {i}/{len(archs)} {arch}: {len(pending)} of {len(sweep)} short runs to do")
+                for job in pending:
+                    self.train_job(job, need_weights=False)
+            jobs = [j for j in self.matched_jobs(self.chosen_lrs()) if self._arch_of(j.arch) == arch]
             if "matched" in stages:
                 self.echo(f"[3/8] matched L0 {i}/{len(archs)} {arch}: {len(jobs)} SAEs")
                 for job in jobs:
-                    self.train_job(job)
+                    self.train_job(job, self._needs_weights(job))
             if "evaluate" in stages:
                 self.evaluate([j.name for j in jobs])
+            if "unlearn" in stages and cfg.unlearn:
+                variants = dict.fromkeys(j.arch for j in jobs if j.arch not in ABLATIONS)
+                self.unlearn([n for n in (self.nearest_to(v, SWEEP_TARGET) for v in variants) if n])
         lrs = self.chosen_lrs()
         published = self.published_jobs()
         if "published" in stages:
@@ -422,21 +532,18 @@ class Benchmark:
             group = published[g : g + cfg.eval_group]
             if "published" in stages:
                 for job in group:
-                    self.train_job(job)
+                    self.train_job(job, self._needs_weights(job))
             if "evaluate" in stages:
                 self.evaluate([j.name for j in group])
+            if "unlearn" in stages and cfg.unlearn:
+                self.unlearn([j.name for j in group if self._unlearned_published(j)])
         seeds = self.seed_jobs(self.best_seed_variant(), lrs)
         if "seeds" in stages:
             self.echo(f"[6/8] seeds: {len(seeds)} SAEs")
             for job in seeds:
-                self.train_job(job)
+                self.train_job(job, self._needs_weights(job))
             if "evaluate" in stages:
                 self.evaluate([j.name for j in seeds])
-        if "unlearn" in stages and cfg.unlearn:
-            names = [n for n in (self.nearest_to(v, SWEEP_TARGET) for v in self.variants if v not in ABLATIONS) if n]
-            names += [j.name for j in published if j.arch.startswith(("seed000", "seed001", "seed002"))]
-            self.echo(f"[7/8] unlearning: {len(names)} SAEs")
-            self.unlearn(names)
         if "report" in stages:
             self.echo("[8/8] report")
             from .benchmark_report import write_benchmark_report

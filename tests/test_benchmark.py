@@ -1,6 +1,7 @@
 """``saestrata benchmark`` end to end on the tiny model: stages, matched rows, resumability."""
 
 import json
+from dataclasses import asdict
 
 from saestrata.benchmark import Benchmark, BenchmarkConfig
 
@@ -19,7 +20,9 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     Benchmark(cfg, lines.append).run()  # interrupted after the lr sweep
     sweep = json.loads((cfg.out / "lr_sweep.json").read_text())
     assert set(sweep["archs"]) == {"topk", "standard"}
-    assert all(len(a["runs"]) == 3 for a in sweep["archs"].values())  # 0.5x, 1x, 2x the default lr
+    for a in sweep["archs"].values():  # 0.5x, 1x, 2x the default lr, more past an edge the best rate sits on
+        lrs = sorted(r["lr"] for r in a["runs"])
+        assert len(lrs) >= 3 and (len(lrs) == 5 or lrs[0] < a["lr"] < lrs[-1])
 
     lines.clear()
     cfg = _cfg(tiny_model_dir, tmp_path, targets=(3.0, 12.0), seeds=2)
@@ -45,6 +48,17 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     lines.clear()
     Benchmark(cfg, lines.append).run()  # everything done: nothing is trained or evaluated again
     assert not [l for l in lines if l.strip().startswith(("trained", "evaluated"))]
+
+    import shutil
+
+    shutil.rmtree(cfg.work / "runs")  # a fresh machine: out/ came from git, the weights did not
+    lines.clear()
+    Benchmark(cfg, lines.append).run()
+    assert not [l for l in lines if l.strip().startswith(("trained", "evaluated"))]
+    (cfg.out / "core" / "topk-l0=3.json").unlink()  # a result that needs the weights: only that SAE is redone
+    lines.clear()
+    Benchmark(cfg, lines.append).run()
+    assert [l.split()[1] for l in lines if l.strip().startswith("trained")] == ["topk-l0=3"]
 
 
 def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_path):
@@ -72,3 +86,43 @@ def test_finished_saes_of_other_settings_are_not_reused(tiny_model_dir, tmp_path
                   tokens_per_sae=8192)
     with pytest.raises(ValueError, match="tokens 1024 != 2048"):
         Benchmark(bigger, lambda _: None).run()
+
+
+def _record(bench, name: str, fvu: float, l0: float = 32.0) -> None:
+    """Fake a finished sweep run in ``out`` (what a fresh machine finds in git)."""
+    folder = bench.cfg.out / "saes" / name
+    folder.mkdir(parents=True)
+    (folder / "cfg.json").write_text("{}")
+    variant, mult = name[len("lr-"):].rsplit("-x", 1)
+    (folder / "job.json").write_text(json.dumps(asdict(bench._sweep_job(variant, float(mult)))))
+    lines = [{"step": s, "window": 25, "fvu": 9.9, "l0": 500.0} for s in (24, 49, 74)]  # early: ignored
+    lines.append({"step": 99, "window": 25, "fvu": fvu, "l0": l0})
+    (folder / "train_log.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
+
+
+def test_lr_sweep_grows_past_the_edge_the_best_rate_sits_on(tiny_model_dir, tmp_path):
+    from saestrata.benchmark import LR_EXTENSIONS
+
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"]), lambda _: None)
+    names = lambda: [j.name for j in bench.lr_jobs("topk")[0]]
+    assert names() == ["lr-topk-x0.5", "lr-topk-x1", "lr-topk-x2"] and bench.lr_jobs("topk")[1] is None
+    for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.2), ("lr-topk-x2", 0.1)):
+        _record(bench, name, fvu)
+    assert names()[-1] == "lr-topk-x4"  # best at the top edge: one more, twice as large
+    _record(bench, "lr-topk-x4", 0.05)
+    assert names()[-1] == "lr-topk-x8"
+    _record(bench, "lr-topk-x8", 0.04)
+    jobs, chosen = bench.lr_jobs("topk")
+    assert LR_EXTENSIONS == 2 and len(jobs) == 5 and chosen["best"]["sae"] == "lr-topk-x8"  # limit reached
+    assert bench.chosen_lrs()["topk"]["fvu"] == 0.04  # the last 10% of steps only, not the early lines
+
+
+def test_lr_sweep_stops_when_the_best_rate_is_inside_and_prefers_runs_at_the_target(tiny_model_dir, tmp_path):
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["standard"]), lambda _: None)
+    # x0.5 has the lowest FVU but landed at L0 60 (not within 25% of 32): the rule must not pick it.
+    for name, fvu, l0 in (("lr-standard-x0.5", 0.1, 60.0), ("lr-standard-x1", 0.3, 30.0),
+                          ("lr-standard-x2", 0.4, 34.0)):
+        _record(bench, name, fvu, l0)
+    jobs, chosen = bench.lr_jobs("standard")
+    assert len(jobs) == 3 and chosen["best"]["sae"] == "lr-standard-x1"
+    assert chosen["rule"].startswith("lowest FVU among runs with L0 within 25%")

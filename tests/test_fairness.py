@@ -8,6 +8,7 @@ Each test here failed on the code before the fix it guards:
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -81,13 +82,34 @@ def test_l0_controller_moves_towards_the_target():
     for step in range(2, 50):
         ctl.update(step, 100.0)
     assert ctl.multiplier > 2.0  # L0 too high -> stronger penalty
+    ctl.update(50, 100.0)
     frozen = ctl.multiplier
-    ctl.update(60, 100.0)
-    assert ctl.multiplier == frozen  # after stop: frozen
+    assert frozen == pytest.approx(math.exp(48 * ctl.gain))  # the integral part only: 48 clipped errors of 1
+    ctl.update(60, 1.0)
+    assert ctl.multiplier == frozen  # after stop: frozen, whatever L0 does
     low = L0Controller(target=10, start=0, stop=10)
     for step in range(10):
         low.update(step, 1.0)
     assert low.multiplier < 1.0
+
+
+def test_l0_controller_damps_a_lagging_response():
+    """A plant that answers the penalty only after a lag: the PI rule settles, the pure integral rule still swings.
+
+    Model: log L0 follows ``log(L0_0) - log(multiplier)`` through a first-order lag of 80 steps
+    (an SAE at low lr); the error band is measured over the last quarter of the control window.
+    """
+    def swing(proportional: float) -> float:
+        ctl = L0Controller(target=32, start=0, stop=400, gain=0.04, proportional=proportional)
+        log_l0, seen = math.log(1000.0), []
+        for step in range(400):
+            ctl.update(step, math.exp(log_l0))
+            log_l0 += (math.log(1000.0) - 1.5 * ctl.log_mult - log_l0) / 80.0
+            seen.append(log_l0)
+        tail = seen[300:]
+        return max(tail) - min(tail)
+
+    assert swing(1.0) < 0.2 < swing(0.0)
 
 
 def test_target_l0_calibrates_a_penalty_arch_and_sets_k(tiny_store, tmp_path):

@@ -152,23 +152,31 @@ class L0Controller:
     The trainer sets ``sae.sparsity_scale = warmup(step) * multiplier``; every penalty arch
     scales all its sparsity terms by ``sparsity_scale`` (train/base.py), so one generic knob
     calibrates them all. After the sparsity warmup and until the lr decay starts, each step
-    moves ``log(multiplier)`` by ``gain * clip(log((L0 + 1) / (target + 1)), -1, 1)`` (integral
-    control on the batch L0); then the multiplier is frozen, so the last ``decay_frac`` of
-    training runs at a fixed objective. The final L0 lands near, not at, the target: the
-    benchmark trains points on both sides of each target and interpolates in log L0
-    (``report --matched-l0``). TopK-family archs (``sparsity_control == "k"``) take
-    ``k = round(target)`` instead.
+    feeds the batch's error ``e = clip(log((L0 + 1) / (target + 1)), -1, 1)`` to a PI controller
+    in log space: ``integral += gain * e``, ``log(multiplier) = integral + proportional * e``.
+    Then the multiplier is frozen at ``exp(integral)``, so the last ``decay_frac`` of training
+    runs at a fixed objective. The proportional term damps the loop: the SAE answers a new
+    penalty only after a lag of ~1/lr steps, and a pure integral controller (``proportional=0``,
+    the rule before 2026-12-01) oscillated in 256-step runs at low lr (benchmark lr sweep:
+    batch L0 swinging 5-130 around a target of 32 at 0.5x the default lr).
+    The final L0 lands near, not at, the target: the benchmark trains points on both sides of
+    each target and interpolates in log L0 (``report --matched-l0``). TopK-family archs
+    (``sparsity_control == "k"``) take ``k = round(target)`` instead.
 
     Args:
         target: mean active latents per token wanted (> 0).
         start, stop: 0-based steps between which the multiplier moves.
-        gain: step size in log space; default ``max(0.02, 8 / (stop - start))``, so that even a
+        gain: integral step size in log space; default ``max(0.02, 8 / (stop - start))``, so that even a
             short run can move the multiplier by e^8 (a 10x miss moves it e^1 in <= 50 steps).
+        proportional: weight of the instantaneous error (log units per unit of ``e``).
     """
 
-    def __init__(self, target: float, start: int, stop: int, gain: float | None = None):
+    def __init__(self, target: float, start: int, stop: int, gain: float | None = None,
+                 proportional: float = 1.0):
         self.target, self.start, self.stop = float(target), start, stop
         self.gain = gain if gain is not None else max(0.02, 8.0 / max(1, stop - start))
+        self.proportional = proportional
+        self.integral = 0.0
         self.log_mult = 0.0
         self.updates = 0
 
@@ -178,19 +186,23 @@ class L0Controller:
         return math.exp(self.log_mult)
 
     def update(self, step: int, l0: float) -> None:
-        """Feed the batch L0 of 0-based ``step``; moves the multiplier inside ``[start, stop)``."""
+        """Feed the batch L0 of 0-based ``step``; moves the multiplier inside ``[start, stop)``, freezes it after."""
         if self.start <= step < self.stop and math.isfinite(l0):
-            err = math.log((l0 + 1.0) / (self.target + 1.0))
-            self.log_mult = min(30.0, max(-30.0, self.log_mult + self.gain * max(-1.0, min(1.0, err))))
+            err = max(-1.0, min(1.0, math.log((l0 + 1.0) / (self.target + 1.0))))
+            self.integral = min(30.0, max(-30.0, self.integral + self.gain * err))
+            self.log_mult = self.integral + self.proportional * err
             self.updates += 1
+        elif step >= self.stop:
+            self.log_mult = self.integral  # frozen without the last batch's (noisy) proportional part
 
     def state(self) -> dict:
         """Checkpointable state."""
-        return {"log_mult": self.log_mult, "updates": self.updates}
+        return {"log_mult": self.log_mult, "integral": self.integral, "updates": self.updates}
 
     def load(self, state: dict) -> None:
         """Restore :meth:`state`."""
         self.log_mult, self.updates = state["log_mult"], state["updates"]
+        self.integral = state.get("integral", self.log_mult)
 
 
 class _Slot:
