@@ -119,6 +119,8 @@ def test_target_l0_calibrates_a_penalty_arch_and_sets_k(tiny_store, tmp_path):
     out = _train(tiny_store, tmp_path / "run", specs, steps=120, lr=3e-3)
     free, cal = _log(out["free"]), _log(out["calibrated"])
     assert cal[-1]["counters"]["sparsity_multiplier"] > 1.0
+    warm = max(1, int(0.05 * 120))  # TrainConfig.sparsity_warmup_frac: the controller acts from there to the last step
+    assert cal[-1]["counters"]["l0_control_updates"] == 120 - warm
     assert cal[-1]["l0"] < 0.5 * free[-1]["l0"]
     assert abs(cal[-1]["l0"] - 4) < abs(free[-1]["l0"] - 4)
     cfg = json.loads((out["topk"] / "cfg.json").read_text())
