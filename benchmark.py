@@ -53,8 +53,9 @@ ROOT = Path(__file__).resolve().parent
 TOKENS_ALL = 2_000_000  # more than the embedded train split holds: the harvester stops at its end
 LR_MULTIPLIERS = (0.5, 1.0, 2.0)
 # When the best rate is at an edge of the grid, the grid grows by a factor 2 on that side, at most
-# this many times (so the sweep can reach 8x or 1/8x the default): a rate at the edge is not tuned.
-LR_EXTENSIONS = 2
+# this many times (so the sweep can reach 32x or 1/32x the default): a rate at the edge is not tuned.
+# (2 was too few: standard's best rate was still the largest, 8x, on 2026-12-01.)
+LR_EXTENSIONS = 4
 TAIL_FRAC = 0.1  # sweep runs are scored on their last 10% of steps: one log window is too noisy
 SWEEP_TARGET = 32.0
 PUBLISHED = ("standard",)  # baselines that also get an "as published" point (their default settings)

@@ -3,7 +3,7 @@
 import json
 from dataclasses import asdict
 
-from saestrata.benchmark import Benchmark, BenchmarkConfig
+from saestrata.benchmark import LR_EXTENSIONS, Benchmark, BenchmarkConfig
 
 
 def _cfg(tiny_model_dir, tmp_path, **kw):
@@ -22,7 +22,7 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     assert set(sweep["archs"]) == {"topk", "standard"}
     for a in sweep["archs"].values():  # 0.5x, 1x, 2x the default lr, more past an edge the best rate sits on
         lrs = sorted(r["lr"] for r in a["runs"])
-        assert len(lrs) >= 3 and (len(lrs) == 5 or lrs[0] < a["lr"] < lrs[-1])
+        assert len(lrs) >= 3 and (len(lrs) == 3 + LR_EXTENSIONS or lrs[0] < a["lr"] < lrs[-1])
 
     lines.clear()
     cfg = _cfg(tiny_model_dir, tmp_path, targets=(3.0, 12.0), seeds=2)
@@ -101,20 +101,20 @@ def _record(bench, name: str, fvu: float, l0: float = 32.0) -> None:
 
 
 def test_lr_sweep_grows_past_the_edge_the_best_rate_sits_on(tiny_model_dir, tmp_path):
-    from saestrata.benchmark import LR_EXTENSIONS
-
     bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"]), lambda _: None)
     names = lambda: [j.name for j in bench.lr_jobs("topk")[0]]
     assert names() == ["lr-topk-x0.5", "lr-topk-x1", "lr-topk-x2"] and bench.lr_jobs("topk")[1] is None
     for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.2), ("lr-topk-x2", 0.1)):
         _record(bench, name, fvu)
-    assert names()[-1] == "lr-topk-x4"  # best at the top edge: one more, twice as large
-    _record(bench, "lr-topk-x4", 0.05)
-    assert names()[-1] == "lr-topk-x8"
-    _record(bench, "lr-topk-x8", 0.04)
+    fvu = 0.1
+    for i in range(LR_EXTENSIONS):  # best at the top edge each time: one more, twice as large
+        mult = 2 ** (i + 2)
+        assert names()[-1] == f"lr-topk-x{mult}"
+        fvu *= 0.5
+        _record(bench, f"lr-topk-x{mult}", fvu)
     jobs, chosen = bench.lr_jobs("topk")
-    assert LR_EXTENSIONS == 2 and len(jobs) == 5 and chosen["best"]["sae"] == "lr-topk-x8"  # limit reached
-    assert bench.chosen_lrs()["topk"]["fvu"] == 0.04  # the last 10% of steps only, not the early lines
+    assert len(jobs) == 3 + LR_EXTENSIONS and chosen["best"]["sae"] == f"lr-topk-x{mult}"  # limit reached
+    assert bench.chosen_lrs()["topk"]["fvu"] == fvu  # the last 10% of steps only, not the early lines
 
 
 def test_lr_sweep_stops_when_the_best_rate_is_inside_and_prefers_runs_at_the_target(tiny_model_dir, tmp_path):
