@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..store import StoreError, StoreWriter
-from ..store.format import FORMAT_VERSION, committed_tokens, shard_bounds, to_stored
+from ..store.format import FORMAT_VERSION, ActivationStats, committed_tokens, shard_bounds, to_stored
 from ..store.reader import prefetch
 from ..store.writer import is_empty_store_dir
 from .hooks import residuals
@@ -56,40 +56,6 @@ class HarvestConfig:
     extra_attrs: dict = field(default_factory=dict)
     workers: int = 0  # >0: shard writers on a dask LocalCluster of this many processes (harvest/parallel.py)
     scheduler: str | None = None  # address of an existing dask scheduler (workers must see ``out``)
-
-
-class _Stats:
-    """Running per-hook statistics of non-BOS activations (float64 accumulators)."""
-
-    def __init__(self):
-        self.n, self.norm_sum, self.sq_sum, self.max_abs = 0, 0.0, 0.0, 0.0
-
-    def update(self, acts: torch.Tensor) -> None:
-        """Add ``acts`` ``[n, d_model]`` (any float dtype) to the running sums."""
-        acts = acts.float()
-        norms = acts.norm(dim=-1)
-        self.n += len(acts)
-        self.norm_sum += float(norms.double().sum())
-        self.sq_sum += float((norms.double() ** 2).sum())
-        if len(acts):
-            self.max_abs = max(self.max_abs, float(acts.abs().max()))
-
-    def record(self) -> list:
-        """``[n, norm_sum, sq_sum, max_abs]``: the JSON-exact state, committed with each shard."""
-        return [self.n, self.norm_sum, self.sq_sum, self.max_abs]
-
-    def merge(self, record: list) -> None:
-        """Add the state of another :meth:`record` (e.g. one shard's)."""
-        n, norm_sum, sq_sum, max_abs = record
-        self.n += int(n)
-        self.norm_sum += float(norm_sum)
-        self.sq_sum += float(sq_sum)
-        self.max_abs = max(self.max_abs, float(max_abs))
-
-    def as_dict(self) -> dict:
-        """``{"n", "mean_norm", "rms_norm", "max_abs"}`` in activation units."""
-        n = max(self.n, 1)
-        return {"n": self.n, "mean_norm": self.norm_sum / n, "rms_norm": math.sqrt(self.sq_sum / n), "max_abs": self.max_abs}
 
 
 def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = True) -> Path:
@@ -270,7 +236,7 @@ def shard_payload(
     Returns:
         ``(acts, aligned, record)``: ``acts`` ``{hook: [n, d_model]}`` in the stored dtype,
         ``aligned`` ``{"token_ids", "doc_index", "position"}`` each ``[n]``, and ``record``
-        ``{hook: _Stats.record()}`` over the shard's non-BOS tokens (``n = len(rows) * ctx``).
+        ``{hook: ActivationStats.record()}`` over the shard's non-BOS tokens (``n = len(rows) * ctx``).
 
     Raises:
         FloatingPointError: NaN/Inf activations (nothing of the shard is written).
@@ -284,7 +250,7 @@ def shard_payload(
     for layer, hook in zip(layers, hooks):
         if not torch.isfinite(acts[layer]).all():
             raise FloatingPointError(f"non-finite activations at {hook} in shard {shard}: check --dtype / the model")
-        stats = _Stats()
+        stats = ActivationStats()
         stats.update(acts[layer][not_bos])
         record[hook] = stats.record()
     stored = {hook: to_stored(acts[layer]) for layer, hook in zip(layers, hooks)}
@@ -293,13 +259,9 @@ def shard_payload(
     return stored, aligned, record
 
 
-def _merge_stats(records: dict[int, dict], hooks: list[str]) -> dict[str, "_Stats"]:
+def _merge_stats(records: dict[int, dict], hooks: list[str]) -> dict[str, ActivationStats]:
     """Per-hook statistics over all shards, merged in shard order (same result however the run was split)."""
-    stats = {h: _Stats() for h in hooks}
-    for record in records.values():
-        for hook in hooks:
-            stats[hook].merge(record[hook])
-    return stats
+    return {h: ActivationStats.merged(records, h) for h in hooks}
 
 
 def _forward_rows(lm: LoadedModel, rows: list[Row], layers: list[int], batch_rows: int) -> dict[int, torch.Tensor]:

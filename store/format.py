@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,55 @@ _STORED_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.flo
 
 class StoreError(ValueError):
     """Raised for a missing, corrupt, half-written or mismatched store."""
+
+
+class ActivationStats:
+    """Running per-hook statistics of non-BOS activations (float64 accumulators).
+
+    Each shard's state (:meth:`record`) is committed with the shard in
+    ``attrs["shard_records"][str(shard)][hook]``; the harvest merges them into
+    ``attrs["activation_stats"]`` when it finishes, and a reader of a half-written store
+    merges the committed prefix's (:meth:`merged`). Units: activation units (``mean_norm``,
+    ``rms_norm``: L2 norms over ``d_model``; ``max_abs``: largest ``|entry|``).
+    """
+
+    def __init__(self):
+        self.n, self.norm_sum, self.sq_sum, self.max_abs = 0, 0.0, 0.0, 0.0
+
+    def update(self, acts: torch.Tensor) -> None:
+        """Add ``acts`` ``[n, d_model]`` (any float dtype) to the running sums."""
+        acts = acts.float()
+        norms = acts.norm(dim=-1)
+        self.n += len(acts)
+        self.norm_sum += float(norms.double().sum())
+        self.sq_sum += float((norms.double() ** 2).sum())
+        if len(acts):
+            self.max_abs = max(self.max_abs, float(acts.abs().max()))
+
+    def record(self) -> list:
+        """``[n, norm_sum, sq_sum, max_abs]``: the JSON-exact state, committed with each shard."""
+        return [self.n, self.norm_sum, self.sq_sum, self.max_abs]
+
+    def merge(self, record: list) -> None:
+        """Add the state of another :meth:`record` (e.g. one shard's)."""
+        n, norm_sum, sq_sum, max_abs = record
+        self.n += int(n)
+        self.norm_sum += float(norm_sum)
+        self.sq_sum += float(sq_sum)
+        self.max_abs = max(self.max_abs, float(max_abs))
+
+    @classmethod
+    def merged(cls, records: dict, hook: str) -> "ActivationStats":
+        """``hook``'s statistics over ``records`` (``{shard: {hook: record}}``), merged in shard order."""
+        stats = cls()
+        for shard in sorted(records, key=int):
+            stats.merge(records[shard][hook])
+        return stats
+
+    def as_dict(self) -> dict:
+        """``{"n", "mean_norm", "rms_norm", "max_abs"}`` in activation units."""
+        n = max(self.n, 1)
+        return {"n": self.n, "mean_norm": self.norm_sum / n, "rms_norm": math.sqrt(self.sq_sum / n), "max_abs": self.max_abs}
 
 
 def stored_dtype(logical: str) -> np.dtype:

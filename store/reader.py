@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import zarr
 
-from .format import FORMAT_NAME, StoreError, from_stored, shard_key
+from .format import FORMAT_NAME, ActivationStats, StoreError, from_stored, shard_key
 from .memmap import MemmapArray
 
 
@@ -50,6 +50,7 @@ class ActivationStore:
 
     def __init__(self, path: str | Path, allow_partial: bool = False):
         self.path = Path(path)
+        self.allow_partial = allow_partial
         if not (self.path / "zarr.json").exists():
             raise StoreError(f"{self.path} is not an activation store (no zarr.json): run 'saestrata harvest' first")
         try:
@@ -191,11 +192,25 @@ class ActivationStore:
         return self._maps[name]
 
     def stats(self, hook: str) -> dict:
-        """Per-hook activation statistics recorded at harvest (``mean_norm``, ``max_abs``, ...)."""
+        """Per-hook activation statistics (``n``, ``mean_norm``, ``rms_norm``, ``max_abs``, activation units).
+
+        A finished store's are those the harvest recorded over every shard. A store opened with
+        ``allow_partial`` that is still half-written gets them merged from the per-shard records of
+        its readable (committed) prefix, with ``"partial": True``.
+
+        Raises:
+            StoreError: no statistics (a half-written store opened without ``allow_partial``, or
+                shards committed without records).
+        """
         stats = self.attrs.get("activation_stats", {}).get(hook)
-        if stats is None:
-            raise StoreError(f"{self.path} has no activation statistics for {hook}: the harvest did not finish")
-        return stats
+        if stats is not None:
+            return stats
+        records = self.attrs.get("shard_records", {})
+        prefix = {k: v for k, v in records.items() if int(k) * self.attrs["shard_tokens"] < self.n_tokens}
+        if self.allow_partial and prefix and all(hook in r for r in prefix.values()):
+            return {**ActivationStats.merged(prefix, hook).as_dict(), "partial": True}
+        raise StoreError(f"{self.path} has no activation statistics for {hook}: the harvest did not finish; "
+                         "resume it, or open the store with --allow-partial to use its committed shards")
 
 
 def shuffled_batches(

@@ -70,6 +70,33 @@ def test_half_written_store_needs_allow_partial(scratch):
     assert torch.equal(store.activations(HOOKS[1]).view(torch.int16), acts[HOOKS[1]][:64].view(torch.int16))
 
 
+def test_half_written_store_gives_statistics_of_its_committed_prefix(scratch, tiny_store):
+    """``--allow-partial`` training needs ``mean_norm``: merged from the shard records of the readable prefix."""
+    from saestrata.store.format import ActivationStats
+
+    gen = torch.Generator().manual_seed(3)
+    acts = (torch.randn(96, D, generator=gen) * 7).to(torch.bfloat16)
+    writer = StoreWriter(scratch / "p.zarr", HOOKS[:1], D, 96, shard_tokens=32, chunk_tokens=8, dtype="bfloat16",
+                         attrs={"bos_token_id": 2}, identity={"name": "unit"})
+    for shard in (0, 1, 2):
+        if shard == 1:
+            continue  # shard 2 is committed but not readable: the prefix stops at the gap
+        part = acts[shard * 32 : shard * 32 + 32]
+        stats = ActivationStats()
+        stats.update(part)
+        writer.write_shard(shard, {HOOKS[0]: to_stored(part)}, _aligned(shard * 32, shard * 32 + 32),
+                           record={HOOKS[0]: stats.record()})
+    with pytest.raises(StoreError, match="--allow-partial"):
+        ActivationStore(scratch / "p.zarr", allow_partial=True).stats("no.such.hook")
+    got = ActivationStore(scratch / "p.zarr", allow_partial=True).stats(HOOKS[0])
+    norms = acts[:32].double().norm(dim=-1)  # the readable prefix, computed here independently
+    assert got["partial"] is True and got["n"] == 32
+    assert got["mean_norm"] == pytest.approx(float(norms.mean()), rel=1e-12)
+    assert got["max_abs"] == float(acts[:32].float().abs().max())
+    finished = ActivationStore(tiny_store)  # a finished store keeps the harvest's own record
+    assert "partial" not in finished.stats(finished.hooks[0])
+
+
 def test_all_zero_shard_is_written_not_skipped(scratch):
     """zarr skips fill-valued chunks by default; the writer must not, or verify would see a missing shard."""
     _write(scratch / "s.zarr", "float32")  # doc_index is all zeros == fill value
