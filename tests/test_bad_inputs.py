@@ -482,6 +482,10 @@ def test_harvest_ctrl_c_leaves_partial_store_that_resumes(ws, tiny_model_dir, mo
     with pytest.raises(StoreError, match="half-written|not complete|partial"):
         ActivationStore(ws / "new_store")  # the partial store is not counted as a store
     assert ActivationStore(ws / "new_store", allow_partial=True).n_tokens > 0  # committed shards were kept
+    train = [a.format(ws=ws) for a in T]
+    train[train.index("--store") + 1] = str(ws / "new_store")
+    trained = CliRunner().invoke(main, train + ["--allow-partial", "--arch", "topk", "--tokens", "256"])
+    assert trained.exit_code == 0, trained.output  # the committed prefix trains (its shard records give the stats)
     monkeypatch.setattr(saestrata.harvest.harvester, "shard_payload", real)
     done = CliRunner().invoke(main, args)  # same process: the writer's lock was released
     assert done.exit_code == 0, done.output
