@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..device import resolve_device
+from ..device import resolve_device, to_device
 from ..store import ActivationStore, StoreError, sequence_batches, shuffled_batches
 from .base import SAE
 from .checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, rng_state, run_identity,
@@ -170,15 +170,18 @@ class L0Controller:
     Args:
         target: mean active latents per token wanted (> 0).
         start, stop: 0-based steps between which the multiplier moves.
-        gain: integral step size in log space; default ``max(0.02, 8 / (stop - start))``, so that even a
-            short run can move the multiplier by e^8 (a 10x miss moves it e^1 in <= 50 steps).
+        gain: integral step size in log space; default ``max(0.05, 8 / (stop - start))``, so that even a
+            short run can move the multiplier by e^8 (a 10x miss moves it e^1 in <= 20 steps). The
+            floor sets how closely L0 follows a target whose penalty keeps drifting as the SAE learns
+            (a PI loop lags a ramp by ramp / gain): measured on standard, 1024 steps, target 40,
+            lr 32x the default, final L0 47.7 with a floor of 0.02, 43.4 with 0.05.
         proportional: weight of the instantaneous error (log units per unit of ``e``).
     """
 
     def __init__(self, target: float, start: int, stop: int, gain: float | None = None,
                  proportional: float = 1.0):
         self.target, self.start, self.stop = float(target), start, stop
-        self.gain = gain if gain is not None else max(0.02, 8.0 / max(1, stop - start))
+        self.gain = gain if gain is not None else max(0.05, 8.0 / max(1, stop - start))
         self.proportional = proportional
         self.integral = 0.0
         self.log_mult = 0.0
@@ -356,7 +359,7 @@ def _feed(store: ActivationStore, hook: str, cfg: TrainConfig, scale: float, dev
     stream of whole context rows ``(acts [R, T, d_in], doc_index [R, T], valid [R, T])``
     (``R = batch_size // context_length``; ``valid`` = not BOS) for the sequence SAEs only.
     """
-    tokens = (x.to(device).float() * scale for x in shuffled_batches(store, hook, cfg.batch_size, seed=cfg.seed))
+    tokens = (to_device(x, device).float() * scale for x in shuffled_batches(store, hook, cfg.batch_size, seed=cfg.seed))
     if not sequences:
         for x in tokens:
             yield x, None
@@ -364,9 +367,9 @@ def _feed(store: ActivationStore, hook: str, cfg: TrainConfig, scale: float, dev
     n_rows = max(1, cfg.batch_size // int(store.attrs["context_length"]))
     bos = store.attrs.get("bos_token_id")
     for x, (acts, doc_index, token_ids) in zip(tokens, sequence_batches(store, hook, n_rows, seed=cfg.seed)):
-        acts = acts.to(device).float() * scale
-        valid = (token_ids != bos if bos is not None else torch.ones_like(token_ids, dtype=torch.bool)).to(device)
-        yield x, (acts, doc_index.to(device), valid)
+        acts = to_device(acts, device).float() * scale
+        valid = to_device(token_ids != bos if bos is not None else torch.ones_like(token_ids, dtype=torch.bool), device)
+        yield x, (acts, to_device(doc_index, device), valid)
 
 
 def _hparams(spec: SAESpec, d_sae: int) -> dict:
