@@ -67,10 +67,25 @@ def _matched(bench, variant: str, l0: float, seed: int = 0) -> dict | None:
     return row
 
 
+def swept_lr(bench, variant: str) -> str:
+    """``variant``'s arch's swept lr as a multiple of the default (``"x4"``), ``"x32 (edge)"`` when the sweep
+    stopped at its limit with the best rate still on the grid's edge, ``"-"`` before the sweep finished."""
+    from .train.trainer import default_lr
+
+    arch = bench._arch_of(variant)
+    _, best = bench.lr_jobs(arch)
+    if best is None:
+        return "-"
+    lrs = [r["lr"] for r in best["runs"]]
+    edge = best["best"]["lr"] in (min(lrs), max(lrs))
+    return f"x{best['best']['lr'] / default_lr(bench.cfg.d_sae):g}{' (edge)' if edge else ''}"
+
+
 def matched_table(bench) -> tuple[str, list[dict]]:
-    """Markdown table: every variant at L0 32 and 64, plus its unlearning score (SAE nearest L0 32)."""
+    """Markdown table: every variant at L0 32 and 64, plus its unlearning score (SAE nearest L0 32) and swept lr."""
     rows = []
     for v in bench.variants:
+        lr = swept_lr(bench, v)
         unl_sae = bench.nearest_to(v, 32.0)
         for l0 in MATCHED_AT:
             m = _matched(bench, v, l0)
@@ -78,16 +93,16 @@ def matched_table(bench) -> tuple[str, list[dict]]:
                                                                            "kl_div_score", "dead_frac",
                                                                            "train_tokens_per_s", "between", "files")}
                                                     if m else {}),
-                         "unlearning_score": _unlearning(bench, unl_sae) if l0 == 32.0 else None,
+                         "lr": lr, "unlearning_score": _unlearning(bench, unl_sae) if l0 == 32.0 else None,
                          "unlearning_sae": unl_sae if l0 == 32.0 else None})
-    lines = ["| variant | L0 | EV | CE loss score | KL score | dead frac | unlearning (SAE nearest L0 32) | train tok/s | from |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | L0 | EV | CE loss score | KL score | dead frac | unlearning (SAE nearest L0 32) | lr (x default) | train tok/s | from |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ce_loss_score" not in r:
-            lines.append(f"| {r['variant']} | {r['l0']:g} | not bracketed by its trained points | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['l0']:g} | not bracketed by its trained points | | | | | {r['lr']} | | |")
             continue
         lines.append(f"| {r['variant']} | {r['l0']:g} | {_num(r['explained_variance'])} | {_num(r['ce_loss_score'])} | "
-                     f"{_num(r['kl_div_score'])} | {_num(r['dead_frac'])} | {_num(r['unlearning_score'])} | "
+                     f"{_num(r['kl_div_score'])} | {_num(r['dead_frac'])} | {_num(r['unlearning_score'])} | {r['lr']} | "
                      f"{_num(r['train_tokens_per_s'], ',.0f')} | {r['between']} |")
     return "\n".join(lines), rows
 
