@@ -239,6 +239,24 @@ def test_matches_brute_force_on_the_tiny_store(tiny_store, tmp_path):
     assert torch.equal(coll.fire_count, (f > 0).sum(0))
 
 
+def test_the_store_gives_the_same_top_examples_as_re_running_the_lm(tiny_store, tiny_model_dir, tmp_path):
+    """bench/inspect_vs_lm.py on the tiny model: the peers' way (LM forward again) finds the same examples."""
+    import json
+    import subprocess
+    import sys
+
+    sae = build("topk", 64, 96, k=8, seed=5).eval()
+    save_sae(sae, tmp_path / "sae", {"hook_name": "blocks.2.hook_resid_post", "layer": 2})
+    script = Path(__file__).resolve().parents[1] / "bench" / "inspect_vs_lm.py"
+    done = subprocess.run([sys.executable, str(script), "--sae", str(tmp_path / "sae"), "--store", str(tiny_store),
+                           "--tokens", "4096", "--latents", "50", "--top-k", "5", "--model", str(tiny_model_dir),
+                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["latents_compared"] == 50 and r["max_rel_activation_diff_shared"] < 1e-6
+    assert r["differing_latents"] == r["differing_latents_explained_by_ties"]  # any difference is a tie at the k-th value
+
+
 # ----------------------------------------------------------------------------- the browser
 def _chromium() -> str | None:
     """A Chromium binary: on PATH, else installed with apt-get (Debian ``chromium``) when we are root."""
