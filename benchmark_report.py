@@ -43,13 +43,28 @@ def _core_row(bench, name: str, variant: str) -> dict | None:
             "file": f"core/{name}.json"}
 
 
-def _unlearning(bench, name: str | None) -> float | None:
+LOOSE_RETAIN = 0.95  # the looser retain bar of unlearning_score_retain95 (SAEBench's own bar: 0.99)
+
+
+def _unlearning(bench, name: str | None, retain: float | None = None) -> float | None:
+    """SAEBench's ``unlearning_score`` of SAE ``name`` (None if not run); with ``retain``, the same rule
+    (1 - forget accuracy of the best selected-latent setting) with a looser retain-accuracy bar.
+
+    SAEBench keeps only settings with retain accuracy >= 0.99; with ~130 known retain questions one
+    wrong answer more than allowed fails a setting, so most SAEs here score 0.0 while their clamps do
+    lower forget accuracy. ``retain=0.95`` (reported as its own column, not under SAEBench's key) shows that.
+    """
     if not name:
         return None
     path = bench.cfg.out / "unlearning" / f"{name}.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text())["eval_result_metrics"]["unlearning"]["unlearning_score"]
+    data = json.loads(path.read_text())
+    if retain is None:
+        return data["eval_result_metrics"]["unlearning"]["unlearning_score"]
+    ok = [1.0 - d["forget_accuracy"] for d in data["eval_result_details"]
+          if d["kind"] == "selected" and d["retain_accuracy"] >= retain]
+    return max(ok, default=0.0)
 
 
 def _matched(bench, variant: str, l0: float, seed: int = 0) -> dict | None:
@@ -94,15 +109,18 @@ def matched_table(bench) -> tuple[str, list[dict]]:
                                                                            "train_tokens_per_s", "between", "files")}
                                                     if m else {}),
                          "lr": lr, "unlearning_score": _unlearning(bench, unl_sae) if l0 == 32.0 else None,
+                         "unlearning_score_retain95": _unlearning(bench, unl_sae, LOOSE_RETAIN) if l0 == 32.0 else None,
                          "unlearning_sae": unl_sae if l0 == 32.0 else None})
-    lines = ["| variant | L0 | EV | CE loss score | KL score | dead frac | unlearning (SAE nearest L0 32) | lr (x default) | train tok/s | from |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | L0 | EV | CE loss score | KL score | dead frac | unlearning (SAE nearest L0 32) | "
+             "unlearning at retain >= 0.95 | lr (x default) | train tok/s | from |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ce_loss_score" not in r:
-            lines.append(f"| {r['variant']} | {r['l0']:g} | not bracketed by its trained points | | | | | {r['lr']} | | |")
+            lines.append(f"| {r['variant']} | {r['l0']:g} | not bracketed by its trained points | | | | | | {r['lr']} | | |")
             continue
         lines.append(f"| {r['variant']} | {r['l0']:g} | {_num(r['explained_variance'])} | {_num(r['ce_loss_score'])} | "
-                     f"{_num(r['kl_div_score'])} | {_num(r['dead_frac'])} | {_num(r['unlearning_score'])} | {r['lr']} | "
+                     f"{_num(r['kl_div_score'])} | {_num(r['dead_frac'])} | {_num(r['unlearning_score'])} | "
+                     f"{_num(r['unlearning_score_retain95'])} | {r['lr']} | "
                      f"{_num(r['train_tokens_per_s'], ',.0f')} | {r['between']} |")
     return "\n".join(lines), rows
 

@@ -1,6 +1,8 @@
 """``saestrata benchmark`` end to end on the tiny model: stages, matched rows, resumability."""
 
 import json
+
+import pytest
 from dataclasses import asdict
 
 from saestrata.benchmark import LR_EXTENSIONS, Benchmark, BenchmarkConfig
@@ -126,3 +128,20 @@ def test_lr_sweep_stops_when_the_best_rate_is_inside_and_prefers_runs_at_the_tar
     jobs, chosen = bench.lr_jobs("standard")
     assert len(jobs) == 3 and chosen["best"]["sae"] == "lr-standard-x1"
     assert chosen["rule"].startswith("lowest FVU among runs with L0 within 25%")
+
+
+def test_unlearning_at_a_looser_retain_bar_is_its_own_number(tiny_model_dir, tmp_path):
+    from saestrata.benchmark_report import _unlearning
+
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"]), lambda _: None)
+    details = [{"kind": "selected", "forget_accuracy": 0.6, "retain_accuracy": 0.97},  # fails 0.99, passes 0.95
+               {"kind": "selected", "forget_accuracy": 0.9, "retain_accuracy": 1.0},
+               {"kind": "selected", "forget_accuracy": 0.1, "retain_accuracy": 0.5},  # fails both
+               {"kind": "random", "forget_accuracy": 0.2, "retain_accuracy": 0.96}]  # control: never counted
+    path = bench.cfg.out / "unlearning" / "topk-l0=3.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"eval_result_metrics": {"unlearning": {"unlearning_score": 0.1}},
+                                "eval_result_details": details}))
+    assert _unlearning(bench, "topk-l0=3") == 0.1  # SAEBench's key, as written
+    assert _unlearning(bench, "topk-l0=3", 0.95) == pytest.approx(0.4)
+    assert _unlearning(bench, "topk-l0=3", 0.99) == pytest.approx(0.1)
