@@ -143,6 +143,7 @@ def inspect_sae(cfg: InspectConfig, lm=None, model: str | None = None, device: s
         StoreError / ValueError: see :func:`open_inputs`; ModelError: the model cannot be loaded.
     """
     from .export import build
+    from .files import write_json
     from .html import write_browser
     from .logits import logit_effects, unembedding
     from .structure import latent_structure
@@ -164,4 +165,5 @@ def inspect_sae(cfg: InspectConfig, lm=None, model: str | None = None, device: s
     index = build(Path(cfg.out), coll, quantiles, logits, latent_structure(sae), lm.tokenizer, facts, cfg.block_size)
     write_browser(Path(cfg.out), index)
     index["post_seconds"] = time.perf_counter() - t0  # quantiles, logits, files: not part of the pass
+    write_json(Path(cfg.out) / "index.json", index)  # again, now with post_seconds (index.json stays last)
     return index

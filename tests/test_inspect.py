@@ -194,6 +194,7 @@ def test_inspect_files_api_and_cli(known, tiny_lm, tmp_path):
                                       batch_rows=2, block_size=3), lm=tiny_lm)
     assert [b["first"] for b in index["blocks"]] == [0, 3]
     dash = load_dashboard(out)
+    assert dash.index["post_seconds"] == index["post_seconds"] > 0  # the file has the run's whole timing
     lat = dash.latent(0)
     want = _expected_top(tok, x0, 5)
     assert [e["index"] for e in lat["top"]] == want
