@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import replace
 from functools import wraps
 from pathlib import Path
 
@@ -349,15 +350,23 @@ def _check_specs(specs, d_sae: int) -> None:
 @click.option("--target-l0", "target_l0", metavar="L1,L2",
               help="Calibrate sparsity to these mean active latents per token: k = L for the TopK family, "
                    "a controller on the sparsity coefficient for penalty archs (one SAE per target).")
+@click.option("--workers", default=0, show_default=True, type=NONNEG_INT,
+              help="Spread the SAEs over N local dask worker processes, one SAE per task (0 = one pass here).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Use an existing dask scheduler (tcp://host:8786) instead; its workers must see --store and --out.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory: one sub-folder per SAE.")
 @_one_line_errors
 def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,
-          allow_partial, list_archs, checkpoint_every, resume, overwrite, sae_threads, target_l0, out):
+          allow_partial, list_archs, checkpoint_every, resume, overwrite, sae_threads, target_l0, workers, scheduler,
+          out):
     """Train SAEs from a store in one pass: every batch is read once and fed to every SAE.
 
     With --resume, an interrupted run continues from its last checkpoint and ends with
     the same SAEs and logs as an uninterrupted run; other settings are refused. A run
     directory holding finished SAEs of the same names is refused unless --overwrite.
+    With --workers N / --scheduler each SAE trains as its own task on a dask worker (the
+    same SAE, bit for bit, at the same torch thread count); --resume then skips the SAEs
+    already saved and resumes the others' task checkpoints.
     """
     from .checks import check_run_dir
     from .store import ActivationStore
@@ -381,10 +390,20 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
     _check_specs(specs, d_sae or expansion * acts.d_model)
     for folder in check_run_dir(out, [s.name for s in specs], resume, overwrite):
         shutil.rmtree(folder)  # --overwrite: the old SAE and its results go; other folders stay
-    folders = run(TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, expansion=expansion,
-                              batch_size=batch_size, tokens=tokens, lr=lr, seed=seed, device=device,
-                              autocast=not no_autocast, allow_partial=allow_partial,
-                              checkpoint_every=checkpoint_every, resume=resume, sae_threads=sae_threads))
+    cfg = TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, expansion=expansion,
+                      batch_size=batch_size, tokens=tokens, lr=lr, seed=seed, device=device,
+                      autocast=not no_autocast, allow_partial=allow_partial,
+                      checkpoint_every=checkpoint_every, resume=resume, sae_threads=sae_threads)
+    if workers or scheduler:
+        from .train.distributed import DistributedTrainingError, train_distributed
+
+        todo = [s for s in specs if not (resume and (out / s.name / "cfg.json").is_file())]
+        try:
+            folders = train_distributed(replace(cfg, specs=todo, resume=False), workers, scheduler) if todo else {}
+        except DistributedTrainingError as err:
+            raise click.ClickException(str(err)) from None
+    else:
+        folders = run(cfg)
     for name, folder in folders.items():
         click.echo(f"saved {name} -> {folder}")
 

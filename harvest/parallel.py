@@ -16,13 +16,13 @@ as long as the forward pass is (same device and dtype; tests/test_harvest_parall
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from ..cluster import dask_client
 from ..store import StoreError, StoreWriter
 from ..store.format import committed_tokens
 from ..store.writer import write_uncommitted_shard
@@ -94,20 +94,6 @@ def harvest_shard(task: ShardTask, shard: int, rows: list) -> dict:
     return record
 
 
-def _client(workers: int, scheduler: str | None):
-    """A dask Client: connected to ``scheduler``, or on a new LocalCluster of ``workers`` processes."""
-    from distributed import Client, LocalCluster
-
-    if scheduler:
-        return Client(scheduler)
-    # The in-process scheduler and nannies log every worker start/stop at INFO: noise next to a progress bar.
-    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           silence_logs=logging.ERROR)
-    return Client(cluster)
-
-
 def write_pending_parallel(
     writer: StoreWriter, cfg, lm: LoadedModel, layers: list[int], hooks: list[str], progress: bool
 ) -> None:
@@ -140,7 +126,7 @@ def write_pending_parallel(
     bar.update(committed_tokens(dict(writer.group.attrs)))
     run = uuid.uuid4().hex[:8]
     errors: list[BaseException] = []
-    with _client(n_workers, cfg.scheduler) as client:
+    with dask_client(n_workers, cfg.scheduler) as client:
         limit = _QUEUE_PER_WORKER * max(1, len(client.scheduler_info().get("workers", {})) or n_workers)
         futures = as_completed()
         shard_of: dict[str, tuple[int, int]] = {}
