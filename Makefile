@@ -24,7 +24,7 @@ browser:
 		|| echo "chromium not installed: the browser test in tests/test_inspect.py will skip"
 
 test: install browser
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
