@@ -325,17 +325,22 @@ class Benchmark:
                 return jobs, best
             mults.append(best_mult * 2 if best_mult == max(mults) else best_mult / 2)
 
-    def chosen_lrs(self) -> dict[str, dict]:
-        """``{arch: {"lr", "fvu", "l0", "runs", "rule"}}`` for every arch whose sweep has finished (also written to ``out/lr_sweep.json``)."""
+    def chosen_lrs(self, write: bool = True) -> dict[str, dict]:
+        """``{arch: {"lr", "fvu", "l0", "runs", "rule"}}`` for every arch whose sweep has finished.
+
+        ``write``: also (re)write ``out/lr_sweep.json``, stamped with this code's fingerprint (only a run
+        that trains sweeps does: a report-only run must not restamp another code's results).
+        """
         chosen = {}
         for arch in dict.fromkeys(self._arch_of(v) for v in self.variants):
             _, best = self.lr_jobs(arch)
             if best is not None:
                 b = best.pop("best")
                 chosen[arch] = {"lr": b["lr"], "fvu": b["fvu"], "l0": b["l0"], **best}
-        _write_json(self.cfg.out / "lr_sweep.json", {"target_l0": SWEEP_TARGET, "code": self.code,
-                                                     "score": f"FVU and L0 averaged over the last {TAIL_FRAC:.0%} of steps",
-                                                     "archs": chosen})
+        if write:
+            _write_json(self.cfg.out / "lr_sweep.json", {"target_l0": SWEEP_TARGET, "code": self.code,
+                                                         "score": f"FVU and L0 averaged over the last {TAIL_FRAC:.0%} of steps",
+                                                         "archs": chosen})
         return chosen
 
     def matched_jobs(self, lrs: dict[str, dict]) -> list[Job]:
@@ -499,7 +504,8 @@ class Benchmark:
         """Run every stage of ``cfg.stages`` in order, skipping finished work; returns ``out``."""
         cfg, stages = self.cfg, set(self.cfg.stages)
         cfg.out.mkdir(parents=True, exist_ok=True)
-        _write_json(cfg.out / "config.json", {**asdict(cfg), "code": self.code, "variants": self.variants})
+        if set(cfg.stages) - {"report"}:  # a report-only run must not restamp the run's settings and code
+            _write_json(cfg.out / "config.json", {**asdict(cfg), "code": self.code, "variants": self.variants})
         if "store" in stages:
             self.echo("[1/8] store")
             self.harvest_store()
@@ -515,7 +521,7 @@ class Benchmark:
                 self.echo(f"[2/8] lr sweep {i}/{len(archs)} {arch}: {len(pending)} of {len(sweep)} short runs to do")
                 for job in pending:
                     self.train_job(job, need_weights=False)
-            jobs = [j for j in self.matched_jobs(self.chosen_lrs()) if self._arch_of(j.arch) == arch]
+            jobs = [j for j in self.matched_jobs(self.chosen_lrs("lr" in stages)) if self._arch_of(j.arch) == arch]
             if "matched" in stages:
                 self.echo(f"[3/8] matched L0 {i}/{len(archs)} {arch}: {len(jobs)} SAEs")
                 for job in jobs:
@@ -525,7 +531,7 @@ class Benchmark:
             if "unlearn" in stages and cfg.unlearn:
                 variants = dict.fromkeys(j.arch for j in jobs if j.arch not in ABLATIONS)
                 self.unlearn([n for n in (self.nearest_to(v, SWEEP_TARGET) for v in variants) if n])
-        lrs = self.chosen_lrs()
+        lrs = self.chosen_lrs("lr" in stages)
         published = self.published_jobs()
         if "published" in stages:
             self.echo(f"[4/8] as published: {len(published)} SAEs")
