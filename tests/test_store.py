@@ -89,9 +89,9 @@ def test_half_written_store_gives_statistics_of_its_committed_prefix(scratch, ti
     with pytest.raises(StoreError, match="--allow-partial"):
         ActivationStore(scratch / "p.zarr", allow_partial=True).stats("no.such.hook")
     got = ActivationStore(scratch / "p.zarr", allow_partial=True).stats(HOOKS[0])
-    norms = acts[:32].double().norm(dim=-1)  # the readable prefix, computed here independently
+    norms = acts[:32].double().norm(dim=-1)  # the readable prefix, computed here independently (float64)
     assert got["partial"] is True and got["n"] == 32
-    assert got["mean_norm"] == pytest.approx(float(norms.mean()), rel=1e-12)
+    assert got["mean_norm"] == pytest.approx(float(norms.mean()), rel=1e-6)  # the records hold fp32 norms
     assert got["max_abs"] == float(acts[:32].float().abs().max())
     finished = ActivationStore(tiny_store)  # a finished store keeps the harvest's own record
     assert "partial" not in finished.stats(finished.hooks[0])
