@@ -137,6 +137,7 @@ def seed_spread(bench) -> tuple[str, list[dict]]:
             continue
 
         def ms(key):
+            """``(mean, sample sd)`` of metric ``key`` over the seeds that have it; ``(None, None)`` if none."""
             vals = [p[key] for p in per if p[key] is not None]
             return (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else (None, None)
 
@@ -206,6 +207,7 @@ def claims(bench) -> list[dict]:
     out = []
 
     def add(claim, source, paper, published, matched, note=""):
+        """Append one claims row (strings as shown in claims.md)."""
         out.append({"claim": claim, "source": source, "paper": paper, "published": published, "matched": matched,
                     "note": note})
 

@@ -42,8 +42,7 @@ def inspect_arm(args) -> tuple[float, torch.Tensor, torch.Tensor]:
 
 def lm_arm(args) -> tuple[float, float, torch.Tensor, torch.Tensor]:
     """``(load seconds, pass seconds, values [d_sae, k], token index [d_sae, k])`` by re-running the model."""
-    from saestrata.dashboards.run import encode_batch, open_inputs, special_ids
-    from saestrata.dashboards.run import InspectConfig
+    from saestrata.dashboards.run import InspectConfig, encode_batch, open_inputs, special_ids
     from saestrata.harvest.hooks import residuals
     from saestrata.harvest.model import layer_of_hook, load_model
 

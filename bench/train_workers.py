@@ -37,6 +37,7 @@ def main() -> None:
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
         def cfg(name):
+            """The sweep's TrainConfig writing into ``tmp/name`` (same SAEs, budget and store for both arms)."""
             return TrainConfig(store=a.store, layer=a.layer, out=Path(tmp) / name, specs=specs, d_sae=a.d_sae,
                                tokens=a.tokens, device="cpu", autocast=False, checkpoint_every=0)
 
