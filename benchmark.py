@@ -123,14 +123,38 @@ def _choose(runs: list[dict]) -> dict:
     return {"best": best, "runs": runs, "rule": rule}
 
 
-def code_fingerprint() -> str:
-    """sha256 (first 16 hex digits) of every ``.py`` file of the package that can change a result."""
+CODE_DIRS = ("train", "evaluate", "store", "harvest")  # the package parts that can change a result
+
+
+def code_fingerprint(root: Path = ROOT) -> str:
+    """sha256 (first 16 hex digits) of every ``.py`` file of the package (under ``root``) that can change a result."""
     h = hashlib.sha256()
-    for sub in ("train", "evaluate", "store", "harvest"):
-        for path in sorted((ROOT / sub).glob("*.py")):
+    for sub in CODE_DIRS:
+        for path in sorted((root / sub).glob("*.py")):
             h.update(path.name.encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def code_manifest(root: Path = ROOT) -> dict[str, str]:
+    """``{"train/base.py": sha256[:16], ...}`` of the files :func:`code_fingerprint` hashes.
+
+    Written once per fingerprint to ``out/code/<fingerprint>.json``, so a report mixing results of
+    several code versions can name the files in which they differ (:func:`code_diff`).
+    """
+    return {f"{sub}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+            for sub in CODE_DIRS for p in sorted((root / sub).glob("*.py"))}
+
+
+def code_diff(manifests: dict[str, dict[str, str]]) -> list[str] | None:
+    """Files whose hash differs between the code versions ``{fingerprint: manifest}`` (added/removed files too).
+
+    Returns None when fewer than two manifests are given (nothing to compare).
+    """
+    if len(manifests) < 2:
+        return None
+    files = set().union(*manifests.values())
+    return sorted(f for f in files if len({m.get(f) for m in manifests.values()}) > 1)
 
 
 def _write_json(path: Path, data) -> None:
@@ -249,6 +273,7 @@ class Benchmark:
                 checkpoint_path(run_dir).unlink(missing_ok=True)
                 tc.resume = False
                 train(tc, progress=False)
+            self._drop_stale_results(job.name)
             log = _read_log(self.sae_dir(job.name))
             last = log[-1] if log else {}
             self.echo(f"  trained {job.name} ({job.stage}): L0 {last.get('l0', float('nan')):.1f} "
@@ -259,6 +284,19 @@ class Benchmark:
             shutil.copyfile(self.sae_dir(job.name) / f, dest / f)
         _write_json(dest / "job.json", {**asdict(job), "code": self.code})
         return self.sae_dir(job.name)
+
+    def _drop_stale_results(self, name: str) -> None:
+        """Remove results of SAE ``name`` computed from earlier weights (the stages recompute them from the new ones).
+
+        An SAE is retrained when a pending result needs weights a fresh machine lacks; retraining is not
+        bit-identical across machines (the re-harvested store's fp32 forward and statistics differ in the last
+        bits, and training amplifies that: seed000_hsae-l0=24's final train L0 27.9 -> 26.5 on 2026-12-02), so
+        a core result of the old weights must not sit beside an unlearning result of the new ones.
+        """
+        for path in (self.core_path(name), self.unlearning_path(name)):
+            if path.exists():
+                path.unlink()
+                self.echo(f"  {name}: retrained, so {path.relative_to(self.cfg.out)} (earlier weights) is recomputed")
 
     def _check_same_job(self, job: Job) -> None:
         """Refuse to reuse SAE ``job.name`` if it was trained with other settings (e.g. another ``--tokens-per-sae``).
@@ -506,6 +544,7 @@ class Benchmark:
         cfg.out.mkdir(parents=True, exist_ok=True)
         if set(cfg.stages) - {"report"}:  # a report-only run must not restamp the run's settings and code
             _write_json(cfg.out / "config.json", {**asdict(cfg), "code": self.code, "variants": self.variants})
+            _write_json(cfg.out / "code" / f"{self.code}.json", code_manifest())
         if "store" in stages:
             self.echo("[1/8] store")
             self.harvest_store()

@@ -277,6 +277,25 @@ def claims_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mixed_code_warning(out: Path, codes: list[str]) -> str:
+    """Markdown warning when results come from several code versions, naming the files that differ.
+
+    Manifests come from ``out/code/<fingerprint>.json`` (``benchmark.code_manifest``); without all of
+    them the warning cannot say where the versions differ and asks for a rerun.
+    """
+    if len(codes) < 2:
+        return ""
+    from .benchmark import code_diff
+
+    paths = {c: out / "code" / f"{c}.json" for c in codes}
+    manifests = {c: json.loads(p.read_text()) for c, p in paths.items() if p.exists()}
+    head = f"\n\n**Warning: these results come from {len(codes)} code versions ({', '.join(codes)})"
+    if len(manifests) < len(codes):
+        return head + "; rerun the stale ones before citing.**"
+    files = code_diff(manifests) or []
+    return head + f", which differ only in {', '.join(f'`{f}`' for f in files)}: read each row with the code its JSON names.**"
+
+
 def write_benchmark_report(bench) -> Path:
     """Write every table and the report of a benchmark run into ``bench.cfg.out``; returns ``matched.md``."""
     out = bench.cfg.out
@@ -286,8 +305,7 @@ def write_benchmark_report(bench) -> Path:
     claim_rows = claims(bench)
     codes = sorted({json.loads(p.read_text()).get("saestrata_benchmark", {}).get("code", "?")
                     for p in (out / "core").glob("*.json")}) if (out / "core").exists() else []
-    mixed = (f"\n\n**Warning: these results come from {len(codes)} code versions ({', '.join(codes)}); "
-             "rerun the stale ones before citing.**" if len(codes) > 1 else "")
+    mixed = _mixed_code_warning(out, codes)
     (out / "matched.md").write_text(f"# Every variant at matched L0\n\nCode {', '.join(codes) or '-'}.{mixed}\n\n"
                                     f"{matched_md}\n\n## Init seeds\n\n{spread_md}\n")
     (out / "published.md").write_text(f"# At each paper's own settings\n\n{pub_md}\n")

@@ -155,6 +155,76 @@ def test_jumprelu_l0_penalty_and_reconstruction_reach_threshold():
     assert float(sae.log_threshold.grad.abs().max()) > 0  # reconstruction also moves theta
 
 
+def test_jumprelu_thresholds_start_at_the_target_firing_rate():
+    """With a target L0 the first batch's per-latent quantile sets theta (benchmark 2026-12-02 fix)."""
+    d_in, d_sae, target = 32, 256, 12.0
+    x = _inputs(512, d_in) + 3.0  # an offset, so b_dec matters
+    paper = JumpReLUSAE(d_in, d_sae, seed=1).train()
+    paper.init_from_batch(x)  # no target: the paper's constant theta
+    calibrated = JumpReLUSAE(d_in, d_sae, seed=1, target_l0=target).train()
+    calibrated.init_from_batch(x)
+    torch.testing.assert_close(calibrated.b_dec, x.mean(0))
+    with torch.no_grad():
+        l0_paper = float((paper.encode(x) > 0).float().sum(-1).mean())
+        f = calibrated.encode(x)
+        l0 = float((f > 0).float().sum(-1).mean())
+        z = torch.relu(calibrated.pre_acts(x))
+        theta = calibrated.threshold.clone()
+    assert l0_paper > 5 * target  # the constant init starts far above any target
+    assert abs(l0 - target) <= 0.05 * target
+    # Each latent fires on ~target/d_sae of the batch (a quantile per latent, not one global threshold).
+    rate = (f > 0).float().mean(0)
+    assert float((rate - target / d_sae).abs().max()) <= 2.0 / len(x)
+    # theta_i lies between latent i's own order statistics around rank target/d_sae * batch (sorted here).
+    k = round(len(x) * target / d_sae)
+    ranked = z.sort(0, descending=True).values
+    assert torch.all(theta >= ranked[k] - 1e-5) and torch.all(theta <= ranked[k - 1] + 1e-5)
+    # The floor init_threshold holds where the quantile is smaller.
+    floored = JumpReLUSAE(d_in, d_sae, seed=1, target_l0=target, init_threshold=50.0).train()
+    floored.init_from_batch(x)
+    assert float(floored.threshold.detach().min()) >= 50.0 - 1e-3
+    with pytest.raises(ArchError, match="target_l0"):
+        JumpReLUSAE(d_in, d_sae, target_l0=0.0)
+
+
+def test_jumprelu_target_loss_pushes_l0_towards_the_target_from_both_sides():
+    """``target_coeff * (L0/T - 1)^2`` (dictionary_learning's JumpReluTrainer): below T it lowers theta."""
+    eps, d_in, d_sae = 0.5, 32, 64
+    x = _inputs(128, d_in)
+    for target, sign in ((2.0, +1), (200.0, -1)):  # L0 above 2 (theta must rise), below 200 (theta must fall)
+        sae = JumpReLUSAE(d_in, d_sae, bandwidth=eps, init_threshold=0.4, target_l0=target, target_coeff=0.7).train()
+        with torch.no_grad():
+            z = torch.relu(sae.pre_acts(x))
+        theta = sae.threshold.detach()
+        l0 = (z > theta).float().sum(-1).mean()
+        out = sae(x)
+        torch.testing.assert_close(out.losses["l0"], 0.7 * (l0 / target - 1) ** 2)
+        out.losses["l0"].backward()
+        # d/dlog(theta) = theta * 0.7 * 2 (L0/T - 1) / T * d L0/d theta, d L0/d theta = -(1/eps) mean_b K (sec. 4).
+        expected = theta * 0.7 * 2 * (l0 / target - 1) / target * (-(1 / eps) * _kernel(z, theta, eps).mean(0))
+        torch.testing.assert_close(sae.log_threshold.grad, expected)
+        moved = -sae.log_threshold.grad  # a descent step's direction
+        assert sign * float(moved.sum()) > 0
+
+
+def test_trainer_passes_the_target_l0_to_jumprelu_and_not_to_the_controller(tmp_path, tiny_store):
+    """``train --target-l0``: JumpReLU gets ``target_l0`` (cfg.json) and starts near it; no L0 controller acts."""
+    run = tmp_path / "run"
+    train(TrainConfig(store=tiny_store, layer=1, out=run, d_sae=64, batch_size=64, tokens=256,
+                      specs=[SAESpec("jr", "jumprelu", target_l0=6.0), SAESpec("plain", "jumprelu")]), progress=False)
+    cfg = json.loads((run / "jr" / "cfg.json").read_text())
+    assert cfg["saestrata"]["hparams"]["target_l0"] == 6.0
+    assert "sparsity_multiplier" not in cfg["saestrata"]["final_counters"]
+    plain = json.loads((run / "plain" / "cfg.json").read_text())
+    assert plain["saestrata"]["hparams"]["target_l0"] is None
+    first = json.loads((run / "jr" / LOG_FILE).read_text().splitlines()[0])
+    first_plain = json.loads((run / "plain" / LOG_FILE).read_text().splitlines()[0])
+    assert first["step"] == 0 and abs(first["l0"] - 6.0) < 2.0 and first_plain["l0"] > 20
+    with pytest.raises(ValueError, match="not both"):
+        train(TrainConfig(store=tiny_store, layer=1, out=tmp_path / "r2", d_sae=64, batch_size=64, tokens=256,
+                          specs=[SAESpec("jr", "jumprelu", {"target_l0": 4.0}, target_l0=6.0)]), progress=False)
+
+
 def test_jumprelu_fold_leaves_pre_activations_and_thresholds():
     sae = JumpReLUSAE(32, 64).eval()
     with torch.no_grad():

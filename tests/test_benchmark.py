@@ -62,6 +62,20 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     Benchmark(cfg, lines.append).run()
     assert [l.split()[1] for l in lines if l.strip().startswith("trained")] == ["topk-l0=3"]
 
+    # A retrained SAE's earlier results (other weights) are dropped and recomputed, never kept beside the new ones.
+    shutil.rmtree(cfg.work / "runs")
+    stale = cfg.out / "unlearning" / "topk-l0=12.json"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_text("{}")
+    core = cfg.out / "core" / "topk-l0=12.json"
+    bench = Benchmark(cfg, lines.append)
+    job = next(j for j in bench.matched_jobs(bench.chosen_lrs(write=False)) if j.name == "topk-l0=12")
+    bench.train_job(job, need_weights=True)
+    assert not stale.exists() and not core.exists()
+    lines.clear()
+    Benchmark(cfg, lines.append).run()
+    assert any(l.strip().startswith("evaluated") and "topk-l0=12" in l for l in lines) and core.exists()
+
 
 def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_path):
     from saestrata.benchmark_report import _matched
@@ -145,3 +159,30 @@ def test_unlearning_at_a_looser_retain_bar_is_its_own_number(tiny_model_dir, tmp
     assert _unlearning(bench, "topk-l0=3") == 0.1  # SAEBench's key, as written
     assert _unlearning(bench, "topk-l0=3", 0.95) == pytest.approx(0.4)
     assert _unlearning(bench, "topk-l0=3", 0.99) == pytest.approx(0.1)
+
+
+def test_mixed_code_versions_are_named_file_by_file(tmp_path):
+    """Results of two code versions: the warning names exactly the files that differ (or asks for a rerun)."""
+    import shutil
+    from pathlib import Path
+
+    from saestrata.benchmark import code_fingerprint, code_manifest
+    from saestrata.benchmark_report import _mixed_code_warning
+
+    root = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "pkg"
+    for sub in ("train", "evaluate", "store", "harvest"):
+        shutil.copytree(root / sub, copy / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_fingerprint(copy) == code_fingerprint(root)
+    (copy / "train" / "jumprelu.py").write_text((copy / "train" / "jumprelu.py").read_text() + "\n# changed\n")
+    (copy / "store" / "new_module.py").write_text("X = 1\n")
+    a, b = code_fingerprint(root), code_fingerprint(copy)
+    assert a != b
+    out = tmp_path / "out"
+    (out / "code").mkdir(parents=True)
+    (out / "code" / f"{a}.json").write_text(json.dumps(code_manifest(root)))
+    assert "rerun the stale ones" in _mixed_code_warning(out, sorted([a, b]))  # one manifest missing
+    (out / "code" / f"{b}.json").write_text(json.dumps(code_manifest(copy)))
+    text = _mixed_code_warning(out, sorted([a, b]))
+    assert "differ only in `store/new_module.py`, `train/jumprelu.py`:" in text
+    assert _mixed_code_warning(out, [a]) == ""

@@ -114,7 +114,8 @@ class SAE(nn.Module):
     # seen to depend on what ran beside it; tests/test_train_resume.py checks bit-identity).
     thread_safe: ClassVar[bool] = True
     # How ``--target-l0`` reaches this arch (trainer.py): "penalty" = the trainer scales every
-    # sparsity term through ``sparsity_scale``; "k" = the arch takes ``k`` latents per token.
+    # sparsity term through ``sparsity_scale``; "k" = the arch takes ``k`` latents per token;
+    # "target" = the arch takes ``target_l0`` as a hyperparameter and steers to it itself (jumprelu.py).
     sparsity_control: ClassVar[str] = "penalty"
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0):
@@ -208,6 +209,15 @@ class SAE(nn.Module):
     def init_b_dec(self, x: torch.Tensor) -> None:
         """Initialise ``b_dec`` to the mean of a first batch ``[batch, d_in]`` (a cheap geometric-median stand-in)."""
         self.b_dec.copy_(x.float().mean(0))
+
+    @torch.no_grad()
+    def init_from_batch(self, x: torch.Tensor) -> None:
+        """First-batch initialisation, called by the trainer once before step 0; default: ``b_dec`` (:meth:`init_b_dec`).
+
+        ``x`` ``[batch, d_in]``: normalised training inputs (a sequence SAE gets its rows' non-BOS tokens).
+        Archs whose sparsity must start near a target extend it (JumpReLU thresholds, ``train/jumprelu.py``).
+        """
+        self.init_b_dec(x)
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:

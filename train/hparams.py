@@ -98,6 +98,7 @@ RANGES: dict[str, dict] = {
     "kernels": {"choices": _KERNELS}, "prefix_fractions": _r(0, 1, lo_open=True, elem="float"),
     # JumpReLU (jumprelu.py: each "must be positive"); standard (April update decoder norm)
     "l0_coeff": _NONNEG, "bandwidth": _POSITIVE, "init_threshold": _POSITIVE, "init_dec_norm": _POSITIVE,
+    "target_l0": _r(0, D_SAE, lo_open=True),
     # seed 000: taps look kernel_size * rate tokens back; beyond the default 128-token row they see only
     # padding, and the taps tensor [n_rates, kernel_size, d_sae] must stay allocatable (kernel_size 6e7 = 48 GB)
     "rates": _r(1, 1024, elem="int"), "kernel_size": _r(1, 128), "mask_init": {},

@@ -165,7 +165,8 @@ class L0Controller:
     L0 50.3 / 96.3 / 32.0 at 0.5x / 1x / 2x the default lr; this rule 30.5 / 33.1 / 31.6.
     The final L0 lands near, not at, the target: the benchmark trains points on both sides of
     each target and interpolates in log L0 (``report --matched-l0``). TopK-family archs
-    (``sparsity_control == "k"``) take ``k = round(target)`` instead.
+    (``sparsity_control == "k"``) take ``k = round(target)`` instead, and JumpReLU (``"target"``) its own
+    two-sided L0 loss (train/jumprelu.py).
 
     Args:
         target: mean active latents per token wanted (> 0).
@@ -373,20 +374,26 @@ def _feed(store: ActivationStore, hook: str, cfg: TrainConfig, scale: float, dev
 
 
 def _hparams(spec: SAESpec, d_sae: int) -> dict:
-    """``spec.hparams`` plus ``k = round(target_l0)`` for TopK-family archs asked for a target L0.
+    """``spec.hparams`` plus how a target L0 reaches the arch (``SAE.sparsity_control``).
+
+    TopK family (``"k"``): ``k = round(target_l0)``; archs that steer themselves (``"target"``, JumpReLU):
+    ``target_l0``; penalty archs: nothing here (the trainer's :class:`L0Controller`).
 
     Raises:
-        ValueError: ``target_l0`` together with an explicit ``k``, or a ``k`` outside ``[1, d_sae]``.
+        ValueError: ``target_l0`` together with an explicit ``k`` / ``target_l0`` hyperparameter, or a target
+            outside ``[1, d_sae]``.
     """
     hp = dict(spec.hparams)
-    if spec.target_l0 is None or ARCHS[resolve(spec.arch)[0]].cls.sparsity_control != "k":
+    control = ARCHS[resolve(spec.arch)[0]].cls.sparsity_control
+    if spec.target_l0 is None or control not in ("k", "target"):
         return hp
-    if "k" in hp:
-        raise ValueError(f"{spec.name}: give --target-l0 or k, not both")
+    key = "k" if control == "k" else "target_l0"
+    if key in hp:
+        raise ValueError(f"{spec.name}: give --target-l0 or {key}, not both")
     k = int(round(spec.target_l0))
     if not 1 <= k <= d_sae:
-        raise ValueError(f"{spec.name}: --target-l0 {spec.target_l0} needs k in [1, {d_sae}]")
-    return {**hp, "k": k}
+        raise ValueError(f"{spec.name}: --target-l0 {spec.target_l0} needs {key} in [1, {d_sae}]")
+    return {**hp, key: k if control == "k" else float(spec.target_l0)}
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -541,7 +548,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
             x, rows = next(batches)
             if step == 0:
                 for slot in slots:
-                    slot.sae.init_b_dec(rows[0][rows[2]] if slot.sae.needs_sequences else x)
+                    slot.sae.init_from_batch(rows[0][rows[2]] if slot.sae.needs_sequences else x)
             _train_step(slots, x, rows, step, cfg, pool)
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
