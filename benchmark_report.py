@@ -268,6 +268,28 @@ def claims(bench) -> list[dict]:
     return out
 
 
+def mechanisms_table(bench) -> tuple[str, list[dict]]:
+    """Markdown: every variant's mechanism counters (``SAE.counters``, final train-log values) at its SAE nearest L0 32.
+
+    The evidence that each mechanism a paper describes acted in the benchmark (issue 10): e.g. seed 002's
+    ``latents_pruned`` / ``unlearn_kl_steps``, seed 000's per-level dead fractions, AuxK's ``auxk_dead``,
+    the L0 controller's multiplier. Counter names and meanings: each arch module's ``counters`` docstring.
+    """
+    rows = []
+    for v in bench.variants:
+        name = bench.nearest_to(v, 32.0)
+        path = bench.cfg.out / "saes" / (name or "") / "cfg.json"
+        if not name or not path.exists():
+            continue
+        cfg = json.loads(path.read_text())["saestrata"]
+        rows.append({"variant": v, "sae": name, "counters": cfg.get("final_counters") or {},
+                     "file": f"saes/{name}/cfg.json"})
+    fmt = lambda c: "; ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()) or "(none)"  # noqa: E731
+    lines = ["| variant | SAE (nearest L0 32) | final counters | from |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['sae']} | {fmt(r['counters'])} | {r['file']} |" for r in rows]
+    return "\n".join(lines), rows
+
+
 def claims_table(rows: list[dict]) -> str:
     """Markdown of :func:`claims`."""
     lines = ["| claim (seed file, section) | paper | measured at the paper's settings | measured at matched L0 (SAE nearest 32) | note |",
@@ -303,6 +325,7 @@ def write_benchmark_report(bench) -> Path:
     spread_md, spread_rows = seed_spread(bench)
     pub_md, pub_rows = published_table(bench)
     claim_rows = claims(bench)
+    mech_md, mech_rows = mechanisms_table(bench)
     codes = sorted({json.loads(p.read_text()).get("saestrata_benchmark", {}).get("code", "?")
                     for p in (out / "core").glob("*.json")}) if (out / "core").exists() else []
     mixed = _mixed_code_warning(out, codes)
@@ -310,8 +333,11 @@ def write_benchmark_report(bench) -> Path:
                                     f"{matched_md}\n\n## Init seeds\n\n{spread_md}\n")
     (out / "published.md").write_text(f"# At each paper's own settings\n\n{pub_md}\n")
     (out / "claims.md").write_text(f"# The seeds' claims, checked\n\n{claims_table(claim_rows)}\n")
+    (out / "mechanisms.md").write_text("# Mechanisms seen acting (final train-log counters)\n\n"
+                                       f"Counter meanings: each arch module's `counters` docstring.\n\n{mech_md}\n")
     (out / "summary.json").write_text(json.dumps({"codes": codes, "matched": matched_rows, "seeds": spread_rows,
-                                                  "published": pub_rows, "claims": claim_rows}, indent=2, default=str))
+                                                  "published": pub_rows, "claims": claim_rows,
+                                                  "mechanisms": mech_rows}, indent=2, default=str))
     inputs = [p for p in (out / "core", out / "unlearning", out / "saes") if p.exists()]
     if inputs:
         write_report(inputs, out / "report", matched_l0=32.0)

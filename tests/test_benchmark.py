@@ -46,6 +46,10 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     matched = (cfg.out / "matched.md").read_text()
     assert "| topk | 32 | not bracketed" in matched  # L0 3 and 12 do not bracket 32: no extrapolation
     assert (cfg.out / "claims.md").exists() and (cfg.out / "report" / "report.md").exists()
+    mech = (cfg.out / "mechanisms.md").read_text()  # counters of each variant's SAE nearest L0 32, from its cfg.json
+    std_counters = json.loads((cfg.out / "saes" / "standard-l0=12" / "cfg.json").read_text())["saestrata"]["final_counters"]
+    assert f"sparsity_multiplier {std_counters['sparsity_multiplier']:.4g}" in mech
+    assert "| topk | topk-l0=12 | auxk_dead " in mech
 
     lines.clear()
     Benchmark(cfg, lines.append).run()  # everything done: nothing is trained or evaluated again
