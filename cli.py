@@ -349,7 +349,8 @@ def _check_specs(specs, d_sae: int) -> None:
                    "faster on a busy shared machine, slower on an idle one.")
 @click.option("--target-l0", "target_l0", metavar="L1,L2",
               help="Calibrate sparsity to these mean active latents per token: k = L for the TopK family, "
-                   "a controller on the sparsity coefficient for penalty archs (one SAE per target).")
+                   "a controller on the sparsity coefficient for penalty archs, jumprelu's own (L0/L-1)^2 loss "
+                   "with thresholds started at the target rate (one SAE per target).")
 @click.option("--workers", default=0, show_default=True, type=NONNEG_INT,
               help="Spread the SAEs over N local dask worker processes, one SAE per task (0 = one pass here).")
 @click.option("--scheduler", metavar="ADDRESS",
