@@ -207,14 +207,14 @@ def test_jumprelu_target_loss_pushes_l0_towards_the_target_from_both_sides():
         assert sign * float(moved.sum()) > 0
 
 
-def test_trainer_passes_the_target_l0_to_jumprelu_and_not_to_the_controller(tmp_path, tiny_store):
-    """``train --target-l0``: JumpReLU gets ``target_l0`` (cfg.json) and starts near it; no L0 controller acts."""
+def test_trainer_passes_the_target_l0_to_jumprelu_and_its_controller(tmp_path, tiny_store):
+    """``train --target-l0``: JumpReLU gets ``target_l0`` (cfg.json), starts near it, and the L0 controller acts."""
     run = tmp_path / "run"
     train(TrainConfig(store=tiny_store, layer=1, out=run, d_sae=64, batch_size=64, tokens=256,
                       specs=[SAESpec("jr", "jumprelu", target_l0=6.0), SAESpec("plain", "jumprelu")]), progress=False)
     cfg = json.loads((run / "jr" / "cfg.json").read_text())
     assert cfg["saestrata"]["hparams"]["target_l0"] == 6.0
-    assert "sparsity_multiplier" not in cfg["saestrata"]["final_counters"]
+    assert cfg["saestrata"]["final_counters"]["l0_control_updates"] > 0
     plain = json.loads((run / "plain" / "cfg.json").read_text())
     assert plain["saestrata"]["hparams"]["target_l0"] is None
     first = json.loads((run / "jr" / LOG_FILE).read_text().splitlines()[0])

@@ -115,7 +115,8 @@ class SAE(nn.Module):
     thread_safe: ClassVar[bool] = True
     # How ``--target-l0`` reaches this arch (trainer.py): "penalty" = the trainer scales every
     # sparsity term through ``sparsity_scale``; "k" = the arch takes ``k`` latents per token;
-    # "target" = the arch takes ``target_l0`` as a hyperparameter and steers to it itself (jumprelu.py).
+    # "target" = the arch also takes ``target_l0`` as a hyperparameter (jumprelu.py: init and a two-sided
+    # loss), and the trainer's controller scales that loss like a penalty arch's.
     sparsity_control: ClassVar[str] = "penalty"
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0):

@@ -43,6 +43,12 @@ still at 75 for a target of 24 (``docs/results/benchmark-withdrawn/``).
    drove L0 *below* the target (measured: target 32, 256 steps, 8x lr: L0 13-16
    from step 100 on while the controller's multiplier fell to 1e-4), and a
    penalty ``lambda * L0`` can only push L0 down.
+3. The trainer's L0 controller (trainer.L0Controller) still scales this loss
+   through ``sparsity_scale``. The squared loss alone has no gradient at
+   ``L0 = T``, so reconstruction holds L0 above the target where the two
+   gradients balance: measured, target 24, 1M tokens, lr 8x, loss weight 1.0
+   alone: L0 33-35 from step 300 to the end; the controller's integral
+   removes that offset.
 
 The STE, kernel and bandwidth stay the paper's. Without a target the arch is
 the paper's (constant ``init_threshold``, ``l0_coeff * L0``).
@@ -210,7 +216,8 @@ class JumpReLUSAE(SAE):
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``l0``, training only: ``lambda * L0`` (sec. 3-4), or with ``target_l0`` ``target_coeff * (L0/T - 1)^2``.
 
-        ``L0`` is the batch mean of the STE step sum; both are scaled by the trainer's ``sparsity_scale`` (warmup).
+        ``L0`` is the batch mean of the STE step sum; both are scaled by the trainer's ``sparsity_scale``
+        (warmup times, with a target, the L0 controller's multiplier).
         """
         if not self.training:
             return {}

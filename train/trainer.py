@@ -165,8 +165,9 @@ class L0Controller:
     L0 50.3 / 96.3 / 32.0 at 0.5x / 1x / 2x the default lr; this rule 30.5 / 33.1 / 31.6.
     The final L0 lands near, not at, the target: the benchmark trains points on both sides of
     each target and interpolates in log L0 (``report --matched-l0``). TopK-family archs
-    (``sparsity_control == "k"``) take ``k = round(target)`` instead, and JumpReLU (``"target"``) its own
-    two-sided L0 loss (train/jumprelu.py).
+    (``sparsity_control == "k"``) take ``k = round(target)`` instead; JumpReLU (``"target"``) gets the
+    target as a hyperparameter for its own two-sided L0 loss, and this controller on that loss's weight
+    (train/jumprelu.py).
 
     Args:
         target: mean active latents per token wanted (> 0).
@@ -226,8 +227,9 @@ class _Slot:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warm, decay))
         self.sparsity_warm = max(1, int(cfg.sparsity_warmup_frac * steps))
         self.l0_control = None
-        if spec.target_l0 is not None and sae.sparsity_control == "penalty":
-            self.l0_control = L0Controller(spec.target_l0, self.sparsity_warm, steps)  # to the end: see L0Controller
+        if spec.target_l0 is not None and sae.sparsity_control in ("penalty", "target"):
+            # to the end: see L0Controller; "target" archs (jumprelu) get it on top of their own two-sided loss
+            self.l0_control = L0Controller(spec.target_l0, self.sparsity_warm, steps)
         self.failed: str | None = None
         self.folder = Path(cfg.out) / spec.name
         self.folder.mkdir(parents=True, exist_ok=True)
