@@ -93,6 +93,20 @@ def test_l0_controller_moves_towards_the_target():
     assert low.multiplier < 1.0
 
 
+def test_l0_controller_floor_keeps_the_multiplier_from_winding_down():
+    """``floor=0`` (archs with their own two-sided L0 loss): below the target the multiplier stays at 1, so an
+    overshoot afterwards is answered at once, not after the integral climbs back from e^-10."""
+    free, floored = L0Controller(target=80, start=0, stop=1000), L0Controller(target=80, start=0, stop=1000, floor=0.0)
+    for step in range(300):  # L0 far below the target for a while (jumprelu, target 80: L0 29 at step 100)
+        free.update(step, 30.0)
+        floored.update(step, 30.0)
+    assert floored.multiplier == 1.0 and free.multiplier < math.exp(-10)
+    for step in range(300, 320):  # then above it
+        free.update(step, 150.0)
+        floored.update(step, 150.0)
+    assert floored.multiplier > 2.0 > 1.0 > free.multiplier
+
+
 def test_l0_controller_damps_a_lagging_response():
     """A plant that answers the penalty only after a lag: the PI rule settles, the pure integral rule still swings.
 

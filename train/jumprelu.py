@@ -48,7 +48,9 @@ still at 75 for a target of 24 (``docs/results/benchmark-withdrawn/``).
    ``L0 = T``, so reconstruction holds L0 above the target where the two
    gradients balance: measured, target 24, 1M tokens, lr 8x, loss weight 1.0
    alone: L0 33-35 from step 300 to the end; the controller's integral
-   removes that offset.
+   removes that offset. Its multiplier never goes below 1 here (``floor=0``):
+   below the target the two-sided loss pushes L0 up by itself, and a wound-down
+   multiplier let L0 overshoot (target 80: L0 153 at the end).
 
 The STE, kernel and bandwidth stay the paper's. Without a target the arch is
 the paper's (constant ``init_threshold``, ``l0_coeff * L0``).

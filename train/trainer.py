@@ -178,11 +178,16 @@ class L0Controller:
             (a PI loop lags a ramp by ramp / gain): measured on standard, 1024 steps, target 40,
             lr 32x the default, final L0 47.7 with a floor of 0.02, 43.4 with 0.05.
         proportional: weight of the instantaneous error (log units per unit of ``e``).
+        floor: lowest ``log(multiplier)`` (and integral). -30 for penalty archs; 0 for archs with their own
+            two-sided L0 loss (``sparsity_control == "target"``, JumpReLU), whose loss already pushes L0 up
+            below the target: winding the multiplier down there only delays the push once L0 overshoots.
+            Measured (jumprelu, target 80, 1M tokens, floor -30): L0 fell to 29 by step 100, the
+            multiplier to e^-10, and L0 then overshot to 153 before the integral recovered.
     """
 
     def __init__(self, target: float, start: int, stop: int, gain: float | None = None,
-                 proportional: float = 1.0):
-        self.target, self.start, self.stop = float(target), start, stop
+                 proportional: float = 1.0, floor: float = -30.0):
+        self.target, self.start, self.stop, self.floor = float(target), start, stop, floor
         self.gain = gain if gain is not None else max(0.05, 8.0 / max(1, stop - start))
         self.proportional = proportional
         self.integral = 0.0
@@ -198,8 +203,8 @@ class L0Controller:
         """Feed the batch L0 of 0-based ``step``; moves the multiplier inside ``[start, stop)``, freezes it after."""
         if self.start <= step < self.stop and math.isfinite(l0):
             err = max(-1.0, min(1.0, math.log((l0 + 1.0) / (self.target + 1.0))))
-            self.integral = min(30.0, max(-30.0, self.integral + self.gain * err))
-            self.log_mult = self.integral + self.proportional * err
+            self.integral = min(30.0, max(self.floor, self.integral + self.gain * err))
+            self.log_mult = max(self.floor, self.integral + self.proportional * err)
             self.updates += 1
         elif step >= self.stop:
             self.log_mult = self.integral  # frozen without the last batch's (noisy) proportional part
@@ -229,7 +234,8 @@ class _Slot:
         self.l0_control = None
         if spec.target_l0 is not None and sae.sparsity_control in ("penalty", "target"):
             # to the end: see L0Controller; "target" archs (jumprelu) get it on top of their own two-sided loss
-            self.l0_control = L0Controller(spec.target_l0, self.sparsity_warm, steps)
+            self.l0_control = L0Controller(spec.target_l0, self.sparsity_warm, steps,
+                                           floor=0.0 if sae.sparsity_control == "target" else -30.0)
         self.failed: str | None = None
         self.folder = Path(cfg.out) / spec.name
         self.folder.mkdir(parents=True, exist_ok=True)
