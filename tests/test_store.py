@@ -213,7 +213,7 @@ def test_source_exhausted_is_truncated_then_reused(scratch, tiny_lm, tiny_model_
     harvest(_cfg(out, tiny_model_dir, 100_000, dataset=str(text)), lm=tiny_lm, progress=False)
     store = ActivationStore(out)
     assert store.attrs["complete"] and store.attrs["source_exhausted"]
-    assert 0 < store.n_tokens < 100_000 and store.n_tokens == committed_tokens(store.attrs)
+    assert 0 < store.n_tokens < 100_000 and store.n_tokens == committed_tokens(store.attrs, store.committed)
     assert verify_store(out).ok
     harvest(_cfg(out, tiny_model_dir, 200_000, dataset=str(text)), lm=tiny_lm, progress=False)
     assert "reusing" in capsys.readouterr().out
