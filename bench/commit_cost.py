@@ -108,6 +108,7 @@ def write_shards(root: Path, n: int, last: int) -> float:
 
 
 def main() -> None:
+    """Time both layouts at both sizes and print the per-commit medians and their ratios."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="200,2000", help="two store sizes in shards, small,large")
     ap.add_argument("--last", type=int, default=50, help="commits timed per size (the last shards of the store)")
