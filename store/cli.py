@@ -49,6 +49,7 @@ def storage_options_option(fn):
     """The ``--storage-options JSON`` click option (parsed to a dict; one-line error on bad JSON)."""
 
     def parse(_ctx, _param, value):
+        """The option's JSON text -> dict (``{}`` when absent); click.BadParameter on bad JSON."""
         try:
             return parse_storage_options(value)
         except StoreError as err:
