@@ -18,6 +18,7 @@ import click
 from .allocator import tune_allocator
 from .harvest.model import EMBEDDED_MODEL
 from .harvest.text import EMBEDDED_DATASET
+from .store.cli import StorePath, storage_options_option
 
 # Every error a user can cause is one of these (the project's errors subclass ValueError;
 # OSError covers unreadable/unwritable paths and a full disk).
@@ -198,11 +199,17 @@ def _outside_stores(_ctx, _param, value: Path | None) -> Path | None:
     return value
 
 
-def _store_out(_ctx, _param, value: Path) -> Path:
-    """``harvest --out``: new, empty, or an existing store (resumed/reused/extended); never inside another store."""
+def _store_out(_ctx, _param, value):
+    """``harvest --out``: new, empty, or an existing store (resumed/reused/extended); never inside another store.
+
+    Object-store URLs are checked in the command, once ``--storage-options`` is known.
+    """
     from .store.format import enclosing_store
+    from .store.location import is_url
     from .store.writer import is_empty_store_dir
 
+    if is_url(value):
+        return value
     store = enclosing_store(value)
     if store is not None and store != value.expanduser().resolve():
         raise click.BadParameter(f"{value} lies inside the activation store {store}: choose a folder outside it")
@@ -269,8 +276,10 @@ def _with(opts):
               help="Context rows per inner chunk (read unit).")
 @click.option("--chunks-per-shard", default=8, show_default=True, type=POS_INT,
               help="Inner chunks per shard (write/commit unit).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), callback=_store_out,
-              help="Store directory: new, or an existing store of the same harvest to resume, reuse or extend.")
+@click.option("--out", required=True, type=StorePath(file_okay=False), callback=_store_out,
+              help="Store directory or object-store URL (s3://bucket/prefix): new, or an existing store of the same "
+                   "harvest to resume, reuse or extend.")
+@storage_options_option
 @click.option("--workers", default=0, show_default=True, type=NONNEG_INT,
               help="Shard-writer processes on a dask LocalCluster (0 = harvest in this process).")
 @click.option("--scheduler", metavar="ADDRESS",
@@ -281,7 +290,7 @@ def _with(opts):
 @_with(_model_opts)
 @_one_line_errors
 def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, text_field, seed, rows_per_chunk,
-            chunks_per_shard, out, workers, scheduler, compute_dtype, device, dtype):
+            chunks_per_shard, out, storage_options, workers, scheduler, compute_dtype, device, dtype):
     """Write residual-stream activations (blocks.L.hook_resid_post) into a Zarr v3 store.
 
     Rerunning on an existing store of the same harvest resumes it from its first
@@ -293,11 +302,32 @@ def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, t
     from .harvest.harvester import HarvestConfig, harvest as run
 
     t0 = time.perf_counter()
+    _check_remote_out(out, storage_options)
     path = run(HarvestConfig(layers=layers, tokens=tokens, out=out, model=model, dataset=dataset, split=split,
                              context_length=context_length, batch_rows=batch_rows, seed=seed, text_field=text_field,
                              device=device, dtype=dtype, compute_dtype=compute_dtype, rows_per_chunk=rows_per_chunk,
-                             chunks_per_shard=chunks_per_shard, workers=workers, scheduler=scheduler))
+                             chunks_per_shard=chunks_per_shard, workers=workers, scheduler=scheduler,
+                             storage_options=storage_options or None))
     click.echo(f"store {path} ready in {time.perf_counter() - t0:.0f} s")
+
+
+def _check_remote_out(out, storage_options: dict) -> None:
+    """``harvest --out s3://...``: the bucket must be reachable, and the prefix empty or a store (before any model loads).
+
+    Raises:
+        StoreError: unreachable server / missing bucket / credentials (one line each), or objects
+            under the prefix that are not an activation store.
+    """
+    from .store.format import StoreError
+    from .store.location import Location, is_url
+    from .store.writer import is_empty_store_dir
+
+    if not is_url(out):
+        return
+    loc = Location(out, storage_options)
+    if not is_empty_store_dir(loc) and not loc.is_file("zarr.json"):
+        raise StoreError(f"--out {out} already holds objects and is not an activation store: choose a new --out "
+                         "or delete them")
 
 
 def _check_specs(specs, d_sae: int) -> None:
@@ -321,8 +351,10 @@ def _check_specs(specs, d_sae: int) -> None:
 
 
 @main.command()
-@click.option("--store", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Store written by 'saestrata harvest'.")
+@click.option("--store", type=StorePath(exists=True, file_okay=False),
+              help="Store written by 'saestrata harvest': a folder (memory-mapped) or an object-store URL "
+                   "(s3://bucket/prefix: whole chunks fetched ahead in parallel).")
+@storage_options_option
 @click.option("--layer", type=NONNEG_INT, help="Block whose activations to train on.")
 @click.option("--arch", "archs", default="topk", show_default=True,
               help="Comma-separated arch or preset names; 'all' = every arch/preset.")
@@ -357,7 +389,7 @@ def _check_specs(specs, d_sae: int) -> None:
               help="Use an existing dask scheduler (tcp://host:8786) instead; its workers must see --store and --out.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory: one sub-folder per SAE.")
 @_one_line_errors
-def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,
+def train(store, storage_options, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,
           allow_partial, list_archs, checkpoint_every, resume, overwrite, sae_threads, target_l0, workers, scheduler,
           out):
     """Train SAEs from a store in one pass: every batch is read once and fed to every SAE.
@@ -386,7 +418,7 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
     names = expand_names([a.strip() for a in archs.split(",") if a.strip()])  # fail fast, before reading
     specs = expand_specs(names, list(sets), _float_list(target_l0, "--target-l0"))
     # Everything the run will refuse is checked before a file is touched (store, layer, hyperparameters, --out).
-    acts = ActivationStore(store, allow_partial=allow_partial)
+    acts = ActivationStore(store, allow_partial=allow_partial, storage_options=storage_options or None)
     acts.stats(acts.hook_for_layer(layer))
     _check_specs(specs, d_sae or expansion * acts.d_model)
     for folder in check_run_dir(out, [s.name for s in specs], resume, overwrite):
@@ -394,7 +426,8 @@ def train(store, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, s
     cfg = TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, expansion=expansion,
                       batch_size=batch_size, tokens=tokens, lr=lr, seed=seed, device=device,
                       autocast=not no_autocast, allow_partial=allow_partial,
-                      checkpoint_every=checkpoint_every, resume=resume, sae_threads=sae_threads)
+                      checkpoint_every=checkpoint_every, resume=resume, sae_threads=sae_threads,
+                      storage_options=storage_options or None)
     if workers or scheduler:
         from .train.distributed import DistributedTrainingError, train_distributed
 

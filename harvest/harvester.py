@@ -25,6 +25,7 @@ from .. import __version__
 from ..store import StoreError, StoreWriter
 from ..store.format import FORMAT_VERSION, ActivationStats, committed_tokens, shard_bounds, to_stored
 from ..store.reader import prefetch
+from ..store.location import Location, as_location
 from ..store.writer import is_empty_store_dir
 from .hooks import residuals
 from .model import EMBEDDED_MODEL, LoadedModel, ModelError, check_layers, hook_name, load_model
@@ -38,7 +39,7 @@ class HarvestConfig:
 
     layers: list[int]
     tokens: int
-    out: Path
+    out: Path  # a folder, or an object-store URL string such as "s3://bucket/prefix/store.zarr"
     model: str = EMBEDDED_MODEL
     dataset: str = EMBEDDED_DATASET
     split: str = "train"
@@ -56,6 +57,7 @@ class HarvestConfig:
     extra_attrs: dict = field(default_factory=dict)
     workers: int = 0  # >0: shard writers on a dask LocalCluster of this many processes (harvest/parallel.py)
     scheduler: str | None = None  # address of an existing dask scheduler (workers must see ``out``)
+    storage_options: dict | None = None  # fsspec/s3fs options when ``out`` is a URL (credentials, endpoint_url)
 
 
 def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = True) -> Path:
@@ -74,7 +76,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = 
         progress: show a tqdm bar.
 
     Returns:
-        the store path.
+        the store path (``Path``), or the URL (``str``) for an object store.
 
     Raises:
         ModelError: layer out of range / model not loadable / context length beyond the model's positions.
@@ -91,7 +93,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = 
     n_rows = max(1, -(-cfg.tokens // cfg.context_length))
     writer = _open_writer(cfg, lm, layers, hooks, identity, n_rows)
     if writer is None:
-        return Path(cfg.out)
+        return _out_location(cfg).path
     try:
         if cfg.workers or cfg.scheduler:
             from .parallel import write_pending_parallel
@@ -105,7 +107,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = 
         # An error or Ctrl-C keeps every committed shard; the lock is released at once, so a
         # rerun (also in this process, e.g. a notebook) can resume instead of being refused.
         writer.close()
-    return Path(cfg.out)
+    return _out_location(cfg).path
 
 
 def _check_context_length(cfg: HarvestConfig, lm: LoadedModel) -> None:
@@ -121,6 +123,11 @@ def _check_context_length(cfg: HarvestConfig, lm: LoadedModel) -> None:
                          "(BOS plus at least one token, at most max_position_embeddings)")
 
 
+def _out_location(cfg: HarvestConfig) -> Location:
+    """``cfg.out`` (folder or URL) with ``cfg.storage_options``."""
+    return as_location(cfg.out, cfg.storage_options)
+
+
 def _rows(cfg: HarvestConfig, lm: LoadedModel) -> Iterator[Row]:
     """Packed rows of the configured source in their deterministic order."""
     docs = iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_field)
@@ -131,7 +138,7 @@ def _open_writer(
     cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hooks: list[str], identity: dict, n_rows: int
 ) -> StoreWriter | None:
     """A writer for a new, resumed or extended store, or None when a complete store is reused."""
-    ctx, out = cfg.context_length, Path(cfg.out)
+    ctx, out = cfg.context_length, _out_location(cfg)
     if is_empty_store_dir(out):
         if next(_rows(cfg, lm), None) is None:
             raise DatasetError(
@@ -212,7 +219,7 @@ def _write_pending(
     batch_rows = int(writer.group.attrs.get("batch_rows", cfg.batch_rows))
     bos = lm.tokenizer.bos_token_id
     bar = tqdm(total=writer.n_tokens, unit="tok", desc=f"harvest {cfg.split}", disable=not progress)
-    bar.update(committed_tokens(dict(writer.group.attrs)))
+    bar.update(committed_tokens(dict(writer.group.attrs), writer.committed))
     for job in pending_jobs(writer, cfg, lm):
         if job.truncate_to is not None:
             truncate_plan(writer, cfg, job.truncate_to)

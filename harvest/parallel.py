@@ -52,6 +52,7 @@ class ShardTask:
     weights_hash: str
     threads: int
     compute_dtype: str | None = None  # HarvestConfig.compute_dtype (None: ``dtype``)
+    storage_options: dict | None = None  # fsspec/s3fs options when ``store`` is an object-store URL
 
 
 _WORKER_MODELS: dict[tuple, LoadedModel] = {}
@@ -90,7 +91,7 @@ def harvest_shard(task: ShardTask, shard: int, rows: list) -> dict:
     lm = _worker_model(task)
     acts, aligned, record = shard_payload(lm, rows, list(task.layers), list(task.hooks), task.batch_rows,
                                           task.bos, shard, task.dtype)
-    write_uncommitted_shard(task.store, shard, acts, aligned)
+    write_uncommitted_shard(task.store, shard, acts, aligned, storage_options=task.storage_options)
     return record
 
 
@@ -116,14 +117,14 @@ def write_pending_parallel(
 
     n_workers = cfg.workers or 0
     task = ShardTask(
-        store=str(writer.path.resolve()), model=cfg.model, device=cfg.device, dtype=cfg.dtype,
+        store=writer.loc.identity(), storage_options=writer.loc.storage_options or None, model=cfg.model, device=cfg.device, dtype=cfg.dtype,
         compute_dtype=cfg.compute_dtype, layers=tuple(layers), hooks=tuple(hooks),
         batch_rows=int(writer.group.attrs.get("batch_rows", cfg.batch_rows)),
         bos=lm.tokenizer.bos_token_id, weights_hash=lm.weights_hash,
         threads=max(1, (os.cpu_count() or 1) // n_workers) if n_workers and not cfg.scheduler else 0,
     )
     bar = tqdm(total=writer.n_tokens, unit="tok", desc=f"harvest {cfg.split} (dask)", disable=not progress)
-    bar.update(committed_tokens(dict(writer.group.attrs)))
+    bar.update(committed_tokens(dict(writer.group.attrs), writer.committed))
     run = uuid.uuid4().hex[:8]
     errors: list[BaseException] = []
     with dask_client(n_workers, cfg.scheduler) as client:

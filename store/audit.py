@@ -5,6 +5,8 @@ codec raises on any flipped byte, in data or index), and also checks what zarr
 would silently paper over: a committed shard whose file is missing reads back as
 fill values, so files, shard indexes (every inner chunk present) and array shapes
 are checked against the commit record; activations are scanned for NaN/Inf.
+Stores in an object store (``s3://...``) are checked the same way through their
+``location.Location`` (listings and ranged reads instead of files).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import numpy as np
 import zarr
 
 from .format import (
-    ALIGNED_ARRAYS, StoreError, array_names, committed_tokens, n_shards, open_group, shard_bounds, shard_key,
-    stored_dtype,
+    ALIGNED_ARRAYS, StoreError, array_names, commit_key, committed_tokens, n_shards, open_group,
+    parse_marker, read_committed, shard_bounds, shard_key, stored_dtype, uses_markers,
 )
-from .shardfile import read_index
+from .location import as_location
+from .shardfile import read_index_at
 
 # Bit masks of an all-ones exponent (NaN or Inf) for integer views of float formats.
 _NONFINITE_MASK = {"bfloat16": 0x7F80, "float16": 0x7C00}
@@ -30,7 +33,7 @@ class VerifyReport:
     """Outcome of :func:`verify_store`.
 
     Attributes:
-        path: the store.
+        path: the store (folder ``Path`` or URL).
         problems: one line per defect, each naming the array and shard (non-empty = failed).
         warnings: harmless findings (leftover files of uncommitted shards, temp files).
         shards_checked: committed shards read in full.
@@ -49,11 +52,11 @@ class VerifyReport:
         return not self.problems
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _disk_bytes(loc) -> int:
+    return sum(loc.find().values())
 
 
-def store_info(path: str | Path) -> dict:
+def store_info(path, storage_options: dict | None = None) -> dict:
     """Summary of one store: model, layers, tokens committed/planned, dataset, bytes, statistics.
 
     Returns:
@@ -61,21 +64,23 @@ def store_info(path: str | Path) -> dict:
         context_length, dataset, split, order_seed, tokens_committed, tokens_planned,
         shards_committed, n_shards, complete, bytes_on_disk, bytes_per_token`` (per committed
         token, all arrays, 0.0 if none) and ``activation_stats`` (``{hook: {...}}``, empty until finished).
+        ``path`` may be a folder, an object-store URL (with ``storage_options``) or a ``Location``.
 
     Raises:
-        StoreError: not a readable saestrata store.
+        StoreError: not a readable saestrata store (or, for URLs, missing bucket / unreachable server).
     """
-    path = Path(path)
-    attrs = dict(open_group(path).attrs)
-    committed = committed_tokens(attrs)
-    size = _disk_bytes(path)
+    loc = as_location(path, storage_options)
+    attrs = dict(open_group(loc).attrs)
+    shards = read_committed(loc, attrs)
+    committed = committed_tokens(attrs, shards)
+    size = _disk_bytes(loc)
     return {
-        "path": str(path), "model": attrs.get("model_id"), "weights_hash": attrs.get("weights_hash"),
+        "path": str(loc), "model": attrs.get("model_id"), "weights_hash": attrs.get("weights_hash"),
         "identity_key": attrs.get("identity_key"), "layers": attrs.get("layers"), "hooks": attrs["hooks"],
         "d_model": attrs["d_model"], "dtype": attrs["dtype"], "context_length": attrs.get("context_length"),
         "dataset": attrs.get("dataset"), "split": attrs.get("split"), "order_seed": attrs.get("order_seed"),
         "tokens_committed": committed, "tokens_planned": int(attrs["n_tokens"]),
-        "shards_committed": len(attrs.get("committed_shards", [])), "n_shards": int(attrs["n_shards"]),
+        "shards_committed": len(shards), "n_shards": int(attrs["n_shards"]),
         "complete": bool(attrs.get("complete")), "bytes_on_disk": size,
         "bytes_per_token": size / committed if committed else 0.0,
         "activation_stats": attrs.get("activation_stats", {}),
@@ -104,41 +109,55 @@ def list_stores(root: str | Path) -> list[dict]:
     return infos
 
 
-def verify_store(path: str | Path) -> VerifyReport:
+def verify_store(path, storage_options: dict | None = None) -> VerifyReport:
     """Check a store completely: commit record, shapes, shard files and indexes, crc32c of every chunk, NaN/Inf.
 
     Args:
-        path: store directory.
+        path: store directory, object-store URL or ``location.Location``.
+        storage_options: fsspec/s3fs options for a URL.
 
     Returns:
         a :class:`VerifyReport`; ``report.ok`` is False if anything is wrong.
 
     Raises:
-        StoreError: the store cannot be opened at all (no/corrupt group metadata).
+        StoreError: the store cannot be opened at all (no/corrupt group metadata, unreachable).
     """
-    path = Path(path)
-    group = open_group(path)
+    loc = as_location(path, storage_options)
+    group = open_group(loc)
     attrs = dict(group.attrs)
-    report = VerifyReport(path=path)
-    committed = _check_commit_record(attrs, report)
+    report = VerifyReport(path=loc.path)
+    committed = _check_commit_record(loc, attrs, report)
     for name in array_names(attrs):
         arr = _checked_array(group, name, attrs, report)
         if arr is not None:
-            _check_shards(path, arr, name, committed, attrs, report)
+            _check_shards(loc, arr, name, committed, attrs, report)
     report.shards_checked = len(committed)
-    _check_leftovers(path, attrs, set(committed), report)
+    _check_leftovers(loc, attrs, set(committed), report)
     return report
 
 
-def _check_commit_record(attrs: dict, report: VerifyReport) -> list[int]:
-    """Validate the commit record against the plan; returns the committed shards that exist in the plan."""
+def _check_commit_record(loc, attrs: dict, report: VerifyReport) -> list[int]:
+    """Validate the commit record against the plan; returns the committed shards that exist in the plan.
+
+    Marker layout: every marker must parse and name its own shard. Legacy layout: the
+    attribute list must not repeat a shard.
+    """
     n_tok, shard_tok = int(attrs["n_tokens"]), int(attrs["shard_tokens"])
     planned = n_shards(n_tok, shard_tok)
     if int(attrs["n_shards"]) != planned:
         report.problems.append(f"n_shards {attrs['n_shards']} does not match {n_tok} tokens / {shard_tok} per shard")
-    raw = [int(s) for s in attrs.get("committed_shards", [])]
-    if len(set(raw)) != len(raw):
-        report.problems.append("commit record lists a shard twice")
+    if uses_markers(attrs):
+        raw = sorted(read_committed(loc, attrs))
+        blobs = loc.read_many([commit_key(s) for s in raw])
+        for shard in raw:
+            try:
+                parse_marker(blobs[commit_key(shard)], shard, loc)
+            except StoreError as err:
+                report.problems.append(str(err).replace(f"{loc}: ", ""))
+    else:
+        raw = [int(s) for s in attrs.get("committed_shards", [])]
+        if len(set(raw)) != len(raw):
+            report.problems.append("commit record lists a shard twice")
     outside = sorted(s for s in set(raw) if not 0 <= s < planned)
     if outside:
         report.problems.append(f"commit record names shards {outside} outside the plan of {planned} shards")
@@ -170,7 +189,7 @@ def _checked_array(group: zarr.Group, name: str, attrs: dict, report: VerifyRepo
 
 
 def _check_shards(
-    path: Path, arr: zarr.Array, name: str, committed: list[int], attrs: dict, report: VerifyReport
+    loc, arr: zarr.Array, name: str, committed: list[int], attrs: dict, report: VerifyReport
 ) -> None:
     """File + index + full zarr read (crc32c) of every committed shard of one array; counts NaN/Inf."""
     n_tok, shard_tok, chunk_tok = int(attrs["n_tokens"]), int(attrs["shard_tokens"]), int(attrs["chunk_tokens"])
@@ -179,7 +198,7 @@ def _check_shards(
         where = f"shard {shard} of {name}"
         start, stop = shard_bounds(shard, shard_tok, n_tok)
         try:
-            index = read_index(path / name / shard_key(arr, shard), shard_tok // chunk_tok)
+            index = read_index_at(loc, f"{name}/{shard_key(arr, shard)}", shard_tok // chunk_tok)
         except StoreError as err:
             report.problems.append(f"{where}: {err}")
             continue
@@ -216,13 +235,13 @@ def _count_nonfinite(values: np.ndarray, logical: str) -> int:
     return int(((bits & mask) == mask).sum())
 
 
-def _check_leftovers(path: Path, attrs: dict, committed: set[int], report: VerifyReport) -> None:
+def _check_leftovers(loc, attrs: dict, committed: set[int], report: VerifyReport) -> None:
     """Warn about temp files and shard files outside the commit record (a resume deletes them)."""
-    temps = sorted(path.rglob("*.partial"))
+    temps = sorted(k for k in loc.find() if k.endswith(".partial")) if not loc.remote else []
     if temps:
-        report.warnings.append(f"{len(temps)} leftover temp files (*.partial), e.g. {temps[0].relative_to(path)}")
+        report.warnings.append(f"{len(temps)} leftover temp files (*.partial), e.g. {temps[0]}")
     for name in array_names(attrs):
-        folder = path / name / "c"
-        stray = sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit() and int(p.name) not in committed)
+        names = loc.list_names(f"{name}/c")
+        stray = sorted(int(n) for n in names if n.isdigit() and int(n) not in committed)
         if stray:
             report.warnings.append(f"{name}: files of uncommitted shards {stray[:5]} (rewritten on resume)")

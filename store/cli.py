@@ -14,6 +14,49 @@ import click
 
 from .audit import list_stores, store_info, verify_store
 from .format import StoreError
+from .location import is_url, parse_storage_options
+
+STORAGE_OPTIONS_HELP = (
+    "JSON object of fsspec/s3fs options for an s3:// store, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\", "
+    "\"key\": \"...\", \"secret\": \"...\"}' (they win over the environment). Without it, credentials and "
+    "endpoint come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, "
+    "AWS_DEFAULT_REGION and ~/.aws, as for the AWS CLI."
+)
+
+
+class StorePath(click.ParamType):
+    """A store given as a local folder (``Path``; checked to exist when ``exists``) or an object-store URL (``str``).
+
+    URLs (``s3://bucket/prefix``) are passed on as strings: whether they exist is checked
+    when the store is opened, with the ``--storage-options`` of the command.
+    """
+
+    name = "PATH|URL"
+
+    def __init__(self, exists: bool = False, file_okay: bool = True):
+        self._local = click.Path(exists=exists, file_okay=file_okay, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        """``value`` as a ``str`` URL or a ``Path`` (click's folder checks apply to local paths)."""
+        if isinstance(value, str) and is_url(value):
+            if not value.startswith(("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "memory://")):
+                self.fail(f"{value}: unsupported URL scheme (use s3://bucket/prefix or a local folder)", param, ctx)
+            return value.rstrip("/")
+        return self._local.convert(value, param, ctx)
+
+
+def storage_options_option(fn):
+    """The ``--storage-options JSON`` click option (parsed to a dict; one-line error on bad JSON)."""
+
+    def parse(_ctx, _param, value):
+        """The option's JSON text -> dict (``{}`` when absent); click.BadParameter on bad JSON."""
+        try:
+            return parse_storage_options(value)
+        except StoreError as err:
+            raise click.BadParameter(str(err)) from None
+
+    return click.option("--storage-options", "storage_options", metavar="JSON", callback=parse,
+                        help=STORAGE_OPTIONS_HELP)(fn)
 
 
 def _one_line(fn):
@@ -54,12 +97,16 @@ def ls(directory: Path):
 
 
 @store.command("info")
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("path", type=StorePath(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@storage_options_option
 @_one_line
-def info(path: Path, as_json: bool):
-    """Model, layers, tokens, dataset, bytes on disk and per token, activation statistics of one store."""
-    data = store_info(path)
+def info(path, as_json: bool, storage_options: dict):
+    """Model, layers, tokens, dataset, bytes on disk and per token, activation statistics of one store.
+
+    PATH is a store folder or an object-store URL (s3://bucket/prefix).
+    """
+    data = store_info(path, storage_options)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -81,11 +128,15 @@ def info(path: Path, as_json: bool):
 
 
 @store.command("verify")
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("path", type=StorePath(exists=True))
+@storage_options_option
 @_one_line
-def verify(path: Path):
-    """Read every committed chunk (crc32c), check files, indexes, shapes and NaN/Inf; exit 1 on any problem."""
-    report = verify_store(path)
+def verify(path, storage_options: dict):
+    """Read every committed chunk (crc32c), check files, indexes, shapes and NaN/Inf; exit 1 on any problem.
+
+    PATH is a store folder or an object-store URL (s3://bucket/prefix).
+    """
+    report = verify_store(path, storage_options)
     for line in report.warnings:
         click.echo(f"warning: {line}")
     for line in report.problems:

@@ -6,8 +6,15 @@ One Zarr group per harvest (DESIGN.md, "Store format"):
   ``(n_tokens, d_model)``; bfloat16 is stored as its ``uint16`` bit pattern with
   ``attrs["logical_dtype"] = "bfloat16"`` (zarr has no bfloat16);
 - aligned 1-D arrays ``token_ids`` (int32), ``doc_index`` (int64), ``position`` (int32);
-- group attributes: everything needed to reproduce and verify the harvest, plus the
-  commit record ``committed_shards`` (shards are counted only once recorded).
+- group attributes: everything needed to reproduce and verify the harvest (identity,
+  plan, statistics); they do not change when a shard commits;
+- the commit record: one small object ``commits/<shard>.json`` per committed shard
+  (``{"shard": n, "record": {...}}``), written atomically after the shard's data; a
+  shard counts only once its marker exists (``attrs["commit_record"] == "objects"``).
+  ``commits`` itself is an empty zarr array, so zarr sees a node it knows there.
+  Stores written before markers existed keep the whole record in the group attributes
+  (``committed_shards`` list + ``shard_records`` dict); they are read as they are and
+  migrated to markers when a harvest resumes or extends them.
 
 Arrays are sharded along tokens; every shard holds whole context rows and every
 inner chunk carries a crc32c checksum. Activations are not compressed (zstd/blosc
@@ -43,8 +50,8 @@ class StoreError(ValueError):
 class ActivationStats:
     """Running per-hook statistics of non-BOS activations (float64 accumulators).
 
-    Each shard's state (:meth:`record`) is committed with the shard in
-    ``attrs["shard_records"][str(shard)][hook]``; the harvest merges them into
+    Each shard's state (:meth:`record`) is committed with the shard in its commit marker
+    (``commits/<shard>.json``, ``["record"][hook]``); the harvest merges them into
     ``attrs["activation_stats"]`` when it finishes, and a reader of a half-written store
     merges the committed prefix's (:meth:`merged`). Units: activation units (``mean_norm``,
     ``rms_norm``: L2 norms over ``d_model``; ``max_abs``: largest ``|entry|``).
@@ -166,30 +173,139 @@ def check_identity(path: Path, attrs: dict, wanted: dict) -> None:
         raise IdentityMismatch(f"{path} holds a different harvest: {'; '.join(diff)}; choose a new --out or delete it")
 
 
-def committed_tokens(attrs: dict) -> int:
-    """Tokens in committed shards of a store, from its group attributes (0 if nothing is committed)."""
+def committed_tokens(attrs: dict, committed=None) -> int:
+    """Tokens in committed shards of a store (0 if nothing is committed).
+
+    Args:
+        attrs: the group attributes (plan: ``n_tokens``, ``shard_tokens``).
+        committed: the committed shard numbers (:func:`read_committed`); None reads the
+            legacy in-attributes list ``committed_shards`` (stores without commit markers).
+    """
     n_tok, shard_tok = int(attrs["n_tokens"]), int(attrs["shard_tokens"])
-    committed = {int(s) for s in attrs.get("committed_shards", [])}
+    if committed is None:
+        committed = attrs.get("committed_shards", [])
+    committed = {int(s) for s in committed}
     bounds = [shard_bounds(s, shard_tok, n_tok) for s in committed if s < n_shards(n_tok, shard_tok)]
     return sum(stop - start for start, stop in bounds)
 
 
-def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
+def open_group(path, mode: str = "r") -> zarr.Group:
     """Open the Zarr v3 group of a saestrata store (``mode`` ``"r"`` or ``"r+"``), ignoring consolidated metadata.
 
+    Args:
+        path: a folder, an object-store URL (``s3://bucket/prefix``) or a ``location.Location``.
+
     Raises:
-        StoreError: no ``zarr.json`` at ``path``, unreadable group metadata, or not a saestrata store.
+        StoreError: no ``zarr.json`` at ``path``, unreadable group metadata, not a saestrata
+            store, or (URLs) a missing bucket / unreachable object store.
     """
-    path = Path(path)
-    if not (path / "zarr.json").exists():
-        raise StoreError(f"{path} is not an activation store (no zarr.json): run 'saestrata harvest' first")
+    from .location import as_location
+
+    loc = as_location(path)
+    loc.check_reachable_bucket()
+    if not loc.is_file("zarr.json"):
+        raise StoreError(f"{loc} is not an activation store (no zarr.json): run 'saestrata harvest' first")
     try:
-        group = zarr.open_group(str(path), mode=mode, use_consolidated=False)
+        group = zarr.open_group(loc.zarr_store(read_only=mode == "r"), mode=mode, use_consolidated=False)
     except Exception as err:
-        raise StoreError(f"{path} cannot be opened as a Zarr v3 group ({err}): the store is corrupt") from err
+        raise StoreError(f"{loc} cannot be opened as a Zarr v3 group ({_line(err)}): the store is corrupt") from err
     if group.attrs.get("format") != FORMAT_NAME:
-        raise StoreError(f"{path} is a Zarr group but not a saestrata activation store")
+        raise StoreError(f"{loc} is a Zarr group but not a saestrata activation store")
     return group
+
+
+def _line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+COMMITS_DIR = "commits"
+COMMIT_LAYOUT = "objects"  # attrs["commit_record"]: one marker object per committed shard
+
+
+def create_commits_node(group: zarr.Group) -> None:
+    """Create ``commits``, the node under which commit markers live: an empty (shape ``(0,)``) uint8 array.
+
+    Being a zarr array, it is a node zarr recognises (its member listing never looks inside an
+    array), so the marker objects below it do not show up as unknown objects of the hierarchy.
+    Idempotent.
+    """
+    if COMMITS_DIR not in group:
+        group.create_array(COMMITS_DIR, shape=(0,), chunks=(1,), dtype="uint8", fill_value=0)
+
+
+def uses_markers(attrs: dict) -> bool:
+    """True if the store keeps its commit record as marker objects (else: legacy attribute list)."""
+    return attrs.get("commit_record") == COMMIT_LAYOUT
+
+
+def commit_key(shard: int) -> str:
+    """Key of shard ``shard``'s commit marker, relative to the store root (``commits/<shard>.json``)."""
+    return f"{COMMITS_DIR}/{int(shard)}.json"
+
+
+def commit_marker(shard: int, record: dict | None) -> bytes:
+    """The bytes of a commit marker: canonical JSON ``{"shard": n, "record": record}``."""
+    return json.dumps({"shard": int(shard), "record": record}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def read_committed(loc, attrs: dict) -> set[int]:
+    """Committed shard numbers of a store: one listing of ``commits/`` (legacy stores: ``attrs["committed_shards"]``).
+
+    Args:
+        loc: the store's ``location.Location``.
+        attrs: its group attributes.
+
+    Returns:
+        the set of shard numbers whose marker exists (temp files of an interrupted marker
+        write are not markers and are ignored).
+    """
+    if not uses_markers(attrs):
+        return {int(s) for s in attrs.get("committed_shards", [])}
+    out = set()
+    for name in loc.list_names(COMMITS_DIR):
+        stem = name[:-5] if name.endswith(".json") else ""
+        if stem.isdigit():
+            out.add(int(stem))
+    return out
+
+
+def read_records(loc, attrs: dict, shards) -> dict[int, dict]:
+    """Per-shard records ``{shard: record}`` of committed ``shards``, in shard order (shards without one skipped).
+
+    Raises:
+        StoreError: a marker is missing or is not the JSON this module writes.
+    """
+    if not uses_markers(attrs):
+        raw = attrs.get("shard_records", {})
+        return {int(k): raw[k] for k in sorted(raw, key=int) if int(k) in set(shards)}
+    shards = sorted(int(s) for s in shards)
+    try:
+        blobs = loc.read_many([commit_key(s) for s in shards])
+    except FileNotFoundError as err:
+        raise StoreError(f"{loc}: a commit marker vanished while reading ({_line(err)}): is another process "
+                         "rewriting the store?") from None
+    out = {}
+    for shard in shards:
+        marker = parse_marker(blobs[commit_key(shard)], shard, loc)
+        if marker.get("record") is not None:
+            out[shard] = marker["record"]
+    return out
+
+
+def parse_marker(data: bytes, shard: int, where) -> dict:
+    """Decode and check one commit marker.
+
+    Raises:
+        StoreError: not JSON, or it names another shard.
+    """
+    try:
+        marker = json.loads(data)
+    except ValueError:
+        raise StoreError(f"{where}: commit marker of shard {shard} is not valid JSON") from None
+    if not isinstance(marker, dict) or marker.get("shard") != shard:
+        raise StoreError(f"{where}: commit marker {commit_key(shard)} does not describe shard {shard}")
+    return marker
 
 
 def enclosing_store(path: str | Path) -> Path | None:

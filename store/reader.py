@@ -19,12 +19,20 @@ finished batches to the consumer, which only dequeues.
 
 Both chunk sources hold the same values, so the memmap and zarr paths yield
 identical batches.
+
+Stores in an object store (``s3://...``, store/location.py) cannot be mapped: their
+uncompressed chunks are fetched whole by ranged GETs (store/remote.py, crc32c checked
+on every fetch), ``prefetch_chunks`` of them ahead of the consumer on a thread pool.
+The chunk order is drawn exactly as for a local store and results are consumed in
+that order, so a remote store yields the same batches as a local copy.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import queue
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -32,35 +40,43 @@ import numpy as np
 import torch
 import zarr
 
-from .format import FORMAT_NAME, ActivationStats, StoreError, from_stored, shard_key
+from .format import ActivationStats, StoreError, from_stored, open_group, read_committed, read_records, shard_key
+from .location import as_location
 from .memmap import MemmapArray
+from .remote import RemoteChunks
 
 
 class ActivationStore:
     """Read-only view of a store written by :class:`saestrata.store.writer.StoreWriter`.
 
     Args:
-        path: store directory.
+        path: store directory, object-store URL (``s3://bucket/prefix``) or ``location.Location``.
         allow_partial: accept a store whose shards are not all committed (reads
             only the committed prefix).
+        storage_options: fsspec/s3fs options for a URL (credentials, ``endpoint_url`` ...).
+        prefetch_chunks: object stores only: inner chunks fetched ahead of the consumer,
+            concurrently, by the training readers (threads of a pool).
+
+    Attributes:
+        path: the folder (``Path``) or the URL (``str``).
+        location: the store's ``location.Location``.
+        committed: committed shard numbers (the commit markers, or a legacy store's attribute list).
 
     Raises:
-        StoreError: not a saestrata store, or uncommitted shards without ``allow_partial``.
+        StoreError: not a saestrata store, uncommitted shards without ``allow_partial``, or (URLs)
+            a missing bucket / unreachable object store.
     """
 
-    def __init__(self, path: str | Path, allow_partial: bool = False):
-        self.path = Path(path)
+    def __init__(self, path, allow_partial: bool = False, storage_options: dict | None = None,
+                 prefetch_chunks: int = 16):
+        self.location = as_location(path, storage_options)
+        self.path = self.location.path
         self.allow_partial = allow_partial
-        if not (self.path / "zarr.json").exists():
-            raise StoreError(f"{self.path} is not an activation store (no zarr.json): run 'saestrata harvest' first")
-        try:
-            self.group = zarr.open_group(str(self.path), mode="r", use_consolidated=False)
-        except Exception as err:
-            raise StoreError(f"{self.path} cannot be opened as a Zarr v3 group ({err}): the store is corrupt") from err
+        self.prefetch_chunks = max(1, int(prefetch_chunks))
+        self.group = open_group(self.location)
         self.attrs = dict(self.group.attrs)
-        if self.attrs.get("format") != FORMAT_NAME:
-            raise StoreError(f"{self.path} is a Zarr group but not a saestrata activation store")
-        committed = set(self.attrs.get("committed_shards", []))
+        self.committed = read_committed(self.location, self.attrs)
+        committed = self.committed
         missing = [s for s in range(self.attrs["n_shards"]) if s not in committed]
         if missing and not allow_partial:
             raise StoreError(
@@ -70,6 +86,15 @@ class ActivationStore:
         # Readable tokens: the committed prefix of whole shards.
         first_missing = missing[0] if missing else self.attrs["n_shards"]
         self.n_tokens = min(self.attrs["n_tokens"], first_missing * self.attrs["shard_tokens"])
+        self._maps: dict = {}
+        self._checked: set[str] = set()
+        self._bos_bits: dict[int, np.ndarray] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def remote(self) -> bool:
+        """True for a store in an object store (read by whole-chunk fetches, not memory-mapped)."""
+        return self.location.remote
 
     @property
     def hooks(self) -> list[str]:
@@ -91,7 +116,7 @@ class ActivationStore:
         name = f"blocks.{layer}.hook_resid_post"
         if name not in self.hooks:
             have = ", ".join(str(h.split(".")[1]) for h in self.hooks)
-            raise StoreError(f"store {self.path.name} has no layer {layer}: it holds layers {have}")
+            raise StoreError(f"store {self.location.name} has no layer {layer}: it holds layers {have}")
         return name
 
     def activations(self, hook: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -115,14 +140,18 @@ class ActivationStore:
         if mapped is None or start % mapped.chunk_tokens or start >= stop:
             return self._zarr(name)[start:stop]
         first, last = start // mapped.chunk_tokens, (stop - 1) // mapped.chunk_tokens
-        parts = [mapped.chunk(c) for c in range(first, last + 1)]
+        if self.remote and last > first:  # whole chunks fetched concurrently
+            parts = list(self._threads().map(mapped.chunk, range(first, last + 1)))
+        else:
+            parts = [mapped.chunk(c) for c in range(first, last + 1)]
         return np.concatenate(parts)[: stop - start]  # a copy: callers may keep it after the map closes
 
     def _chunk_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of ``name`` (stored dtype), without a copy when they lie in one mapped chunk.
 
         Returns a read-only ``np.memmap`` view (valid as long as it is referenced) for
-        uncompressed local shards, else the array the zarr API decodes.
+        uncompressed local shards, a fetched whole chunk for uncompressed remote shards, else
+        the array the zarr API decodes.
         """
         mapped = self._mapped(name)
         if mapped is None or start >= stop:
@@ -137,18 +166,18 @@ class ActivationStore:
 
         zarr reads a missing shard file as fill values without complaint (DESIGN.md), so a
         lost file would silently become zeros; this check runs once per array (one ``stat``
-        per shard; local stores only).
+        per shard locally, one listing of the array's shards in an object store).
 
         Raises:
             StoreError: a committed shard's file is missing.
         """
-        if not hasattr(self, "_checked"):
-            self._checked: set[str] = set()
         arr = self.group[name]
         if name not in self._checked:
             last = -(-self.n_tokens // int(self.attrs["shard_tokens"]))
+            listed = set(self.location.list_names(f"{name}/c")) if self.remote else None
             for shard in range(last):
-                if not (self.path / name / shard_key(arr, shard)).is_file():
+                present = (str(shard) in listed) if self.remote else (self.path / name / shard_key(arr, shard)).is_file()
+                if not present:
                     raise StoreError(
                         f"shard {shard} of {name}: shard file {name}/{shard_key(arr, shard)} is missing from "
                         f"{self.path}; run 'saestrata store verify' and re-harvest"
@@ -170,8 +199,6 @@ class ActivationStore:
         shard = start // shard_tokens
         if stop > (shard + 1) * shard_tokens or stop <= start:
             raise ValueError(f"rows {start}..{stop} are not inside one shard of {shard_tokens} tokens")
-        if not hasattr(self, "_bos_bits"):
-            self._bos_bits: dict[int, np.ndarray] = {}
         if shard not in self._bos_bits:
             lo, hi = shard * shard_tokens, min((shard + 1) * shard_tokens, self.n_tokens)
             bos = self.attrs.get("bos_token_id")
@@ -181,15 +208,44 @@ class ActivationStore:
         return np.unpackbits(self._bos_bits[shard], count=offset + stop - start)[offset:].astype(bool)
 
     def _mapped(self, name: str):
-        """A cached :class:`MemmapArray` for ``name``, or None when the array cannot be mapped."""
-        if not hasattr(self, "_maps"):
-            self._maps = {}
+        """A cached chunk source for ``name`` (:class:`MemmapArray` locally, :class:`RemoteChunks` in an
+        object store), or None when the array is compressed (then it is read through zarr)."""
         if name not in self._maps:
             try:
-                self._maps[name] = MemmapArray(self.path, name, self.n_tokens)
+                if self.remote:
+                    self._maps[name] = RemoteChunks(self.location, self.group, name, self.n_tokens)
+                else:
+                    self._maps[name] = MemmapArray(self.path, name, self.n_tokens)
             except StoreError:
                 self._maps[name] = None
         return self._maps[name]
+
+    def _threads(self) -> ThreadPoolExecutor:
+        """The store's fetch pool (object stores): ``prefetch_chunks`` threads, created on first use."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.prefetch_chunks, thread_name_prefix="saestrata-fetch")
+        return self._pool
+
+    def fetch_ahead(self, fetch, items):
+        """``fetch(item)`` for each item of ``items``, yielded in order.
+
+        Locally each is computed when asked for (memory-mapped reads are cheap). For an object
+        store up to ``prefetch_chunks`` fetches run concurrently ahead of the consumer; the
+        order of results is that of ``items`` whatever order the fetches finish in, so the
+        output is identical. ``items`` is consumed ahead of the results.
+        """
+        if not self.remote:
+            for item in items:
+                yield fetch(item)
+            return
+        pending: collections.deque = collections.deque()
+        pool = self._threads()
+        for item in items:
+            pending.append(pool.submit(fetch, item))
+            if len(pending) >= self.prefetch_chunks:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def stats(self, hook: str) -> dict:
         """Per-hook activation statistics (``n``, ``mean_norm``, ``rms_norm``, ``max_abs``, activation units).
@@ -205,8 +261,8 @@ class ActivationStore:
         stats = self.attrs.get("activation_stats", {}).get(hook)
         if stats is not None:
             return stats
-        records = self.attrs.get("shard_records", {})
-        prefix = {k: v for k, v in records.items() if int(k) * self.attrs["shard_tokens"] < self.n_tokens}
+        readable = [s for s in self.committed if s * self.attrs["shard_tokens"] < self.n_tokens]
+        prefix = read_records(self.location, self.attrs, readable) if self.allow_partial else {}
         if self.allow_partial and prefix and all(hook in r for r in prefix.values()):
             return {**ActivationStats.merged(prefix, hook).as_dict(), "partial": True}
         raise StoreError(f"{self.path} has no activation statistics for {hook}: the harvest did not finish; "
@@ -243,12 +299,16 @@ def shuffled_batches(
     # Separate generators: chunk order and row order (both drawn in the worker thread).
     chunk_rng, row_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
 
+    def fetch(bound: tuple[int, int]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        """One chunk's ``((acts,), usable row indices)`` (runs in the fetch pool for object stores)."""
+        lo, hi = bound
+        acts = store._chunk_rows(hook, lo, hi)
+        keep = np.arange(hi - lo) if bos is None else np.flatnonzero(store.not_bos(lo, hi))
+        return (acts,), keep
+
     def chunks() -> Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]]:
         """Endless ``((acts chunk view,), usable row indices)`` in seeded chunk order."""
-        for lo, hi in _endless(bounds, chunk_rng):
-            acts = store._chunk_rows(hook, lo, hi)
-            keep = np.arange(hi - lo) if bos is None else np.flatnonzero(store.not_bos(lo, hi))
-            yield (acts,), keep
+        yield from store.fetch_ahead(fetch, _endless(bounds, chunk_rng))
 
     def batches() -> Iterator[torch.Tensor]:
         """Finished ``[batch_size, d_model]`` tensors in the logical dtype."""
@@ -295,13 +355,17 @@ def sequence_batches(
     bounds = _chunk_bounds(start, stop, chunk)  # cuts on the chunk grid are row boundaries too
     chunk_rng, row_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
 
+    def fetch(bound: tuple[int, int]) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        """One chunk's ``((acts, doc_index, token_ids), all row indices)`` (fetch pool for object stores)."""
+        lo, hi = bound
+        columns = (store._chunk_rows(hook, lo, hi).reshape(-1, ctx, store.d_model),
+                   store._chunk_rows("doc_index", lo, hi).reshape(-1, ctx),
+                   store._chunk_rows("token_ids", lo, hi).reshape(-1, ctx))
+        return columns, np.arange(len(columns[0]))
+
     def chunks() -> Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]]:
         """Endless ``((acts, doc_index, token_ids) chunk views, all row indices)`` in seeded chunk order."""
-        for lo, hi in _endless(bounds, chunk_rng):
-            columns = (store._chunk_rows(hook, lo, hi).reshape(-1, ctx, store.d_model),
-                       store._chunk_rows("doc_index", lo, hi).reshape(-1, ctx),
-                       store._chunk_rows("token_ids", lo, hi).reshape(-1, ctx))
-            yield columns, np.arange(len(columns[0]))
+        yield from store.fetch_ahead(fetch, _endless(bounds, chunk_rng))
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Finished ``(acts, doc_index, token_ids)`` row batches (shapes in the docstring above)."""

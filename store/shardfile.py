@@ -51,7 +51,7 @@ def crc32c(data: bytes | memoryview) -> bytes:
 
 
 def read_index(path: str | Path, n_inner: int) -> ShardIndex:
-    """Parse and checksum the index at the end of a shard file.
+    """Parse and checksum the index at the end of a local shard file.
 
     Args:
         path: the shard file.
@@ -70,12 +70,48 @@ def read_index(path: str | Path, n_inner: int) -> ShardIndex:
     with open(path, "rb") as fh:
         fh.seek(size - index_bytes)
         raw = fh.read(index_bytes)
+    return parse_index(raw, n_inner, size, path)
+
+
+def read_index_at(loc, key: str, n_inner: int) -> ShardIndex:
+    """:func:`read_index` for any store location (local folder or object store): one size lookup + one ranged read.
+
+    Args:
+        loc: the store's ``location.Location``.
+        key: the shard object's key relative to the store root, e.g. ``token_ids/c/3``.
+        n_inner: inner chunks per shard.
+
+    Raises:
+        StoreError: as :func:`read_index` (object missing, truncated, corrupt index).
+    """
+    if not loc.remote:
+        return read_index(loc.file(key), n_inner)
+    where = f"{loc}/{key}"
+    try:
+        size = loc.size(key)
+    except FileNotFoundError:
+        raise StoreError(f"shard file {where} is missing") from None
+    index_bytes = 16 * n_inner + CRC_BYTES
+    if size < index_bytes:
+        raise StoreError(f"shard file {where} is truncated ({size} bytes, index alone needs {index_bytes})")
+    return parse_index(loc.read_bytes(key, size - index_bytes, size), n_inner, size, where)
+
+
+def parse_index(raw: bytes, n_inner: int, size: int, where) -> ShardIndex:
+    """Check and decode the ``16 * n_inner + 4`` index bytes of a shard file of ``size`` bytes (``where``: for messages).
+
+    Raises:
+        StoreError: wrong length, index crc mismatch, or an entry pointing outside the data.
+    """
+    index_bytes = 16 * n_inner + CRC_BYTES
+    if len(raw) != index_bytes:
+        raise StoreError(f"shard file {where} is truncated (index read gave {len(raw)} of {index_bytes} bytes)")
     body, stored_crc = raw[:-CRC_BYTES], raw[-CRC_BYTES:]
     if crc32c(body) != stored_crc:
-        raise StoreError(f"shard file {path} has a corrupt index (crc32c mismatch)")
+        raise StoreError(f"shard file {where} has a corrupt index (crc32c mismatch)")
     pairs = np.frombuffer(body, dtype="<u8").reshape(n_inner, 2)
     offsets, nbytes = pairs[:, 0].copy(), pairs[:, 1].copy()
     present = offsets != EMPTY
     if np.any(offsets[present] + nbytes[present] > size - index_bytes):
-        raise StoreError(f"shard file {path} has index entries pointing past its data")
+        raise StoreError(f"shard file {where} has index entries pointing past its data")
     return ShardIndex(offsets=offsets, nbytes=nbytes, file_size=size)

@@ -700,3 +700,85 @@ def test_every_saved_arch_passes_the_sae_folder_check(tmp_path):
         sae = build(variant, 16, 64).eval()
         cfg = check_sae_folder(save_sae(sae, tmp_path / variant, meta))
         assert cfg["d_sae"] == 64, variant
+
+
+# ----------------------------------------------------------------------------- object-store (s3://) inputs
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 with one bucket (``stores``) holding a half-written store; its URL."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed: the s3 cases need it")
+    pytest.importorskip("s3fs", reason="s3fs is not installed: the s3 cases need it")
+    import s3fs
+    import zarr
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    fs.mkdir("stores")
+    fs.pipe("stores/junk/readme.txt", b"not a store")
+    from saestrata.store.location import Location
+    from saestrata.store.writer import StoreWriter
+
+    writer = StoreWriter(Location("s3://stores/half.zarr", options), ["blocks.1.hook_resid_post"], 8, 64,
+                         shard_tokens=32, chunk_tokens=16, dtype="float32", attrs={"context_length": 16})
+    writer.close()  # created, nothing committed
+    assert zarr is not None
+    yield endpoint
+    server.stop()
+
+
+def _s3_opts(endpoint: str) -> str:
+    return json.dumps({"endpoint_url": endpoint, "key": "testing", "secret": "testing"})
+
+
+S3_CASES = [
+    # (id, argv template ({ep}: the moto endpoint, {ws}: a scratch folder), substrings of the Error line)
+    ("store-info-unreachable-endpoint",
+     ["store", "info", "s3://stores/half.zarr", "--storage-options",
+      '{"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}'],
+     ["cannot", "AWS_ENDPOINT_URL", "storage-options"]),
+    ("store-info-no-credentials",
+     ["store", "info", "s3://stores/half.zarr", "--storage-options", '{"endpoint_url": "{ep}"}'],
+     ["no credentials", "AWS_ACCESS_KEY_ID", "--storage-options"]),
+    ("store-verify-bad-storage-options", ["store", "verify", "s3://stores/half.zarr", "--storage-options", "{bad"],
+     ["'--storage-options'", "not valid JSON"]),
+    ("store-verify-options-not-object", ["store", "verify", "s3://stores/half.zarr", "--storage-options", "[1]"],
+     ["'--storage-options'", "JSON object"]),
+    ("store-info-unsupported-scheme", ["store", "info", "ftp://host/store"], ["unsupported URL scheme"]),
+    ("store-info-missing-bucket", ["store", "info", "s3://nobucket/x.zarr", "--storage-options", "{opts}"],
+     ["bucket 'nobucket'", "does not exist"]),
+    ("store-verify-no-store", ["store", "verify", "s3://stores/nothing.zarr", "--storage-options", "{opts}"],
+     ["not an activation store", "harvest"]),
+    ("train-half-written-s3-store", ["train", "--store", "s3://stores/half.zarr", "--storage-options", "{opts}",
+                                     "--layer", "1", "--out", "{ws}/run", "--device", "cpu"],
+     ["half-written", "--allow-partial"]),
+    ("harvest-missing-bucket", ["harvest", "--model", "{model}", "--layers", "1", "--tokens", "256",
+                                "--out", "s3://nobucket/new.zarr", "--storage-options", "{opts}", "--device", "cpu"],
+     ["bucket 'nobucket'", "does not exist"]),
+    ("harvest-unreachable-endpoint", ["harvest", "--model", "{model}", "--layers", "1", "--tokens", "256",
+                                      "--out", "s3://stores/new.zarr", "--storage-options",
+                                      '{"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}',
+                                      "--device", "cpu"],
+     ["cannot", "AWS_ENDPOINT_URL"]),
+    ("harvest-out-holds-other-objects", ["harvest", "--model", "{model}", "--layers", "1", "--tokens", "256",
+                                         "--out", "s3://stores/junk", "--storage-options", "{opts}", "--device", "cpu"],
+     ["not an activation store", "new --out"]),
+]
+
+
+@pytest.mark.parametrize("argv, expect", [pytest.param(a, e, id=i) for i, a, e in S3_CASES])
+def test_s3_bad_input(argv, expect, s3_endpoint, tmp_path, tiny_model_dir, monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)  # credentials only from --storage-options
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    args = [a.replace("{opts}", _s3_opts(s3_endpoint)).replace("{ws}", str(tmp_path))
+            .replace("{model}", str(tiny_model_dir)).replace("{ep}", s3_endpoint) for a in argv]
+    line = one_error_line(CliRunner().invoke(main, args))
+    for text in expect:
+        assert text in line, line
+    assert not any(tmp_path.iterdir())  # nothing written locally

@@ -213,7 +213,7 @@ def test_source_exhausted_is_truncated_then_reused(scratch, tiny_lm, tiny_model_
     harvest(_cfg(out, tiny_model_dir, 100_000, dataset=str(text)), lm=tiny_lm, progress=False)
     store = ActivationStore(out)
     assert store.attrs["complete"] and store.attrs["source_exhausted"]
-    assert 0 < store.n_tokens < 100_000 and store.n_tokens == committed_tokens(store.attrs)
+    assert 0 < store.n_tokens < 100_000 and store.n_tokens == committed_tokens(store.attrs, store.committed)
     assert verify_store(out).ok
     harvest(_cfg(out, tiny_model_dir, 200_000, dataset=str(text)), lm=tiny_lm, progress=False)
     assert "reusing" in capsys.readouterr().out
@@ -337,3 +337,56 @@ def test_compute_dtype_float32_is_stored_rounded_and_part_of_the_identity(scratc
                                                "bfloat16"))
     with pytest.raises(IdentityMismatch, match="compute_dtype"):
         harvest(_cfg(out, tiny_model_dir, 256), lm=tiny_lm, progress=False)
+
+
+def _to_legacy(path) -> None:
+    """Rewrite a marker-layout store as a store of before commit markers: the record back in the attributes."""
+    from saestrata.store.format import read_records
+    from saestrata.store.location import Location
+
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    attrs = dict(group.attrs)
+    loc = Location(path)
+    committed = sorted(ActivationStore(path, allow_partial=True).committed)
+    records = read_records(loc, attrs, committed)
+    shutil.rmtree(path / "commits")
+    legacy = {k: v for k, v in attrs.items() if k != "commit_record"}
+    group.attrs.put({**legacy, "committed_shards": committed, "shard_records": {str(s): r for s, r in records.items()}})
+
+
+def test_store_of_before_commit_markers_opens_and_is_migrated_on_reopen(scratch):
+    acts = _write(scratch / "old.zarr", "bfloat16", shards=[0, 1])  # 88 tokens, shards 0 and 1 of 3
+    _to_legacy(scratch / "old.zarr")
+    assert not (scratch / "old.zarr" / "commits").exists()
+    store = ActivationStore(scratch / "old.zarr", allow_partial=True)
+    assert store.committed == {0, 1} and store.n_tokens == 64
+    assert torch.equal(store.activations(HOOKS[0]), acts[HOOKS[0]][:64])
+    with pytest.raises(StoreError, match="half-written"):
+        ActivationStore(scratch / "old.zarr")
+    report = verify_store(scratch / "old.zarr")
+    assert report.ok and report.shards_checked == 2, report.problems
+    writer = StoreWriter.reopen(scratch / "old.zarr", {"name": "unit"})  # migrates the record to markers
+    assert writer.committed == {0, 1} and writer.pending_shards() == [2]
+    writer.write_shard(2, {h: to_stored(a[64:]) for h, a in acts.items()}, _aligned(64, 88))
+    writer.finish({})
+    attrs = dict(zarr.open_group(str(scratch / "old.zarr"), mode="r", use_consolidated=False).attrs)
+    assert "committed_shards" not in attrs and "shard_records" not in attrs and attrs["commit_record"] == "objects"
+    names = sorted(p.name for p in (scratch / "old.zarr" / "commits").iterdir())
+    assert names == ["0.json", "1.json", "2.json", "zarr.json"]  # three markers + the empty commits array's metadata
+    store = ActivationStore(scratch / "old.zarr")
+    assert store.committed == {0, 1, 2} and torch.equal(store.activations(HOOKS[1]), acts[HOOKS[1]])
+    assert verify_store(scratch / "old.zarr").ok
+
+
+def test_commit_writes_one_marker_and_leaves_group_metadata_alone(scratch):
+    """A commit is one small object: the group's zarr.json is not rewritten (O(1) per shard)."""
+    _write(scratch / "m.zarr", "float32", shards=[0])
+    meta = scratch / "m.zarr" / "zarr.json"
+    before = (meta.read_bytes(), meta.stat().st_mtime_ns)
+    writer = StoreWriter.reopen(scratch / "m.zarr", {"name": "unit"})
+    zeros = np.zeros((32, D), np.float32)
+    writer.write_shard(1, {h: zeros for h in HOOKS}, _aligned(32, 64), record={"x": [1, 2.5]})
+    writer.close()
+    assert (meta.read_bytes(), meta.stat().st_mtime_ns) == before
+    marker = json.loads((scratch / "m.zarr" / "commits" / "1.json").read_text())
+    assert marker == {"shard": 1, "record": {"x": [1, 2.5]}}

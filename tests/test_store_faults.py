@@ -25,6 +25,8 @@ from saestrata.harvest.harvester import HarvestConfig, harvest
 from saestrata.store import ActivationStore, StoreError
 from saestrata.store.audit import verify_store
 from saestrata.store.cli import store as store_cli
+from saestrata.store.format import commit_key, read_committed
+from saestrata.store.location import Location
 
 SAESTRATA = str(Path(sys.executable).with_name("saestrata"))
 TOKENS, CTX = 1024, 32
@@ -35,7 +37,7 @@ KILLS = [
     ("mid-shard:1", [0], "shard 1 written for its first array only"),
     ("torn-write:3", [0, 1, 2], "shard 3: a torn shard file and a stray *.partial temp file"),
     ("before-commit:4", [0, 1, 2, 3], "shard 4 fully written but not committed"),
-    ("after-commit:5", [0, 1, 2, 3, 4, 5], "shard 5 committed, metadata not re-consolidated"),
+    ("after-commit:5", [0, 1, 2, 3, 4, 5], "shard 5's commit marker written, nothing after it"),
     ("before-write:6", [0, 1, 2, 3, 4, 5], "nothing of shard 6 written"),
     ("before-finish", list(range(8)), "every shard committed, statistics and 'complete' not written"),
 ]
@@ -62,7 +64,9 @@ def reference(tmp_path_factory, tiny_lm, tiny_model_dir) -> Path:
 
 
 def _committed(path: Path) -> list[int]:
-    return list(zarr.open_group(str(path), mode="r", use_consolidated=False).attrs["committed_shards"])
+    attrs = dict(zarr.open_group(str(path), mode="r", use_consolidated=False).attrs)
+    assert "committed_shards" not in attrs and "shard_records" not in attrs  # the record is in markers only
+    return sorted(read_committed(Location(path), attrs))
 
 
 def _assert_bit_identical(a: Path, b: Path) -> None:
@@ -156,8 +160,9 @@ def test_verify_detects_truncated_shard_and_bad_commit_record(scratch, reference
     shutil.copytree(reference, out)
     target = _shard_file(out, "token_ids", 7)
     target.write_bytes(target.read_bytes()[:50])
-    group = zarr.open_group(str(out), mode="r+", use_consolidated=False)
-    group.attrs["committed_shards"] = [*range(8), 9]
+    Location(out).write_atomic(commit_key(9), b'{"record":null,"shard":9}')  # a marker beyond the plan
+    Location(out).write_atomic(commit_key(2), b'{"record":null,"shard":3}')  # a marker naming another shard
     problems = verify_store(out).problems
     assert any("shard 7 of token_ids" in p for p in problems)
     assert any("outside the plan" in p for p in problems)
+    assert any("commit marker commits/2.json does not describe shard 2" in p for p in problems)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..store.location import as_location
+
 CHECKPOINT_FILE = "checkpoint.pt"
 VERSION = 1
 
@@ -46,7 +48,7 @@ def run_identity(cfg, store, d_sae: int) -> dict:
     specs = [{"name": s.name, "arch": s.arch, "hparams": s.hparams, "lr": s.lr,
               "target_l0": s.target_l0, "seed": s.seed} for s in cfg.specs]
     return {
-        "store": str(Path(cfg.store).resolve()), "identity_key": store.attrs.get("identity_key"),
+        "store": as_location(cfg.store).identity(), "identity_key": store.attrs.get("identity_key"),
         "n_tokens": int(store.n_tokens), "layer": cfg.layer, "specs": specs, "d_sae": d_sae,
         "batch_size": cfg.batch_size, "tokens": cfg.tokens, "seed": cfg.seed, "lr": cfg.lr,
         "warmup_frac": cfg.warmup_frac, "decay_frac": cfg.decay_frac,

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..device import resolve_device, to_device
 from ..store import ActivationStore, StoreError, sequence_batches, shuffled_batches
+from ..store.location import as_location
 from .base import SAE
 from .checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, rng_state, run_identity,
                          set_rng_state, truncate_log, write_checkpoint)
@@ -97,6 +98,7 @@ class TrainConfig:
     sae_threads: int = 1  # SAEs stepped concurrently (>1: one intra-op thread each, see _sae_pool)
     resume: bool = False
     stop_after_step: int | None = None
+    storage_options: dict | None = None  # fsspec/s3fs options when ``store`` is an object-store URL
 
 
 def default_lr(d_sae: int) -> float:
@@ -494,7 +496,7 @@ def _save_all(cfg: TrainConfig, store: ActivationStore, hook: str, scale: float,
     meta = {
         "model_id": store.attrs.get("model_id"), "weights_hash": store.attrs.get("weights_hash"),
         "hook_name": hook, "layer": cfg.layer, "context_length": store.attrs.get("context_length"),
-        "dataset": store.attrs.get("dataset"), "store": str(Path(cfg.store).resolve()),
+        "dataset": store.attrs.get("dataset"), "store": as_location(cfg.store).identity(),
         "train_tokens": steps * cfg.batch_size, "batch_size": cfg.batch_size, "input_scale": scale,
         "special_token_ids": store.attrs.get("special_token_ids", []),
     }
@@ -523,7 +525,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
         ValueError: empty spec list, duplicate names, too few tokens or a negative ``checkpoint_every``.
     """
     _check_config(cfg)
-    store = ActivationStore(cfg.store, allow_partial=cfg.allow_partial)
+    store = ActivationStore(cfg.store, allow_partial=cfg.allow_partial, storage_options=cfg.storage_options)
     hook = store.hook_for_layer(cfg.layer)
     d_in = store.d_model
     d_sae = cfg.d_sae or cfg.expansion * d_in

@@ -1,0 +1,136 @@
+"""Benchmark: per-shard commit cost at two store sizes, commit markers (now) vs the attribute list (before) (issue 12).
+
+A harvest commits every shard. Before commit markers, a commit rewrote the whole
+commit record in the group attributes (``committed_shards`` list + ``shard_records``
+dict, then a metadata re-consolidation): O(shards) per commit, O(shards^2) per
+harvest. Now a commit writes one small marker object ``commits/<shard>.json``.
+
+For each size N (default 200 and 2,000 tiny shards), in one run, both layouts:
+- ``markers``: a real :class:`StoreWriter`; shards 0..N-K-1 are committed untimed
+  (markers written directly), then the last K commits are timed through
+  ``StoreWriter._commit`` (what ``write_shard`` calls after the data is written);
+- ``attrs list``: the same store with the old commit code reproduced here (the
+  attributes update of the old ``StoreWriter._commit`` plus the re-consolidation the
+  old ``write_shard`` did after it), the record pre-filled with N-K shards untimed,
+  then the last K commits timed.
+Records are what a 2-layer harvest commits (per-hook ``[n, norm_sum, sq_sum, max_abs]``).
+Also timed, markers only: whole ``write_shard`` calls (data + commit) for the last K
+shards of each size. Each figure is the median per-shard time of the K commits.
+
+    .venv/bin/python bench/commit_cost.py [--sizes 200,2000] [--last 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from saestrata.store.format import commit_key, commit_marker
+from saestrata.store.writer import StoreWriter, _consolidate
+
+HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+D_MODEL, SHARD_TOKENS = 4, 4
+
+
+def _record(shard: int) -> dict:
+    """A per-shard record shaped like a 2-layer harvest's (floats with full JSON precision)."""
+    rng = np.random.default_rng(shard)
+    return {h: [SHARD_TOKENS, *map(float, rng.random(3) * 1e3)] for h in HOOKS}
+
+
+def _writer(path: Path, n_shards: int) -> StoreWriter:
+    return StoreWriter(path, HOOKS, D_MODEL, n_shards * SHARD_TOKENS, shard_tokens=SHARD_TOKENS,
+                       chunk_tokens=SHARD_TOKENS, dtype="float32", attrs={"context_length": SHARD_TOKENS})
+
+
+def _payload() -> tuple[dict, dict]:
+    acts = {h: np.ones((SHARD_TOKENS, D_MODEL), np.float32) for h in HOOKS}
+    aligned = {"token_ids": np.arange(SHARD_TOKENS, dtype=np.int32),
+               "doc_index": np.zeros(SHARD_TOKENS, np.int64), "position": np.arange(SHARD_TOKENS, dtype=np.int32)}
+    return acts, aligned
+
+
+def markers(root: Path, n: int, last: int) -> float:
+    """Median seconds of one marker commit, over the last ``last`` of ``n`` shards."""
+    w = _writer(root / f"markers-{n}", n)
+    for s in range(n - last):
+        w.loc.write_atomic(commit_key(s), commit_marker(s, _record(s)))
+        w.committed.add(s)
+    times = []
+    for s in range(n - last, n):
+        t0 = time.perf_counter()
+        w._commit(s, _record(s))
+        times.append(time.perf_counter() - t0)
+    w.close()
+    return statistics.median(times)
+
+
+def attrs_list(root: Path, n: int, last: int) -> float:
+    """Median seconds of one commit with the pre-marker layout (attribute list rewritten whole + consolidation)."""
+    w = _writer(root / f"attrs-{n}", n)
+    group = w.group
+    committed = set(range(n - last))
+    group.attrs.update({"committed_shards": sorted(committed),
+                        "shard_records": {str(s): _record(s) for s in committed}})
+    times = []
+    for s in range(n - last, n):
+        t0 = time.perf_counter()
+        committed.add(s)  # the old StoreWriter._commit, then the old write_shard's re-consolidation:
+        group.attrs.update({"committed_shards": sorted(committed),
+                            "shard_records": {**group.attrs.get("shard_records", {}), str(s): _record(s)}})
+        _consolidate(w.loc)
+        times.append(time.perf_counter() - t0)
+    w.close()
+    return statistics.median(times)
+
+
+def write_shards(root: Path, n: int, last: int) -> float:
+    """Median seconds of a whole ``write_shard`` (data of 5 arrays + marker) over the last ``last`` of ``n`` shards."""
+    w = _writer(root / f"write-{n}", n)
+    acts, aligned = _payload()
+    for s in range(n - last):
+        w.loc.write_atomic(commit_key(s), commit_marker(s, _record(s)))
+        w.committed.add(s)
+    times = []
+    for s in range(n - last, n):
+        t0 = time.perf_counter()
+        w.write_shard(s, acts, aligned, record=_record(s))
+        times.append(time.perf_counter() - t0)
+    w.close()
+    return statistics.median(times)
+
+
+def main() -> None:
+    """Time both layouts at both sizes and print the per-commit medians and their ratios."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="200,2000", help="two store sizes in shards, small,large")
+    ap.add_argument("--last", type=int, default=50, help="commits timed per size (the last shards of the store)")
+    args = ap.parse_args()
+    small, large = (int(x) for x in args.sizes.split(","))
+    warnings.simplefilter("ignore")
+    results: dict[str, dict[int, float]] = {"markers": {}, "attrs list": {}, "write_shard": {}}
+    with tempfile.TemporaryDirectory(prefix="commit-cost-") as tmp:
+        root = Path(tmp)
+        for n in (small, large):
+            results["markers"][n] = markers(root, n, args.last)
+            results["attrs list"][n] = attrs_list(root, n, args.last)
+            results["write_shard"][n] = write_shards(root, n, args.last)
+    print(f"per-shard commit time, median of the last {args.last} commits (zarr {zarr.__version__}, local disk)")
+    print(f"{'layout':<24s} {small:>8d} shards {large:>8d} shards   ratio {large}/{small}")
+    labels = {"markers": "markers (now)", "attrs list": "attrs list (before)", "write_shard": "write_shard, markers"}
+    for key, label in labels.items():
+        a, b = results[key][small], results[key][large]
+        print(f"{label:<24s} {a * 1e3:11.3f} ms {b * 1e3:11.3f} ms   {b / a:8.2f}x")
+    print(f"at {large} shards: attrs list / markers = "
+          f"{results['attrs list'][large] / results['markers'][large]:.1f}x per commit")
+
+
+if __name__ == "__main__":
+    main()
