@@ -609,7 +609,12 @@ def _invoke_with(command: str, option: str, value: str, ws: Path, tiny_model_dir
     from unittest import mock
 
     module, name = STAGE[command].rsplit(".", 1)
-    with mock.patch.object(importlib.import_module(module), name, _stub):
+    # `train --workers N` goes to train_distributed, which would start a real N-process dask cluster
+    # (hypothesis draws N up to 10^9: 180 worker processes were seen piling up on a loaded machine).
+    from saestrata.train import distributed
+
+    with mock.patch.object(importlib.import_module(module), name, _stub), \
+            mock.patch.object(distributed, "train_distributed", _stub):
         return CliRunner().invoke(main, argv)
 
 
