@@ -38,12 +38,14 @@ from saestrata.train.trainer import SAESpec, TrainConfig, train  # noqa: E402
 
 SAESTRATA = str(Path(sys.executable).with_name("saestrata"))
 TOKENS, CTX, N_SHARDS = 1024, 32, 8
-BUCKET = "stores"
+# Its own bucket: moto keeps one in-process backend for every server a pytest process starts, and
+# tests/test_bad_inputs.py makes bucket "stores" earlier in a full run.
+BUCKET = "store-s3-tests"
 
 
 @pytest.fixture(scope="module")
 def s3_env():
-    """A moto S3 server on 127.0.0.1 (random port) with bucket ``stores``; the AWS_* variables point at it."""
+    """A moto S3 server on 127.0.0.1 (random port) with bucket :data:`BUCKET`; the AWS_* variables point at it."""
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -78,7 +80,7 @@ def local_ref(tmp_path_factory, tiny_lm, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def s3_store(s3_env, tiny_lm, tiny_model_dir) -> str:
-    """The same harvest written to s3://stores/api/tiny.zarr through the API."""
+    """The same harvest written to s3://<BUCKET>/api/tiny.zarr through the API."""
     url = f"s3://{BUCKET}/api/tiny.zarr"
     assert harvest(_cfg(url, tiny_model_dir), lm=tiny_lm, progress=False) == url
     return url
