@@ -102,7 +102,8 @@ class BenchmarkConfig:
 
 
 def quick_config(out: Path, work: Path) -> BenchmarkConfig:
-    """A ~20-minute version on this 2-core CPU: 5 variants, 2 targets around L0 32, 256k tokens each."""
+    """A short version: 5 variants, 2 targets around L0 32, 256k tokens each (~20 min on 2 CPU cores estimated from
+    measured unit costs, not timed; README "Cost on this machine")."""
     return BenchmarkConfig(out=out, work=work, train_tokens=262_144, tokens_per_sae=262_144,
                            targets=(24.0, 40.0), variants=["topk", "batchtopk", "standard", "seed004-groups",
                                                             "seed000_adaptive"],
