@@ -64,6 +64,7 @@ def _one_line(fn):
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        """``fn`` with ValueError / OSError (StoreError is a ValueError) turned into a one-line ClickException."""
         try:
             return fn(*args, **kwargs)
         except (ValueError, OSError) as err:
