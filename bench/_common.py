@@ -17,6 +17,15 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
+def rate(fn: Callable[[], object], calls: int, items_per_call: int) -> float:
+    """Items/s (e.g. tokens/s) of ``calls`` calls of ``fn``, after one untimed warm-up call (maps, threads, cache)."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return calls * items_per_call / (time.perf_counter() - t0)
+
+
 def interleaved(arms: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
     """Run every arm once per round, arms interleaved (A B C A B C ...); ``{name: [result per round]}``.
 

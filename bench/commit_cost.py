@@ -57,19 +57,30 @@ def _payload() -> tuple[dict, dict]:
     return acts, aligned
 
 
-def markers(root: Path, n: int, last: int) -> float:
-    """Median seconds of one marker commit, over the last ``last`` of ``n`` shards."""
-    w = _writer(root / f"markers-{n}", n)
+def _prefilled_writer(path: Path, n: int, last: int):
+    """A writer for ``n`` shards whose first ``n - last`` are already committed (markers only, no data)."""
+    w = _writer(path, n)
     for s in range(n - last):
         w.loc.write_atomic(commit_key(s), commit_marker(s, _record(s)))
         w.committed.add(s)
+    return w
+
+
+def _median_seconds(w, shards, commit) -> float:
+    """Median wall seconds of ``commit(s)`` over ``shards``; closes the writer ``w`` afterwards."""
     times = []
-    for s in range(n - last, n):
+    for s in shards:
         t0 = time.perf_counter()
-        w._commit(s, _record(s))
+        commit(s)
         times.append(time.perf_counter() - t0)
     w.close()
     return statistics.median(times)
+
+
+def markers(root: Path, n: int, last: int) -> float:
+    """Median seconds of one marker commit, over the last ``last`` of ``n`` shards."""
+    w = _prefilled_writer(root / f"markers-{n}", n, last)
+    return _median_seconds(w, range(n - last, n), lambda s: w._commit(s, _record(s)))
 
 
 def attrs_list(root: Path, n: int, last: int) -> float:
@@ -93,18 +104,9 @@ def attrs_list(root: Path, n: int, last: int) -> float:
 
 def write_shards(root: Path, n: int, last: int) -> float:
     """Median seconds of a whole ``write_shard`` (data of 5 arrays + marker) over the last ``last`` of ``n`` shards."""
-    w = _writer(root / f"write-{n}", n)
+    w = _prefilled_writer(root / f"write-{n}", n, last)
     acts, aligned = _payload()
-    for s in range(n - last):
-        w.loc.write_atomic(commit_key(s), commit_marker(s, _record(s)))
-        w.committed.add(s)
-    times = []
-    for s in range(n - last, n):
-        t0 = time.perf_counter()
-        w.write_shard(s, acts, aligned, record=_record(s))
-        times.append(time.perf_counter() - t0)
-    w.close()
-    return statistics.median(times)
+    return _median_seconds(w, range(n - last, n), lambda s: w.write_shard(s, acts, aligned, record=_record(s)))
 
 
 def main() -> None:

@@ -28,28 +28,18 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from _common import dir_bytes, interleaved
+from _common import dir_bytes, interleaved, rate
 
 from saestrata.allocator import tune_allocator
 from saestrata.store import ActivationStore, shuffled_batches
 from saestrata.store.format import ALIGNED_ARRAYS, stored_dtype
 from saestrata.train.registry import build
-
-
-def _rate(fn, batches: int, batch: int) -> float:
-    """Tokens/s of ``batches`` calls of ``fn`` (after one warm-up call: maps, threads, page cache)."""
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        fn()
-    return batches * batch / (time.perf_counter() - t0)
 
 
 def write_arrow_cache(store: ActivationStore, hook: str, out: Path) -> None:
@@ -153,7 +143,7 @@ def main() -> None:
         ours_it = shuffled_batches(store, hook, args.batch, seed=0)
         arrow_it = arrow_cache_batches(cache, hook, args.batch, exclude=[bos] if bos is not None else [])
         arms = {"reader": lambda: next(ours_it), "gather": gather, "arrow": lambda: next(arrow_it)}
-        rounds = interleaved({name: (lambda fn=fn: _rate(fn, args.batches, args.batch)) for name, fn in arms.items()},
+        rounds = interleaved({name: (lambda fn=fn: rate(fn, args.batches, args.batch)) for name, fn in arms.items()},
                              args.repeats)
         rates = {name: max(r) for name, r in rounds.items()}  # the best tokens/s of each arm
 
@@ -169,7 +159,7 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    sae_rate = _rate(step, 10, args.batch)
+    sae_rate = rate(step, 10, args.batch)
     reader = rates["reader"]
     aligned_txt = ", ".join(f"{k} {v:.2f}" for k, v in aligned_b.items())
     print(f"store {args.store} layer {args.layer}: {n_tok:,} tokens, d_model {store.d_model}, {store.dtype}")

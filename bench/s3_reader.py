@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import interleaved
+from _common import interleaved, rate
 
 from saestrata.allocator import tune_allocator
 from saestrata.store import ActivationStore, StoreWriter, shuffled_batches
@@ -89,15 +89,6 @@ def write_store(where, hook: str, acts: np.ndarray, ids: np.ndarray, stats: dict
     w.finish({"activation_stats": {hook: stats}})
 
 
-def _rate(fn, batches: int, batch: int) -> float:
-    """Tokens/s of ``batches`` calls of ``fn`` after one warm-up call."""
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        fn()
-    return batches * batch / (time.perf_counter() - t0)
-
-
 def main() -> None:
     """Print tokens/s of each arm and the ratios."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -137,7 +128,7 @@ def main() -> None:
             remote_it = shuffled_batches(remote, hook, args.batch, seed=0)
             assert torch.equal(next(local_it), next(remote_it))  # same batches from both
             arms = {"local": lambda: next(local_it), "s3": lambda: next(remote_it)}
-            rounds = interleaved({k: (lambda fn=fn: _rate(fn, args.batches, args.batch)) for k, fn in arms.items()},
+            rounds = interleaved({k: (lambda fn=fn: rate(fn, args.batches, args.batch)) for k, fn in arms.items()},
                                  args.repeats)
             rates = {k: max(v) for k, v in rounds.items()}
     finally:
@@ -156,7 +147,7 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    sae_rate = max(_rate(step, 10, args.batch) for _ in range(args.repeats))
+    sae_rate = max(rate(step, 10, args.batch) for _ in range(args.repeats))
     mib = acts.nbytes / 2**20
     print(f"store: {len(acts):,} tokens x d_model {acts.shape[1]} bf16 ({mib:.0f} MiB), chunks {CHUNK} tokens "
           f"({CHUNK * acts.shape[1] * 2 / 2**20:.2f} MiB), shards {SHARD}; S3 = moto server subprocess on loopback "

@@ -170,6 +170,21 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, out: Path, drawn: int, xlabel: str, ylabel: str, **legend) -> Path | None:
+    """Label, save and close ``fig``; None (nothing written) when no series was drawn."""
+    plt = _plt()
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, **legend)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def _scatter(rows: list[dict], y: str, out: Path) -> Path | None:
     """``l0`` vs ``y`` per arch; None when no row has both numbers."""
     pts = [r for r in rows if isinstance(r["l0"], (int, float)) and isinstance(r[y], (int, float))]
@@ -185,13 +200,8 @@ def _scatter(rows: list[dict], y: str, out: Path) -> Path | None:
                 marker=markers[(i // 10) % len(markers)], linestyle="-" if len(sel) > 1 else "none",
                 linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel(y)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, len(pts), "L0 (active latents per token)", y,
+                 loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
 def _training_plot(logs: list[tuple[Path, list[dict]]], out: Path) -> Path | None:
@@ -205,17 +215,8 @@ def _training_plot(logs: list[tuple[Path, list[dict]]], out: Path) -> Path | Non
         if pts:
             ax.plot(*zip(*pts), label=f"{_label(path)} ({key})")
             drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("fvu / loss")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, drawn, "training tokens", "fvu / loss")
 
 
 def _density_plot(core: list[tuple[Path, dict]], out: Path) -> Path | None:
@@ -228,16 +229,7 @@ def _density_plot(core: list[tuple[Path, dict]], out: Path) -> Path | None:
         if h.get("counts") and len(h.get("edges", [])) == len(h["counts"]) + 1:
             ax.stairs(h["counts"], h["edges"], label=f"{_label(path)} (dead {h.get('n_dead', '?')})")
             drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("log10 firing frequency")
-    ax.set_ylabel("latents")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, drawn, "log10 firing frequency", "latents")
 
 
 def _unlearning_plot(results: list[tuple[Path, dict]], out: Path) -> Path | None:
@@ -252,17 +244,8 @@ def _unlearning_plot(results: list[tuple[Path, dict]], out: Path) -> Path | None
             if pts:
                 ax.scatter(*zip(*pts), marker=marker, color=f"C{i}", label=f"{_label(path)} {kind}")
                 drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return None
     ax.axvline(0.99, color="grey", ls="--", lw=1)
-    ax.set_xlabel("retain accuracy (known questions)")
-    ax.set_ylabel("forget accuracy (known questions)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, drawn, "retain accuracy (known questions)", "forget accuracy (known questions)")
 
 
 # ----------------------------------------------------------------------------- page

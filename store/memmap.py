@@ -35,7 +35,48 @@ def _check_mappable(arr: zarr.Array, name: str) -> None:
         raise StoreError(f"{name} uses codecs {inner} ({endian}): only uncompressed bytes+crc32c shards can be mapped")
 
 
-class MemmapArray:
+class ShardedChunks:
+    """Geometry and bounds checks shared by the local (memmap) and remote (byte-range) chunk readers.
+
+    Subclasses call :meth:`_set_geometry` once and implement ``_index(shard) -> ShardIndex``.
+    """
+
+    def _set_geometry(self, arr: zarr.Array, name: str) -> None:
+        """Check ``arr`` is mappable (raises StoreError) and record its chunk/shard geometry."""
+        _check_mappable(arr, name)
+        self._arr = arr
+        self.chunk_tokens = int(arr.chunks[0])
+        self.shard_tokens = int(arr.shards[0])
+        self.row_shape = tuple(arr.shape[1:])
+        self.dtype = np.dtype(arr.dtype).newbyteorder("<")
+        self._chunk_bytes = self.chunk_tokens * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def n_chunks(self) -> int:
+        """Inner chunks covering the readable tokens (the last may be partial)."""
+        return -(-self.n_tokens // self.chunk_tokens)
+
+    def _locate(self, i: int) -> tuple[int, int, int, int]:
+        """``(shard, inner, byte offset, byte size incl. crc)`` of inner chunk ``i``.
+
+        Raises:
+            IndexError: ``i`` outside ``[0, n_chunks)``.
+            StoreError: the shard index says the chunk is absent or has the wrong size.
+        """
+        if not 0 <= i < self.n_chunks:
+            raise IndexError(f"chunk {i} outside 0..{self.n_chunks - 1} of {self.name}")
+        shard, inner = divmod(i, self.shard_tokens // self.chunk_tokens)
+        index = self._index(shard)
+        if not index.present(inner):
+            raise StoreError(f"shard {shard} of {self.name} has no inner chunk {inner}: the store is damaged")
+        start, size = int(index.offsets[inner]), int(index.nbytes[inner])
+        if size != self._chunk_bytes + CRC_BYTES:
+            raise StoreError(f"shard {shard} of {self.name}: inner chunk {inner} has {size} bytes, "
+                             f"expected {self._chunk_bytes + CRC_BYTES}")
+        return shard, inner, start, size
+
+
+class MemmapArray(ShardedChunks):
     """Zero-copy access to one array of a local store through ``np.memmap`` of its shard files.
 
     Args:
@@ -52,22 +93,12 @@ class MemmapArray:
     def __init__(self, store_path: str | Path, name: str, n_tokens: int, verify: bool = True):
         self.path, self.name, self.n_tokens, self.verify = Path(store_path), name, int(n_tokens), verify
         try:
-            self._arr = zarr.open_group(str(self.path), mode="r", use_consolidated=False)[name]
+            arr = zarr.open_group(str(self.path), mode="r", use_consolidated=False)[name]
         except Exception as err:
             raise StoreError(f"{self.path} has no array {name!r}") from err
-        _check_mappable(self._arr, name)
-        self.chunk_tokens = int(self._arr.chunks[0])
-        self.shard_tokens = int(self._arr.shards[0])
-        self.row_shape = tuple(self._arr.shape[1:])
-        self.dtype = np.dtype(self._arr.dtype).newbyteorder("<")
-        self._chunk_bytes = self.chunk_tokens * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._set_geometry(arr, name)
         self._maps: dict[int, tuple[np.ndarray, ShardIndex]] = {}
         self._checked: set[int] = set()
-
-    @property
-    def n_chunks(self) -> int:
-        """Inner chunks covering the readable tokens (the last may be partial)."""
-        return -(-self.n_tokens // self.chunk_tokens)
 
     def _shard(self, shard: int) -> tuple[np.ndarray, ShardIndex]:
         if shard not in self._maps:
@@ -77,6 +108,9 @@ class MemmapArray:
             self._maps[shard] = (np.asarray(np.memmap(file, dtype=np.uint8, mode="r")), index)
         return self._maps[shard]
 
+    def _index(self, shard: int) -> ShardIndex:
+        return self._shard(shard)[1]
+
     def chunk(self, i: int) -> np.ndarray:
         """Inner chunk ``i`` as a read-only view ``[rows, *row_shape]`` in the stored dtype (rows <= chunk_tokens).
 
@@ -84,19 +118,8 @@ class MemmapArray:
             IndexError: ``i`` outside ``[0, n_chunks)``.
             StoreError: missing/corrupt shard file, absent inner chunk or crc32c mismatch.
         """
-        if not 0 <= i < self.n_chunks:
-            raise IndexError(f"chunk {i} outside 0..{self.n_chunks - 1} of {self.name}")
-        per_shard = self.shard_tokens // self.chunk_tokens
-        shard, inner = divmod(i, per_shard)
-        data, index = self._shard(shard)
-        if not index.present(inner):
-            raise StoreError(f"shard {shard} of {self.name} has no inner chunk {inner}: the store is damaged")
-        start, size = int(index.offsets[inner]), int(index.nbytes[inner])
-        expected = self._chunk_bytes
-        if size != expected + CRC_BYTES:
-            raise StoreError(
-                f"shard {shard} of {self.name}: inner chunk {inner} has {size} bytes, expected {expected + CRC_BYTES}"
-            )
+        shard, inner, start, size = self._locate(i)
+        data, expected = self._shard(shard)[0], self._chunk_bytes
         raw = data[start : start + expected]
         if self.verify and i not in self._checked:
             if crc32c(raw) != bytes(data[start + expected : start + size]):

@@ -16,11 +16,11 @@ import numpy as np
 import zarr
 
 from .format import StoreError, shard_key
-from .memmap import _check_mappable
-from .shardfile import CRC_BYTES, ShardIndex, crc32c, read_index_at
+from .memmap import ShardedChunks
+from .shardfile import ShardIndex, crc32c, read_index_at
 
 
-class RemoteChunks:
+class RemoteChunks(ShardedChunks):
     """Inner chunks of one uncompressed array of a store at a ``Location`` (object store), fetched whole.
 
     Same reading interface as :class:`~saestrata.store.memmap.MemmapArray` (``chunk``,
@@ -39,22 +39,12 @@ class RemoteChunks:
     def __init__(self, loc, group: zarr.Group, name: str, n_tokens: int):
         self.loc, self.name, self.n_tokens = loc, name, int(n_tokens)
         try:
-            self._arr = group[name]
+            arr = group[name]
         except Exception as err:
             raise StoreError(f"{loc} has no array {name!r}") from err
-        _check_mappable(self._arr, name)
-        self.chunk_tokens = int(self._arr.chunks[0])
-        self.shard_tokens = int(self._arr.shards[0])
-        self.row_shape = tuple(self._arr.shape[1:])
-        self.dtype = np.dtype(self._arr.dtype).newbyteorder("<")
-        self._chunk_bytes = self.chunk_tokens * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._set_geometry(arr, name)
         self._indexes: dict[int, ShardIndex] = {}
         self._lock = threading.Lock()
-
-    @property
-    def n_chunks(self) -> int:
-        """Inner chunks covering the readable tokens (the last may be partial)."""
-        return -(-self.n_tokens // self.chunk_tokens)
 
     def _key(self, shard: int) -> str:
         return f"{self.name}/{shard_key(self._arr, shard)}"
@@ -76,17 +66,7 @@ class RemoteChunks:
             IndexError: ``i`` outside ``[0, n_chunks)``.
             StoreError: missing/corrupt shard object, absent inner chunk, short read or crc32c mismatch.
         """
-        if not 0 <= i < self.n_chunks:
-            raise IndexError(f"chunk {i} outside 0..{self.n_chunks - 1} of {self.name}")
-        per_shard = self.shard_tokens // self.chunk_tokens
-        shard, inner = divmod(i, per_shard)
-        index = self._index(shard)
-        if not index.present(inner):
-            raise StoreError(f"shard {shard} of {self.name} has no inner chunk {inner}: the store is damaged")
-        start, size = int(index.offsets[inner]), int(index.nbytes[inner])
-        if size != self._chunk_bytes + CRC_BYTES:
-            raise StoreError(f"shard {shard} of {self.name}: inner chunk {inner} has {size} bytes, "
-                             f"expected {self._chunk_bytes + CRC_BYTES}")
+        shard, inner, start, size = self._locate(i)
         try:
             raw = self.loc.read_bytes(self._key(shard), start, start + size)
         except FileNotFoundError:
