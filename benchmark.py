@@ -367,8 +367,9 @@ class Benchmark:
     def chosen_lrs(self, write: bool = True) -> dict[str, dict]:
         """``{arch: {"lr", "fvu", "l0", "runs", "rule"}}`` for every arch whose sweep has finished.
 
-        ``write``: also (re)write ``out/lr_sweep.json``, stamped with this code's fingerprint (only a run
-        that trains sweeps does: a report-only run must not restamp another code's results).
+        ``write``: also (re)write ``out/lr_sweep.json``, each arch stamped with this code's fingerprint (only
+        a run that trains sweeps does: a report-only run must not restamp another code's results). Archs
+        this run does not cover (``--variants`` narrowed) keep their entries from the file.
         """
         chosen = {}
         for arch in dict.fromkeys(self._arch_of(v) for v in self.variants):
@@ -377,10 +378,23 @@ class Benchmark:
                 b = best.pop("best")
                 chosen[arch] = {"lr": b["lr"], "fvu": b["fvu"], "l0": b["l0"], **best}
         if write:
-            _write_json(self.cfg.out / "lr_sweep.json", {"target_l0": SWEEP_TARGET, "code": self.code,
-                                                         "score": f"FVU and L0 averaged over the last {TAIL_FRAC:.0%} of steps",
-                                                         "archs": chosen})
+            path = self.cfg.out / "lr_sweep.json"
+            kept = self._other_archs_sweeps(path)
+            _write_json(path, {"target_l0": SWEEP_TARGET,
+                               "score": f"FVU and L0 averaged over the last {TAIL_FRAC:.0%} of steps",
+                               "archs": {**kept, **{a: {**c, "code": self.code} for a, c in chosen.items()}}})
         return chosen
+
+    def _other_archs_sweeps(self, path: Path) -> dict[str, dict]:
+        """Entries of ``lr_sweep.json`` for archs none of this run's variants has (kept when it is rewritten).
+
+        Files written before per-arch stamps carry one top-level ``code``; their entries inherit it.
+        """
+        if not path.exists():
+            return {}
+        old = json.loads(path.read_text())
+        mine = {self._arch_of(v) for v in self.variants}
+        return {a: {"code": old.get("code"), **e} for a, e in old.get("archs", {}).items() if a not in mine}
 
     def matched_jobs(self, lrs: dict[str, dict]) -> list[Job]:
         """Every variant at every target L0, with its arch's swept lr and plain Adam."""

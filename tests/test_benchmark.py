@@ -148,6 +148,22 @@ def test_lr_sweep_stops_when_the_best_rate_is_inside_and_prefers_runs_at_the_tar
     assert chosen["rule"].startswith("lowest FVU among runs with L0 within 25%")
 
 
+def test_lr_sweep_file_keeps_the_archs_a_narrowed_run_does_not_cover(tiny_model_dir, tmp_path):
+    first = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"]), lambda _: None)
+    for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.1), ("lr-topk-x2", 0.2)):
+        _record(first, name, fvu)
+    first.chosen_lrs()
+    second = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["standard"]), lambda _: None)
+    for name, fvu in (("lr-standard-x0.5", 0.3), ("lr-standard-x1", 0.1), ("lr-standard-x2", 0.2)):
+        _record(second, name, fvu)
+    second.code = "other-code"
+    second.chosen_lrs()  # a run of other variants (and code) rewrites the file
+    archs = json.loads((first.cfg.out / "lr_sweep.json").read_text())["archs"]
+    assert set(archs) == {"topk", "standard"}
+    assert archs["topk"]["lr"] == first.chosen_lrs(write=False)["topk"]["lr"] and archs["topk"]["code"] == first.code
+    assert archs["standard"]["code"] == "other-code"
+
+
 def test_unlearning_at_a_looser_retain_bar_is_its_own_number(tiny_model_dir, tmp_path):
     from saestrata.benchmark_report import _unlearning
 
