@@ -38,7 +38,7 @@ def _core_row(bench, name: str, variant: str) -> dict | None:
             "kl_div_score": m["model_behavior_preservation"]["kl_div_score"],
             "dead_frac": 1.0 - m["misc_metrics"]["frac_alive"], "alive": round(m["misc_metrics"]["frac_alive"] * r["sae_cfg_dict"]["d_sae"]),
             "train_tokens_per_s": cfg.get("train_tokens_per_s"), "failed": cfg.get("failed"),
-            "counters": cfg.get("final_counters") or {}, "code": r.get("saestrata_benchmark", {}).get("code"),
+            "counters": _final_counters(bench.cfg.out / "saes" / name), "code": r.get("saestrata_benchmark", {}).get("code"),
             "diagnostics": r["eval_result_unstructured"].get("diagnostics") or {},
             "file": f"core/{name}.json"}
 
@@ -268,6 +268,19 @@ def claims(bench) -> list[dict]:
     return out
 
 
+def _final_counters(folder: Path) -> dict:
+    """Counters of an SAE's last train-log line (training units), over its ``cfg.json`` ``final_counters``.
+
+    Trainers before 2026-12-02 read ``final_counters`` after folding the input scale into the
+    weights, so weight-norm counters (seed 000's ``enc_norm_level1``, ``skip_norm``) were in raw-activation
+    units there; every log line is in training units.
+    """
+    cfg = json.loads((folder / "cfg.json").read_text())["saestrata"]
+    lines = (folder / "train_log.jsonl").read_text().splitlines() if (folder / "train_log.jsonl").exists() else []
+    last = json.loads(lines[-1]).get("counters", {}) if lines else {}
+    return {**(cfg.get("final_counters") or {}), **last}
+
+
 def mechanisms_table(bench) -> tuple[str, list[dict]]:
     """Markdown: every variant's mechanism counters (``SAE.counters``, final train-log values) at its SAE nearest L0 32.
 
@@ -281,9 +294,8 @@ def mechanisms_table(bench) -> tuple[str, list[dict]]:
         path = bench.cfg.out / "saes" / (name or "") / "cfg.json"
         if not name or not path.exists():
             continue
-        cfg = json.loads(path.read_text())["saestrata"]
-        rows.append({"variant": v, "sae": name, "counters": cfg.get("final_counters") or {},
-                     "file": f"saes/{name}/cfg.json"})
+        rows.append({"variant": v, "sae": name, "counters": _final_counters(path.parent),
+                     "file": f"saes/{name}/train_log.jsonl"})
     fmt = lambda c: "; ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()) or "(none)"  # noqa: E731
     lines = ["| variant | SAE (nearest L0 32) | final counters | from |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['sae']} | {fmt(r['counters'])} | {r['file']} |" for r in rows]

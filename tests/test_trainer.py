@@ -86,3 +86,15 @@ def test_gradient_norm_is_clipped_to_one(arch, tmp_path):
     assert slot.step(x, 0, autocast=False) is not None
     norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in sae.parameters() if p.grad is not None))
     assert norm == pytest.approx(1.0, rel=1e-4)
+
+
+def test_final_counters_are_in_training_units_like_the_last_log_line(tiny_store, tmp_path):
+    """Read after folding the input scale, seed 000's weight-norm counters came out in raw units (0.0065 vs 1.45)."""
+    specs = [SAESpec("hsae", "seed000_hsae", {"weight_decay": 0.0}, lr=1e-3, target_l0=8)]
+    folders = train(TrainConfig(store=tiny_store, layer=1, out=tmp_path, specs=specs, d_sae=32, batch_size=128,
+                                tokens=10 * 128, log_every=1, checkpoint_every=0), progress=False)
+    saved = json.loads((folders["hsae"] / "cfg.json").read_text())["saestrata"]
+    assert saved["input_scale"] != pytest.approx(1.0, rel=0.05)  # otherwise the test could not tell units apart
+    last = json.loads((folders["hsae"] / "train_log.jsonl").read_text().splitlines()[-1])["counters"]
+    for key in ("enc_norm_level1", "skip_norm", "l0_level1", "l0_level2", "sparsity_multiplier"):
+        assert saved["final_counters"][key] == pytest.approx(last[key], rel=1e-6), key

@@ -503,9 +503,12 @@ def _save_all(cfg: TrainConfig, store: ActivationStore, hook: str, scale: float,
     folders = {}
     for slot in slots:
         slot.log.close()
+        # Counters in training units, as every train-log line: weight-norm counters (seed 000's
+        # enc_norm_level1 / skip_norm) would change by the input scale once it is folded in.
+        counters = slot.counters()
         slot.sae.fold_input_scale(scale)
         extra = {"failed": slot.failed, "final_train_metrics": slot.last, "target_l0": slot.spec.target_l0,
-                 "final_counters": slot.counters(), "lr": slot.opt.param_groups[0]["initial_lr"],
+                 "final_counters": counters, "lr": slot.opt.param_groups[0]["initial_lr"],
                  "train_tokens_per_s": slot.steps_done * cfg.batch_size / max(slot.seconds, 1e-9)}
         folders[slot.spec.name] = save_sae(slot.sae.cpu().eval(), slot.folder, {**meta, **extra})
     return folders
