@@ -14,6 +14,7 @@ import itertools
 import json
 import random
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,11 +32,17 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    """One document: ``key`` decides its split; ``meta`` carries e.g. the wiki topic."""
+    """One document: ``key`` decides its split; ``meta`` carries e.g. the wiki topic.
+
+    ``cursor`` (JSON-serialisable, or None) restarts its source at this document:
+    ``iter_documents(..., start=doc.cursor)`` yields this document first. Harvest records
+    it with every shard so a resume reads on from there instead of re-reading the source.
+    """
 
     key: str
     text: str
     meta: dict
+    cursor: dict | None = None
 
 
 def split_of(key: str) -> str:
@@ -73,7 +80,7 @@ def wiki_articles(split: str, seed: int = 0) -> list[Document]:
         if entry.get("extract") and split_of(title) == split
     ]
     random.Random(seed).shuffle(docs)
-    return docs
+    return [dataclasses.replace(d, cursor={"index": i}) for i, d in enumerate(docs)]
 
 
 def _check_split(split: str) -> None:
@@ -126,17 +133,22 @@ def _read_error(dataset: str, err: Exception) -> DatasetError:
     if isinstance(err, UnicodeDecodeError):
         return DatasetError(f"dataset {dataset!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} is "
                             f"{err.reason}): re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8")
-    first = " ".join(str(err).split()) or type(err).__name__
-    return DatasetError(f"cannot read dataset {dataset!r} ({first}): give UTF-8 .txt, JSON lines with a text "
+    return DatasetError(f"cannot read dataset {dataset!r} ({_line(err)}): give UTF-8 .txt, JSON lines with a text "
                         "field, or .parquet")
 
 
-def _hf_documents(dataset: str, split: str, text_field: str) -> Iterator[Document]:
+def _hf_documents(dataset: str, split: str, text_field: str, start: dict | None = None) -> Iterator[Document]:
     """Documents of a ``datasets`` source (hub name, local folder or local files), streamed.
 
+    Each document's ``cursor`` is ``{"row": source row index, "state": IterableDataset.state_dict()
+    taken just before that row was read}``; ``start`` (such a cursor) resumes the stream there with
+    ``load_state_dict``, so a hub stream is not downloaded again up to that point (``datasets``
+    docs, "Stream: save a dataset checkpoint and resume iteration").
+
     Raises:
-        DatasetError: unreadable source (not UTF-8, malformed JSON/parquet), no ``text_field``
-            or a ``text_field`` that does not hold text (one line each).
+        DatasetError: unreadable source (not UTF-8, malformed JSON/parquet), no ``text_field``,
+            a ``text_field`` that does not hold text, or a ``start`` this source cannot resume
+            from (one line each).
     """
     import datasets
 
@@ -151,14 +163,21 @@ def _hf_documents(dataset: str, split: str, text_field: str) -> Iterator[Documen
             ds = datasets.load_dataset(dataset, split="train", streaming=True)
         except Exception as err:  # datasets raises many types; keep the first line
             raise DatasetError(f"cannot open dataset {dataset!r}: {str(err).splitlines()[0] if str(err) else err!r}") from err
+    if start is not None:
+        ds.load_state_dict(start["state"])  # applied lazily, when iteration starts
     rows = iter(ds)
-    for index in itertools.count():
+    first = start["row"] if start else 0
+    for index in itertools.count(first):
+        state = ds.state_dict()  # before reading the row: resuming from it yields this row first
         try:
             with _quiet_datasets():
                 row = next(rows)
         except StopIteration:
             return
         except Exception as err:  # UnicodeDecodeError, pyarrow's ArrowInvalid, datasets' errors ...
+            if start is not None and index == first:
+                raise DatasetError(f"cannot resume dataset {dataset!r} at row {first} ({_line(err)}): the source "
+                                   "changed since the store was written; harvest into a new --out") from err
             raise _read_error(dataset, err) from err
         text = row.get(text_field)
         if text is None:
@@ -168,10 +187,16 @@ def _hf_documents(dataset: str, split: str, text_field: str) -> Iterator[Documen
                                f"(row {index}): pass --text-field naming a text column")
         text = text.strip()
         if text and split_of(text) == split:
-            yield Document(key=text[:200], text=text, meta={})
+            yield Document(key=text[:200], text=text, meta={}, cursor={"row": index, "state": state})
 
 
-def iter_documents(dataset: str, split: str, seed: int = 0, text_field: str = "text") -> Iterator[Document]:
+def _line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def iter_documents(
+    dataset: str, split: str, seed: int = 0, text_field: str = "text", start: dict | None = None
+) -> Iterator[Document]:
     """Documents of ``split`` from ``dataset`` in a deterministic order.
 
     Args:
@@ -181,12 +206,14 @@ def iter_documents(dataset: str, split: str, seed: int = 0, text_field: str = "t
         split: ``train`` or ``eval``.
         seed: shuffles the embedded corpus; streamed sources keep their own order.
         text_field: column holding the text for ``datasets`` sources.
+        start: a :attr:`Document.cursor` of this source: begin at that document.
 
     Raises:
-        DatasetError: unknown split, unreadable source.
+        DatasetError: unknown split, unreadable source, a ``start`` that does not fit the source.
     """
     _check_split(split)
     if dataset == EMBEDDED_DATASET:
-        yield from wiki_articles(split, seed)
+        docs = wiki_articles(split, seed)
+        yield from docs[start["index"] if start else 0 :]
     else:
-        yield from _hf_documents(dataset, split, text_field)
+        yield from _hf_documents(dataset, split, text_field, start)
