@@ -263,7 +263,8 @@ def _with(opts):
               help="gemma-3-270m (embedded), a hub name or a local folder.")
 @click.option("--layers", required=True, callback=_int_list, help="Blocks whose resid_post to store, e.g. 4,8.")
 @click.option("--dataset", default=EMBEDDED_DATASET, show_default=True, callback=_dataset_source,
-              help="wiki-vital (embedded), a datasets name, a local folder or a .txt/.jsonl/.parquet file.")
+              help="wiki-vital (embedded), a datasets name, a local folder, a .txt/.jsonl/.parquet file or a "
+                   "quoted glob of such files ('data/*.jsonl', read in sorted order).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]))
 @click.option("--tokens", default=98_304, show_default=True, type=POS_INT,
               help="Tokens to harvest (rounded up to whole rows; whole shards of 8,192 keep the store extensible).")

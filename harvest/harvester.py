@@ -30,7 +30,7 @@ from ..store.writer import is_empty_store_dir
 from .hooks import residuals
 from .model import EMBEDDED_MODEL, LoadedModel, ModelError, check_layers, hook_name, load_model
 from .packing import Row, pack_documents
-from .text import EMBEDDED_DATASET, SPLIT_RULE, DatasetError, iter_documents
+from .text import EMBEDDED_DATASET, SPLIT_RULE, DatasetError, glob_files, is_glob, iter_documents
 
 
 @dataclass
@@ -336,7 +336,8 @@ def harvest_identity(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hoo
     Model (name + weights hash), layers and hook names, dataset + split + split rule +
     text field + order seed, context length, BOS handling, dtype (and the LM's compute dtype
     when it differs: taken from the loaded model, so a caller's ``lm`` cannot mislabel a store),
-    tokenizer fingerprint and store format version. Not included: the token count (a store can grow), the
+    tokenizer fingerprint and store format version, and for a glob ``dataset`` the matched files and
+    their sizes. Not included: the token count (a store can grow), the
     shard layout and batch size (a resumed store keeps its own), the device.
     """
     return {
@@ -356,6 +357,9 @@ def harvest_identity(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hoo
         "format_version": FORMAT_VERSION,
         # Only when it differs from ``dtype``, so stores computed in their own dtype keep their identity.
         **({"compute_dtype": lm.dtype} if lm.dtype != cfg.dtype else {}),
+        # A glob's matches (names and sizes): a file added or changed since is refused on resume.
+        **({"dataset_files": [[str(f), f.stat().st_size] for f in glob_files(cfg.dataset)]}
+           if is_glob(cfg.dataset) else {}),
     }
 
 

@@ -8,6 +8,7 @@ can be recorded in store metadata (:data:`SPLIT_RULE`).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import itertools
@@ -88,17 +89,44 @@ def _check_split(split: str) -> None:
         raise DatasetError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
 
 
+def is_glob(dataset: str) -> bool:
+    """True when ``dataset`` is a glob pattern of local files (``*``, ``?`` or ``[``)."""
+    return any(c in dataset for c in "*?[")
+
+
+def glob_files(dataset: str) -> list[Path]:
+    """The files a glob ``dataset`` matches, sorted by path (the order documents are read in).
+
+    Raises:
+        DatasetError: no match, a match of an unsupported type, types mixed, or an empty file.
+    """
+    files = sorted(Path(p) for p in glob.glob(str(Path(dataset).expanduser()), recursive=True) if Path(p).is_file())
+    if not files:
+        raise DatasetError(f"no file matches {dataset!r}: check the pattern (quote it so the shell leaves it alone)")
+    kinds = {f.suffix for f in files}
+    if not kinds <= set(LOCAL_SUFFIXES) or len({LOCAL_SUFFIXES[k] for k in kinds}) > 1:
+        raise DatasetError(f"{dataset!r} matches {', '.join(sorted(kinds))} files: match one type of "
+                           ".txt, .jsonl or .parquet")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DatasetError(f"{f} is empty: remove it or narrow the pattern {dataset!r}")
+    return files
+
+
 def check_dataset_source(dataset: str) -> None:
     """Refuse a local text source that cannot be read, before anything is loaded (milliseconds).
 
     The embedded name, hub names and existing folders pass. A name with a local file
     suffix (:data:`LOCAL_SUFFIXES`) or starting with ``/ . ~`` must be an existing,
-    non-empty file of a supported type.
+    non-empty file of a supported type; a glob must match such files (:func:`glob_files`).
 
     Raises:
         DatasetError: one line naming the file and what to pass instead.
     """
     if dataset == EMBEDDED_DATASET:
+        return
+    if is_glob(dataset):
+        glob_files(dataset)
         return
     path = Path(dataset).expanduser()
     if path.is_dir():
@@ -154,10 +182,12 @@ def _hf_documents(dataset: str, split: str, text_field: str, start: dict | None 
 
     check_dataset_source(dataset)
     path = Path(dataset).expanduser()
-    if path.is_file():
-        builder = LOCAL_SUFFIXES[path.suffix]
+    files = glob_files(dataset) if is_glob(dataset) else [path] if path.is_file() else None
+    if files:
+        builder = LOCAL_SUFFIXES[files[0].suffix]
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True,
+                                   **kwargs)
     else:
         try:
             ds = datasets.load_dataset(dataset, split="train", streaming=True)
@@ -201,8 +231,9 @@ def iter_documents(
 
     Args:
         dataset: ``wiki-vital`` (embedded), a ``datasets`` name such as
-            ``monology/pile-uncopyrighted`` (streamed), a local folder, or a local
-            ``.txt`` (one document per paragraph) / ``.jsonl`` / ``.parquet`` file.
+            ``monology/pile-uncopyrighted`` (streamed), a local folder, a local
+            ``.txt`` (one document per paragraph) / ``.jsonl`` / ``.parquet`` file, or a glob
+            of such files of one type (``'data/*.jsonl'``, read in sorted path order).
         split: ``train`` or ``eval``.
         seed: shuffles the embedded corpus; streamed sources keep their own order.
         text_field: column holding the text for ``datasets`` sources.

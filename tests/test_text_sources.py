@@ -1,5 +1,6 @@
 """Local files and folders go through the same `datasets` path as hub names."""
 
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -107,3 +108,32 @@ def test_cursor_of_another_source_is_refused_in_one_line(tmp_path):
     path.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
     with pytest.raises(DatasetError, match="changed since the store was written"):
         list(iter_documents(str(path), "train", start={"row": 3, "state": {"no": "such layout"}}))
+
+
+def test_glob_reads_files_in_sorted_order(tmp_path):
+    for i, part in enumerate([TEXTS[100:], TEXTS[:50], TEXTS[50:100]]):
+        (tmp_path / f"part-{[2, 0, 1][i]}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in part))
+    got = [d.text for d in iter_documents(str(tmp_path / "part-*.jsonl"), "train")]
+    assert got == _expected("train")
+
+
+@pytest.mark.parametrize("files, message", [([], "no file matches"), (["a.jsonl", "b.txt"], "match one type"),
+                                            (["a.csv"], "match one type"), (["a.jsonl", "empty.jsonl"], "is empty")])
+def test_bad_globs_are_refused_in_one_line(tmp_path, files, message):
+    for name in files:
+        (tmp_path / name).write_text("" if name.startswith("empty") else json.dumps({"text": "x"}))
+    with pytest.raises(DatasetError, match=message):
+        list(iter_documents(str(tmp_path / "*.*"), "train"))
+
+
+def test_a_glob_store_refuses_to_resume_over_other_files(tmp_path, tiny_lm, tiny_model_dir):
+    from saestrata.harvest.harvester import HarvestConfig, harvest
+    from saestrata.store import IdentityMismatch
+
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t * 3}) for t in TEXTS))
+    cfg = HarvestConfig(layers=[1], tokens=256, out=tmp_path / "s.zarr", model=str(tiny_model_dir), context_length=32,
+                        rows_per_chunk=2, chunks_per_shard=2, device="cpu", dataset=str(tmp_path / "*.jsonl"))
+    harvest(cfg, lm=tiny_lm, progress=False)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "a new file"}))
+    with pytest.raises(IdentityMismatch, match="dataset_files"):
+        harvest(dataclasses.replace(cfg, tokens=512), lm=tiny_lm, progress=False)
