@@ -194,9 +194,8 @@ def pending_jobs(writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel) -> It
     shard_rows = writer.shard_tokens // ctx
     first, start = resume_cursor(writer, shard_rows)
     if first:
-        how = (f"document {start['doc_index']} (token {start['offset']})" if start
-               else "its start (this store records no resume cursor)")
-        print(f"resuming at shard {first} of {writer.n_shards}: the text source restarts at {how}")
+        print(f"text source: restarting at document {start['doc_index']}, token {start['offset']} (the end of shard "
+              f"{first - 1})" if start else "text source: re-read from its start (this store records no resume cursor)")
     # Tokenising and packing run a shard ahead in a thread, beside the forward pass.
     rows_iter = prefetch(_rows(cfg, lm, start), depth=2 * shard_rows)
     for shard in range(first if start else 0, writer.n_shards):

@@ -254,3 +254,13 @@ def test_inspect_from_s3_gives_the_local_dashboards(s3_store, local_ref, tiny_mo
                 assert np.array_equal(x[k], y[k], equal_nan=x[k].dtype.kind == "f"), (name, k)
         else:
             assert (outs["local"] / "blocks" / name).read_bytes() == (outs["s3"] / "blocks" / name).read_bytes(), name
+
+
+def test_harvest_with_workers_into_s3_matches_local(s3_env, local_ref, tiny_model_dir):
+    """``--workers 2 --out s3://...``: dask worker processes write the shards' objects, the harvester commits them."""
+    url = f"s3://{BUCKET}/workers/tiny.zarr"
+    cfg = _cfg(url, tiny_model_dir)
+    cfg.workers = 2
+    assert harvest(cfg, progress=False) == url
+    _assert_same_store(url, local_ref)
+    assert verify_store(url).ok
