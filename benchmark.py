@@ -23,12 +23,19 @@ One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
 6. **evaluate**: SAEBench core metrics of every SAE on the eval split (different articles).
 7. **unlearn**: the embedded wiki unlearning benchmark for every variant's SAE nearest L0 32 (run
    right after that variant's evaluation) and for every published seed point.
-8. **report**: ``report.md``/``report.html``/PNGs with matched-L0 rows at 32 and 64, the
-   matched table ``matched.md`` and the claims table ``claims.md`` (paper's value | at the paper's
-   settings | at matched L0), every number naming the JSON it came from.
+8. **probe**: SAEBench sparse probing (:mod:`~saestrata.evaluate.sparse_probing`, the embedded
+   corpus's 12 article topics) of the same SAE as unlearning, each variant's matched SAE nearest
+   L0 32 (ablations excluded), right after its unlearning: ``out/probing/<sae>.json``. The LM
+   forward over the labelled articles (the expensive part) is done once and cached in
+   ``work/probe-residuals/<key>/`` (:func:`~saestrata.evaluate.sparse_probing.cached_residuals`);
+   each SAE then costs an encode of the cached residuals and the probes.
+9. **report**: ``report.md``/``report.html``/PNGs with matched-L0 rows at 32 and 64, the
+   matched table ``matched.md``, the claims table ``claims.md`` (paper's value | at the paper's
+   settings | at matched L0) and the probing table ``probing.md``, every number naming the JSON it
+   came from.
 
-Stages 2, 3, 6 and 7 run arch by arch (its sweep, its variants' matched SAEs, their evaluation
-and unlearning), and the published points in groups of ``eval_group`` trained then evaluated: a
+Stages 2, 3, 6, 7 and 8 run arch by arch (its sweep, its variants' matched SAEs, their evaluation,
+unlearning and probing), and the published points in groups of ``eval_group`` trained then evaluated: a
 session that stops leaves evaluated results, not weights a fresh machine would lack. Every SAE
 trains alone (one SAE per pass: interrupting loses at most the steps since its last checkpoint);
 it is skipped once its weights exist in ``work``, or once its ``cfg.json``/log are in ``out``
@@ -98,16 +105,22 @@ class BenchmarkConfig:
     # default: on CPUs without native bf16 (this one reports AVX2 only) bf16 matmuls run ~6x slower.
     lm_dtype: str = "float32"
     autocast: bool = False
-    stages: tuple[str, ...] = ("store", "lr", "matched", "published", "evaluate", "seeds", "unlearn", "report")
+    # Sparse probing (stage "probe"): articles per topic of the train / eval split (``saestrata probe``'s defaults).
+    probe_train_per_class: int = 100
+    probe_test_per_class: int = 50
+    stages: tuple[str, ...] = ("store", "lr", "matched", "published", "evaluate", "seeds", "unlearn", "probe",
+                               "report")
 
 
 def quick_config(out: Path, work: Path) -> BenchmarkConfig:
-    """A short version: 5 variants, 2 targets around L0 32, 256k tokens each (~20 min on 2 CPU cores estimated from
-    measured unit costs, not timed; README "Cost on this machine")."""
+    """A short version: 5 variants, 2 targets around L0 32, 256k tokens each, no unlearning and no probing
+    (~20 min on 2 CPU cores estimated from measured unit costs, not timed; README "Cost on this machine";
+    probing's LM forward over 1,800 articles is not in that estimate)."""
     return BenchmarkConfig(out=out, work=work, train_tokens=262_144, tokens_per_sae=262_144,
                            targets=(24.0, 40.0), variants=["topk", "batchtopk", "standard", "seed004-groups",
                                                             "seed000_adaptive"],
-                           seeds=1, eval_tokens=2048, unlearn=False)
+                           seeds=1, eval_tokens=2048, unlearn=False,
+                           stages=tuple(s for s in BenchmarkConfig.stages if s != "probe"))
 
 
 def _choose(runs: list[dict]) -> dict:
@@ -294,7 +307,7 @@ class Benchmark:
         bits, and training amplifies that: seed000_hsae-l0=24's final train L0 27.9 -> 26.5 on 2026-12-02), so
         a core result of the old weights must not sit beside an unlearning result of the new ones.
         """
-        for path in (self.core_path(name), self.unlearning_path(name)):
+        for path in (self.core_path(name), self.unlearning_path(name), self.probing_path(name)):
             if path.exists():
                 path.unlink()
                 self.echo(f"  {name}: retrained, so {path.relative_to(self.cfg.out)} (earlier weights) is recomputed")
@@ -478,10 +491,46 @@ class Benchmark:
             self.echo(f"  unlearning {n}: score {r['eval_result_metrics']['unlearning']['unlearning_score']:.3f} "
                       f"in {time.perf_counter() - t0:.0f} s")
 
+    def probe(self, names: list[str]) -> None:
+        """SAEBench sparse probing of every finished SAE in ``names`` lacking a result: ``out/probing/<name>.json``.
+
+        One :func:`~saestrata.evaluate.sparse_probing.run_sparse_probing` per SAE (the path of
+        ``saestrata probe``: embedded wiki topics, ``probe_train_per_class`` / ``probe_test_per_class``
+        articles per topic, context 128, k = 1, 2, 5, 10, 20, 50, seed 42, the LM in ``lm_dtype``), its
+        residuals read from the cache in ``work/probe-residuals`` (filled by the first SAE's run:
+        one LM forward over the articles per cache key, i.e. per model, layer and article list). Each JSON is
+        written atomically and carries ``saestrata_benchmark`` ``{"sae", "code"}``; an existing one
+        is kept (resumable).
+
+        Raises:
+            DatasetError: the embedded corpus is not installed.
+            ModelError: the SAE does not fit the benchmark's model.
+        """
+        from .evaluate.sparse_probing import ProbeConfig, run_sparse_probing
+
+        for n in names:
+            path = self.probing_path(n)
+            if path.exists() or not self.done(n):
+                continue
+            t0 = time.perf_counter()
+            (r,) = run_sparse_probing(ProbeConfig(saes=[self.sae_dir(n)], train_per_class=self.cfg.probe_train_per_class,
+                                                  test_per_class=self.cfg.probe_test_per_class, device=self.cfg.device,
+                                                  dtype=self.cfg.lm_dtype, model=self.cfg.model),
+                                      self.lm(), progress=False, cache=self.cfg.work / "probe-residuals")
+            r["saestrata_benchmark"] = {"sae": n, "code": self.code}
+            _write_json(path, r)
+            m = r["eval_result_metrics"]["sae"]
+            self.echo(f"  probed {n}: sae top-1 accuracy {m['sae_top_1_test_accuracy']:.3f}, "
+                      f"all latents {m['sae_test_accuracy']:.3f} in {time.perf_counter() - t0:.0f} s")
+
     # -- selection helpers ----------------------------------------------------------------
     def unlearning_path(self, name: str) -> Path:
         """Where SAE ``name``'s unlearning result goes."""
         return self.cfg.out / "unlearning" / f"{name}.json"
+
+    def probing_path(self, name: str) -> Path:
+        """Where SAE ``name``'s sparse probing result goes (SAEBench's ``sparse_probing`` JSON layout)."""
+        return self.cfg.out / "probing" / f"{name}.json"
 
     @staticmethod
     def _unlearned_published(job: Job) -> bool:
@@ -489,21 +538,27 @@ class Benchmark:
         return job.arch.startswith(("seed000", "seed001", "seed002"))
 
     def _needs_weights(self, job: Job) -> bool:
-        """True while a result that needs ``job``'s weights is missing (its core eval, or its unlearning run).
+        """True while a result that needs ``job``'s weights is missing (its core eval, its unlearning run or
+        its sparse probing).
 
-        A matched SAE's unlearning is pending while its variant has none and it may be the one nearest
-        L0 32 (all unknown until every matched point of the variant is evaluated).
+        A matched SAE's unlearning (probing) is pending while its variant has none and it may be the one
+        nearest L0 32 (all unknown until every matched point of the variant is evaluated).
         """
         if not self.core_path(job.name).exists():
             return True
-        if not self.cfg.unlearn or "unlearn" not in self.cfg.stages:
-            return False
+        unlearn = self.cfg.unlearn and "unlearn" in self.cfg.stages
         if job.stage == "published":
-            return self._unlearned_published(job) and not self.unlearning_path(job.name).exists()
+            return unlearn and self._unlearned_published(job) and not self.unlearning_path(job.name).exists()
         if job.stage != "matched" or job.arch in ABLATIONS:
             return False
+        wanted = [p for p, on in ((self.unlearning_path, unlearn), (self.probing_path, "probe" in self.cfg.stages)) if on]
+        return any(self._nearest_result_pending(job, path_of) for path_of in wanted)
+
+    def _nearest_result_pending(self, job: Job, path_of: Callable[[str], Path]) -> bool:
+        """True while no matched SAE of ``job``'s variant has the result at ``path_of(name)`` and ``job``'s SAE may be
+        the variant's SAE nearest L0 32 (it is, or not every matched point is evaluated yet)."""
         names = [f"{job.arch}-l0={t:g}" for t in self.cfg.targets]
-        if any(self.unlearning_path(n).exists() for n in names):
+        if any(path_of(n).exists() for n in names):
             return False
         evaluated = all(self.core_path(n).exists() for n in names)
         return not evaluated or self.nearest_to(job.arch, SWEEP_TARGET) == job.name
@@ -561,7 +616,7 @@ class Benchmark:
             _write_json(cfg.out / "config.json", {**asdict(cfg), "code": self.code, "variants": self.variants})
             _write_json(cfg.out / "code" / f"{self.code}.json", code_manifest())
         if "store" in stages:
-            self.echo("[1/8] store")
+            self.echo("[1/9] store")
             self.harvest_store()
         # Arch by arch (sweep, then its variants at every target, then their evaluation), so a
         # session that stops mid-run leaves whole, evaluated units of results behind.
@@ -572,23 +627,25 @@ class Benchmark:
                 pending = [j for j in sweep if not self.recorded(j.name)]
                 if not pending:
                     break
-                self.echo(f"[2/8] lr sweep {i}/{len(archs)} {arch}: {len(pending)} of {len(sweep)} short runs to do")
+                self.echo(f"[2/9] lr sweep {i}/{len(archs)} {arch}: {len(pending)} of {len(sweep)} short runs to do")
                 for job in pending:
                     self.train_job(job, need_weights=False)
             jobs = [j for j in self.matched_jobs(self.chosen_lrs("lr" in stages)) if self._arch_of(j.arch) == arch]
             if "matched" in stages:
-                self.echo(f"[3/8] matched L0 {i}/{len(archs)} {arch}: {len(jobs)} SAEs")
+                self.echo(f"[3/9] matched L0 {i}/{len(archs)} {arch}: {len(jobs)} SAEs")
                 for job in jobs:
                     self.train_job(job, self._needs_weights(job))
             if "evaluate" in stages:
                 self.evaluate([j.name for j in jobs])
+            variants = dict.fromkeys(j.arch for j in jobs if j.arch not in ABLATIONS)
             if "unlearn" in stages and cfg.unlearn:
-                variants = dict.fromkeys(j.arch for j in jobs if j.arch not in ABLATIONS)
                 self.unlearn([n for n in (self.nearest_to(v, SWEEP_TARGET) for v in variants) if n])
+            if "probe" in stages:  # the same SAE as unlearning, right after it
+                self.probe([n for n in (self.nearest_to(v, SWEEP_TARGET) for v in variants) if n])
         lrs = self.chosen_lrs("lr" in stages)
         published = self.published_jobs()
         if "published" in stages:
-            self.echo(f"[4/8] as published: {len(published)} SAEs")
+            self.echo(f"[4/9] as published: {len(published)} SAEs")
         for g in range(0, len(published), cfg.eval_group):
             group = published[g : g + cfg.eval_group]
             if "published" in stages:
@@ -600,13 +657,13 @@ class Benchmark:
                 self.unlearn([j.name for j in group if self._unlearned_published(j)])
         seeds = self.seed_jobs(self.best_seed_variant(), lrs)
         if "seeds" in stages:
-            self.echo(f"[6/8] seeds: {len(seeds)} SAEs")
+            self.echo(f"[6/9] seeds: {len(seeds)} SAEs")
             for job in seeds:
                 self.train_job(job, self._needs_weights(job))
             if "evaluate" in stages:
                 self.evaluate([j.name for j in seeds])
         if "report" in stages:
-            self.echo("[8/8] report")
+            self.echo("[9/9] report")
             from .benchmark_report import write_benchmark_report
 
             write_benchmark_report(self)

@@ -1,7 +1,8 @@
 """Tables of ``saestrata benchmark``: matched-L0 rows, seed spread, as-published points, seed claims.
 
 Writes into the benchmark's ``out`` folder: ``matched.md`` (every variant at L0 32 and 64),
-``published.md``, ``claims.md``, ``summary.json`` (all rows, machine-readable) and
+``published.md``, ``claims.md``, ``mechanisms.md``, ``probing.md`` (sparse probing of each variant's
+SAE nearest L0 32), ``summary.json`` (all rows, machine-readable) and
 ``report/`` (:func:`~saestrata.evaluate.report.write_report`: core/unlearning tables and the
 Pareto plots of EV and CE loss score against L0). Every number is copied or interpolated from
 a JSON under ``out`` that its row names; interpolation is linear in log L0 between the two
@@ -150,6 +151,78 @@ def seed_spread(bench) -> tuple[str, list[dict]]:
         lines.append(f"| {v} | {len(per)} | {fmt(row['explained_variance'])} | {fmt(row['ce_loss_score'])} | "
                      f"{fmt(row['kl_div_score'])} | {', '.join(_num(c) for c in row['per_seed_ce'])} |")
     return "\n".join(lines), rows
+
+
+PROBE_KS = (1, 2, 5, 10, 20, 50)  # the k columns of probing.md (sparse_probing.K_VALUES)
+
+
+def probing_table(bench) -> tuple[str, list[dict]]:
+    """Markdown: SAEBench sparse probing of every variant's matched SAE nearest L0 32 (the benchmark's ``probe`` stage).
+
+    One row per variant (ablations and as-published-only presets excluded, as in the stage): the SAE,
+    its L0 (from ``core/<sae>.json``), the mean over topics of ``sae_top_{k}_test_accuracy`` for k in
+    :data:`PROBE_KS` and ``sae_test_accuracy`` (all latents), from ``probing/<sae>.json``; "not
+    probed yet" without that JSON. Then the raw residual (``llm_top_{k}_test_accuracy`` /
+    ``llm_test_accuracy``, one row per distinct set of values, naming the JSONs it is in), and a
+    second table with each structured SAE's ``latent_groups`` top-1 / top-5 accuracies.
+
+    Returns:
+        ``(markdown, rows)``; each row ``{"variant", "sae" (name), "probed": True, "l0", "metrics" (the JSON's
+        ``eval_result_metrics["sae"]``), "llm" (``["llm"]``), "groups" ({group: mean accuracies, n_latents}),
+        "code", "file", "l0_file"}``; ``"probed": False`` rows carry only variant and SAE (None if unevaluated).
+    """
+    from .benchmark import ABLATIONS, PUBLISHED_ONLY
+
+    rows = []
+    for v in bench.variants:
+        if v in ABLATIONS | PUBLISHED_ONLY:
+            continue
+        name = bench.nearest_to(v, 32.0)
+        path = bench.probing_path(name) if name else None
+        if path is None or not path.exists():
+            rows.append({"variant": v, "sae": name, "probed": False})
+            continue
+        data = json.loads(path.read_text())
+        core = bench.core(name)
+        rows.append({"variant": v, "sae": name, "probed": True,
+                     "l0": core["eval_result_metrics"]["sparsity"]["l0"] if core else None,
+                     "metrics": data["eval_result_metrics"]["sae"], "llm": data["eval_result_metrics"]["llm"],
+                     "groups": {g: {k: x for k, x in m.items() if k not in ("per_class", "selected")}
+                                for g, m in data["eval_result_unstructured"].get("latent_groups", {}).items()},
+                     "code": data.get("saestrata_benchmark", {}).get("code"),
+                     "file": f"probing/{name}.json", "l0_file": f"core/{name}.json" if core else None})
+
+    def cells(metrics: dict, prefix: str) -> str:
+        """``prefix``'s top-k accuracies at :data:`PROBE_KS` and its all-features accuracy, 3 decimals."""
+        keys = [f"{prefix}_top_{k}_test_accuracy" for k in PROBE_KS] + [f"{prefix}_test_accuracy"]
+        return " | ".join(_num(metrics.get(k)) for k in keys)
+
+    ks = " | ".join(f"k={k}" for k in PROBE_KS)
+    lines = [f"| variant | SAE (nearest L0 32) | L0 | {ks} | all | from |", "|---|---|---|" + "---|" * (len(PROBE_KS) + 2)]
+    blank = " | ".join([""] * (len(PROBE_KS) + 1))
+    for r in rows:
+        if not r["probed"]:
+            lines.append(f"| {r['variant']} | {r['sae'] or '-'} | not probed yet | {blank} | |")
+            continue
+        lines.append(f"| {r['variant']} | {r['sae']} | {_num(r['l0'], '.1f')} | {cells(r['metrics'], 'sae')} | "
+                     f"{r['file']} (L0: {r['l0_file'] or '-'}) |")
+    residual: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["probed"]:
+            residual.setdefault(tuple(sorted(r["llm"].items())), []).append(r)
+    for same in residual.values():
+        files = ", ".join(r["file"] for r in same)
+        lines.append(f"| raw residual (d_in channels) | - | - | {cells(same[0]['llm'], 'llm')} | {files} |")
+    glines = ["| variant / latent group | SAE | latents | top-1 | top-5 | from |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        for g, m in (r.get("groups") or {}).items():
+            glines.append(f"| {r['variant']} / {g} | {r['sae']} | {m.get('n_latents', '-')} | "
+                          f"{_num(m.get('sae_top_1_test_accuracy'))} | {_num(m.get('sae_top_5_test_accuracy'))} | "
+                          f"{r['file']} |")
+    md = "\n".join(lines)
+    if len(glines) > 2:
+        md += "\n\n### Per latent group (structured SAEs: top-k restricted to the group)\n\n" + "\n".join(glines)
+    return md, rows
 
 
 def published_table(bench) -> tuple[str, list[dict]]:
@@ -340,6 +413,8 @@ def write_benchmark_report(bench) -> Path:
     pub_md, pub_rows = published_table(bench)
     claim_rows = claims(bench)
     mech_md, mech_rows = mechanisms_table(bench)
+    probe_md, probe_rows = probing_table(bench)
+    probe_codes = sorted({r["code"] or "?" for r in probe_rows if r["probed"]})
     codes = sorted({json.loads(p.read_text()).get("saestrata_benchmark", {}).get("code", "?")
                     for p in (out / "core").glob("*.json")}) if (out / "core").exists() else []
     mixed = _mixed_code_warning(out, codes)
@@ -349,9 +424,17 @@ def write_benchmark_report(bench) -> Path:
     (out / "claims.md").write_text(f"# The seeds' claims, checked\n\n{claims_table(claim_rows)}\n")
     (out / "mechanisms.md").write_text("# Mechanisms seen acting (final train-log counters)\n\n"
                                        f"Counter meanings: each arch module's `counters` docstring.\n\n{mech_md}\n")
+    (out / "probing.md").write_text(
+        "# Sparse probing (SAEBench `sparse_probing`) of each variant's SAE nearest L0 32\n\n"
+        "Mean test accuracy over the one-vs-rest probes of the embedded corpus's 12 article topics (chance 0.5): "
+        "a logistic regression on the top-k latents by |mean difference| on the train split, scored on the eval "
+        "split; \"all\" = every latent (every residual channel for the raw residual). Protocol and deviations from "
+        "SAEBench: docs/results/sparse_probing.md and each JSON's `eval_config`.\n\n"
+        f"Code {', '.join(probe_codes) or '-'}.{_mixed_code_warning(out, probe_codes)}\n\n{probe_md}\n")
     (out / "summary.json").write_text(json.dumps({"codes": codes, "matched": matched_rows, "seeds": spread_rows,
                                                   "published": pub_rows, "claims": claim_rows,
-                                                  "mechanisms": mech_rows}, indent=2, default=str))
+                                                  "mechanisms": mech_rows, "probing": probe_rows},
+                                                 indent=2, default=str))
     inputs = [p for p in (out / "core", out / "unlearning", out / "saes") if p.exists()]
     if inputs:
         write_report(inputs, out / "report", matched_l0=32.0)

@@ -263,7 +263,8 @@ def _with(opts):
               help="gemma-3-270m (embedded), a hub name or a local folder.")
 @click.option("--layers", required=True, callback=_int_list, help="Blocks whose resid_post to store, e.g. 4,8.")
 @click.option("--dataset", default=EMBEDDED_DATASET, show_default=True, callback=_dataset_source,
-              help="wiki-vital (embedded), a datasets name, a local folder or a .txt/.jsonl/.parquet file.")
+              help="wiki-vital (embedded), a datasets name, a local folder, a .txt/.jsonl/.parquet file or a "
+                   "quoted glob of such files ('data/*.jsonl', read in sorted order).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]))
 @click.option("--tokens", default=98_304, show_default=True, type=POS_INT,
               help="Tokens to harvest (rounded up to whole rows; whole shards of 8,192 keep the store extensible).")
@@ -510,7 +511,7 @@ def evaluate(saes, dataset, split, tokens, batch_rows, model, allow_other_model,
               help="Init seeds for topk and the best seed-paper variant.")
 @click.option("--eval-tokens", default=8192, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-unlearn", is_flag=True, help="Skip the unlearning stage.")
-@click.option("--stages", help="Comma-separated subset of: store,lr,matched,published,evaluate,seeds,unlearn,report.")
+@click.option("--stages", help="Comma-separated subset of: store,lr,matched,published,evaluate,seeds,unlearn,probe,report.")
 @click.option("--quick", is_flag=True, help="A short version: 5 variants, L0 24/40, 256k tokens each, no unlearning (~20 min estimated here, not timed).")
 @click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--lm-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
@@ -721,8 +722,10 @@ def report(paths, out, matched_l0):
 @main.command()
 @click.option("--sae", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Saved SAE folder.")
-@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Store holding the SAE's hook (e.g. the one it was trained on).")
+@click.option("--store", required=True, type=StorePath(exists=True, file_okay=False),
+              help="Store holding the SAE's hook (e.g. the one it was trained on): a folder or an "
+                   "object-store URL (s3://bucket/prefix).")
+@storage_options_option
 @click.option("--tokens", type=POS_INT, help="Tokens to read from the start of the store (default: all).")
 @click.option("--top-k", default=20, show_default=True, type=click.IntRange(1, 1000), help="Top examples per latent.")
 @click.option("--context", default=16, show_default=True, type=click.IntRange(0, 512),
@@ -740,7 +743,7 @@ def report(paths, out, matched_l0):
               help="Dashboard folder (new, empty, or an earlier inspect output to replace).")
 @click.option("--device", default="cpu", show_default=True, type=DEVICE)
 @_one_line_errors
-def inspect(sae, store, tokens, top_k, context, intervals, per_interval, batch_rows, model, allow_partial, seed, out,
+def inspect(sae, store, storage_options, tokens, top_k, context, intervals, per_interval, batch_rows, model, allow_partial, seed, out,
             device):
     """Feature dashboards from the store: top examples, quantile examples, stats, logit effects, structure.
 
@@ -763,7 +766,8 @@ def inspect(sae, store, tokens, top_k, context, intervals, per_interval, batch_r
 
         index = inspect_sae(InspectConfig(sae=sae, store=store, out=out, tokens=tokens, top_k=top_k, context=context,
                                           batch_rows=batch_rows, n_intervals=intervals, per_interval=per_interval,
-                                          allow_partial=allow_partial, seed=seed),
+                                          allow_partial=allow_partial, seed=seed,
+                                          storage_options=storage_options or None),
                             model=_model_of([sae], [cfg], model), device=device, progress=progress)
     alive = sum(1 for r in index["latents"] if r["fire_count"])
     click.echo(f"{sae}: {index['tokens']} tokens in {index['seconds']:.1f} s ({index['tokens_per_s']:.0f} tok/s), "

@@ -18,6 +18,7 @@ import torch
 
 from ..harvest.model import layer_of_hook
 from ..store import ActivationStore, ordered_batches
+from ..store.location import is_url
 from ..train.sae_io import load_sae
 from .collect import LatentCollector
 
@@ -28,7 +29,9 @@ class InspectConfig:
 
     Attributes:
         sae: saved SAE folder.
-        store: activation store holding the SAE's hook.
+        store: activation store holding the SAE's hook: a folder, or an object-store URL
+            (``s3://bucket/prefix``, read through whole-chunk prefetch like training).
+        storage_options: fsspec options for a URL ``store`` (credentials, ``endpoint_url``).
         out: output folder (created; files in it are replaced).
         tokens: tokens to read from the start of the store (None = all; rounded down to whole rows).
         top_k: top examples per latent.
@@ -41,7 +44,7 @@ class InspectConfig:
     """
 
     sae: Path
-    store: Path
+    store: Path | str
     out: Path
     tokens: int | None = None
     top_k: int = 20
@@ -52,6 +55,7 @@ class InspectConfig:
     block_size: int = 256
     allow_partial: bool = False
     seed: int = 0
+    storage_options: dict | None = None
 
 
 def open_inputs(cfg: InspectConfig):
@@ -62,7 +66,7 @@ def open_inputs(cfg: InspectConfig):
         ValueError: the store's width is not the SAE's ``d_in``.
     """
     sae, sae_cfg = load_sae(cfg.sae)
-    store = ActivationStore(cfg.store, allow_partial=cfg.allow_partial)
+    store = ActivationStore(cfg.store, allow_partial=cfg.allow_partial, storage_options=cfg.storage_options)
     hook = store.hook_for_layer(layer_of_hook(sae_cfg["hook_name"]))
     if store.d_model != sae.d_in:
         raise ValueError(f"store {cfg.store} has d_model {store.d_model} but the SAE takes d_in {sae.d_in}: "
@@ -160,7 +164,8 @@ def inspect_sae(cfg: InspectConfig, lm=None, model: str | None = None, device: s
     logits = logit_effects(sae, unembedding(lm.model).detach())
     facts = {**facts, "sae": str(Path(cfg.sae).resolve()), "sae_name": Path(cfg.sae).name,
              "arch": (sae_cfg.get("saestrata") or {}).get("arch", sae_cfg.get("architecture")),
-             "store": str(Path(cfg.store).resolve()), "store_name": Path(cfg.store).name, "hook": hook,
+             "store": cfg.store if is_url(cfg.store) else str(Path(cfg.store).resolve()),
+             "store_name": str(cfg.store).rstrip("/").rsplit("/", 1)[-1], "hook": hook,
              "model": lm.model_id, "special_ids": list(special_ids(store))}
     index = build(Path(cfg.out), coll, quantiles, logits, latent_structure(sae), lm.tokenizer, facts, cfg.block_size)
     write_browser(Path(cfg.out), index)

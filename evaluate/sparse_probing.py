@@ -41,19 +41,32 @@ which tests the seeds' claim that coarse latents carry coarse concepts.
 
 Deviations from SAEBench are listed in ``eval_config["deviations_from_saebench"]``
 (:data:`DEVIATIONS`).
+
+One code path (:func:`run_sparse_probing`, used by ``saestrata probe`` and by the benchmark's
+``probe`` stage): token residuals -> pooled residual and per-token latents pooled over the same
+tokens (:func:`collect_features`, :func:`pool_rows`) -> probes (:func:`probe_features`). The
+residuals come from the LM (:class:`LMResiduals`) or, with ``cache=``, from a residual cache
+(:func:`cached_residuals`, :class:`CachedResiduals`): every real token's residual of every
+article, float32, memory-mapped, in a folder named by the sha256 of what determines them
+(:func:`residual_cache_key`: model name, weights hash, config, dtype, layers, context length,
+articles and their token ids), so the LM forward over the articles (the expensive part) is paid
+once and each further SAE costs an encode. Both
+sources yield the same batches, so results agree to fp32 rounding.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
 import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -278,32 +291,247 @@ def pool_rows(h: torch.Tensor, keep: torch.Tensor, saes: dict[str, object]) -> t
     return llm, out
 
 
-@torch.inference_mode()
-def collect_features(lm: LoadedModel, docs: list[Document], saes: dict[str, tuple[object, int]],
-                     context_length: int = 128, batch_rows: int = 8, progress: bool = False,
-                     desc: str = "probe texts") -> Features:
-    """Pooled residuals and latents of every document: one forward per batch, stopped after the deepest block.
+# ----------------------------------------------------------------------------- residual sources
+class LMResiduals:
+    """Token residuals of ``docs`` straight from the LM: one forward per batch, stopped after the deepest block.
+
+    One of the two residual sources :func:`collect_features` pools (the other is
+    :class:`CachedResiduals`); both yield the same batches (documents sorted by token count, stable,
+    ``batch_rows`` per batch, right-padded), so the pooled features agree to fp32 rounding.
 
     Args:
+        lm: the loaded model.
+        docs: the documents, in result order.
+        layers: blocks whose ``blocks.<layer>.hook_resid_post`` is read (validated by the caller).
+        context_length: tokens per document, BOS included (:func:`article_ids`).
+        rows: precomputed :func:`article_ids` of ``docs`` (None: tokenised here).
+
+    Raises:
+        ValueError: ``context_length < 2`` or a tokenizer without BOS (:func:`article_ids`).
+    """
+
+    def __init__(self, lm: LoadedModel, docs: list[Document], layers: Iterable[int], context_length: int,
+                 rows: list[np.ndarray] | None = None):
+        self.lm, self.layers, self.d_model = lm, sorted(set(layers)), lm.d_model
+        self.rows = rows if rows is not None else article_ids(lm.tokenizer, [d.text for d in docs], context_length)
+        self.lengths = np.array([len(r) for r in self.rows], dtype=np.int64)
+        self.n_docs = len(self.rows)
+        self.special = torch.tensor(sorted(lm.tokenizer.all_special_ids))
+        tok = lm.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.bos_token_id
+
+    def batches(self, batch_rows: int) -> Iterator[tuple[np.ndarray, dict[int, torch.Tensor], torch.Tensor]]:
+        """``(doc indices [n] int64, {layer: [n, T, d_model] lm dtype, on the LM's device}, keep [n, T] bool)``.
+
+        ``keep`` marks the tokens to average: real (not padding) and not a special id.
+        """
+        for idx in _batch_order(self.lengths, batch_rows):
+            ids, real = pad_rows([self.rows[i] for i in idx], self.pad)
+            keep = real & ~torch.isin(ids, self.special)
+            with torch.inference_mode():
+                hs = residuals(self.lm, ids, self.layers)
+            yield idx, hs, keep
+
+
+def _batch_order(lengths: np.ndarray, batch_rows: int) -> Iterator[np.ndarray]:
+    """Document indices per batch: sorted by length (stable), ``batch_rows`` each (similar lengths: less padding)."""
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(order), batch_rows):
+        yield order[start: start + batch_rows]
+
+
+RESIDUAL_CACHE_VERSION = 1  # bump when the cache's layout or content rule changes (it is part of the key)
+
+
+def residual_cache_key(lm: LoadedModel, docs: list[Document], rows: list[np.ndarray], layers: Iterable[int],
+                       context_length: int) -> str:
+    """sha256 hex digest of everything that determines the cached residuals of ``docs``.
+
+    Hashed: :data:`RESIDUAL_CACHE_VERSION`, the model's name/path (``lm.model_id``), its
+    ``weights_hash`` (names, sizes and first MiB of the weight files), its HF config and parameter
+    count (which also catch a hub name's weights), the dtype it computes in, the layers, the context
+    length, the tokenizer's special ids, and every document's key, text and token ids in order.
+    Not hashed: the batch size and the device (they change the residuals only by float rounding).
+    """
+    config = getattr(lm.model, "config", None)
+    head = {"version": RESIDUAL_CACHE_VERSION, "model_id": str(lm.model_id), "weights_hash": lm.weights_hash,
+            "model_config": config.to_dict() if hasattr(config, "to_dict") else repr(config),
+            "n_params": int(sum(p.numel() for p in lm.model.parameters())), "lm_dtype": lm.dtype,
+            "layers": sorted(set(layers)), "context_length": int(context_length),
+            "special_ids": sorted(int(i) for i in lm.tokenizer.all_special_ids)}
+    h = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
+    for doc, ids in zip(docs, rows, strict=True):
+        for part in (doc.key, doc.text):
+            b = part.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little") + b)
+        h.update(len(ids).to_bytes(8, "little") + np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+class CachedResiduals:
+    """Token residuals of a document list read back (memory-mapped) from a :func:`cached_residuals` folder.
+
+    Folder layout: ``resid_<layer>.npy`` ``[N, d_model]`` float32 (every real token of every
+    document, BOS included, documents in order, no padding), ``keep.npy`` ``[N]`` bool (tokens to
+    average: not a special id), ``offsets.npy`` ``[n_docs + 1]`` int64 (document ``i`` is rows
+    ``offsets[i]:offsets[i+1]``), ``meta.json`` (the key's inputs, sizes).
+
+    Args:
+        folder: a finished cache folder.
+        device: where the yielded residuals go (the SAEs' device).
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a finished cache (no ``meta.json``).
+    """
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
+        self.folder, self.device = Path(folder), torch.device(device)
+        meta_path = self.folder / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{self.folder} is not a finished probe residual cache (no meta.json): delete it")
+        self.meta = json.loads(meta_path.read_text())
+        self.layers, self.d_model, self.n_docs = list(self.meta["layers"]), int(self.meta["d_model"]), int(self.meta["n_docs"])
+        self.offsets = np.load(self.folder / "offsets.npy")
+        self.keep = np.load(self.folder / "keep.npy", mmap_mode="r")
+        self.resid = {layer: np.load(self.folder / f"resid_{layer}.npy", mmap_mode="r") for layer in self.layers}
+        self.lengths = np.diff(self.offsets)
+
+    def batches(self, batch_rows: int) -> Iterator[tuple[np.ndarray, dict[int, torch.Tensor], torch.Tensor]]:
+        """The batches :meth:`LMResiduals.batches` yields for the same documents (residuals float32, zero padding)."""
+        for idx in _batch_order(self.lengths, batch_rows):
+            width = int(self.lengths[idx].max())
+            keep = torch.zeros((len(idx), width), dtype=torch.bool)
+            hs = {layer: torch.zeros((len(idx), width, self.d_model), dtype=torch.float32) for layer in self.layers}
+            for j, i in enumerate(idx):
+                lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+                keep[j, : hi - lo] = torch.from_numpy(np.array(self.keep[lo:hi]))
+                for layer in self.layers:
+                    hs[layer][j, : hi - lo] = torch.from_numpy(np.array(self.resid[layer][lo:hi]))
+            yield idx, {layer: h.to(self.device) for layer, h in hs.items()}, keep
+
+
+def cached_residuals(lm: LoadedModel, docs: list[Document], layers: Iterable[int], context_length: int,
+                     root: str | Path, batch_rows: int = 8, progress: bool = False,
+                     desc: str = "probe texts") -> CachedResiduals:
+    """The residuals of ``docs`` from the cache under ``root``, running the LM once when they are missing.
+
+    The folder is ``root/<key>`` (:func:`residual_cache_key`): written into a temp folder beside it
+    (memory-mapped ``.npy`` files filled batch by batch, so the residuals never sit in RAM whole),
+    flushed, then renamed into place, so a folder that exists is complete; an interrupted write
+    leaves only a hidden ``.<key>.<pid>.tmp`` folder, removed on the next write. Reads are
+    memory-mapped. Size: ``n_tokens x d_model x 4`` bytes per layer (Gemma 3 270M, 1,800 articles of
+    ~93 tokens: ~0.4 GB).
+
+    Args:
+        lm: the loaded model (its tokenizer always; its forward only on a miss).
+        docs: the documents, in the order results are wanted.
+        layers: blocks to cache (``blocks.<layer>.hook_resid_post``).
+        context_length: tokens per document, BOS included.
+        root: the cache's parent folder (the benchmark's ``work/probe-residuals``).
+
+    Returns:
+        :class:`CachedResiduals` on the LM's device.
+
+    Raises:
+        ValueError: ``context_length < 2`` or a tokenizer without BOS; an empty ``docs``; a cache folder
+            whose content does not match its key (edited by hand).
+    """
+    if not docs:
+        raise ValueError("no documents to cache residuals of")
+    layers = sorted(set(layers))
+    rows = article_ids(lm.tokenizer, [d.text for d in docs], context_length)
+    key = residual_cache_key(lm, docs, rows, layers, context_length)
+    root = Path(root)
+    folder = root / key
+    if not (folder / "meta.json").exists():
+        _write_residual_cache(LMResiduals(lm, docs, layers, context_length, rows), folder, batch_rows, progress, desc,
+                              {"key": key, "model_id": str(lm.model_id), "weights_hash": lm.weights_hash,
+                               "lm_dtype": lm.dtype, "context_length": int(context_length)})
+    cached = CachedResiduals(folder, lm.device)
+    if cached.n_docs != len(docs) or cached.layers != layers or cached.d_model != lm.d_model:
+        raise ValueError(f"probe residual cache {folder} holds {cached.n_docs} texts of layers {cached.layers}, not "
+                         f"{len(docs)} of layers {layers}: delete that folder")
+    return cached
+
+
+@torch.inference_mode()
+def _write_residual_cache(src: LMResiduals, folder: Path, batch_rows: int, progress: bool, desc: str,
+                          meta: dict) -> None:
+    """Fill a temp folder from ``src`` (layout: :class:`CachedResiduals`), then rename it to ``folder``."""
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    offsets = np.concatenate([[0], np.cumsum(src.lengths)]).astype(np.int64)
+    t0 = time.perf_counter()
+    try:
+        tmp.mkdir()
+        out = {layer: np.lib.format.open_memmap(tmp / f"resid_{layer}.npy", mode="w+", dtype=np.float32,
+                                                shape=(int(offsets[-1]), src.d_model)) for layer in src.layers}
+        keep = np.zeros(int(offsets[-1]), dtype=bool)
+        n_batches = math.ceil(src.n_docs / batch_rows)
+        for idx, hs, keep_b in tqdm(src.batches(batch_rows), total=n_batches, desc=desc, unit="batch",
+                                    disable=not progress):
+            host = {layer: h.float().cpu().numpy() for layer, h in hs.items()}
+            for j, i in enumerate(idx):
+                lo, hi = int(offsets[i]), int(offsets[i + 1])
+                keep[lo:hi] = keep_b[j, : hi - lo].numpy()
+                for layer in src.layers:
+                    out[layer][lo:hi] = host[layer][j, : hi - lo]
+        for arr in out.values():
+            arr.flush()
+        del out
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "keep.npy", keep)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "layers": src.layers, "d_model": src.d_model,
+                                                   "n_docs": src.n_docs, "n_tokens": int(offsets[-1]),
+                                                   "forward_s": time.perf_counter() - t0}, indent=2))
+        for path in tmp.iterdir():  # the bytes must be on disk before the rename makes the folder visible
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another writer finished the same key first: keep theirs
+            if not (folder / "meta.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@torch.inference_mode()
+def collect_features(source: LMResiduals | CachedResiduals, saes: dict[str, tuple[object, int]],
+                     batch_rows: int = 8, progress: bool = False, desc: str = "probe texts") -> Features:
+    """Pooled residuals and latents of every document of ``source`` (:func:`pool_rows` per batch).
+
+    The one pooling path of sparse probing, whatever the residuals come from (the LM directly,
+    :class:`LMResiduals`, or the cache, :class:`CachedResiduals`).
+
+    Args:
+        source: the documents' token residuals.
         saes: ``{name: (sae, layer)}``; every SAE reads ``blocks.<layer>.hook_resid_post``.
 
     Returns:
-        :class:`Features` in ``docs`` order.
+        :class:`Features` in document order (float32).
+
+    Raises:
+        ModelError: an SAE reads a layer ``source`` does not hold.
+        DatasetError: a document with no token besides special tokens.
     """
     t0 = time.perf_counter()
     layers = sorted({layer for _, layer in saes.values()})
-    special = torch.tensor(sorted(lm.tokenizer.all_special_ids))
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.bos_token_id
-    rows = article_ids(lm.tokenizer, [d.text for d in docs], context_length)
-    order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a batch: less padding
-    llm = {layer: np.zeros((len(docs), lm.d_model), np.float32) for layer in layers}
-    lat = {name: np.zeros((len(docs), sae.d_sae), np.float32) for name, (sae, _) in saes.items()}
-    n_tok = np.zeros(len(docs), np.int64)
-    for start in tqdm(range(0, len(docs), batch_rows), desc=desc, unit="batch", disable=not progress):
-        idx = order[start: start + batch_rows]
-        ids, real = pad_rows([rows[i] for i in idx], pad)
-        keep = real & ~torch.isin(ids, special)
-        hs = residuals(lm, ids, layers)
+    missing = [layer for layer in layers if layer not in source.layers]
+    if missing:
+        raise ModelError(f"the residuals hold layers {source.layers}, not layer {missing[0]} an SAE reads")
+    llm = {layer: np.zeros((source.n_docs, source.d_model), np.float32) for layer in layers}
+    lat = {name: np.zeros((source.n_docs, sae.d_sae), np.float32) for name, (sae, _) in saes.items()}
+    n_tok = np.zeros(source.n_docs, np.int64)
+    n_batches = math.ceil(source.n_docs / batch_rows)
+    for idx, hs, keep in tqdm(source.batches(batch_rows), total=n_batches, desc=desc, unit="batch",
+                              disable=not progress):
         for layer in layers:
             group = {n: s for n, (s, lay) in saes.items() if lay == layer}
             pooled, per_sae = pool_rows(hs[layer], keep.to(hs[layer].device), group)
@@ -461,11 +689,25 @@ def labelled_docs(cfg: ProbeConfig) -> tuple[list[Document], list[Document], str
     return train, test, Path(cfg.labels).name, f"labelled JSONL {cfg.labels}"
 
 
-def run_sparse_probing(cfg: ProbeConfig, lm: LoadedModel, progress: bool = True) -> list[dict]:
+def run_sparse_probing(cfg: ProbeConfig, lm: LoadedModel, progress: bool = True,
+                       cache: str | Path | None = None) -> list[dict]:
     """SAEBench ``sparse_probing`` of every SAE in ``cfg.saes``: one JSON dict each (SAEBench layout).
 
+    The one code path of ``saestrata probe`` and the benchmark's ``probe`` stage: token residuals
+    (from the LM, or from the residual cache under ``cache``) -> pooled residual and per-token
+    latents pooled over the same tokens (:func:`collect_features`) -> top-k probes
+    (:func:`probe_features`) -> SAEBench's JSON.
+
     Cost: one forward pass (to the deepest SAE block) over all train and test texts, shared
-    by every SAE; then ``n_classes x (len(k_values) + 1)`` logistic regressions per feature set.
+    by every SAE (none when ``cache`` already holds them: :func:`cached_residuals`); then
+    ``n_classes x (len(k_values) + 1)`` logistic regressions per feature set.
+
+    Args:
+        cfg: what to run.
+        lm: the loaded model (the SAEs' model).
+        progress: tqdm bars.
+        cache: folder of the residual cache (e.g. the benchmark's ``work/probe-residuals``);
+            None = residuals straight from the LM, not stored.
 
     Raises:
         FileNotFoundError: not a saved SAE.
@@ -475,12 +717,22 @@ def run_sparse_probing(cfg: ProbeConfig, lm: LoadedModel, progress: bool = True)
     train, test, dataset, source = labelled_docs(cfg)
     saes = _load_saes(cfg.saes, lm)
     enc = {name: (sae, layer) for name, (sae, layer, _) in saes.items()}
-    f_train = collect_features(lm, train, enc, cfg.context_length, cfg.batch_rows, progress, "probe train texts")
-    f_test = collect_features(lm, test, enc, cfg.context_length, cfg.batch_rows, progress, "probe test texts")
+    layers = sorted({layer for _, layer in enc.values()})
+    if cache is None:
+        src_train = LMResiduals(lm, train, layers, cfg.context_length)
+        src_test = LMResiduals(lm, test, layers, cfg.context_length)
+    else:
+        src_train = cached_residuals(lm, train, layers, cfg.context_length, cache, cfg.batch_rows, progress,
+                                     "probe train texts (cache)")
+        src_test = cached_residuals(lm, test, layers, cfg.context_length, cache, cfg.batch_rows, progress,
+                                    "probe test texts (cache)")
+    f_train = collect_features(src_train, enc, cfg.batch_rows, progress, "probe train texts")
+    f_test = collect_features(src_test, enc, cfg.batch_rows, progress, "probe test texts")
     y_train = np.array([d.meta[LABEL_KEY] for d in train])
     y_test = np.array([d.meta[LABEL_KEY] for d in test])
     splits = class_splits(y_train, y_test, cfg.seed)
     llm_cache: dict[int, dict] = {}
+    residual_cache = None if cache is None else {"train": src_train.folder.name, "test": src_test.folder.name}
     results = []
     for name, (sae, layer, sae_cfg) in saes.items():
         t0 = time.perf_counter()
@@ -491,8 +743,9 @@ def run_sparse_probing(cfg: ProbeConfig, lm: LoadedModel, progress: bool = True)
                   for gname, idx in latent_groups_of(sae)}
         counts = _counts(train, test, splits, f_train, f_test)
         timing = {"features_s": f_train.seconds + f_test.seconds, "probes_s": time.perf_counter() - t0}
-        results.append(_result(cfg, lm, layer, sae_cfg, dataset, source, llm_cache[layer], per_sae, groups, counts,
-                               timing))
+        result = _result(cfg, lm, layer, sae_cfg, dataset, source, llm_cache[layer], per_sae, groups, counts, timing)
+        result["eval_result_unstructured"]["residual_cache"] = residual_cache
+        results.append(result)
     return results
 
 
@@ -582,6 +835,7 @@ def markdown_table(results: list[tuple[str, dict]]) -> str:
     return head + body
 
 
-__all__ = ["DEVIATIONS", "EVAL_TYPE_ID", "K_VALUES", "ProbeConfig", "balanced_one_vs_rest", "collect_features",
+__all__ = ["DEVIATIONS", "EVAL_TYPE_ID", "K_VALUES", "CachedResiduals", "LMResiduals", "ProbeConfig",
+           "balanced_one_vs_rest", "cached_residuals", "collect_features", "residual_cache_key",
            "load_labelled_jsonl", "markdown_table", "pool_rows", "probe_features", "run_sparse_probing", "top_k_mean_diff",
            "wiki_topic_split"]

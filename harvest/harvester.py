@@ -30,7 +30,7 @@ from ..store.writer import is_empty_store_dir
 from .hooks import residuals
 from .model import EMBEDDED_MODEL, LoadedModel, ModelError, check_layers, hook_name, load_model
 from .packing import Row, pack_documents
-from .text import EMBEDDED_DATASET, SPLIT_RULE, DatasetError, iter_documents
+from .text import EMBEDDED_DATASET, SPLIT_RULE, DatasetError, glob_files, is_glob, iter_documents
 
 
 @dataclass
@@ -128,10 +128,10 @@ def _out_location(cfg: HarvestConfig) -> Location:
     return as_location(cfg.out, cfg.storage_options)
 
 
-def _rows(cfg: HarvestConfig, lm: LoadedModel) -> Iterator[Row]:
-    """Packed rows of the configured source in their deterministic order."""
-    docs = iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_field)
-    return pack_documents(docs, lm.tokenizer, cfg.context_length)
+def _rows(cfg: HarvestConfig, lm: LoadedModel, start: dict | None = None) -> Iterator[Row]:
+    """Packed rows of the configured source in their deterministic order (from a row's ``end`` cursor ``start``)."""
+    docs = iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_field, start["source"] if start else None)
+    return pack_documents(docs, lm.tokenizer, cfg.context_length, start=start)
 
 
 def _open_writer(
@@ -180,17 +180,25 @@ class ShardJob:
 def pending_jobs(writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel) -> Iterator[ShardJob]:
     """Jobs for every uncommitted shard, in shard order, for this process or for workers (:mod:`.parallel`).
 
-    The text is re-read from the start: the rows of committed shards are skipped (and
-    counted, to keep every shard's rows in text order), so resuming sees the same rows.
+    The text restarts where the committed prefix of shards ends (the ``source_end`` cursor in
+    the last prefix shard's record, :func:`resume_cursor`): a resumed harvest of a streamed
+    source neither downloads nor tokenises that part again. Stores written before cursors were
+    recorded re-read the text from the start. Rows of committed shards past the prefix are
+    skipped (and counted, to keep every shard's rows in text order), so resuming sees the same rows.
 
     Raises:
         StoreError: the text source gives fewer rows than an already committed shard holds.
+        DatasetError: the recorded cursor does not fit the source any more.
     """
     ctx = cfg.context_length
     shard_rows = writer.shard_tokens // ctx
+    first, start = resume_cursor(writer, shard_rows)
+    if first:
+        print(f"text source: restarting at document {start['doc_index']}, token {start['offset']} (the end of shard "
+              f"{first - 1})" if start else "text source: re-read from its start (this store records no resume cursor)")
     # Tokenising and packing run a shard ahead in a thread, beside the forward pass.
-    rows_iter = prefetch(_rows(cfg, lm), depth=2 * shard_rows)
-    for shard in range(writer.n_shards):
+    rows_iter = prefetch(_rows(cfg, lm, start), depth=2 * shard_rows)
+    for shard in range(first if start else 0, writer.n_shards):
         lo, hi = shard_bounds(shard, shard_rows, writer.n_tokens // ctx)
         rows = list(itertools.islice(rows_iter, hi - lo))
         if shard in writer.committed:
@@ -201,6 +209,26 @@ def pending_jobs(writer: StoreWriter, cfg: HarvestConfig, lm: LoadedModel) -> It
             return
         else:
             yield ShardJob(shard, rows)
+
+
+def resume_cursor(writer: StoreWriter, shard_rows: int) -> tuple[int, dict | None]:
+    """``(p, cursor)``: shards ``0..p-1`` are committed and the text after them restarts at ``cursor``.
+
+    ``cursor`` is shard ``p-1``'s recorded ``source_end`` (a packed row's ``end``, see
+    :func:`~saestrata.harvest.packing.pack_documents`), None when ``p == 0`` or when the store
+    has no usable cursor (written before cursors, or a count of rows that does not match the
+    plan): then the text is re-read from its start.
+    """
+    first = 0
+    while first < writer.n_shards and first in writer.committed:
+        first += 1
+    if first == 0:
+        return 0, None
+    record = writer.record(first - 1) or {}
+    cursor = record.get("source_end")
+    if not cursor or cursor.get("rows") != first * shard_rows:
+        return first, None
+    return first, cursor
 
 
 def truncate_plan(writer: StoreWriter, cfg: HarvestConfig, n_tokens: int) -> None:
@@ -243,7 +271,8 @@ def shard_payload(
     Returns:
         ``(acts, aligned, record)``: ``acts`` ``{hook: [n, d_model]}`` in the stored dtype,
         ``aligned`` ``{"token_ids", "doc_index", "position"}`` each ``[n]``, and ``record``
-        ``{hook: ActivationStats.record()}`` over the shard's non-BOS tokens (``n = len(rows) * ctx``).
+        ``{hook: ActivationStats.record()}`` over the shard's non-BOS tokens (``n = len(rows) * ctx``)
+        plus ``"source_end"``, the last row's resume cursor (:func:`resume_cursor`).
 
     Raises:
         FloatingPointError: NaN/Inf activations (nothing of the shard is written).
@@ -260,6 +289,8 @@ def shard_payload(
         stats = ActivationStats()
         stats.update(acts[layer][not_bos])
         record[hook] = stats.record()
+    if rows and rows[-1].end is not None:
+        record["source_end"] = rows[-1].end
     stored = {hook: to_stored(acts[layer]) for layer, hook in zip(layers, hooks)}
     aligned = {"token_ids": token_ids, "doc_index": np.concatenate([r.doc_index for r in rows]),
                "position": np.concatenate([r.position for r in rows])}
@@ -304,7 +335,8 @@ def harvest_identity(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hoo
     Model (name + weights hash), layers and hook names, dataset + split + split rule +
     text field + order seed, context length, BOS handling, dtype (and the LM's compute dtype
     when it differs: taken from the loaded model, so a caller's ``lm`` cannot mislabel a store),
-    tokenizer fingerprint and store format version. Not included: the token count (a store can grow), the
+    tokenizer fingerprint and store format version, and for a glob ``dataset`` the matched files and
+    their sizes. Not included: the token count (a store can grow), the
     shard layout and batch size (a resumed store keeps its own), the device.
     """
     return {
@@ -324,6 +356,9 @@ def harvest_identity(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hoo
         "format_version": FORMAT_VERSION,
         # Only when it differs from ``dtype``, so stores computed in their own dtype keep their identity.
         **({"compute_dtype": lm.dtype} if lm.dtype != cfg.dtype else {}),
+        # A glob's matches (names and sizes): a file added or changed since is refused on resume.
+        **({"dataset_files": [[str(f), f.stat().st_size] for f in glob_files(cfg.dataset)]}
+           if is_glob(cfg.dataset) else {}),
     }
 
 

@@ -352,6 +352,14 @@ class StoreWriter:
         merged = {**others, **{s: r for s, r in self._records.items() if r is not None}}
         return {s: merged[s] for s in sorted(merged)}
 
+    def record(self, shard: int) -> dict | None:
+        """The record committed with ``shard`` (one small read), or None when it is not committed or has none."""
+        if shard not in self.committed:
+            return None
+        if shard in self._records:
+            return self._records[shard]
+        return read_records(self.loc, dict(self.group.attrs), [shard]).get(shard)
+
     def _reconcile_shapes(self) -> None:
         """Resize arrays back to the recorded plan after a crash between a resize and its attrs update."""
         for name in array_names(self.group.attrs):

@@ -11,7 +11,8 @@ from saestrata.benchmark import LR_EXTENSIONS, Benchmark, BenchmarkConfig
 def _cfg(tiny_model_dir, tmp_path, **kw):
     base = dict(out=tmp_path / "out", work=tmp_path / "work", layer=1, model=str(tiny_model_dir),
                 train_tokens=4096, tokens_per_sae=4096, d_sae=64, batch_size=256, targets=(3.0, 12.0),
-                variants=["topk", "standard"], seeds=2, eval_tokens=256, eval_group=4, unlearn=False, device="cpu")
+                variants=["topk", "standard"], seeds=2, eval_tokens=256, eval_group=4, unlearn=False, device="cpu",
+                probe_train_per_class=3, probe_test_per_class=2)
     base.update(kw)
     return BenchmarkConfig(**base)
 
@@ -51,34 +52,68 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     assert f"sparsity_multiplier {std_counters['sparsity_multiplier']:.4g}" in mech
     assert "| topk | topk-l0=12 | auxk_dead " in mech
 
+    # probe: one SAEBench sparse_probing JSON per variant, for its matched SAE nearest L0 32 (as unlearning), only.
+    nearest = {v: bench.nearest_to(v, 32.0) for v in ("topk", "standard")}
+    assert nearest == {"topk": "topk-l0=12", "standard": bench.nearest_to("standard", 32.0)} and all(nearest.values())
+    assert sorted(p.name for p in (cfg.out / "probing").iterdir()) == sorted(f"{n}.json" for n in nearest.values())
+    probed = [l.split()[1].rstrip(":") for l in lines if l.strip().startswith("probed")]
+    assert sorted(probed) == sorted(nearest.values())
+    caches = sorted((cfg.work / "probe-residuals").iterdir())  # train and test articles, one LM forward each
+    assert len(caches) == 2 and all((c / "meta.json").exists() for c in caches)
+    cache_times = [(c / "meta.json").stat().st_mtime_ns for c in caches]
+    probing_md = (cfg.out / "probing.md").read_text()
+    for v, n in nearest.items():
+        r = json.loads((cfg.out / "probing" / f"{n}.json").read_text())
+        assert r["eval_type_id"] == "sparse_probing" and r["saestrata_benchmark"]["sae"] == n
+        assert set(r["eval_result_unstructured"]["residual_cache"].values()) == {c.name for c in caches}
+        m = r["eval_result_metrics"]["sae"]
+        row = next(l for l in probing_md.splitlines() if l.startswith(f"| {v} | {n} | "))
+        assert f"{m['sae_top_1_test_accuracy']:.3f}" in row and f"probing/{n}.json" in row and f"core/{n}.json" in row
+        assert row.count("|") == 12  # 11 cells: variant, SAE, L0, k = 1 2 5 10 20 50, all, from
+    assert "| raw residual (d_in channels) | - | - | " in probing_md
+
     lines.clear()
-    Benchmark(cfg, lines.append).run()  # everything done: nothing is trained or evaluated again
-    assert not [l for l in lines if l.strip().startswith(("trained", "evaluated"))]
+    Benchmark(cfg, lines.append).run()  # everything done: nothing is trained, evaluated or probed again
+    assert not [l for l in lines if l.strip().startswith(("trained", "evaluated", "probed"))]
 
     import shutil
 
     shutil.rmtree(cfg.work / "runs")  # a fresh machine: out/ came from git, the weights did not
     lines.clear()
     Benchmark(cfg, lines.append).run()
-    assert not [l for l in lines if l.strip().startswith(("trained", "evaluated"))]
+    assert not [l for l in lines if l.strip().startswith(("trained", "evaluated", "probed"))]
     (cfg.out / "core" / "topk-l0=3.json").unlink()  # a result that needs the weights: only that SAE is redone
     lines.clear()
     Benchmark(cfg, lines.append).run()
     assert [l.split()[1] for l in lines if l.strip().startswith("trained")] == ["topk-l0=3"]
+    # A missing probing result needs the weights of the variant's SAE nearest 32: only that SAE is retrained and
+    # probed, from the cached residuals (the cache in work/ is not rewritten).
+    (cfg.out / "probing" / "topk-l0=12.json").unlink()
+    lines.clear()
+    Benchmark(cfg, lines.append).run()
+    assert [l.split()[1] for l in lines if l.strip().startswith("trained")] == ["topk-l0=12"]
+    assert [l.split()[1] for l in lines if l.strip().startswith("probed")] == ["topk-l0=12:"]
+    assert [(c / "meta.json").stat().st_mtime_ns for c in caches] == cache_times
+    # A variant without a result is pending in probing.md.
+    (cfg.out / "probing" / f"{nearest['standard']}.json").unlink()
+    Benchmark(_cfg(tiny_model_dir, tmp_path, stages=("report",)), lambda _: None).run()
+    assert f"| standard | {nearest['standard']} | not probed yet |" in (cfg.out / "probing.md").read_text()
 
     # A retrained SAE's earlier results (other weights) are dropped and recomputed, never kept beside the new ones.
     shutil.rmtree(cfg.work / "runs")
     stale = cfg.out / "unlearning" / "topk-l0=12.json"
     stale.parent.mkdir(exist_ok=True)
     stale.write_text("{}")
-    core = cfg.out / "core" / "topk-l0=12.json"
+    core, probing = cfg.out / "core" / "topk-l0=12.json", cfg.out / "probing" / "topk-l0=12.json"
+    assert probing.exists()
     bench = Benchmark(cfg, lines.append)
     job = next(j for j in bench.matched_jobs(bench.chosen_lrs(write=False)) if j.name == "topk-l0=12")
     bench.train_job(job, need_weights=True)
-    assert not stale.exists() and not core.exists()
+    assert not stale.exists() and not core.exists() and not probing.exists()
     lines.clear()
     Benchmark(cfg, lines.append).run()
     assert any(l.strip().startswith("evaluated") and "topk-l0=12" in l for l in lines) and core.exists()
+    assert probing.exists()
 
 
 def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_path):

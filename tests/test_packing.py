@@ -30,3 +30,26 @@ def test_wiki_split_is_disjoint_and_deterministic():
     assert [d.key for d in wiki_articles("eval", seed=0)] == [d.key for d in evals]
     assert all(split_of(d.key) == "eval" for d in evals)
     assert {d.meta["topic"] for d in evals} >= {"Biology and health sciences", "History", "Geography"}
+
+
+def test_packing_resumed_at_any_row_end_gives_the_same_rows(tiny_lm):
+    """A resumed harvest packs from a row's ``end`` cursor: the rows must be those an unbroken pass gives."""
+    tok = tiny_lm.tokenizer
+    n_tok = lambda n: len(tok("word " * n, add_special_tokens=False)["input_ids"])  # noqa: E731
+    fill = next(n for n in range(1, 64) if n_tok(n) == 15)  # BOS + 15 tokens: a row ending on the doc's last token
+    # rows end mid-document, exactly at a document's last token, and span 3+ documents
+    docs = [Document(str(i), "word " * n, {}, cursor={"index": i})
+            for i, n in enumerate([fill, 5, 14, 3, 70, 1, 30, fill, 2])]
+    rows = list(pack_documents(docs, tok, context_length=16, batch_docs=3))
+    assert len(rows) > 6
+    ends = {r.end["offset"] - len(tok(docs[r.end["doc_index"]].text, add_special_tokens=False)["input_ids"]) - 1
+            for r in rows}
+    assert 0 in ends and min(ends) < 0  # some rows end on a document's last token, others mid-document
+    for i, row in enumerate(rows):
+        start = row.end
+        assert start["source"] == docs[start["doc_index"]].cursor
+        rest = list(pack_documents(docs[start["source"]["index"]:], tok, 16, batch_docs=3, start=start))
+        assert len(rest) == len(rows) - i - 1, i
+        for a, b in zip(rest, rows[i + 1:]):
+            assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.doc_index, b.doc_index), i
+            assert a.end == b.end

@@ -4,6 +4,7 @@ SAEBench's JSON layout, ``--labels`` files, per-group restriction."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -261,3 +262,115 @@ def test_markdown_table_lists_each_k_the_baseline_and_groups():
     assert lines[2] == "| hsae | 0.550 | 0.700 | 0.880 |"
     assert lines[3] == "| raw residual (d_in channels) | 0.610 | 0.720 | 0.900 |"
     assert lines[4] == "| hsae / level1 (8 latents) | 0.500 | - | - |"
+
+
+# ----------------------------------------------------------------------------- the residual cache
+def _counting_forwards(monkeypatch):
+    """Count the LM forwards sparse probing makes (every one goes through ``residuals``)."""
+    calls = {"n": 0}
+    real = SP.residuals
+
+    def counted(*args, **kw):
+        calls["n"] += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(SP, "residuals", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tiny_saes_all(tiny_model_dir, tiny_saes, tmp_path_factory):
+    """The two tiny SAEs plus a sequence SAE (seed 000's temporal: latents read earlier tokens of the row)."""
+    from conftest import TINY_D_MODEL
+
+    meta = {"model_id": str(tiny_model_dir), "layer": LAYER, "context_length": 64,
+            "hook_name": f"blocks.{LAYER}.hook_resid_post"}
+    sae = build("seed000_temporal", TINY_D_MODEL, 64, seed=0).eval()
+    with torch.no_grad():  # taps at lag > 0 start at 0: give them weight so the context really acts
+        sae.conv_weight.add_(0.3)
+    return [*tiny_saes, save_sae(sae, tmp_path_factory.mktemp("probe_seq") / "temporal", meta)]
+
+
+def test_cached_residuals_give_the_direct_results(tiny_lm, tiny_saes_all, tmp_path, monkeypatch):
+    """Cache and LM forward feed one pooling path: same pooled features (fp32) and the same probe results."""
+    labels = _labels(tmp_path, "l.jsonl")
+    cfg = SP.ProbeConfig(saes=tiny_saes_all, labels=labels, k_values=(1, 2, 5), context_length=32, batch_rows=4,
+                         device="cpu")
+    train, _, _, _ = SP.labelled_docs(cfg)
+    enc = {name: (sae, layer) for name, (sae, layer, _) in SP._load_saes(tiny_saes_all, tiny_lm).items()}
+    direct = SP.collect_features(SP.LMResiduals(tiny_lm, train, [LAYER], 32), enc, batch_rows=4)
+    calls = _counting_forwards(monkeypatch)
+    cached = SP.collect_features(SP.cached_residuals(tiny_lm, train, [LAYER], 32, tmp_path / "cache", batch_rows=4),
+                                 enc, batch_rows=4)
+    assert calls["n"] == math.ceil(len(train) / 4)  # a miss: one forward per batch of 4 texts
+    np.testing.assert_allclose(cached.llm[LAYER], direct.llm[LAYER], rtol=1e-5, atol=1e-6)
+    assert set(cached.sae) == set(direct.sae) == {"topk", "seed004-groups", "temporal"}
+    for name in direct.sae:
+        np.testing.assert_allclose(cached.sae[name], direct.sae[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert np.abs(direct.sae[name]).sum() > 0, name  # not trivially equal
+    np.testing.assert_array_equal(cached.n_tokens, direct.n_tokens)
+
+    plain = SP.run_sparse_probing(cfg, tiny_lm, progress=False)
+    via_cache = SP.run_sparse_probing(cfg, tiny_lm, progress=False, cache=tmp_path / "cache")
+    for a, b in zip(plain, via_cache):
+        for part in ("llm", "sae"):
+            assert a["eval_result_metrics"][part] == pytest.approx(b["eval_result_metrics"][part], abs=1e-6)
+        ua, ub = a["eval_result_unstructured"], b["eval_result_unstructured"]
+        assert ua["selected_latents"] == ub["selected_latents"] and ua["latent_groups"] == ub["latent_groups"]
+        assert ua["residual_cache"] is None and set(ub["residual_cache"]) == {"train", "test"}
+
+
+def test_residual_cache_hit_skips_the_lm_and_a_new_key_misses(tiny_lm, tiny_saes, tmp_path, monkeypatch):
+    labels = _labels(tmp_path, "l.jsonl")
+    cfg = SP.ProbeConfig(saes=tiny_saes[:1], labels=labels, k_values=(1, 2), context_length=32, batch_rows=4,
+                         device="cpu")
+    train, test, _, _ = SP.labelled_docs(cfg)
+    root = tmp_path / "cache"
+    calls = _counting_forwards(monkeypatch)
+    first = SP.run_sparse_probing(cfg, tiny_lm, progress=False, cache=root)[0]
+    n_miss = calls["n"]
+    assert n_miss == math.ceil(len(train) / 4) + math.ceil(len(test) / 4)
+    folders = sorted(p.name for p in root.iterdir())
+    assert len(folders) == 2 and not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp folder left
+    second = SP.run_sparse_probing(cfg, tiny_lm, progress=False, cache=root)[0]
+    assert calls["n"] == n_miss  # a hit: no forward at all
+    assert first["eval_result_metrics"] == second["eval_result_metrics"]
+    resid = np.load(root / folders[0] / f"resid_{LAYER}.npy", mmap_mode="r")
+    assert isinstance(resid, np.memmap) and resid.dtype == np.float32
+    meta = json.loads((root / folders[0] / "meta.json").read_text())
+    assert meta["layers"] == [LAYER] and meta["n_tokens"] == resid.shape[0]
+
+    # Anything that changes the residuals changes the key: another layer, context length, text, model weights.
+    rows = SP.article_ids(tiny_lm.tokenizer, [d.text for d in train], 32)
+    key = SP.residual_cache_key(tiny_lm, train, rows, [LAYER], 32)
+    assert key in folders
+    assert SP.residual_cache_key(tiny_lm, train, rows, [LAYER + 1], 32) != key
+    rows16 = SP.article_ids(tiny_lm.tokenizer, [d.text for d in train], 16)
+    assert SP.residual_cache_key(tiny_lm, train, rows16, [LAYER], 16) != key
+    edited = [SP.Document(train[0].key, train[0].text + " x", train[0].meta), *train[1:]]
+    assert SP.residual_cache_key(tiny_lm, edited, rows, [LAYER], 32) != key
+    from dataclasses import replace
+
+    assert SP.residual_cache_key(replace(tiny_lm, weights_hash="0" * 16), train, rows, [LAYER], 32) != key
+    SP.cached_residuals(tiny_lm, train, [LAYER + 1], 32, root, batch_rows=4)
+    assert calls["n"] == n_miss + math.ceil(len(train) / 4)  # layer 2: a miss, one more forward per batch
+    assert len(list(root.iterdir())) == 3
+
+
+def test_an_interrupted_cache_write_leaves_no_folder(tiny_lm, tmp_path, monkeypatch):
+    """Ctrl-C mid-write: no cache folder (a later run must not read half the residuals), no temp folder."""
+    train = [SP.Document(f"t{i}", f"Some text number {i} about things.", {"label": str(i % 2)}) for i in range(6)]
+    real, calls = SP.residuals, {"n": 0}
+
+    def interrupted(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(SP, "residuals", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        SP.cached_residuals(tiny_lm, train, [LAYER], 16, tmp_path / "cache", batch_rows=2)
+    assert list((tmp_path / "cache").iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="not a finished probe residual cache"):
+        SP.CachedResiduals(tmp_path / "cache" / "nothing")

@@ -226,3 +226,41 @@ def test_legacy_commit_record_store_opens_and_migrates_on_s3(s3_env, local_ref, 
     harvest(_cfg(url, tiny_model_dir), lm=tiny_lm, progress=False)  # resumes shards 5..7, migrating the record
     _assert_same_store(url, local_ref)
     assert "committed_shards" not in dict(_group(url).attrs)
+
+
+def test_inspect_from_s3_gives_the_local_dashboards(s3_store, local_ref, tiny_model_dir, scratch):
+    """``saestrata inspect --store s3://...`` reads the store through the remote reader: same files as from the folder."""
+    from safetensors.numpy import load_file as load_np
+
+    cfg = TrainConfig(store=local_ref, layer=1, out=scratch / "sae", specs=[SAESpec("topk", "topk", {"k": 4})],
+                      d_sae=64, batch_size=128, tokens=4 * 128, lr=1e-3, device="cpu", checkpoint_every=0)
+    sae = train(cfg, progress=False)["topk"]
+    outs = {}
+    for name, store in (("local", str(local_ref)), ("s3", s3_store)):
+        outs[name] = scratch / f"dash-{name}"
+        res = CliRunner().invoke(main, ["inspect", "--sae", str(sae), "--store", store, "--out", str(outs[name]),
+                                        "--model", str(tiny_model_dir)])
+        assert res.exit_code == 0, res.output
+    a, b = (json.loads((outs[n] / "index.json").read_text()) for n in ("local", "s3"))
+    assert b["store"] == s3_store and a["tokens"] == b["tokens"] == TOKENS
+    assert a["latents"] == b["latents"]
+    blocks = sorted(p.name for p in (outs["local"] / "blocks").iterdir())
+    assert blocks and blocks == sorted(p.name for p in (outs["s3"] / "blocks").iterdir())
+    for name in blocks:
+        if name.endswith(".safetensors"):
+            x, y = load_np(outs["local"] / "blocks" / name), load_np(outs["s3"] / "blocks" / name)
+            assert sorted(x) == sorted(y), name
+            for k in x:
+                assert np.array_equal(x[k], y[k], equal_nan=x[k].dtype.kind == "f"), (name, k)
+        else:
+            assert (outs["local"] / "blocks" / name).read_bytes() == (outs["s3"] / "blocks" / name).read_bytes(), name
+
+
+def test_harvest_with_workers_into_s3_matches_local(s3_env, local_ref, tiny_model_dir):
+    """``--workers 2 --out s3://...``: dask worker processes write the shards' objects, the harvester commits them."""
+    url = f"s3://{BUCKET}/workers/tiny.zarr"
+    cfg = _cfg(url, tiny_model_dir)
+    cfg.workers = 2
+    assert harvest(cfg, progress=False) == url
+    _assert_same_store(url, local_ref)
+    assert verify_store(url).ok
