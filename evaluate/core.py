@@ -489,7 +489,7 @@ def _fast_batch(lm, loaded, replacements, layers, zero_group, kept_group, first_
             target = torch.roll(ids, -1, dims=1)[scored]  # the wrapped last column is masked by add_positions
             tpos = torch.arange(T).expand(n, T)[scored]
         with timer("zero ablation (once per layer)"):
-            fixed = [tuple(t.cpu() for t in bf.zero_logits(layer, T, head)) for layer in layers]
+            fixed = [tuple(None if t is None else t.cpu() for t in bf.zero_logits(layer, T, head)) for layer in layers]
         stats = head_stats(head, h, target, fixed, tpos, timer=timer)
         with timer("head_combine"):
             logit_sums.add_positions(stats["ce"], stats["kl"], groups + [zero_group[l] for l in layers], ids, keep)

@@ -131,6 +131,9 @@ def test_zero_ablation_logits_do_not_depend_on_tokens(lm32):
     with torch.inference_mode():
         h = bf.run(ids, {1: [torch.zeros_like]})[2:]
         z, lse = bf.zero_logits(1, 17, head)
+        # Gemma has no biases: the ablated logits are exactly zero and zero_logits skips the head (None).
+        assert z is None
+        z = torch.zeros(17, head.weight.shape[0])
         torch.testing.assert_close(head.logits(h).float(), z.expand(2, -1, -1), rtol=0, atol=1e-5)
     torch.testing.assert_close(lse, torch.logsumexp(z.double(), -1))
 
@@ -195,3 +198,27 @@ def test_chunked_head_stats_match_float64_definitions():
     kl = (lp[0].exp() * (lp[0] - lp[1])).sum(-1)
     torch.testing.assert_close(stats["kl"][1], kl, rtol=1e-5, atol=1e-6)
     assert (stats["kl"][0] == 0).all()
+
+
+def test_head_stats_equal_groups_share_exact_numbers_and_zero_fixed_group():
+    # Groups with bitwise-equal hidden states get bitwise-equal CE and KL (a duplicate of the clean
+    # group has KL exactly 0), whatever their place in the head's row blocks; a fixed group given
+    # as None (all-zero logits, BranchForward.zero_logits on a bias-free model) equals explicit zeros.
+    torch.manual_seed(2)
+    V, d, P = 1000, 16, 23
+    head = Head(_TinyHead(V, d))
+    h = torch.randn(4, P, d).to(torch.bfloat16)
+    h[2] = h[1]
+    h[3] = h[0]
+    target = torch.randint(0, V, (P,))
+    tpos = torch.arange(P)
+    lse0 = torch.full((P,), math.log(V), dtype=torch.float64)
+    zeros = torch.zeros(P, V)
+    for kw in (dict(rows_per_block=7, vocab_chunk=300), dict(pos_chunk=5, vocab_chunk=128), {}):
+        stats = head_stats(head, h, target, [(None, lse0)], tpos, **kw)
+        assert torch.equal(stats["ce"][1], stats["ce"][2]) and torch.equal(stats["kl"][1], stats["kl"][2])
+        assert torch.equal(stats["ce"][0], stats["ce"][3]) and (stats["kl"][3] == 0).all()
+        explicit = head_stats(head, h, target, [(zeros, torch.logsumexp(zeros.double(), -1))], tpos, **kw)
+        torch.testing.assert_close(stats["ce"], explicit["ce"], rtol=0, atol=1e-9)
+        torch.testing.assert_close(stats["kl"], explicit["kl"], rtol=1e-6, atol=1e-6)
+        assert (stats["kl"][1] > 0.1).all()  # the groups do differ from the clean one
