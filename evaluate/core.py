@@ -66,6 +66,7 @@ from ..harvest.model import LoadedModel, ModelError, check_layers, layer_of_hook
 from ..harvest.packing import pack_documents
 from ..harvest.text import EMBEDDED_DATASET, DatasetError, iter_documents
 from ..train.sae_io import load_sae
+from .branch import BranchForward, Head, OpTimer, head_stats, supports_branch
 from .diagnostics import Diagnostics
 from .splice import sae_replacement, splice, zero_replacement
 
@@ -102,8 +103,9 @@ DEVIATIONS_FROM_SAEBENCH = (
     "CE and KL from fp32 log_softmax of the logits, KL divided by sum_v p_v to cancel fp32 normaliser error "
     "(SAEBench: TransformerLens log_softmax, and softmax then log for KL, in the logits' dtype)",
     "cossim counts a token with ||x|| = 0 or ||x_hat|| = 0 as 0 (SAEBench: NaN)",
-    "one batched forward holds the clean, ablated and spliced groups (SAEBench: separate forwards); same values "
-    "up to floating-point batching effects",
+    "the clean, ablated and spliced groups share forwards (default: each group branches off the clean rows at its "
+    "layer and the token-independent zero ablation is computed once per layer; reference=True: one batched "
+    "forward of all groups) (SAEBench: separate forwards); same values up to floating-point batching effects",
     "CE/KL and reconstruction/sparsity use the same rows (SAEBench: n_eval_reconstruction_batches and "
     "n_eval_sparsity_variance_batches, each drawn from the start of its activation store)",
     "rows are saestrata-packed documents of the chosen split (BOS at every row start and before every document; "
@@ -261,6 +263,35 @@ class _LogitSums:
         self.n_kl += len(tgt)
         self.n_strict += int(st_m.sum())
 
+    def add_positions(self, ce: torch.Tensor, kl: torch.Tensor, groups: list[int], token_ids: torch.Tensor,
+                      special_mask: torch.Tensor) -> None:
+        """Add one batch from per-position values at the scored positions (the fast path, evaluate/branch.py).
+
+        Args:
+            ce, kl: ``[R, P]`` float64, row ``r`` belonging to group ``groups[r]``; the ``P``
+                positions are ``token_ids[~special_mask]`` in row-major order. ``ce`` at position
+                t is the loss of predicting token t+1 (any value at t = T-1, which is masked
+                out); ``kl`` of the clean group is ignored.
+            token_ids, special_mask: ``[n, T]``, as :meth:`add`.
+
+        Same masks as :meth:`add`: CE over positions with a next token, KL over all scored
+        positions, strict over positions whose target is non-special too.
+        """
+        scored = ~special_mask
+        has_next = torch.ones_like(scored)
+        has_next[:, -1] = False
+        strict = has_next & ~torch.roll(special_mask, -1, dims=1)
+        ce_m, st_m = has_next[scored], strict[scored]
+        for r, g in enumerate(groups):
+            self.ce[g] += float(ce[r][ce_m].sum())
+            self.ce_strict[g] += float(ce[r][st_m].sum())
+            if g:
+                self.kl[g] += float(kl[r].sum())
+                self.kl_strict[g] += float(kl[r][st_m].sum())
+        self.n_ce += int(ce_m.sum())
+        self.n_kl += int(scored.sum())
+        self.n_strict += int(st_m.sum())
+
 
 def _accumulate_recon(sums: ReconSums, record: dict, keep_flat: torch.Tensor) -> None:
     """Reconstruction and sparsity sums over non-special tokens of one batch."""
@@ -296,21 +327,41 @@ def evaluate_sae(cfg: EvalConfig, lm: LoadedModel | None = None, progress: bool 
 
 
 def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None = None,
-                  progress: bool = True) -> list[dict]:
-    """Core metrics of several SAEs from ONE batched forward per batch of ``cfg.batch_rows`` rows.
+                  progress: bool = True, reference: bool = False, timer: OpTimer | None = None) -> list[dict]:
+    """Core metrics of several SAEs, all from the same batches of ``cfg.batch_rows`` rows.
 
-    The batch holds a clean group, one zero-ablated group per distinct layer (every position
-    zeroed, as SAEBench), with ``cfg.bos_kept_ablation`` one more per layer that keeps the
-    special-token positions, and one spliced group per SAE (special-token positions kept
-    clean, SAEBench's ``exclude_special_tokens_from_reconstruction=True``). The clean and
-    ablated passes are shared by all SAEs. Each result is SAEBench's ``core`` layout (see
-    the module docstring for every key).
+    Groups: a clean one, one zero-ablated group per distinct layer (every position zeroed, as
+    SAEBench), with ``cfg.bos_kept_ablation`` one more per layer that keeps the special-token
+    positions, and one spliced group per SAE (special-token positions kept clean, SAEBench's
+    ``exclude_special_tokens_from_reconstruction=True``). The clean and ablated groups are
+    shared by all SAEs. Each result is SAEBench's ``core`` layout (see the module docstring
+    for every key).
+
+    Two ways to compute them, same definitions, same numbers up to floating-point order
+    (tests/test_eval_fast.py checks 1e-4):
+
+    - default (fast, evaluate/branch.py): the clean rows run the blocks once and each group
+      branches off at its layer; SAEBench's ablated logits are computed once per layer for
+      the whole evaluation (they do not depend on the tokens); CE/KL come from the LM head
+      in position x vocabulary chunks, never materialising the logits. Used when the model
+      has the Gemma 3 structure (:func:`~saestrata.evaluate.branch.supports_branch`).
+    - ``reference=True`` (and any other model): ONE batched HF forward of all groups per
+      batch through evaluate/splice.py's hook, full logits, chunked fp32 log_softmax.
+
+    Args:
+        folders: saved SAE folders (``cfg.json`` + weights).
+        cfg: what to evaluate on.
+        lm: the loaded model (loaded from ``cfg.model`` or the first SAE's model if None).
+        progress: show a progress bar.
+        reference: use the reference path (above).
+        timer: per-op wall times (``bench/eval_throughput.py``'s profile table), optional.
 
     Raises:
         FileNotFoundError: a folder is not a saved SAE.
         ModelError: an SAE's layer is out of range, or its ``d_in`` differs from the model's d_model.
         DatasetError: no evaluation text.
     """
+    timer = timer or OpTimer(enabled=False)
     folders = [Path(f) for f in folders]
     model_id = cfg.model or sae_model_id(folders[0])
     lm = lm or load_model(model_id, cfg.device, cfg.dtype)
@@ -320,16 +371,15 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
     kept_group = {layer: 1 + len(layers) + i for i, layer in enumerate(layers)} if cfg.bos_kept_ablation else {}
     first_sae = 1 + len(zero_group) + len(kept_group)
     n_groups = first_sae + len(loaded)
-    plan = {layer: [None] * n_groups for layer in layers}
     records = [{} for _ in loaded]
     rows_ctx: dict = {}  # document boundaries of the current batch, for sequence SAEs (temporal)
-    for layer in layers:
-        plan[layer][zero_group[layer]] = zero_replacement
-        if cfg.bos_kept_ablation:
-            plan[layer][kept_group[layer]] = zero_replacement
-    for i, (sae, _, layer) in enumerate(loaded):
-        plan[layer][first_sae + i] = sae_replacement(sae, records[i], rows_ctx)
-    keep_groups = set(kept_group.values()) | set(range(first_sae, n_groups))  # not SAEBench's zero groups
+    replacements = [sae_replacement(sae, records[i], rows_ctx) for i, (sae, _, _) in enumerate(loaded)]
+    fast = not reference and supports_branch(lm.model)
+    if fast:
+        batch_fn = _fast_batch(lm, loaded, replacements, layers, zero_group, kept_group, first_sae, timer)
+    else:
+        batch_fn = _reference_batch(lm, loaded, replacements, layers, zero_group, kept_group, first_sae, n_groups,
+                                    cfg.bos_kept_ablation, timer)
 
     ctx = cfg.context_length or loaded[0][1].get("saestrata", {}).get("context_length") or 128
     n_rows = max(1, -(-cfg.tokens // ctx))
@@ -350,11 +400,10 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
             keep = _token_mask(ids, special)
             rows_ctx.update(doc_index=torch.from_numpy(np.stack([r.doc_index for r in batch])), valid=~keep)
             t0 = time.perf_counter()
-            with splice(lm.layers, plan, keep.to(lm.device), keep_groups):
-                logits = lm.model(input_ids=ids.repeat(n_groups, 1).to(lm.device), use_cache=False).logits
-            logit_sums.add(logits.cpu(), ids, keep)
-            for s, record in zip(sums, records):
-                _accumulate_recon(s, {k: v.cpu() for k, v in record.items()}, keep.reshape(-1))
+            batch_fn(ids, keep, logit_sums)
+            with timer("recon_metrics"):
+                for s, record in zip(sums, records):
+                    _accumulate_recon(s, {k: v.cpu() for k, v in record.items()}, keep.reshape(-1))
             seconds += time.perf_counter() - t0
             done += len(batch)
             bar.update(len(batch) * ctx)
@@ -375,8 +424,77 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
                   "n_strict_positions": ls.n_strict, "n_forward_groups": n_groups,
                   "eval_tokens_per_s": done * ctx / max(seconds, 1e-9)}
         results.append(_result(replace(cfg, sae=folders[i], dtype=lm.dtype), sae_cfg, s,
-                               (ce, kl, ce_strict, kl_strict), model_id, layer, ctx, timing, special))
+                               (ce, kl, ce_strict, kl_strict), model_id, layer, ctx, timing, special,
+                               "branch" if fast else "reference"))
     return results
+
+
+def _reference_batch(lm, loaded, replacements, layers, zero_group, kept_group, first_sae, n_groups, bos_kept, timer):
+    """The reference path's batch step ``(ids [n, T], keep [n, T], logit_sums) -> None``.
+
+    ONE HF forward of ``n_groups * n`` rows with evaluate/splice.py's hooks (group g = rows
+    ``[g*n, (g+1)*n)``), the full ``[n_groups * n, T, vocab]`` logits, then
+    :meth:`_LogitSums.add`. The SAE replacements fill their records (reconstruction metrics).
+    """
+    plan = {layer: [None] * n_groups for layer in layers}
+    for layer in layers:
+        plan[layer][zero_group[layer]] = zero_replacement
+        if bos_kept:
+            plan[layer][kept_group[layer]] = zero_replacement
+    for i, (_, _, layer) in enumerate(loaded):
+        plan[layer][first_sae + i] = replacements[i]
+    keep_groups = set(kept_group.values()) | set(range(first_sae, n_groups))  # not SAEBench's zero groups
+
+    def step(ids, keep, logit_sums):
+        with timer("forward (blocks + head)"), splice(lm.layers, plan, keep.to(lm.device), keep_groups):
+            logits = lm.model(input_ids=ids.repeat(n_groups, 1).to(lm.device), use_cache=False).logits
+        with timer("log_softmax CE/KL"):
+            logit_sums.add(logits.cpu(), ids, keep)
+
+    return step
+
+
+def _fast_batch(lm, loaded, replacements, layers, zero_group, kept_group, first_sae, timer):
+    """The fast path's batch step ``(ids [n, T], keep [n, T], logit_sums) -> None`` (evaluate/branch.py).
+
+    Branches at each layer: the ``bos_kept`` ablation (if requested) then the layer's SAEs in
+    folder order, each keeping special-token positions clean as :func:`splice` does for
+    ``keep_groups``. SAEBench's zero ablation is a fixed group (:meth:`BranchForward.zero_logits`).
+    Only positions whose input token is non-special reach the head.
+    """
+    bf, head = BranchForward(lm.model, timer), Head(lm.model)
+    sae_layers = [layer for _, _, layer in loaded]
+
+    def step(ids, keep, logit_sums):
+        n, T = ids.shape
+        keep_d = keep.to(lm.device)[..., None]  # [n, T, 1]
+
+        def masked(fn):
+            return lambda x: torch.where(keep_d, x, fn(x).to(x.dtype))
+
+        branches: dict[int, list] = {layer: [] for layer in layers}
+        groups = [0]  # logit_sums group of each row block of bf.run's output
+        for layer in layers:
+            if kept_group:
+                branches[layer].append(masked(torch.zeros_like))
+                groups.append(kept_group[layer])
+            for i, fn in enumerate(replacements):
+                if sae_layers[i] == layer:
+                    branches[layer].append(masked(fn))
+                    groups.append(first_sae + i)
+        hidden = bf.run(ids.to(lm.device), branches)  # [len(groups) * n, T, d]
+        scored = ~keep
+        with timer("gather scored positions"):
+            h = hidden.view(len(groups), n, T, -1)[:, scored.to(lm.device)].cpu()  # [G, P, d]
+            target = torch.roll(ids, -1, dims=1)[scored]  # the wrapped last column is masked by add_positions
+            tpos = torch.arange(T).expand(n, T)[scored]
+        with timer("zero ablation (once per layer)"):
+            fixed = [tuple(None if t is None else t.cpu() for t in bf.zero_logits(layer, T, head)) for layer in layers]
+        stats = head_stats(head, h, target, fixed, tpos, timer=timer)
+        with timer("head_combine"):
+            logit_sums.add_positions(stats["ce"], stats["kl"], groups + [zero_group[l] for l in layers], ids, keep)
+
+    return step
 
 
 def _ratio(num: float, den: float) -> float:
@@ -402,8 +520,9 @@ def _behaviour(ce: dict, kl: dict, suffix: str, with_parts: bool) -> tuple[dict,
 
 
 def _result(cfg, sae_cfg, s: ReconSums, logit_means: tuple, model_id, layer, ctx, timing: dict,
-            special: set[int]) -> dict:
-    """Assemble SAEBench's ``core`` layout (``logit_means``: per-position means ``(ce, kl, ce_strict, kl_strict)``)."""
+            special: set[int], eval_path: str = "reference") -> dict:
+    """Assemble SAEBench's ``core`` layout (``logit_means``: per-position means ``(ce, kl, ce_strict, kl_strict)``;
+    ``eval_path``: ``"branch"`` or ``"reference"``, recorded in ``eval_config``)."""
     ce, kl, ce_strict, kl_strict = logit_means
     kl_main, ce_main = _behaviour(ce, kl, "", with_parts=True)
     kl_st, ce_st = _behaviour(ce_strict, kl_strict, "_strict", with_parts=True)
@@ -438,6 +557,7 @@ def _result(cfg, sae_cfg, s: ReconSums, logit_means: tuple, model_id, layer, ctx
                         "mse_batch_tokens": cfg.batch_rows * ctx,
                         "llm_dtype": cfg.dtype,  # the LM's actual dtype (SAEBench's key)
                         "saebench_commit": SAEBENCH_COMMIT,
+                        "eval_path": eval_path,  # evaluate_saes: fast branch splice or the reference forward
                         "deviations_from_saebench": list(DEVIATIONS_FROM_SAEBENCH)},
         "eval_id": str(uuid.uuid4()),
         "datetime_epoch_millis": int(time.time() * 1000),

@@ -1,4 +1,8 @@
-"""Splice a replacement into the residual stream with a forward hook.
+"""Splice a replacement into the residual stream with a forward hook (evaluation's reference path).
+
+``evaluate_saes`` uses this module when called with ``reference=True`` (or for a model
+without the Gemma 3 structure); its default path is evaluate/branch.py, which branches the
+groups off one clean forward instead of running every group through every block.
 
 The hook rewrites the output of block ``layer`` (``blocks.L.hook_resid_post``).
 Rows of the batch are split into groups, each with its own replacement, so the
