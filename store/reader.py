@@ -512,28 +512,49 @@ def _gather(sources: list[tuple[np.ndarray, ...]], src: np.ndarray, row: np.ndar
 
 
 def prefetch(it: Iterator, depth: int = 4) -> Iterator:
-    """Run ``it`` in a daemon thread, ``depth`` items ahead; its exceptions re-raise here.
+    """Run ``it`` in a thread, ``depth`` items ahead; its exceptions re-raise here.
 
     Worth it when the producer releases the GIL (numpy copies, zarr reads, Rust
-    tokenizers). An abandoned generator leaves the thread blocked on a full queue.
+    tokenizers). Closing the returned generator early (``break``, ``next(iter(...))`` then
+    dropping it, an exception in the consumer) stops the producer and waits for it to finish
+    the item it is on: a producer left running inside a torch/numpy op when the interpreter
+    exits aborts the process ("terminate called without an active exception", seen with
+    docs/examples/inspect_latents.py).
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     sentinel = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        """Queue ``item`` unless the consumer has gone; False once it has."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work():
         """Producer: fill the queue, then hand over an error (if any) and the end marker."""
         try:
             for item in it:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as err:  # hand the error to the consumer
-            q.put(err)
-        q.put(sentinel)
+            put(err)
+        put(sentinel)
 
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is sentinel:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is sentinel:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=60)  # the item in progress (a read, a tokenizer batch) finishes first

@@ -81,3 +81,32 @@ def test_mapped_read_detects_a_flipped_byte(tiny_store, tmp_path):
     first_row = (int(store.attrs["n_shards"]) - 1) * shard_tokens
     with pytest.raises(StoreError, match="crc32c"):
         store.activations("blocks.1.hook_resid_post", first_row, first_row + chunk)
+
+
+def test_prefetch_stops_its_producer_when_the_consumer_leaves():
+    """An abandoned prefetch must not leave its producer running (a thread inside a torch op at interpreter exit aborts
+    the process: docs/examples/inspect_latents.py takes one batch and exits)."""
+    import threading
+    import time
+
+    from saestrata.store.reader import prefetch
+
+    produced = []
+
+    def slow():
+        for i in range(1000):
+            time.sleep(0.01)
+            produced.append(i)
+            yield i
+
+    before = set(threading.enumerate())
+    gen = prefetch(slow(), depth=2)
+    assert next(gen) == 0
+    workers = set(threading.enumerate()) - before
+    assert len(workers) == 1
+    gen.close()
+    assert not any(t.is_alive() for t in workers)
+    n = len(produced)
+    time.sleep(0.1)
+    assert len(produced) == n < 10  # nothing more is read once the consumer has gone
+    assert list(prefetch(iter(range(5)), depth=2)) == [0, 1, 2, 3, 4]  # a full pass still ends normally
