@@ -446,6 +446,7 @@ def _reference_batch(lm, loaded, replacements, layers, zero_group, kept_group, f
     keep_groups = set(kept_group.values()) | set(range(first_sae, n_groups))  # not SAEBench's zero groups
 
     def step(ids, keep, logit_sums):
+        """One batch: ids/keep ``[n, T]`` (int64 / bool) -> CE/KL sums added to ``logit_sums``."""
         with timer("forward (blocks + head)"), splice(lm.layers, plan, keep.to(lm.device), keep_groups):
             logits = lm.model(input_ids=ids.repeat(n_groups, 1).to(lm.device), use_cache=False).logits
         with timer("log_softmax CE/KL"):
@@ -466,10 +467,12 @@ def _fast_batch(lm, loaded, replacements, layers, zero_group, kept_group, first_
     sae_layers = [layer for _, _, layer in loaded]
 
     def step(ids, keep, logit_sums):
+        """One batch: ids/keep ``[n, T]`` (int64 / bool) -> CE/KL sums added to ``logit_sums``."""
         n, T = ids.shape
         keep_d = keep.to(lm.device)[..., None]  # [n, T, 1]
 
         def masked(fn):
+            """``fn`` applied only where ``keep`` is False (special-token positions stay clean, as splice does)."""
             return lambda x: torch.where(keep_d, x, fn(x).to(x.dtype))
 
         branches: dict[int, list] = {layer: [] for layer in layers}

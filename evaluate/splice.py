@@ -61,7 +61,10 @@ def splice(layers, plan: dict[int, list[Replacement]], keep: torch.Tensor,
         raise ValueError(f"keep_groups {sorted(keep_groups)} outside the plan's {n_groups} groups")
 
     def make_hook(groups: list[Replacement]):
+        """A forward hook applying ``groups[g]`` to rows ``[g*n, (g+1)*n)`` of the block's output."""
+
         def hook(_module, _inputs, output):
+            """Replace each group's hidden states ``[n, T, d_model]`` in ``output`` (None = left clean)."""
             h = _hidden(output)
             n = h.shape[0] // n_groups
             if n * n_groups != h.shape[0]:
@@ -99,6 +102,7 @@ def sae_replacement(sae, record: dict | None = None, rows: dict | None = None) -
     """
 
     def fn(h: torch.Tensor) -> torch.Tensor:
+        """``h [n, T, d_model]`` -> the SAE's reconstruction, same shape and dtype (records metrics)."""
         if getattr(sae, "needs_sequences", False):
             doc_index, valid = _row_context(rows, h)
             f = sae.encode_seq(h.float(), doc_index, valid).flatten(0, 1)

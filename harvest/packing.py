@@ -72,6 +72,7 @@ def pack_documents(
         return len(toks) == context_length
 
     def take(end: dict) -> Row:
+        """The full buffer as a Row ending at cursor ``end``; empties the buffer."""
         row = Row(np.asarray(toks, dtype=np.int32), np.asarray(docs_of, dtype=np.int64),
                   np.arange(context_length, dtype=np.int32), end)
         toks.clear()
