@@ -100,17 +100,18 @@ def encode_batch(sae, acts: torch.Tensor, doc_index, token_ids, context_length: 
     return sae.encode_seq(rows, doc, valid).flatten(0, 1).float()
 
 
-def collect(cfg: InspectConfig, progress=None) -> tuple[LatentCollector, dict]:
+def collect(cfg: InspectConfig, progress=None, inputs=None) -> tuple[LatentCollector, dict]:
     """The streaming pass: returns the filled collector and run facts (``tokens``, ``seconds``, ``tokens_per_s``).
 
     Args:
         cfg: run settings.
         progress: optional callable ``(tokens done, tokens total)`` called after each batch.
+        inputs: ``open_inputs(cfg)``'s result when the caller has it (an S3 store is then opened once).
 
     Raises:
         StoreError / ValueError: see :func:`open_inputs`; the range holds no whole row.
     """
-    sae, _, store, hook = open_inputs(cfg)
+    sae, _, store, hook = inputs if inputs is not None else open_inputs(cfg)
     ctx = int(store.attrs["context_length"])
     stop = store.n_tokens if cfg.tokens is None else min(cfg.tokens, store.n_tokens)
     if stop < ctx:
@@ -152,8 +153,9 @@ def inspect_sae(cfg: InspectConfig, lm=None, model: str | None = None, device: s
     from .logits import logit_effects, unembedding
     from .structure import latent_structure
 
-    sae, sae_cfg, store, hook = open_inputs(cfg)
-    coll, facts = collect(cfg, progress)
+    inputs = open_inputs(cfg)
+    sae, sae_cfg, store, hook = inputs
+    coll, facts = collect(cfg, progress, inputs)
     t0 = time.perf_counter()
     quantiles = coll.quantile_examples(cfg.n_intervals, cfg.per_interval, cfg.seed)
     if lm is None:

@@ -187,11 +187,18 @@ def test_segment_topk_matches_a_global_stable_sort():
         assert scores[s, : len(order)].tolist() == score[order].tolist()
 
 
-def test_inspect_files_api_and_cli(known, tiny_lm, tmp_path):
+def test_inspect_files_api_and_cli(known, tiny_lm, tmp_path, monkeypatch):
     root, tok, doc, x0 = known
     out = tmp_path / "dash"
+    import saestrata.dashboards.run as run
+
+    opened = []
+    real_store = run.ActivationStore
+    monkeypatch.setattr(run, "ActivationStore", lambda *a, **k: opened.append(a) or real_store(*a, **k))
     index = inspect_sae(InspectConfig(sae=root / "sae", store=root / "store", out=out, top_k=5, context=3,
                                       batch_rows=2, block_size=3), lm=tiny_lm)
+    assert len(opened) == 1  # one open per run: each open of an S3 store is a round of requests
+    monkeypatch.undo()
     assert [b["first"] for b in index["blocks"]] == [0, 3]
     dash = load_dashboard(out)
     assert dash.index["post_seconds"] == index["post_seconds"] > 0  # the file has the run's whole timing
