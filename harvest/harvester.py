@@ -30,7 +30,7 @@ from ..store.writer import is_empty_store_dir
 from .hooks import residuals
 from .model import EMBEDDED_MODEL, LoadedModel, ModelError, check_layers, hook_name, load_model
 from .packing import Row, pack_documents
-from .text import EMBEDDED_DATASET, SPLIT_RULE, DatasetError, glob_files, is_glob, iter_documents
+from .text import EMBEDDED_DATASET, SPLIT_RULE, DatasetError, iter_documents, source_files
 
 
 @dataclass
@@ -356,9 +356,9 @@ def harvest_identity(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hoo
         "format_version": FORMAT_VERSION,
         # Only when it differs from ``dtype``, so stores computed in their own dtype keep their identity.
         **({"compute_dtype": lm.dtype} if lm.dtype != cfg.dtype else {}),
-        # A glob's matches (names and sizes): a file added or changed since is refused on resume.
-        **({"dataset_files": [[str(f), f.stat().st_size] for f in glob_files(cfg.dataset)]}
-           if is_glob(cfg.dataset) else {}),
+        # A local source's files (names and sizes): a file added, removed or resized since is refused on resume.
+        **({"dataset_files": [[str(f), f.stat().st_size] for f in files]}
+           if (files := source_files(cfg.dataset)) is not None else {}),
     }
 
 

@@ -113,6 +113,29 @@ def glob_files(dataset: str) -> list[Path]:
     return files
 
 
+def source_files(dataset: str) -> list[Path] | None:
+    """The local files a text source reads, sorted by path; None for the embedded corpus and hub names.
+
+    A glob: its matches (:func:`glob_files`); a file: itself; a folder: every file under it except
+    hidden ones (``datasets`` caches and lock files). Their names and sizes join the store identity,
+    so a resume over changed files is refused instead of mixing two sources in one store.
+
+    Raises:
+        DatasetError: see :func:`glob_files`.
+    """
+    if dataset == EMBEDDED_DATASET:
+        return None
+    if is_glob(dataset):
+        return glob_files(dataset)
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(f for f in path.rglob("*")
+                      if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    return None
+
+
 def check_dataset_source(dataset: str) -> None:
     """Refuse a local text source that cannot be read, before anything is loaded (milliseconds).
 

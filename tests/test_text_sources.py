@@ -126,14 +126,23 @@ def test_bad_globs_are_refused_in_one_line(tmp_path, files, message):
         list(iter_documents(str(tmp_path / "*.*"), "train"))
 
 
-def test_a_glob_store_refuses_to_resume_over_other_files(tmp_path, tiny_lm, tiny_model_dir):
+@pytest.mark.parametrize("source", ["glob", "file", "folder"])
+def test_a_local_store_refuses_to_resume_over_changed_files(tmp_path, tiny_lm, tiny_model_dir, source):
+    """Growing the source between harvests (a file appended to, a file added) is refused, not mixed into one store."""
     from saestrata.harvest.harvester import HarvestConfig, harvest
     from saestrata.store import IdentityMismatch
 
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t * 3}) for t in TEXTS))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text("\n".join(json.dumps({"text": t * 3}) for t in TEXTS))
+    dataset = {"glob": str(data / "*.jsonl"), "file": str(data / "a.jsonl"), "folder": str(data)}[source]
     cfg = HarvestConfig(layers=[1], tokens=256, out=tmp_path / "s.zarr", model=str(tiny_model_dir), context_length=32,
-                        rows_per_chunk=2, chunks_per_shard=2, device="cpu", dataset=str(tmp_path / "*.jsonl"))
+                        rows_per_chunk=2, chunks_per_shard=2, device="cpu", dataset=dataset)
     harvest(cfg, lm=tiny_lm, progress=False)
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "a new file"}))
+    if source == "file":
+        with open(data / "a.jsonl", "a") as f:
+            f.write("\n" + json.dumps({"text": "a new line"}))
+    else:
+        (data / "b.jsonl").write_text(json.dumps({"text": "a new file"}))
     with pytest.raises(IdentityMismatch, match="dataset_files"):
         harvest(dataclasses.replace(cfg, tokens=512), lm=tiny_lm, progress=False)
