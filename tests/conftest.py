@@ -50,6 +50,21 @@ def tiny_lm(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def lm32(tiny_model_dir):
+    """The tiny model in float32, its final norm scaled up (the evaluation parity tests' model).
+
+    The random model's logits are ~0.1 wide, so its next-token distribution is nearly uniform and
+    zero ablation moves CE by ~1e-3 of its value: CE differences (the ce_loss_score denominator)
+    would be ill-conditioned. Scaling the final RMSNorm (Gemma: ``x * (1 + weight)``) by 40 only
+    sharpens the output distribution; the residual stream is unchanged. Tests must not modify it.
+    """
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    with torch.no_grad():
+        lm.model.model.norm.weight.fill_(39.0)
+    return lm
+
+
+@pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_lm, tiny_model_dir) -> Path:
     """A finished store of the tiny model: layers 1 and 2, 4,096 wiki tokens, context 64."""
     out = tmp_path_factory.mktemp("stores") / "tiny.zarr"

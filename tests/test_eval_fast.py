@@ -17,7 +17,6 @@ import torch
 
 from saestrata.evaluate.branch import BranchForward, Head, head_stats, supports_branch
 from saestrata.evaluate.core import EvalConfig, _LogitSums, evaluate_saes
-from saestrata.harvest.model import load_model
 from saestrata.train.registry import build
 from saestrata.train.sae_io import save_sae
 
@@ -27,15 +26,6 @@ CTX, N_ROWS, BATCH_ROWS = 40, 5, 2  # batches of 2, 2 and 1 rows; 40 positions: 
 TOL = 1e-4
 SAES = (("standard", 1), ("temporal_dilated", 1), ("tiered_hsae", 2), ("topk", 2))
 TIMING_KEYS = {"eval_tokens_per_s"}
-
-
-@pytest.fixture(scope="module")
-def lm32(tiny_model_dir):
-    """The tiny model in float32, final norm scaled up (see tests/test_eval_parity.py's fixture of that name)."""
-    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-    with torch.no_grad():
-        lm.model.model.norm.weight.fill_(39.0)
-    return lm
 
 
 @pytest.fixture(scope="module")

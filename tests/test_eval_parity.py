@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from saestrata.evaluate.core import SAEBENCH_COMMIT, EvalConfig, ReconSums, evaluate_saes
-from saestrata.harvest.model import load_model
 from saestrata.harvest.packing import pack_documents
 from saestrata.harvest.text import EMBEDDED_DATASET, iter_documents
 from saestrata.train.sae_io import load_sae, save_sae
@@ -33,21 +32,6 @@ from conftest import TINY_D_MODEL
 CTX, N_ROWS, BATCH_ROWS = 32, 3, 2  # batches of 2 and 1 rows: uneven batches matter for mse
 LAYERS = (1, 2)
 REL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def lm32(tiny_model_dir):
-    """The tiny model in float32 (see the module docstring), its final norm scaled up.
-
-    The random model's logits are ~0.1 wide, so its next-token distribution is nearly uniform and
-    zero ablation moves CE by ~1e-3 of its value: CE differences (the ce_loss_score denominator)
-    would be ill-conditioned. Scaling the final RMSNorm (Gemma: ``x * (1 + weight)``) by 40 only
-    sharpens the output distribution; the residual stream is unchanged.
-    """
-    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-    with torch.no_grad():
-        lm.model.model.norm.weight.fill_(39.0)
-    return lm
 
 
 @pytest.fixture(scope="module")
