@@ -108,6 +108,9 @@ class BenchmarkConfig:
     # Sparse probing (stage "probe"): articles per topic of the train / eval split (``saestrata probe``'s defaults).
     probe_train_per_class: int = 100
     probe_test_per_class: int = 50
+    # Also write the matched-L0 and probing tables into this file (the project README) at the report
+    # stage, between its ``<!-- benchmark:matched -->`` / ``<!-- benchmark:probing -->`` markers.
+    readme: Path | None = None
     stages: tuple[str, ...] = ("store", "lr", "matched", "published", "evaluate", "seeds", "unlearn", "probe",
                                "report")
 

@@ -405,8 +405,47 @@ def _mixed_code_warning(out: Path, codes: list[str]) -> str:
     return head + f", which differ only in {', '.join(f'`{f}`' for f in files)}: read each row with the code its JSON names.**"
 
 
+README_BLOCKS = ("matched", "probing")  # <!-- benchmark:NAME --> ... <!-- /benchmark:NAME --> in the README
+
+
+def _first_table(md: str) -> str:
+    """The first markdown table of ``md`` (its lines from the first ``|`` line to the next non-table line)."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def update_readme(path: Path, blocks: dict[str, str]) -> None:
+    """Replace the text between ``<!-- benchmark:NAME -->`` and ``<!-- /benchmark:NAME -->`` in ``path`` by ``blocks[NAME]``.
+
+    Everything outside the markers is kept byte for byte; the file is replaced atomically.
+
+    Raises:
+        ValueError: a marker pair is missing or out of order (one line naming it; the file is left as it was).
+    """
+    text = path.read_text()
+    for name, body in blocks.items():
+        begin, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
+        i, j = text.find(begin), text.find(end)
+        if i < 0 or j < i:
+            raise ValueError(f"{path} has no '{begin}' ... '{end}' pair: put the markers (each on its own line) "
+                             f"where the {name} table goes, or drop --readme")
+        text = text[: i + len(begin)] + "\n" + body.strip("\n") + "\n" + text[j:]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_benchmark_report(bench) -> Path:
-    """Write every table and the report of a benchmark run into ``bench.cfg.out``; returns ``matched.md``."""
+    """Write every table and the report of a benchmark run into ``bench.cfg.out``; returns ``matched.md``.
+
+    With ``bench.cfg.readme`` set, also the matched table and the probing table (its first table) into
+    that README (:func:`update_readme`).
+
+    Raises:
+        ValueError: ``cfg.readme`` lacks a marker pair (the files in ``out`` are written first).
+    """
     out = bench.cfg.out
     matched_md, matched_rows = matched_table(bench)
     spread_md, spread_rows = seed_spread(bench)
@@ -438,4 +477,6 @@ def write_benchmark_report(bench) -> Path:
     inputs = [p for p in (out / "core", out / "unlearning", out / "saes") if p.exists()]
     if inputs:
         write_report(inputs, out / "report", matched_l0=32.0)
+    if bench.cfg.readme is not None:  # last: a README without markers must not cost the files above
+        update_readme(Path(bench.cfg.readme), {"matched": matched_md, "probing": _first_table(probe_md)})
     return out / "matched.md"

@@ -519,9 +519,12 @@ def evaluate(saes, dataset, split, tokens, batch_rows, model, allow_other_model,
                    "keep one value for a whole benchmark.")
 @click.option("--autocast/--no-autocast", default=False, show_default=True,
               help="Train the SAEs under bf16 autocast (fast only on GPUs / CPUs with native bf16).")
+@click.option("--readme", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Also write the matched-L0 and probing tables into this README at the report stage, between "
+                   "its '<!-- benchmark:matched -->' ... '<!-- /benchmark:matched -->' (and 'probing') markers.")
 @_one_line_errors
 def benchmark(out, work, layer, variants, targets, tokens_per_sae, d_sae, seeds, eval_tokens, no_unlearn, stages,
-              quick, device, lm_dtype, autocast):
+              quick, device, lm_dtype, autocast, readme):
     """The fair comparison: every variant on one store, at matched L0, one budget, SAEBench metrics, unlearning.
 
     Resumable: rerunning skips every SAE and result already written; interrupting loses at most
@@ -536,7 +539,7 @@ def benchmark(out, work, layer, variants, targets, tokens_per_sae, d_sae, seeds,
                               targets=tuple(_float_list(targets, "--targets")), seeds=seeds, eval_tokens=eval_tokens,
                               unlearn=not no_unlearn,
                               variants=[v.strip() for v in variants.split(",") if v.strip()] if variants else None)
-    cfg.device, cfg.lm_dtype, cfg.autocast = device, lm_dtype, autocast
+    cfg.device, cfg.lm_dtype, cfg.autocast, cfg.readme = device, lm_dtype, autocast, readme
     if stages:
         known = set(BenchmarkConfig().stages)
         chosen = tuple(s.strip() for s in stages.split(",") if s.strip())

@@ -96,8 +96,25 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     assert [(c / "meta.json").stat().st_mtime_ns for c in caches] == cache_times
     # A variant without a result is pending in probing.md.
     (cfg.out / "probing" / f"{nearest['standard']}.json").unlink()
-    Benchmark(_cfg(tiny_model_dir, tmp_path, stages=("report",)), lambda _: None).run()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- benchmark:matched -->\nold table\n<!-- /benchmark:matched -->\nmiddle\n"
+                      "<!-- benchmark:probing -->\n<!-- /benchmark:probing -->\nend\n")
+    Benchmark(_cfg(tiny_model_dir, tmp_path, stages=("report",), readme=readme), lambda _: None).run()
     assert f"| standard | {nearest['standard']} | not probed yet |" in (cfg.out / "probing.md").read_text()
+    # --readme: the tables of matched.md and probing.md between the markers, the rest of the file kept.
+    text = readme.read_text()
+    matched_md, probing_md = ((cfg.out / f).read_text().splitlines() for f in ("matched.md", "probing.md"))
+    first = [l for l in matched_md if l.startswith("| variant | L0 |")][0]
+    table = matched_md[matched_md.index(first):]
+    table = table[: next(i for i, l in enumerate(table) if not l.startswith("|"))]
+    assert "old table" not in text and "\n".join(table) in text
+    assert text.startswith("intro\n<!-- benchmark:matched -->\n| variant") and "\nmiddle\n" in text
+    assert f"| standard | {nearest['standard']} | not probed yet |" in text and text.endswith("-->\nend\n")
+    assert "Per latent group" not in text  # only the first probing table
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="benchmark:matched"):
+        Benchmark(_cfg(tiny_model_dir, tmp_path, stages=("report",), readme=readme), lambda _: None).run()
+    assert readme.read_text() == "no markers\n" and (cfg.out / "matched.md").exists()
 
     # A retrained SAE's earlier results (other weights) are dropped and recomputed, never kept beside the new ones.
     shutil.rmtree(cfg.work / "runs")
