@@ -25,7 +25,8 @@ allocator settings the CLI applies (saestrata/allocator.py) against one with
 ``--kernels`` instead times one topk SAE on the dense and on the sparse training kernels
 (train/kernels.py), both trained in the same pass on the same batches, each timed by
 the trainer's own per-SAE step clock (forward, backward, clip, Adam; data loading and
-metrics excluded), and prints each mean step against the 5-matmul roofline:
+metrics excluded), and prints each mean step against the 5-matmul roofline and against one
+encoder matmul in bf16 and in fp32 (issue 14's measure, target <= 2.0x):
 
     .venv/bin/python bench/one_pass.py --store demo-out/store-train --layer 8 --steps 100 --kernels
     .venv/bin/python bench/one_pass.py ... --kernels --dead-window-tokens 20480   # AuxK on from step 20
@@ -113,11 +114,11 @@ def _arms(args: argparse.Namespace, tmp: Path) -> dict[str, _Arm]:
     return arms
 
 
-def _matmul_seconds(batch: int, d_in: int, d_sae: int, reps: int = 10) -> float:
-    """Best time of one bf16 ``[batch, d_in] @ [d_in, d_sae]`` matmul on this machine (the roofline unit)."""
+def _matmul_seconds(batch: int, d_in: int, d_sae: int, reps: int = 10, dtype: str = "bfloat16") -> float:
+    """Best time of one ``[batch, d_in] @ [d_in, d_sae]`` matmul in ``dtype`` on this machine (the roofline unit)."""
     import torch
 
-    a, b = torch.randn(batch, d_in).bfloat16(), torch.randn(d_in, d_sae).bfloat16()
+    a, b = torch.randn(batch, d_in).to(getattr(torch, dtype)), torch.randn(d_in, d_sae).to(getattr(torch, dtype))
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -139,6 +140,7 @@ def _kernels(args) -> None:
             final[spec.name] = meta["final_train_metrics"]
             dead = final[spec.name]["dead_frac"]
     mm = _matmul_seconds(1024, 640, args.d_sae) * 1e3
+    mm32 = _matmul_seconds(1024, 640, args.d_sae, dtype="float32") * 1e3  # the encoder's own dtype (SAEs train in fp32)
     import torch
 
     print(f"{torch.get_num_threads()} thread(s); bf16 matmul 1024x640x{args.d_sae}: {mm:.1f} ms; "
@@ -148,6 +150,9 @@ def _kernels(args) -> None:
         print(f"{name:12s} mean step {ms:7.1f} ms = {ms / (5 * mm):.2f}x the 5-matmul roofline "
               f"(last batch: fvu {final[name]['fvu']:.4f}, auxk {final[name].get('auxk', 0.0):.4f})")
     print(f"sparse / dense step time: {steps_ms['topk-sparse'] / steps_ms['topk-dense']:.2f}")
+    # Issue 14's measure: the step against ONE dense encoder matmul (target <= 2.0x).
+    print(f"sparse step / one encoder matmul: {steps_ms['topk-sparse'] / mm:.2f}x the bf16 matmul, "
+          f"{steps_ms['topk-sparse'] / mm32:.2f}x the fp32 matmul ({mm32:.1f} ms)")
 
 
 def _allocator(args) -> None:
