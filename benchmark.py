@@ -636,8 +636,11 @@ class Benchmark:
             jobs = [j for j in self.matched_jobs(self.chosen_lrs("lr" in stages)) if self._arch_of(j.arch) == arch]
             if "matched" in stages:
                 self.echo(f"[3/9] matched L0 {i}/{len(archs)} {arch}: {len(jobs)} SAEs")
-                for job in jobs:
-                    self.train_job(job, self._needs_weights(job))
+                # Decided before any retraining: a retrained SAE's core result is dropped, which would make the
+                # later points look "maybe nearest L0 32" and retrain them too (a cascade seen on 2026-12-02).
+                needs = [self._needs_weights(job) for job in jobs]
+                for job, need in zip(jobs, needs):
+                    self.train_job(job, need)
             if "evaluate" in stages:
                 self.evaluate([j.name for j in jobs])
             variants = dict.fromkeys(j.arch for j in jobs if j.arch not in ABLATIONS)

@@ -258,3 +258,26 @@ def test_mixed_code_versions_are_named_file_by_file(tmp_path):
     text = _mixed_code_warning(out, sorted([a, b]))
     assert "differ only in `store/new_module.py`, `train/jumprelu.py`:" in text
     assert _mixed_code_warning(out, [a]) == ""
+
+
+def test_a_fresh_machine_retrains_only_the_sae_a_missing_result_needs(tiny_model_dir, tmp_path):
+    """Weights gone, every core result kept, the probe of the SAE nearest L0 32 missing: only that SAE is
+    retrained. Its retraining drops its own core result, which must not make the later points look
+    pending too (the old code retrained topk-l0=48 here)."""
+    import shutil
+
+    cfg = _cfg(tiny_model_dir, tmp_path, variants=["topk"], targets=(3.0, 24.0, 48.0), seeds=1,
+               stages=("store", "lr", "matched", "evaluate", "probe"))
+    Benchmark(cfg, lambda _: None).run()
+    nearest = Benchmark(cfg, lambda _: None).nearest_to("topk", 32.0)
+    shutil.rmtree(cfg.work / "runs")
+    (cfg.out / "probing" / f"{nearest}.json").unlink()
+    # The nearest SAE's job first, so the others come after its retraining (jobs follow the targets' order).
+    first = float(nearest.split("=")[1])
+    cfg = _cfg(tiny_model_dir, tmp_path, variants=["topk"], targets=(first, *(t for t in cfg.targets if t != first)),
+               seeds=1, stages=cfg.stages)
+    lines: list[str] = []
+    Benchmark(cfg, lines.append).run()
+    assert [l.split()[1] for l in lines if l.strip().startswith("trained")] == [nearest]
+    assert (cfg.out / "probing" / f"{nearest}.json").exists()
+    assert all((cfg.out / "core" / f"topk-l0={t}.json").exists() for t in (3, 24, 48))
