@@ -308,7 +308,9 @@ def claims(bench) -> list[dict]:
             fmt(pub), fmt(mat), "embedded wiki benchmark, not WMDP-bio (DESIGN.md)")
     dyn_p, dyn_m = _pub(bench, "seed001_dynamic_hier"), _near(bench, "seed001_dynamic_hier")
     add("group assignment entropy of the dynamic hierarchy (nats)", "001, sec. 6", "2.3",
-        _num(_diag(dyn_p, "group_entropy", "nats")), _num(_diag(dyn_m, "group_entropy", "nats")))
+        _num(_diag(dyn_p, "group_entropy", "nats")), _num(_diag(dyn_m, "group_entropy", "nats")),
+        "entropy of eval-token activity over the coarse groups; the paper does not define its 2.3 ('mean "
+        "entropy'): the train log's usage_entropy_fine / latent_entropy_fine are in mechanisms.md")
     st_p, fx_p = _pub(bench, "seed001_static_hier"), _pub(bench, "seed001_fixed_ortho")
     st_m, fx_m = _near(bench, "seed001_static_hier"), _near(bench, "seed001_fixed_ortho")
     add("inter-group correlation (mean |corr|), static 8x8 vs fixed orthogonality", "001, sec. 6",
