@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,3 +46,37 @@ def interleaved(arms: dict[str, Callable[[], float]], rounds: int) -> dict[str, 
 def dir_bytes(path: Path) -> int:
     """Bytes of every file under ``path`` (or of ``path`` itself when it is a file)."""
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(timeout: float = 600.0) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server as a subprocess on a free loopback port; ``(process, endpoint URL)``.
+
+    Its own process (``python -m moto.server``), so it does not share the benchmark's GIL.
+    The caller kills it (``proc.kill(); proc.wait()``). Importing moto takes seconds on an
+    idle machine and minutes under ``nice 19`` on a loaded one, hence the long ``timeout``.
+
+    Raises:
+        RuntimeError: the server exited, or did not accept connections within ``timeout`` seconds.
+    """
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with code {proc.returncode} (is moto[server] installed?)")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, endpoint
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"moto server did not accept connections within {timeout:.0f} s")

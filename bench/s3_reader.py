@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import interleaved, rate
+from _common import interleaved, rate, start_moto
 
 from saestrata.allocator import tune_allocator
 from saestrata.store import ActivationStore, StoreWriter, shuffled_batches
@@ -43,28 +40,6 @@ from saestrata.store.location import Location
 from saestrata.train.registry import build
 
 CTX, CHUNK, SHARD, BOS = 128, 1024, 8192, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    """moto's S3 server as a subprocess on a free loopback port; ``(process, endpoint URL)``."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, endpoint
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto server did not start")
 
 
 def synthetic(tokens: int, d_model: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
