@@ -250,6 +250,7 @@ def _timed(sink: dict[str, list[float]], cls: type, name: str):
 
     @functools.wraps(fn)
     def timed(*args, **kwargs):
+        """``fn(*args, **kwargs)``, its wall seconds appended to ``sink[name]`` (also when it raises)."""
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -483,10 +484,16 @@ def measure_size(args: argparse.Namespace, requested: int, tokens: int, previous
     progress = not args.no_progress
 
     def store_is_this_size(result) -> bool:
+        """True when the store is complete at the token count a cached stage ``result`` was measured on."""
         now = _committed(store)
         return now["complete"] and now["tokens"] == result["store_tokens"]
 
     def harvest():
+        """Grow the store to ``tokens`` in a child process; its measurements dict.
+
+        Raises:
+            RuntimeError: the store already plans more tokens (sizes are measured in increasing order).
+        """
         now = _committed(store)
         if now["planned"] > tokens:
             raise RuntimeError(f"{store} already plans {now['planned']:,} tokens, more than size {tokens:,}: sizes "
@@ -637,6 +644,7 @@ def write_plots(records: list[dict], out: Path) -> list[str]:
         return [nan if (v := get(r)) is None else v for r in records]
 
     def save(fig, ax, name: str, ylabel: str, logy: bool = False) -> str:
+        """Label, scale and write one plot to ``out/name``; returns the file name."""
         ax.set_xlabel("store size (tokens)")
         ax.set_ylabel(ylabel)
         if logy:
