@@ -22,8 +22,9 @@ server started as a subprocess on 127.0.0.1 (as bench/s3_reader.py; the tests us
 server in-process), one bucket per size. A commit is then one PUT of the marker; the
 prefilled N-K markers are PUT untimed, then the two sizes' commits alternate (load drift
 during the run hits both alike). Also timed per size: one listing of
-``commits/`` (``read_committed``, what a reader, ``store info/verify`` or a resuming harvest
-does once per open), which does grow with the shards.
+``commits/`` (``read_committed``, what ``store verify``, a resuming harvest or a reader of a
+still half-written store does once per open), which does grow with the shards; readers of a
+complete store skip it (``format.committed_for_reading``).
 
     .venv/bin/python bench/commit_cost.py [--sizes 200,2000] [--last 50]
     .venv/bin/python bench/commit_cost.py --s3 --sizes 50,500 --last 20

@@ -270,6 +270,22 @@ def read_committed(loc, attrs: dict) -> set[int]:
     return out
 
 
+def committed_for_reading(loc, attrs: dict) -> set[int]:
+    """Committed shards as a reader needs them: every shard of the plan for a complete store, else a listing.
+
+    A store is marked ``complete`` only by ``StoreWriter.finish``, which refuses while any
+    shard of the plan is uncommitted, and an extension clears the flag in the same
+    attribute write that records the larger plan: so ``complete`` implies that every
+    shard in ``range(attrs["n_shards"])`` is committed, and readers of the shared,
+    finished stores they open most skip the listing of ``commits/`` (one object per shard:
+    O(shards) list requests per open on S3, ~122 at 1B tokens). ``store verify``
+    (:mod:`.audit`) still lists and checks every marker.
+    """
+    if attrs.get("complete"):
+        return set(range(int(attrs["n_shards"])))
+    return read_committed(loc, attrs)
+
+
 def read_records(loc, attrs: dict, shards) -> dict[int, dict]:
     """Per-shard records ``{shard: record}`` of committed ``shards``, in shard order (shards without one skipped).
 

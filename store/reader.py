@@ -40,7 +40,9 @@ import numpy as np
 import torch
 import zarr
 
-from .format import ActivationStats, StoreError, from_stored, open_group, read_committed, read_records, shard_key
+from .format import (
+    ActivationStats, StoreError, committed_for_reading, from_stored, open_group, read_records, shard_key,
+)
 from .location import as_location
 from .memmap import MemmapArray
 from .remote import RemoteChunks
@@ -60,7 +62,8 @@ class ActivationStore:
     Attributes:
         path: the folder (``Path``) or the URL (``str``).
         location: the store's ``location.Location``.
-        committed: committed shard numbers (the commit markers, or a legacy store's attribute list).
+        committed: committed shard numbers (every shard of the plan once the store is complete, else the
+            commit markers or a legacy store's attribute list; see ``format.committed_for_reading``).
 
     Raises:
         StoreError: not a saestrata store, uncommitted shards without ``allow_partial``, or (URLs)
@@ -75,7 +78,7 @@ class ActivationStore:
         self.prefetch_chunks = max(1, int(prefetch_chunks))
         self.group = open_group(self.location)
         self.attrs = dict(self.group.attrs)
-        self.committed = read_committed(self.location, self.attrs)
+        self.committed = committed_for_reading(self.location, self.attrs)  # no listing once complete
         committed = self.committed
         missing = [s for s in range(self.attrs["n_shards"]) if s not in committed]
         if missing and not allow_partial:

@@ -390,3 +390,23 @@ def test_commit_writes_one_marker_and_leaves_group_metadata_alone(scratch):
     assert (meta.read_bytes(), meta.stat().st_mtime_ns) == before
     marker = json.loads((scratch / "m.zarr" / "commits" / "1.json").read_text())
     assert marker == {"shard": 1, "record": {"x": [1, 2.5]}}
+
+
+def test_complete_store_opens_without_listing_commit_markers(scratch, monkeypatch):
+    """Issue 12: opening a finished store costs no O(shards) listing of commits/; half-written stores still list."""
+    from saestrata.store.location import Location
+
+    _write(scratch / "done.zarr", "float32")
+    _write(scratch / "half.zarr", "float32", shards=[0])
+    listed = []
+    real = Location.list_names
+    monkeypatch.setattr(Location, "list_names", lambda self, prefix: listed.append(prefix) or real(self, prefix))
+    store = ActivationStore(scratch / "done.zarr")
+    assert store.committed == {0, 1, 2} and store.n_tokens == 88
+    assert not [p for p in listed if p.startswith("commits")]
+    ActivationStore(scratch / "half.zarr", allow_partial=True)
+    assert [p for p in listed if p.startswith("commits")]
+    # verify keeps checking the markers themselves: a lost marker of a complete store is reported
+    (scratch / "done.zarr" / "commits" / "1.json").unlink()
+    report = verify_store(scratch / "done.zarr")
+    assert not report.ok and any("1" in p for p in report.problems)
