@@ -1,5 +1,6 @@
 """Optimiser settings of the seed presets (registry.OPTIMIZER_HPARAMS) reach the trainer."""
 
+import pytest
 import torch
 
 
@@ -18,7 +19,33 @@ def test_seed_presets_carry_their_papers_adamw_settings():
     grouped = opt("seed001_fixed_ortho")  # seed 001 sec. 5: weight decay 0.01
     assert isinstance(grouped, torch.optim.AdamW) and grouped.defaults["weight_decay"] == 0.01
     plain = opt("topk")  # baselines: plain Adam at the run's learning rate
-    assert type(plain) is torch.optim.Adam and plain.defaults["lr"] == 4e-4
+    assert isinstance(plain, torch.optim.Adam) and not isinstance(plain, torch.optim.AdamW)
+    assert plain.defaults["lr"] == 4e-4
     swept = opt("seed004-groups", lr=1e-3, weight_decay=0.5)  # --set lr / weight_decay win over the preset
     assert isinstance(swept, torch.optim.AdamW)
     assert swept.defaults["lr"] == 1e-3 and swept.defaults["weight_decay"] == 0.5
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_contiguous_step_equals_torch_step_bit_for_bit_and_keeps_layouts(name):
+    """train/optim.py: the fused step on transposed views of a column-major W_enc is torch's own step."""
+    from saestrata.train import optim
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(16, 24, generator=gen).t()  # column-major [24, 16], like an SAE's W_enc
+    ours = torch.nn.Parameter(start.clone())  # clone keeps the column-major strides
+    ref = torch.nn.Parameter(start.clone())
+    assert not ours.is_contiguous() and ours.stride() == ref.stride() == (1, 24)
+    kw = {"lr": 1e-2, "betas": (0.9, 0.999), "fused": True}
+    kw |= {"weight_decay": 0.01} if name == "AdamW" else {}
+    opt_ours, opt_ref = getattr(optim, name)([ours], **kw), getattr(torch.optim, name)([ref], **kw)
+    for _ in range(3):
+        grad = torch.randn(16, 24, generator=gen).t()
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt_ours.step()
+        opt_ref.step()
+    assert torch.equal(ours, ref)
+    assert ours.stride() == (1, 24) and ours.grad.stride() == (1, 24)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt_ours.state[ours][key], opt_ref.state[ref][key])
+        assert opt_ours.state[ours][key].stride() == (1, 24)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..device import resolve_device, to_device
 from ..store import ActivationStore, StoreError, sequence_batches, shuffled_batches
 from ..store.location import as_location
+from . import optim
 from .base import SAE
 from .checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, rng_state, run_identity,
                          set_rng_state, truncate_log, write_checkpoint)
@@ -124,9 +125,8 @@ def _optimizer(spec: SAESpec, sae: SAE, cfg: TrainConfig) -> torch.optim.Optimiz
     # per step for a 640 x 4096 SAE on this CPU (measured in the session of 2026-11-22).
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in sae.parameters())
     if opt.get("weight_decay"):
-        return torch.optim.AdamW(sae.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=opt["weight_decay"],
-                                 fused=fused)
-    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
+        return optim.AdamW(sae.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=opt["weight_decay"], fused=fused)
+    return optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
 def lr_factor(step: int, steps: int, warm: int, decay: int) -> float:
