@@ -1,0 +1,134 @@
+"""Where a sparse TopK training step spends its time: a per-op profile against one encoder matmul.
+
+Issue 14 asks for the TopK step within 2.0x of one dense ``[batch, d_in] @ [d_in, d_sae]``
+bf16 matmul measured in the same run. This script trains one ``topk`` SAE (sparse kernels,
+k 32) on real batches of a store, times ``--steps`` steps after a warm-up, profiles a few
+more with ``torch.profiler`` and prints the per-op table grouped by what the time is for,
+then, timed alone in the same run, the parts a TopK step cannot avoid with stock PyTorch
+ops: the encoder matmul, ``pre.topk(k)`` on the step's own pre-activations and the fused
+Adam step over the SAE's parameters. Their sum over the matmul is the floor of the
+ratio on this machine unless selection or Adam themselves get cheaper.
+
+    .venv/bin/python bench/topk_profile.py --store demo-out/store-train --layer 8 [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from saestrata.allocator import tune_allocator
+
+GROUPS = {  # profiler op name -> what it is for (everything else: "other")
+    "aten::mm": "encoder matmul (bf16)",
+    "aten::topk": "top-k selection",
+    "aten::_fused_adam_": "Adam (fused)",
+    "aten::_embedding_bag_forward_only": "sparse decode / weight gradients",
+    "aten::_embedding_bag": "sparse decode / weight gradients",
+    "aten::sparse_sampled_addmm": "sparse decode / weight gradients",
+    "aten::index": "gathers of active pairs",
+    "aten::index_put_": "gathers of active pairs",
+    "aten::nonzero": "gathers of active pairs",
+    "aten::add": "bias add / casts",
+    "aten::copy_": "bias add / casts",
+    "aten::mul": "decoder-gradient projection and norms",
+    "aten::sub_": "decoder-gradient projection and norms",
+    "aten::linalg_vector_norm": "decoder-gradient projection and norms",
+    "aten::div_": "decoder-gradient projection and norms",
+    "aten::mul_": "decoder-gradient projection and norms",
+}
+
+
+def _slot(d_in: int, d_sae: int, k: int, first):
+    """A trainer slot holding one topk SAE on the sparse kernels (the trainer's own step, optimiser and bookkeeping)."""
+    from saestrata.train.registry import build
+    from saestrata.train.trainer import SAESpec, TrainConfig, _Slot
+
+    spec = SAESpec("topk", "topk", {"kernels": "sparse", "k": k})
+    cfg = TrainConfig(store=Path("."), layer=0, out=Path(tempfile.mkdtemp()), specs=[spec], d_sae=d_sae)
+    sae = build("topk", d_in, d_sae, kernels="sparse", k=k)
+    slot = _Slot(spec, sae, cfg, steps=10_000)
+    sae.init_from_batch(first)
+    return slot
+
+
+def _median_ms(fn, reps: int) -> float:
+    """Median wall time of ``reps`` calls, in ms."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    """Print the step, the profile grouped by purpose, and the floor of stock-op parts, all vs one bf16 matmul."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--layer", type=int, required=True)
+    ap.add_argument("--d-sae", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps (after 20 warm-up steps)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    args = ap.parse_args()
+    tune_allocator()  # as the CLI does
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from saestrata.store import ActivationStore
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = ActivationStore(args.store)
+    hook = f"blocks.{args.layer}.hook_resid_post"
+    n = args.batch_size
+    acts = store.activations(hook, 0, 16 * n).float()
+    scale = acts.shape[1] ** 0.5 / store.stats(hook)["mean_norm"]  # the trainer's scaling (mean norm sqrt(d_in))
+    acts = acts * scale
+    batches = [acts[i * n:(i + 1) * n] for i in range(16)]
+    slot = _slot(acts.shape[1], args.d_sae, args.k, batches[0])
+    done = [0]
+
+    def run() -> None:
+        slot.step(batches[done[0] % 16], done[0], True)
+        done[0] += 1
+
+    for _ in range(20):
+        run()
+    step_ms = _median_ms(run, args.steps)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            run()
+    by_group: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        by_group[GROUPS.get(event.key, "other")] += event.self_cpu_time_total / 5e3  # us over 5 steps -> ms/step
+    profiled = sum(by_group.values())
+
+    sae = slot.sae
+    x16, w16 = batches[1].bfloat16(), sae.W_enc.detach().bfloat16()
+    mm_ms = min(_median_ms(lambda: x16 @ w16, 5) for _ in range(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pre = sae.pre_acts(batches[1])
+    topk_ms = _median_ms(lambda: pre.topk(args.k, dim=-1, sorted=False), 10)
+    adam_ms = _median_ms(slot.opt.step, 10)  # the same fused optimiser on the SAE's last gradients
+
+    print(f"{torch.get_num_threads()} thread(s); topk SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, k {args.k}, "
+          f"batch {n}, sparse kernels; torch {torch.__version__}")
+    print(f"mean step (median of {args.steps}): {step_ms:.1f} ms = {step_ms / mm_ms:.2f}x one bf16 encoder matmul "
+          f"({mm_ms:.1f} ms, same run)")
+    print(f"\nprofile of 5 steps ({profiled:.1f} ms/step under the profiler), self CPU time by purpose:")
+    for group, ms in sorted(by_group.items(), key=lambda kv: -kv[1]):
+        print(f"  {group:40s} {ms:6.1f} ms/step  {100 * ms / profiled:5.1f}%  {ms / mm_ms:5.2f}x matmul")
+    floor = mm_ms + topk_ms + adam_ms
+    print(f"\ntimed alone: matmul {mm_ms:.1f} + topk {topk_ms:.1f} + fused Adam {adam_ms:.1f} = {floor:.1f} ms "
+          f"= {floor / mm_ms:.2f}x matmul (the floor with stock ops; the step is {step_ms / floor:.2f}x that floor)")
+
+
+if __name__ == "__main__":
+    main()
