@@ -24,8 +24,10 @@ One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
 7. **unlearn**: the embedded wiki unlearning benchmark for every variant's SAE nearest L0 32 (run
    right after that variant's evaluation) and for every published seed point.
 8. **probe**: SAEBench sparse probing (:mod:`~saestrata.evaluate.sparse_probing`, the embedded
-   corpus's 12 article topics) of the same SAE as unlearning, each variant's matched SAE nearest
-   L0 32 (ablations excluded), right after its unlearning: ``out/probing/<sae>.json``. The LM
+   corpus's 12 article topics) of each variant's two matched SAEs whose L0s bracket 32
+   (:meth:`Benchmark.bracketing`; ablations excluded), right after its unlearning:
+   ``out/probing/<sae>.json``; the report interpolates their accuracies at L0 32 (log L0), as it
+   does the core metrics: top-k accuracies depend on L0, so SAEs at L0 25 and 41 are not comparable. The LM
    forward over the labelled articles (the expensive part) is done once and cached in
    ``work/probe-residuals/<key>/`` (:func:`~saestrata.evaluate.sparse_probing.cached_residuals`);
    each SAE then costs an encode of the cached residuals and the probes.
@@ -554,8 +556,8 @@ class Benchmark:
             return unlearn and self._unlearned_published(job) and not self.unlearning_path(job.name).exists()
         if job.stage != "matched" or job.arch in ABLATIONS:
             return False
-        wanted = [p for p, on in ((self.unlearning_path, unlearn), (self.probing_path, "probe" in self.cfg.stages)) if on]
-        return any(self._nearest_result_pending(job, path_of) for path_of in wanted)
+        return ((unlearn and self._nearest_result_pending(job, self.unlearning_path))
+                or ("probe" in self.cfg.stages and self._bracket_probe_pending(job)))
 
     def _nearest_result_pending(self, job: Job, path_of: Callable[[str], Path]) -> bool:
         """True while no matched SAE of ``job``'s variant has the result at ``path_of(name)`` and ``job``'s SAE may be
@@ -565,6 +567,14 @@ class Benchmark:
             return False
         evaluated = all(self.core_path(n).exists() for n in names)
         return not evaluated or self.nearest_to(job.arch, SWEEP_TARGET) == job.name
+
+    def _bracket_probe_pending(self, job: Job) -> bool:
+        """True while ``job``'s SAE lacks a probing result and may be one of the two bracketing L0 32
+        (:meth:`bracketing`; unknown until every matched point of its variant is evaluated)."""
+        if self.probing_path(job.name).exists():
+            return False
+        names = [f"{job.arch}-l0={t:g}" for t in self.cfg.targets]
+        return not all(self.core_path(n).exists() for n in names) or job.name in self.bracketing(job.arch, SWEEP_TARGET)
 
     def core(self, name: str) -> dict | None:
         """The core result of SAE ``name``, or None."""
@@ -584,6 +594,19 @@ class Benchmark:
             if d < dist:
                 best, dist = name, d
         return best
+
+    def bracketing(self, variant: str, l0: float) -> list[str]:
+        """The evaluated matched-stage SAEs of ``variant`` whose measured L0s bracket ``l0``: the one with the
+        largest L0 <= ``l0`` and the one with the smallest L0 >= ``l0`` (one name if a single SAE sits at
+        ``l0``). When no pair brackets it, only the nearest (:meth:`nearest_to`); [] when none is evaluated.
+        Sparse probing runs on these so the report can interpolate at ``l0`` as it does the core metrics."""
+        pts = sorted((r["eval_result_metrics"]["sparsity"]["l0"], n) for n in (f"{variant}-l0={t:g}" for t in self.cfg.targets)
+                     if (r := self.core(n)) is not None)
+        below, above = [n for x, n in pts if x <= l0], [n for x, n in pts if x >= l0]
+        if below and above:
+            return list(dict.fromkeys((below[-1], above[0])))
+        nearest = self.nearest_to(variant, l0)
+        return [nearest] if nearest else []
 
     def best_seed_variant(self) -> str | None:
         """The seed-paper variant with the highest CE loss score interpolated at L0 32."""
@@ -646,8 +669,8 @@ class Benchmark:
             variants = dict.fromkeys(j.arch for j in jobs if j.arch not in ABLATIONS)
             if "unlearn" in stages and cfg.unlearn:
                 self.unlearn([n for n in (self.nearest_to(v, SWEEP_TARGET) for v in variants) if n])
-            if "probe" in stages:  # the same SAE as unlearning, right after it
-                self.probe([n for n in (self.nearest_to(v, SWEEP_TARGET) for v in variants) if n])
+            if "probe" in stages:  # both SAEs bracketing L0 32, so the report can interpolate at 32
+                self.probe([n for v in variants for n in self.bracketing(v, SWEEP_TARGET)])
         lrs = self.chosen_lrs("lr" in stages)
         published = self.published_jobs()
         if "published" in stages:

@@ -156,20 +156,54 @@ def seed_spread(bench) -> tuple[str, list[dict]]:
 PROBE_KS = (1, 2, 5, 10, 20, 50)  # the k columns of probing.md (sparse_probing.K_VALUES)
 
 
-def probing_table(bench) -> tuple[str, list[dict]]:
-    """Markdown: SAEBench sparse probing of every variant's matched SAE nearest L0 32 (the benchmark's ``probe`` stage).
+def _interpolate(lo: dict, hi: dict, w: float) -> dict:
+    """``lo + w * (hi - lo)`` for every numeric key of both dicts (nested dicts recursively); other keys dropped."""
+    out = {}
+    for k, a in lo.items():
+        b = hi.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out[k] = _interpolate(a, b, w)
+        elif isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            out[k] = a if a == b else a + w * (b - a)
+    return out
 
-    One row per variant (ablations and as-published-only presets excluded, as in the stage): the SAE,
-    its L0 (from ``core/<sae>.json``), the mean over topics of ``sae_top_{k}_test_accuracy`` for k in
-    :data:`PROBE_KS` and ``sae_test_accuracy`` (all latents), from ``probing/<sae>.json``; "not
-    probed yet" without that JSON. Then the raw residual (``llm_top_{k}_test_accuracy`` /
-    ``llm_test_accuracy``, one row per distinct set of values, naming the JSONs it is in), and a
-    second table with each structured SAE's ``latent_groups`` top-1 / top-5 accuracies.
+
+def _probe_point(bench, name: str) -> dict | None:
+    """One probed SAE: its L0 (``core/<name>.json``), ``sae`` / ``llm`` metrics, per-group metrics, code."""
+    path = bench.probing_path(name)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    core = bench.core(name)
+    return {"sae": name, "l0": core["eval_result_metrics"]["sparsity"]["l0"] if core else None,
+            "metrics": data["eval_result_metrics"]["sae"], "llm": data["eval_result_metrics"]["llm"],
+            "groups": {g: {k: x for k, x in m.items() if k not in ("per_class", "selected")}
+                       for g, m in data["eval_result_unstructured"].get("latent_groups", {}).items()},
+            "code": data.get("saestrata_benchmark", {}).get("code"),
+            "file": f"probing/{name}.json", "l0_file": f"core/{name}.json" if core else None}
+
+
+def probing_table(bench, l0: float = 32.0) -> tuple[str, list[dict]]:
+    """Markdown: SAEBench sparse probing of every variant at L0 ``l0`` (the benchmark's ``probe`` stage).
+
+    One row per variant (ablations and as-published-only presets excluded, as in the stage), from
+    its matched SAEs bracketing ``l0`` (:meth:`~saestrata.benchmark.Benchmark.bracketing`): with both
+    probed, each accuracy is interpolated linearly in log L0 at ``l0``, as
+    :func:`~saestrata.evaluate.report.matched_l0_rows` does the core metrics (top-k probing
+    accuracy grows with L0, so a variant probed at L0 25 must not sit beside one probed at 41);
+    with one, that SAE's own numbers at its L0 (said so in the row). Columns: the mean over topics of
+    ``sae_top_{k}_test_accuracy`` for k in :data:`PROBE_KS` and ``sae_test_accuracy`` (all
+    latents) from ``probing/<sae>.json``; "not probed yet" without one. Then the raw residual
+    (``llm_top_{k}_test_accuracy`` / ``llm_test_accuracy``, one row per distinct set of values,
+    naming the JSONs it is in), and a second table with each structured SAE's ``latent_groups``
+    top-1 / top-5 accuracies (interpolated the same way).
 
     Returns:
-        ``(markdown, rows)``; each row ``{"variant", "sae" (name), "probed": True, "l0", "metrics" (the JSON's
-        ``eval_result_metrics["sae"]``), "llm" (``["llm"]``), "groups" ({group: mean accuracies, n_latents}),
-        "code", "file", "l0_file"}``; ``"probed": False`` rows carry only variant and SAE (None if unevaluated).
+        ``(markdown, rows)``; each row ``{"variant", "sae" (the SAE names, " + "-joined), "probed": True,
+        "interpolated", "l0" (``l0`` if interpolated, else the SAE's), "metrics" (``eval_result_metrics["sae"]``),
+        "llm" (``["llm"]``), "groups" ({group: accuracies, n_latents}), "code" (", "-joined), "files",
+        "points" (each SAE's own numbers)}``; ``"probed": False`` rows carry only variant and SAE (None if
+        unevaluated).
     """
     from .benchmark import ABLATIONS, PUBLISHED_ONLY
 
@@ -177,20 +211,26 @@ def probing_table(bench) -> tuple[str, list[dict]]:
     for v in bench.variants:
         if v in ABLATIONS | PUBLISHED_ONLY:
             continue
-        name = bench.nearest_to(v, 32.0)
-        path = bench.probing_path(name) if name else None
-        if path is None or not path.exists():
-            rows.append({"variant": v, "sae": name, "probed": False})
+        names = bench.bracketing(v, l0)
+        pts = [p for p in (_probe_point(bench, n) for n in names) if p]
+        if not pts:
+            rows.append({"variant": v, "sae": " + ".join(names) or None, "probed": False})
             continue
-        data = json.loads(path.read_text())
-        core = bench.core(name)
-        rows.append({"variant": v, "sae": name, "probed": True,
-                     "l0": core["eval_result_metrics"]["sparsity"]["l0"] if core else None,
-                     "metrics": data["eval_result_metrics"]["sae"], "llm": data["eval_result_metrics"]["llm"],
-                     "groups": {g: {k: x for k, x in m.items() if k not in ("per_class", "selected")}
-                                for g, m in data["eval_result_unstructured"].get("latent_groups", {}).items()},
-                     "code": data.get("saestrata_benchmark", {}).get("code"),
-                     "file": f"probing/{name}.json", "l0_file": f"core/{name}.json" if core else None})
+        row = {"variant": v, "probed": True, "points": pts, "llm": pts[0]["llm"],
+               "code": ", ".join(sorted({p["code"] or "?" for p in pts})),
+               "files": [p["file"] for p in pts] + [p["l0_file"] for p in pts if p["l0_file"]]}
+        lo, hi = pts[0], pts[-1]
+        if len(pts) == 2 and lo["l0"] and hi["l0"] and lo["l0"] < hi["l0"]:
+            w = (math.log(l0) - math.log(lo["l0"])) / (math.log(hi["l0"]) - math.log(lo["l0"]))
+            row.update(sae=f"{lo['sae']} (L0 {lo['l0']:.1f}) + {hi['sae']} (L0 {hi['l0']:.1f})", interpolated=True,
+                       l0=l0, metrics=_interpolate(lo["metrics"], hi["metrics"], w),
+                       groups=_interpolate(lo["groups"], hi["groups"], w))
+        else:
+            one = min(pts, key=lambda p: abs(math.log(max(p["l0"] or 1e-9, 1e-9) / l0)))
+            note = "" if len(names) == 1 else " (other bracketing SAE not probed yet)"
+            row.update(sae=f"{one['sae']}{note}", interpolated=False, l0=one["l0"], metrics=one["metrics"],
+                       groups=one["groups"], files=[one["file"]] + ([one["l0_file"]] if one["l0_file"] else []))
+        rows.append(row)
 
     def cells(metrics: dict, prefix: str) -> str:
         """``prefix``'s top-k accuracies at :data:`PROBE_KS` and its all-features accuracy, 3 decimals."""
@@ -198,27 +238,28 @@ def probing_table(bench) -> tuple[str, list[dict]]:
         return " | ".join(_num(metrics.get(k)) for k in keys)
 
     ks = " | ".join(f"k={k}" for k in PROBE_KS)
-    lines = [f"| variant | SAE (nearest L0 32) | L0 | {ks} | all | from |", "|---|---|---|" + "---|" * (len(PROBE_KS) + 2)]
+    lines = [f"| variant | SAE(s) (bracketing L0 {l0:g}) | L0 | {ks} | all | from |",
+             "|---|---|---|" + "---|" * (len(PROBE_KS) + 2)]
     blank = " | ".join([""] * (len(PROBE_KS) + 1))
     for r in rows:
         if not r["probed"]:
             lines.append(f"| {r['variant']} | {r['sae'] or '-'} | not probed yet | {blank} | |")
             continue
-        lines.append(f"| {r['variant']} | {r['sae']} | {_num(r['l0'], '.1f')} | {cells(r['metrics'], 'sae')} | "
-                     f"{r['file']} (L0: {r['l0_file'] or '-'}) |")
-    residual: dict[tuple, list[dict]] = {}
+        at = f"{l0:g} (interpolated)" if r["interpolated"] else _num(r["l0"], ".1f")
+        lines.append(f"| {r['variant']} | {r['sae']} | {at} | {cells(r['metrics'], 'sae')} | {', '.join(r['files'])} |")
+    residual: dict[tuple, list[str]] = {}
     for r in rows:
-        if r["probed"]:
-            residual.setdefault(tuple(sorted(r["llm"].items())), []).append(r)
-    for same in residual.values():
-        files = ", ".join(r["file"] for r in same)
-        lines.append(f"| raw residual (d_in channels) | - | - | {cells(same[0]['llm'], 'llm')} | {files} |")
+        for p in r.get("points", []):
+            residual.setdefault(tuple(sorted(p["llm"].items())), []).append(p["file"])
+    for key, files in residual.items():
+        where = ", ".join(files) if len(files) <= 2 else f"the same in {len(files)} JSONs ({files[0]}, ...)"
+        lines.append(f"| raw residual (d_in channels) | - | - | {cells(dict(key), 'llm')} | {where} |")
     glines = ["| variant / latent group | SAE | latents | top-1 | top-5 | from |", "|---|---|---|---|---|---|"]
     for r in rows:
         for g, m in (r.get("groups") or {}).items():
             glines.append(f"| {r['variant']} / {g} | {r['sae']} | {m.get('n_latents', '-')} | "
                           f"{_num(m.get('sae_top_1_test_accuracy'))} | {_num(m.get('sae_top_5_test_accuracy'))} | "
-                          f"{r['file']} |")
+                          f"{', '.join(r['files'])} |")
     md = "\n".join(lines)
     if len(glines) > 2:
         md += "\n\n### Per latent group (structured SAEs: top-k restricted to the group)\n\n" + "\n".join(glines)
@@ -455,7 +496,7 @@ def write_benchmark_report(bench) -> Path:
     claim_rows = claims(bench)
     mech_md, mech_rows = mechanisms_table(bench)
     probe_md, probe_rows = probing_table(bench)
-    probe_codes = sorted({r["code"] or "?" for r in probe_rows if r["probed"]})
+    probe_codes = sorted({p["code"] or "?" for r in probe_rows for p in r.get("points", [])})
     codes = sorted({json.loads(p.read_text()).get("saestrata_benchmark", {}).get("code", "?")
                     for p in (out / "core").glob("*.json")}) if (out / "core").exists() else []
     mixed = _mixed_code_warning(out, codes)
@@ -466,7 +507,9 @@ def write_benchmark_report(bench) -> Path:
     (out / "mechanisms.md").write_text("# Mechanisms seen acting (final train-log counters)\n\n"
                                        f"Counter meanings: each arch module's `counters` docstring.\n\n{mech_md}\n")
     (out / "probing.md").write_text(
-        "# Sparse probing (SAEBench `sparse_probing`) of each variant's SAE nearest L0 32\n\n"
+        "# Sparse probing (SAEBench `sparse_probing`) of each variant at L0 32\n\n"
+        "Each accuracy is interpolated linearly in log L0 between the variant's two SAEs bracketing L0 32, as the "
+        "matched core metrics are; a row naming one SAE gives that SAE's own numbers at its L0.\n\n"
         "Mean test accuracy over the one-vs-rest probes of the embedded corpus's 12 article topics (chance 0.5): "
         "a logistic regression on the top-k latents by |mean difference| on the train split, scored on the eval "
         "split; \"all\" = every latent (every residual channel for the raw residual). Protocol and deviations from "

@@ -52,9 +52,10 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     assert f"sparsity_multiplier {std_counters['sparsity_multiplier']:.4g}" in mech
     assert "| topk | topk-l0=12 | auxk_dead " in mech
 
-    # probe: one SAEBench sparse_probing JSON per variant, for its matched SAE nearest L0 32 (as unlearning), only.
-    nearest = {v: bench.nearest_to(v, 32.0) for v in ("topk", "standard")}
-    assert nearest == {"topk": "topk-l0=12", "standard": bench.nearest_to("standard", 32.0)} and all(nearest.values())
+    # probe: one SAEBench sparse_probing JSON per SAE bracketing L0 32 (here only the nearest: none is above 32).
+    bracket = {v: bench.bracketing(v, 32.0) for v in ("topk", "standard")}
+    assert bracket["topk"] == ["topk-l0=12"] and bracket["standard"] == [bench.nearest_to("standard", 32.0)]
+    nearest = {v: n for v, (n,) in bracket.items()}
     assert sorted(p.name for p in (cfg.out / "probing").iterdir()) == sorted(f"{n}.json" for n in nearest.values())
     probed = [l.split()[1].rstrip(":") for l in lines if l.strip().startswith("probed")]
     assert sorted(probed) == sorted(nearest.values())
@@ -68,7 +69,7 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
         assert set(r["eval_result_unstructured"]["residual_cache"].values()) == {c.name for c in caches}
         m = r["eval_result_metrics"]["sae"]
         row = next(l for l in probing_md.splitlines() if l.startswith(f"| {v} | {n} | "))
-        assert f"{m['sae_top_1_test_accuracy']:.3f}" in row and f"probing/{n}.json" in row and f"core/{n}.json" in row
+        assert f"{m['sae_top_1_test_accuracy']:.3f}" in row and f"probing/{n}.json, core/{n}.json" in row
         assert row.count("|") == 12  # 11 cells: variant, SAE, L0, k = 1 2 5 10 20 50, all, from
     assert "| raw residual (d_in channels) | - | - | " in probing_md
 
@@ -281,3 +282,37 @@ def test_a_fresh_machine_retrains_only_the_sae_a_missing_result_needs(tiny_model
     assert [l.split()[1] for l in lines if l.strip().startswith("trained")] == [nearest]
     assert (cfg.out / "probing" / f"{nearest}.json").exists()
     assert all((cfg.out / "core" / f"topk-l0={t}.json").exists() for t in (3, 24, 48))
+
+
+def test_probing_is_interpolated_at_l0_32_between_the_two_bracketing_saes(tiny_model_dir, tmp_path):
+    """Hand-built results: topk probed at L0 24 (top-1 0.60) and 48 (0.80), L0 80 not probed. The row must be the
+    log-L0 interpolation at 32: 0.60 + 0.20 * ln(32/24) / ln(48/24) = 0.683 (not either SAE's own number), and a
+    variant with one bracketing SAE probed must say the other is missing."""
+    import math
+
+    from saestrata.benchmark_report import probing_table
+
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk", "batchtopk"], targets=(24.0, 48.0, 80.0)),
+                      lambda _: None)
+    out = bench.cfg.out
+    for d in ("core", "probing"):
+        (out / d).mkdir(parents=True)
+    for v, t, l0, acc in (("topk", 24, 24.0, 0.60), ("topk", 48, 48.0, 0.80), ("topk", 80, 80.0, 0.95),
+                          ("batchtopk", 24, 23.0, 0.70), ("batchtopk", 48, 47.0, None)):
+        name = f"{v}-l0={t}"
+        (out / "core" / f"{name}.json").write_text(json.dumps({"eval_result_metrics": {"sparsity": {"l0": l0}}}))
+        if acc is not None and t != 80:
+            metrics = {"sae": {"sae_top_1_test_accuracy": acc, "sae_test_accuracy": acc + 0.1},
+                       "llm": {"llm_top_1_test_accuracy": 0.5, "llm_test_accuracy": 0.9}}
+            (out / "probing" / f"{name}.json").write_text(json.dumps(
+                {"eval_result_metrics": metrics, "eval_result_unstructured": {}}))
+    assert bench.bracketing("topk", 32.0) == ["topk-l0=24", "topk-l0=48"]
+    md, rows = probing_table(bench)
+    topk = next(r for r in rows if r["variant"] == "topk")
+    expected = 0.60 + 0.20 * math.log(32 / 24) / math.log(48 / 24)
+    assert topk["interpolated"] and topk["metrics"]["sae_top_1_test_accuracy"] == pytest.approx(expected)
+    assert topk["metrics"]["sae_test_accuracy"] == pytest.approx(expected + 0.1)
+    line = next(l for l in md.splitlines() if l.startswith("| topk |"))
+    assert f"| 32 (interpolated) | {expected:.3f} |" in line and "topk-l0=24 (L0 24.0) + topk-l0=48 (L0 48.0)" in line
+    bt = next(l for l in md.splitlines() if l.startswith("| batchtopk |"))
+    assert "batchtopk-l0=24 (other bracketing SAE not probed yet) | 23.0 | 0.700 |" in bt
