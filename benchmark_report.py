@@ -483,8 +483,9 @@ def update_readme(path: Path, blocks: dict[str, str]) -> None:
 def write_benchmark_report(bench) -> Path:
     """Write every table and the report of a benchmark run into ``bench.cfg.out``; returns ``matched.md``.
 
-    With ``bench.cfg.readme`` set, also the matched table and the probing table (its first table) into
-    that README (:func:`update_readme`).
+    With ``bench.cfg.readme`` set, also the matched table, the init-seed spread, the claims table and the
+    probing table (its first table) into that README (:func:`update_readme`; markers ``matched``,
+    ``seeds``, ``claims``, ``probing``).
 
     Raises:
         ValueError: ``cfg.readme`` lacks a marker pair (the files in ``out`` are written first).
@@ -523,5 +524,6 @@ def write_benchmark_report(bench) -> Path:
     if inputs:
         write_report(inputs, out / "report", matched_l0=32.0)
     if bench.cfg.readme is not None:  # last: a README without markers must not cost the files above
-        update_readme(Path(bench.cfg.readme), {"matched": matched_md, "probing": _first_table(probe_md)})
+        update_readme(Path(bench.cfg.readme), {"matched": matched_md, "seeds": spread_md,
+                                               "claims": claims_table(claim_rows), "probing": _first_table(probe_md)})
     return out / "matched.md"

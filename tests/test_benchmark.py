@@ -99,7 +99,8 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     (cfg.out / "probing" / f"{nearest['standard']}.json").unlink()
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- benchmark:matched -->\nold table\n<!-- /benchmark:matched -->\nmiddle\n"
-                      "<!-- benchmark:probing -->\n<!-- /benchmark:probing -->\nend\n")
+                      "<!-- benchmark:seeds -->\n<!-- /benchmark:seeds -->\n<!-- benchmark:claims -->\nold claims\n"
+                      "<!-- /benchmark:claims -->\n<!-- benchmark:probing -->\n<!-- /benchmark:probing -->\nend\n")
     Benchmark(_cfg(tiny_model_dir, tmp_path, stages=("report",), readme=readme), lambda _: None).run()
     assert f"| standard | {nearest['standard']} | not probed yet |" in (cfg.out / "probing.md").read_text()
     # --readme: the tables of matched.md and probing.md between the markers, the rest of the file kept.
@@ -112,6 +113,9 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     assert text.startswith("intro\n<!-- benchmark:matched -->\n| variant") and "\nmiddle\n" in text
     assert f"| standard | {nearest['standard']} | not probed yet |" in text and text.endswith("-->\nend\n")
     assert "Per latent group" not in text  # only the first probing table
+    assert "old claims" not in text and "| claim (seed file, section) |" in text  # the claims table, as claims.md's
+    spread = (cfg.out / "matched.md").read_text().split("## Init seeds")[1].strip()
+    assert spread.splitlines()[0].startswith("| variant | seeds |") and spread in text
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="benchmark:matched"):
         Benchmark(_cfg(tiny_model_dir, tmp_path, stages=("report",), readme=readme), lambda _: None).run()
