@@ -337,7 +337,7 @@ def claims(bench) -> list[dict]:
     t_hm = _tokens_to_fvu(bench, hsae_m["sae"], 0.5) if hsae_m else None
     t_sm = _tokens_to_fvu(bench, std_m["sae"], 0.5) if std_m else None
     add("faster initial convergence: training tokens to train FVU 0.5, HSAE vs standard", "000, sec. 1",
-        "40% faster", _fmt_pair(t_h, t_s, ",d" if t_h and t_s else ""), _fmt_pair(t_hm, t_sm, ",d" if t_hm and t_sm else ""))
+        "40% faster", _fmt_pair(t_h, t_s, ",d"), _fmt_pair(t_hm, t_sm, ",d"))
     for seed, variants in (("000", ("seed000_hsae", "seed000_hsae_no_separation", "seed000_temporal",
                                     "seed000_temporal_single_scale", "seed000_adaptive")),
                            ("001", tuple(v for v in bench.variants if v.startswith("seed001"))),
