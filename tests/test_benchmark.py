@@ -320,3 +320,18 @@ def test_probing_is_interpolated_at_l0_32_between_the_two_bracketing_saes(tiny_m
     assert f"| 32 (interpolated) | {expected:.3f} |" in line and "topk-l0=24 (L0 24.0) + topk-l0=48 (L0 48.0)" in line
     bt = next(l for l in md.splitlines() if l.startswith("| batchtopk |"))
     assert "batchtopk-l0=24 (other bracketing SAE not probed yet) | 23.0 | 0.700 |" in bt
+
+
+def test_matched_table_has_no_rows_that_can_never_fill(tiny_model_dir, tmp_path):
+    """An as-published-only preset is never trained at a target L0, and ablations only around L0 32: the table
+    must not show them as pending at L0s they will never have ("not evaluated yet" forever)."""
+    from saestrata.benchmark_report import matched_table
+
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["seed004-lambda0.06", "seed004-k3", "topk"]),
+                      lambda _: None)
+    md, rows = matched_table(bench)
+    lines = md.splitlines()
+    lam = [l for l in lines if l.startswith("| seed004-lambda0.06 |")]
+    assert len(lam) == 1 and "as published only" in lam[0] and "not evaluated yet" not in lam[0]
+    assert [l.split("|")[2].strip() for l in lines if l.startswith("| seed004-k3 |")] == ["32"]
+    assert [l.split("|")[2].strip() for l in lines if l.startswith("| topk |")] == ["32", "64"]
