@@ -339,10 +339,6 @@ class Benchmark:
 
         return resolve(variant)[0]
 
-    def _sweep_rep(self, arch: str) -> str:
-        """The variant that stands for ``arch`` in the lr sweep (its first in ``variants``)."""
-        return next(v for v in self.variants if self._arch_of(v) == arch)
-
     def _sweep_job(self, variant: str, mult: float) -> Job:
         from .train.trainer import default_lr
 
@@ -362,17 +358,22 @@ class Benchmark:
         tail = tail_metrics(_read_log(self.cfg.out / "saes" / job.name))
         return {"sae": job.name, "lr": job.lr, **tail}
 
-    def lr_jobs(self, arch: str) -> tuple[list[Job], dict | None]:
-        """The lr sweep of ``arch`` as far as its finished runs decide it: ``(jobs, chosen)``.
+    def lr_jobs(self, variant: str) -> tuple[list[Job], dict | None]:
+        """The lr sweep of ``variant`` as far as its finished runs decide it: ``(jobs, chosen)``.
+
+        Every variant has its own sweep (same grid, rule and budget), never one shared with the other
+        presets of its arch: with a shared sweep, the variant that stood for the arch (the first in
+        ``variants``) and so each preset's lr depended on which variants a run was narrowed to (seen on
+        2026-12-02/03: ``--variants seed002-selection`` swept and trained at 32x, while the README's lr
+        column showed the shared sweep's 16x).
 
         Starts from :data:`LR_MULTIPLIERS`; while the best finished rate is the grid's largest
         (smallest), adds twice (half) that, at most :data:`LR_EXTENSIONS` times. ``chosen`` is None
         until every job listed has finished.
         """
-        rep = self._sweep_rep(arch)
         mults = list(LR_MULTIPLIERS)
         while True:
-            jobs = [self._sweep_job(rep, m) for m in mults]
+            jobs = [self._sweep_job(variant, m) for m in mults]
             runs = [self._sweep_run(j) for j in jobs]
             if any(r is None for r in runs):
                 return jobs, None
@@ -383,46 +384,51 @@ class Benchmark:
             mults.append(best_mult * 2 if best_mult == max(mults) else best_mult / 2)
 
     def chosen_lrs(self, write: bool = True) -> dict[str, dict]:
-        """``{arch: {"lr", "fvu", "l0", "runs", "rule"}}`` for every arch whose sweep has finished.
+        """``{variant: {"lr", "fvu", "l0", "runs", "rule"}}`` for every variant whose sweep has finished.
 
-        ``write``: also (re)write ``out/lr_sweep.json``, each arch stamped with this code's fingerprint (only
-        a run that trains sweeps does: a report-only run must not restamp another code's results). Archs
-        this run does not cover (``--variants`` narrowed) keep their entries from the file.
+        ``write``: also (re)write ``out/lr_sweep.json`` (key ``variants``), each entry stamped with this
+        code's fingerprint (only a run that trains sweeps does: a report-only run must not restamp another
+        code's results). Variants this run does not cover (``--variants`` narrowed) keep their entries; the
+        per-arch entries of files written before per-variant sweeps stay under ``archs``.
         """
         chosen = {}
-        for arch in dict.fromkeys(self._arch_of(v) for v in self.variants):
-            _, best = self.lr_jobs(arch)
+        for v in self.variants:
+            if v in PUBLISHED_ONLY:  # trained only at its preset's own settings
+                continue
+            _, best = self.lr_jobs(v)
             if best is not None:
                 b = best.pop("best")
-                chosen[arch] = {"lr": b["lr"], "fvu": b["fvu"], "l0": b["l0"], **best}
+                chosen[v] = {"lr": b["lr"], "fvu": b["fvu"], "l0": b["l0"], **best}
         if write:
             path = self.cfg.out / "lr_sweep.json"
-            kept = self._other_archs_sweeps(path)
+            kept, legacy = self._other_sweeps(path)
             _write_json(path, {"target_l0": SWEEP_TARGET,
                                "score": f"FVU and L0 averaged over the last {TAIL_FRAC:.0%} of steps",
-                               "archs": {**kept, **{a: {**c, "code": self.code} for a, c in chosen.items()}}})
+                               "variants": {**kept, **{v: {**c, "code": self.code} for v, c in chosen.items()}},
+                               **({"archs": legacy} if legacy else {})})
         return chosen
 
-    def _other_archs_sweeps(self, path: Path) -> dict[str, dict]:
-        """Entries of ``lr_sweep.json`` for archs none of this run's variants has (kept when it is rewritten).
+    def _other_sweeps(self, path: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+        """``(variants, archs)``: the ``lr_sweep.json`` entries of variants this run does not sweep, and the
+        per-arch entries of files written before per-variant sweeps (both kept when the file is rewritten).
 
         Files written before per-arch stamps carry one top-level ``code``; their entries inherit it.
         """
         if not path.exists():
-            return {}
+            return {}, {}
         old = json.loads(path.read_text())
-        mine = {self._arch_of(v) for v in self.variants}
-        return {a: {"code": old.get("code"), **e} for a, e in old.get("archs", {}).items() if a not in mine}
+        kept = {v: e for v, e in old.get("variants", {}).items() if v not in self.variants}
+        return kept, {a: {"code": old.get("code"), **e} for a, e in old.get("archs", {}).items()}
 
     def matched_jobs(self, lrs: dict[str, dict]) -> list[Job]:
-        """Every variant at every target L0, with its arch's swept lr and plain Adam."""
+        """Every variant at every target L0 (ablations at the two bracketing 32), with its own swept lr and plain Adam."""
         from .train.trainer import default_lr
 
         jobs = []
         for v in self.variants:
             if v in PUBLISHED_ONLY:
                 continue
-            lr = lrs.get(self._arch_of(v), {}).get("lr", default_lr(self.cfg.d_sae))
+            lr = lrs.get(v, {}).get("lr", default_lr(self.cfg.d_sae))
             jobs += [Job(f"{v}-l0={t:g}", v, "matched", {"weight_decay": 0.0}, lr, t, 0, self.cfg.tokens_per_sae)
                      for t in (self.bracket_32() if v in ABLATIONS else self.cfg.targets)]
         return jobs
@@ -444,7 +450,7 @@ class Benchmark:
 
         jobs = []
         for v in [x for x in ("topk", best_seed_variant) if x and x in self.variants]:
-            lr = lrs.get(self._arch_of(v), {}).get("lr", default_lr(self.cfg.d_sae))
+            lr = lrs.get(v, {}).get("lr", default_lr(self.cfg.d_sae))
             for s in range(1, self.cfg.seeds):
                 jobs += [Job(f"{v}-l0={t:g}-seed{s}", v, "seeds", {"weight_decay": 0.0}, lr, t, s,
                              self.cfg.tokens_per_sae) for t in self.bracket_32()]
@@ -644,21 +650,21 @@ class Benchmark:
         if "store" in stages:
             self.echo("[1/9] store")
             self.harvest_store()
-        # Arch by arch (sweep, then its variants at every target, then their evaluation), so a
+        # Variant by variant (its sweep, then its SAEs at every target, then their evaluation), so a
         # session that stops mid-run leaves whole, evaluated units of results behind.
-        archs = list(dict.fromkeys(self._arch_of(v) for v in self.variants))
-        for i, arch in enumerate(archs, 1):
+        swept = [v for v in self.variants if v not in PUBLISHED_ONLY]
+        for i, v in enumerate(swept, 1):
             while "lr" in stages:
-                sweep, _ = self.lr_jobs(arch)
+                sweep, _ = self.lr_jobs(v)
                 pending = [j for j in sweep if not self.recorded(j.name)]
                 if not pending:
                     break
-                self.echo(f"[2/9] lr sweep {i}/{len(archs)} {arch}: {len(pending)} of {len(sweep)} short runs to do")
+                self.echo(f"[2/9] lr sweep {i}/{len(swept)} {v}: {len(pending)} of {len(sweep)} short runs to do")
                 for job in pending:
                     self.train_job(job, need_weights=False)
-            jobs = [j for j in self.matched_jobs(self.chosen_lrs("lr" in stages)) if self._arch_of(j.arch) == arch]
+            jobs = [j for j in self.matched_jobs(self.chosen_lrs("lr" in stages)) if j.arch == v]
             if "matched" in stages:
-                self.echo(f"[3/9] matched L0 {i}/{len(archs)} {arch}: {len(jobs)} SAEs")
+                self.echo(f"[3/9] matched L0 {i}/{len(swept)} {v}: {len(jobs)} SAEs")
                 # Decided before any retraining: a retrained SAE's core result is dropped, which would make the
                 # later points look "maybe nearest L0 32" and retrain them too (a cascade seen on 2026-12-02).
                 needs = [self._needs_weights(job) for job in jobs]

@@ -84,17 +84,25 @@ def _matched(bench, variant: str, l0: float, seed: int = 0) -> dict | None:
 
 
 def swept_lr(bench, variant: str) -> str:
-    """``variant``'s arch's swept lr as a multiple of the default (``"x4"``), ``"x32 (edge)"`` when the sweep
-    stopped at its limit with the best rate still on the grid's edge, ``"-"`` before the sweep finished."""
+    """The lr ``variant``'s matched SAEs were trained with, as a multiple of the default (``"x4"``), read from
+    their ``saes/<name>/job.json``; ``" (edge)"`` when it is at an edge of the variant's own finished sweep
+    (the sweep stopped at its limit with the best rate still there). Before any matched SAE is recorded,
+    the sweep's choice; ``"-"`` before the sweep finished. Several rates (SAEs trained before per-variant
+    sweeps, with another variant's choice) are all listed.
+    """
     from .train.trainer import default_lr
 
-    arch = bench._arch_of(variant)
-    _, best = bench.lr_jobs(arch)
-    if best is None:
-        return "-"
-    lrs = [r["lr"] for r in best["runs"]]
-    edge = best["best"]["lr"] in (min(lrs), max(lrs))
-    return f"x{best['best']['lr'] / default_lr(bench.cfg.d_sae):g}{' (edge)' if edge else ''}"
+    base = default_lr(bench.cfg.d_sae)
+    _, best = bench.lr_jobs(variant)
+    used = sorted({json.loads(p.read_text())["lr"] for t in bench.cfg.targets
+                   if (p := bench.cfg.out / "saes" / f"{variant}-l0={t:g}" / "job.json").exists()})
+    if not used:
+        if best is None:
+            return "-"
+        used = [best["best"]["lr"]]
+    grid = [r["lr"] for r in best["runs"]] if best else []
+    edge = bool(grid) and any(math.isclose(lr, g) for lr in used for g in (min(grid), max(grid)))
+    return "/".join(f"x{lr / base:.3g}" for lr in used) + (" (edge)" if edge else "")
 
 
 def matched_table(bench) -> tuple[str, list[dict]]:
@@ -121,7 +129,7 @@ def matched_table(bench) -> tuple[str, list[dict]]:
                          "unlearning_score_retain95": _unlearning(bench, unl_sae, LOOSE_RETAIN) if l0 == 32.0 else None,
                          "unlearning_sae": unl_sae if l0 == 32.0 else None, "evaluated": unl_sae is not None})
     lines = ["| variant | L0 | EV | CE loss score | KL score | dead frac | unlearning (SAE nearest L0 32) | "
-             "unlearning at retain >= 0.95 | lr (x default) | train tok/s | from |",
+             "unlearning at retain >= 0.95 | lr (x default, own sweep) | train tok/s | from |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("only_published"):

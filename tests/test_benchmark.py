@@ -22,8 +22,8 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, tmp_path, stages=("store", "lr"))
     Benchmark(cfg, lines.append).run()  # interrupted after the lr sweep
     sweep = json.loads((cfg.out / "lr_sweep.json").read_text())
-    assert set(sweep["archs"]) == {"topk", "standard"}
-    for a in sweep["archs"].values():  # 0.5x, 1x, 2x the default lr, more past an edge the best rate sits on
+    assert set(sweep["variants"]) == {"topk", "standard"}
+    for a in sweep["variants"].values():  # 0.5x, 1x, 2x the default lr, more past an edge the best rate sits on
         lrs = sorted(r["lr"] for r in a["runs"])
         assert len(lrs) >= 3 and (len(lrs) == 3 + LR_EXTENSIONS or lrs[0] < a["lr"] < lrs[-1])
 
@@ -39,7 +39,7 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     assert topk["saestrata"]["hparams"]["k"] == 3
     std = json.loads((cfg.out / "saes" / "standard-l0=3" / "cfg.json").read_text())
     assert std["saestrata"]["target_l0"] == 3 and "sparsity_multiplier" in std["saestrata"]["final_counters"]
-    assert std["saestrata"]["lr"] == sweep["archs"]["standard"]["lr"]  # the swept rate is used
+    assert std["saestrata"]["lr"] == sweep["variants"]["standard"]["lr"]  # the swept rate is used
     assert (cfg.out / "core" / "topk-l0=3.json").exists()
     # Extra init seeds for topk at the targets nearest 32 from each side (here only 12 is below it).
     assert (cfg.out / "core" / "topk-l0=12-seed1.json").exists()
@@ -205,7 +205,7 @@ def test_lr_sweep_stops_when_the_best_rate_is_inside_and_prefers_runs_at_the_tar
     assert chosen["rule"].startswith("lowest FVU among runs with L0 within 25%")
 
 
-def test_lr_sweep_file_keeps_the_archs_a_narrowed_run_does_not_cover(tiny_model_dir, tmp_path):
+def test_lr_sweep_file_keeps_the_variants_a_narrowed_run_does_not_cover(tiny_model_dir, tmp_path):
     first = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"]), lambda _: None)
     for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.1), ("lr-topk-x2", 0.2)):
         _record(first, name, fvu)
@@ -215,7 +215,7 @@ def test_lr_sweep_file_keeps_the_archs_a_narrowed_run_does_not_cover(tiny_model_
         _record(second, name, fvu)
     second.code = "other-code"
     second.chosen_lrs()  # a run of other variants (and code) rewrites the file
-    archs = json.loads((first.cfg.out / "lr_sweep.json").read_text())["archs"]
+    archs = json.loads((first.cfg.out / "lr_sweep.json").read_text())["variants"]
     assert set(archs) == {"topk", "standard"}
     assert archs["topk"]["lr"] == first.chosen_lrs(write=False)["topk"]["lr"] and archs["topk"]["code"] == first.code
     assert archs["standard"]["code"] == "other-code"
@@ -335,3 +335,38 @@ def test_matched_table_has_no_rows_that_can_never_fill(tiny_model_dir, tmp_path)
     assert len(lam) == 1 and "as published only" in lam[0] and "not evaluated yet" not in lam[0]
     assert [l.split("|")[2].strip() for l in lines if l.startswith("| seed004-k3 |")] == ["32"]
     assert [l.split("|")[2].strip() for l in lines if l.startswith("| topk |")] == ["32", "64"]
+
+
+def test_each_variant_has_its_own_lr_sweep_whatever_else_the_run_holds(tiny_model_dir, tmp_path):
+    """Presets of one arch: each is swept and trained at its own rate. With a shared sweep, the variant standing
+    for the arch (the first in ``variants``) and so seed004-k3's lr depended on how a run was narrowed."""
+    alone = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["seed004-k3"]), lambda _: None)
+    both = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["seed004-groups", "seed004-k3"]), lambda _: None)
+    names = lambda b: [j.name for j in b.lr_jobs("seed004-k3")[0]]  # noqa: E731
+    assert names(alone) == names(both) == ["lr-seed004-k3-x0.5", "lr-seed004-k3-x1", "lr-seed004-k3-x2"]
+    # groups' best rate is x1; k3's is x2 (at the edge, so its sweep adds x4, which is worse).
+    for name, fvu in (("lr-seed004-groups-x0.5", 0.2), ("lr-seed004-groups-x1", 0.1), ("lr-seed004-groups-x2", 0.3),
+                      ("lr-seed004-k3-x0.5", 0.3), ("lr-seed004-k3-x1", 0.2), ("lr-seed004-k3-x2", 0.1),
+                      ("lr-seed004-k3-x4", 0.2)):
+        _record(both, name, fvu)
+    for b in (alone, both):
+        lrs = b.chosen_lrs(write=False)
+        k3 = [j for j in b.matched_jobs(lrs) if j.arch == "seed004-k3"]
+        assert k3 and {j.lr for j in k3} == {lrs["seed004-k3"]["lr"]} == {b._sweep_job("seed004-k3", 2.0).lr}
+    assert both.chosen_lrs(write=False)["seed004-groups"]["lr"] == both._sweep_job("seed004-groups", 1.0).lr
+
+
+def test_lr_column_is_the_rate_the_matched_saes_were_trained_with(tiny_model_dir, tmp_path):
+    """The table's lr comes from the SAEs' own job.json (read: what trained them), not from another sweep."""
+    from saestrata.benchmark_report import swept_lr
+    from saestrata.train.trainer import default_lr
+
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"], targets=(3.0, 12.0)), lambda _: None)
+    for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.1), ("lr-topk-x2", 0.2)):
+        _record(bench, name, fvu)
+    assert swept_lr(bench, "topk") == "x1"  # nothing trained yet: the sweep's choice, inside the grid
+    for t in (3, 12):
+        d = bench.cfg.out / "saes" / f"topk-l0={t}"
+        d.mkdir(parents=True)
+        (d / "job.json").write_text(json.dumps({"lr": 2 * default_lr(bench.cfg.d_sae)}))
+    assert swept_lr(bench, "topk") == "x2 (edge)"
