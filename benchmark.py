@@ -4,15 +4,14 @@ One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
 
 1. **store**: harvest the whole embedded wiki train split (or ``--train-tokens``) for ``--layer``
    (the harvester resumes a half-written store and reuses a finished one).
-2. **lr sweep**: per arch (one representative variant each), the same small sweep
+2. **lr sweep**: per variant (every preset and ablation its own), the same small sweep
    ``lr = default_lr(d_sae) * {0.5, 1, 2}`` at target L0 32 on a quarter of the budget, plain
    Adam, the same gradient clip (1.0) for all, extended by factors of 2 past an edge while the
    best rate sits on it (:data:`LR_EXTENSIONS`). Each run is scored by its training FVU and L0
    averaged over its last 10% of steps; the rate with the lowest FVU among the runs whose L0
-   landed within 25% of the target (all runs when none did) is kept for every variant of that
-   arch. Sweep runs see each token once, so their training FVU is a held-out estimate.
+   landed within 25% of the target (all runs when none did) is that variant's rate. Sweep runs see each token once, so their training FVU is a held-out estimate.
 3. **matched**: every variant at each target L0 of ``--targets`` (default 24, 40, 48, 80: two
-   points bracketing L0 32 and two bracketing 64), the arch's swept lr, plain Adam (weight decay 0),
+   points bracketing L0 32 and two bracketing 64), the variant's swept lr, plain Adam (weight decay 0),
    ``k = target`` for the TopK family, the trainer's L0 controller for penalty archs
    (:class:`~saestrata.train.trainer.L0Controller`). A paper's ablations (:data:`ABLATIONS`)
    only at the two targets bracketing 32; :data:`PUBLISHED_ONLY` presets skip this stage.
