@@ -9,7 +9,8 @@ One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
    Adam, the same gradient clip (1.0) for all, extended by factors of 2 past an edge while the
    best rate sits on it (:data:`LR_EXTENSIONS`). Each run is scored by its training FVU and L0
    averaged over its last 10% of steps; the rate with the lowest FVU among the runs whose L0
-   landed within 25% of the target (all runs when none did) is that variant's rate. Sweep runs see each token once, so their training FVU is a held-out estimate.
+   landed within 25% of the target (all runs when none did) is that variant's rate. Sweep runs
+   see each token once, so their training FVU is a held-out estimate.
 3. **matched**: every variant at each target L0 of ``--targets`` (default 24, 40, 48, 80: two
    points bracketing L0 32 and two bracketing 64), the variant's swept lr, plain Adam (weight decay 0),
    ``k = target`` for the TopK family, the trainer's L0 controller for penalty archs
@@ -567,19 +568,20 @@ class Benchmark:
     def _nearest_result_pending(self, job: Job, path_of: Callable[[str], Path]) -> bool:
         """True while no matched SAE of ``job``'s variant has the result at ``path_of(name)`` and ``job``'s SAE may be
         the variant's SAE nearest L0 32 (it is, or not every matched point is evaluated yet)."""
-        names = [f"{job.arch}-l0={t:g}" for t in self.cfg.targets]
-        if any(path_of(n).exists() for n in names):
+        if any(path_of(f"{job.arch}-l0={t:g}").exists() for t in self.cfg.targets):
             return False
-        evaluated = all(self.core_path(n).exists() for n in names)
-        return not evaluated or self.nearest_to(job.arch, SWEEP_TARGET) == job.name
+        return not self._all_evaluated(job.arch) or self.nearest_to(job.arch, SWEEP_TARGET) == job.name
+
+    def _all_evaluated(self, variant: str) -> bool:
+        """True once every matched-stage SAE of ``variant`` has its core result."""
+        return all(self.core_path(f"{variant}-l0={t:g}").exists() for t in self.cfg.targets)
 
     def _bracket_probe_pending(self, job: Job) -> bool:
         """True while ``job``'s SAE lacks a probing result and may be one of the two bracketing L0 32
         (:meth:`bracketing`; unknown until every matched point of its variant is evaluated)."""
         if self.probing_path(job.name).exists():
             return False
-        names = [f"{job.arch}-l0={t:g}" for t in self.cfg.targets]
-        return not all(self.core_path(n).exists() for n in names) or job.name in self.bracketing(job.arch, SWEEP_TARGET)
+        return not self._all_evaluated(job.arch) or job.name in self.bracketing(job.arch, SWEEP_TARGET)
 
     def core(self, name: str) -> dict | None:
         """The core result of SAE ``name``, or None."""
@@ -671,11 +673,12 @@ class Benchmark:
                     self.train_job(job, need)
             if "evaluate" in stages:
                 self.evaluate([j.name for j in jobs])
-            variants = dict.fromkeys(j.arch for j in jobs if j.arch not in ABLATIONS)
-            if "unlearn" in stages and cfg.unlearn:
-                self.unlearn([n for n in (self.nearest_to(v, SWEEP_TARGET) for v in variants) if n])
+            if v in ABLATIONS:  # a paper's ablations get neither unlearning nor probing
+                continue
+            if "unlearn" in stages and cfg.unlearn and (nearest := self.nearest_to(v, SWEEP_TARGET)):
+                self.unlearn([nearest])
             if "probe" in stages:  # both SAEs bracketing L0 32, so the report can interpolate at 32
-                self.probe([n for v in variants for n in self.bracketing(v, SWEEP_TARGET)])
+                self.probe(self.bracketing(v, SWEEP_TARGET))
         lrs = self.chosen_lrs("lr" in stages)
         published = self.published_jobs()
         if "published" in stages:

@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .evaluate.report import matched_l0_rows, write_report
+from .evaluate.report import log_l0_weight, matched_l0_rows, write_report
 
 MATCHED_AT = (32.0, 64.0)
 
@@ -241,7 +241,7 @@ def probing_table(bench, l0: float = 32.0) -> tuple[str, list[dict]]:
                "files": [p["file"] for p in pts] + [p["l0_file"] for p in pts if p["l0_file"]]}
         lo, hi = pts[0], pts[-1]
         if len(pts) == 2 and lo["l0"] and hi["l0"] and lo["l0"] < hi["l0"]:
-            w = (math.log(l0) - math.log(lo["l0"])) / (math.log(hi["l0"]) - math.log(lo["l0"]))
+            w = log_l0_weight(lo["l0"], hi["l0"], l0)
             row.update(sae=f"{lo['sae']} (L0 {lo['l0']:.1f}) + {hi['sae']} (L0 {hi['l0']:.1f})", interpolated=True,
                        l0=l0, metrics=_interpolate(lo["metrics"], hi["metrics"], w),
                        groups=_interpolate(lo["groups"], hi["groups"], w))
@@ -515,6 +515,7 @@ def write_benchmark_report(bench) -> Path:
     spread_md, spread_rows = seed_spread(bench)
     pub_md, pub_rows = published_table(bench)
     claim_rows = claims(bench)
+    claims_md = claims_table(claim_rows)
     mech_md, mech_rows = mechanisms_table(bench)
     probe_md, probe_rows = probing_table(bench)
     probe_codes = sorted({p["code"] or "?" for r in probe_rows for p in r.get("points", [])})
@@ -524,7 +525,7 @@ def write_benchmark_report(bench) -> Path:
     (out / "matched.md").write_text(f"# Every variant at matched L0\n\nCode {', '.join(codes) or '-'}.{mixed}\n\n"
                                     f"{matched_md}\n\n## Init seeds\n\n{spread_md}\n")
     (out / "published.md").write_text(f"# At each paper's own settings\n\n{pub_md}\n")
-    (out / "claims.md").write_text(f"# The seeds' claims, checked\n\n{claims_table(claim_rows)}\n")
+    (out / "claims.md").write_text(f"# The seeds' claims, checked\n\n{claims_md}\n")
     (out / "mechanisms.md").write_text("# Mechanisms seen acting (final train-log counters)\n\n"
                                        f"Counter meanings: each arch module's `counters` docstring.\n\n{mech_md}\n")
     (out / "probing.md").write_text(
@@ -545,5 +546,5 @@ def write_benchmark_report(bench) -> Path:
         write_report(inputs, out / "report", matched_l0=32.0)
     if bench.cfg.readme is not None:  # last: a README without markers must not cost the files above
         update_readme(Path(bench.cfg.readme), {"matched": matched_md, "seeds": spread_md,
-                                               "claims": claims_table(claim_rows), "probing": _first_table(probe_md)})
+                                               "claims": claims_md, "probing": _first_table(probe_md)})
     return out / "matched.md"

@@ -132,6 +132,13 @@ def unlearning_rows(inputs: Inputs) -> list[dict]:
 METRICS_AT_L0 = ("explained_variance", "ce_loss_score", "kl_div_score")
 
 
+def log_l0_weight(lo: float, hi: float, l0: float) -> float:
+    """Weight ``w`` of the point at L0 ``hi`` when interpolating at ``l0`` linearly in log L0 between measured
+    L0s ``lo <= l0 <= hi`` (all > 0, active latents per token): value = a + w (b - a); 0.0 when ``lo == hi``."""
+    span = math.log(hi) - math.log(lo)
+    return 0.0 if span == 0 else (math.log(l0) - math.log(lo)) / span
+
+
 def matched_l0_rows(rows: list[dict], l0: float) -> list[dict]:
     """Each arch's metrics at a common ``l0``, interpolated linearly in log L0 (SAEBench-style comparison).
 
@@ -149,8 +156,7 @@ def matched_l0_rows(rows: list[dict], l0: float) -> list[dict]:
         if not below or not above:
             continue
         lo, hi = below[-1], above[0]
-        span = math.log(hi["l0"]) - math.log(lo["l0"])
-        w = 0.0 if span == 0 else (math.log(l0) - math.log(lo["l0"])) / span
+        w = log_l0_weight(lo["l0"], hi["l0"], l0)
         row = {"arch": arch, "l0": l0}
         for key in METRICS_AT_L0:
             a, b = lo.get(key), hi.get(key)
