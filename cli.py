@@ -366,9 +366,8 @@ def _check_specs(specs, d_sae: int) -> None:
 @click.option("--tokens", default=600 * 1024, show_default=True, type=POS_INT, help="Training tokens per SAE.")
 @click.option("--batch-size", default=1024, show_default=True, type=POS_INT)
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True),
-              help="Learning rate of SAEs whose arch/preset has none of its own (default 2e-4 / sqrt(d_sae / "
-                   "16384)). A preset's own lr (e.g. the seed papers' 3e-4) wins over --lr; override it with "
-                   "--set lr=VALUE.")
+              help="Learning rate of every SAE of the run (a --set lr= sweep wins over it). Default: a preset's "
+                   "own lr (the seed papers' 3e-4), else 2e-4 / sqrt(d_sae / 16384).")
 @click.option("--seed", default=0, show_default=True, type=NONNEG_INT)
 @click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--no-autocast", is_flag=True, help="Train in fp32 (default: bf16 autocast, fp32 master weights).")

@@ -27,7 +27,7 @@ def test_presets_named_like_their_arch_are_applied(name):
     arch, preset = resolve(name)
     assert arch == name
     assert preset.get("lr") == 3e-4 and preset.get("weight_decay") == 0.01  # seed 001 sec. 5
-    cfg = TrainConfig(store=None, layer=0, out=None, specs=[], lr=4e-4)
+    cfg = TrainConfig(store=None, layer=0, out=None, specs=[])  # no --lr given
     opt = _optimizer(SAESpec(name, name), build(name, 16, 64), cfg)
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["lr"] == 3e-4 and opt.defaults["weight_decay"] == 0.01

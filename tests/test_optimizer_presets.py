@@ -8,7 +8,7 @@ def test_seed_presets_carry_their_papers_adamw_settings():
     from saestrata.train.trainer import SAESpec, TrainConfig, _optimizer
     from saestrata.train.registry import build
 
-    cfg = TrainConfig(store=None, layer=0, out=None, specs=[], lr=4e-4)
+    cfg = TrainConfig(store=None, layer=0, out=None, specs=[])  # no --lr: the presets' own rates apply
 
     def opt(arch, lr=None, **hp):
         return _optimizer(SAESpec(arch, arch, hp, lr), build(arch, 16, 64, **hp), cfg)
@@ -18,12 +18,28 @@ def test_seed_presets_carry_their_papers_adamw_settings():
     assert tiered.defaults["lr"] == 3e-4 and tiered.defaults["weight_decay"] == 1e-4
     grouped = opt("seed001_fixed_ortho")  # seed 001 sec. 5: weight decay 0.01
     assert isinstance(grouped, torch.optim.AdamW) and grouped.defaults["weight_decay"] == 0.01
-    plain = opt("topk")  # baselines: plain Adam at the run's learning rate
+    plain = opt("topk")  # baselines: plain Adam at default_lr(d_sae=64) = 2e-4 * 16
     assert isinstance(plain, torch.optim.Adam) and not isinstance(plain, torch.optim.AdamW)
-    assert plain.defaults["lr"] == 4e-4
+    assert plain.defaults["lr"] == pytest.approx(3.2e-3)
     swept = opt("seed004-groups", lr=1e-3, weight_decay=0.5)  # --set lr / weight_decay win over the preset
     assert isinstance(swept, torch.optim.AdamW)
     assert swept.defaults["lr"] == 1e-3 and swept.defaults["weight_decay"] == 0.5
+
+
+def test_an_explicit_lr_wins_over_a_presets_lr_and_set_lr_wins_over_both():
+    """``train --lr`` (cfg.lr) once lost silently to a preset's 3e-4: a control run meant at 8e-3 trained at 3e-4."""
+    from saestrata.train.trainer import SAESpec, TrainConfig, _optimizer
+    from saestrata.train.registry import build, optimizer_hparams
+
+    cfg = TrainConfig(store=None, layer=0, out=None, specs=[], lr=8e-3)
+    for name in ("seed002-contrastive", "seed001_static_hier", "seed003-tiered", "topk"):
+        opt = _optimizer(SAESpec(name, name), build(name, 16, 64), cfg)
+        assert opt.defaults["lr"] == 8e-3, name
+    seed002 = _optimizer(SAESpec("seed002-contrastive", "seed002-contrastive"), build("seed002-contrastive", 16, 64), cfg)
+    wd = optimizer_hparams("seed002-contrastive")["weight_decay"]  # the rest of the preset stays
+    assert isinstance(seed002, torch.optim.AdamW) and seed002.defaults["weight_decay"] == wd > 0
+    swept = _optimizer(SAESpec("topk", "topk", {}, 5e-3), build("topk", 16, 64), cfg)
+    assert swept.defaults["lr"] == 5e-3
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
