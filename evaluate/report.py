@@ -139,11 +139,11 @@ def log_l0_weight(lo: float, hi: float, l0: float) -> float:
     return 0.0 if span == 0 else (math.log(l0) - math.log(lo)) / span
 
 
-def matched_l0_rows(rows: list[dict], l0: float) -> list[dict]:
+def matched_l0_rows(rows: list[dict], l0: float, metrics: tuple[str, ...] = METRICS_AT_L0) -> list[dict]:
     """Each arch's metrics at a common ``l0``, interpolated linearly in log L0 (SAEBench-style comparison).
 
     For every arch, the two core results nearest to ``l0`` on either side (L0 below and
-    above it, or equal) give :data:`METRICS_AT_L0` at ``l0``; an arch whose results do not
+    above it, or equal) give ``metrics`` (default :data:`METRICS_AT_L0`) at ``l0``; an arch whose results do not
     bracket ``l0`` gets no row (no extrapolation). Results of one arch family (e.g. several
     presets of ``importance_tracking``) share one curve. Each row names the two results used.
     """
@@ -158,7 +158,7 @@ def matched_l0_rows(rows: list[dict], l0: float) -> list[dict]:
         lo, hi = below[-1], above[0]
         w = log_l0_weight(lo["l0"], hi["l0"], l0)
         row = {"arch": arch, "l0": l0}
-        for key in METRICS_AT_L0:
+        for key in metrics:
             a, b = lo.get(key), hi.get(key)
             row[key] = a + w * (b - a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
         row["between"] = f"{lo['sae']} (L0 {lo['l0']:.1f}), {hi['sae']} (L0 {hi['l0']:.1f})"

@@ -1,6 +1,7 @@
 """``saestrata benchmark`` end to end on the tiny model: stages, matched rows, resumability."""
 
 import json
+import math
 
 import pytest
 from dataclasses import asdict
@@ -370,3 +371,47 @@ def test_lr_column_is_the_rate_the_matched_saes_were_trained_with(tiny_model_dir
         d.mkdir(parents=True)
         (d / "job.json").write_text(json.dumps({"lr": 2 * default_lr(bench.cfg.d_sae)}))
     assert swept_lr(bench, "topk") == "x2 (edge)"
+
+
+def _fake_core(bench, name, l0, ev, ce, kl, alive_frac, loss=None):
+    """A hand-built core result + saved-SAE record for report tests (values chosen by the test)."""
+    core = {"eval_result_metrics": {"sparsity": {"l0": l0}, "reconstruction_quality": {"explained_variance": ev},
+                                    "model_performance_preservation": {"ce_loss_score": ce},
+                                    "model_behavior_preservation": {"kl_div_score": 1 - kl / 10, "kl_div_with_sae": kl},
+                                    "misc_metrics": {"frac_alive": alive_frac}},
+            "eval_result_unstructured": {}, "sae_cfg_dict": {"d_sae": bench.cfg.d_sae}}
+    bench.core_path(name).parent.mkdir(parents=True, exist_ok=True)
+    bench.core_path(name).write_text(json.dumps(core))
+    sae = bench.cfg.out / "saes" / name
+    sae.mkdir(parents=True, exist_ok=True)
+    (sae / "cfg.json").write_text(json.dumps({"saestrata": {}}))
+    if loss is not None:
+        (sae / "train_log.jsonl").write_text(json.dumps({"step": 0, "loss": 2 * loss}) + "\n"
+                                             + json.dumps({"step": 9, "loss": loss}) + "\n")
+
+
+def test_seed004_claims_use_its_uniform_l1_baseline_and_sweep_k_and_gamma(tmp_path):
+    """Seed 004's baseline is its uniform-L1 SAE (sec. 5), not `standard`; K / gamma rows list every point."""
+    from saestrata.benchmark_report import claims
+
+    bench = Benchmark(_cfg("no-model-needed", tmp_path, d_sae=100, targets=(24.0, 40.0)), lambda _: None)
+    _fake_core(bench, "standard-published", 50, 0.5, 0.5, 1.0, 0.11)  # must not appear in seed 004's rows
+    sweep = {"seed004-uniform": 0.9, "seed004-k3": 0.8, "seed004-groups": 0.7, "seed004-k7": 0.6,
+             "seed004-gamma1.25": 0.75, "seed004-gamma2": 0.65}
+    for i, (v, ce) in enumerate(sweep.items()):
+        _fake_core(bench, f"{v}-published", 60, ce, ce, 1 - ce, 0.2 + i / 10, loss=2.0 if v == "seed004-groups" else None)
+        _fake_core(bench, f"{v}-l0=24", 24, ce - 0.1, ce - 0.1, 2 - ce, 0.5)
+        _fake_core(bench, f"{v}-l0=40", 40, ce - 0.05, ce - 0.05, 1.5 - ce, 0.5)
+    _fake_core(bench, "seed004-lambda0.06-published", 40, 0.6, 0.6, 0.5, 0.5, loss=2.5)
+    rows = {r["claim"]: r for r in claims(bench)}
+    alive = rows["alive latents, uniform L1 (lambda 0.04) -> group sparsity"]
+    assert alive["published"] == "20 vs 40"  # uniform 0.2 x 100 alive, groups 0.4 x 100; standard's 11 nowhere
+    ev = rows["explained variance, uniform L1 (lambda 0.04) -> group sparsity"]
+    assert ev["published"] == "0.900 vs 0.700"
+    w = math.log(32 / 24) / math.log(40 / 24)  # log-L0 interpolation at 32
+    assert ev["matched"] == f"{0.8 + 0.05 * w:.3f} vs {0.6 + 0.05 * w:.3f}"
+    k = rows["group count K: K = 5 optimal (CE loss score per K)"]
+    assert k["published"] == "K=1 0.900, K=3 0.800, K=5 0.700, K=7 0.600"
+    gamma = rows["progression factor gamma: KL div 0.31 / 0.047 / 0.99 at gamma 1.25 / 1.5 / 2.0"]
+    assert gamma["published"] == "gamma=1 0.100, gamma=1.25 0.250, gamma=1.5 0.300, gamma=2 0.350"
+    assert rows["base penalty lambda 0.06 vs 0.04: training loss"]["published"].startswith("+25%")
