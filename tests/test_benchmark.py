@@ -203,7 +203,18 @@ def test_lr_sweep_stops_when_the_best_rate_is_inside_and_prefers_runs_at_the_tar
         _record(bench, name, fvu, l0)
     jobs, chosen = bench.lr_jobs("standard")
     assert len(jobs) == 3 and chosen["best"]["sae"] == "lr-standard-x1"
-    assert chosen["rule"].startswith("lowest FVU among runs with L0 within 25%")
+    assert chosen["rule"].startswith("lowest FVU x (L0/32)^0.5 among runs with L0 within 25%")
+
+
+def test_lr_sweep_does_not_reward_a_rate_for_overshooting_the_target_l0(tiny_model_dir, tmp_path):
+    """seed002-selection's sweep (2026-12-03): 32x ended at L0 35.3 with FVU 0.0888, 16x at L0 31.2 with
+    0.0905; the raw-FVU rule took 32x, which was the worse rate at the full budget."""
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["standard"]), lambda _: None)
+    for name, fvu, l0 in (("lr-standard-x0.5", 0.1111, 31.9), ("lr-standard-x1", 0.0905, 31.2),
+                          ("lr-standard-x2", 0.0888, 35.3)):
+        _record(bench, name, fvu, l0)
+    jobs, chosen = bench.lr_jobs("standard")
+    assert chosen["best"]["sae"] == "lr-standard-x1" and len(jobs) == 3
 
 
 def test_lr_sweep_file_keeps_the_variants_a_narrowed_run_does_not_cover(tiny_model_dir, tmp_path):
