@@ -140,7 +140,7 @@ def _l0_corrected_fvu(run: dict) -> float:
     its raw FVU is then lower only because it uses more latents. Scored raw, that picked 32x over 16x
     for seven variants (seed002-selection: FVU 0.0888 at L0 35.3 vs 0.0905 at L0 31.2), and at the full
     budget 32x was the worse rate (seed002-selection at L0 24: FVU 0.079 / dead 0.15 at 32x, 0.068 /
-    0.06 at 16x; /work/exp/lrctl, 2026-12-03).
+    0.06 at 16x; a `saestrata train --set lr=` control of 2026-12-03, README "The lr sweep").
     """
     if not (math.isfinite(run["fvu"]) and run["l0"] > 0):
         return math.inf

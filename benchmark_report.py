@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .evaluate.report import log_l0_weight, matched_l0_rows, write_report
+from .evaluate.report import METRICS_AT_L0, log_l0_weight, matched_l0_rows, write_report
 
 MATCHED_AT = (32.0, 64.0)
 
@@ -69,12 +69,12 @@ def _unlearning(bench, name: str | None, retain: float | None = None) -> float |
     return max(ok, default=0.0)
 
 
-def _matched(bench, variant: str, l0: float, seed: int = 0, metrics: tuple[str, ...] | None = None) -> dict | None:
+def _matched(bench, variant: str, l0: float, seed: int = 0, metrics: tuple[str, ...] = METRICS_AT_L0) -> dict | None:
     """``variant`` interpolated at ``l0`` from its matched-stage results (seed 0 = the main runs);
     ``metrics``: the :func:`_core_row` keys to interpolate (default: the matched table's)."""
     suffix = f"-seed{seed}" if seed else ""
     rows = [r for r in (_core_row(bench, f"{variant}-l0={t:g}{suffix}", variant) for t in bench.cfg.targets) if r]
-    hit = matched_l0_rows(rows, l0, **({"metrics": metrics} if metrics else {}))
+    hit = matched_l0_rows(rows, l0, metrics)
     if not hit:
         return None
     row = hit[0]
@@ -403,11 +403,16 @@ SEED004_K = (("seed004-uniform", 1), ("seed004-k3", 3), ("seed004-groups", 5), (
 SEED004_GAMMA = (("seed004-uniform", 1.0), ("seed004-gamma1.25", 1.25), ("seed004-groups", 1.5), ("seed004-gamma2", 2.0))
 
 
+def _last_log_line(folder: Path) -> dict:
+    """The last line of an SAE folder's ``train_log.jsonl`` ({} without a log)."""
+    path = folder / "train_log.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
 def _final_loss(bench, name: str) -> float | None:
     """Last logged training loss of SAE ``name`` (train-log units), None if it has no log."""
-    path = bench.cfg.out / "saes" / name / "train_log.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]).get("loss") if lines else None
+    return _last_log_line(bench.cfg.out / "saes" / name).get("loss")
 
 
 def _seed004_claims(bench, add) -> None:
@@ -454,9 +459,7 @@ def _final_counters(folder: Path) -> dict:
     units there; every log line is in training units.
     """
     cfg = json.loads((folder / "cfg.json").read_text())["saestrata"]
-    lines = (folder / "train_log.jsonl").read_text().splitlines() if (folder / "train_log.jsonl").exists() else []
-    last = json.loads(lines[-1]).get("counters", {}) if lines else {}
-    return {**(cfg.get("final_counters") or {}), **last}
+    return {**(cfg.get("final_counters") or {}), **_last_log_line(folder).get("counters", {})}
 
 
 def mechanisms_table(bench) -> tuple[str, list[dict]]:
