@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from saestrata.train.registry import build, resolve
-from saestrata.train.trainer import L0Controller, SAESpec, TrainConfig, _optimizer, dead_window, lr_factor, train
+from saestrata.train.trainer import PENALTY_START_LOG_MULT, L0Controller, SAESpec, TrainConfig, _optimizer, dead_window, lr_factor, train
 
 
 def _log(folder):
@@ -126,15 +126,50 @@ def test_l0_controller_damps_a_lagging_response():
     assert swing(1.0) < 0.2 < swing(0.0)
 
 
+def _lagging_plant_min_l0(ctl: L0Controller, calibrated_log_mult: float, steps=1024, warm=51, lag=20.0) -> float:
+    """Lowest L0 after the sparsity warmup of a plant whose L0 reaches ``target`` at multiplier
+    ``exp(calibrated_log_mult)`` (log L0 falls 1.5x as fast as log penalty, first-order lag of ``lag`` steps),
+    under the trainer's penalty schedule ``min(1, (step + 1) / warm) * multiplier``."""
+    log_l0, seen = math.log(1000.0), []
+    for step in range(steps):
+        log_pen = math.log(min(1.0, (step + 1) / warm)) + ctl.log_mult
+        settled = min(math.log(1000.0), math.log(ctl.target) - 1.5 * (log_pen - calibrated_log_mult))
+        log_l0 += (settled - log_l0) / lag
+        ctl.update(step, math.exp(log_l0))
+        seen.append(math.exp(log_l0))
+    return min(seen[warm:])
+
+
+def test_l0_controller_approaches_the_target_from_above_when_the_default_penalty_is_far_too_strong():
+    """Issue 10, equal care: an arch whose default coefficient is 20x too strong (standard's lambda 5 and seed
+    001's L1 weight 5 were 9-14x) must not see its L0 collapse during the warmup, as archs whose default is too
+    weak never do. Starting at the arch's own coefficient (the rule before 2026-12-03) collapses it."""
+    old = _lagging_plant_min_l0(L0Controller(target=24, start=51, stop=1024), calibrated_log_mult=-3.0)
+    new = _lagging_plant_min_l0(L0Controller(target=24, start=51, stop=1024, start_log_mult=PENALTY_START_LOG_MULT),
+                                calibrated_log_mult=-3.0)
+    weak_default = _lagging_plant_min_l0(L0Controller(target=24, start=51, stop=1024,
+                                                      start_log_mult=PENALTY_START_LOG_MULT), calibrated_log_mult=2.0)
+    assert old < 0.1 * 24
+    assert new > 0.9 * 24 and weak_default > 0.9 * 24
+
+
+def test_penalty_archs_start_weak_and_jumprelu_at_its_own_coefficient(tiny_store, tmp_path):
+    specs = [SAESpec("std", "standard", target_l0=4), SAESpec("jr", "jumprelu", target_l0=4)]
+    out = _train(tiny_store, tmp_path / "run", specs, steps=40)
+    first = {name: _log(out[name])[0]["counters"]["sparsity_multiplier"] for name in ("std", "jr")}
+    assert first["std"] == pytest.approx(math.exp(PENALTY_START_LOG_MULT)) and first["jr"] == 1.0
+
+
 def test_target_l0_calibrates_a_penalty_arch_and_sets_k(tiny_store, tmp_path):
     specs = [SAESpec("free", "standard", {"l1_coeff": 0.01}),
              SAESpec("calibrated", "standard", {"l1_coeff": 0.01}, target_l0=4),
              SAESpec("topk", "topk", target_l0=6)]
-    out = _train(tiny_store, tmp_path / "run", specs, steps=120, lr=3e-3)
+    # 240 steps: from its weak start (PENALTY_START_LOG_MULT) the multiplier needs ~80 steps to reach the default
+    out = _train(tiny_store, tmp_path / "run", specs, steps=240, lr=3e-3)
     free, cal = _log(out["free"]), _log(out["calibrated"])
     assert cal[-1]["counters"]["sparsity_multiplier"] > 1.0
-    warm = max(1, int(0.05 * 120))  # TrainConfig.sparsity_warmup_frac: the controller acts from there to the last step
-    assert cal[-1]["counters"]["l0_control_updates"] == 120 - warm
+    warm = max(1, int(0.05 * 240))  # TrainConfig.sparsity_warmup_frac: the controller acts from there to the last step
+    assert cal[-1]["counters"]["l0_control_updates"] == 240 - warm
     assert cal[-1]["l0"] < 0.5 * free[-1]["l0"]
     assert abs(cal[-1]["l0"] - 4) < abs(free[-1]["l0"] - 4)
     cfg = json.loads((out["topk"] / "cfg.json").read_text())

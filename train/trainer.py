@@ -149,6 +149,11 @@ def dead_window(cfg: TrainConfig) -> int:
     return max(cfg.batch_size, cfg.dead_window_tokens or cfg.tokens // 10)
 
 
+# log(multiplier) a penalty arch's L0 controller starts from (L0Controller): weak enough for L0 to approach the
+# target from above for every arch here (calibrated multipliers e^-2.6 .. e^10.6 in the benchmark of 2026-12-02).
+PENALTY_START_LOG_MULT = -4.0
+
+
 class L0Controller:
     """``--target-l0`` for penalty archs: a multiplier on every sparsity term, steered to the target.
 
@@ -172,9 +177,18 @@ class L0Controller:
     target as a hyperparameter for its own two-sided L0 loss, and this controller on that loss's weight
     (train/jumprelu.py).
 
+    Penalty archs start from a weak penalty, ``start_log_mult = PENALTY_START_LOG_MULT`` (e^-4), so L0
+    approaches the target from above whatever the arch's default coefficient: starting at the default
+    (multiplier 1, the rule before 2026-12-03) let archs whose default is ~10x too strong for the target
+    (standard's lambda 5, seed 001's L1 weight 5: calibrated multipliers 0.06-0.11) collapse L0 to 1-20
+    during the sparsity warmup (seed001_fixed_ortho: L0 753 -> 1.5 between steps 25 and 50), which killed
+    latents for good (dead 0.3-0.5 over the run vs 0.01 starting low, target 24, 1M tokens), while archs
+    whose default is too weak (seed 002 / 004, multipliers 8-10) approached from above: an unequal start.
+
     Args:
         target: mean active latents per token wanted (> 0).
         start, stop: 0-based steps between which the multiplier moves.
+        start_log_mult: ``log(multiplier)`` before ``start`` (0: the arch's own coefficient).
         gain: integral step size in log space; default ``max(0.05, 8 / (stop - start))``, so that even a
             short run can move the multiplier by e^8 (a 10x miss moves it e^1 in <= 20 steps). The
             floor sets how closely L0 follows a target whose penalty keeps drifting as the SAE learns
@@ -189,17 +203,17 @@ class L0Controller:
     """
 
     def __init__(self, target: float, start: int, stop: int, gain: float | None = None,
-                 proportional: float = 1.0, floor: float = -30.0):
+                 proportional: float = 1.0, floor: float = -30.0, start_log_mult: float = 0.0):
         self.target, self.start, self.stop, self.floor = float(target), start, stop, floor
         self.gain = gain if gain is not None else max(0.05, 8.0 / max(1, stop - start))
         self.proportional = proportional
-        self.integral = 0.0
-        self.log_mult = 0.0
+        self.integral = float(start_log_mult)
+        self.log_mult = float(start_log_mult)
         self.updates = 0
 
     @property
     def multiplier(self) -> float:
-        """Current factor on the sparsity terms (1.0 at the start)."""
+        """Current factor on the sparsity terms (``exp(start_log_mult)`` at the start)."""
         return math.exp(self.log_mult)
 
     def update(self, step: int, l0: float) -> None:
@@ -237,8 +251,9 @@ class _Slot:
         self.l0_control = None
         if spec.target_l0 is not None and sae.sparsity_control in ("penalty", "target"):
             # to the end: see L0Controller; "target" archs (jumprelu) get it on top of their own two-sided loss
-            self.l0_control = L0Controller(spec.target_l0, self.sparsity_warm, steps,
-                                           floor=0.0 if sae.sparsity_control == "target" else -30.0)
+            own_loss = sae.sparsity_control == "target"
+            self.l0_control = L0Controller(spec.target_l0, self.sparsity_warm, steps, floor=0.0 if own_loss else -30.0,
+                                           start_log_mult=0.0 if own_loss else PENALTY_START_LOG_MULT)
         self.failed: str | None = None
         self.folder = Path(cfg.out) / spec.name
         self.folder.mkdir(parents=True, exist_ok=True)
