@@ -360,7 +360,9 @@ def _check_specs(specs, d_sae: int) -> None:
 @click.option("--arch", "archs", default="topk", show_default=True,
               help="Comma-separated arch or preset names; 'all' = every arch/preset.")
 @click.option("--set", "sets", multiple=True, metavar="NAME=V1,V2",
-              help="Hyperparameter (sweep): --set k=16,32; lists as 1:2:4. Types and ranges per arch are checked.")
+              help="Hyperparameter (sweep): --set k=16,32; lists as 1:2:4. Types and ranges per arch are checked. "
+                   "Two are the trainer's: lr, and l0_start (with --target-l0: the controller's first multiplier on "
+                   "the arch's sparsity coefficients, default 1).")
 @click.option("--d-sae", type=POS_INT, help="Latents per SAE (default: --expansion x d_model).")
 @click.option("--expansion", default=8, show_default=True, type=POS_INT)
 @click.option("--tokens", default=600 * 1024, show_default=True, type=POS_INT, help="Training tokens per SAE.")

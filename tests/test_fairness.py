@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from saestrata.train.registry import build, resolve
-from saestrata.train.trainer import PENALTY_START_LOG_MULT, L0Controller, SAESpec, TrainConfig, _optimizer, dead_window, lr_factor, train
+from saestrata.train.sweep import expand_specs
+from saestrata.train.trainer import L0Controller, SAESpec, TrainConfig, _optimizer, dead_window, lr_factor, train
 
 
 def _log(folder):
@@ -140,36 +141,37 @@ def _lagging_plant_min_l0(ctl: L0Controller, calibrated_log_mult: float, steps=1
     return min(seen[warm:])
 
 
-def test_l0_controller_approaches_the_target_from_above_when_the_default_penalty_is_far_too_strong():
+def test_l0_controller_start_decides_whether_l0_collapses_below_the_target():
     """Issue 10, equal care: an arch whose default coefficient is 20x too strong (standard's lambda 5 and seed
-    001's L1 weight 5 were 9-14x) must not see its L0 collapse during the warmup, as archs whose default is too
-    weak never do. Starting at the arch's own coefficient (the rule before 2026-12-03) collapses it."""
-    old = _lagging_plant_min_l0(L0Controller(target=24, start=51, stop=1024), calibrated_log_mult=-3.0)
-    new = _lagging_plant_min_l0(L0Controller(target=24, start=51, stop=1024, start_log_mult=PENALTY_START_LOG_MULT),
+    001's L1 weight 5 were 9-14x) collapses when the controller starts at that default (``l0_start`` 1), and
+    approaches from above when it starts below calibration (e^-4), as an arch with a too-weak default does."""
+    collapse = _lagging_plant_min_l0(L0Controller(target=24, start=51, stop=1024), calibrated_log_mult=-3.0)
+    low = _lagging_plant_min_l0(L0Controller(target=24, start=51, stop=1024, start_log_mult=-4.0),
                                 calibrated_log_mult=-3.0)
-    weak_default = _lagging_plant_min_l0(L0Controller(target=24, start=51, stop=1024,
-                                                      start_log_mult=PENALTY_START_LOG_MULT), calibrated_log_mult=2.0)
-    assert old < 0.1 * 24
-    assert new > 0.9 * 24 and weak_default > 0.9 * 24
+    weak_default = _lagging_plant_min_l0(L0Controller(target=24, start=51, stop=1024), calibrated_log_mult=2.0)
+    assert collapse < 0.1 * 24
+    assert low > 0.9 * 24 and weak_default > 0.9 * 24
 
 
-def test_penalty_archs_start_weak_and_jumprelu_at_its_own_coefficient(tiny_store, tmp_path):
-    specs = [SAESpec("std", "standard", target_l0=4), SAESpec("jr", "jumprelu", target_l0=4)]
-    out = _train(tiny_store, tmp_path / "run", specs, steps=40)
-    first = {name: _log(out[name])[0]["counters"]["sparsity_multiplier"] for name in ("std", "jr")}
-    assert first["std"] == pytest.approx(math.exp(PENALTY_START_LOG_MULT)) and first["jr"] == 1.0
+def test_l0_start_sets_the_first_multiplier_and_is_recorded(tiny_store, tmp_path):
+    specs = expand_specs(["standard"], ["l0_start=0.02"], [4]) + [SAESpec("std", "standard", target_l0=4)]
+    out = _train(tiny_store, tmp_path / "run", specs, steps=20)
+    for name, start in (("standard", 0.02), ("std", 1.0)):
+        assert _log(out[name])[0]["counters"]["sparsity_multiplier"] == pytest.approx(start)
+        assert json.loads((out[name] / "cfg.json").read_text())["saestrata"]["l0_start"] == start
+    with pytest.raises(ValueError, match="l0_start must be a positive number"):
+        _train(tiny_store, tmp_path / "bad", [SAESpec("std", "standard", target_l0=4, l0_start=0.0)])
 
 
 def test_target_l0_calibrates_a_penalty_arch_and_sets_k(tiny_store, tmp_path):
     specs = [SAESpec("free", "standard", {"l1_coeff": 0.01}),
              SAESpec("calibrated", "standard", {"l1_coeff": 0.01}, target_l0=4),
              SAESpec("topk", "topk", target_l0=6)]
-    # 240 steps: from its weak start (PENALTY_START_LOG_MULT) the multiplier needs ~80 steps to reach the default
-    out = _train(tiny_store, tmp_path / "run", specs, steps=240, lr=3e-3)
+    out = _train(tiny_store, tmp_path / "run", specs, steps=120, lr=3e-3)
     free, cal = _log(out["free"]), _log(out["calibrated"])
     assert cal[-1]["counters"]["sparsity_multiplier"] > 1.0
-    warm = max(1, int(0.05 * 240))  # TrainConfig.sparsity_warmup_frac: the controller acts from there to the last step
-    assert cal[-1]["counters"]["l0_control_updates"] == 240 - warm
+    warm = max(1, int(0.05 * 120))  # TrainConfig.sparsity_warmup_frac: the controller acts from there to the last step
+    assert cal[-1]["counters"]["l0_control_updates"] == 120 - warm
     assert cal[-1]["l0"] < 0.5 * free[-1]["l0"]
     assert abs(cal[-1]["l0"] - 4) < abs(free[-1]["l0"] - 4)
     cfg = json.loads((out["topk"] / "cfg.json").read_text())

@@ -32,7 +32,8 @@ def parse_sets(sets: list[str]) -> dict[str, list]:
 
 
 def expand_specs(archs: list[str], sets: list[str], target_l0s: list[float] | None = None) -> list[SAESpec]:
-    """One spec per arch x grid point x target L0; ``lr`` in the grid sets the learning rate, the rest are
+    """One spec per arch x grid point x target L0; ``lr`` in the grid sets the learning rate, ``l0_start`` the
+    L0 controller's first multiplier (:class:`~saestrata.train.trainer.SAESpec`), the rest are
     hyperparameters; each of ``target_l0s`` gives a spec calibrated to that L0 (``SAESpec.target_l0``).
 
     Names are the arch name, suffixed with ``-name=value`` for swept settings and ``-l0=L`` for
@@ -47,7 +48,9 @@ def expand_specs(archs: list[str], sets: list[str], target_l0s: list[float] | No
             for target in targets:
                 point = dict(zip(keys, values))
                 lr = point.pop("lr", None)
+                l0_start = float(point.pop("l0_start", 1.0))  # the L0 controller's, not the arch's
                 suffix = "".join(f"-{k}={v}" for k, v in zip(keys, values) if len(grid[k]) > 1)
                 suffix += f"-l0={target:g}" if len(targets) > 1 else ""
-                specs.append(SAESpec(name=arch + suffix, arch=arch, hparams=point, lr=lr, target_l0=target))
+                specs.append(SAESpec(name=arch + suffix, arch=arch, hparams=point, lr=lr, target_l0=target,
+                                     l0_start=l0_start))
     return specs
