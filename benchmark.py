@@ -147,6 +147,24 @@ def _l0_corrected_fvu(run: dict) -> float:
     return run["fvu"] * (run["l0"] / SWEEP_TARGET) ** SWEEP_FVU_L0_EXPONENT
 
 
+# A penalty arch's L0 controller starts at most 1 / START_MARGIN of the multiplier its sweep calibrated at its
+# rate, and never above the arch's own coefficient (``SAESpec.l0_start``). Controls of 2026-12-03 (target 24, 1M
+# tokens; README "Where the L0 controller starts"): started at its default, 11-20x above calibration,
+# seed001_fixed_ortho collapsed to L0 1.5 in the warmup and kept 19% dead latents (tail FVU 0.0907); started
+# 4.7x below, 2% dead, FVU 0.0774. seed004-uniform: 8.5x below (its default) FVU 0.0742, 2x below 0.0759.
+START_MARGIN = 4.0
+
+
+def calibrated_start(multiplier: float | None) -> float:
+    """``SAESpec.l0_start`` for a penalty run whose arch needed ``multiplier`` at this rate and target L0 32.
+
+    ``min(1, multiplier / START_MARGIN)``; 1 (the arch's own coefficient) when ``multiplier`` is unknown.
+    """
+    if multiplier is None or not (math.isfinite(multiplier) and multiplier > 0):
+        return 1.0
+    return min(1.0, multiplier / START_MARGIN)
+
+
 def _choose(runs: list[dict]) -> dict:
     """The sweep rule: lowest L0-corrected FVU (:func:`_l0_corrected_fvu`) among runs whose L0 is within 25%
     of :data:`SWEEP_TARGET` (all finite runs when none is).
@@ -245,6 +263,7 @@ class Job:
     target_l0: float | None = None
     seed: int = 0
     tokens: int = 0
+    l0_start: float = 1.0  # SAESpec.l0_start (:func:`calibrated_start`); job.json files older than it mean 1.0
 
 
 class Benchmark:
@@ -301,7 +320,7 @@ class Benchmark:
         if not need_weights and not self.done(job.name) and self.recorded(job.name):
             return self.sae_dir(job.name)
         if not self.done(job.name):
-            spec = SAESpec(job.name, job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed)
+            spec = SAESpec(job.name, job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed, job.l0_start)
             tc = TrainConfig(store=self.store, layer=self.cfg.layer, out=run_dir, specs=[spec], d_sae=self.cfg.d_sae,
                              batch_size=self.cfg.batch_size, tokens=job.tokens, device=self.cfg.device,
                              checkpoint_every=200, resume=checkpoint_path(run_dir).exists(), autocast=self.cfg.autocast)
@@ -347,7 +366,7 @@ class Benchmark:
         path = self.cfg.out / "saes" / job.name / "job.json"
         if not (path.exists() and (self.done(job.name) or self.recorded(job.name))):
             return
-        old = {k: v for k, v in json.loads(path.read_text()).items() if k != "code"}
+        old = {"l0_start": 1.0, **{k: v for k, v in json.loads(path.read_text()).items() if k != "code"}}
         new = json.loads(json.dumps(asdict(job)))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
@@ -360,15 +379,24 @@ class Benchmark:
 
         return resolve(variant)[0]
 
-    def _sweep_job(self, variant: str, mult: float) -> Job:
+    def _sweep_job(self, variant: str, mult: float, l0_start: float = 1.0) -> Job:
         from .train.trainer import default_lr
 
         tokens = max(self.cfg.batch_size, int(self.cfg.tokens_per_sae * self.cfg.lr_sweep_frac))
-        return Job(f"lr-{variant}-x{mult:g}", variant, "lr", {"weight_decay": 0.0},
-                   default_lr(self.cfg.d_sae) * mult, SWEEP_TARGET, 0, tokens)
+        suffix = "" if l0_start == 1.0 else f"-start{l0_start:.3g}"
+        return Job(f"lr-{variant}-x{mult:g}{suffix}", variant, "lr", {"weight_decay": 0.0},
+                   default_lr(self.cfg.d_sae) * mult, SWEEP_TARGET, 0, tokens, l0_start)
+
+    def _penalty_controlled(self, variant: str) -> bool:
+        """True when ``--target-l0`` reaches ``variant`` through the trainer's L0 controller alone (penalty archs)."""
+        from .train.registry import ARCHS
+
+        return ARCHS[self._arch_of(variant)].cls.sparsity_control == "penalty"
 
     def _sweep_run(self, job: Job) -> dict | None:
         """A finished sweep run's score (:func:`tail_metrics` of its log in ``out``), or None.
+
+        ``multiplier`` is the L0 controller's final multiplier (None for archs without one).
 
         Raises:
             ValueError: it was trained with other settings (:meth:`_check_same_job`).
@@ -376,8 +404,26 @@ class Benchmark:
         if not self.recorded(job.name):
             return None
         self._check_same_job(job)
-        tail = tail_metrics(_read_log(self.cfg.out / "saes" / job.name))
-        return {"sae": job.name, "lr": job.lr, **tail}
+        log = _read_log(self.cfg.out / "saes" / job.name)
+        mult = (log[-1].get("counters") or {}).get("sparsity_multiplier") if log else None
+        return {"sae": job.name, "lr": job.lr, "l0_start": job.l0_start, "multiplier": mult, **tail_metrics(log)}
+
+    def _calibrated_sweep_run(self, variant: str, mult: float) -> tuple[list[Job], dict | None]:
+        """The sweep run at ``mult`` x the default rate that counts: ``(jobs, run)``, run None until finished.
+
+        A penalty arch's run starts at its own coefficient; if that was less than :data:`START_MARGIN` below the
+        multiplier it ended with (its default is too strong at this rate, so L0 fell through the target in the
+        warmup), the run is redone from :func:`calibrated_start` of that multiplier, and the redo counts.
+        """
+        first = self._sweep_job(variant, mult)
+        run = self._sweep_run(first)
+        if run is None or not self._penalty_controlled(variant):
+            return [first], run
+        start = calibrated_start(run["multiplier"])
+        if start >= 1.0:
+            return [first], run
+        redo = self._sweep_job(variant, mult, start)
+        return [first, redo], self._sweep_run(redo)
 
     def lr_jobs(self, variant: str) -> tuple[list[Job], dict | None]:
         """The lr sweep of ``variant`` as far as its finished runs decide it: ``(jobs, chosen)``.
@@ -388,14 +434,19 @@ class Benchmark:
         2026-12-02/03: ``--variants seed002-selection`` swept and trained at 32x, while the README's lr
         column showed the shared sweep's 16x).
 
-        Starts from :data:`LR_MULTIPLIERS`; while the best finished rate is the grid's largest
+        Each rate's run that counts is :meth:`_calibrated_sweep_run`'s (a penalty arch's run that started above
+        its calibration is redone from a calibrated start). Starts from :data:`LR_MULTIPLIERS`; while the best
+        finished rate is the grid's largest
         (smallest), adds twice (half) that, at most :data:`LR_EXTENSIONS` times. ``chosen`` is None
         until every job listed has finished.
         """
         mults = list(LR_MULTIPLIERS)
         while True:
-            jobs = [self._sweep_job(variant, m) for m in mults]
-            runs = [self._sweep_run(j) for j in jobs]
+            jobs, runs = [], []
+            for m in mults:
+                more, run = self._calibrated_sweep_run(variant, m)
+                jobs += more
+                runs.append(run)
             if any(r is None for r in runs):
                 return jobs, None
             best = _choose(runs)
@@ -419,7 +470,8 @@ class Benchmark:
             _, best = self.lr_jobs(v)
             if best is not None:
                 b = best.pop("best")
-                chosen[v] = {"lr": b["lr"], "fvu": b["fvu"], "l0": b["l0"], **best}
+                chosen[v] = {"lr": b["lr"], "fvu": b["fvu"], "l0": b["l0"], "sae": b["sae"],
+                             "multiplier": b.get("multiplier"), **best}
         if write:
             path = self.cfg.out / "lr_sweep.json"
             kept, legacy = self._other_sweeps(path)
@@ -449,10 +501,17 @@ class Benchmark:
         for v in self.variants:
             if v in PUBLISHED_ONLY:
                 continue
-            lr = lrs.get(v, {}).get("lr", default_lr(self.cfg.d_sae))
-            jobs += [Job(f"{v}-l0={t:g}", v, "matched", {"weight_decay": 0.0}, lr, t, 0, self.cfg.tokens_per_sae)
-                     for t in (self.bracket_32() if v in ABLATIONS else self.cfg.targets)]
+            lr, start = lrs.get(v, {}).get("lr", default_lr(self.cfg.d_sae)), self._l0_start(v, lrs)
+            jobs += [Job(f"{v}-l0={t:g}", v, "matched", {"weight_decay": 0.0}, lr, t, 0, self.cfg.tokens_per_sae,
+                         start) for t in (self.bracket_32() if v in ABLATIONS else self.cfg.targets)]
         return jobs
+
+    def _l0_start(self, variant: str, lrs: dict[str, dict]) -> float:
+        """The L0 controller's start for ``variant``'s matched and seed SAEs: :func:`calibrated_start` of the
+        multiplier its chosen sweep run ended with (penalty archs; 1 otherwise or while its sweep is unfinished)."""
+        if not self._penalty_controlled(variant):
+            return 1.0
+        return calibrated_start(lrs.get(variant, {}).get("multiplier"))
 
     def bracket_32(self) -> list[float]:
         """The targets nearest L0 32 from below and above (those that exist)."""
@@ -471,10 +530,10 @@ class Benchmark:
 
         jobs = []
         for v in [x for x in ("topk", best_seed_variant) if x and x in self.variants]:
-            lr = lrs.get(v, {}).get("lr", default_lr(self.cfg.d_sae))
+            lr, start = lrs.get(v, {}).get("lr", default_lr(self.cfg.d_sae)), self._l0_start(v, lrs)
             for s in range(1, self.cfg.seeds):
                 jobs += [Job(f"{v}-l0={t:g}-seed{s}", v, "seeds", {"weight_decay": 0.0}, lr, t, s,
-                             self.cfg.tokens_per_sae) for t in self.bracket_32()]
+                             self.cfg.tokens_per_sae, start) for t in self.bracket_32()]
         return jobs
 
     # -- evaluation ---------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 import pytest
 from dataclasses import asdict
 
-from saestrata.benchmark import LR_EXTENSIONS, Benchmark, BenchmarkConfig
+from saestrata.benchmark import LR_EXTENSIONS, START_MARGIN, Benchmark, BenchmarkConfig, calibrated_start
 
 
 def _cfg(tiny_model_dir, tmp_path, **kw):
@@ -41,6 +41,8 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     std = json.loads((cfg.out / "saes" / "standard-l0=3" / "cfg.json").read_text())
     assert std["saestrata"]["target_l0"] == 3 and "sparsity_multiplier" in std["saestrata"]["final_counters"]
     assert std["saestrata"]["lr"] == sweep["variants"]["standard"]["lr"]  # the swept rate is used
+    # ... and the L0 controller starts below the multiplier the chosen sweep run calibrated (or at 1)
+    assert std["saestrata"]["l0_start"] == calibrated_start(sweep["variants"]["standard"]["multiplier"])
     assert (cfg.out / "core" / "topk-l0=3.json").exists()
     # Extra init seeds for topk at the targets nearest 32 from each side (here only 12 is below it).
     assert (cfg.out / "core" / "topk-l0=12-seed1.json").exists()
@@ -166,15 +168,18 @@ def test_finished_saes_of_other_settings_are_not_reused(tiny_model_dir, tmp_path
         Benchmark(bigger, lambda _: None).run()
 
 
-def _record(bench, name: str, fvu: float, l0: float = 32.0) -> None:
-    """Fake a finished sweep run in ``out`` (what a fresh machine finds in git)."""
+def _record(bench, name: str, fvu: float, l0: float = 32.0, multiplier: float | None = None,
+            l0_start: float = 1.0) -> None:
+    """Fake a finished sweep run in ``out`` (what a fresh machine finds in git); ``multiplier``: the L0
+    controller's final one (None: an arch without a controller)."""
     folder = bench.cfg.out / "saes" / name
     folder.mkdir(parents=True)
     (folder / "cfg.json").write_text("{}")
-    variant, mult = name[len("lr-"):].rsplit("-x", 1)
-    (folder / "job.json").write_text(json.dumps(asdict(bench._sweep_job(variant, float(mult)))))
+    variant, mult = name[len("lr-"):].split("-start")[0].rsplit("-x", 1)
+    (folder / "job.json").write_text(json.dumps(asdict(bench._sweep_job(variant, float(mult), l0_start))))
     lines = [{"step": s, "window": 25, "fvu": 9.9, "l0": 500.0} for s in (24, 49, 74)]  # early: ignored
-    lines.append({"step": 99, "window": 25, "fvu": fvu, "l0": l0})
+    counters = {} if multiplier is None else {"counters": {"sparsity_multiplier": multiplier}}
+    lines.append({"step": 99, "window": 25, "fvu": fvu, "l0": l0, **counters})
     (folder / "train_log.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
 
 
@@ -215,6 +220,36 @@ def test_lr_sweep_does_not_reward_a_rate_for_overshooting_the_target_l0(tiny_mod
         _record(bench, name, fvu, l0)
     jobs, chosen = bench.lr_jobs("standard")
     assert chosen["best"]["sae"] == "lr-standard-x1" and len(jobs) == 3
+
+
+def test_a_penalty_run_started_above_its_calibration_is_redone_from_a_calibrated_start(tiny_model_dir, tmp_path):
+    """Issue 10, equal care (2026-12-03): a controller started at a default 11-20x too strong collapsed L0 in the
+    warmup (seed001_fixed_ortho: 19% dead, tail FVU 0.0907; started 4.7x below its calibration: 2%, 0.0774), while
+    archs with a too-weak default always approached from above. Sweep runs that ended with a multiplier less than
+    START_MARGIN above their start are redone from calibrated_start, the redo's score counts, and the matched SAEs
+    start from the chosen run's calibration; archs without a penalty controller (topk) never get a start."""
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["standard", "topk"]), lambda _: None)
+    _record(bench, "lr-standard-x0.5", 0.2, multiplier=20.0)  # default 20x too weak: counts as it is
+    _record(bench, "lr-standard-x1", 0.05, multiplier=0.08)  # default 12.5x too strong: redone
+    _record(bench, "lr-standard-x2", 0.15, multiplier=3.0)  # less than START_MARGIN below: redone
+    jobs, chosen = bench.lr_jobs("standard")
+    assert chosen is None and [j.name for j in jobs] == [
+        "lr-standard-x0.5", "lr-standard-x1", "lr-standard-x1-start0.02", "lr-standard-x2", "lr-standard-x2-start0.75"]
+    by_name = {j.name: j for j in jobs}
+    assert by_name["lr-standard-x1-start0.02"].l0_start == pytest.approx(0.08 / START_MARGIN)
+    assert by_name["lr-standard-x1-start0.02"].lr == by_name["lr-standard-x1"].lr
+    _record(bench, "lr-standard-x1-start0.02", 0.09, multiplier=0.1, l0_start=0.02)
+    _record(bench, "lr-standard-x2-start0.75", 0.11, multiplier=3.2, l0_start=0.75)
+    jobs, chosen = bench.lr_jobs("standard")
+    assert chosen["best"]["sae"] == "lr-standard-x1-start0.02"  # its own score, not the collapsed first run's
+    assert [r["sae"] for r in chosen["runs"]] == ["lr-standard-x0.5", "lr-standard-x1-start0.02",
+                                                  "lr-standard-x2-start0.75"]
+    for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.1), ("lr-topk-x2", 0.2)):
+        _record(bench, name, fvu)
+    matched = bench.matched_jobs(bench.chosen_lrs(write=False))
+    assert [j.l0_start for j in matched if j.arch == "standard"] == pytest.approx([0.1 / START_MARGIN] * 2)
+    assert {j.l0_start for j in matched if j.arch == "topk"} == {1.0}
+    assert calibrated_start(40.0) == 1.0 and calibrated_start(None) == 1.0  # never above the arch's own coefficient
 
 
 def test_lr_sweep_file_keeps_the_variants_a_narrowed_run_does_not_cover(tiny_model_dir, tmp_path):

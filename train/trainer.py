@@ -180,9 +180,10 @@ class L0Controller:
     5, seed 001's L1 weight 5: calibrated multipliers 0.06-0.11) collapse L0 during the sparsity warmup
     (seed001_fixed_ortho: L0 753 -> 1.5 between steps 25 and 50) and lose latents for good: starting at e^-4
     instead gave FVU 0.0868 -> 0.0736 and dead 0.19 -> 0.022 (standard from lambda 0.3: 0.0879 -> 0.0742).
-    But starting e^-4 below an arch whose default is too weak (seed004-uniform, multiplier 8.5) cost it ~7%
-    FVU (late ramp, then a 2.5x multiplier overshoot), so no fixed start is fair to both kinds; the default
-    stays at 1, which the published benchmark used (README, "L0 calibration").
+    A start far below an arch whose default is already too weak costs it little (seed004-uniform from e^-4:
+    tail FVU 0.0747 vs 0.0742) but changes its run; the benchmark therefore starts each penalty run at most
+    1/4 of the multiplier its lr sweep calibrated and never above 1 (``benchmark.calibrated_start``; README,
+    "Where the L0 controller starts"), and the default here stays 1.
 
     Args:
         target: mean active latents per token wanted (> 0).
