@@ -743,9 +743,13 @@ class Benchmark:
                 self.echo(f"[2/9] lr sweep {i}/{len(swept)} {v}: {len(pending)} of {len(sweep)} short runs to do")
                 for job in pending:
                     self.train_job(job, need_weights=False)
-            jobs = [j for j in self.matched_jobs(self.chosen_lrs("lr" in stages)) if j.arch == v]
+            lrs = self.chosen_lrs("lr" in stages)
+            jobs = [j for j in self.matched_jobs(lrs) if j.arch == v]
             if "matched" in stages:
                 self.echo(f"[3/9] matched L0 {i}/{len(swept)} {v}: {len(jobs)} SAEs")
+                if v not in lrs:  # e.g. --stages matched alone, or a sweep that a new rule extended
+                    self.echo(f"  {v}: its lr sweep is not finished, so these SAEs take the default rate and "
+                              "controller start (add the stage lr to sweep first)")
                 # Decided before any retraining: a retrained SAE's core result is dropped, which would make the
                 # later points look "maybe nearest L0 32" and retrain them too (a cascade seen on 2026-12-02).
                 needs = [self._needs_weights(job) for job in jobs]

@@ -146,8 +146,10 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
 
     cfg = _cfg(tiny_model_dir, tmp_path, targets=(16.0, 48.0), variants=["topk"], seeds=1,
                stages=("store", "matched", "evaluate"))
-    bench = Benchmark(cfg, lambda _: None)
+    lines: list[str] = []
+    bench = Benchmark(cfg, lines.append)
     bench.run()
+    assert any("topk: its lr sweep is not finished" in l for l in lines)  # no stage lr: the default rate, said so
     row = _matched(bench, "topk", 32.0)
     lo, hi = (json.loads((cfg.out / "core" / f"topk-l0={t}.json").read_text())["eval_result_metrics"]
               for t in (16, 48))
