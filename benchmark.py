@@ -149,7 +149,7 @@ def _l0_corrected_fvu(run: dict) -> float:
 
 # A penalty arch's L0 controller starts at most 1 / START_MARGIN of the multiplier its sweep calibrated at its
 # rate, and never above the arch's own coefficient (``SAESpec.l0_start``). Controls of 2026-12-03 (target 24, 1M
-# tokens; README "Where the L0 controller starts"): started at its default, 11-20x above calibration,
+# tokens; README "Where the L0 controller starts"): started at its default, 11x above calibration,
 # seed001_fixed_ortho collapsed to L0 1.5 in the warmup and kept 19% dead latents (tail FVU 0.0907); started
 # 4.7x below, 2% dead, FVU 0.0774. seed004-uniform: 8.5x below (its default) FVU 0.0742, 2x below 0.0759.
 START_MARGIN = 4.0

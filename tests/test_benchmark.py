@@ -225,7 +225,7 @@ def test_lr_sweep_does_not_reward_a_rate_for_overshooting_the_target_l0(tiny_mod
 
 
 def test_a_penalty_run_started_above_its_calibration_is_redone_from_a_calibrated_start(tiny_model_dir, tmp_path):
-    """Issue 10, equal care (2026-12-03): a controller started at a default 11-20x too strong collapsed L0 in the
+    """Issue 10, equal care (2026-12-03): a controller started at a default 9-19x too strong collapsed L0 in the
     warmup (seed001_fixed_ortho: 19% dead, tail FVU 0.0907; started 4.7x below its calibration: 2%, 0.0774), while
     archs with a too-weak default always approached from above. Sweep runs that ended with a multiplier less than
     START_MARGIN above their start are redone from calibrated_start, the redo's score counts, and the matched SAEs
