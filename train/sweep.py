@@ -48,9 +48,12 @@ def expand_specs(archs: list[str], sets: list[str], target_l0s: list[float] | No
             for target in targets:
                 point = dict(zip(keys, values))
                 lr = point.pop("lr", None)
-                l0_start = float(point.pop("l0_start", 1.0))  # the L0 controller's, not the arch's
+                l0_start = point.pop("l0_start", 1.0)  # the L0 controller's, not the arch's
+                if isinstance(l0_start, bool) or not isinstance(l0_start, (int, float)):
+                    raise ValueError(f"--set l0_start={l0_start}: give a positive number (the L0 controller's "
+                                     "first multiplier on the arch's sparsity coefficients)")
                 suffix = "".join(f"-{k}={v}" for k, v in zip(keys, values) if len(grid[k]) > 1)
                 suffix += f"-l0={target:g}" if len(targets) > 1 else ""
                 specs.append(SAESpec(name=arch + suffix, arch=arch, hparams=point, lr=lr, target_l0=target,
-                                     l0_start=l0_start))
+                                     l0_start=float(l0_start)))
     return specs

@@ -175,16 +175,10 @@ class L0Controller:
     (train/jumprelu.py).
 
     Where the multiplier starts decides how L0 first meets the target (``SAESpec.l0_start``, default 1 = the
-    arch's own coefficient). Measured at the benchmark's matched settings (target 24, 1M tokens, d_sae 2048,
-    2026-12-03; README "Where the L0 controller starts"): archs whose default is 9-19x too strong for the
-    target (standard's lambda 5, seed 001's L1 weight 5: calibrated multipliers 0.05-0.11) collapse L0 during
-    the sparsity warmup (seed001_fixed_ortho: L0 753 -> 1.5 between steps 25 and 50) and lose latents for good:
-    starting at e^-4 instead gave tail FVU 0.0907 -> 0.0774 and dead 0.19 -> 0.02 (standard from lambda 0.3:
-    0.0948 -> 0.0816).
-    A start far below an arch whose default is already too weak costs it little (seed004-uniform from e^-4:
-    tail FVU 0.0747 vs 0.0742) but changes its run; the benchmark therefore starts each penalty run at most
-    1/4 of the multiplier its lr sweep calibrated and never above 1 (``benchmark.calibrated_start``; README,
-    "Where the L0 controller starts"), and the default here stays 1.
+    arch's own coefficient): a start above the penalty the target needs collapses L0 in the warmup and kills
+    latents; a start below it costs little. The benchmark starts every penalty run below its own calibration
+    (``benchmark.calibrated_start``, whose comment and the README's "Where the L0 controller starts" have the
+    measurements); the default here stays 1.
 
     Args:
         target: mean active latents per token wanted (> 0).
