@@ -131,7 +131,6 @@ def quick_config(out: Path, work: Path) -> BenchmarkConfig:
 # FVU ~ L0^-0.5 near L0 32: the measured exponent ln(FVU_24 / FVU_40) / ln(L0_40 / L0_24) of the
 # benchmark's matched SAEs (25 variants, 2026-12-03) has median 0.47, range 0.42-0.58.
 SWEEP_FVU_L0_EXPONENT = 0.5
-SWEEP_L0_TOL = 0.25  # the sweep rule scores runs whose L0 is within 25% of SWEEP_TARGET
 
 
 def _l0_corrected_fvu(run: dict) -> float:
@@ -166,22 +165,6 @@ def calibrated_start(multiplier: float | None) -> float:
     return min(1.0, multiplier / START_MARGIN)
 
 
-def _ramp_start(run: dict) -> float | None:
-    """The start of a redo for a penalty sweep run that ended above the rule's L0 band (more than 25% above
-    :data:`SWEEP_TARGET`) with its multiplier above where it started: that final multiplier (None otherwise).
-
-    The controller moves the multiplier by at most e^gain per step, so an arch whose default is e^10 too weak
-    spends the whole 256-step sweep run ramping: seed003-tiered at 0.5x / 1x / 16x the default lr ended at L0
-    56 / 45 / 55 with multipliers 92,000 / 26,000 / 981 still climbing (sweep of 2026-12-02), so those rates
-    were never scored in the band. The final multiplier is still below what the target needs, so the redo approaches
-    from above, the side the controls of :data:`START_MARGIN` found costs little.
-    """
-    mult, start = run.get("multiplier"), run.get("l0_start", 1.0)
-    if mult is None or not math.isfinite(mult) or run["l0"] <= (1 + SWEEP_L0_TOL) * SWEEP_TARGET or mult <= start:
-        return None
-    return float(mult)
-
-
 def _choose(runs: list[dict]) -> dict:
     """The sweep rule: lowest L0-corrected FVU (:func:`_l0_corrected_fvu`) among runs whose L0 is within 25%
     of :data:`SWEEP_TARGET` (all finite runs when none is).
@@ -189,7 +172,7 @@ def _choose(runs: list[dict]) -> dict:
     Returns ``{"best": run, "runs": runs, "rule": text}``.
     """
     finite = [r for r in runs if math.isfinite(r["fvu"])]
-    near = [r for r in finite if abs(r["l0"] - SWEEP_TARGET) <= SWEEP_L0_TOL * SWEEP_TARGET]
+    near = [r for r in finite if abs(r["l0"] - SWEEP_TARGET) <= 0.25 * SWEEP_TARGET]
     pool = near or finite or runs
     best = min(pool, key=_l0_corrected_fvu)
     scaled = f"FVU x (L0/32)^{SWEEP_FVU_L0_EXPONENT:g}"
@@ -430,10 +413,7 @@ class Benchmark:
 
         A penalty arch's run starts at its own coefficient; if that was less than :data:`START_MARGIN` below the
         multiplier it ended with (its default is too strong at this rate, so L0 fell through the target in the
-        warmup), the run is redone from :func:`calibrated_start` of that multiplier, and the redo counts. The
-        mirror case, a run whose controller was still climbing when it ended above the rule's L0 band (its
-        default is so weak that the ramp did not finish in the sweep's steps), is redone from
-        :func:`_ramp_start`. At most one redo per rate.
+        warmup), the run is redone from :func:`calibrated_start` of that multiplier, and the redo counts.
         """
         first = self._sweep_job(variant, mult)
         run = self._sweep_run(first)
@@ -441,8 +421,6 @@ class Benchmark:
             return [first], run
         start = calibrated_start(run["multiplier"])
         if start >= 1.0:
-            start = _ramp_start(run)
-        if start is None:
             return [first], run
         redo = self._sweep_job(variant, mult, start)
         return [first, redo], self._sweep_run(redo)

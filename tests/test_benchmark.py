@@ -254,32 +254,6 @@ def test_a_penalty_run_started_above_its_calibration_is_redone_from_a_calibrated
     assert calibrated_start(40.0) == 1.0 and calibrated_start(None) == 1.0  # never above the arch's own coefficient
 
 
-def test_a_penalty_run_still_ramping_above_the_band_is_redone_from_its_final_multiplier(tiny_model_dir, tmp_path):
-    """Issue 10, equal care, the mirror case: seed003-tiered's default is e^10 too weak, so its 256-step sweep
-    runs at 0.5x / 1x / 16x ended at L0 45-57 with the multiplier still climbing, outside the rule's band, and
-    those rates could not win. Such a run is redone once from its final multiplier and the redo counts; runs
-    inside the band and archs without a penalty controller are left alone."""
-    from saestrata.benchmark import SWEEP_L0_TOL, SWEEP_TARGET
-
-    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["standard", "topk"]), lambda _: None)
-    above = (1 + SWEEP_L0_TOL) * SWEEP_TARGET + 5
-    _record(bench, "lr-standard-x0.5", 0.2, l0=SWEEP_TARGET - 2, multiplier=30.0)  # in the band: counts as it is
-    _record(bench, "lr-standard-x1", 0.5, l0=above, multiplier=900.0)  # still ramping: redone from 900
-    _record(bench, "lr-standard-x2", 0.1, l0=SWEEP_TARGET + 2, multiplier=50.0)  # in the band: counts as it is
-    jobs, chosen = bench.lr_jobs("standard")
-    assert chosen is None and [j.name for j in jobs] == [
-        "lr-standard-x0.5", "lr-standard-x1", "lr-standard-x1-start900", "lr-standard-x2"]
-    assert {j.name: j for j in jobs}["lr-standard-x1-start900"].l0_start == 900.0
-    _record(bench, "lr-standard-x1-start900", 0.05, l0=SWEEP_TARGET, multiplier=2000.0, l0_start=900.0)
-    jobs, chosen = bench.lr_jobs("standard")
-    assert chosen["best"]["sae"] == "lr-standard-x1-start900"  # the redo's score, in the band, wins
-    assert [r["sae"] for r in chosen["runs"]] == ["lr-standard-x0.5", "lr-standard-x1-start900", "lr-standard-x2"]
-    for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.1), ("lr-topk-x2", 0.2)):
-        _record(bench, name, fvu, l0=above)  # topk never has a multiplier: never redone
-    assert [j.name for j in bench.lr_jobs("topk")[0]][:3] == ["lr-topk-x0.5", "lr-topk-x1", "lr-topk-x2"]
-    assert not any("-start" in j.name for j in bench.lr_jobs("topk")[0])
-
-
 def test_lr_sweep_file_keeps_the_variants_a_narrowed_run_does_not_cover(tiny_model_dir, tmp_path):
     first = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"]), lambda _: None)
     for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.1), ("lr-topk-x2", 0.2)):
