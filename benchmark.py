@@ -113,18 +113,24 @@ class BenchmarkConfig:
     # Also write the matched-L0 and probing tables into this file (the project README) at the report
     # stage, between its ``<!-- benchmark:matched -->`` / ``<!-- benchmark:probing -->`` markers.
     readme: Path | None = None
+    quick: bool = False  # set by quick_config: every table of the report then says it is the short version
     stages: tuple[str, ...] = ("store", "lr", "matched", "published", "evaluate", "seeds", "unlearn", "probe",
                                "report")
 
 
 def quick_config(out: Path, work: Path) -> BenchmarkConfig:
-    """A short version: 5 variants, 2 targets around L0 32, 256k tokens each, no unlearning and no probing
-    (~20 min on 2 CPU cores estimated from measured unit costs, not timed; README "Cost on this machine";
-    probing's LM forward over 1,800 articles is not in that estimate)."""
-    return BenchmarkConfig(out=out, work=work, train_tokens=262_144, tokens_per_sae=262_144,
+    """A short version: 5 variants, 2 targets around L0 32, 256k tokens each, no unlearning and no probing.
+
+    Its lr sweep runs are as long as the full benchmark's (262,144 tokens), so each variant's rate is
+    chosen with the same care: with the full run's quarter-budget fraction they were 64 steps, too few for
+    a penalty arch's L0 controller, and `standard` got 2x the default rate (EV 0.52 at L0 32) where its
+    256-step sweep picks 16x (2026-12-03, this machine). Measured here (idle, 2 cores): see README "Cost on
+    this machine".
+    """
+    return BenchmarkConfig(out=out, work=work, train_tokens=262_144, tokens_per_sae=262_144, lr_sweep_frac=1.0,
                            targets=(24.0, 40.0), variants=["topk", "batchtopk", "standard", "seed004-groups",
                                                             "seed000_adaptive"],
-                           seeds=1, eval_tokens=2048, unlearn=False,
+                           seeds=1, eval_tokens=2048, unlearn=False, quick=True,
                            stages=tuple(s for s in BenchmarkConfig.stages if s != "probe"))
 
 

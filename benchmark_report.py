@@ -543,6 +543,15 @@ def update_readme(path: Path, blocks: dict[str, str]) -> None:
     tmp.replace(path)
 
 
+def _quick_banner(bench) -> str:
+    """The line that heads every table of a ``--quick`` run (``cfg.quick``), so its numbers are never cited as
+    the benchmark's."""
+    c = bench.cfg
+    return (f"**Short version (`saestrata benchmark --quick`): {c.tokens_per_sae:,} training tokens per SAE, "
+            f"{c.eval_tokens:,} eval tokens, {len(bench.variants)} variants. Not the benchmark's numbers: do not "
+            "cite them or set them beside it.**")
+
+
 def write_benchmark_report(bench) -> Path:
     """Write every table and the report of a benchmark run into ``bench.cfg.out``; returns ``matched.md``.
 
@@ -561,6 +570,10 @@ def write_benchmark_report(bench) -> Path:
     claims_md = claims_table(claim_rows)
     mech_md, mech_rows = mechanisms_table(bench)
     probe_md, probe_rows = probing_table(bench)
+    if bench.cfg.quick:
+        b = _quick_banner(bench)
+        matched_md, pub_md, claims_md, mech_md, probe_md = (
+            f"{b}\n\n{md}" for md in (matched_md, pub_md, claims_md, mech_md, probe_md))
     probe_codes = sorted({p["code"] or "?" for r in probe_rows for p in r.get("points", [])})
     codes = sorted({json.loads(p.read_text()).get("saestrata_benchmark", {}).get("code", "?")
                     for p in (out / "core").glob("*.json")}) if (out / "core").exists() else []

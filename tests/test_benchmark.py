@@ -463,3 +463,24 @@ def test_seed004_claims_use_its_uniform_l1_baseline_and_sweep_k_and_gamma(tmp_pa
     gamma = rows["progression factor gamma: KL div 0.31 / 0.047 / 0.99 at gamma 1.25 / 1.5 / 2.0"]
     assert gamma["published"] == "gamma=1 0.100, gamma=1.25 0.250, gamma=1.5 0.300, gamma=2 0.350"
     assert rows["base penalty lambda 0.06 vs 0.04: training loss"]["published"].startswith("+25%")
+
+
+def test_quick_sweeps_with_the_full_runs_care_and_its_tables_say_they_are_short(tiny_model_dir, tmp_path):
+    """`--quick` (2026-12-03, timed on an idle machine): with the full run's sweep fraction its sweep runs were 64
+    steps, too few for a penalty arch's L0 controller, and standard got 2x the default lr (EV 0.52 at L0 32; the
+    full sweep picks 16x). Its sweep runs must be as long as the full benchmark's, and every table of a quick run
+    must say it is the short version, so its numbers are not cited as the benchmark's."""
+    from saestrata.benchmark import quick_config
+    from saestrata.benchmark_report import write_benchmark_report
+
+    quick, full = quick_config(tmp_path / "q", tmp_path / "qw"), BenchmarkConfig()
+    assert quick.tokens_per_sae * quick.lr_sweep_frac == full.tokens_per_sae * full.lr_sweep_frac
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"], quick=True), lambda _: None)
+    bench.cfg.out.mkdir(parents=True)
+    write_benchmark_report(bench)
+    for name in ("matched.md", "published.md", "claims.md", "mechanisms.md", "probing.md"):
+        assert "saestrata benchmark --quick" in (bench.cfg.out / name).read_text(), name
+    plain = Benchmark(_cfg(tiny_model_dir, tmp_path / "plain", variants=["topk"]), lambda _: None)
+    plain.cfg.out.mkdir(parents=True)
+    write_benchmark_report(plain)
+    assert "--quick" not in (plain.cfg.out / "matched.md").read_text()
