@@ -7,7 +7,8 @@ more with ``torch.profiler`` and prints the per-op table grouped by what the tim
 then, timed alone in the same run, the parts a TopK step cannot avoid with stock PyTorch
 ops: the encoder matmul, ``pre.topk(k)`` on the step's own pre-activations and the fused
 Adam step over the SAE's parameters. Their sum over the matmul is the floor of the
-ratio on this machine unless selection or Adam themselves get cheaper.
+ratio on this machine unless selection or Adam themselves get cheaper; the compiled top-k the
+step runs (train/native.py) is timed beside torch's.
 
     .venv/bin/python bench/topk_profile.py --store demo-out/store-train --layer 8 [--threads 1]
 """
@@ -22,10 +23,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from saestrata.allocator import tune_allocator
+from saestrata.train.native import load_native, rowwise_topk_indices
 
 GROUPS = {  # profiler op name -> what it is for (everything else: "other")
     "aten::mm": "encoder matmul (bf16)",
     "aten::topk": "top-k selection",
+    "saestrata::rowwise_topk": "top-k selection",  # train/native.py's compiled kernel
     "aten::_fused_adam_": "Adam (fused)",
     "aten::_embedding_bag_forward_only": "sparse decode / weight gradients",
     "aten::_embedding_bag": "sparse decode / weight gradients",
@@ -116,6 +119,7 @@ def main() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         pre = sae.pre_acts(batches[1])
     topk_ms = _median_ms(lambda: pre.topk(args.k, dim=-1, sorted=False), 10)
+    ours_ms = _median_ms(lambda: rowwise_topk_indices(pre, args.k), 10)  # what the step runs (train/native.py)
     adam_ms = _median_ms(slot.opt.step, 10)  # the same fused optimiser on the SAE's last gradients
 
     print(f"{torch.get_num_threads()} thread(s); topk SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, k {args.k}, "
@@ -128,6 +132,10 @@ def main() -> None:
     floor = mm_ms + topk_ms + adam_ms
     print(f"\ntimed alone: matmul {mm_ms:.1f} + topk {topk_ms:.1f} + fused Adam {adam_ms:.1f} = {floor:.1f} ms "
           f"= {floor / mm_ms:.2f}x matmul (the floor with stock ops; the step is {step_ms / floor:.2f}x that floor)")
+    ours = mm_ms + ours_ms + adam_ms
+    print(f"with the compiled top-k ({'built' if load_native() else 'NOT built: torch fallback'}): "
+          f"{ours_ms:.1f} ms vs torch's topk {topk_ms:.1f} ms ({topk_ms / ours_ms:.2f}x faster); "
+          f"floor {ours:.1f} ms = {ours / mm_ms:.2f}x matmul")
 
 
 if __name__ == "__main__":

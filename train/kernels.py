@@ -20,7 +20,8 @@ Sources of the idea: Gao et al. 2024, "Scaling and evaluating sparse autoencoder
 (their appendix on kernels: the decoder and the gradients only need the k active
 latents), and EleutherAI ``sparsify``'s fused encoder / sparse decoder. This is our
 own implementation on stock PyTorch ops (``embedding_bag``, ``sparse.sampled_addmm``,
-``index_add_``) plus a numpy radix argsort, no custom C++.
+``index_add_``) plus a numpy radix argsort; the TopK selection itself is the compiled per-row
+top-k of :mod:`.native` (on CPU).
 
 Numerics: the selection runs on the caller's ``pre`` (bf16 under autocast, exactly the
 values the dense path uses), the selected values are then carried in fp32, and every

@@ -20,6 +20,7 @@ import torch
 
 from .arch_info import ArchInfo
 from .base import SAE, ForwardOutput
+from .native import rowwise_topk_indices
 from .kernels import ActiveSet, check_kernels, gather_columns, gather_pre_acts, sparse_decode
 
 # AuxK on the sparse kernels: dead-column matmuls when k_aux >= n_dead / AUXK_DENSE_SHARE, pair
@@ -33,8 +34,8 @@ def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
 
     ``[batch, d_sae] -> [batch, d_sae]``.
     """
-    values, indices = pre.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+    indices = rowwise_topk_indices(pre, k)
+    return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(pre.gather(-1, indices)))
 
 
 class AuxKMixin:
@@ -161,7 +162,8 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
 
     def select(self, pre: torch.Tensor, group_ends=None) -> ActiveSet:
         """The pairs :func:`topk_relu` keeps non-zero: per-row top-k with a positive value."""
-        values, cols = pre.topk(self.k, dim=-1, sorted=False)  # the dense path's exact call
+        cols = rowwise_topk_indices(pre, self.k)  # the dense path's exact selection
+        values = pre.gather(-1, cols)
         rows = torch.arange(pre.shape[0], device=pre.device).unsqueeze(1).expand_as(cols)
         return ActiveSet.from_values(values.flatten(), rows.flatten(), cols.flatten(), *pre.shape, group_ends)
 

@@ -1,0 +1,58 @@
+"""The compiled CPU top-k kernel (train/native.py, train/csrc/rowwise_topk.cpp) against torch's ops."""
+
+import pytest
+import torch
+
+from saestrata.train import native
+from saestrata.train.native import load_native, reference_topk_indices, rowwise_topk_indices
+
+
+def test_the_kernel_builds_on_this_machine():
+    """make test installs ninja and the machine has g++: the fast path must really run, not its fallback."""
+    assert native.native_enabled(), "unset SAESTRATA_NATIVE=0 to test the kernel"
+    assert load_native() is not None, f"the top-k kernel did not build: {native._failed}"
+
+
+def test_a_hand_built_row_with_ties_keeps_the_lower_columns():
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0, 4.0]])
+    assert rowwise_topk_indices(x, 2).tolist() == [[1, 2], [0, 1]]
+    assert rowwise_topk_indices(x, 4).tolist() == [[1, 2, 3, 4], [0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,k", [((257, 4096), 32), ((64, 1000), 7), ((33, 100), 7), ((9, 50), 50),
+                                     ((9, 50), 1), ((5, 16 * 32 + 3), 32)])
+def test_kernel_equals_a_stable_sort_and_torch_topk(dtype, shape, k):
+    """Both block-bound paths (n >= 16 k and below) and edge k; bf16 rows have many ties."""
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * torch.rand(shape[1]) * 4).to(dtype)  # columns of different scales, as latents
+    got = rowwise_topk_indices(x, k)
+    assert got.dtype == torch.long and got.shape == (shape[0], k)
+    assert torch.equal(got, reference_topk_indices(x, k))
+    assert torch.equal(got, got.sort(dim=-1).values)  # ascending per row
+    want = x.topk(k, dim=-1).values.float().sort(dim=-1).values  # torch's own top-k values
+    assert torch.equal(x.gather(-1, got).float().sort(dim=-1).values, want)
+
+
+def test_heavy_ties_non_contiguous_and_batched_leading_dims():
+    torch.manual_seed(1)
+    x = torch.randint(0, 4, (40, 600)).float()
+    assert torch.equal(rowwise_topk_indices(x, 40), reference_topk_indices(x, 40))
+    xt = torch.randn(700, 48).t()  # a non-contiguous [48, 700] view
+    assert torch.equal(rowwise_topk_indices(xt, 24), reference_topk_indices(xt.contiguous(), 24))
+    x3 = torch.randn(2, 3, 800)
+    assert torch.equal(rowwise_topk_indices(x3, 5), reference_topk_indices(x3.reshape(6, 800), 5).reshape(2, 3, 5))
+
+
+def test_the_fallback_gives_the_kernels_result(monkeypatch):
+    torch.manual_seed(2)
+    x = torch.randn(100, 2048).bfloat16()
+    fast = rowwise_topk_indices(x, 16)
+    monkeypatch.setenv("SAESTRATA_NATIVE", "0")
+    monkeypatch.setattr(native, "_module", None)
+    assert torch.equal(rowwise_topk_indices(x, 16), fast)
+
+
+def test_bad_k_is_one_clear_error():
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        rowwise_topk_indices(torch.randn(3, 10), 11)

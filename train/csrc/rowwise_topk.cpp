@@ -1,0 +1,133 @@
+// Per-row top-k of a [rows, n] CPU tensor (float32 or bfloat16): saestrata.train.native.rowwise_topk.
+//
+// Why: torch's CPU topk costs ~0.5x of a TopK SAE step's encoder matmul at d_sae 4096, k 32
+// (docs/results/bench/README.md, issue 14). Here each row is one pass: a block of 16 values is
+// skipped when its maximum does not beat the current k-th largest (almost every block once the
+// threshold has settled), the rest go through a size-k min-heap. Expected heap insertions per row
+// are about k ln(n / k).
+//
+// Ties: of equal values the lower column index wins (a deterministic rule; torch's topk leaves it
+// unspecified). Output per row: the k columns in ascending column order and their values.
+// NaN inputs are not selected unless among a row's first k columns (callers reject NaN activations).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+// bf16 -> fp32 is the 16 bits shifted up; written out so that the compiler vectorizes the scans.
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Greater-first order with the tie rule: larger value first, then the lower column.
+struct Cand {
+  float v;
+  int64_t i;
+};
+inline bool wins(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+
+// One row: the maxima of k or more disjoint blocks of columns bound the k-th largest value from
+// below (the k largest maxima are k values of the row), so every winner is >= that bound; only the
+// entries at or above it (about k of them for i.i.d. columns) are candidates. Block b holds the
+// columns b, b + nb, b + 2 nb, ... (nb = n / SPAN), so the maxima are a vertical, vectorized max.
+template <typename scalar_t>
+void topk_row(const scalar_t* row, int64_t n, int64_t k, std::vector<float>& maxima, std::vector<Cand>& cand,
+              scalar_t* out_v, int64_t* out_i) {
+  constexpr int64_t SPAN = 16;
+  const int64_t nb = n / SPAN;
+  float tau = -std::numeric_limits<float>::infinity();
+  if (nb >= k) {
+    maxima.resize(nb);
+    float* mx = maxima.data();
+    for (int64_t b = 0; b < nb; ++b) mx[b] = to_float(row[b]);
+    for (int64_t s = 1; s < SPAN; ++s) {
+      const scalar_t* p = row + s * nb;
+      for (int64_t b = 0; b < nb; ++b) {
+        float x = to_float(p[b]);
+        mx[b] = x > mx[b] ? x : mx[b];
+      }
+    }
+    std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<float>());
+    tau = maxima[k - 1];
+  }
+  cand.clear();
+  constexpr int64_t CHUNK = 32;
+  int64_t j = 0;
+  for (; j + CHUNK <= n; j += CHUNK) {
+    int hit = 0;
+    for (int64_t t = 0; t < CHUNK; ++t) hit |= to_float(row[j + t]) >= tau;
+    if (!hit) continue;
+    for (int64_t t = 0; t < CHUNK; ++t) {
+      float x = to_float(row[j + t]);
+      if (x >= tau) cand.push_back({x, j + t});
+    }
+  }
+  for (; j < n; ++j) {
+    float x = to_float(row[j]);
+    if (x >= tau) cand.push_back({x, j});
+  }
+  if (static_cast<int64_t>(cand.size()) > k) {
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), wins);
+    cand.resize(k);
+    std::sort(cand.begin(), cand.end(), [](const Cand& a, const Cand& b) { return a.i < b.i; });
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    out_i[t] = cand[t].i;
+    out_v[t] = row[cand[t].i];  // the input's own value, bit-exact in its dtype
+  }
+}
+
+std::vector<torch::Tensor> rowwise_topk(torch::Tensor x, int64_t k) {
+  TORCH_CHECK(x.device().is_cpu(), "rowwise_topk: a CPU tensor is needed");
+  TORCH_CHECK(x.dim() == 2, "rowwise_topk: a 2-D [rows, n] tensor is needed");
+  TORCH_CHECK(k >= 1 && k <= x.size(1), "rowwise_topk: k must be in [1, n]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "rowwise_topk: float32 or bfloat16 input is needed");
+  auto xc = x.contiguous();
+  const int64_t rows = xc.size(0), n = xc.size(1);
+  auto values = torch::empty({rows, k}, xc.options());
+  auto indices = torch::empty({rows, k}, xc.options().dtype(at::kLong));
+  AT_DISPATCH_SWITCH(xc.scalar_type(), "rowwise_topk",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      const scalar_t* src = xc.data_ptr<scalar_t>();
+      scalar_t* vout = values.data_ptr<scalar_t>();
+      int64_t* iout = indices.data_ptr<int64_t>();
+      at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi_row) {
+        std::vector<float> maxima;
+        std::vector<Cand> cand;
+        cand.reserve(4 * k);
+        for (int64_t r = lo; r < hi_row; ++r) topk_row<scalar_t>(src + r * n, n, k, maxima, cand, vout + r * k, iout + r * k);
+      });
+    })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      const scalar_t* src = xc.data_ptr<scalar_t>();
+      scalar_t* vout = values.data_ptr<scalar_t>();
+      int64_t* iout = indices.data_ptr<int64_t>();
+      at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi_row) {
+        std::vector<float> maxima;
+        std::vector<Cand> cand;
+        cand.reserve(4 * k);
+        for (int64_t r = lo; r < hi_row; ++r) topk_row<scalar_t>(src + r * n, n, k, maxima, cand, vout + r * k, iout + r * k);
+      });
+    })
+  );
+  return {values, indices};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rowwise_topk", &rowwise_topk, "Per-row top-k of a 2-D CPU tensor (values, indices), ties to the lower index");
+}

@@ -1,0 +1,105 @@
+"""Compiled CPU kernels (issue 14), built once on first use with torch's C++ extension loader.
+
+Only :func:`rowwise_topk_indices` so far: the per-row top-k that the TopK SAE's encoder needs
+every step, where torch's CPU ``topk`` cost about half an encoder matmul
+(docs/results/bench/README.md). The source is ``csrc/rowwise_topk.cpp``; the build (~1 min,
+g++ and ninja) lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``) and is reused by later processes.
+
+Where the kernel cannot run (a CUDA tensor, another dtype, ``SAESTRATA_NATIVE=0``, or no
+compiler: one warning then) the same indices come from torch: a stable descending sort, whose
+tie rule is the kernel's (of equal values the lower column wins), so results do not depend on
+whether the kernel was built. On CUDA, where torch's ``topk`` is fast, :func:`rowwise_topk_indices`
+uses ``topk`` itself and ties follow torch's rule there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("csrc") / "rowwise_topk.cpp"
+_lock = threading.Lock()
+_module = None
+_failed: str | None = None
+
+
+def native_enabled() -> bool:
+    """False when ``SAESTRATA_NATIVE=0`` asks for the torch fallbacks."""
+    return os.environ.get("SAESTRATA_NATIVE", "1") != "0"
+
+
+def load_native():
+    """The compiled extension module, building it on first call; None where it cannot be built.
+
+    A failed build warns once (``RuntimeWarning``, with the compiler's first error line) and later
+    calls return None at once.
+    """
+    global _module, _failed
+    if _module is not None or _failed is not None or not native_enabled():
+        return _module
+    with _lock:
+        if _module is None and _failed is None:
+            from torch.utils.cpp_extension import load
+
+            src = _SOURCE.read_bytes()
+            name = "saestrata_native_" + hashlib.sha256(src).hexdigest()[:12]  # a new source builds anew
+            if not _cached(name):
+                print("saestrata: building the CPU top-k kernel (once per machine, ~1 min)...", file=sys.stderr)
+            try:
+                _module = load(name, [str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
+            except Exception as err:  # no compiler / ninja, or a build error: keep training, on torch's ops
+                _failed = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                warnings.warn(f"saestrata: CPU top-k kernel not built ({_failed}); using torch's sort "
+                              "(same results, slower). Install g++ and ninja to build it.", RuntimeWarning,
+                              stacklevel=2)
+    return _module
+
+
+def _cached(name: str) -> bool:
+    """True when a build of extension ``name`` is in torch's extension cache (no message then)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: a message is all it decides
+
+        return any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
+    except Exception:
+        return False
+
+
+def rowwise_topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices of the ``k`` largest entries of each row of ``x``: long ``[..., k]``.
+
+    ``x`` is ``[..., n]`` (rows = the leading dims), any float dtype, ``1 <= k <= n`` (no gradient flows through indices;
+    take values with ``x.gather(-1, idx)``). Ties: of equal values the lower column wins, and each
+    row's indices are in ascending order, on the kernel and on its CPU fallback alike (on CUDA,
+    torch's ``topk`` order and tie rule). NaN entries are not ranked (callers reject NaN activations).
+
+    Raises:
+        ValueError: ``x`` has no dimension or ``k`` is out of range.
+    """
+    if x.dim() == 0 or not 1 <= k <= x.shape[-1]:
+        raise ValueError(f"rowwise_topk_indices: need 1 <= k <= n for x [..., n], got shape {tuple(x.shape)} "
+                         f"and k={k}")
+    x = x.detach()
+    if x.device.type != "cpu":
+        return x.topk(k, dim=-1, sorted=False).indices
+    rows = x.reshape(-1, x.shape[-1])
+    if x.dtype in (torch.float32, torch.bfloat16) and (mod := load_native()) is not None:
+        with torch.profiler.record_function("saestrata::rowwise_topk"):  # named in bench/topk_profile.py
+            idx = mod.rowwise_topk(rows, k)[1]
+    else:
+        idx = reference_topk_indices(rows, k)
+    return idx.reshape(*x.shape[:-1], k)
+
+
+def reference_topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The kernel's result from torch ops (``[rows, k]`` long, ascending per row): a stable
+    descending sort keeps the lower column first among equal values. O(n log n) per row."""
+    idx = torch.sort(x.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    return idx.sort(dim=-1).values
