@@ -43,6 +43,7 @@ GROUPS = {  # profiler op name -> what it is for (everything else: "other")
     "aten::linalg_vector_norm": "decoder-gradient projection and norms",
     "aten::div_": "decoder-gradient projection and norms",
     "aten::mul_": "decoder-gradient projection and norms",
+    "saestrata::remove_parallel": "decoder-gradient projection and norms",  # train/native.py's kernel
 }
 
 

@@ -56,3 +56,21 @@ def test_the_fallback_gives_the_kernels_result(monkeypatch):
 def test_bad_k_is_one_clear_error():
     with pytest.raises(ValueError, match="1 <= k <= n"):
         rowwise_topk_indices(torch.randn(3, 10), 11)
+
+
+@pytest.mark.parametrize("shape", [(4096, 640), (33, 17), (5, 3)])
+def test_remove_parallel_grad_matches_torchs_expression(shape):
+    """The kernel's projection against the plain formula, and what it is for: <grad[r], w[r]> = 0 after."""
+    from saestrata.train.native import remove_parallel_grad_
+
+    torch.manual_seed(3)
+    w = torch.nn.functional.normalize(torch.randn(*shape), dim=-1)
+    g = torch.randn(*shape) * 3
+    want = g - (g * w).sum(-1, keepdim=True) * w
+    got = g.clone()
+    remove_parallel_grad_(got, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got * w).sum(-1).abs().max() < 1e-4
+    t = g.t().contiguous().t()  # non-contiguous: the torch fallback
+    remove_parallel_grad_(t, w)
+    torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .native import remove_parallel_grad_
+
 
 class ForwardOutput:
     """Result of :meth:`SAE.forward`.
@@ -224,8 +226,7 @@ class SAE(nn.Module):
     def remove_parallel_grad(self) -> None:
         """Project out the decoder-gradient component along each unit-norm row (keeps Adam on the sphere)."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
-            w = self.W_dec
-            w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+            remove_parallel_grad_(self.W_dec.grad, self.W_dec)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

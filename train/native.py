@@ -1,8 +1,9 @@
 """Compiled CPU kernels (issue 14), built once on first use with torch's C++ extension loader.
 
-Only :func:`rowwise_topk_indices` so far: the per-row top-k that the TopK SAE's encoder needs
-every step, where torch's CPU ``topk`` cost about half an encoder matmul
-(docs/results/bench/README.md). The source is ``csrc/rowwise_topk.cpp``; the build (~1 min,
+:func:`rowwise_topk_indices`, the per-row top-k that the TopK SAE's encoder needs every step,
+where torch's CPU ``topk`` cost about half an encoder matmul (docs/results/bench/README.md), and
+:func:`remove_parallel_grad_`, the decoder-gradient projection every unit-norm-decoder SAE runs
+each step (one pass instead of torch's three temporaries). The source is ``csrc/native.cpp``; the build (~1 min,
 g++ and ninja) lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) and is reused by later processes.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "rowwise_topk.cpp"
+_SOURCE = Path(__file__).with_name("csrc") / "native.cpp"
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -51,12 +52,12 @@ def load_native():
             src = _SOURCE.read_bytes()
             name = "saestrata_native_" + hashlib.sha256(src).hexdigest()[:12]  # a new source builds anew
             if not _cached(name):
-                print("saestrata: building the CPU top-k kernel (once per machine, ~1 min)...", file=sys.stderr)
+                print("saestrata: building the CPU kernels (once per machine, ~1 min)...", file=sys.stderr)
             try:
                 _module = load(name, [str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
             except Exception as err:  # no compiler / ninja, or a build error: keep training, on torch's ops
                 _failed = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                warnings.warn(f"saestrata: CPU top-k kernel not built ({_failed}); using torch's sort "
+                warnings.warn(f"saestrata: CPU kernels not built ({_failed}); using torch's ops "
                               "(same results, slower). Install g++ and ninja to build it.", RuntimeWarning,
                               stacklevel=2)
     return _module
@@ -103,3 +104,20 @@ def reference_topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     descending sort keeps the lower column first among equal values. O(n log n) per row."""
     idx = torch.sort(x.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
     return idx.sort(dim=-1).values
+
+
+def remove_parallel_grad_(grad: torch.Tensor, w: torch.Tensor) -> None:
+    """In place, ``grad[r] -= <grad[r], w[r]> w[r]`` for every row ``r`` of ``[d_sae, d_in]`` tensors.
+
+    The projection that keeps Adam's decoder update tangent to the unit sphere (Bricken et al. 2023,
+    "Towards Monosemanticity", training details; :meth:`~saestrata.train.base.SAE.remove_parallel_grad`).
+    On the kernel for contiguous fp32 CPU tensors, else torch's expression (same maths; the kernel
+    sums each dot product in 16 partial sums, so results differ in the last bits).
+    """
+    if (grad.device.type == "cpu" and grad.dtype == w.dtype == torch.float32 and grad.dim() == 2
+            and grad.shape == w.shape and grad.is_contiguous() and w.is_contiguous()
+            and (mod := load_native()) is not None):
+        with torch.profiler.record_function("saestrata::remove_parallel"):  # named in bench/topk_profile.py
+            mod.remove_parallel_(grad, w.detach())
+    else:
+        grad -= (grad * w).sum(-1, keepdim=True) * w

@@ -1,4 +1,5 @@
-// Per-row top-k of a [rows, n] CPU tensor (float32 or bfloat16): saestrata.train.native.rowwise_topk.
+// Compiled CPU kernels of saestrata.train.native: a per-row top-k of a [rows, n] tensor (float32 or
+// bfloat16) and the decoder-gradient projection of unit-norm-decoder SAEs.
 //
 // Why: torch's CPU topk costs ~0.5x of a TopK SAE step's encoder matmul at d_sae 4096, k 32
 // (docs/results/bench/README.md, issue 14). Here each row is one pass: a block of 16 values is
@@ -126,8 +127,35 @@ std::vector<torch::Tensor> rowwise_topk(torch::Tensor x, int64_t k) {
   return {values, indices};
 }
 
+// grad[r] -= <grad[r], w[r]> w[r] for each row r of fp32 [rows, d] tensors, in one pass over both
+// (torch's expression makes three [rows, d] temporaries). 16 partial sums keep the dot vectorized.
+void remove_parallel_(torch::Tensor grad, torch::Tensor w) {
+  TORCH_CHECK(grad.device().is_cpu() && w.device().is_cpu(), "remove_parallel_: CPU tensors are needed");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "remove_parallel_: float32 is needed");
+  TORCH_CHECK(grad.dim() == 2 && grad.sizes() == w.sizes(), "remove_parallel_: two [rows, d] tensors of one shape");
+  TORCH_CHECK(grad.is_contiguous() && w.is_contiguous(), "remove_parallel_: contiguous tensors are needed");
+  const int64_t rows = grad.size(0), d = grad.size(1);
+  float* g = grad.data_ptr<float>();
+  const float* v = w.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float* gr = g + r * d;
+      const float* wr = v + r * d;
+      float acc[16] = {0};
+      int64_t j = 0;
+      for (; j + 16 <= d; j += 16)
+        for (int t = 0; t < 16; ++t) acc[t] += gr[j + t] * wr[j + t];
+      float dot = 0;
+      for (int t = 0; t < 16; ++t) dot += acc[t];
+      for (; j < d; ++j) dot += gr[j] * wr[j];
+      for (int64_t c = 0; c < d; ++c) gr[c] -= dot * wr[c];
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rowwise_topk", &rowwise_topk, "Per-row top-k of a 2-D CPU tensor (values, indices), ties to the lower index");
+  m.def("remove_parallel_", &remove_parallel_, "grad[r] -= <grad[r], w[r]> w[r] in place (fp32, CPU)");
 }
