@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("csrc") / "native.cpp"
+# -fopenmp: at::parallel_for is OpenMP in torch's CPU builds and runs serially without it.
+# -march=native: the build is for this machine's vector units (its name includes the CPU's flags).
+_CFLAGS = ["-O3", "-fopenmp", "-march=native"]
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -49,18 +52,30 @@ def load_native():
         if _module is None and _failed is None:
             from torch.utils.cpp_extension import load
 
-            src = _SOURCE.read_bytes()
-            name = "saestrata_native_" + hashlib.sha256(src).hexdigest()[:12]  # a new source builds anew
+            # A new source, new flags or another CPU (a shared home on a cluster) build anew.
+            key = _SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + _cpu_flags().encode()
+            name = "saestrata_native_" + hashlib.sha256(key).hexdigest()[:12]
             if not _cached(name):
                 print("saestrata: building the CPU kernels (once per machine, ~1 min)...", file=sys.stderr)
             try:
-                _module = load(name, [str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
+                _module = load(name, [str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as err:  # no compiler / ninja, or a build error: keep training, on torch's ops
                 _failed = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 warnings.warn(f"saestrata: CPU kernels not built ({_failed}); using torch's ops "
                               "(same results, slower). Install g++ and ninja to build it.", RuntimeWarning,
                               stacklevel=2)
     return _module
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; '' elsewhere), part of the build's name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
 
 
 def _cached(name: str) -> bool:
@@ -79,7 +94,8 @@ def rowwise_topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     ``x`` is ``[..., n]`` (rows = the leading dims), any float dtype, ``1 <= k <= n`` (no gradient flows through indices;
     take values with ``x.gather(-1, idx)``). Ties: of equal values the lower column wins, and each
     row's indices are in ascending order, on the kernel and on its CPU fallback alike (on CUDA,
-    torch's ``topk`` order and tie rule). NaN entries are not ranked (callers reject NaN activations).
+    torch's ``topk`` order and tie rule). NaN ranks lowest on the kernel, highest on the fallback
+    (callers reject NaN activations before this).
 
     Raises:
         ValueError: ``x`` has no dimension or ``k`` is out of range.

@@ -9,7 +9,7 @@
 //
 // Ties: of equal values the lower column index wins (a deterministic rule; torch's topk leaves it
 // unspecified). Output per row: the k columns in ascending column order and their values.
-// NaN inputs are not selected unless among a row's first k columns (callers reject NaN activations).
+// NaN ranks below every number (callers reject NaN activations; this only keeps the kernel safe).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -42,18 +42,21 @@ inline bool wins(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v
 // One row: the maxima of k or more disjoint blocks of columns bound the k-th largest value from
 // below (the k largest maxima are k values of the row), so every winner is >= that bound; only the
 // entries at or above it (about k of them for i.i.d. columns) are candidates. Block b holds the
-// columns b, b + nb, b + 2 nb, ... (nb = n / SPAN), so the maxima are a vertical, vectorized max.
+// columns b, b + nb, b + 2 nb, ... (span of them, nb = n / span), so the maxima are a vertical,
+// vectorized max. span = n / (4 k), at most 32: measured on real layer-8 pre-activations (d_sae 4096,
+// k 32, 1 thread) spans 8 / 16 / 32 / 64 / 128 took 8.1 / 7.1 / 5.5 / 5.7 / 8.2 ms per 1024 rows
+// (~34 candidates per row at 16).
 template <typename scalar_t>
 void topk_row(const scalar_t* row, int64_t n, int64_t k, std::vector<float>& maxima, std::vector<Cand>& cand,
               scalar_t* out_v, int64_t* out_i) {
-  constexpr int64_t SPAN = 16;
-  const int64_t nb = n / SPAN;
+  const int64_t span = std::min<int64_t>(32, n / (4 * k));
+  const int64_t nb = span > 0 ? n / span : 0;
   float tau = -std::numeric_limits<float>::infinity();
-  if (nb >= k) {
+  if (span >= 2 && nb >= k) {
     maxima.resize(nb);
     float* mx = maxima.data();
     for (int64_t b = 0; b < nb; ++b) mx[b] = to_float(row[b]);
-    for (int64_t s = 1; s < SPAN; ++s) {
+    for (int64_t s = 1; s < span; ++s) {
       const scalar_t* p = row + s * nb;
       for (int64_t b = 0; b < nb; ++b) {
         float x = to_float(p[b]);
@@ -78,6 +81,13 @@ void topk_row(const scalar_t* row, int64_t n, int64_t k, std::vector<float>& max
   for (; j < n; ++j) {
     float x = to_float(row[j]);
     if (x >= tau) cand.push_back({x, j});
+  }
+  if (static_cast<int64_t>(cand.size()) < k) {  // only with NaN in the row (NaN >= tau is false): NaN ranks lowest
+    cand.clear();
+    for (int64_t c = 0; c < n; ++c) {
+      float x = to_float(row[c]);
+      cand.push_back({x == x ? x : -std::numeric_limits<float>::infinity(), c});
+    }
   }
   if (static_cast<int64_t>(cand.size()) > k) {
     std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), wins);
