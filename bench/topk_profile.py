@@ -110,8 +110,12 @@ def main() -> None:
         for _ in range(5):
             run()
     by_group: dict[str, float] = defaultdict(float)
+    other: dict[str, float] = {}
     for event in prof.key_averages():
-        by_group[GROUPS.get(event.key, "other")] += event.self_cpu_time_total / 5e3  # us over 5 steps -> ms/step
+        ms = event.self_cpu_time_total / 5e3  # us over 5 steps -> ms/step
+        by_group[GROUPS.get(event.key, "other")] += ms
+        if event.key not in GROUPS:
+            other[event.key] = ms
     profiled = sum(by_group.values())
 
     sae = slot.sae
@@ -130,6 +134,7 @@ def main() -> None:
     print(f"\nprofile of 5 steps ({profiled:.1f} ms/step under the profiler), self CPU time by purpose:")
     for group, ms in sorted(by_group.items(), key=lambda kv: -kv[1]):
         print(f"  {group:40s} {ms:6.1f} ms/step  {100 * ms / profiled:5.1f}%  {ms / mm_ms:5.2f}x matmul")
+    print("  largest ops in 'other': " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:8]))
     floor = mm_ms + topk_ms + adam_ms
     print(f"\ntimed alone: matmul {mm_ms:.1f} + topk {topk_ms:.1f} + fused Adam {adam_ms:.1f} = {floor:.1f} ms "
           f"= {floor / mm_ms:.2f}x matmul (the floor with stock ops; the step is {step_ms / floor:.2f}x that floor)")

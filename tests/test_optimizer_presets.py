@@ -65,3 +65,23 @@ def test_contiguous_step_equals_torch_step_bit_for_bit_and_keeps_layouts(name):
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(opt_ours.state[ours][key], opt_ref.state[ref][key])
         assert opt_ours.state[ours][key].stride() == (1, 24)
+
+
+@pytest.mark.parametrize("scale,max_norm", [(10.0, 1.0), (0.01, 1.0), (5.0, float("inf")), (1.0, 0.5)])
+def test_clip_grad_norm_is_torchs_bit_for_bit(scale, max_norm):
+    """train/optim.py skips only torch's multiply by exactly 1.0: gradients and norm must equal torch's."""
+    from saestrata.train.optim import clip_grad_norm
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32).t()), torch.nn.Parameter(torch.randn(3))]
+    for p in ours[:2]:
+        p.grad = torch.randn_like(p) * scale
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        b.grad = None if a.grad is None else a.grad.clone()
+    got, want = clip_grad_norm(ours, max_norm), torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert torch.equal(got, want)
+    for a, b in zip(ours, theirs):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+    if scale == 10.0:
+        assert ours[0].grad.norm() < 10  # it did clip

@@ -60,3 +60,27 @@ class AdamW(_ContiguousStep, torch.optim.AdamW):
 
 
 __all__ = ["Adam", "AdamW"]
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` bit for bit, minus its no-op multiply on CPU.
+
+    torch multiplies every gradient by ``min(max_norm / (total + 1e-6), 1)`` on every step, to avoid
+    a device sync; a multiply by 1.0 changes nothing, and on the CPU reading the norm costs nothing,
+    so that pass over all gradients (2.4 ms of a ~50 ms TopK step at d_in 640, d_sae 4096, issue 14's
+    profile) runs only when it clips. Elsewhere the call is torch's.
+
+    Args:
+        params: iterable of parameters (those without ``.grad`` are skipped, as torch does).
+        max_norm: the largest total L2 norm allowed (``inf`` = never clip).
+    Returns:
+        The total L2 norm of the gradients before clipping (0-dim tensor; non-finite if one is).
+    """
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or grads[0].device.type != "cpu":
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if bool(max_norm / (total + 1e-6) < 1.0):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -339,7 +339,7 @@ class _Slot:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_parallel_grad()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.max_grad_norm)
+        grad_norm = optim.clip_grad_norm(self.sae.parameters(), self.max_grad_norm)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             self.failed = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {step}"
             return None
