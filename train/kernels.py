@@ -106,8 +106,11 @@ class ActiveSet:
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_latents: int,
                  group_ends: list[int] | None = None):
-        order = _argsort(rows * n_latents + cols, n_rows * n_latents)  # unique keys: a well-defined order
-        self.rows, self.cols = rows[order], cols[order]
+        keys = rows * n_latents + cols  # unique keys: a well-defined order
+        if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):  # TopK's selection comes sorted already
+            order = _argsort(keys, n_rows * n_latents)
+            rows, cols = rows[order], cols[order]
+        self.rows, self.cols = rows, cols
         self.n_rows, self.n_latents = n_rows, n_latents
         self.n_groups = len(group_ends) if group_ends else 1
         if self.n_groups > 1:
