@@ -33,6 +33,7 @@ GROUPS = {  # profiler op name -> what it is for (everything else: "other")
     "aten::_embedding_bag_forward_only": "sparse decode / weight gradients",
     "aten::_embedding_bag": "sparse decode / weight gradients",
     "aten::sparse_sampled_addmm": "sparse decode / weight gradients",
+    "saestrata::sampled_dot": "sparse decode / weight gradients",  # train/native.py's kernel
     "aten::index": "gathers of active pairs",
     "aten::index_put_": "gathers of active pairs",
     "aten::nonzero": "gathers of active pairs",

@@ -89,3 +89,25 @@ def test_nan_rows_stay_in_bounds_and_k_large_against_n():
     y = torch.randn(6, 2048)
     assert torch.equal(rowwise_topk_indices(y, 80), reference_topk_indices(y, 80))  # span 6 (k 80)
     assert torch.equal(rowwise_topk_indices(y, 600), reference_topk_indices(y, 600))  # no bound (n < 8 k)
+
+
+def test_sampled_dot_kernel_equals_sampled_addmm():
+    """The decoder backward's dot products: compiled kernel vs torch's sparse sampled_addmm."""
+    import warnings
+
+    from saestrata.train.kernels import ActiveSet, _sampled_dot
+
+    torch.manual_seed(4)
+    rows = torch.arange(50).repeat_interleave(6)
+    cols = torch.randint(0, 300, (50, 6)).sort(-1).values.flatten()
+    keep = torch.ones_like(cols, dtype=torch.bool)
+    keep[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])  # unique pairs
+    act = ActiveSet(rows[keep], cols[keep], 50, 300)
+    g, w = torch.randn(50, 37), torch.randn(300, 37)
+    got = _sampled_dot(g, w, act)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mask = torch.sparse_csr_tensor(act.bag_crow, act.cols, g.new_zeros(len(act)), (50, 300))
+        want = torch.sparse.sampled_addmm(mask, g, w.t()).values()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, (g[act.bags] * w[act.cols]).sum(-1), rtol=1e-5, atol=1e-5)

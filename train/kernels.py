@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch_info import ArchError
+from .native import load_native
 
 KERNELS = ("dense", "sparse")
 # Default of the topk / batchtopk / matryoshka ``kernels`` switch ("dense" is the reference).
@@ -296,10 +297,15 @@ def _sampled_dot(g: torch.Tensor, w: torch.Tensor, act: ActiveSet) -> torch.Tens
     """``[N]``: ``<g[bags[n]], w[cols[n]]>`` for ``g [n_bags, D]``, ``w [d_sae, D]`` (fp32).
 
     ``sampled_addmm`` evaluates ``g @ w^T`` only at the CSR pattern (bags x latents, which
-    is exactly our pair order), so nothing of size ``[batch, d_sae]`` is formed.
+    is exactly our pair order), so nothing of size ``[batch, d_sae]`` is formed. On CPU the
+    compiled :mod:`.native` kernel computes the same dot products (2 threads, idle, 32k pairs, D 640:
+    1.03 vs 1.60 ms).
     """
     if len(act) == 0:
         return g.new_zeros(0)
+    if g.device.type == "cpu" and (mod := load_native()) is not None:  # 1.03 vs 1.60 ms at 32k pairs, D 640
+        with torch.profiler.record_function("saestrata::sampled_dot"):
+            return mod.sampled_dot(g.contiguous(), w.contiguous(), act.bags.contiguous(), act.cols.contiguous())
     with warnings.catch_warnings():  # "sparse CSR support is in beta": we rely only on sampled_addmm
         warnings.simplefilter("ignore")
         mask = torch.sparse_csr_tensor(act.bag_crow, act.cols, g.new_zeros(len(act)),
