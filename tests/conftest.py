@@ -92,3 +92,13 @@ def scratch(tmp_path) -> Path:
     """An empty directory removed after the test."""
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _native_kernels_built():
+    """Build train/native.py's CPU kernels before the first test (~1 min on a fresh machine), so no
+    test's timing (hypothesis deadlines, CLI subprocess timeouts) pays for the build; later processes
+    load the build from torch's extension cache. tests/test_native.py checks that it built."""
+    from saestrata.train.native import load_native
+
+    load_native()
