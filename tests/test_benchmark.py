@@ -384,6 +384,7 @@ def test_matched_table_has_no_rows_that_can_never_fill(tiny_model_dir, tmp_path)
     assert len(lam) == 1 and "as published only" in lam[0] and "not evaluated yet" not in lam[0]
     assert [l.split("|")[2].strip() for l in lines if l.startswith("| seed004-k3 |")] == ["32"]
     assert [l.split("|")[2].strip() for l in lines if l.startswith("| topk |")] == ["32", "64"]
+    assert "0.99" in lines[-1] and "retain >= 0.95 column" in lines[-1]  # the caveat under every matched table
 
 
 def test_each_variant_has_its_own_lr_sweep_whatever_else_the_run_holds(tiny_model_dir, tmp_path):
