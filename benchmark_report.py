@@ -155,7 +155,8 @@ def matched_table(bench) -> tuple[str, list[dict]]:
 # Under every matched table: the 0.99 column is SAEBench's rule but, at this benchmark's size, not a ranking.
 UNLEARNING_CAVEAT = ("Unlearning: SAEBench's rule keeps only settings whose retain accuracy stays >= 0.99; with ~130 known "
                      "retain questions one extra wrong answer fails a setting, and retraining alone has moved a baseline "
-                     "from 0.321 to 0.000 (batchtopk, README 2026-12-03). Compare variants on the retain >= 0.95 column.")
+                     "from 0.321 to 0.000 (batchtopk) and 0.296 to 0.000 (matryoshka; README, 2026-12-03). Compare "
+                     "variants on the retain >= 0.95 column.")
 
 
 def seed_spread(bench) -> tuple[str, list[dict]]:

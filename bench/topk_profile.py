@@ -101,6 +101,7 @@ def main() -> None:
     done = [0]
 
     def run() -> None:
+        """One trainer step of the slot on the next of the 16 real batches."""
         slot.step(batches[done[0] % 16], done[0], True)
         done[0] += 1
 

@@ -102,6 +102,20 @@ void topk_row(const scalar_t* row, int64_t n, int64_t k, std::vector<float>& max
   }
 }
 
+template <typename scalar_t>
+void topk_rows(const torch::Tensor& xc, int64_t k, torch::Tensor& values, torch::Tensor& indices) {
+  const int64_t rows = xc.size(0), n = xc.size(1);
+  const scalar_t* src = xc.data_ptr<scalar_t>();
+  scalar_t* vout = values.data_ptr<scalar_t>();
+  int64_t* iout = indices.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<float> maxima;  // per thread, reused across its rows
+    std::vector<Cand> cand;
+    cand.reserve(4 * k);
+    for (int64_t r = lo; r < hi; ++r) topk_row<scalar_t>(src + r * n, n, k, maxima, cand, vout + r * k, iout + r * k);
+  });
+}
+
 std::vector<torch::Tensor> rowwise_topk(torch::Tensor x, int64_t k) {
   TORCH_CHECK(x.device().is_cpu(), "rowwise_topk: a CPU tensor is needed");
   TORCH_CHECK(x.dim() == 2, "rowwise_topk: a 2-D [rows, n] tensor is needed");
@@ -109,33 +123,12 @@ std::vector<torch::Tensor> rowwise_topk(torch::Tensor x, int64_t k) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "rowwise_topk: float32 or bfloat16 input is needed");
   auto xc = x.contiguous();
-  const int64_t rows = xc.size(0), n = xc.size(1);
-  auto values = torch::empty({rows, k}, xc.options());
-  auto indices = torch::empty({rows, k}, xc.options().dtype(at::kLong));
-  AT_DISPATCH_SWITCH(xc.scalar_type(), "rowwise_topk",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      const scalar_t* src = xc.data_ptr<scalar_t>();
-      scalar_t* vout = values.data_ptr<scalar_t>();
-      int64_t* iout = indices.data_ptr<int64_t>();
-      at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi_row) {
-        std::vector<float> maxima;
-        std::vector<Cand> cand;
-        cand.reserve(4 * k);
-        for (int64_t r = lo; r < hi_row; ++r) topk_row<scalar_t>(src + r * n, n, k, maxima, cand, vout + r * k, iout + r * k);
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      const scalar_t* src = xc.data_ptr<scalar_t>();
-      scalar_t* vout = values.data_ptr<scalar_t>();
-      int64_t* iout = indices.data_ptr<int64_t>();
-      at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi_row) {
-        std::vector<float> maxima;
-        std::vector<Cand> cand;
-        cand.reserve(4 * k);
-        for (int64_t r = lo; r < hi_row; ++r) topk_row<scalar_t>(src + r * n, n, k, maxima, cand, vout + r * k, iout + r * k);
-      });
-    })
-  );
+  auto values = torch::empty({xc.size(0), k}, xc.options());
+  auto indices = torch::empty({xc.size(0), k}, xc.options().dtype(at::kLong));
+  if (xc.scalar_type() == at::kFloat)
+    topk_rows<float>(xc, k, values, indices);
+  else
+    topk_rows<c10::BFloat16>(xc, k, values, indices);
   return {values, indices};
 }
 
