@@ -193,3 +193,20 @@ def test_sparse_bookkeeping_matches_dense_code(arch):
     assert torch.equal(dense.tokens_since_fired, sparse.tokens_since_fired)
     if arch != "topk":
         torch.testing.assert_close(sparse.threshold, dense.threshold, **TOL)
+
+
+@pytest.mark.parametrize("dead_every", [None, 3])
+def test_topk_fused_step_is_taken_and_equals_the_unfused_sparse_and_dense(dead_every, monkeypatch):
+    """On CPU the topk SAE trains through train/fused.py; the pair-list kernels stay its fallback."""
+    calls = []
+    real = topk_module.fused_topk
+    monkeypatch.setattr(topk_module, "fused_topk", lambda *a: calls.append(1) or real(*a))
+    dense, sparse = _pair("topk", dead_every)
+    _assert_same_step(dense, sparse, _inputs(8))
+    assert calls == [1]
+    monkeypatch.setattr(topk_module, "fused_available", lambda sae, x: False)
+    dense, unfused = _pair("topk", dead_every)
+    _assert_same_step(dense, unfused, _inputs(8))
+    assert calls == [1]
+    for p_f, p_u in zip(sparse.parameters(), unfused.parameters()):
+        torch.testing.assert_close(p_f.grad, p_u.grad, rtol=1e-5, atol=1e-6)

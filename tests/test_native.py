@@ -111,3 +111,45 @@ def test_sampled_dot_kernel_equals_sampled_addmm():
         want = torch.sparse.sampled_addmm(mask, g, w.t()).values()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, (g[act.bags] * w[act.cols]).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mm_dtype", [torch.float32, torch.bfloat16])
+def test_fused_topk_forward_backward_equal_dense_autograd(mm_dtype):
+    """train/fused.py: selection on mm + b_enc formed in fp32, ReLU'd-away winners, ties, all gradients."""
+    from saestrata.train.fused import fused_topk
+
+    torch.manual_seed(3)
+    B, D, L, k = 37, 131, 300, 9  # D not a multiple of the kernels' 64/128-float blocks: tails run too
+    sae = torch.nn.Module()
+    sae.W_enc = torch.nn.Parameter(torch.randn(D, L) / D ** 0.5)
+    sae.b_enc = torch.nn.Parameter(torch.randn(L) * 0.3 - 1.5)
+    sae.W_dec = torch.nn.Parameter(torch.randn(L, D))
+    sae.b_dec = torch.nn.Parameter(torch.randn(D) * 0.2)
+    with torch.no_grad():
+        sae.W_enc[:, 10] = sae.W_enc[:, 11]  # exact ties between two latents
+        sae.b_enc[10] = sae.b_enc[11]
+    x = torch.randn(B, D)
+    x[:6] *= 0.05  # rows whose pre-activations are about b_enc: some winners are <= 0
+    x.requires_grad_(True)
+    weight = torch.randn(B, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mm_dtype == torch.bfloat16):
+        x_hat, idx, val, mm = fused_topk(x, sae, k)
+    assert mm.dtype == mm_dtype
+    params = [x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    grads = torch.autograd.grad((x_hat * weight).sum(), params)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mm_dtype == torch.bfloat16):
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # the dense path's pre (fp32 after the bias)
+    want_idx = reference_topk_indices(pre.detach(), k)
+    assert torch.equal(idx, want_idx)
+    assert (val <= 0).any() and (val > 0).any()
+    torch.testing.assert_close(val, pre.detach().gather(1, want_idx), rtol=0, atol=0)
+    f = torch.zeros_like(pre).scatter(1, want_idx, torch.relu(pre.gather(1, want_idx))).float()
+    torch.testing.assert_close(x_hat, f @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
+    # Gradients: the sparse kernels' maths, fp32 throughout (under autocast the dense path's backward
+    # runs its matmuls in bf16): the forward's values, differentiated as fp32 pre-activations.
+    sel = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).gather(1, want_idx)
+    f32 = torch.zeros(B, L).scatter(1, want_idx, (val + sel - sel.detach()) * (val > 0))
+    ref_grads = torch.autograd.grad(((f32 @ sae.W_dec + sae.b_dec) * weight).sum(), params)
+    for name, got, want in zip(["x", "W_enc", "b_enc", "W_dec", "b_dec"], grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)

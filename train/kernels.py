@@ -23,6 +23,10 @@ own implementation on stock PyTorch ops (``embedding_bag``, ``sparse.sampled_add
 ``index_add_``) plus a numpy radix argsort; the TopK selection itself is the compiled per-row
 top-k of :mod:`.native` (on CPU).
 
+The plain ``topk`` SAE on CPU runs the fused compiled forward / backward of :mod:`.fused`
+instead (same maths, fewer passes); these kernels remain its fallback and serve batchtopk
+and matryoshka.
+
 Numerics: the selection runs on the caller's ``pre`` (bf16 under autocast, exactly the
 values the dense path uses), the selected values are then carried in fp32, and every
 sparse kernel runs in fp32 with autocast disabled: they are memory-bound gathers, bf16

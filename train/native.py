@@ -4,7 +4,8 @@
 where torch's CPU ``topk`` cost about half an encoder matmul (docs/results/bench/README.md), and
 :func:`remove_parallel_grad_`, the decoder-gradient projection every unit-norm-decoder SAE runs
 each step (one pass instead of torch's three temporaries); :mod:`.kernels` also calls the module's
-``sampled_dot`` (the sparse decoder backward's dot products) through :func:`load_native`. The source is ``csrc/native.cpp``; the build (~1 min,
+``sampled_dot`` (the sparse decoder backward's dot products) and :mod:`.fused` the whole TopK
+training forward / backward (``topk_fused_forward`` / ``topk_fused_backward``) through :func:`load_native`. The source is ``csrc/native.cpp``; the build (~1 min,
 g++ and ninja) lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) and is reused by later processes.
 

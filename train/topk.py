@@ -20,6 +20,7 @@ import torch
 
 from .arch_info import ArchInfo
 from .base import SAE, ForwardOutput
+from .fused import fused_available, fused_topk
 from .native import rowwise_topk_indices
 from .kernels import ActiveSet, check_kernels, gather_columns, gather_pre_acts, sparse_decode
 
@@ -66,8 +67,9 @@ class AuxKMixin:
         e_hat = (f_aux @ self.W_dec).float()
         return self.aux_coeff * (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-12)
 
-    def auxk_loss_sparse(self, x: torch.Tensor, pre: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        """:meth:`auxk_loss` for the sparse kernels; ``pre`` ``[batch, d_sae]`` was computed without autograd.
+    def auxk_loss_sparse(self, x: torch.Tensor, pre, x_hat: torch.Tensor) -> torch.Tensor:
+        """:meth:`auxk_loss` for the sparse kernels; ``pre`` ``[batch, d_sae]`` was computed without autograd,
+        or is a function returning it (called only when a latent is dead: the fused step never forms it).
 
         Same maths: the ``k_aux`` largest pre-activations among dead latents, ReLU'd,
         decode the detached residual. Everything runs on the dead columns only
@@ -79,7 +81,8 @@ class AuxKMixin:
         """
         dead = (self.tokens_since_fired >= self.dead_window_tokens).nonzero().flatten()
         if dead.numel() == 0:
-            return pre.new_zeros(()).float()
+            return x.new_zeros((), dtype=torch.float32)
+        pre = pre() if callable(pre) else pre
         k_aux = min(self.aux_k, dead.numel())
         e = (x - x_hat).detach().float()
         if k_aux * AUXK_DENSE_SHARE >= dead.numel():
@@ -170,6 +173,18 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         """:meth:`SAE.forward`, on the sparse kernels when ``kernels="sparse"`` and training."""
         return self.sparse_forward(x) if self.use_sparse() else super().forward(x)
+
+    def sparse_forward(self, x: torch.Tensor) -> ForwardOutput:
+        """The sparse training forward, fused into two compiled calls on CPU (:mod:`.fused`), else :mod:`.kernels`'."""
+        if not fused_available(self, x):
+            return super().sparse_forward(x)
+        x_hat, idx, val, mm = fused_topk(x, self, self.k)
+        mse = (x_hat - x.float()).pow(2).sum(-1).mean()
+        rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
+        act = ActiveSet.from_values(val.flatten(), rows.flatten(), idx.flatten(), idx.shape[0], self.d_sae)
+        auxk = self.auxk_loss_sparse(x, lambda: (mm + self.b_enc).detach(), x_hat)  # pre formed only if AuxK acts
+        return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act, values=val[val > 0],
+                             f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype))
 
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``auxk`` (only while training)."""

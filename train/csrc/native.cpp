@@ -1,7 +1,9 @@
 // Compiled CPU kernels of saestrata.train.native: a per-row top-k of a [rows, n] tensor (float32 or
-// bfloat16), the sampled dot products of the sparse decoder's backward, and the decoder-gradient
-// projection of unit-norm-decoder SAEs. Tried and dropped (2 threads, idle, 32k pairs, D 640): a
-// per-latent weighted row sum in place of embedding_bag (1.52 vs 1.49 ms; 1.29 vs 0.89 ms as decode).
+// bfloat16), the sampled dot products of the sparse decoder's backward, the decoder-gradient
+// projection of unit-norm-decoder SAEs, and the fused TopK SAE training forward / backward
+// (saestrata.train.fused). A per-pair read-modify-write of the output row was no faster than
+// embedding_bag (2 threads, idle, 32k pairs, D 640: 1.52 vs 1.49 ms as a weight gradient, 1.29 vs
+// 0.89 ms as the decode); the fused kernels keep each output block in vector registers instead.
 //
 // Why: torch's CPU topk costs ~0.5x of a TopK SAE step's encoder matmul at d_sae 4096, k 32
 // (docs/results/bench/README.md, issue 14). Here each row is one pass: a block of 16 values is
@@ -34,6 +36,16 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
+// 16 floats in one vector register (AVX-512 with -march=native; the compiler splits it elsewhere).
+// Loads and stores go through memcpy: rows are only 4-byte aligned.
+typedef float v16 __attribute__((vector_size(64)));
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+
 // Greater-first order with the tie rule: larger value first, then the lower column.
 struct Cand {
   float v;
@@ -48,20 +60,18 @@ inline bool wins(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v
 // vectorized max. span = n / (4 k), at most 32: measured on real layer-8 pre-activations (d_sae 4096,
 // k 32, 1 thread) spans 8 / 16 / 32 / 64 / 128 took 8.1 / 7.1 / 5.5 / 5.7 / 8.2 ms per 1024 rows
 // (~34 candidates per row at 16).
-template <typename scalar_t>
-void topk_row(const scalar_t* row, int64_t n, int64_t k, std::vector<float>& maxima, std::vector<Cand>& cand,
-              scalar_t* out_v, int64_t* out_i) {
+template <typename Load>
+void topk_row(Load load, int64_t n, int64_t k, std::vector<float>& maxima, std::vector<Cand>& cand) {
   const int64_t span = std::min<int64_t>(32, n / (4 * k));
   const int64_t nb = span > 0 ? n / span : 0;
   float tau = -std::numeric_limits<float>::infinity();
   if (span >= 2 && nb >= k) {
     maxima.resize(nb);
     float* mx = maxima.data();
-    for (int64_t b = 0; b < nb; ++b) mx[b] = to_float(row[b]);
+    for (int64_t b = 0; b < nb; ++b) mx[b] = load(b);
     for (int64_t s = 1; s < span; ++s) {
-      const scalar_t* p = row + s * nb;
       for (int64_t b = 0; b < nb; ++b) {
-        float x = to_float(p[b]);
+        float x = load(s * nb + b);
         mx[b] = x > mx[b] ? x : mx[b];
       }
     }
@@ -73,21 +83,21 @@ void topk_row(const scalar_t* row, int64_t n, int64_t k, std::vector<float>& max
   int64_t j = 0;
   for (; j + CHUNK <= n; j += CHUNK) {
     int hit = 0;
-    for (int64_t t = 0; t < CHUNK; ++t) hit |= to_float(row[j + t]) >= tau;
+    for (int64_t t = 0; t < CHUNK; ++t) hit |= load(j + t) >= tau;
     if (!hit) continue;
     for (int64_t t = 0; t < CHUNK; ++t) {
-      float x = to_float(row[j + t]);
+      float x = load(j + t);
       if (x >= tau) cand.push_back({x, j + t});
     }
   }
   for (; j < n; ++j) {
-    float x = to_float(row[j]);
+    float x = load(j);
     if (x >= tau) cand.push_back({x, j});
   }
   if (static_cast<int64_t>(cand.size()) < k) {  // only with NaN in the row (NaN >= tau is false): NaN ranks lowest
     cand.clear();
     for (int64_t c = 0; c < n; ++c) {
-      float x = to_float(row[c]);
+      float x = load(c);
       cand.push_back({x == x ? x : -std::numeric_limits<float>::infinity(), c});
     }
   }
@@ -95,11 +105,7 @@ void topk_row(const scalar_t* row, int64_t n, int64_t k, std::vector<float>& max
     std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), wins);
     cand.resize(k);
     std::sort(cand.begin(), cand.end(), [](const Cand& a, const Cand& b) { return a.i < b.i; });
-  }
-  for (int64_t t = 0; t < k; ++t) {
-    out_i[t] = cand[t].i;
-    out_v[t] = row[cand[t].i];  // the input's own value, bit-exact in its dtype
-  }
+  }  // else the candidates came in column order already
 }
 
 template <typename scalar_t>
@@ -112,7 +118,14 @@ void topk_rows(const torch::Tensor& xc, int64_t k, torch::Tensor& values, torch:
     std::vector<float> maxima;  // per thread, reused across its rows
     std::vector<Cand> cand;
     cand.reserve(4 * k);
-    for (int64_t r = lo; r < hi; ++r) topk_row<scalar_t>(src + r * n, n, k, maxima, cand, vout + r * k, iout + r * k);
+    for (int64_t r = lo; r < hi; ++r) {
+      const scalar_t* row = src + r * n;
+      topk_row([row](int64_t j) { return to_float(row[j]); }, n, k, maxima, cand);
+      for (int64_t t = 0; t < k; ++t) {
+        iout[r * k + t] = cand[t].i;
+        vout[r * k + t] = row[cand[t].i];  // the input's own value, bit-exact in its dtype
+      }
+    }
   });
 }
 
@@ -132,8 +145,22 @@ std::vector<torch::Tensor> rowwise_topk(torch::Tensor x, int64_t k) {
   return {values, indices};
 }
 
+// <a, b> over D floats: four vector accumulators, so consecutive FMAs do not wait on each other.
+inline float dot(const float* a, const float* b, int64_t D) {
+  v16 acc[4] = {};
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64)
+    for (int j = 0; j < 4; ++j) acc[j] += load16(a + d + 16 * j) * load16(b + d + 16 * j);
+  for (; d + 16 <= D; d += 16) acc[0] += load16(a + d) * load16(b + d);
+  v16 t = acc[0] + acc[1] + acc[2] + acc[3];
+  float s = 0;
+  for (int j = 0; j < 16; ++j) s += t[j];
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
 // grad[r] -= <grad[r], w[r]> w[r] for each row r of fp32 [rows, d] tensors, in one pass over both
-// (torch's expression makes three [rows, d] temporaries). 16 partial sums keep the dot vectorized.
+// (torch's expression makes three [rows, d] temporaries).
 void remove_parallel_(torch::Tensor grad, torch::Tensor w) {
   TORCH_CHECK(grad.device().is_cpu() && w.device().is_cpu(), "remove_parallel_: CPU tensors are needed");
   TORCH_CHECK(grad.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "remove_parallel_: float32 is needed");
@@ -146,14 +173,8 @@ void remove_parallel_(torch::Tensor grad, torch::Tensor w) {
     for (int64_t r = lo; r < hi; ++r) {
       float* gr = g + r * d;
       const float* wr = v + r * d;
-      float acc[16] = {0};
-      int64_t j = 0;
-      for (; j + 16 <= d; j += 16)
-        for (int t = 0; t < 16; ++t) acc[t] += gr[j + t] * wr[j + t];
-      float dot = 0;
-      for (int t = 0; t < 16; ++t) dot += acc[t];
-      for (; j < d; ++j) dot += gr[j] * wr[j];
-      for (int64_t c = 0; c < d; ++c) gr[c] -= dot * wr[c];
+      const float p = dot(gr, wr, d);
+      for (int64_t c = 0; c < d; ++c) gr[c] -= p * wr[c];
     }
   });
 }
@@ -174,19 +195,195 @@ torch::Tensor sampled_dot(torch::Tensor g, torch::Tensor w, torch::Tensor bags, 
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
-      const float* a = gp + bp[n] * D;
-      const float* b = wp + cp[n] * D;
-      float acc[16] = {0};
-      int64_t d = 0;
-      for (; d + 16 <= D; d += 16)
-        for (int t = 0; t < 16; ++t) acc[t] += a[d + t] * b[d + t];
-      float s = 0;
-      for (int t = 0; t < 16; ++t) s += acc[t];
-      for (; d < D; ++d) s += a[d] * b[d];
-      op[n] = s;
+      op[n] = dot(gp + bp[n] * D, wp + cp[n] * D, D);
     }
   });
   return out;
+}
+
+
+// ---- The fused TopK SAE training step (saestrata.train.fused) ------------------------------------
+// Forward: per row, the top-k of pre = mm + b_enc (mm the encoder matmul without its bias, bf16 under
+// autocast or fp32; the sum is formed in fp32 as torch's type promotion does, so the selection is the
+// dense path's), then x_hat = b_dec + sum_t relu(v_t) W_dec[c_t]. Neither pre nor an active-pair list
+// is materialised. Backward: dv = relu'(v) <g, W_dec[c]> per pair, then, grouped by latent (a counting
+// sort of the B k pairs), one pass per latent writes its rows of dW_dec, dW_enc^T and db_enc (zeros for
+// latents that did not fire, so no separate zero-fill pass over the [L, D] gradients).
+
+// Rows are visited in an order the hardware prefetcher cannot guess: fetch the block PREFETCH pairs
+// ahead (as fbgemm's embedding_bag kernels, which torch's embedding_bag runs, do).
+constexpr int64_t PREFETCH = 4;
+inline void prefetch_block(const float* p, int64_t n) {
+  for (int64_t d = 0; d < n; d += 16) __builtin_prefetch(p + d);
+}
+
+// x = b_dec + sum over the candidates with v > 0 of v W[i]: the output held in 8 vector registers per
+// 128-float block while all k rows stream through (a read-modify-write of x per pair was 2x slower
+// than torch's embedding_bag).
+void decode_row(const std::vector<Cand>& cand, const float* W, const float* b_dec, int64_t D, float* x) {
+  int64_t d0 = 0;
+  for (; d0 + 128 <= D; d0 += 128) {
+    v16 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = load16(b_dec + d0 + 16 * j);
+    const int64_t m = static_cast<int64_t>(cand.size());
+    for (int64_t t = 0; t < m; ++t) {
+      const Cand& c = cand[t];
+      if (t + PREFETCH < m) prefetch_block(W + cand[t + PREFETCH].i * D + d0, 128);
+      if (!(c.v > 0)) continue;
+      const float* w = W + c.i * D + d0;
+      for (int j = 0; j < 8; ++j) acc[j] += c.v * load16(w + 16 * j);
+    }
+    for (int j = 0; j < 8; ++j) store16(x + d0 + 16 * j, acc[j]);
+  }
+  for (int64_t d = d0; d < D; ++d) {
+    float a = b_dec[d];
+    for (const Cand& c : cand)
+      if (c.v > 0) a += c.v * W[c.i * D + d];
+    x[d] = a;
+  }
+}
+
+template <typename scalar_t>
+void fused_forward_rows(const torch::Tensor& mm, const float* bias, int64_t k, const float* W, const float* b_dec,
+                        int64_t D, int64_t* iout, float* vout, float* xout) {
+  const int64_t rows = mm.size(0), n = mm.size(1);
+  const scalar_t* src = mm.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<float> maxima;
+    std::vector<Cand> cand;
+    cand.reserve(4 * k);
+    for (int64_t r = lo; r < hi; ++r) {
+      const scalar_t* row = src + r * n;
+      topk_row([row, bias](int64_t j) { return to_float(row[j]) + bias[j]; }, n, k, maxima, cand);
+      for (int64_t t = 0; t < k; ++t) {
+        iout[r * k + t] = cand[t].i;
+        vout[r * k + t] = cand[t].v;
+      }
+      decode_row(cand, W, b_dec, D, xout + r * D);
+    }
+  });
+}
+
+// -> (indices long [B, k] ascending per row, values fp32 [B, k] (pre-activations, before ReLU),
+//     x_hat fp32 [B, D]).
+std::vector<torch::Tensor> topk_fused_forward(torch::Tensor mm, torch::Tensor b_enc, int64_t k, torch::Tensor W_dec,
+                                              torch::Tensor b_dec) {
+  TORCH_CHECK(mm.device().is_cpu() && mm.dim() == 2, "topk_fused_forward: a 2-D CPU [B, L] tensor is needed");
+  TORCH_CHECK(mm.scalar_type() == at::kFloat || mm.scalar_type() == at::kBFloat16,
+              "topk_fused_forward: float32 or bfloat16 mm is needed");
+  TORCH_CHECK(k >= 1 && k <= mm.size(1), "topk_fused_forward: k must be in [1, L]");
+  TORCH_CHECK(b_enc.scalar_type() == at::kFloat && W_dec.scalar_type() == at::kFloat &&
+                  b_dec.scalar_type() == at::kFloat, "topk_fused_forward: fp32 parameters are needed");
+  TORCH_CHECK(W_dec.dim() == 2 && W_dec.size(0) == mm.size(1) && b_enc.numel() == mm.size(1) &&
+                  b_dec.numel() == W_dec.size(1), "topk_fused_forward: shapes do not match");
+  auto m = mm.contiguous();
+  auto be = b_enc.contiguous(), W = W_dec.contiguous(), bd = b_dec.contiguous();
+  const int64_t B = m.size(0), D = W.size(1);
+  auto idx = torch::empty({B, k}, m.options().dtype(at::kLong));
+  auto val = torch::empty({B, k}, m.options().dtype(at::kFloat));
+  auto x_hat = torch::empty({B, D}, m.options().dtype(at::kFloat));
+  if (m.scalar_type() == at::kFloat)
+    fused_forward_rows<float>(m, be.data_ptr<float>(), k, W.data_ptr<float>(), bd.data_ptr<float>(), D,
+                              idx.data_ptr<int64_t>(), val.data_ptr<float>(), x_hat.data_ptr<float>());
+  else
+    fused_forward_rows<c10::BFloat16>(m, be.data_ptr<float>(), k, W.data_ptr<float>(), bd.data_ptr<float>(), D,
+                                      idx.data_ptr<int64_t>(), val.data_ptr<float>(), x_hat.data_ptr<float>());
+  return {idx, val, x_hat};
+}
+
+// One latent's gradient rows from its pairs (indices n = r k + t into the [B, k] arrays):
+// dW_dec[c] = sum v_n g[r], dW_enc^T[c] = sum dv_n (x[r] - b_dec); pairs with v <= 0 add nothing.
+// Both outputs stay in vector registers per 64-float block (see decode_row).
+void latent_grads(const int64_t* pairs, int64_t m, int64_t k, const float* v, const float* dv, const float* g,
+                  const float* x, const float* b_dec, int64_t D, float* d_dec, float* d_enc) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) {
+    v16 a_dec[4] = {}, a_enc[4] = {};
+    for (int64_t s = 0; s < m; ++s) {
+      const int64_t n = pairs[s], r = n / k;
+      if (s + PREFETCH < m) {
+        const int64_t r1 = pairs[s + PREFETCH] / k;
+        prefetch_block(g + r1 * D + d0, 64);
+        prefetch_block(x + r1 * D + d0, 64);
+      }
+      if (!(v[n] > 0)) continue;
+      const float* gr = g + r * D + d0;
+      const float* xr = x + r * D + d0;
+      for (int j = 0; j < 4; ++j) {
+        a_dec[j] += v[n] * load16(gr + 16 * j);
+        a_enc[j] += dv[n] * (load16(xr + 16 * j) - load16(b_dec + d0 + 16 * j));
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      store16(d_dec + d0 + 16 * j, a_dec[j]);
+      store16(d_enc + d0 + 16 * j, a_enc[j]);
+    }
+  }
+  for (int64_t d = d0; d < D; ++d) {
+    float a = 0, e = 0;
+    for (int64_t s = 0; s < m; ++s) {
+      const int64_t n = pairs[s], r = n / k;
+      if (!(v[n] > 0)) continue;
+      a += v[n] * g[r * D + d];
+      e += dv[n] * (x[r * D + d] - b_dec[d]);
+    }
+    d_dec[d] = a;
+    d_enc[d] = e;
+  }
+}
+
+// g fp32 [B, D] = dloss/dx_hat; idx, val from the forward; x fp32 [B, D]; b_dec [D]; W_dec fp32 [L, D].
+// -> (dv fp32 [B, k], dW_enc^T fp32 [L, D], db_enc fp32 [L], dW_dec fp32 [L, D]). db_dec and dx are
+// left to the caller (db_dec = sum_b g[b] - W_enc db_enc; dx = sum_t dv W_enc[:, c_t]).
+std::vector<torch::Tensor> topk_fused_backward(torch::Tensor g, torch::Tensor idx, torch::Tensor val, torch::Tensor x,
+                                               torch::Tensor b_dec, torch::Tensor W_dec) {
+  TORCH_CHECK(g.scalar_type() == at::kFloat && val.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+                  b_dec.scalar_type() == at::kFloat && W_dec.scalar_type() == at::kFloat &&
+                  idx.scalar_type() == at::kLong, "topk_fused_backward: fp32 tensors and long indices are needed");
+  TORCH_CHECK(g.dim() == 2 && g.sizes() == x.sizes() && idx.sizes() == val.sizes() && idx.size(0) == g.size(0) &&
+                  W_dec.size(1) == g.size(1) && b_dec.numel() == g.size(1), "topk_fused_backward: shapes do not match");
+  auto gc = g.contiguous(), ic = idx.contiguous(), vc = val.contiguous(), xc = x.contiguous();
+  auto bd = b_dec.contiguous(), W = W_dec.contiguous();
+  const int64_t B = gc.size(0), D = gc.size(1), k = ic.size(1), L = W.size(0), N = B * k;
+  const float* gp = gc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  const float* bp = bd.data_ptr<float>();
+  const float* wp = W.data_ptr<float>();
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  auto dv = torch::empty({B, k}, gc.options());
+  float* dvp = dv.data_ptr<float>();
+  at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r)
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t n = r * k + t;
+        dvp[n] = vp[n] > 0 ? dot(gp + r * D, wp + ip[n] * D, D) : 0.f;
+      }
+  });
+  // Counting sort of the pairs by latent (stable: rows ascending within a latent).
+  std::vector<int64_t> start(L + 1, 0), order(N);
+  for (int64_t n = 0; n < N; ++n) ++start[ip[n] + 1];
+  for (int64_t c = 0; c < L; ++c) start[c + 1] += start[c];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t n = 0; n < N; ++n) order[fill[ip[n]]++] = n;
+  }
+  auto dWencT = torch::empty({L, D}, gc.options());
+  auto db_enc = torch::empty({L}, gc.options());
+  auto dWdec = torch::empty({L, D}, gc.options());
+  float* ep = dWencT.data_ptr<float>();
+  float* bep = db_enc.data_ptr<float>();
+  float* dp = dWdec.data_ptr<float>();
+  at::parallel_for(0, L, 32, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const int64_t s0 = start[c], s1 = start[c + 1];
+      float bsum = 0;
+      for (int64_t s = s0; s < s1; ++s) bsum += vp[order[s]] > 0 ? dvp[order[s]] : 0.f;
+      bep[c] = bsum;
+      latent_grads(order.data() + s0, s1 - s0, k, vp, dvp, gp, xp, bp, D, dp + c * D, ep + c * D);
+    }
+  });
+  return {dv, dWencT, db_enc, dWdec};
 }
 
 }  // namespace
@@ -194,5 +391,7 @@ torch::Tensor sampled_dot(torch::Tensor g, torch::Tensor w, torch::Tensor bags, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rowwise_topk", &rowwise_topk, "Per-row top-k of a 2-D CPU tensor (values, indices), ties to the lower index");
   m.def("sampled_dot", &sampled_dot, "out[n] = <g[bags[n]], w[cols[n]]> (fp32, CPU)");
+  m.def("topk_fused_forward", &topk_fused_forward, "TopK SAE forward: top-k of mm + b_enc and x_hat (CPU)");
+  m.def("topk_fused_backward", &topk_fused_backward, "TopK SAE backward from dloss/dx_hat (CPU)");
   m.def("remove_parallel_", &remove_parallel_, "grad[r] -= <grad[r], w[r]> w[r] in place (fp32, CPU)");
 }
