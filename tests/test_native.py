@@ -153,3 +153,15 @@ def test_fused_topk_forward_backward_equal_dense_autograd(mm_dtype):
     ref_grads = torch.autograd.grad(((f32 @ sae.W_dec + sae.b_dec) * weight).sum(), params)
     for name, got, want in zip(["x", "W_enc", "b_enc", "W_dec", "b_dec"], grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_normalize_rows_matches_torchs_expression_and_guards_zero_rows():
+    from saestrata.train.native import normalize_rows_
+
+    torch.manual_seed(5)
+    w = torch.randn(300, 131) * torch.rand(300, 1) * 5
+    w[7] = 0  # a zero row stays zero (eps), as with torch's clamp_min
+    want = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    normalize_rows_(w)
+    torch.testing.assert_close(w, want, rtol=1e-6, atol=1e-7)
+    assert float(w[7].abs().max()) == 0 and torch.allclose(w[8].norm(), torch.tensor(1.0))

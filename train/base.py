@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .native import remove_parallel_grad_
+from .native import normalize_rows_, remove_parallel_grad_
 
 
 class ForwardOutput:
@@ -232,7 +232,7 @@ class SAE(nn.Module):
     def normalize_decoder(self) -> None:
         """Rescale decoder rows to unit norm (only for archs with ``unit_norm_decoder``)."""
         if self.unit_norm_decoder:
-            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            normalize_rows_(self.W_dec)
 
     def after_step(self, step: int, steps: int) -> None:
         """Called by the trainer after optimiser step ``step`` (0-based) of ``steps``; default no-op.

@@ -139,3 +139,19 @@ def remove_parallel_grad_(grad: torch.Tensor, w: torch.Tensor) -> None:
             mod.remove_parallel_(grad, w.detach())
     else:
         grad -= (grad * w).sum(-1, keepdim=True) * w
+
+
+def normalize_rows_(w: torch.Tensor, eps: float = 1e-8) -> None:
+    """In place, ``w[r] /= max(||w[r]||_2, eps)`` for every row of a 2-D tensor (unit-norm decoder rows).
+
+    The renormalisation unit-norm-decoder SAEs run after every optimiser step
+    (:meth:`~saestrata.train.base.SAE.normalize_decoder`; Bricken et al. 2023). On the kernel for
+    contiguous fp32 CPU tensors (one pass), else torch's expression (same maths; the kernel sums
+    each norm in its own order, so results differ in the last bits).
+    """
+    if (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous()
+            and (mod := load_native()) is not None):
+        with torch.profiler.record_function("saestrata::normalize_rows"):  # named in bench/topk_profile.py
+            mod.normalize_rows_(w.detach(), eps)
+    else:
+        w /= w.norm(dim=-1, keepdim=True).clamp_min(eps)

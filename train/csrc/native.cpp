@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -175,6 +176,22 @@ void remove_parallel_(torch::Tensor grad, torch::Tensor w) {
       const float* wr = v + r * d;
       const float p = dot(gr, wr, d);
       for (int64_t c = 0; c < d; ++c) gr[c] -= p * wr[c];
+    }
+  });
+}
+
+// w[r] /= max(||w[r]||, eps) for each row of an fp32 [rows, d] tensor, in one pass (torch's
+// expression reads w twice and writes a norm tensor). Division, not a reciprocal multiply, as torch.
+void normalize_rows_(torch::Tensor w, double eps) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
+              "normalize_rows_: a contiguous fp32 [rows, d] CPU tensor is needed");
+  const int64_t rows = w.size(0), d = w.size(1);
+  float* p = w.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float* wr = p + r * d;
+      const float n = std::max(std::sqrt(dot(wr, wr, d)), static_cast<float>(eps));
+      for (int64_t c = 0; c < d; ++c) wr[c] /= n;
     }
   });
 }
@@ -393,5 +410,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sampled_dot", &sampled_dot, "out[n] = <g[bags[n]], w[cols[n]]> (fp32, CPU)");
   m.def("topk_fused_forward", &topk_fused_forward, "TopK SAE forward: top-k of mm + b_enc and x_hat (CPU)");
   m.def("topk_fused_backward", &topk_fused_backward, "TopK SAE backward from dloss/dx_hat (CPU)");
+  m.def("normalize_rows_", &normalize_rows_, "w[r] /= max(||w[r]||, eps) in place (fp32, CPU)");
   m.def("remove_parallel_", &remove_parallel_, "grad[r] -= <grad[r], w[r]> w[r] in place (fp32, CPU)");
 }
