@@ -6,16 +6,20 @@
 // 0.89 ms as the decode); the fused kernels keep each output block in vector registers instead.
 //
 // Why: torch's CPU topk costs ~0.5x of a TopK SAE step's encoder matmul at d_sae 4096, k 32
-// (docs/results/bench/README.md, issue 14). Here each row is one pass: a block of 16 values is
-// skipped when its maximum does not beat the current k-th largest (almost every block once the
-// threshold has settled), the rest go through a size-k min-heap. Expected heap insertions per row
-// are about k ln(n / k).
+// (docs/results/bench/README.md, issue 14). Here each row takes two vectorized scans: the maxima of
+// strided blocks give a lower bound on the k-th largest value, the second scan keeps the ~k entries
+// at or above it, and an exact k-th largest among those (bisection on order-preserving integer keys)
+// picks the winners without sorting (topk_row).
 //
 // Ties: of equal values the lower column index wins (a deterministic rule; torch's topk leaves it
 // unspecified). Output per row: the k columns in ascending column order and their values.
 // NaN ranks below every number (callers reject NaN activations; this only keeps the kernel safe).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -47,12 +51,45 @@ inline v16 load16(const float* p) {
 }
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
-// Greater-first order with the tie rule: larger value first, then the lower column.
+// A candidate of a row's top-k: its value and column.
 struct Cand {
   float v;
   int64_t i;
 };
-inline bool wins(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+
+// Floats as int32 keys in the same order (NaN excepted: callers map it to -inf first).
+inline int32_t order_key(float x) {
+  int32_t i;
+  std::memcpy(&i, &x, sizeof i);
+  return i ^ ((i >> 31) & 0x7fffffff);
+}
+inline float key_float(int32_t key) {
+  int32_t i = key ^ ((key >> 31) & 0x7fffffff);
+  float x;
+  std::memcpy(&x, &i, sizeof x);
+  return x;
+}
+
+// The k-th largest of n keys: the largest t with at least k keys >= t, by bisection on the 32-bit key
+// range (32 vectorized counting passes; nth_element over the 128 block maxima of a row cost ~1.3 us,
+// a quarter of the row's time, measured on this machine).
+inline int32_t kth_largest_key(const int32_t* keys, int64_t n, int64_t k) {
+  int64_t lo = std::numeric_limits<int32_t>::min(), hi = std::numeric_limits<int32_t>::max();  // count(>= lo) >= k
+  while (lo < hi) {
+    const int32_t mid = static_cast<int32_t>(lo + (hi - lo + 1) / 2);
+    int32_t count = 0;  // int32 lanes: the count vectorizes
+    for (int64_t j = 0; j < n; ++j) count += keys[j] >= mid;
+    if (count >= k) lo = mid; else hi = mid - 1;
+  }
+  return static_cast<int32_t>(lo);
+}
+
+// The k-th largest of n floats (NaN counts as -inf).
+inline float kth_largest(const float* v, int64_t n, int64_t k, std::vector<int32_t>& keys) {
+  keys.resize(n);
+  for (int64_t j = 0; j < n; ++j) keys[j] = order_key(v[j] == v[j] ? v[j] : -std::numeric_limits<float>::infinity());
+  return key_float(kth_largest_key(keys.data(), n, k));
+}
 
 // One row: the maxima of k or more disjoint blocks of columns bound the k-th largest value from
 // below (the k largest maxima are k values of the row), so every winner is >= that bound; only the
@@ -61,14 +98,43 @@ inline bool wins(const Cand& a, const Cand& b) { return a.v > b.v || (a.v == b.v
 // vectorized max. span = n / (4 k), at most 32: measured on real layer-8 pre-activations (d_sae 4096,
 // k 32, 1 thread) spans 8 / 16 / 32 / 64 / 128 took 8.1 / 7.1 / 5.5 / 5.7 / 8.2 ms per 1024 rows
 // (~34 candidates per row at 16).
+// Per-thread scratch of topk_row, reused across rows.
+struct TopkScratch {
+  std::vector<float> maxima, cv;  // block maxima; candidate values
+  std::vector<int32_t> keys, ci;  // integer keys; candidate columns
+  std::vector<Cand> cand;         // the row's k winners, ascending columns
+};
+
+// Appends the entries of x[0..16) that are >= tau (with columns j..j+16) to cv / ci at *cnt; the
+// buffers have 16 entries of room past *cnt. AVX-512: compress within registers, then a full 16-lane
+// store (compress straight to memory is microcoded and slow on AMD Zen 4; a scalar append cost ~5
+// cycles an entry, most of the row's time; both measured on this machine).
+inline void append_at_least(const float* x, int64_t j, float tau, float* cv, int32_t* ci, int64_t* cnt) {
+#ifdef __AVX512F__
+  const __m512 v = _mm512_loadu_ps(x);
+  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_GE_OQ);
+  const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  _mm512_storeu_ps(cv + *cnt, _mm512_maskz_compress_ps(keep, v));
+  _mm512_storeu_si512(ci + *cnt, _mm512_maskz_compress_epi32(keep, cols));
+  *cnt += __builtin_popcount(keep);
+#else
+  for (int t = 0; t < 16; ++t) {
+    cv[*cnt] = x[t];
+    ci[*cnt] = static_cast<int32_t>(j + t);
+    *cnt += x[t] >= tau;
+  }
+#endif
+}
+
 template <typename Load>
-void topk_row(Load load, int64_t n, int64_t k, std::vector<float>& maxima, std::vector<Cand>& cand) {
+void topk_row(Load load, int64_t n, int64_t k, TopkScratch& ws) {
   const int64_t span = std::min<int64_t>(32, n / (4 * k));
   const int64_t nb = span > 0 ? n / span : 0;
   float tau = -std::numeric_limits<float>::infinity();
   if (span >= 2 && nb >= k) {
-    maxima.resize(nb);
-    float* mx = maxima.data();
+    ws.maxima.resize(nb);
+    float* mx = ws.maxima.data();
     for (int64_t b = 0; b < nb; ++b) mx[b] = load(b);
     for (int64_t s = 1; s < span; ++s) {
       for (int64_t b = 0; b < nb; ++b) {
@@ -76,37 +142,55 @@ void topk_row(Load load, int64_t n, int64_t k, std::vector<float>& maxima, std::
         mx[b] = x > mx[b] ? x : mx[b];
       }
     }
-    std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<float>());
-    tau = maxima[k - 1];
+    tau = kth_largest(mx, nb, k, ws.keys);
   }
-  cand.clear();
   constexpr int64_t CHUNK = 32;
-  int64_t j = 0;
+  if (static_cast<int64_t>(ws.cv.size()) < n + CHUNK) {
+    ws.cv.resize(n + CHUNK);
+    ws.ci.resize(n + CHUNK);
+  }
+  float* cv = ws.cv.data();
+  int32_t* ci = ws.ci.data();
+  int64_t m = 0, j = 0;
+  float chunk[CHUNK];
   for (; j + CHUNK <= n; j += CHUNK) {
     int hit = 0;
-    for (int64_t t = 0; t < CHUNK; ++t) hit |= load(j + t) >= tau;
-    if (!hit) continue;
     for (int64_t t = 0; t < CHUNK; ++t) {
-      float x = load(j + t);
-      if (x >= tau) cand.push_back({x, j + t});
+      chunk[t] = load(j + t);
+      hit |= chunk[t] >= tau;
     }
+    if (!hit) continue;
+    append_at_least(chunk, j, tau, cv, ci, &m);
+    append_at_least(chunk + 16, j + 16, tau, cv, ci, &m);
   }
   for (; j < n; ++j) {
     float x = load(j);
-    if (x >= tau) cand.push_back({x, j});
+    cv[m] = x;
+    ci[m] = static_cast<int32_t>(j);
+    m += x >= tau;
   }
-  if (static_cast<int64_t>(cand.size()) < k) {  // only with NaN in the row (NaN >= tau is false): NaN ranks lowest
-    cand.clear();
-    for (int64_t c = 0; c < n; ++c) {
-      float x = load(c);
-      cand.push_back({x == x ? x : -std::numeric_limits<float>::infinity(), c});
+  if (m < k) {  // only with NaN in the row (NaN >= tau is false): NaN ranks lowest
+    for (m = 0; m < n; ++m) {
+      float x = load(m);
+      cv[m] = x == x ? x : -std::numeric_limits<float>::infinity();
+      ci[m] = static_cast<int32_t>(m);
     }
   }
-  if (static_cast<int64_t>(cand.size()) > k) {
-    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), wins);
-    cand.resize(k);
-    std::sort(cand.begin(), cand.end(), [](const Cand& a, const Cand& b) { return a.i < b.i; });
-  }  // else the candidates came in column order already
+  ws.cand.resize(k);
+  if (m == k) {
+    for (int64_t c = 0; c < k; ++c) ws.cand[c] = {cv[c], ci[c]};
+    return;
+  }
+  // More than k: the exact k-th largest value, then one pass in column order keeps everything above
+  // it and, of the ties at it, the lowest columns.
+  ws.keys.resize(m);
+  for (int64_t c = 0; c < m; ++c) ws.keys[c] = order_key(cv[c]);
+  const float thr = key_float(kth_largest_key(ws.keys.data(), m, k));
+  int64_t ties = k;
+  for (int64_t c = 0; c < m; ++c) ties -= cv[c] > thr;
+  int64_t out = 0;
+  for (int64_t c = 0; c < m && out < k; ++c)
+    if (cv[c] > thr || (cv[c] == thr && ties-- > 0)) ws.cand[out++] = {cv[c], ci[c]};
 }
 
 template <typename scalar_t>
@@ -116,12 +200,11 @@ void topk_rows(const torch::Tensor& xc, int64_t k, torch::Tensor& values, torch:
   scalar_t* vout = values.data_ptr<scalar_t>();
   int64_t* iout = indices.data_ptr<int64_t>();
   at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
-    std::vector<float> maxima;  // per thread, reused across its rows
-    std::vector<Cand> cand;
-    cand.reserve(4 * k);
+    TopkScratch ws;
     for (int64_t r = lo; r < hi; ++r) {
       const scalar_t* row = src + r * n;
-      topk_row([row](int64_t j) { return to_float(row[j]); }, n, k, maxima, cand);
+      topk_row([row](int64_t j) { return to_float(row[j]); }, n, k, ws);
+      const std::vector<Cand>& cand = ws.cand;
       for (int64_t t = 0; t < k; ++t) {
         iout[r * k + t] = cand[t].i;
         vout[r * k + t] = row[cand[t].i];  // the input's own value, bit-exact in its dtype
@@ -134,6 +217,7 @@ std::vector<torch::Tensor> rowwise_topk(torch::Tensor x, int64_t k) {
   TORCH_CHECK(x.device().is_cpu(), "rowwise_topk: a CPU tensor is needed");
   TORCH_CHECK(x.dim() == 2, "rowwise_topk: a 2-D [rows, n] tensor is needed");
   TORCH_CHECK(k >= 1 && k <= x.size(1), "rowwise_topk: k must be in [1, n]");
+  TORCH_CHECK(x.size(1) <= std::numeric_limits<int32_t>::max(), "rowwise_topk: n must fit in int32");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "rowwise_topk: float32 or bfloat16 input is needed");
   auto xc = x.contiguous();
@@ -266,12 +350,11 @@ void fused_forward_rows(const torch::Tensor& mm, const float* bias, int64_t k, c
   const int64_t rows = mm.size(0), n = mm.size(1);
   const scalar_t* src = mm.data_ptr<scalar_t>();
   at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
-    std::vector<float> maxima;
-    std::vector<Cand> cand;
-    cand.reserve(4 * k);
+    TopkScratch ws;
     for (int64_t r = lo; r < hi; ++r) {
       const scalar_t* row = src + r * n;
-      topk_row([row, bias](int64_t j) { return to_float(row[j]) + bias[j]; }, n, k, maxima, cand);
+      topk_row([row, bias](int64_t j) { return to_float(row[j]) + bias[j]; }, n, k, ws);
+      const std::vector<Cand>& cand = ws.cand;
       for (int64_t t = 0; t < k; ++t) {
         iout[r * k + t] = cand[t].i;
         vout[r * k + t] = cand[t].v;
@@ -289,6 +372,7 @@ std::vector<torch::Tensor> topk_fused_forward(torch::Tensor mm, torch::Tensor b_
   TORCH_CHECK(mm.scalar_type() == at::kFloat || mm.scalar_type() == at::kBFloat16,
               "topk_fused_forward: float32 or bfloat16 mm is needed");
   TORCH_CHECK(k >= 1 && k <= mm.size(1), "topk_fused_forward: k must be in [1, L]");
+  TORCH_CHECK(mm.size(1) <= std::numeric_limits<int32_t>::max(), "topk_fused_forward: L must fit in int32");
   TORCH_CHECK(b_enc.scalar_type() == at::kFloat && W_dec.scalar_type() == at::kFloat &&
                   b_dec.scalar_type() == at::kFloat, "topk_fused_forward: fp32 parameters are needed");
   TORCH_CHECK(W_dec.dim() == 2 && W_dec.size(0) == mm.size(1) && b_enc.numel() == mm.size(1) &&
