@@ -131,12 +131,11 @@ def test_fused_topk_forward_backward_equal_dense_autograd(mm_dtype):
     x = torch.randn(B, D)
     x[:6] *= 0.05  # rows whose pre-activations are about b_enc: some winners are <= 0
     x.requires_grad_(True)
-    weight = torch.randn(B, D)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mm_dtype == torch.bfloat16):
-        x_hat, idx, val, mm = fused_topk(x, sae, k)
-    assert mm.dtype == mm_dtype
+        mse, x_hat, idx, val, mm = fused_topk(x, sae, k)
+    assert mm.dtype == mm_dtype and not x_hat.requires_grad
     params = [x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
-    grads = torch.autograd.grad((x_hat * weight).sum(), params)
+    grads = torch.autograd.grad(mse * 3.0, params)  # a non-unit upstream gradient reaches every parameter
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mm_dtype == torch.bfloat16):
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # the dense path's pre (fp32 after the bias)
@@ -146,11 +145,12 @@ def test_fused_topk_forward_backward_equal_dense_autograd(mm_dtype):
     torch.testing.assert_close(val, pre.detach().gather(1, want_idx), rtol=0, atol=0)
     f = torch.zeros_like(pre).scatter(1, want_idx, torch.relu(pre.gather(1, want_idx))).float()
     torch.testing.assert_close(x_hat, f @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mse, (x_hat - x).pow(2).sum(-1).mean(), rtol=1e-6, atol=1e-6)
     # Gradients: the sparse kernels' maths, fp32 throughout (under autocast the dense path's backward
     # runs its matmuls in bf16): the forward's values, differentiated as fp32 pre-activations.
     sel = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).gather(1, want_idx)
     f32 = torch.zeros(B, L).scatter(1, want_idx, (val + sel - sel.detach()) * (val > 0))
-    ref_grads = torch.autograd.grad(((f32 @ sae.W_dec + sae.b_dec) * weight).sum(), params)
+    ref_grads = torch.autograd.grad(3.0 * ((f32 @ sae.W_dec + sae.b_dec) - x).pow(2).sum(-1).mean(), params)
     for name, got, want in zip(["x", "W_enc", "b_enc", "W_dec", "b_dec"], grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 

@@ -178,8 +178,7 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         """The sparse training forward, fused into two compiled calls on CPU (:mod:`.fused`), else :mod:`.kernels`'."""
         if not fused_available(self, x):
             return super().sparse_forward(x)
-        x_hat, idx, val, mm = fused_topk(x, self, self.k)
-        mse = (x_hat - x.float()).pow(2).sum(-1).mean()
+        mse, x_hat, idx, val, mm = fused_topk(x, self, self.k)
         rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
         act = ActiveSet.from_values(val.flatten(), rows.flatten(), idx.flatten(), idx.shape[0], self.d_sae)
         auxk = self.auxk_loss_sparse(x, lambda: (mm + self.b_enc).detach(), x_hat)  # pre formed only if AuxK acts

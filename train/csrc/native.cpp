@@ -404,14 +404,18 @@ struct Pair {
 // B 1024) stays in this core's L2 while every latent of the range streams its pairs through it,
 // where a latent-by-latent sweep over whole rows fetched every row from L3 (~2x slower, measured).
 // Both outputs of a block stay in vector registers (see decode_row).
+// Also adds sum_c db_enc[c] W_enc[:, c] over the range into wdb [D] (the encoder's share of db_dec;
+// W_encT is W_enc^T, [L, D], contiguous), while the block is in registers: no separate pass over W_enc.
 void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t hi, const float* g, const float* x,
-                  const float* b_dec, int64_t D, float* d_dec, float* d_enc) {
+                  const float* b_dec, const float* db_enc, const float* W_encT, int64_t D, float* d_dec, float* d_enc,
+                  float* wdb) {
   const int64_t end = start[hi];
   int64_t d0 = 0;
   for (; d0 + 64 <= D; d0 += 64) {
-    v16 bd[4];
+    v16 bd[4], acc_b[4] = {};
     for (int j = 0; j < 4; ++j) bd[j] = load16(b_dec + d0 + 16 * j);
     for (int64_t c = lo; c < hi; ++c) {
+      for (int j = 0; j < 4; ++j) acc_b[j] += db_enc[c] * load16(W_encT + c * D + d0 + 16 * j);
       v16 a_dec[4] = {}, a_enc[4] = {};
       for (int64_t s = start[c]; s < start[c + 1]; ++s) {
         const Pair& p = pairs[s];
@@ -431,9 +435,11 @@ void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t h
         store16(d_enc + c * D + d0 + 16 * j, a_enc[j]);
       }
     }
+    for (int j = 0; j < 4; ++j) store16(wdb + d0 + 16 * j, load16(wdb + d0 + 16 * j) + acc_b[j]);
   }
   for (int64_t c = lo; c < hi; ++c)
     for (int64_t d = d0; d < D; ++d) {
+      wdb[d] += db_enc[c] * W_encT[c * D + d];
       float a = 0, e = 0;
       for (int64_t s = start[c]; s < start[c + 1]; ++s) {
         const Pair& p = pairs[s];
@@ -446,17 +452,20 @@ void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t h
 }
 
 // g fp32 [B, D] = dloss/dx_hat; idx, val from the forward; x fp32 [B, D]; b_dec [D]; W_dec fp32 [L, D].
-// -> (dv fp32 [B, k], dW_enc^T fp32 [L, D], db_enc fp32 [L], dW_dec fp32 [L, D]). db_dec and dx are
-// left to the caller (db_dec = sum_b g[b] - W_enc db_enc; dx = sum_t dv W_enc[:, c_t]).
+// W_encT = W_enc^T fp32 [L, D]. -> (dv fp32 [B, k], dW_enc^T fp32 [L, D], db_enc fp32 [L], dW_dec fp32
+// [L, D], W_enc db_enc fp32 [D]). The caller forms db_dec = sum_b g[b] - W_enc db_enc and, if needed,
+// dx = sum_t dv W_enc[:, c_t].
 std::vector<torch::Tensor> topk_fused_backward(torch::Tensor g, torch::Tensor idx, torch::Tensor val, torch::Tensor x,
-                                               torch::Tensor b_dec, torch::Tensor W_dec) {
+                                               torch::Tensor b_dec, torch::Tensor W_dec, torch::Tensor W_encT) {
   TORCH_CHECK(g.scalar_type() == at::kFloat && val.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
                   b_dec.scalar_type() == at::kFloat && W_dec.scalar_type() == at::kFloat &&
                   idx.scalar_type() == at::kLong, "topk_fused_backward: fp32 tensors and long indices are needed");
   TORCH_CHECK(g.dim() == 2 && g.sizes() == x.sizes() && idx.sizes() == val.sizes() && idx.size(0) == g.size(0) &&
                   W_dec.size(1) == g.size(1) && b_dec.numel() == g.size(1), "topk_fused_backward: shapes do not match");
   auto gc = g.contiguous(), ic = idx.contiguous(), vc = val.contiguous(), xc = x.contiguous();
-  auto bd = b_dec.contiguous(), W = W_dec.contiguous();
+  TORCH_CHECK(W_encT.scalar_type() == at::kFloat && W_encT.sizes() == W_dec.sizes(),
+              "topk_fused_backward: W_enc^T must be fp32 [L, D] like W_dec");
+  auto bd = b_dec.contiguous(), W = W_dec.contiguous(), WeT = W_encT.contiguous();
   const int64_t B = gc.size(0), D = gc.size(1), k = ic.size(1), L = W.size(0), N = B * k;
   const float* gp = gc.data_ptr<float>();
   const float* vp = vc.data_ptr<float>();
@@ -488,15 +497,24 @@ std::vector<torch::Tensor> topk_fused_backward(torch::Tensor g, torch::Tensor id
   auto db_enc = torch::empty({L}, gc.options());
   auto dWdec = torch::empty({L, D}, gc.options());
   float* bep = db_enc.data_ptr<float>();
+  // Per-thread partials of W_enc db_enc, summed below in thread order (deterministic for a thread count).
+  const int64_t T = at::get_num_threads();
+  std::vector<float> partial(T * D, 0.f);
   at::parallel_for(0, L, 32, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       float bsum = 0;
       for (int64_t s = start[c]; s < start[c + 1]; ++s) bsum += pairs[s].dv;
       bep[c] = bsum;
     }
-    latent_grads(pairs.data(), start.data(), lo, hi, gp, xp, bp, D, dWdec.data_ptr<float>(), dWencT.data_ptr<float>());
+    float* wdb = partial.data() + at::get_thread_num() * D;
+    latent_grads(pairs.data(), start.data(), lo, hi, gp, xp, bp, bep, WeT.data_ptr<float>(), D,
+                 dWdec.data_ptr<float>(), dWencT.data_ptr<float>(), wdb);
   });
-  return {dv, dWencT, db_enc, dWdec};
+  auto enc_b_dec = torch::zeros({D}, gc.options());
+  float* eb = enc_b_dec.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < D; ++d) eb[d] += partial[t * D + d];
+  return {dv, dWencT, db_enc, dWdec, enc_b_dec};
 }
 
 }  // namespace
