@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -18,6 +19,18 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def median_ms(fn: Callable[[], object], reps: int, warmup: int = 0) -> float:
+    """Median wall time of ``reps`` calls of ``fn`` (after ``warmup`` untimed calls), in ms."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def rate(fn: Callable[[], object], calls: int, items_per_call: int) -> float:

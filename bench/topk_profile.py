@@ -16,12 +16,11 @@ step runs (train/native.py) is timed beside torch's.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
+from _common import median_ms
 from saestrata.allocator import tune_allocator
 from saestrata.train.native import load_native, rowwise_topk_indices
 
@@ -64,16 +63,6 @@ def _slot(d_in: int, d_sae: int, k: int, first):
     return slot
 
 
-def _median_ms(fn, reps: int) -> float:
-    """Median wall time of ``reps`` calls, in ms."""
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def main() -> None:
     """Print the step, the profile grouped by purpose, and the floor of stock-op parts, all vs one bf16 matmul."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -110,7 +99,7 @@ def main() -> None:
 
     for _ in range(20):
         run()
-    step_ms = _median_ms(run, args.steps)
+    step_ms = median_ms(run, args.steps)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             run()
@@ -125,12 +114,12 @@ def main() -> None:
 
     sae = slot.sae
     x16, w16 = batches[1].bfloat16(), sae.W_enc.detach().bfloat16()
-    mm_ms = min(_median_ms(lambda: x16 @ w16, 5) for _ in range(4))
+    mm_ms = min(median_ms(lambda: x16 @ w16, 5) for _ in range(4))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         pre = sae.pre_acts(batches[1])
-    topk_ms = _median_ms(lambda: pre.topk(args.k, dim=-1, sorted=False), 10)
-    ours_ms = _median_ms(lambda: rowwise_topk_indices(pre, args.k), 10)  # what the step runs (train/native.py)
-    adam_ms = _median_ms(slot.opt.step, 10)  # the same fused optimiser on the SAE's last gradients
+    topk_ms = median_ms(lambda: pre.topk(args.k, dim=-1, sorted=False), 10)
+    ours_ms = median_ms(lambda: rowwise_topk_indices(pre, args.k), 10)  # what the step runs (train/native.py)
+    adam_ms = median_ms(slot.opt.step, 10)  # the same fused optimiser on the SAE's last gradients
 
     print(f"{torch.get_num_threads()} thread(s); topk SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, k {args.k}, "
           f"batch {n}, sparse kernels; torch {torch.__version__}")
