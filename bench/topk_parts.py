@@ -3,7 +3,7 @@
 Shapes of issue 14's step: batch 1024, d_in 640, d_sae 4096, k 32. Inputs are synthetic (Gaussian
 encoder matmul output in bf16, a small bias, unit-norm decoder rows), so the candidate count per row
 is that of i.i.d. columns; ``bench/topk_profile.py`` times the whole step on real activations.
-Each line is the median of ``--reps`` calls after two warm-up calls, in ms:
+Each line is the median of ``--reps`` calls of each side, alternating single calls after a warm-up, in ms:
 
 * ``torch topk`` vs ``rowwise_topk`` (train/native.py) on the fp32 pre-activations;
 * the fused forward (top-k of ``mm + b_enc`` straight from the bf16 matmul output, then the decode),
@@ -18,6 +18,7 @@ Each line is the median of ``--reps`` calls after two warm-up calls, in ms:
 from __future__ import annotations
 
 import argparse
+import statistics
 import warnings
 
 from _common import median_ms
@@ -87,7 +88,11 @@ def main() -> None:
     print(f"{torch.get_num_threads()} thread(s), torch {torch.__version__}; B {B}, d_sae {L}, d_in {D}, k {k}; "
           f"median of {args.reps} calls")
     for name, stock, ours in parts:
-        t_stock, t_ours = median_ms(stock, args.reps, 2), median_ms(ours, args.reps, 2)
+        # alternate single calls: this VM's speed drifts within seconds, and both sides see the same drift
+        pairs = [(median_ms(stock, 1, 1 if r == 0 else 0), median_ms(ours, 1, 1 if r == 0 else 0))
+                 for r in range(args.reps)]
+        t_stock = statistics.median(p[0] for p in pairs)
+        t_ours = statistics.median(p[1] for p in pairs)
         print(f"  {name:40s} torch ops {t_stock:6.2f} ms   compiled {t_ours:6.2f} ms   {t_stock / t_ours:5.2f}x")
 
 
