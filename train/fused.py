@@ -12,7 +12,8 @@ as much as the sparse maths itself. Here, for the plain ``topk`` SAE on CPU:
   column, :func:`.native.rowwise_topk_indices`). Then
   ``x_hat = b_dec + sum_t relu(v_t) W_dec[c_t]``, and the ``mse`` loss term in the same
   autograd node. ``pre`` is never written out.
-* backward (``native.topk_fused_backward``), with ``g = d mse / d x_hat``: ``dv = 1[v > 0] <g, W_dec[c]>`` per pair, then
+* backward (``native.topk_fused_backward``), with ``g = d mse / d x_hat``:
+  ``dv = 1[v > 0] <g, W_dec[c]>`` per pair, then
   one pass per latent (pairs grouped by a counting sort) writes its rows of ``dW_dec``,
   ``dW_enc^T`` and ``db_enc``, zeros for latents that did not fire, and sums ``W_enc db_enc``
   on the way; ``db_dec = sum_b g[b] - W_enc db_enc`` and (only if asked) ``dx`` are torch ops.

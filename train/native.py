@@ -3,11 +3,12 @@
 :func:`rowwise_topk_indices`, the per-row top-k that the TopK SAE's encoder needs every step,
 where torch's CPU ``topk`` cost about half an encoder matmul (docs/results/bench/README.md), and
 :func:`remove_parallel_grad_`, the decoder-gradient projection every unit-norm-decoder SAE runs
-each step (one pass instead of torch's three temporaries); :mod:`.kernels` also calls the module's
-``sampled_dot`` (the sparse decoder backward's dot products) and :mod:`.fused` the whole TopK
-training forward / backward (``topk_fused_forward`` / ``topk_fused_backward``) through :func:`load_native`. The source is ``csrc/native.cpp``; the build (~1 min,
-g++ and ninja) lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``) and is reused by later processes.
+each step (one pass instead of torch's three temporaries), and :func:`normalize_rows_`, the decoder
+renormalisation after each step. :mod:`.kernels` also calls the module's ``sampled_dot`` (the sparse
+decoder backward's dot products) and :mod:`.fused` the whole TopK training forward / backward
+(``topk_fused_forward`` / ``topk_fused_backward``) through :func:`load_native`. The source is
+``csrc/native.cpp``; the build (~1 min, g++ and ninja) lands in torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and is reused by later processes.
 
 Where the kernel cannot run (a CUDA tensor, another dtype, ``SAESTRATA_NATIVE=0``, or no
 compiler: one warning then) the same indices come from torch: a stable descending sort, whose
