@@ -137,6 +137,15 @@ class ActiveSet:
         keep = values > 0
         return cls(rows[keep], cols[keep], n_rows, n_latents, group_ends)
 
+    @classmethod
+    def from_rowwise(cls, values: torch.Tensor, cols: torch.Tensor, n_latents: int,
+                     group_ends: list[int] | None = None) -> "ActiveSet":
+        """:meth:`from_values` for a per-row selection: ``values`` / ``cols`` ``[B, m]`` (row ``b``'s ``m``
+        chosen latents, long ``cols``); pairs with a value <= 0 are dropped as there."""
+        rows = torch.arange(cols.shape[0], device=cols.device).unsqueeze(1).expand_as(cols)
+        return cls.from_values(values.flatten(), rows.flatten(), cols.flatten(), cols.shape[0], n_latents,
+                               group_ends)
+
     def __len__(self) -> int:
         return self.cols.numel()
 

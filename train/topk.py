@@ -90,8 +90,7 @@ class AuxKMixin:
             e_hat = (f_aux @ self.W_dec[dead]).float()
         else:
             values, j = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
-            rows = torch.arange(pre.shape[0], device=pre.device).unsqueeze(1).expand_as(j)
-            act = ActiveSet.from_values(values.flatten(), rows.flatten(), dead[j].flatten(), *pre.shape)
+            act = ActiveSet.from_rowwise(values, dead[j], pre.shape[1])
             e_hat = sparse_decode(gather_pre_acts(x, self, pre, act), self.W_dec, act)
         return self.aux_coeff * (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-12)
 
@@ -167,8 +166,7 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         """The pairs :func:`topk_relu` keeps non-zero: per-row top-k with a positive value."""
         cols = rowwise_topk_indices(pre, self.k)  # the dense path's exact selection
         values = pre.gather(-1, cols)
-        rows = torch.arange(pre.shape[0], device=pre.device).unsqueeze(1).expand_as(cols)
-        return ActiveSet.from_values(values.flatten(), rows.flatten(), cols.flatten(), *pre.shape, group_ends)
+        return ActiveSet.from_rowwise(values, cols, pre.shape[1], group_ends)
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         """:meth:`SAE.forward`, on the sparse kernels when ``kernels="sparse"`` and training."""
@@ -179,8 +177,7 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         if not fused_available(self, x):
             return super().sparse_forward(x)
         mse, x_hat, idx, val, mm = fused_topk(x, self, self.k)
-        rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
-        act = ActiveSet.from_values(val.flatten(), rows.flatten(), idx.flatten(), idx.shape[0], self.d_sae)
+        act = ActiveSet.from_rowwise(val, idx, self.d_sae)
         auxk = self.auxk_loss_sparse(x, lambda: (mm + self.b_enc).detach(), x_hat)  # pre formed only if AuxK acts
         return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act, values=val[val > 0],
                              f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype))
