@@ -25,7 +25,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -91,13 +90,6 @@ inline float kth_largest(const float* v, int64_t n, int64_t k, std::vector<int32
   return key_float(kth_largest_key(keys.data(), n, k));
 }
 
-// One row: the maxima of k or more disjoint blocks of columns bound the k-th largest value from
-// below (the k largest maxima are k values of the row), so every winner is >= that bound; only the
-// entries at or above it (about k of them for i.i.d. columns) are candidates. Block b holds the
-// columns b, b + nb, b + 2 nb, ... (span of them, nb = n / span), so the maxima are a vertical,
-// vectorized max. span = n / (4 k), at most 32: measured on real layer-8 pre-activations (d_sae 4096,
-// k 32, 1 thread) spans 8 / 16 / 32 / 64 / 128 took 8.1 / 7.1 / 5.5 / 5.7 / 8.2 ms per 1024 rows
-// (~34 candidates per row at 16).
 // Per-thread scratch of topk_row, reused across rows.
 struct TopkScratch {
   std::vector<float> maxima, cv;  // block maxima; candidate values
@@ -127,6 +119,13 @@ inline void append_at_least(const float* x, int64_t j, float tau, float* cv, int
 #endif
 }
 
+// One row: the maxima of k or more disjoint blocks of columns bound the k-th largest value from
+// below (the k largest maxima are k values of the row), so every winner is >= that bound; only the
+// entries at or above it (about k of them for i.i.d. columns) are candidates. Block b holds the
+// columns b, b + nb, b + 2 nb, ... (span of them, nb = n / span), so the maxima are a vertical,
+// vectorized max. span = n / (4 k), at most 32: measured on real layer-8 pre-activations (d_sae 4096,
+// k 32, 1 thread) spans 8 / 16 / 32 / 64 / 128 took 8.1 / 7.1 / 5.5 / 5.7 / 8.2 ms per 1024 rows
+// (~34 candidates per row at 16).
 template <typename Load>
 void topk_row(Load load, int64_t n, int64_t k, TopkScratch& ws) {
   const int64_t span = std::min<int64_t>(32, n / (4 * k));
@@ -465,6 +464,7 @@ std::vector<torch::Tensor> topk_fused_backward(torch::Tensor g, torch::Tensor id
   auto gc = g.contiguous(), ic = idx.contiguous(), vc = val.contiguous(), xc = x.contiguous();
   TORCH_CHECK(W_encT.scalar_type() == at::kFloat && W_encT.sizes() == W_dec.sizes(),
               "topk_fused_backward: W_enc^T must be fp32 [L, D] like W_dec");
+  TORCH_CHECK(g.size(0) <= std::numeric_limits<int32_t>::max(), "topk_fused_backward: too many rows");
   auto bd = b_dec.contiguous(), W = W_dec.contiguous(), WeT = W_encT.contiguous();
   const int64_t B = gc.size(0), D = gc.size(1), k = ic.size(1), L = W.size(0), N = B * k;
   const float* gp = gc.data_ptr<float>();
@@ -485,7 +485,6 @@ std::vector<torch::Tensor> topk_fused_backward(torch::Tensor g, torch::Tensor id
   // Counting sort of the pairs by latent (stable: rows ascending within a latent).
   std::vector<int64_t> start(L + 1, 0);
   std::vector<Pair> pairs(N);
-  TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(), "topk_fused_backward: too many rows");
   for (int64_t n = 0; n < N; ++n) ++start[ip[n] + 1];
   for (int64_t c = 0; c < L; ++c) start[c + 1] += start[c];
   {
