@@ -55,6 +55,7 @@ def main() -> None:
     idx, val, _ = mod.topk_fused_forward(mm, b_enc, k, W_dec, b_dec)
 
     def stock_forward():
+        """Stock ops for the fused forward: bias add, torch ``topk``, ``embedding_bag`` decode; fp32 ``[B, d_in]``."""
         p = mm + b_enc
         v, i = p.topk(k, dim=-1)
         return F.embedding_bag(i, W_dec, mode="sum", per_sample_weights=v.clamp_min(0)) + b_dec
@@ -65,6 +66,8 @@ def main() -> None:
     crow = torch.arange(0, B * k + 1, k)
 
     def stock_backward():
+        """Stock ops for the fused backward (train/kernels.py's way): ``sampled_addmm`` pair gradients, a stable
+        argsort by latent, two ``embedding_bag`` weight sums, ``index_add_`` and ``addmv``; fp32 tensors."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sparse CSR is "beta"
             mask = torch.sparse_csr_tensor(crow, cols, g.new_zeros(B * k), (B, L), check_invariants=False)
