@@ -99,7 +99,10 @@ class BenchmarkConfig:
     eval_tokens: int = 8192
     eval_group: int = 6
     unlearn: bool = True
-    unlearn_retain_questions: int = 200
+    # None: every retain question of the embedded eval split (850, ~560 known to the model). With the 200 sampled
+    # until 2026-12-03 (~133 known) SAEBench's 0.99 retain bar tolerated one wrong answer and decided the score
+    # (standard 0.506 vs every TopK-family SAE 0.000 by 1 vs 4 of 133; benchmark_findings.md).
+    unlearn_retain_questions: int | None = None
     device: str = "auto"
     model: str | None = None  # None: the embedded Gemma 3 270M; any name/folder load_model takes
     # One numeric setting for every stage and session, whatever the machine: the LM computes in
@@ -578,8 +581,12 @@ class Benchmark:
 
         for n in names:
             path = self.unlearning_path(n)
-            if path.exists() or not self.done(n):
+            if self.has_unlearning(n) or not self.done(n):
                 continue
+            if path.exists():
+                had = self._unlearning_config(n).get("max_retain_questions")
+                self.echo(f"  {n}: its unlearning result used {had or 'all'} retain questions, the benchmark uses "
+                          f"{self.cfg.unlearn_retain_questions or 'all'}: recomputing")
             t0 = time.perf_counter()
             r = run_unlearning(UnlearnConfig(sae=self.sae_dir(n), max_retain_questions=self.cfg.unlearn_retain_questions,
                                              device=self.cfg.device), lm=self.lm(), progress=False)
@@ -625,6 +632,17 @@ class Benchmark:
         """Where SAE ``name``'s unlearning result goes."""
         return self.cfg.out / "unlearning" / f"{name}.json"
 
+    def _unlearning_config(self, name: str) -> dict:
+        """The ``eval_config`` of SAE ``name``'s unlearning result ({} if none)."""
+        path = self.unlearning_path(name)
+        return json.loads(path.read_text()).get("eval_config", {}) if path.exists() else {}
+
+    def has_unlearning(self, name: str) -> bool:
+        """True if SAE ``name`` has an unlearning result computed with the benchmark's retain questions
+        (``unlearn_retain_questions``); a result with another number is stale and recomputed."""
+        config = self._unlearning_config(name)
+        return bool(config) and config.get("max_retain_questions") == self.cfg.unlearn_retain_questions
+
     def probing_path(self, name: str) -> Path:
         """Where SAE ``name``'s sparse probing result goes (SAEBench's ``sparse_probing`` JSON layout)."""
         return self.cfg.out / "probing" / f"{name}.json"
@@ -645,16 +663,16 @@ class Benchmark:
             return True
         unlearn = self.cfg.unlearn and "unlearn" in self.cfg.stages
         if job.stage == "published":
-            return unlearn and self._unlearned_published(job) and not self.unlearning_path(job.name).exists()
+            return unlearn and self._unlearned_published(job) and not self.has_unlearning(job.name)
         if job.stage != "matched" or job.arch in ABLATIONS:
             return False
-        return ((unlearn and self._nearest_result_pending(job, self.unlearning_path))
+        return ((unlearn and self._nearest_result_pending(job, self.has_unlearning))
                 or ("probe" in self.cfg.stages and self._bracket_probe_pending(job)))
 
-    def _nearest_result_pending(self, job: Job, path_of: Callable[[str], Path]) -> bool:
-        """True while no matched SAE of ``job``'s variant has the result at ``path_of(name)`` and ``job``'s SAE may be
-        the variant's SAE nearest L0 32 (it is, or not every matched point is evaluated yet)."""
-        if any(path_of(f"{job.arch}-l0={t:g}").exists() for t in self.cfg.targets):
+    def _nearest_result_pending(self, job: Job, has: Callable[[str], bool]) -> bool:
+        """True while no matched SAE ``name`` of ``job``'s variant has the result (``has(name)``) and ``job``'s SAE may
+        be the variant's SAE nearest L0 32 (it is, or not every matched point is evaluated yet)."""
+        if any(has(f"{job.arch}-l0={t:g}") for t in self.cfg.targets):
             return False
         return not self._all_evaluated(job.arch) or self.nearest_to(job.arch, SWEEP_TARGET) == job.name
 

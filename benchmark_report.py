@@ -69,6 +69,16 @@ def _unlearning(bench, name: str | None, retain: float | None = None) -> float |
     return max(ok, default=0.0)
 
 
+def _unlearning_known(bench, name: str | None) -> str:
+    """``"known/asked"`` retain questions of SAE ``name``'s unlearning result (``"-"`` if none): how many wrong
+    answers SAEBench's 0.99 retain bar tolerates (one in 133 known of 200 asked; ~5 in ~560 known of all 850)."""
+    path = bench.cfg.out / "unlearning" / f"{name}.json" if name else None
+    if path is None or not path.exists():
+        return "-"
+    m = json.loads(path.read_text())["eval_result_metrics"]["unlearning"]
+    return f"{m['retain_known']}/{m['retain_questions']}"
+
+
 def _matched(bench, variant: str, l0: float, seed: int = 0, metrics: tuple[str, ...] = METRICS_AT_L0) -> dict | None:
     """``variant`` interpolated at ``l0`` from its matched-stage results (seed 0 = the main runs);
     ``metrics``: the :func:`_core_row` keys to interpolate (default: the matched table's)."""
@@ -130,23 +140,25 @@ def matched_table(bench) -> tuple[str, list[dict]]:
                                                     if m else {}),
                          "lr": lr, "unlearning_score": _unlearning(bench, unl_sae) if l0 == 32.0 else None,
                          "unlearning_score_retain95": _unlearning(bench, unl_sae, LOOSE_RETAIN) if l0 == 32.0 else None,
+                         "unlearning_retain_known": _unlearning_known(bench, unl_sae) if l0 == 32.0 else "",
                          "unlearning_sae": unl_sae if l0 == 32.0 else None, "evaluated": unl_sae is not None})
     lines = ["| variant | L0 | EV | CE loss score | KL score | dead frac | unlearning (SAE nearest L0 32) | "
-             "unlearning at retain >= 0.95 | lr (x default, own sweep) | train tok/s | from |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "unlearning at retain >= 0.95 | retain questions known/asked | lr (x default, own sweep) | train tok/s | "
+             "from |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("only_published"):
             lines.append(f"| {r['variant']} | - | as published only (`published.md`): it differs from its base preset "
-                         "only in the sparsity weight, which the L0 target replaces | | | | | | | | |")
+                         "only in the sparsity weight, which the L0 target replaces | | | | | | | | | |")
             continue
         if "ce_loss_score" not in r:
             # A variant with no evaluated matched SAE is pending, not failing to reach a target.
             why = "not bracketed by its trained points" if r["evaluated"] else "not evaluated yet"
-            lines.append(f"| {r['variant']} | {r['l0']:g} | {why} | | | | | | {r['lr']} | | |")
+            lines.append(f"| {r['variant']} | {r['l0']:g} | {why} | | | | | | | {r['lr']} | | |")
             continue
         lines.append(f"| {r['variant']} | {r['l0']:g} | {_num(r['explained_variance'])} | {_num(r['ce_loss_score'])} | "
                      f"{_num(r['kl_div_score'])} | {_num(r['dead_frac'])} | {_num(r['unlearning_score'])} | "
-                     f"{_num(r['unlearning_score_retain95'])} | {r['lr']} | "
+                     f"{_num(r['unlearning_score_retain95'])} | {r['unlearning_retain_known']} | {r['lr']} | "
                      f"{_num(r['train_tokens_per_s'], ',.0f')} | {r['between']} |")
     lines += ["", UNLEARNING_CAVEAT]
     return "\n".join(lines), rows
@@ -154,9 +166,11 @@ def matched_table(bench) -> tuple[str, list[dict]]:
 
 # Under every matched table: the 0.99 column is SAEBench's rule but, at this benchmark's size, not a ranking.
 UNLEARNING_CAVEAT = ("Unlearning: SAEBench's rule keeps only settings whose retain accuracy stays >= 0.99; with ~130 known "
-                     "retain questions one extra wrong answer fails a setting, and retraining alone has moved a baseline "
-                     "from 0.321 to 0.000 (batchtopk) and 0.296 to 0.000 (matryoshka; README, 2026-12-03). Compare "
-                     "variants on the retain >= 0.95 column.")
+                     "retain questions (200 asked) one extra wrong answer fails a setting, and retraining alone has moved "
+                     "a baseline from 0.321 to 0.000 (batchtopk) and 0.296 to 0.000 (matryoshka; README, 2026-12-03). "
+                     "The benchmark now asks all 850 retain questions (the bar then tolerates ~5 wrong answers); the "
+                     "known/asked column says which results are recomputed. Until all are, compare variants on the "
+                     "retain >= 0.95 column.")
 
 
 def seed_spread(bench) -> tuple[str, list[dict]]:

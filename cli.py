@@ -604,7 +604,15 @@ def _questions_dir(ctx, _param, value: Path | None) -> Path | None:
               callback=_questions_dir,
               help="Local wmdp-bio.jsonl / <mmlu subject>.jsonl files (question, choices, answer).")
 @click.option("--full-grid", is_flag=True, help="SAEBench's whole sweep (16 settings) instead of the 8-setting default.")
-@click.option("--max-retain-questions", default=300, show_default=True, type=POS_INT)
+@click.option("--max-retain-questions", default=300, show_default=True, type=POS_INT,
+              help="A seeded sample of at most this many retain questions.")
+@click.option("--all-retain-questions", is_flag=True,
+              help="Every retain question (the benchmark's setting: the 0.99 retain bar needs several hundred "
+                   "known questions to tolerate more than one wrong answer); overrides --max-retain-questions.")
+@click.option("--no-prefix-cache", is_flag=True,
+              help="Rerun the whole model for each setting instead of keeping the questions' residuals after the "
+                   "SAE's block (up to 2 GiB of CPU memory) and rerunning only the later blocks (same scores up to "
+                   "float rounding).")
 @click.option("--no-control", is_flag=True, help="Skip the random-latent control.")
 @click.option("--batch-rows", default=32, show_default=True, type=POS_INT)
 @click.option("--model", default=None, callback=_model_source, help="Default: the model the SAE was trained on.")
@@ -613,8 +621,8 @@ def _questions_dir(ctx, _param, value: Path | None) -> Path | None:
 @click.option("--out", type=click.Path(path_type=Path), help="Result JSON (one SAE) or directory (several).")
 @_with(_model_opts)
 @_one_line_errors
-def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, no_control, batch_rows, model,
-            allow_other_model, out, device, dtype):
+def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, all_retain_questions, no_prefix_cache,
+            no_control, batch_rows, model, allow_other_model, out, device, dtype):
     """SAEBench unlearning: clamp forget-specific latents, score forgotten vs retained knowledge."""
     from .atomic import write_json_atomic
     from .checks import check_same_model, check_sae_folder, result_targets
@@ -628,7 +636,8 @@ def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, no_
         check_same_model(sae, cfg, lm.model_id, lm.weights_hash, allow_other_model)
     for sae, target in zip(saes, targets):
         result = run_unlearning(UnlearnConfig(sae=sae, benchmark=benchmark, questions_dir=questions_dir,
-                                              full_grid=full_grid, max_retain_questions=max_retain_questions,
+                                              full_grid=full_grid, max_retain_questions=None if all_retain_questions else max_retain_questions,
+                                              prefix_cache_gib=0.0 if no_prefix_cache else UnlearnConfig.prefix_cache_gib,
                                               random_control=not no_control, batch_rows=batch_rows,
                                               model=lm.model_id, device=device, dtype=dtype), lm=lm)
         write_json_atomic(target, result)

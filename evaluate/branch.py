@@ -185,6 +185,18 @@ class BranchForward:
         with self.timer("final_norm"):
             return self.inner.norm(h)
 
+    def tail(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, d]`` (model dtype) from the residual after block ``layer``.
+
+        ``h``: ``[B, T, d]`` in the model dtype, ``blocks.{layer}.hook_resid_post`` of right-padded
+        rows (causal attention: the padding never reaches earlier positions). Runs blocks
+        ``layer+1 ..`` and the final norm, as :meth:`run` does after a branch; used to re-score
+        cached prefixes (evaluate/unlearning.py).
+        """
+        h = self._blocks(h, layer + 1, len(self.inner.layers))
+        with self.timer("final_norm"):
+            return self.inner.norm(h)
+
     @staticmethod
     def group_order(branches: dict[int, list]) -> list[tuple[int, int]]:
         """``[(layer, index in branches[layer])]`` of the branch groups in :meth:`run`'s row order (clean excluded)."""

@@ -187,6 +187,9 @@ class UnlearnConfig:
     dtype: str = "bfloat16"
     seed: int = 0
     clamp_scale: float | None = None  # residual units per multiplier unit; None: R_model / R_ref (measured)
+    # Keep the questions' residuals after the SAE's block (up to this many GiB, CPU memory) so each setting
+    # runs only the blocks after it; 0: rerun the whole model per setting. Same scores up to float rounding.
+    prefix_cache_gib: float = 2.0
 
     def grid(self) -> dict:
         """The sweep: ``{"retain_thresholds", "n_features", "multipliers"}`` as tuples."""
@@ -420,8 +423,9 @@ def _batch_values(lm: LoadedModel, hidden: torch.Tensor, batch: list[_Row], lett
     return out
 
 
-def _fire_recorder(sae, record: list) -> Replacement:
-    """Identity replacement that appends ``[n, d_sae]`` bool (latent fires at some non-special position) to ``record``."""
+def _fire_recorder(sae, record: list, resid: list | None = None) -> Replacement:
+    """Identity replacement that appends ``[n, d_sae]`` bool (latent fires at some non-special position) to
+    ``record`` and, with ``resid``, the residual ``[n, T, d_model]`` itself (on the CPU, model dtype)."""
 
     def fn(h: torch.Tensor) -> torch.Tensor:
         """Record which latents fire in ``h`` ``[rows, seq, d_model]``; return ``h`` unchanged."""
@@ -429,15 +433,34 @@ def _fire_recorder(sae, record: list) -> Replacement:
         f = encode_rows(sae, h.float(), fn.rows.get("doc_index"), valid).reshape(*h.shape[:2], -1)
         fired = (f > 0) & (valid[..., None] if valid is not None else True)
         record.append(fired.any(1).cpu())
+        if resid is not None:
+            resid.append(h.to("cpu", copy=True))
         return h
 
     fn.rows = {}
     return fn
 
 
+def _batches(lm: LoadedModel, rows: list[_Row], batch_rows: int, progress: bool = False):
+    """Yield ``(index, batch, ids [B, T] long, keep [B, T] bool)``: rows sorted by length, right-padded.
+
+    ``keep`` (on the model's device) flags special and padding tokens, which keep their clean residual.
+    """
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    special = torch.tensor(sorted(set(lm.tokenizer.all_special_ids) | {pad}))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    for first in tqdm(range(0, len(order), batch_rows), disable=not progress, desc="questions", leave=False):
+        index = order[first:first + batch_rows]
+        batch = [rows[i] for i in index]
+        width = max(len(r.ids) for r in batch)
+        ids = torch.tensor([r.ids + [pad] * (width - len(r.ids)) for r in batch])
+        yield index, batch, ids, torch.isin(ids, special).to(lm.device)
+
+
 @torch.inference_mode()
 def score_rows(lm: LoadedModel, layer: int, rows: list[_Row], replacement: Replacement = None,
-               batch_rows: int = 32, record_sae=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+               batch_rows: int = 32, record_sae=None, progress: bool = False,
+               resid_out: list | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw scores of scored rows with block ``layer`` replaced by ``replacement``.
 
     Rows are sorted by length and right-padded (causal attention: padding never affects
@@ -446,30 +469,61 @@ def score_rows(lm: LoadedModel, layer: int, rows: list[_Row], replacement: Repla
     Args:
         record_sae: with ``replacement=None``, also record which latents of this SAE fire
             in each row (at non-special positions).
+        resid_out: with ``record_sae``, a list of ``len(rows)`` entries that receives each
+            row's residual after block ``layer`` (``[len(row.ids), d_model]``, model dtype, CPU),
+            the prefix :func:`score_rows_from_resid` re-scores from.
 
     Returns:
         ``(values [n_rows, 4] float64 (see _batch_values; log-probs in nats),
         fired [n_rows, d_sae] bool or None)``.
     """
     letters = _letter_token_ids(lm.tokenizer)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    special = torch.tensor(sorted(set(lm.tokenizer.all_special_ids) | {pad}))
     values = np.zeros((len(rows), 4))
     fired = np.zeros((len(rows), record_sae.d_sae), dtype=bool) if record_sae is not None else None
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
-    for first in tqdm(range(0, len(order), batch_rows), disable=not progress, desc="questions", leave=False):
-        index = order[first:first + batch_rows]
-        batch = [rows[i] for i in index]
-        width = max(len(r.ids) for r in batch)
-        ids = torch.tensor([r.ids + [pad] * (width - len(r.ids)) for r in batch])
-        keep = torch.isin(ids, special).to(lm.device)
+    for index, batch, ids, keep in _batches(lm, rows, batch_rows, progress):
         record: list = []
-        rep = _fire_recorder(record_sae, record) if record_sae is not None else replacement
+        resid: list | None = [] if resid_out is not None else None
+        rep = _fire_recorder(record_sae, record, resid) if record_sae is not None else replacement
         hidden = _final_hidden(lm, layer, ids.to(lm.device), keep, rep)
         values[index] = _batch_values(lm, hidden, batch, letters)
         if fired is not None:
             fired[index] = record[0].numpy()
+        if resid:
+            for b, i in enumerate(index):
+                resid_out[i] = resid[0][b, : len(rows[i].ids)].clone()
     return values, fired
+
+
+@torch.inference_mode()
+def score_rows_from_resid(lm: LoadedModel, layer: int, rows: list[_Row], resid: list[torch.Tensor],
+                          replacement: Replacement, batch_rows: int = 32) -> np.ndarray:
+    """:func:`score_rows` from each row's cached residual after block ``layer``: only the blocks after it run.
+
+    ``resid[i]``: ``[len(rows[i].ids), d_model]`` (model dtype), as :func:`score_rows` records it.
+    The replacement sees the same padded ``[B, T, d]`` batch and ``keep`` mask as in
+    :func:`score_rows` (special and padding positions keep the clean residual); the model must
+    have the structure :class:`~saestrata.evaluate.branch.BranchForward` replays. Equal to
+    :func:`score_rows` up to float rounding (batch composition changes a matmul's blocking).
+
+    Returns:
+        ``values [n_rows, 4]`` float64, as :func:`score_rows`.
+    """
+    from .branch import BranchForward
+
+    tail = BranchForward(lm.model)
+    letters = _letter_token_ids(lm.tokenizer)
+    values = np.zeros((len(rows), 4))
+    for index, batch, ids, keep in _batches(lm, rows, batch_rows):
+        h = torch.zeros(*ids.shape, resid[index[0]].shape[-1], dtype=resid[index[0]].dtype)
+        for b, i in enumerate(index):
+            h[b, : len(rows[i].ids)] = resid[i]
+        h = h.to(lm.device)
+        rows_ctx = getattr(replacement, "rows", None)
+        if rows_ctx is not None:  # as _final_hidden: each row one document, special tokens give no context
+            rows_ctx.update(doc_index=torch.zeros(ids.shape, dtype=torch.long, device=h.device), valid=~keep)
+        h = torch.where(keep[..., None], h, replacement(h).to(h.dtype))
+        values[index] = _batch_values(lm, tail.tail(h, layer), batch, letters)
+    return values
 
 
 def question_scores(rows: list[_Row], values: np.ndarray, n_questions: int,
@@ -838,20 +892,35 @@ class _Known:
     rows: list[_Row]
     values: np.ndarray  # [n_rows, 4]
     fired: np.ndarray  # [n_rows, d_sae] bool
+    resid: list[torch.Tensor] | None = None  # per row [len(ids), d_model] after the SAE's block, or None
+
+
+def _cache_prefix(lm: LoadedModel, rows: list[_Row], budget_gib: float) -> bool:
+    """Whether the baseline pass keeps every row's residual after the SAE's block (``budget_gib`` GiB at most;
+    the settings then run only the blocks after it): the model must have the structure the branch replays."""
+    from .branch import supports_branch
+
+    emb = lm.model.get_input_embeddings().weight
+    need = sum(len(r.ids) for r in rows) * emb.shape[1] * emb.element_size()
+    return budget_gib > 0 and need <= budget_gib * 2**30 and supports_branch(lm.model)
 
 
 def _known(lm, layer, sae, forget: list[Question], retain: list[Question], batch_rows: int,
-           progress: bool) -> tuple[_Known, dict]:
-    """One unmodified pass over all questions: keep those answered correctly; counts of each kind."""
+           progress: bool, cache_gib: float = 0.0) -> tuple[_Known, dict]:
+    """One unmodified pass over all questions: keep those answered correctly; counts of each kind.
+
+    ``cache_gib``: keep the known rows' residuals after the SAE's block (:func:`_cache_prefix`).
+    """
     questions = forget + retain
     rows = build_rows(lm.tokenizer, questions)
-    values, fired = score_rows(lm, layer, rows, None, batch_rows, record_sae=sae, progress=progress)
+    resid = [None] * len(rows) if _cache_prefix(lm, rows, cache_gib) else None
+    values, fired = score_rows(lm, layer, rows, None, batch_rows, record_sae=sae, progress=progress, resid_out=resid)
     ok = is_correct(question_scores(rows, values, len(questions)), questions)
     new_index = np.cumsum(ok) - 1
     keep = [i for i, r in enumerate(rows) if ok[r.question]]
     kept_rows = [_Row(rows[i].ids, int(new_index[rows[i].question]), rows[i].choice, rows[i].start) for i in keep]
     known = _Known([q for q, good in zip(questions, ok) if good], int(ok[: len(forget)].sum()), kept_rows,
-                   values[keep], fired[keep])
+                   values[keep], fired[keep], None if resid is None else [resid[i] for i in keep])
     counts = {"forget_questions": len(forget), "retain_questions": len(retain),
               "forget_known": known.n_forget, "retain_known": len(known.questions) - known.n_forget,
               "base_forget_accuracy_all": float(ok[: len(forget)].mean()) if forget else float("nan"),
@@ -879,7 +948,11 @@ def _setting_values(sae, lm, layer, known: _Known, latents: np.ndarray, values: 
     affected = np.flatnonzero(known.fired[:, latents].any(1)) if len(latents) else np.array([], dtype=int)
     if len(affected):
         rep = clamp_replacement(sae, latents, values)
-        out[affected], _ = score_rows(lm, layer, [known.rows[i] for i in affected], rep, batch_rows)
+        rows = [known.rows[i] for i in affected]
+        if known.resid is None:
+            out[affected], _ = score_rows(lm, layer, rows, rep, batch_rows)
+        else:
+            out[affected] = score_rows_from_resid(lm, layer, rows, [known.resid[i] for i in affected], rep, batch_rows)
     return out, len(affected)
 
 
@@ -910,7 +983,9 @@ def run_unlearning(cfg: UnlearnConfig, lm: LoadedModel | None = None, progress: 
     Cost: latent frequencies (forward up to the SAE's block only), the residual norms of
     :func:`clamp_calibration` (2,048 tokens up to the reference block), one unmodified pass
     over all questions, then per distinct setting a pass over the rows where a selected
-    latent fires (other rows are unchanged by the clamp and reuse the unmodified scores).
+    latent fires (other rows are unchanged by the clamp and reuse the unmodified scores). When
+    the rows' residuals after the SAE's block fit in ``cfg.prefix_cache_gib``, the unmodified
+    pass keeps them and a setting's pass runs only the blocks after it.
 
     Raises:
         FileNotFoundError: not a saved SAE.
@@ -929,7 +1004,8 @@ def run_unlearning(cfg: UnlearnConfig, lm: LoadedModel | None = None, progress: 
     calibration = clamp_calibration(lm, layer, bench.retain_docs, cfg.clamp_scale, context_length=cfg.context_length)
     timing["clamp_calibration_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    known, counts = _known(lm, layer, sae, bench.forget_questions, bench.retain_questions, cfg.batch_rows, progress)
+    known, counts = _known(lm, layer, sae, bench.forget_questions, bench.retain_questions, cfg.batch_rows, progress,
+                           cfg.prefix_cache_gib)
     timing["baseline_pass_s"] = time.perf_counter() - t0
     if counts["forget_known"] == 0 or counts["retain_known"] == 0:
         raise DatasetError(f"the unmodified model answers {counts['forget_known']} forget and "
@@ -945,7 +1021,7 @@ def run_unlearning(cfg: UnlearnConfig, lm: LoadedModel | None = None, progress: 
     calibration["relative_displacement"] = {str(m): m * calibration["scale"] / calibration["hook_rms_norm"]
                                             for m in cfg.grid()["multipliers"]}
     return _result(cfg, sae_cfg, lm, layer, bench, base, details, counts, timing, forget_freq, retain_freq,
-                   calibration)
+                   calibration, known.resid is not None)
 
 
 def _score_of(details: list[dict], kind: str) -> float:
@@ -954,7 +1030,7 @@ def _score_of(details: list[dict], kind: str) -> float:
 
 
 def _result(cfg, sae_cfg, lm, layer, bench, base, details, counts, timing, forget_freq, retain_freq,
-            calibration: dict) -> dict:
+            calibration: dict, known_resid_cached: bool = False) -> dict:
     """Assemble SAEBench's ``unlearning`` JSON layout plus per-setting details and the control."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     config.update({**cfg.grid(), "model_name": lm.model_id, "dtype": lm.dtype, "llm_dtype": lm.dtype,
@@ -980,6 +1056,7 @@ def _result(cfg, sae_cfg, lm, layer, bench, base, details, counts, timing, forge
         "eval_result_details": [{k: v for k, v in d.items() if k != "seconds"} for d in details],
         "eval_result_unstructured": {
             "timing_s": timing,
+            "prefix_cached": known_resid_cached,
             "baseline_known": base,
             "forget_firing_frequency_top": _top(forget_freq),
             "retain_firing_frequency_of_forget_top": [float(retain_freq[i]) for i, _ in _top(forget_freq)],

@@ -485,3 +485,36 @@ def test_quick_sweeps_with_the_full_runs_care_and_its_tables_say_they_are_short(
     plain.cfg.out.mkdir(parents=True)
     write_benchmark_report(plain)
     assert "--quick" not in (plain.cfg.out / "matched.md").read_text()
+
+
+def test_unlearning_results_asked_other_retain_questions_are_recomputed(tiny_model_dir, tmp_path, monkeypatch):
+    """A result computed with another retain-question count (the 200 sampled before 2026-12-03) is stale: the
+    unlearn stage recomputes it with the benchmark's setting (all questions) and then keeps it."""
+    from saestrata.benchmark_report import _unlearning_known
+    from saestrata.evaluate import unlearning as U
+
+    lines: list[str] = []
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"], unlearn=True), lines.append)
+    assert bench.cfg.unlearn_retain_questions is None  # every retain question by default
+    asked = []
+
+    def fake_run(cfg, lm=None, progress=True):
+        asked.append(cfg.max_retain_questions)
+        return {"eval_config": {"max_retain_questions": cfg.max_retain_questions},
+                "eval_result_metrics": {"unlearning": {"unlearning_score": 0.25, "retain_known": 561,
+                                                       "retain_questions": 850}}}
+
+    monkeypatch.setattr(U, "run_unlearning", fake_run)
+    monkeypatch.setattr(bench, "done", lambda name: True)
+    monkeypatch.setattr(bench, "lm", lambda: None)
+    path = bench.unlearning_path("topk-l0=3")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"eval_config": {"max_retain_questions": 200},
+                                "eval_result_metrics": {"unlearning": {"unlearning_score": 0.5, "retain_known": 133,
+                                                                       "retain_questions": 200}}}))
+    assert not bench.has_unlearning("topk-l0=3") and _unlearning_known(bench, "topk-l0=3") == "133/200"
+    bench.unlearn(["topk-l0=3"])
+    assert asked == [None] and any("used 200 retain questions" in l and "recomputing" in l for l in lines)
+    assert bench.has_unlearning("topk-l0=3") and _unlearning_known(bench, "topk-l0=3") == "561/850"
+    bench.unlearn(["topk-l0=3"])
+    assert asked == [None]  # a current result is kept
