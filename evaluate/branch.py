@@ -181,9 +181,7 @@ class BranchForward:
                 clean = h[:n]
                 new = [fn(clean).to(h.dtype) for fn in branches[layer]]
             h = torch.cat([h, *new]) if new else h
-        h = self._blocks(h, done, len(self.inner.layers))
-        with self.timer("final_norm"):
-            return self.inner.norm(h)
+        return self.tail(h, done - 1)
 
     def tail(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Final-normed hidden states ``[B, T, d]`` (model dtype) from the residual after block ``layer``.

@@ -434,7 +434,7 @@ def _fire_recorder(sae, record: list, resid: list | None = None) -> Replacement:
         fired = (f > 0) & (valid[..., None] if valid is not None else True)
         record.append(fired.any(1).cpu())
         if resid is not None:
-            resid.append(h.to("cpu", copy=True))
+            resid.append(h.cpu())  # no copy on CPU: score_rows clones each row's slice right after the forward
         return h
 
     fn.rows = {}
