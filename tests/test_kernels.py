@@ -50,6 +50,9 @@ def _assert_same_step(dense, sparse, x):
         torch.testing.assert_close(out_s.losses[key], out_d.losses[key], **TOL, msg=key)
     torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
     torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    if out_s.sq_error is not None:  # the trainer's FVU numerator when a forward hands it over (fused topk)
+        want = (x.float() - out_d.x_hat.float()).pow(2).sum(-1).mean()
+        torch.testing.assert_close(out_s.sq_error, want.detach(), **TOL)
     out_d.loss.backward()
     out_s.loss.backward()
     for (name, p_d), (_, p_s) in zip(dense.named_parameters(), sparse.named_parameters()):
@@ -202,8 +205,8 @@ def test_topk_fused_step_is_taken_and_equals_the_unfused_sparse_and_dense(dead_e
     real = topk_module.fused_topk
     monkeypatch.setattr(topk_module, "fused_topk", lambda *a: calls.append(1) or real(*a))
     dense, sparse = _pair("topk", dead_every)
-    _assert_same_step(dense, sparse, _inputs(8))
-    assert calls == [1]
+    _, out = _assert_same_step(dense, sparse, _inputs(8))
+    assert calls == [1] and out.sq_error is not None
     monkeypatch.setattr(topk_module, "fused_available", lambda sae, x: False)
     dense, unfused = _pair("topk", dead_every)
     _assert_same_step(dense, unfused, _inputs(8))

@@ -85,3 +85,69 @@ def test_clip_grad_norm_is_torchs_bit_for_bit(scale, max_norm):
         assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
     if scale == 10.0:
         assert ours[0].grad.norm() < 10  # it did clip
+
+
+def _unit_row_params(seed: int = 1):
+    """A decoder with unit-norm rows [300, 48], a column-major encoder (as the SAEs keep W_enc) and a bias."""
+    gen = torch.Generator().manual_seed(seed)
+    w_dec = torch.nn.functional.normalize(torch.randn(300, 48, generator=gen), dim=1)
+    return [torch.nn.Parameter(w_dec), torch.nn.Parameter(w_dec.t().clone().t().contiguous().t()),
+            torch.nn.Parameter(torch.randn(300, generator=gen))]
+
+
+def _reference_step(params, opt, max_norm):
+    """The trainer's unfused sequence in plain torch: project W_dec's gradient, clip, Adam, renormalise."""
+    w = params[0]
+    w.grad -= (w.grad * w.detach()).sum(-1, keepdim=True) * w.detach()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    with torch.no_grad():
+        w /= w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return norm
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_unit_rows_adam_equals_projection_clip_adam_renorm(native, monkeypatch):
+    """optim.Adam(unit_rows=W_dec) keeps the decoder constraint and the clip itself (fused into one kernel on the
+    CPU, issue 14): 12 steps, clipping on every other one, must equal torch's unfused sequence within fp32
+    rounding, with the fused kernel seen running (or, without the compiled module, the unfused fallback)."""
+    from saestrata.train import native as nat
+    from saestrata.train import optim
+
+    if not native:
+        monkeypatch.setattr(nat, "load_native", lambda: None)
+    calls = []
+    real = nat.adam_unit_rows_
+    monkeypatch.setattr(nat, "adam_unit_rows_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours, ref = _unit_row_params(), _unit_row_params()
+    opt = optim.Adam(ours, lr=1e-2, fused=True, unit_rows=ours[0])
+    ref_opt = torch.optim.Adam(ref, lr=1e-2, fused=True)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(12):
+        grads = [torch.randn(p.shape, generator=gen) * (5.0 if step % 2 else 0.01) for p in ours]
+        for a, b, g in zip(ours, ref, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        got = opt.clip_grad_norm_(1.0)
+        opt.step()
+        want = _reference_step(ref, ref_opt, 1.0)
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ours[0].detach().norm(dim=1), torch.ones(300), atol=1e-5)
+    assert len(calls) == (12 if native else 0)
+    state, ref_state = opt.state[ours[0]], ref_opt.state[ref[0]]  # torch's state layout: checkpoints interchange
+    assert state.keys() == ref_state.keys() and float(state["step"]) == float(ref_state["step"]) == 12
+    torch.testing.assert_close(state["exp_avg_sq"], ref_state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+def test_only_archs_keeping_the_base_decoder_constraint_hand_it_to_the_optimizer():
+    """Archs that override remove_parallel_grad / normalize_decoder (seed 000 HSAE, seed 003) keep doing it themselves."""
+    from saestrata.train.registry import build
+    from saestrata.train.trainer import SAESpec, TrainConfig, _optimizer
+
+    cfg = TrainConfig(store=None, layer=0, out=None, specs=[])
+    for arch, handed in [("topk", True), ("batchtopk", True), ("matryoshka", True), ("jumprelu", True),
+                         ("standard", False), ("seed000_hsae", False), ("seed003-tiered", False)]:
+        sae = build(arch, 16, 64)
+        opt = _optimizer(SAESpec(arch, arch), sae, cfg)
+        assert (opt.unit_rows is sae.W_dec) if handed else opt.unit_rows is None, arch

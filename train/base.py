@@ -37,17 +37,22 @@ class ForwardOutput:
             ``mse`` (squared error summed over ``d_in``, mean over batch) is always present.
         active: the :class:`~.kernels.ActiveSet` of (row, latent) pairs with ``f > 0``, or None.
         values: fp32 ``[N]`` activations at ``active``'s pairs (detached), or None.
+        sq_error: fp32 scalar ``||x - x_hat||^2`` summed over ``d_in``, mean over the batch, unweighted
+            and detached, when the forward formed it anyway (the fused TopK step's ``mse``), else None:
+            the trainer's FVU then skips recomputing it (issue 14).
 
     Raises:
         ValueError: neither ``f`` nor ``active`` given.
     """
 
     def __init__(self, x_hat: torch.Tensor, f: torch.Tensor | None = None, losses: dict | None = None, *,
-                 active=None, values: torch.Tensor | None = None, f_dtype: torch.dtype = torch.float32):
+                 active=None, values: torch.Tensor | None = None, f_dtype: torch.dtype = torch.float32,
+                 sq_error: torch.Tensor | None = None):
         if f is None and active is None:
             raise ValueError("ForwardOutput needs f or active + values")
         self.x_hat, self._f, self.losses = x_hat, f, losses if losses is not None else {}
         self.active, self.values, self._f_dtype = active, values, f_dtype
+        self.sq_error = sq_error
 
     @property
     def f(self) -> torch.Tensor:
@@ -227,6 +232,18 @@ class SAE(nn.Module):
         """Project out the decoder-gradient component along each unit-norm row (keeps Adam on the sphere)."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
             remove_parallel_grad_(self.W_dec.grad, self.W_dec)
+
+    def optimizer_unit_rows(self) -> torch.Tensor | None:
+        """``W_dec`` when the optimiser may keep the unit-norm constraint itself, else None.
+
+        True of archs with ``unit_norm_decoder`` whose class keeps this base class's
+        :meth:`remove_parallel_grad` and :meth:`normalize_decoder`: the trainer then hands ``W_dec`` to
+        :class:`~.optim.Adam` (``unit_rows``), which runs the same projection and renormalisation around
+        its step, fused with it on the CPU (issue 14). Archs that override either method keep them.
+        """
+        cls = type(self)
+        base = cls.remove_parallel_grad is SAE.remove_parallel_grad and cls.normalize_decoder is SAE.normalize_decoder
+        return self.W_dec if self.unit_norm_decoder and base else None
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -51,8 +51,10 @@ class _FusedTopK(torch.autograd.Function):
         with torch.profiler.record_function("saestrata::topk_fused_forward"):  # named in bench/topk_profile.py
             idx, val, x_hat = mod.topk_fused_forward(mm, b_enc.detach(), k, W_dec.detach(), b_dec.detach())
         xf = x.detach().float()
-        mse = (x_hat - xf).pow_(2).sum(-1).mean()
-        ctx.save_for_backward(xf, x_hat, b_dec, W_enc, W_dec, idx, val)
+        r = x_hat - xf  # kept for the backward: g is a multiple of it
+        # One read of r, row by row (a whole-tensor dot or sum would depend on the thread count).
+        mse = torch.linalg.vector_norm(r, 2, dim=-1).square_().mean()
+        ctx.save_for_backward(xf, r, b_dec, W_enc, W_dec, idx, val)
         ctx.x_dtype = x.dtype
         ctx.mark_non_differentiable(x_hat, idx, val)
         return mse, x_hat, idx, val
@@ -60,9 +62,9 @@ class _FusedTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mse, _grad_x_hat, _grad_idx, _grad_val):
         """Gradients of the inputs that need them; None for ``mm`` and ``k``."""
-        xf, x_hat, b_dec, W_enc, W_dec, idx, val = ctx.saved_tensors
+        xf, r, b_dec, W_enc, W_dec, idx, val = ctx.saved_tensors
         need_x, need_b_dec = ctx.needs_input_grad[:2]
-        g = (x_hat - xf).mul_(2 * grad_mse.float() / xf.shape[0])  # d mse / d x_hat
+        g = r * (2 * grad_mse.float() / xf.shape[0])  # d mse / d x_hat
         with torch.profiler.record_function("saestrata::topk_fused_backward"):
             dv, d_W_enc_t, d_b_enc, d_W_dec, w_db = load_native().topk_fused_backward(
                 g, idx, val, xf, b_dec.detach(), W_dec.detach(), W_enc.detach().t())

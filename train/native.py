@@ -4,7 +4,8 @@
 where torch's CPU ``topk`` cost about half an encoder matmul (docs/results/bench/README.md), and
 :func:`remove_parallel_grad_`, the decoder-gradient projection every unit-norm-decoder SAE runs
 each step (one pass instead of torch's three temporaries), and :func:`normalize_rows_`, the decoder
-renormalisation after each step. :mod:`.kernels` also calls the module's ``sampled_dot`` (the sparse
+renormalisation after each step; :func:`adam_unit_rows_` fuses those two with the Adam step and the clip
+factor, and :func:`projected_sq_norm` gives the clip its norm (both for :class:`~.optim.Adam`'s ``unit_rows``). :mod:`.kernels` also calls the module's ``sampled_dot`` (the sparse
 decoder backward's dot products) and :mod:`.fused` the whole TopK training forward / backward
 (``topk_fused_forward`` / ``topk_fused_backward``) through :func:`load_native`. The source is
 ``csrc/native.cpp``; the build (~1 min, g++ and ninja) lands in torch's extension cache
@@ -31,7 +32,8 @@ import torch
 _SOURCE = Path(__file__).with_name("csrc") / "native.cpp"
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds and runs serially without it.
 # -march=native: the build is for this machine's vector units (its name includes the CPU's flags).
-_CFLAGS = ["-O3", "-fopenmp", "-march=native"]
+# -fno-math-errno: std::sqrt vectorizes (the fused Adam step's inner loop); nothing reads errno.
+_CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno"]
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -156,3 +158,42 @@ def normalize_rows_(w: torch.Tensor, eps: float = 1e-8) -> None:
             mod.normalize_rows_(w.detach(), eps)
     else:
         w /= w.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def projected_sq_norm(grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """``sum_r ||grad[r] - <grad[r], w[r]> w[r]||^2`` (fp64 0-dim), the squared norm of the gradient
+    :func:`remove_parallel_grad_` would leave, without writing it; None where the kernel cannot run.
+
+    Rows are summed in row order, so the value does not depend on the thread count.
+    """
+    if not unit_rows_ready(w, grad):
+        return None
+    with torch.profiler.record_function("saestrata::projected_norms"):  # named in bench/topk_profile.py
+        return load_native().projected_row_sq_norms(grad, w.detach()).sum()
+
+
+def adam_unit_rows_(w: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+                    step_size: float, bc2_sqrt: float, beta1: float, beta2: float, eps: float, grad_scale: float,
+                    norm_eps: float = 1e-8) -> bool:
+    """One Adam step on unit-norm rows, fused with the projection before it and the renormalisation after.
+
+    Per row ``r`` of ``[rows, d]`` fp32 tensors: ``g = (grad[r] - <grad[r], w[r]> w[r]) * grad_scale``
+    (:func:`remove_parallel_grad_`, then the gradient clip's factor); torch's Adam update of ``exp_avg``,
+    ``exp_avg_sq`` and ``w[r]`` with ``step_size = lr / (1 - beta1^t)`` and ``bc2_sqrt = sqrt(1 - beta2^t)``
+    (Kingma & Ba 2015, Alg. 1, as ``torch.optim.Adam`` computes it); then ``w[r] /= max(||w[r]||, norm_eps)``
+    (:func:`normalize_rows_`). ``grad`` is read, never written. Returns False (nothing done) where the kernel
+    cannot run (not CPU / fp32 / contiguous, or no compiled module); the caller then takes the unfused path.
+    """
+    if not (unit_rows_ready(w, grad) and unit_rows_ready(w, exp_avg) and unit_rows_ready(w, exp_avg_sq)):
+        return False
+    with torch.profiler.record_function("saestrata::adam_unit_rows"):  # named in bench/topk_profile.py
+        load_native().adam_unit_rows_(w.detach(), grad, exp_avg, exp_avg_sq, step_size, bc2_sqrt, beta1, beta2,
+                                      eps, grad_scale, norm_eps)
+    return True
+
+
+def unit_rows_ready(w: torch.Tensor, other: torch.Tensor) -> bool:
+    """True when the unit-row kernels can take ``w`` and ``other``: contiguous fp32 CPU ``[rows, d]`` of one shape."""
+    return (w.device.type == other.device.type == "cpu" and w.dtype == other.dtype == torch.float32 and w.dim() == 2
+            and w.shape == other.shape and w.is_contiguous() and other.is_contiguous() and load_native() is not None)
+

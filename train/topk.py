@@ -180,7 +180,7 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         act = ActiveSet.from_rowwise(val, idx, self.d_sae)
         auxk = self.auxk_loss_sparse(x, lambda: (mm + self.b_enc).detach(), x_hat)  # pre formed only if AuxK acts
         return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act, values=val[val > 0],
-                             f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype))
+                             f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype), sq_error=mse.detach())
 
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``auxk`` (only while training)."""
