@@ -44,9 +44,9 @@ GROUPS = {  # profiler op name -> what it is for (everything else: "other")
     "aten::div_": "decoder-gradient projection and norms",
     "aten::mul_": "decoder-gradient projection and norms",
     "saestrata::remove_parallel": "decoder-gradient projection and norms",  # train/native.py's kernel
-    "saestrata::normalize_rows": "decoder-gradient projection and norms",
+    "saestrata::normalize_rows": "decoder-gradient projection and norms",  # train/native.py's kernel
     "saestrata::projected_norms": "decoder-gradient projection and norms",  # the fused optimiser's norm pass
-    "saestrata::adam_unit_rows": "Adam on W_dec + projection + renorm (one kernel)",  # train/optim.py, fused  # train/native.py's kernel
+    "saestrata::adam_unit_rows": "Adam on W_dec + projection + renorm (one kernel)",  # train/optim.py, fused
     "saestrata::topk_fused_forward": "fused forward: top-k of mm + b_enc, decode",  # train/fused.py
     "saestrata::topk_fused_backward": "fused backward: pair and weight gradients",  # train/fused.py
 }

@@ -5,7 +5,8 @@ where torch's CPU ``topk`` cost about half an encoder matmul (docs/results/bench
 :func:`remove_parallel_grad_`, the decoder-gradient projection every unit-norm-decoder SAE runs
 each step (one pass instead of torch's three temporaries), and :func:`normalize_rows_`, the decoder
 renormalisation after each step; :func:`adam_unit_rows_` fuses those two with the Adam step and the clip
-factor, and :func:`projected_sq_norm` gives the clip its norm (both for :class:`~.optim.Adam`'s ``unit_rows``). :mod:`.kernels` also calls the module's ``sampled_dot`` (the sparse
+factor, and :func:`projected_sq_norm` gives the clip its norm (both for :class:`~.optim.Adam`'s ``unit_rows``).
+:mod:`.kernels` also calls the module's ``sampled_dot`` (the sparse
 decoder backward's dot products) and :mod:`.fused` the whole TopK training forward / backward
 (``topk_fused_forward`` / ``topk_fused_backward``) through :func:`load_native`. The source is
 ``csrc/native.cpp``; the build (~1 min, g++ and ninja) lands in torch's extension cache

@@ -1,6 +1,7 @@
 // Compiled CPU kernels of saestrata.train.native: a per-row top-k of a [rows, n] tensor (float32 or
 // bfloat16), the sampled dot products of the sparse decoder's backward, the decoder-gradient
-// projection of unit-norm-decoder SAEs, an Adam step fused with it and the row renormalisation, and the fused TopK SAE training forward / backward
+// projection of unit-norm-decoder SAEs, an Adam step fused with it and the row renormalisation, and the
+// fused TopK SAE training forward / backward
 // (saestrata.train.fused). A per-pair read-modify-write of the output row was no faster than
 // embedding_bag (2 threads, idle, 32k pairs, D 640: 1.52 vs 1.49 ms as a weight gradient, 1.29 vs
 // 0.89 ms as the decode); the fused kernels keep each output block in vector registers instead.
@@ -365,7 +366,7 @@ void adam_unit_rows_(torch::Tensor w, torch::Tensor grad, torch::Tensor m, torch
         wr[c] -= ss * mr[c] / (std::sqrt(vr[c]) / bc2 + ep);
       }
       const float n = std::max(std::sqrt(dot(wr, wr, d)), neps);
-      for (int64_t c = 0; c < d; ++c) wr[c] /= n;
+      for (int64_t j = 0; j < d; ++j) wr[j] /= n;
     }
   });
 }
