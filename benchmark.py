@@ -260,6 +260,10 @@ def tail_metrics(log: list[dict], frac: float = TAIL_FRAC) -> dict:
     return {"fvu": acc["fvu"] / got, "l0": acc["l0"] / got, "steps": got}
 
 
+class SettingsMismatch(ValueError):
+    """An SAE in ``--work`` was trained with other settings than the run now asks of it (:meth:`Benchmark._check_same_job`)."""
+
+
 @dataclass
 class Job:
     """One SAE to train: its name (folder), the SAESpec fields and the stage it belongs to."""
@@ -291,6 +295,7 @@ class Benchmark:
         self.store = cfg.work / "store-train"
         self.code = code_fingerprint()
         self._lm = None
+        self.skipped: dict[str, str] = {}  # variant -> why (SettingsMismatch); left out of this run's work
 
     # -- paths ------------------------------------------------------------------------
     def sae_dir(self, name: str) -> Path:
@@ -370,7 +375,7 @@ class Benchmark:
         """Refuse to reuse SAE ``job.name`` if it was trained with other settings (e.g. another ``--tokens-per-sae``).
 
         Raises:
-            ValueError: the recorded job differs (names the fields); a mixed-budget table would be unfair.
+            SettingsMismatch: the recorded job differs (names the fields); a mixed-budget table would be unfair.
         """
         path = self.cfg.out / "saes" / job.name / "job.json"
         if not (path.exists() and (self.done(job.name) or self.recorded(job.name))):
@@ -379,7 +384,7 @@ class Benchmark:
         new = json.loads(json.dumps(asdict(job)))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
-            raise ValueError(f"{job.name} in {self.cfg.work} was trained with other settings "
+            raise SettingsMismatch(f"{job.name} in {self.cfg.work} was trained with other settings "
                              f"({', '.join(f'{k} {old.get(k)} != {new.get(k)}' for k in diff)}): "
                              f"use a new --work and --out for a benchmark with other sizes")
 
@@ -408,7 +413,7 @@ class Benchmark:
         ``multiplier`` is the L0 controller's final multiplier (None for archs without one).
 
         Raises:
-            ValueError: it was trained with other settings (:meth:`_check_same_job`).
+            SettingsMismatch: it was trained with other settings (:meth:`_check_same_job`).
         """
         if not self.recorded(job.name):
             return None
@@ -476,7 +481,11 @@ class Benchmark:
         for v in self.variants:
             if v in PUBLISHED_ONLY:  # trained only at its preset's own settings
                 continue
-            _, best = self.lr_jobs(v)
+            try:
+                _, best = self.lr_jobs(v)
+            except SettingsMismatch as err:  # as if unswept, for the others; the run names it at its end
+                self.skipped.setdefault(v, str(err))
+                continue
             if best is not None:
                 b = best.pop("best")
                 chosen[v] = {"lr": b["lr"], "fvu": b["fvu"], "l0": b["l0"], "sae": b["sae"],
@@ -746,7 +755,12 @@ class Benchmark:
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> Path:
-        """Run every stage of ``cfg.stages`` in order, skipping finished work; returns ``out``."""
+        """Run every stage of ``cfg.stages`` in order, skipping finished work; returns ``out``.
+
+        Raises:
+            SettingsMismatch: after everything else ran, naming each variant skipped because SAEs of it in
+                ``--work`` were trained with other settings.
+        """
         cfg, stages = self.cfg, set(self.cfg.stages)
         cfg.out.mkdir(parents=True, exist_ok=True)
         if set(cfg.stages) - {"report"}:  # a report-only run must not restamp the run's settings and code
@@ -759,34 +773,60 @@ class Benchmark:
         # session that stops mid-run leaves whole, evaluated units of results behind.
         swept = [v for v in self.variants if v not in PUBLISHED_ONLY]
         for i, v in enumerate(swept, 1):
-            while "lr" in stages:
-                sweep, _ = self.lr_jobs(v)
-                pending = [j for j in sweep if not self.recorded(j.name)]
-                if not pending:
-                    break
-                self.echo(f"[2/9] lr sweep {i}/{len(swept)} {v}: {len(pending)} of {len(sweep)} short runs to do")
-                for job in pending:
-                    self.train_job(job, need_weights=False)
-            lrs = self.chosen_lrs("lr" in stages)
-            jobs = [j for j in self.matched_jobs(lrs) if j.arch == v]
-            if "matched" in stages:
-                self.echo(f"[3/9] matched L0 {i}/{len(swept)} {v}: {len(jobs)} SAEs")
-                if v not in lrs:  # e.g. --stages matched alone, or a sweep that a new rule extended
-                    self.echo(f"  {v}: its lr sweep is not finished, so these SAEs take the default rate and "
-                              "controller start (add the stage lr to sweep first)")
-                # Decided before any retraining: a retrained SAE's core result is dropped, which would make the
-                # later points look "maybe nearest L0 32" and retrain them too (a cascade seen on 2026-12-02).
-                needs = [self._needs_weights(job) for job in jobs]
-                for job, need in zip(jobs, needs):
-                    self.train_job(job, need)
-            if "evaluate" in stages:
-                self.evaluate([j.name for j in jobs])
-            if v in ABLATIONS:  # a paper's ablations get neither unlearning nor probing
-                continue
-            if "unlearn" in stages and cfg.unlearn and (nearest := self.nearest_to(v, SWEEP_TARGET)):
-                self.unlearn([nearest])
-            if "probe" in stages:  # both SAEs bracketing L0 32, so the report can interpolate at 32
-                self.probe(self.bracketing(v, SWEEP_TARGET))
+            # One variant whose saved SAEs disagree with today's settings must not stop the others' hours of
+            # work (seen 2026-12-04: seed000_hsae aborted a 15-variant run); it is named again at the end.
+            try:
+                self._run_variant(v, i, len(swept), stages)
+            except SettingsMismatch as err:
+                self.skipped.setdefault(v, str(err))
+            if v in self.skipped:
+                self.echo(f"  {v}: SKIPPED, {self.skipped[v]}")
+        self._run_rest(stages)
+        if self.skipped:
+            raise SettingsMismatch(f"{len(self.skipped)} variant(s) skipped, the rest finished: "
+                                   + "; ".join(self.skipped.values()))
+        return cfg.out
+
+    def _run_variant(self, v: str, i: int, n: int, stages: set[str]) -> None:
+        """Variant ``v``'s (``i`` of ``n``) stages: lr sweep, matched-L0 SAEs, evaluation, unlearning, probing.
+
+        Raises:
+            SettingsMismatch: one of its SAEs in ``--work`` was trained with other settings.
+        """
+        while "lr" in stages:
+            sweep, _ = self.lr_jobs(v)
+            pending = [j for j in sweep if not self.recorded(j.name)]
+            if not pending:
+                break
+            self.echo(f"[2/9] lr sweep {i}/{n} {v}: {len(pending)} of {len(sweep)} short runs to do")
+            for job in pending:
+                self.train_job(job, need_weights=False)
+        lrs = self.chosen_lrs("lr" in stages)
+        if v in self.skipped:  # its sweep disagrees with --work: never fall back to the default rate
+            return
+        jobs = [j for j in self.matched_jobs(lrs) if j.arch == v]
+        if "matched" in stages:
+            self.echo(f"[3/9] matched L0 {i}/{n} {v}: {len(jobs)} SAEs")
+            if v not in lrs:  # e.g. --stages matched alone, or a sweep that a new rule extended
+                self.echo(f"  {v}: its lr sweep is not finished, so these SAEs take the default rate and "
+                          "controller start (add the stage lr to sweep first)")
+            # Decided before any retraining: a retrained SAE's core result is dropped, which would make the
+            # later points look "maybe nearest L0 32" and retrain them too (a cascade seen on 2026-12-02).
+            needs = [self._needs_weights(job) for job in jobs]
+            for job, need in zip(jobs, needs):
+                self.train_job(job, need)
+        if "evaluate" in stages:
+            self.evaluate([j.name for j in jobs])
+        if v in ABLATIONS:  # a paper's ablations get neither unlearning nor probing
+            return
+        if "unlearn" in stages and self.cfg.unlearn and (nearest := self.nearest_to(v, SWEEP_TARGET)):
+            self.unlearn([nearest])
+        if "probe" in stages:  # both SAEs bracketing L0 32, so the report can interpolate at 32
+            self.probe(self.bracketing(v, SWEEP_TARGET))
+
+    def _run_rest(self, stages: set[str]) -> None:
+        """The stages after the per-variant ones: the as-published points, the extra seeds, the report."""
+        cfg = self.cfg
         lrs = self.chosen_lrs("lr" in stages)
         published = self.published_jobs()
         if "published" in stages:
@@ -812,7 +852,6 @@ class Benchmark:
             from .benchmark_report import write_benchmark_report
 
             write_benchmark_report(self)
-        return cfg.out
 
 
 def run_benchmark(cfg: BenchmarkConfig, echo: Callable[[str], None] = print) -> Path:
@@ -821,5 +860,6 @@ def run_benchmark(cfg: BenchmarkConfig, echo: Callable[[str], None] = print) -> 
     Raises:
         ArchError: an unknown name in ``cfg.variants``.
         StoreError / ModelError / DatasetError: from the stages (one-line messages).
+        SettingsMismatch: some variants were skipped (their saved SAEs have other settings); the rest finished.
     """
     return Benchmark(cfg, echo).run()

@@ -170,6 +170,24 @@ def test_finished_saes_of_other_settings_are_not_reused(tiny_model_dir, tmp_path
         Benchmark(bigger, lambda _: None).run()
 
 
+def test_a_variant_with_saes_of_other_settings_is_skipped_and_the_others_still_run(tiny_model_dir, tmp_path):
+    """One variant's stale SAE (seed000_hsae, 2026-12-04) must not abort the other variants' work."""
+    from saestrata.benchmark import SettingsMismatch
+
+    kw = dict(variants=["topk", "standard"], targets=(3.0,), seeds=1)
+    Benchmark(_cfg(tiny_model_dir, tmp_path, stages=("store", "lr"), **kw), lambda _: None).run()
+    job_json = next((tmp_path / "out" / "saes").glob("lr-topk-x*")) / "job.json"
+    job_json.write_text(json.dumps({**json.loads(job_json.read_text()), "lr": 0.125}))
+    lines: list[str] = []
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, stages=("lr", "matched"), **kw), lines.append)
+    with pytest.raises(SettingsMismatch, match=r"1 variant\(s\) skipped.*lr-topk-x.*lr 0.125 !="):
+        bench.run()
+    assert any("topk: SKIPPED" in line for line in lines)
+    assert [j.name for j in bench.matched_jobs(bench.chosen_lrs(False)) if j.arch == "standard"]
+    assert all(bench.done(j.name) for j in bench.matched_jobs(bench.chosen_lrs(False)) if j.arch == "standard")
+    assert not any(bench.done(j.name) for j in bench.matched_jobs(bench.chosen_lrs(False)) if j.arch == "topk")
+
+
 def _record(bench, name: str, fvu: float, l0: float = 32.0, multiplier: float | None = None,
             l0_start: float = 1.0) -> None:
     """Fake a finished sweep run in ``out`` (what a fresh machine finds in git); ``multiplier``: the L0
