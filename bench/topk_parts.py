@@ -52,13 +52,16 @@ def main() -> None:
     x = torch.randn(B, D, generator=gen) * 2
     g = torch.randn(B, D, generator=gen)
     pre = mm.float() + b_enc
-    idx, val, _ = mod.topk_fused_forward(mm, b_enc, k, W_dec, b_dec)
+    idx, val, _, e, _, de = mod.topk_fused_forward(mm, b_enc, k, W_dec, b_dec, x)
 
     def stock_forward():
-        """Stock ops for the fused forward: bias add, torch ``topk``, ``embedding_bag`` decode; fp32 ``[B, d_in]``."""
+        """Stock ops for the fused forward: bias add, torch ``topk``, ``embedding_bag`` decode, the error and its
+        squared norm per row (the fused forward also forms ``<e, W_dec[c]>`` per pair, which the stock
+        backward below computes instead: compare the sum of the two rows)."""
         p = mm + b_enc
         v, i = p.topk(k, dim=-1)
-        return F.embedding_bag(i, W_dec, mode="sum", per_sample_weights=v.clamp_min(0)) + b_dec
+        err = F.embedding_bag(i, W_dec, mode="sum", per_sample_weights=v.clamp_min(0)) + b_dec - x
+        return err, err.pow(2).sum(-1)
 
     rows = torch.arange(B).repeat_interleave(k)
     cols = idx.flatten()
@@ -84,9 +87,9 @@ def main() -> None:
         ("top-k of fp32 pre [1024, 4096], k 32", lambda: pre.topk(k, dim=-1, sorted=False),
          lambda: mod.rowwise_topk(pre, k)),
         ("forward: bias + top-k + decode", stock_forward,
-         lambda: mod.topk_fused_forward(mm, b_enc, k, W_dec, b_dec)),
+         lambda: mod.topk_fused_forward(mm, b_enc, k, W_dec, b_dec, x)),
         ("backward: pair + weight gradients", stock_backward,
-         lambda: mod.topk_fused_backward(g, idx, val, x, b_dec, W_dec, W_encT)),
+         lambda: mod.topk_fused_backward(e, 2.0 / B, idx, val, de, x, b_dec, W_encT)),
     ]
     print(f"{torch.get_num_threads()} thread(s), torch {torch.__version__}; B {B}, d_sae {L}, d_in {D}, k {k}; "
           f"median of {args.reps} calls")

@@ -213,3 +213,28 @@ def test_topk_fused_step_is_taken_and_equals_the_unfused_sparse_and_dense(dead_e
     assert calls == [1]
     for p_f, p_u in zip(sparse.parameters(), unfused.parameters()):
         torch.testing.assert_close(p_f.grad, p_u.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dead_every", [None, 3])
+def test_fused_backward_hands_the_clip_its_gradient_norms_only_while_they_hold(dead_every):
+    """train/fused.py's GradSqNorms: the fused backward's norms of W_enc.grad and of W_dec.grad projected off
+    its rows equal those recomputed from the gradients it left; they are withdrawn once the gradients are
+    not the backward's alone (AuxK's term added when latents are dead, or any later change) and after a
+    forward that did not run fused."""
+    _, sae = _pair("topk", dead_every)
+    sae(_inputs(8)).loss.backward()
+    known = sae.grad_sq_norms()
+    if dead_every:  # AuxK added its gradient to the fused backward's
+        assert known == {}
+        return
+    w, g = sae.W_dec.detach(), sae.W_dec.grad
+    projected = g - (g * w).sum(1, keepdim=True) * w  # what remove_parallel_grad_ leaves
+    assert len(known) == 2 and sae.W_enc in known and sae.W_dec in known
+    assert known[sae.W_enc] == pytest.approx(float(sae.W_enc.grad.double().pow(2).sum()), rel=1e-5)
+    assert known[sae.W_dec] == pytest.approx(float(projected.double().pow(2).sum()), rel=1e-5)
+    sae.W_enc.grad.mul_(2.0)
+    assert sae.grad_sq_norms() == {}
+    sae.zero_grad(set_to_none=True)
+    sae.kernels = "dense"
+    sae(_inputs(9)).loss.backward()
+    assert sae.grad_sq_norms() == {}

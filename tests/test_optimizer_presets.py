@@ -1,5 +1,7 @@
 """Optimiser settings of the seed presets (registry.OPTIMIZER_HPARAMS) reach the trainer."""
 
+import math
+
 import pytest
 import torch
 
@@ -138,6 +140,58 @@ def test_unit_rows_adam_equals_projection_clip_adam_renorm(native, monkeypatch):
     state, ref_state = opt.state[ours[0]], ref_opt.state[ref[0]]  # torch's state layout: checkpoints interchange
     assert state.keys() == ref_state.keys() and float(state["step"]) == float(ref_state["step"]) == 12
     torch.testing.assert_close(state["exp_avg_sq"], ref_state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+def test_clip_takes_known_squared_norms_in_place_of_its_own_passes():
+    """clip_grad_norm_(known=...) uses the squared norms it is given (the fused backward's, train/fused.py) for
+    those parameters and computes the others' (a deliberately wrong known value shows which one it used)."""
+    from saestrata.train import optim
+
+    params = _unit_row_params()
+    w = params[0]
+    gen = torch.Generator().manual_seed(3)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    g = w.grad
+    proj = float((g - (g * w.detach()).sum(1, keepdim=True) * w.detach()).double().pow(2).sum())
+    rest = sum(float(p.grad.double().pow(2).sum()) for p in params[1:])
+    opt = optim.Adam(params, lr=1e-2, fused=True, unit_rows=w)
+    assert float(opt.clip_grad_norm_(1.0)) == pytest.approx(math.sqrt(proj + rest), rel=1e-5)
+    sq1 = float(params[1].grad.double().pow(2).sum())
+    got = opt.clip_grad_norm_(1.0, known={w: 4 * proj, params[1]: 9 * sq1})
+    assert float(got) == pytest.approx(math.sqrt(4 * proj + 9 * sq1 + rest - sq1), rel=1e-5)
+
+
+def test_topk_training_with_the_backward_norms_equals_training_without(tmp_path, monkeypatch):
+    """The trainer hands the fused backward's norms to the clip (grad_sq_norms seen non-empty); ten TopK steps
+    that clip (max_grad_norm 1) give the weights of ten steps where the clip computes every norm itself."""
+    from saestrata.train import topk as topk_module
+    from saestrata.train.registry import build
+    from saestrata.train.trainer import SAESpec, TrainConfig, _Slot
+
+    x = torch.randn(10, 64, 32, generator=torch.Generator().manual_seed(4)) * 3
+    cfg = TrainConfig(store=None, layer=0, out=tmp_path, specs=[], d_sae=128)
+    seen, real = [], topk_module.TopKSAE.grad_sq_norms
+
+    def spy(self):
+        seen.append(bool(real(self)))
+        return real(self)
+
+    weights = []
+    for use_known in (True, False):
+        if not use_known:
+            monkeypatch.setattr(topk_module.TopKSAE, "grad_sq_norms", lambda self: {})
+        else:
+            monkeypatch.setattr(topk_module.TopKSAE, "grad_sq_norms", spy)
+        sae = build("topk", 32, 128, seed=1, k=4, kernels="sparse")
+        slot = _Slot(SAESpec(f"t{use_known}", "topk"), sae, cfg, steps=10)
+        sae.init_from_batch(x[0])
+        for step in range(10):
+            assert slot.step(x[step], step, False) is not None
+        weights.append([p.detach().clone() for p in sae.parameters()])
+    assert seen and all(seen)
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_only_archs_keeping_the_base_decoder_constraint_hand_it_to_the_optimizer():

@@ -245,6 +245,13 @@ class SAE(nn.Module):
         base = cls.remove_parallel_grad is SAE.remove_parallel_grad and cls.normalize_decoder is SAE.normalize_decoder
         return self.W_dec if self.unit_norm_decoder and base else None
 
+    def grad_sq_norms(self) -> dict[torch.Tensor, float]:
+        """Squared L2 norms of parameters' current ``.grad`` that the backward already computed (the
+        ``known`` argument of :meth:`.optim.Adam.clip_grad_norm_`; ``W_dec``'s is of its gradient projected
+        off its rows); ``{}`` by default: the clip computes every norm itself.
+        """
+        return {}
+
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale decoder rows to unit norm (only for archs with ``unit_norm_decoder``)."""

@@ -91,12 +91,14 @@ class _UnitRowsStep:
                  and group.get("fused") and not isinstance(self, torch.optim.AdamW))
         return bool(plain and native.unit_rows_ready(w, w.grad))
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, known: dict[torch.Tensor, float] | None = None) -> torch.Tensor:
         """Project ``unit_rows``' gradient, then clip all gradients to total L2 norm ``max_norm``.
 
         Returns the total norm of the projected gradients before clipping (0-dim; non-finite if one
         is), the value :func:`clip_grad_norm` returns after :func:`.native.remove_parallel_grad_`.
-        On the fused path the projection and the clip factor wait for :meth:`step`.
+        On the fused path the projection and the clip factor wait for :meth:`step`, and ``known``
+        (``{param: squared norm of its .grad}``, ``unit_rows``' of its projected gradient; e.g. from
+        :meth:`~.base.SAE.grad_sq_norms`) replaces those parameters' passes over their gradients.
         """
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         self._clip, self._fused_rows = None, self._fusable()
@@ -104,10 +106,12 @@ class _UnitRowsStep:
             if self.unit_rows is not None and self.unit_rows.grad is not None:
                 native.remove_parallel_grad_(self.unit_rows.grad, self.unit_rows.detach())
             return clip_grad_norm(params, max_norm)
-        w = self.unit_rows
-        others = [p.grad for p in params if p is not w]
+        w, known = self.unit_rows, known or {}
+        others = [p.grad for p in params if p is not w and p not in known]
         norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in others]
-        norms.append(native.projected_sq_norm(w.grad, w).sqrt().float())
+        norms += [torch.tensor(sq, dtype=torch.float64).sqrt().float() for p, sq in known.items() if p is not w]
+        sq_w = known[w] if w in known else native.projected_sq_norm(w.grad, w)
+        norms.append(torch.as_tensor(sq_w, dtype=torch.float64).sqrt().float())
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
         coef = max_norm / (float(total) + 1e-6)  # torch.nn.utils.clip_grads_with_norm_'s factor
         if coef < 1.0:

@@ -20,7 +20,7 @@ import torch
 
 from .arch_info import ArchInfo
 from .base import SAE, ForwardOutput
-from .fused import fused_available, fused_topk
+from .fused import GradSqNorms, fused_available, fused_topk
 from .native import rowwise_topk_indices
 from .kernels import ActiveSet, check_kernels, gather_columns, gather_pre_acts, sparse_decode
 
@@ -153,6 +153,7 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         super().__init__(d_in, d_sae, seed)
         self.k, self.aux_k, self.aux_coeff = k, aux_k or d_in // 2, aux_coeff
         self.kernels = check_kernels(kernels)
+        self._grad_norms: GradSqNorms | None = None  # the last fused backward's gradient norms
 
     def hparams(self) -> dict:
         """``k``, ``aux_k``, ``aux_coeff``."""
@@ -170,17 +171,24 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         """:meth:`SAE.forward`, on the sparse kernels when ``kernels="sparse"`` and training."""
+        self._grad_norms = None  # only a fused forward's backward computes them (a freed gradient's address may recur)
         return self.sparse_forward(x) if self.use_sparse() else super().forward(x)
 
     def sparse_forward(self, x: torch.Tensor) -> ForwardOutput:
         """The sparse training forward, fused into two compiled calls on CPU (:mod:`.fused`), else :mod:`.kernels`'."""
         if not fused_available(self, x):
             return super().sparse_forward(x)
-        mse, x_hat, idx, val, mm = fused_topk(x, self, self.k)
+        self._grad_norms = GradSqNorms()
+        mse, x_hat, idx, val, mm = fused_topk(x, self, self.k, self._grad_norms)
         act = ActiveSet.from_rowwise(val, idx, self.d_sae)
         auxk = self.auxk_loss_sparse(x, lambda: (mm + self.b_enc).detach(), x_hat)  # pre formed only if AuxK acts
         return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act, values=val[val > 0],
                              f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype), sq_error=mse.detach())
+
+    def grad_sq_norms(self) -> dict[torch.Tensor, float]:
+        """The fused backward's norms of ``W_enc.grad`` and projected ``W_dec.grad``, while valid
+        (:class:`.fused.GradSqNorms`); ``{}`` after a forward that did not run fused."""
+        return self._grad_norms.for_params(self.W_enc, self.W_dec) if self._grad_norms is not None else {}
 
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``auxk`` (only while training)."""

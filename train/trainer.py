@@ -343,7 +343,7 @@ class _Slot:
         own_rows = self.opt.unit_rows is None  # else the optimiser projects and renormalises W_dec itself
         if own_rows:
             self.sae.remove_parallel_grad()
-        grad_norm = self.opt.clip_grad_norm_(self.max_grad_norm)
+        grad_norm = self.opt.clip_grad_norm_(self.max_grad_norm, known=self.sae.grad_sq_norms())
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             self.failed = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {step}"
             return None

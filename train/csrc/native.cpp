@@ -398,9 +398,11 @@ torch::Tensor sampled_dot(torch::Tensor g, torch::Tensor w, torch::Tensor bags, 
 // Forward: per row, the top-k of pre = mm + b_enc (mm the encoder matmul without its bias, bf16 under
 // autocast or fp32; the sum is formed in fp32 as torch's type promotion does, so the selection is the
 // dense path's), then x_hat = b_dec + sum_t relu(v_t) W_dec[c_t]. Neither pre nor an active-pair list
-// is materialised. Backward: dv = relu'(v) <g, W_dec[c]> per pair, then, grouped by latent (a counting
-// sort of the B k pairs), one pass per latent writes its rows of dW_dec, dW_enc^T and db_enc (zeros for
-// latents that did not fire, so no separate zero-fill pass over the [L, D] gradients).
+// is materialised; the forward also forms each row's error e = x_hat - x and <e, W_dec[c]> per pair while
+// the row's k decoder rows are in cache. Backward (g = dloss/dx_hat = coef e): dv = relu'(v) coef <e, W_dec[c]>
+// per pair, then, grouped by latent (a counting sort of the B k pairs), one pass per latent writes its rows
+// of dW_dec, dW_enc^T and db_enc (zeros for latents that did not fire, so no separate zero-fill pass over
+// the [L, D] gradients) and the squared norms the gradient clip needs.
 
 // Rows are visited in an order the hardware prefetcher cannot guess: fetch the block PREFETCH pairs
 // ahead (as fbgemm's embedding_bag kernels, which torch's embedding_bag runs, do).
@@ -435,9 +437,23 @@ void decode_row(const std::vector<Cand>& cand, const float* W, const float* b_de
   }
 }
 
+// Row r's error terms, while its k decoder rows are still in this core's cache: e = x_hat - x (the
+// backward's g is a multiple of it), ||e||^2, and de[t] = <e, W_dec[c_t]> for pairs with v > 0 (0
+// otherwise), which the backward scales into dloss / dv: no second gather of k W_dec rows per row there.
+void error_row(const std::vector<Cand>& cand, const float* W, const float* x_hat, const float* x, int64_t D,
+               float* e, float* sq, float* de) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) store16(e + d, load16(x_hat + d) - load16(x + d));
+  for (; d < D; ++d) e[d] = x_hat[d] - x[d];
+  *sq = dot(e, e, D);
+  const int64_t m = static_cast<int64_t>(cand.size());
+  for (int64_t t = 0; t < m; ++t) de[t] = cand[t].v > 0 ? dot(e, W + cand[t].i * D, D) : 0.f;
+}
+
 template <typename scalar_t>
 void fused_forward_rows(const torch::Tensor& mm, const float* bias, int64_t k, const float* W, const float* b_dec,
-                        int64_t D, int64_t* iout, float* vout, float* xout) {
+                        const float* x, int64_t D, int64_t* iout, float* vout, float* xout, float* eout, float* sqout,
+                        float* deout) {
   const int64_t rows = mm.size(0), n = mm.size(1);
   const scalar_t* src = mm.data_ptr<scalar_t>();
   at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
@@ -451,36 +467,46 @@ void fused_forward_rows(const torch::Tensor& mm, const float* bias, int64_t k, c
         vout[r * k + t] = cand[t].v;
       }
       decode_row(cand, W, b_dec, D, xout + r * D);
+      error_row(cand, W, xout + r * D, x + r * D, D, eout + r * D, sqout + r, deout + r * k);
     }
   });
 }
 
-// -> (indices long [B, k] ascending per row, values fp32 [B, k] (pre-activations, before ReLU),
-//     x_hat fp32 [B, D]).
+// x fp32 [B, D] the SAE's input. -> (indices long [B, k] ascending per row, values fp32 [B, k]
+// (pre-activations, before ReLU), x_hat fp32 [B, D], e = x_hat - x fp32 [B, D], ||e||^2 per row fp32 [B],
+// de = <e, W_dec[c]> per pair fp32 [B, k] (0 where v <= 0)).
 std::vector<torch::Tensor> topk_fused_forward(torch::Tensor mm, torch::Tensor b_enc, int64_t k, torch::Tensor W_dec,
-                                              torch::Tensor b_dec) {
+                                              torch::Tensor b_dec, torch::Tensor x) {
   TORCH_CHECK(mm.device().is_cpu() && mm.dim() == 2, "topk_fused_forward: a 2-D CPU [B, L] tensor is needed");
   TORCH_CHECK(mm.scalar_type() == at::kFloat || mm.scalar_type() == at::kBFloat16,
               "topk_fused_forward: float32 or bfloat16 mm is needed");
   TORCH_CHECK(k >= 1 && k <= mm.size(1), "topk_fused_forward: k must be in [1, L]");
   TORCH_CHECK(mm.size(1) <= std::numeric_limits<int32_t>::max(), "topk_fused_forward: L must fit in int32");
   TORCH_CHECK(b_enc.scalar_type() == at::kFloat && W_dec.scalar_type() == at::kFloat &&
-                  b_dec.scalar_type() == at::kFloat, "topk_fused_forward: fp32 parameters are needed");
+                  b_dec.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat,
+              "topk_fused_forward: fp32 parameters and input are needed");
   TORCH_CHECK(W_dec.dim() == 2 && W_dec.size(0) == mm.size(1) && b_enc.numel() == mm.size(1) &&
-                  b_dec.numel() == W_dec.size(1), "topk_fused_forward: shapes do not match");
+                  b_dec.numel() == W_dec.size(1) && x.dim() == 2 && x.size(0) == mm.size(0) &&
+                  x.size(1) == W_dec.size(1), "topk_fused_forward: shapes do not match");
   auto m = mm.contiguous();
-  auto be = b_enc.contiguous(), W = W_dec.contiguous(), bd = b_dec.contiguous();
+  auto be = b_enc.contiguous(), W = W_dec.contiguous(), bd = b_dec.contiguous(), xc = x.contiguous();
   const int64_t B = m.size(0), D = W.size(1);
+  auto f32 = m.options().dtype(at::kFloat);
   auto idx = torch::empty({B, k}, m.options().dtype(at::kLong));
-  auto val = torch::empty({B, k}, m.options().dtype(at::kFloat));
-  auto x_hat = torch::empty({B, D}, m.options().dtype(at::kFloat));
+  auto val = torch::empty({B, k}, f32);
+  auto x_hat = torch::empty({B, D}, f32), err = torch::empty({B, D}, f32);
+  auto sq = torch::empty({B}, f32), de = torch::empty({B, k}, f32);
+  auto run = [&](auto tag) {
+    fused_forward_rows<decltype(tag)>(m, be.data_ptr<float>(), k, W.data_ptr<float>(), bd.data_ptr<float>(),
+                                      xc.data_ptr<float>(), D, idx.data_ptr<int64_t>(), val.data_ptr<float>(),
+                                      x_hat.data_ptr<float>(), err.data_ptr<float>(), sq.data_ptr<float>(),
+                                      de.data_ptr<float>());
+  };
   if (m.scalar_type() == at::kFloat)
-    fused_forward_rows<float>(m, be.data_ptr<float>(), k, W.data_ptr<float>(), bd.data_ptr<float>(), D,
-                              idx.data_ptr<int64_t>(), val.data_ptr<float>(), x_hat.data_ptr<float>());
+    run(float{});
   else
-    fused_forward_rows<c10::BFloat16>(m, be.data_ptr<float>(), k, W.data_ptr<float>(), bd.data_ptr<float>(), D,
-                                      idx.data_ptr<int64_t>(), val.data_ptr<float>(), x_hat.data_ptr<float>());
-  return {idx, val, x_hat};
+    run(c10::BFloat16{});
+  return {idx, val, x_hat, err, sq, de};
 }
 
 // Pairs in latent order, compact: the latent loop below re-reads them once per 64-float block.
@@ -490,17 +516,21 @@ struct Pair {
   float dv;  // dloss / d pre-activation
 };
 
-// Latents lo..hi's gradient rows: dW_dec[c] = sum v g[row], dW_enc^T[c] = sum dv (x[row] - b_dec).
-// Blocked by 64 columns outermost: one block of g and x over all rows (B x 64 x 2 floats, 512 KB at
+// Latents lo..hi's gradient rows: dW_dec[c] = coef sum v e[row], dW_enc^T[c] = sum dv (x[row] - b_dec)
+// (e = x_hat - x, g = coef e; dv already holds coef).
+// Blocked by 64 columns outermost: one block of e and x over all rows (B x 64 x 2 floats, 512 KB at
 // B 1024) stays in this core's L2 while every latent of the range streams its pairs through it,
 // where a latent-by-latent sweep over whole rows fetched every row from L3 (~2x slower, measured).
 // Both outputs of a block stay in vector registers (see decode_row).
 // Also adds sum_c db_enc[c] W_enc[:, c] over the range into wdb [D] (the encoder's share of db_dec;
-// W_encT is W_enc^T, [L, D], contiguous), while the block is in registers: no separate pass over W_enc.
-void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t hi, const float* g, const float* x,
-                  const float* b_dec, const float* db_enc, const float* W_encT, int64_t D, float* d_dec, float* d_enc,
-                  float* wdb) {
+// W_encT is W_enc^T, [L, D], contiguous), while the block is in registers: no separate pass over W_enc;
+// and the squared norms of both output rows into sq_dec[c] / sq_enc[c] (the gradient clip's norm, which
+// then needs no pass over the [L, D] gradients: train/optim.py).
+void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t hi, const float* e, float coef,
+                  const float* x, const float* b_dec, const float* db_enc, const float* W_encT, int64_t D,
+                  float* d_dec, float* d_enc, float* wdb, double* sq_dec, double* sq_enc) {
   const int64_t end = start[hi];
+  for (int64_t c = lo; c < hi; ++c) sq_dec[c] = sq_enc[c] = 0;
   int64_t d0 = 0;
   for (; d0 + 64 <= D; d0 += 64) {
     v16 bd[4], acc_b[4] = {};
@@ -511,69 +541,77 @@ void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t h
       for (int64_t s = start[c]; s < start[c + 1]; ++s) {
         const Pair& p = pairs[s];
         if (s + PREFETCH < end) {
-          prefetch_block(g + pairs[s + PREFETCH].row * D + d0, 64);
+          prefetch_block(e + pairs[s + PREFETCH].row * D + d0, 64);
           prefetch_block(x + pairs[s + PREFETCH].row * D + d0, 64);
         }
-        const float* gr = g + p.row * D + d0;
+        const float* er = e + p.row * D + d0;
         const float* xr = x + p.row * D + d0;
         for (int j = 0; j < 4; ++j) {
-          a_dec[j] += p.v * load16(gr + 16 * j);
+          a_dec[j] += p.v * load16(er + 16 * j);
           a_enc[j] += p.dv * (load16(xr + 16 * j) - bd[j]);
         }
       }
+      v16 q_dec = {}, q_enc = {};
       for (int j = 0; j < 4; ++j) {
+        a_dec[j] *= coef;
+        q_dec += a_dec[j] * a_dec[j];
+        q_enc += a_enc[j] * a_enc[j];
         store16(d_dec + c * D + d0 + 16 * j, a_dec[j]);
         store16(d_enc + c * D + d0 + 16 * j, a_enc[j]);
       }
+      float qd = 0, qe = 0;
+      for (int j = 0; j < 16; ++j) qd += q_dec[j], qe += q_enc[j];
+      sq_dec[c] += qd;
+      sq_enc[c] += qe;
     }
     for (int j = 0; j < 4; ++j) store16(wdb + d0 + 16 * j, load16(wdb + d0 + 16 * j) + acc_b[j]);
   }
   for (int64_t c = lo; c < hi; ++c)
     for (int64_t d = d0; d < D; ++d) {
       wdb[d] += db_enc[c] * W_encT[c * D + d];
-      float a = 0, e = 0;
+      float a = 0, b = 0;
       for (int64_t s = start[c]; s < start[c + 1]; ++s) {
         const Pair& p = pairs[s];
-        a += p.v * g[p.row * D + d];
-        e += p.dv * (x[p.row * D + d] - b_dec[d]);
+        a += p.v * e[p.row * D + d];
+        b += p.dv * (x[p.row * D + d] - b_dec[d]);
       }
+      a *= coef;
       d_dec[c * D + d] = a;
-      d_enc[c * D + d] = e;
+      d_enc[c * D + d] = b;
+      sq_dec[c] += double(a) * a;
+      sq_enc[c] += double(b) * b;
     }
 }
 
-// g fp32 [B, D] = dloss/dx_hat; idx, val from the forward; x fp32 [B, D]; b_dec [D]; W_dec fp32 [L, D].
-// W_encT = W_enc^T fp32 [L, D]. -> (dv fp32 [B, k], dW_enc^T fp32 [L, D], db_enc fp32 [L], dW_dec fp32
-// [L, D], W_enc db_enc fp32 [D]). The caller forms db_dec = sum_b g[b] - W_enc db_enc and, if needed,
-// dx = sum_t dv W_enc[:, c_t].
-std::vector<torch::Tensor> topk_fused_backward(torch::Tensor g, torch::Tensor idx, torch::Tensor val, torch::Tensor x,
-                                               torch::Tensor b_dec, torch::Tensor W_dec, torch::Tensor W_encT) {
-  TORCH_CHECK(g.scalar_type() == at::kFloat && val.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
-                  b_dec.scalar_type() == at::kFloat && W_dec.scalar_type() == at::kFloat &&
+// e = x_hat - x fp32 [B, D] and coef (g = dloss/dx_hat = coef e); idx, val and de = <e, W_dec[c]> from
+// the forward; x fp32 [B, D]; b_dec [D]; W_encT = W_enc^T fp32 [L, D]. -> (dv fp32 [B, k], dW_enc^T fp32
+// [L, D], db_enc fp32 [L], dW_dec fp32 [L, D], W_enc db_enc fp32 [D], sq fp64 [2]). The caller forms
+// db_dec = sum_b g[b] - W_enc db_enc and, if needed, dx = sum_t dv W_enc[:, c_t]. sq = (sum_c ||dW_dec[c]
+// - <dW_dec[c], W_dec[c]> W_dec[c]||^2, ||dW_enc||^2): the squared norms of the decoder gradient
+// projected off its unit rows (W_dec's rows taken as unit: the optimiser renormalises them every step)
+// and of the encoder gradient, summed latent by latent in latent order (thread-count independent), with
+// <dW_dec[c], W_dec[c]> = sum over c's pairs of v dv (no read of W_dec).
+std::vector<torch::Tensor> topk_fused_backward(torch::Tensor e, double coef, torch::Tensor idx, torch::Tensor val,
+                                               torch::Tensor de, torch::Tensor x, torch::Tensor b_dec,
+                                               torch::Tensor W_encT) {
+  TORCH_CHECK(e.scalar_type() == at::kFloat && val.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+                  b_dec.scalar_type() == at::kFloat && de.scalar_type() == at::kFloat &&
                   idx.scalar_type() == at::kLong, "topk_fused_backward: fp32 tensors and long indices are needed");
-  TORCH_CHECK(g.dim() == 2 && g.sizes() == x.sizes() && idx.sizes() == val.sizes() && idx.size(0) == g.size(0) &&
-                  W_dec.size(1) == g.size(1) && b_dec.numel() == g.size(1), "topk_fused_backward: shapes do not match");
-  auto gc = g.contiguous(), ic = idx.contiguous(), vc = val.contiguous(), xc = x.contiguous();
-  TORCH_CHECK(W_encT.scalar_type() == at::kFloat && W_encT.sizes() == W_dec.sizes(),
-              "topk_fused_backward: W_enc^T must be fp32 [L, D] like W_dec");
-  TORCH_CHECK(g.size(0) <= std::numeric_limits<int32_t>::max(), "topk_fused_backward: too many rows");
-  auto bd = b_dec.contiguous(), W = W_dec.contiguous(), WeT = W_encT.contiguous();
-  const int64_t B = gc.size(0), D = gc.size(1), k = ic.size(1), L = W.size(0), N = B * k;
-  const float* gp = gc.data_ptr<float>();
+  TORCH_CHECK(e.dim() == 2 && e.sizes() == x.sizes() && idx.sizes() == val.sizes() && de.sizes() == val.sizes() &&
+                  idx.size(0) == e.size(0) && b_dec.numel() == e.size(1), "topk_fused_backward: shapes do not match");
+  TORCH_CHECK(W_encT.scalar_type() == at::kFloat && W_encT.dim() == 2 && W_encT.size(1) == e.size(1),
+              "topk_fused_backward: W_enc^T must be fp32 [L, D]");
+  TORCH_CHECK(e.size(0) <= std::numeric_limits<int32_t>::max(), "topk_fused_backward: too many rows");
+  auto ec = e.contiguous(), ic = idx.contiguous(), vc = val.contiguous(), xc = x.contiguous(), dc = de.contiguous();
+  auto bd = b_dec.contiguous(), WeT = W_encT.contiguous();
+  const int64_t B = ec.size(0), D = ec.size(1), k = ic.size(1), L = WeT.size(0), N = B * k;
   const float* vp = vc.data_ptr<float>();
-  const float* xp = xc.data_ptr<float>();
-  const float* bp = bd.data_ptr<float>();
-  const float* wp = W.data_ptr<float>();
+  const float* dep = dc.data_ptr<float>();
   const int64_t* ip = ic.data_ptr<int64_t>();
-  auto dv = torch::empty({B, k}, gc.options());
+  const float cf = coef;
+  auto dv = torch::empty({B, k}, ec.options());
   float* dvp = dv.data_ptr<float>();
-  at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r)
-      for (int64_t t = 0; t < k; ++t) {
-        const int64_t n = r * k + t;
-        dvp[n] = vp[n] > 0 ? dot(gp + r * D, wp + ip[n] * D, D) : 0.f;
-      }
-  });
+  for (int64_t n = 0; n < N; ++n) dvp[n] = cf * dep[n];  // de is 0 where v <= 0 (relu')
   // Counting sort of the pairs by latent (stable: rows ascending within a latent).
   std::vector<int64_t> start(L + 1, 0);
   std::vector<Pair> pairs(N);
@@ -584,10 +622,11 @@ std::vector<torch::Tensor> topk_fused_backward(torch::Tensor g, torch::Tensor id
     for (int64_t n = 0; n < N; ++n)
       pairs[fill[ip[n]]++] = {static_cast<int32_t>(n / k), vp[n] > 0 ? vp[n] : 0.f, dvp[n]};
   }
-  auto dWencT = torch::empty({L, D}, gc.options());
-  auto db_enc = torch::empty({L}, gc.options());
-  auto dWdec = torch::empty({L, D}, gc.options());
+  auto dWencT = torch::empty({L, D}, ec.options());
+  auto db_enc = torch::empty({L}, ec.options());
+  auto dWdec = torch::empty({L, D}, ec.options());
   float* bep = db_enc.data_ptr<float>();
+  std::vector<double> sq_dec(L), sq_enc(L), along(L);
   // One task per thread, split by pair count, not latent count: firing rates differ by orders of
   // magnitude across latents, so equal latent ranges need not carry equal work (on layer 8 after 40
   // steps the two halves held 53% / 47% of the pairs; skew grows with dead and dense latents).
@@ -604,18 +643,30 @@ std::vector<torch::Tensor> topk_fused_backward(torch::Tensor g, torch::Tensor id
       const int64_t lo = bound[t], hi = bound[t + 1];
       for (int64_t c = lo; c < hi; ++c) {
         float bsum = 0;
-        for (int64_t s = start[c]; s < start[c + 1]; ++s) bsum += pairs[s].dv;
+        double a = 0;
+        for (int64_t s = start[c]; s < start[c + 1]; ++s) {
+          bsum += pairs[s].dv;
+          a += double(pairs[s].v) * pairs[s].dv;  // <dW_dec[c], W_dec[c]>: dv = coef <e, W_dec[c]>
+        }
         bep[c] = bsum;
+        along[c] = a;
       }
-      latent_grads(pairs.data(), start.data(), lo, hi, gp, xp, bp, bep, WeT.data_ptr<float>(), D,
-                   dWdec.data_ptr<float>(), dWencT.data_ptr<float>(), partial.data() + t * D);
+      latent_grads(pairs.data(), start.data(), lo, hi, ec.data_ptr<float>(), cf, xc.data_ptr<float>(),
+                   bd.data_ptr<float>(), bep, WeT.data_ptr<float>(), D, dWdec.data_ptr<float>(),
+                   dWencT.data_ptr<float>(), partial.data() + t * D, sq_dec.data(), sq_enc.data());
     }
   });
-  auto enc_b_dec = torch::zeros({D}, gc.options());
+  auto enc_b_dec = torch::zeros({D}, ec.options());
   float* eb = enc_b_dec.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t)
     for (int64_t d = 0; d < D; ++d) eb[d] += partial[t * D + d];
-  return {dv, dWencT, db_enc, dWdec, enc_b_dec};
+  auto sq = torch::zeros({2}, ec.options().dtype(at::kDouble));
+  double* sqp = sq.data_ptr<double>();
+  for (int64_t c = 0; c < L; ++c) {
+    sqp[0] += std::max(sq_dec[c] - along[c] * along[c], 0.0);
+    sqp[1] += sq_enc[c];
+  }
+  return {dv, dWencT, db_enc, dWdec, enc_b_dec, sq};
 }
 
 }  // namespace
@@ -623,8 +674,8 @@ std::vector<torch::Tensor> topk_fused_backward(torch::Tensor g, torch::Tensor id
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rowwise_topk", &rowwise_topk, "Per-row top-k of a 2-D CPU tensor (values, indices), ties to the lower index");
   m.def("sampled_dot", &sampled_dot, "out[n] = <g[bags[n]], w[cols[n]]> (fp32, CPU)");
-  m.def("topk_fused_forward", &topk_fused_forward, "TopK SAE forward: top-k of mm + b_enc and x_hat (CPU)");
-  m.def("topk_fused_backward", &topk_fused_backward, "TopK SAE backward from dloss/dx_hat (CPU)");
+  m.def("topk_fused_forward", &topk_fused_forward, "TopK SAE forward: top-k of mm + b_enc, x_hat and its error (CPU)");
+  m.def("topk_fused_backward", &topk_fused_backward, "TopK SAE backward from x_hat - x (CPU), with gradient norms");
   m.def("normalize_rows_", &normalize_rows_, "w[r] /= max(||w[r]||, eps) in place (fp32, CPU)");
   m.def("remove_parallel_", &remove_parallel_, "grad[r] -= <grad[r], w[r]> w[r] in place (fp32, CPU)");
   m.def("projected_row_sq_norms", &projected_row_sq_norms, "||g[r] - <g[r], w[r]> w[r]||^2 per row (fp64 out)");
