@@ -272,6 +272,33 @@ def test_a_penalty_run_started_above_its_calibration_is_redone_from_a_calibrated
     assert calibrated_start(40.0) == 1.0 and calibrated_start(None) == 1.0  # never above the arch's own coefficient
 
 
+def test_a_sweep_redo_started_too_low_to_reach_the_target_is_recalibrated(tiny_model_dir, tmp_path):
+    """Issue 10, equal care (2026-12-04): a collapsed first run's controller can end far below the penalty the target
+    needs; the redo from there stays above the L0 band for its whole budget and its rate drops out of the choice
+    without ever being measured at the target (seed001_adaptive_ortho64 x8: started at 0.000269, ended at 0.0162
+    with L0 46.2, so x4 was chosen). Such a redo is redone from its own calibration; one whose calibration moved
+    less than RECALIBRATE_FACTOR counts as it is."""
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["standard"]), lambda _: None)
+    _record(bench, "lr-standard-x0.5", 0.2, multiplier=20.0)
+    _record(bench, "lr-standard-x1", 0.12, multiplier=8.0)  # calibration >= 1: counts as it is
+    _record(bench, "lr-standard-x2", 0.05, l0=1.5, multiplier=0.001)  # collapsed: redone from 0.00025
+    _record(bench, "lr-standard-x2-start0.00025", 0.09, l0=46.0, multiplier=0.016, l0_start=0.00025)
+    jobs, chosen = bench.lr_jobs("standard")
+    assert chosen is None and [j.name for j in jobs][-1] == "lr-standard-x2-start0.004"
+    assert jobs[-1].l0_start == pytest.approx(0.016 / START_MARGIN) and jobs[-1].lr == jobs[-2].lr
+    _record(bench, "lr-standard-x2-start0.004", 0.08, l0=33.0, multiplier=0.02, l0_start=0.004)
+    jobs, chosen = bench.lr_jobs("standard")
+    assert chosen is None and jobs[-1].name == "lr-standard-x4"  # measured at the target, x2 wins: the edge grows
+    x2_jobs, x2_run = bench._calibrated_sweep_run("standard", 2)
+    assert [j.name for j in x2_jobs] == ["lr-standard-x2", "lr-standard-x2-start0.00025", "lr-standard-x2-start0.004"]
+    assert x2_run["sae"] == "lr-standard-x2-start0.004"  # the recalibrated run counts, not the one that missed
+    _record(bench, "lr-standard-x4", 0.05, l0=1.0, multiplier=0.01)  # collapsed: redone from 0.0025 ...
+    _record(bench, "lr-standard-x4-start0.0025", 0.07, l0=45.0, multiplier=0.009, l0_start=0.0025)
+    jobs, chosen = bench.lr_jobs("standard")  # ... whose calibration (0.00225) is not above its start: it counts
+    assert "lr-standard-x4-start0.00225" not in [j.name for j in jobs]
+    assert chosen["best"]["sae"] == "lr-standard-x2-start0.004"  # x4 missed the band: x2 is the best inside
+
+
 def test_lr_sweep_file_keeps_the_variants_a_narrowed_run_does_not_cover(tiny_model_dir, tmp_path):
     first = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"]), lambda _: None)
     for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.1), ("lr-topk-x2", 0.2)):
