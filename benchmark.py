@@ -315,6 +315,27 @@ class Benchmark:
         """Folder of SAE ``name`` (weights, cfg.json, train_log.jsonl)."""
         return self.cfg.work / "runs" / name / name
 
+    @property
+    def reported_variants(self) -> list[str]:
+        """The variants the report's tables cover: this run's, plus every other variant with a result in ``out``.
+
+        A run narrowed by ``--variants`` into the shared results folder once rewrote matched.md and the README
+        tables with its own variants only, dropping every other variant's rows (2026-12-04: the queue's items
+        left a README listing 7 of 28 variants). Order: :func:`~.train.registry.every_variant`'s, then names
+        outside it (an arch given by name).
+        """
+        from .train.registry import every_variant
+
+        out = self.cfg.out
+
+        def has_results(v: str) -> bool:
+            return (any((out / "core").glob(f"{v}-l0=*.json")) or (out / "core" / f"{v}-published.json").exists()
+                    or any((out / "saes").glob(f"{v}-l0=*")))
+
+        known = every_variant()
+        return ([v for v in known if v in self.variants or has_results(v)]
+                + [v for v in self.variants if v not in known])
+
     def done(self, name: str) -> bool:
         """True once SAE ``name``'s weights are saved in ``work`` (``save_sae`` writes cfg.json last)."""
         return (self.sae_dir(name) / "cfg.json").exists()

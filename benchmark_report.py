@@ -124,7 +124,7 @@ def matched_table(bench) -> tuple[str, list[dict]]:
     from .benchmark import ABLATIONS, PUBLISHED_ONLY
 
     rows = []
-    for v in bench.variants:
+    for v in bench.reported_variants:
         if v in PUBLISHED_ONLY:  # never trained at a target L0: no pending row that would never fill
             rows.append({"variant": v, "l0": None, "only_published": True})
             continue
@@ -253,7 +253,7 @@ def probing_table(bench, l0: float = 32.0) -> tuple[str, list[dict]]:
     from .benchmark import ABLATIONS, PUBLISHED_ONLY
 
     rows = []
-    for v in bench.variants:
+    for v in bench.reported_variants:
         if v in ABLATIONS | PUBLISHED_ONLY:
             continue
         names = bench.bracketing(v, l0)
@@ -385,8 +385,8 @@ def claims(bench) -> list[dict]:
         "40% faster", _fmt_pair(t_h, t_s, ",d"), _fmt_pair(t_hm, t_sm, ",d"))
     for seed, variants in (("000", ("seed000_hsae", "seed000_hsae_no_separation", "seed000_temporal",
                                     "seed000_temporal_single_scale", "seed000_adaptive")),
-                           ("001", tuple(v for v in bench.variants if v.startswith("seed001"))),
-                           ("002", tuple(v for v in bench.variants if v.startswith("seed002")))):
+                           ("001", tuple(v for v in bench.reported_variants if v.startswith("seed001"))),
+                           ("002", tuple(v for v in bench.reported_variants if v.startswith("seed002")))):
         pub = [(v, _unlearning(bench, f"{v}-published")) for v in variants]
         mat = [(v, _unlearning(bench, bench.nearest_to(v, 32.0))) for v in variants]
         fmt = lambda pairs: ", ".join(f"{v.split('_', 1)[-1]} {_num(s)}" for v, s in pairs if s is not None) or "-"  # noqa: E731
@@ -492,7 +492,7 @@ def mechanisms_table(bench) -> tuple[str, list[dict]]:
     the L0 controller's multiplier. Counter names and meanings: each arch module's ``counters`` docstring.
     """
     rows = []
-    for v in bench.variants:
+    for v in bench.reported_variants:
         name = bench.nearest_to(v, 32.0)
         path = bench.cfg.out / "saes" / (name or "") / "cfg.json"
         if not name or not path.exists():

@@ -299,6 +299,22 @@ def test_a_sweep_redo_started_too_low_to_reach_the_target_is_recalibrated(tiny_m
     assert chosen["best"]["sae"] == "lr-standard-x2-start0.004"  # x4 missed the band: x2 is the best inside
 
 
+def test_a_narrowed_run_reports_every_variant_with_results_in_out(tiny_model_dir, tmp_path):
+    """Issue 10 (2026-12-04): a ``--variants`` run into the shared results folder rewrote matched.md and the README
+    tables with its own variants only; every other variant's rows vanished from the published table."""
+    from saestrata.benchmark_report import matched_table
+
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"]), lambda _: None)
+    (bench.cfg.out / "saes" / "standard-l0=24").mkdir(parents=True)  # trained, not evaluated yet
+    (bench.cfg.out / "core").mkdir(parents=True)
+    (bench.cfg.out / "core" / "seed004-groups-published.json").write_text("{}")
+    _record(bench, "lr-jumprelu-x1", 0.1)  # a sweep run alone is not a result
+    assert bench.reported_variants == ["standard", "topk", "seed004-groups"]
+    _, rows = matched_table(bench)
+    assert {"standard", "topk", "seed004-groups"} <= {r["variant"] for r in rows}
+    assert "jumprelu" not in {r["variant"] for r in rows}
+
+
 def test_lr_sweep_file_keeps_the_variants_a_narrowed_run_does_not_cover(tiny_model_dir, tmp_path):
     first = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"]), lambda _: None)
     for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.1), ("lr-topk-x2", 0.2)):
