@@ -187,6 +187,13 @@ def _near_target(run: dict) -> bool:
     return abs(run["l0"] - SWEEP_TARGET) <= 0.25 * SWEEP_TARGET
 
 
+def _has_results(out: Path, variant: str) -> bool:
+    """True when ``out`` holds a matched or as-published result of ``variant``: a core JSON, or a recorded SAE
+    (``saes/<variant>-l0=*``; sweep runs ``lr-...`` do not count)."""
+    return (any((out / "core").glob(f"{variant}-l0=*.json")) or (out / "core" / f"{variant}-published.json").exists()
+            or any((out / "saes").glob(f"{variant}-l0=*")))
+
+
 def _choose(runs: list[dict]) -> dict:
     """The sweep rule: lowest L0-corrected FVU (:func:`_l0_corrected_fvu`) among runs whose L0 is within 25%
     of :data:`SWEEP_TARGET` (all finite runs when none is).
@@ -326,14 +333,8 @@ class Benchmark:
         """
         from .train.registry import every_variant
 
-        out = self.cfg.out
-
-        def has_results(v: str) -> bool:
-            return (any((out / "core").glob(f"{v}-l0=*.json")) or (out / "core" / f"{v}-published.json").exists()
-                    or any((out / "saes").glob(f"{v}-l0=*")))
-
         known = every_variant()
-        return ([v for v in known if v in self.variants or has_results(v)]
+        return ([v for v in known if v in self.variants or _has_results(self.cfg.out, v)]
                 + [v for v in self.variants if v not in known])
 
     def done(self, name: str) -> bool:
