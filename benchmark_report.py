@@ -52,9 +52,9 @@ def _unlearning(bench, name: str | None, retain: float | None = None) -> float |
     """SAEBench's ``unlearning_score`` of SAE ``name`` (None if not run); with ``retain``, the same rule
     (1 - forget accuracy of the best selected-latent setting) with a looser retain-accuracy bar.
 
-    SAEBench keeps only settings with retain accuracy >= 0.99; with ~130 known retain questions one
-    wrong answer more than allowed fails a setting, so most SAEs here score 0.0 while their clamps do
-    lower forget accuracy. ``retain=0.95`` (reported as its own column, not under SAEBench's key) shows that.
+    SAEBench keeps only settings with retain accuracy >= 0.99: with 579 known retain questions (850
+    asked) a setting may lose 5, one wrong answer more fails it, so most SAEs here score 0.0 while their
+    clamps do lower forget accuracy. ``retain=0.95`` (reported as its own column, not under SAEBench's key) shows that.
     """
     if not name:
         return None
@@ -118,6 +118,16 @@ def swept_lr(bench, variant: str) -> str:
     return "/".join(f"x{lr / base:.3g}" for lr in used) + (" (edge)" if edge else "")
 
 
+def _nearest_reached(bench, variant: str, l0: float) -> str | None:
+    """``"L0 56.9, <sae>"``: the evaluated matched SAE of ``variant`` nearest ``l0`` and its eval L0, for a
+    row its trained points do not bracket (issue 10: "or the nearest each arch can reach, said so"); None
+    when none is evaluated."""
+    name = bench.nearest_to(variant, l0)
+    if name is None:
+        return None
+    return f"L0 {bench.core(name)['eval_result_metrics']['sparsity']['l0']:.1f}, {name}"
+
+
 def matched_table(bench) -> tuple[str, list[dict]]:
     """Markdown table: every variant at L0 32 and 64 (ablations at 32 only; as-published-only presets get one row
     pointing to ``published.md``), plus its unlearning score (SAE nearest L0 32) and swept lr."""
@@ -141,7 +151,8 @@ def matched_table(bench) -> tuple[str, list[dict]]:
                          "lr": lr, "unlearning_score": _unlearning(bench, unl_sae) if l0 == 32.0 else None,
                          "unlearning_score_retain95": _unlearning(bench, unl_sae, LOOSE_RETAIN) if l0 == 32.0 else None,
                          "unlearning_retain_known": _unlearning_known(bench, unl_sae) if l0 == 32.0 else "",
-                         "unlearning_sae": unl_sae if l0 == 32.0 else None, "evaluated": unl_sae is not None})
+                         "unlearning_sae": unl_sae if l0 == 32.0 else None, "evaluated": unl_sae is not None,
+                         "nearest": None if m else _nearest_reached(bench, v, l0)})
     lines = ["| variant | L0 | EV | CE loss score | KL score | dead frac | unlearning (SAE nearest L0 32) | "
              "unlearning at retain >= 0.95 | retain questions known/asked | lr (x default, own sweep) | train tok/s | "
              "from |",
@@ -153,7 +164,8 @@ def matched_table(bench) -> tuple[str, list[dict]]:
             continue
         if "ce_loss_score" not in r:
             # A variant with no evaluated matched SAE is pending, not failing to reach a target.
-            why = "not bracketed by its trained points" if r["evaluated"] else "not evaluated yet"
+            why = (f"not bracketed by its trained points (nearest: {r['nearest']})" if r["evaluated"]
+                   else "not evaluated yet")
             lines.append(f"| {r['variant']} | {r['l0']:g} | {why} | | | | | | | {r['lr']} | | |")
             continue
         lines.append(f"| {r['variant']} | {r['l0']:g} | {_num(r['explained_variance'])} | {_num(r['ce_loss_score'])} | "
@@ -165,12 +177,11 @@ def matched_table(bench) -> tuple[str, list[dict]]:
 
 
 # Under every matched table: the 0.99 column is SAEBench's rule but, at this benchmark's size, not a ranking.
-UNLEARNING_CAVEAT = ("Unlearning: SAEBench's rule keeps only settings whose retain accuracy stays >= 0.99; with ~130 known "
-                     "retain questions (200 asked) one extra wrong answer fails a setting, and retraining alone has moved "
-                     "a baseline from 0.321 to 0.000 (batchtopk) and 0.296 to 0.000 (matryoshka; README, 2026-12-03). "
-                     "The benchmark now asks all 850 retain questions (the bar then tolerates ~5 wrong answers); the "
-                     "known/asked column says which results are recomputed. Until all are, compare variants on the "
-                     "retain >= 0.95 column.")
+UNLEARNING_CAVEAT = ("Unlearning: SAEBench's rule keeps only settings whose retain accuracy stays >= 0.99, so a setting "
+                     "may lose at most 1% of the retain questions the model knows (the known/asked column: 5 of 579 "
+                     "for Gemma 3 270M on the embedded split) and a handful of answers decides the column; in this "
+                     "project's benchmark, retraining alone moved batchtopk from 0.321 to 0.000 and matryoshka from "
+                     "0.296 to 0.000 (200 asked; README). Compare variants on the retain >= 0.95 column.")
 
 
 def seed_spread(bench) -> tuple[str, list[dict]]:

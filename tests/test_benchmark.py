@@ -49,6 +49,9 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     assert not (cfg.out / "core" / "topk-l0=3-seed1.json").exists()
     matched = (cfg.out / "matched.md").read_text()
     assert "| topk | 32 | not bracketed" in matched  # L0 3 and 12 do not bracket 32: no extrapolation
+    # ... and the row names the nearest point the variant did reach, with its eval L0
+    top12 = json.loads((cfg.out / "core" / "topk-l0=12.json").read_text())["eval_result_metrics"]["sparsity"]["l0"]
+    assert f"| topk | 32 | not bracketed by its trained points (nearest: L0 {top12:.1f}, topk-l0=12) |" in matched
     assert (cfg.out / "claims.md").exists() and (cfg.out / "report" / "report.md").exists()
     mech = (cfg.out / "mechanisms.md").read_text()  # counters of each variant's SAE nearest L0 32, from its cfg.json
     std_counters = json.loads((cfg.out / "saes" / "standard-l0=12" / "cfg.json").read_text())["saestrata"]["final_counters"]
