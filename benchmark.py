@@ -583,10 +583,12 @@ class Benchmark:
         above = [t for t in self.cfg.targets if t >= SWEEP_TARGET]
         return [t for t in (max(below, default=None), min(above, default=None)) if t is not None]
 
-    def published_jobs(self) -> list[Job]:
-        """Each seed variant (and :data:`PUBLISHED` baselines) at its preset's own settings."""
+    def published_jobs(self, variants: list[str] | None = None) -> list[Job]:
+        """Each seed variant (and :data:`PUBLISHED` baselines) of ``variants`` (default: this run's) at its
+        preset's own settings. The report passes :attr:`reported_variants`, so a run narrowed by ``--variants``
+        keeps the other variants' published rows (2026-12-04: a narrowed run had dropped 9 of them)."""
         return [Job(f"{v}-published", v, "published", tokens=self.cfg.tokens_per_sae)
-                for v in self.variants if v.startswith("seed") or v in PUBLISHED]
+                for v in (self.variants if variants is None else variants) if v.startswith("seed") or v in PUBLISHED]
 
     def seed_jobs(self, best_seed_variant: str | None, lrs: dict[str, dict]) -> list[Job]:
         """Extra init seeds (1 .. seeds-1) for topk and the best seed variant at the targets bracketing 32."""
@@ -775,11 +777,15 @@ class Benchmark:
         return [nearest] if nearest else []
 
     def best_seed_variant(self) -> str | None:
-        """The seed-paper variant with the highest CE loss score interpolated at L0 32."""
+        """The seed-paper variant with the highest CE loss score interpolated at L0 32, among every variant with
+        results in ``out`` (:attr:`reported_variants`), not only this run's: a run narrowed by ``--variants`` to one
+        seed variant had made that variant "the best" and put its one seed in the init-seeds table in place of
+        the best variant's three (2026-12-04, ``--variants seed001_adaptive_ortho64``). :meth:`seed_jobs` still
+        trains extra seeds only for a variant of this run."""
         from .evaluate.report import matched_l0_rows
 
         scores = {}
-        for v in self.variants:
+        for v in self.reported_variants:
             if not v.startswith("seed") or v in ABLATIONS | PUBLISHED_ONLY:
                 continue
             rows = [self._core_row(f"{v}-l0={t:g}", v) for t in self.cfg.targets]

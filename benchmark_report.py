@@ -324,7 +324,7 @@ def probing_table(bench, l0: float = 32.0) -> tuple[str, list[dict]]:
 
 def published_table(bench) -> tuple[str, list[dict]]:
     """Markdown: each variant at its paper's own settings (its preset's sparsity weights and optimiser)."""
-    rows = [r for r in (_core_row(bench, j.name, j.arch) for j in bench.published_jobs()) if r]
+    rows = [r for r in (_core_row(bench, j.name, j.arch) for j in bench.published_jobs(bench.reported_variants)) if r]
     lines = ["| SAE | L0 | EV | CE loss score | KL score | dead frac | unlearning | failed | from |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -318,6 +318,44 @@ def test_a_narrowed_run_reports_every_variant_with_results_in_out(tiny_model_dir
     assert "jumprelu" not in {r["variant"] for r in rows}
 
 
+def _core_json(bench, name: str, l0: float, ce: float) -> None:
+    """A recorded, evaluated SAE ``name`` with the fields the report reads (core JSON, cfg.json, train log)."""
+    path = bench.cfg.out / "core" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "eval_result_metrics": {"sparsity": {"l0": l0}, "model_performance_preservation": {"ce_loss_score": ce},
+                                "reconstruction_quality": {"explained_variance": ce},
+                                "model_behavior_preservation": {"kl_div_score": ce, "kl_div_with_sae": 0.1},
+                                "misc_metrics": {"frac_alive": 0.5}},
+        "sae_cfg_dict": {"d_sae": 64}, "eval_result_unstructured": {}}))
+    sae = bench.cfg.out / "saes" / name
+    sae.mkdir(parents=True, exist_ok=True)
+    (sae / "cfg.json").write_text(json.dumps({"saestrata": {"final_counters": {}}}))
+    (sae / "train_log.jsonl").write_text(json.dumps({"step": 0, "l0": l0}) + "\n")
+
+
+def test_a_narrowed_run_keeps_the_other_variants_published_rows(tiny_model_dir, tmp_path):
+    """Issue 10 (2026-12-04): published.md listed only the narrowed run's variants' as-published points."""
+    from saestrata.benchmark_report import published_table
+
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["seed001_adaptive_ortho64"]), lambda _: None)
+    _core_json(bench, "seed004-groups-published", 400.0, 0.97)
+    text, rows = published_table(bench)
+    assert [r["sae"] for r in rows] == ["seed004-groups-published"] and "| seed004-groups-published | 400.0 |" in text
+
+
+def test_a_narrowed_run_picks_the_best_seed_variant_among_all_with_results(tiny_model_dir, tmp_path):
+    """Issue 10 (2026-12-04): a run narrowed to one seed variant took it for "the best seed variant", so the
+    init-seeds table (benchmark_report.seed_spread) showed that variant's single seed in place of the best
+    variant's three."""
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["seed001_adaptive_ortho64"]), lambda _: None)
+    for v, ce in (("seed001_adaptive_ortho64", 0.85), ("seed002-contrastive", 0.92)):
+        _core_json(bench, f"{v}-l0=3", 24.0, ce)  # the targets' names; their eval L0s bracket 32
+        _core_json(bench, f"{v}-l0=12", 40.0, ce + 0.02)
+    assert bench.best_seed_variant() == "seed002-contrastive"
+    assert not bench.seed_jobs(bench.best_seed_variant(), {})  # ... whose seeds this run does not train
+
+
 def test_lr_sweep_file_keeps_the_variants_a_narrowed_run_does_not_cover(tiny_model_dir, tmp_path):
     first = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["topk"]), lambda _: None)
     for name, fvu in (("lr-topk-x0.5", 0.3), ("lr-topk-x1", 0.1), ("lr-topk-x2", 0.2)):
