@@ -135,6 +135,8 @@ class ActiveSet:
         dropping it changes neither loss nor gradients, and the kept values need no ReLU.
         """
         keep = values > 0
+        if bool(keep.all()):  # TopK's usual case: skip two boolean gathers (0.4-0.5 ms a step, issue 14)
+            return cls(rows, cols, n_rows, n_latents, group_ends)
         return cls(rows[keep], cols[keep], n_rows, n_latents, group_ends)
 
     @classmethod

@@ -182,7 +182,8 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         mse, x_hat, idx, val, mm = fused_topk(x, self, self.k, self._grad_norms)
         act = ActiveSet.from_rowwise(val, idx, self.d_sae)
         auxk = self.auxk_loss_sparse(x, lambda: (mm + self.b_enc).detach(), x_hat)  # pre formed only if AuxK acts
-        return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act, values=val[val > 0],
+        return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act,
+                             values=val.flatten() if len(act) == val.numel() else val[val > 0],
                              f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype), sq_error=mse.detach())
 
     def grad_sq_norms(self) -> dict[torch.Tensor, float]:
