@@ -224,6 +224,26 @@ def _interpolate(lo: dict, hi: dict, w: float) -> dict:
     return out
 
 
+def _same_groups(a: dict, b: dict) -> bool:
+    """Whether two SAEs' probed latent groups are the same slots: same names, same latent counts.
+
+    Fixed groupings (levels, tiers, index blocks, Matryoshka prefixes) pass and are interpolated like the
+    whole-SAE numbers; learned ones (seed 001's dynamic regrouping, seed 002's k-means clusters) give each SAE
+    its own sizes, and their group ``i`` in two SAEs are unrelated sets of latents.
+    """
+    return a.keys() == b.keys() and all(a[g].get("n_latents") == b[g].get("n_latents") for g in a)
+
+
+def _nearest_point(pts: list[dict], l0: float) -> dict:
+    """The probed point whose L0 is nearest ``l0`` in log space (unknown L0 counts as far)."""
+    return min(pts, key=lambda p: abs(math.log(max(p["l0"] or 1e-9, 1e-9) / l0)))
+
+
+def _point_files(p: dict) -> list[str]:
+    """A probed point's probing JSON and, when it has one, its core JSON (the source of its L0)."""
+    return [p["file"]] + ([p["l0_file"]] if p["l0_file"] else [])
+
+
 def _probe_point(bench, name: str) -> dict | None:
     """One probed SAE: its L0 (``core/<name>.json``), ``sae`` / ``llm`` metrics, per-group metrics, code."""
     path = bench.probing_path(name)
@@ -252,13 +272,14 @@ def probing_table(bench, l0: float = 32.0) -> tuple[str, list[dict]]:
     latents) from ``probing/<sae>.json``; "not probed yet" without one. Then the raw residual
     (``llm_top_{k}_test_accuracy`` / ``llm_test_accuracy``, one row per distinct set of values,
     naming the JSONs it is in), and a second table with each structured SAE's ``latent_groups``
-    top-1 / top-5 accuracies (interpolated the same way).
+    top-1 / top-5 accuracies, interpolated the same way where both SAEs have the same groups
+    (:func:`_same_groups`), else the nearest SAE's own groups (learned groupings; said so in the row).
 
     Returns:
         ``(markdown, rows)``; each row ``{"variant", "sae" (the SAE names, " + "-joined), "probed": True,
         "interpolated", "l0" (``l0`` if interpolated, else the SAE's), "metrics" (``eval_result_metrics["sae"]``),
         "llm" (``["llm"]``), "groups" ({group: accuracies, n_latents}), "code" (", "-joined), "files",
-        "points" (each SAE's own numbers)}``; ``"probed": False`` rows carry only variant and SAE (None if
+        "points" (each SAE's own numbers), and with learned groups "group_sae" / "group_files"}``; ``"probed": False`` rows carry only variant and SAE (None if
         unevaluated).
     """
     from .benchmark import ABLATIONS, PUBLISHED_ONLY
@@ -279,13 +300,18 @@ def probing_table(bench, l0: float = 32.0) -> tuple[str, list[dict]]:
         if len(pts) == 2 and lo["l0"] and hi["l0"] and lo["l0"] < hi["l0"]:
             w = log_l0_weight(lo["l0"], hi["l0"], l0)
             row.update(sae=f"{lo['sae']} (L0 {lo['l0']:.1f}) + {hi['sae']} (L0 {hi['l0']:.1f})", interpolated=True,
-                       l0=l0, metrics=_interpolate(lo["metrics"], hi["metrics"], w),
-                       groups=_interpolate(lo["groups"], hi["groups"], w))
+                       l0=l0, metrics=_interpolate(lo["metrics"], hi["metrics"], w))
+            if _same_groups(lo["groups"], hi["groups"]):
+                row.update(groups=_interpolate(lo["groups"], hi["groups"], w))
+            else:  # learned groupings: group i of one SAE is not group i of the other, so no interpolation
+                one = _nearest_point(pts, l0)
+                row.update(groups=one["groups"], group_sae=f"{one['sae']} (L0 {one['l0']:.1f}; its own groups: the "
+                           "bracketing SAEs' groups differ)", group_files=_point_files(one))
         else:
-            one = min(pts, key=lambda p: abs(math.log(max(p["l0"] or 1e-9, 1e-9) / l0)))
+            one = _nearest_point(pts, l0)
             note = "" if len(names) == 1 else " (other bracketing SAE not probed yet)"
             row.update(sae=f"{one['sae']}{note}", interpolated=False, l0=one["l0"], metrics=one["metrics"],
-                       groups=one["groups"], files=[one["file"]] + ([one["l0_file"]] if one["l0_file"] else []))
+                       groups=one["groups"], files=_point_files(one))
         rows.append(row)
 
     def cells(metrics: dict, prefix: str) -> str:
@@ -313,9 +339,9 @@ def probing_table(bench, l0: float = 32.0) -> tuple[str, list[dict]]:
     glines = ["| variant / latent group | SAE | latents | top-1 | top-5 | from |", "|---|---|---|---|---|---|"]
     for r in rows:
         for g, m in (r.get("groups") or {}).items():
-            glines.append(f"| {r['variant']} / {g} | {r['sae']} | {m.get('n_latents', '-')} | "
+            glines.append(f"| {r['variant']} / {g} | {r.get('group_sae', r['sae'])} | {m.get('n_latents', '-')} | "
                           f"{_num(m.get('sae_top_1_test_accuracy'))} | {_num(m.get('sae_top_5_test_accuracy'))} | "
-                          f"{', '.join(r['files'])} |")
+                          f"{', '.join(r.get('group_files', r['files']))} |")
     md = "\n".join(lines)
     if len(glines) > 2:
         md += "\n\n### Per latent group (structured SAEs: top-k restricted to the group)\n\n" + "\n".join(glines)

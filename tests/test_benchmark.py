@@ -473,6 +473,43 @@ def test_probing_is_interpolated_at_l0_32_between_the_two_bracketing_saes(tiny_m
     assert "batchtopk-l0=24 (other bracketing SAE not probed yet) | 23.0 | 0.700 |" in bt
 
 
+def test_per_group_probing_interpolates_only_groups_that_are_the_same_slots_in_both_saes(tiny_model_dir, tmp_path):
+    """Fixed groups (same names and sizes in both bracketing SAEs) are interpolated like the whole-SAE numbers;
+    learned groups (sizes differ, a group missing in one SAE) must come from the nearest SAE alone, with its own
+    integer latent counts: interpolating them paired unrelated latent sets and printed counts like 921.87."""
+    from saestrata.benchmark_report import probing_table
+
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["seed004-groups", "seed001_dynamic_hier"],
+                           targets=(24.0, 48.0)), lambda _: None)
+    out = bench.cfg.out
+    for d in ("core", "probing"):
+        (out / d).mkdir(parents=True)
+    groups = {("seed004-groups", 24): {"group0": (8, 0.5), "group1": (8, 0.6)},
+              ("seed004-groups", 48): {"group0": (8, 0.7), "group1": (8, 0.8)},
+              ("seed001_dynamic_hier", 24): {"coarse0": (11, 0.5), "coarse3": (5, 0.6)},  # nearest 32 (L0 30)
+              ("seed001_dynamic_hier", 48): {"coarse0": (3, 0.9), "coarse1": (13, 0.9)}}
+    l0s = {24: 30.0, 48: 48.0}
+    for (v, t), gs in groups.items():
+        name = f"{v}-l0={t}"
+        (out / "core" / f"{name}.json").write_text(json.dumps({"eval_result_metrics": {"sparsity": {"l0": l0s[t]}}}))
+        metrics = {"sae": {"sae_top_1_test_accuracy": 0.5}, "llm": {"llm_top_1_test_accuracy": 0.5}}
+        unstructured = {"latent_groups": {g: {"n_latents": n, "sae_top_1_test_accuracy": a} for g, (n, a) in gs.items()}}
+        (out / "probing" / f"{name}.json").write_text(json.dumps(
+            {"eval_result_metrics": metrics, "eval_result_unstructured": unstructured}))
+    md, rows = probing_table(bench)
+    fixed = next(r for r in rows if r["variant"] == "seed004-groups")
+    w = math.log(32 / 30) / math.log(48 / 30)
+    assert fixed["groups"]["group0"]["sae_top_1_test_accuracy"] == pytest.approx(0.5 + 0.2 * w)
+    assert fixed["groups"]["group0"]["n_latents"] == 8
+    learned = next(r for r in rows if r["variant"] == "seed001_dynamic_hier")
+    assert learned["groups"] == {"coarse0": {"n_latents": 11, "sae_top_1_test_accuracy": 0.5},
+                                 "coarse3": {"n_latents": 5, "sae_top_1_test_accuracy": 0.6}}
+    line = next(l for l in md.splitlines() if l.startswith("| seed001_dynamic_hier / coarse0 |"))
+    assert "| seed001_dynamic_hier-l0=24 (L0 30.0; its own groups" in line and "| 11 | 0.500 |" in line
+    assert "seed001_dynamic_hier-l0=48" not in line
+    assert any(l.startswith("| seed001_dynamic_hier / coarse3 |") for l in md.splitlines())
+
+
 def test_matched_table_has_no_rows_that_can_never_fill(tiny_model_dir, tmp_path):
     """An as-published-only preset is never trained at a target L0, and ablations only around L0 32: the table
     must not show them as pending at L0s they will never have ("not evaluated yet" forever)."""
