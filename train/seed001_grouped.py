@@ -546,13 +546,19 @@ class DynamicHierSAE(StaticHierSAE):
         ``cache + (live - live.detach())`` (straight-through), equal to the cache in value with
         the gradient of the live attention. Outside training: the cache, no gradient.
         """
+        return self._assignment_views()[0]
+
+    def _assignment_views(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``((coarse, fine) as :meth:`assignments` returns them, (coarse, fine) live)``; outside training
+        both are the cache. Advances the refresh schedule once per call (one call per training forward)."""
         if not self.training:
-            return self.assign_coarse, self.assign_fine
+            cached = (self.assign_coarse, self.assign_fine)
+            return cached, cached
         coarse, fine = self.live_assignments()
         if self._tick(self.update_every):
             self._refresh(coarse.detach(), fine.detach())
-        return (self.assign_coarse + (coarse - coarse.detach()),
-                self.assign_fine + (fine - fine.detach()))
+        return ((self.assign_coarse + (coarse - coarse.detach()), self.assign_fine + (fine - fine.detach())),
+                (coarse, fine))
 
     @torch.no_grad()
     def _refresh(self, coarse: torch.Tensor, fine: torch.Tensor) -> None:
@@ -583,7 +589,16 @@ class DynamicHierSAE(StaticHierSAE):
         self._stats["assign_grad_steps"] = self._stats.get("assign_grad_steps", 0) + int(got)
 
     def entropy_reg(self, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
-        """``entropy_coeff * sum_levels (log n_l - H(usage_l))`` (scalar float32, >= 0)."""
+        """``entropy_coeff * sum_levels (log n_l - H(usage_l))`` (scalar float32, >= 0).
+
+        :meth:`penalties` passes the LIVE assignments, value and gradient. Through the cached values
+        (straight-through, as the orthogonality terms see them) its gradient is taken at a point up to
+        ``update_every`` steps old: a fixed linear pull towards the groups least used at the last refresh,
+        which drives the live assignments to collapse into them instead of balancing them. Measured
+        (2026-12-04, 512 latents, the attention trained on this term alone, Adam lr 1e-2, 200 steps):
+        usage entropy of the coarse level 2.08 -> 1.04-1.20 nats through the cache, 2.08 -> 2.079
+        (the maximum, ln 8) on the live values.
+        """
         gap = lambda a: math.log(a.shape[1]) - usage_entropy(a)  # noqa: E731
         return self.entropy_coeff * (gap(coarse) + gap(fine))
 
@@ -615,10 +630,10 @@ class DynamicHierSAE(StaticHierSAE):
         Counters: those of :class:`StaticHierSAE` (soft groups), the refresh counts of
         :meth:`_refresh`, ``assign_grad_steps`` (:meth:`after_step`) and ``infonce`` (unweighted).
         """
-        coarse, fine = self.assignments()
+        (coarse, fine), live = self._assignment_views()
         t1, t2 = hier_ortho_terms(f, coarse, fine, self.n_fine)
         out = {"l1": self.l1(f), "ortho_level1": self.alpha_l1 * t1, "ortho_level2": self.alpha_l2 * t2,
-               "entropy": self.entropy_reg(coarse, fine)}
+               "entropy": self.entropy_reg(*live)}
         terms = {"ortho_level1": t1, "ortho_level2": t2}
         if self.contrast_coeff > 0 and self.training:
             nce = self.contrast(f, self.second_view(x), fine)
