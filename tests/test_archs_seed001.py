@@ -233,6 +233,30 @@ def test_usage_entropy_term_balances_the_live_assignments_it_trains():
     assert float(s1.usage_entropy(fine)) > math.log(64) - 0.1
 
 
+def test_orthogonality_terms_train_the_attention_towards_lower_live_values():
+    """Trained on the penalties (orthogonality + entropy) with fixed latents, the attention must lower the
+    orthogonality terms at its live assignments. Through the 50-step-stale cache it raised them (876 -> ~2,650
+    over 150 steps, 512 latents): the gradient of a quadratic term taken at an old point (issue 10)."""
+    torch.manual_seed(0)
+    sae = build("seed001_dynamic_hier", 64, 512).train()
+    opt = torch.optim.Adam(sae.attention_parameters(), lr=1e-2)
+    with torch.no_grad():
+        f = sae.encode(torch.randn(256, 64) * 4)
+
+    def live_ortho() -> float:
+        with torch.no_grad():
+            t1, t2 = s1.hier_ortho_terms(f, *sae.live_assignments(), sae.n_fine)
+        return float(0.4 * t1 + 0.2 * t2)
+
+    before = live_ortho()
+    for _ in range(100):
+        opt.zero_grad()
+        losses = sae.penalties(None, None, f, None)
+        (losses["ortho_level1"] + losses["ortho_level2"] + losses["entropy"]).backward()
+        opt.step()
+    assert live_ortho() < 0.8 * before
+
+
 def test_dynamic_assignment_refreshes_every_update_every_steps_and_trains_attention_every_step():
     """Values refresh every update_every steps (sec. 4.2), but every attention parameter gets a
     gradient on every step (issue 10: before, only on refresh steps, 6 of 300 at every 50)."""
