@@ -279,8 +279,8 @@ def probing_table(bench, l0: float = 32.0) -> tuple[str, list[dict]]:
         ``(markdown, rows)``; each row ``{"variant", "sae" (the SAE names, " + "-joined), "probed": True,
         "interpolated", "l0" (``l0`` if interpolated, else the SAE's), "metrics" (``eval_result_metrics["sae"]``),
         "llm" (``["llm"]``), "groups" ({group: accuracies, n_latents}), "code" (", "-joined), "files",
-        "points" (each SAE's own numbers), and with learned groups "group_sae" / "group_files"}``; ``"probed": False`` rows carry only variant and SAE (None if
-        unevaluated).
+        "points" (each SAE's own numbers), and with learned groups "group_sae" / "group_files"}``;
+        ``"probed": False`` rows carry only variant and SAE (None if unevaluated).
     """
     from .benchmark import ABLATIONS, PUBLISHED_ONLY
 

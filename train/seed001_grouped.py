@@ -130,9 +130,13 @@ def block_frobenius(gram: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     seed 001 Eq. 4. Returns ``[n, n]`` float32. The clamp keeps the gradient finite
     (zero) for all-zero blocks, where the square root's derivative is undefined.
     """
+    return _blocks_from_sq_gram(gram.float().pow(2), assign)
+
+
+def _blocks_from_sq_gram(gram_sq: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """:func:`block_frobenius` from ``gram_sq = gram.float() ** 2`` (one squaring shared by several groupings)."""
     a2 = assign.float().pow(2)
-    sq = a2.T @ (gram.float().pow(2) @ a2)
-    return sq.clamp_min(1e-30).sqrt()
+    return (a2.T @ (gram_sq @ a2)).clamp_min(1e-30).sqrt()
 
 
 def ortho_penalty(f: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
@@ -166,14 +170,15 @@ def hier_ortho_terms(f: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
     Returns:
         ``(sum_{i != j} ||h_g1i^T h_g1j||_F, sum_{i, j != k} ||h_g2ij^T h_g2ik||_F)``, both ``/ batch``, float32.
     """
-    return ortho_terms_from_gram(latent_gram(f), coarse, fine, n_fine)
+    return _ortho_terms(latent_gram(f).pow(2), coarse, fine, n_fine)
 
 
-def ortho_terms_from_gram(gram: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
-                          n_fine: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`hier_ortho_terms` from the batch-mean co-activation ``gram`` ``[d_sae, d_sae]`` (:func:`latent_gram`)."""
-    b1 = block_frobenius(gram, coarse)
-    b2 = block_frobenius(gram, fine)
+def _ortho_terms(gram_sq: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
+                 n_fine: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hier_ortho_terms` from ``gram_sq`` ``[d_sae, d_sae]`` float32, the elementwise square of
+    :func:`latent_gram`, so that one squaring serves the cached and the live assignments."""
+    b1 = _blocks_from_sq_gram(gram_sq, coarse)
+    b2 = _blocks_from_sq_gram(gram_sq, fine)
     off = ~torch.eye(b1.shape[0], dtype=torch.bool, device=b1.device)
     return b1[off].sum(), b2[sibling_mask(coarse.shape[1], n_fine, b2.device)].sum()
 
@@ -648,10 +653,10 @@ class DynamicHierSAE(StaticHierSAE):
         :meth:`_refresh`, ``assign_grad_steps`` (:meth:`after_step`) and ``infonce`` (unweighted).
         """
         (coarse, fine), live = self._assignment_views()
-        gram = latent_gram(f)
-        t1, t2 = ortho_terms_from_gram(gram, coarse, fine, self.n_fine)
-        if live is not None:  # the attention's gradient at the live point (module docstring of entropy_reg)
-            at_live = ortho_terms_from_gram(gram.detach(), *live, self.n_fine)
+        gram_sq = latent_gram(f).pow(2)
+        t1, t2 = _ortho_terms(gram_sq, coarse, fine, self.n_fine)
+        if live is not None:  # the attention's gradient at the live point (why: entropy_reg's docstring)
+            at_live = _ortho_terms(gram_sq.detach(), *live, self.n_fine)
             t1, t2 = t1 + _live_grad(at_live[0]), t2 + _live_grad(at_live[1])
         out = {"l1": self.l1(f), "ortho_level1": self.alpha_l1 * t1, "ortho_level2": self.alpha_l2 * t2,
                "entropy": self.entropy_reg(*(live or (coarse, fine)))}

@@ -14,6 +14,7 @@ keep = torch.cat([torch.as_tensor(ev.not_bos(i, i + 8192)) for i in (0, 8192)])
 x = x[keep]
 
 def stats(sae, label):
+    """Print L0, FVU and mean active value of ``sae`` on the eval tokens ``x``; return its latents ``[N, d_sae]``."""
     with torch.no_grad():
         f = sae.encode(x); xh = sae.decode(f)
         l0 = (f > 0).float().sum(-1).mean().item()
@@ -54,6 +55,7 @@ with torch.no_grad():
           f"sum of rises {dl.clamp(min=0).sum():.1f}, of falls {dl.clamp(max=0).sum():.1f} (L0 units)")
 # effective bias c = b_enc - b_dec @ W_enc (pre = x @ W_enc + c): separate "directions" from "thresholds"
 def hyb(W, c, label):
+    """Print the L0 of ``x @ W + c`` (encoder ``W`` ``[d_in, d_sae]``, effective bias ``c`` ``[d_sae]``)."""
     with torch.no_grad():
         pre = x @ W + c
         print(f"{label:42s} L0 {(pre > 0).float().sum(-1).mean().item():6.2f}")

@@ -17,6 +17,7 @@ base = dict(store=STORE, layer=8, specs=None, d_sae=2048, tokens=1048576, lr=0.0
             autocast=False, seed=0)
 
 def cfg(name, **kw):
+    """The benchmark's matched settings for standard at target 40, run dir ``OUT/name``, with ``kw`` overrides."""
     d = dict(base, **kw); d["specs"] = spec()
     return TrainConfig(out=OUT / name, **d)
 
@@ -30,6 +31,7 @@ elif which == "B":
 elif which == "C":
     orig = T.L0Controller
     class Frozen(orig):
+        """The trainer's L0 controller with the multiplier frozen from step 820 (the decay's start) on."""
         def __init__(self, target, start, stop, **kw):
             super().__init__(target, start, stop, gain=max(0.05, 8.0 / max(1, stop - start)), **kw)
             self.stop = 820
