@@ -190,10 +190,18 @@ def test_chunked_head_stats_match_float64_definitions():
     assert (stats["kl"][0] == 0).all()
 
 
-def test_head_stats_equal_groups_share_exact_numbers_and_zero_fixed_group():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_head_stats_equal_groups_share_exact_numbers_and_zero_fixed_group(kernel, monkeypatch):
     # Groups with bitwise-equal hidden states get bitwise-equal CE and KL (a duplicate of the clean
     # group has KL exactly 0), whatever their place in the head's row blocks; a fixed group given
     # as None (all-zero logits, BranchForward.zero_logits on a bias-free model) equals explicit zeros.
+    # Explicit zeros always take the torch ops; None takes the compiled kernel when it is there, so
+    # with the kernel the two agree to fp32 rounding of exp and sums, without it bit for bit.
+    import saestrata.train.native as native
+
+    if not kernel:
+        monkeypatch.setattr(native, "load_native", lambda: None)
+    tol = dict(rtol=1e-7, atol=1e-6) if kernel else dict(rtol=0, atol=1e-9)
     torch.manual_seed(2)
     V, d, P = 1000, 16, 23
     head = Head(_TinyHead(V, d))
@@ -209,6 +217,62 @@ def test_head_stats_equal_groups_share_exact_numbers_and_zero_fixed_group():
         assert torch.equal(stats["ce"][1], stats["ce"][2]) and torch.equal(stats["kl"][1], stats["kl"][2])
         assert torch.equal(stats["ce"][0], stats["ce"][3]) and (stats["kl"][3] == 0).all()
         explicit = head_stats(head, h, target, [(zeros, torch.logsumexp(zeros.double(), -1))], tpos, **kw)
-        torch.testing.assert_close(stats["ce"], explicit["ce"], rtol=0, atol=1e-9)
+        torch.testing.assert_close(stats["ce"], explicit["ce"], **tol)
         torch.testing.assert_close(stats["kl"], explicit["kl"], rtol=1e-6, atol=1e-6)
         assert (stats["kl"][1] > 0.1).all()  # the groups do differ from the clean one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("U,P,W", [(5, 9, 4096), (3, 4, 1000), (1, 3, 17), (2, 2, 16 * 17 + 5)])
+def test_head_kernel_block_stats_equal_float64_and_the_torch_ops(dtype, U, P, W):
+    # csrc/native.cpp's head_block_stats against the definitions in float64 and the torch path it
+    # replaces: widths off the 16-lane vector and the 256-column sum blocks, one to five groups,
+    # logits spread over ~100 nats (exp underflows for most columns, as on the real head).
+    from saestrata.evaluate.branch import _block_stats_native, _block_stats_torch
+    from saestrata.train.native import load_native
+
+    mod = load_native()
+    assert mod is not None, "the CPU kernels did not build (tests/test_native.py says why)"
+    torch.manual_seed(3)
+    z = (torch.randn(U, P, W) * 12).to(dtype)
+    if U > 1:
+        z[1:] = (z[1:].float() + torch.randn(U - 1, P, W) * 0.5).to(dtype)
+    nd = U  # the U - 1 groups and one all-zero fixed group
+    got = [torch.empty(U, P, dtype=torch.float64), torch.empty(U, P, dtype=torch.float64),
+           torch.empty(nd, P, dtype=torch.float64)]
+    _block_stats_native(mod, z, *got, U)
+    ref = [torch.empty_like(t) for t in got]
+    _block_stats_torch(z.float(), torch.empty(U, P, W), *ref, [(None, None)], None, 0, W)
+    zd = z.double()
+    m = zd.amax(-1)
+    e = (zd - m[..., None]).exp()
+    truth = [m, e.sum(-1), torch.cat([(e[0] * (zd[0] - zd[1:])).sum(-1), (e[0] * zd[0]).sum(-1)[None]])]
+    assert torch.equal(got[0], truth[0])  # maxima are exact
+    for ours in (got, ref):
+        torch.testing.assert_close(ours[1], truth[1], rtol=1e-6, atol=0)
+        # d is a p-weighted sum of logit differences: compare in nats, i.e. divided by sum exp
+        torch.testing.assert_close(ours[2] / truth[1][0], truth[2] / truth[1][0], rtol=0, atol=2e-5)
+
+
+def test_head_stats_equal_with_and_without_the_kernel(monkeypatch):
+    # The whole chunked statistic (CE, KL per group and the zero-ablation group) on the compiled
+    # kernel and on the torch ops agree to fp32 rounding, in fp32 and bf16 heads.
+    import saestrata.train.native as native
+
+    torch.manual_seed(4)
+    V, d, P = 1000, 16, 23
+    model = _TinyHead(V, d)
+    lse0 = torch.full((P,), math.log(V), dtype=torch.float64)
+    for dtype in (torch.bfloat16, torch.float32):
+        model.lm_head.to(dtype)
+        head = Head(model)
+        h = torch.randn(3, P, d).to(dtype)
+        target = torch.randint(0, V, (P,))
+        args = (head, h, target, [(None, lse0)], torch.arange(P))
+        with_kernel = head_stats(*args, pos_chunk=5, vocab_chunk=300)
+        monkeypatch.setattr(native, "load_native", lambda: None)
+        without = head_stats(*args, pos_chunk=5, vocab_chunk=300)
+        monkeypatch.undo()
+        for key in ("ce", "kl"):
+            torch.testing.assert_close(with_kernel[key], without[key], rtol=1e-6, atol=1e-5)
+        assert (with_kernel["kl"][1:] > 0.1).all()

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -669,6 +670,143 @@ std::vector<torch::Tensor> topk_fused_backward(torch::Tensor e, double coef, tor
   return {dv, dWencT, db_enc, dWdec, enc_b_dec, sq};
 }
 
+// ---- LM-head statistics for spliced evaluation (saestrata.evaluate.branch.head_stats) ----
+
+// exp of 16 floats (Cephes expf: 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2; relative error ~1e-7),
+// in plain vector arithmetic so that it stays in registers. Inputs below -87.3 give ~1e-38, not 0.
+inline v16 exp16(v16 x) {
+  typedef int32_t vi16 __attribute__((vector_size(64)));
+  const v16 lo = v16{} - 87.3f, hi = v16{} + 88.7f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v16 magic = v16{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
+  v16 n = (x * 1.44269504088896341f + magic) - magic;
+  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 p = v16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline double hsum(v16 a) {
+  double s = 0;
+  for (int j = 0; j < 16; ++j) s += a[j];
+  return s;
+}
+
+template <typename scalar_t>
+inline v16 load16(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return load16(static_cast<const float*>(p));
+  } else {
+    v16 v;
+    for (int j = 0; j < 16; ++j) v[j] = to_float(p[j]);
+    return v;
+  }
+}
+
+template <typename scalar_t>
+float row_max(const scalar_t* z, int64_t W) {
+  v16 mv = v16{} - std::numeric_limits<float>::infinity();
+  int64_t v = 0;
+  for (; v + 16 <= W; v += 16) {
+    v16 x = load16(z + v);
+    mv = x > mv ? x : mv;
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < 16; ++j) m = std::max(m, mv[j]);
+  for (; v < W; ++v) m = std::max(m, to_float(z[v]));
+  return m;
+}
+
+// Per position p of z [U, P, W] (U groups, group 0 clean): m[u, p] = max_v z, s[u, p] = sum_v exp(z - m),
+// d[0, p] = sum_v e0_v z0_v and d[u, p] = sum_v e0_v (z0_v - zu_v) for u >= 1, with e0 = exp(z0 - m0).
+// One pass for the maxima and one for the rest per row, each row in L1/L2 (torch's ops make ~8 passes over
+// the whole block through memory). Sums are float per lane over <= 256 columns, then double.
+template <typename scalar_t>
+void head_stats_rows(const scalar_t* z, int64_t U, int64_t P, int64_t W, float* m, double* s, double* d) {
+  at::parallel_for(0, P, 8, [&](int64_t lo, int64_t hi) {
+    std::vector<float> e0(W);
+    for (int64_t p = lo; p < hi; ++p) {
+      const scalar_t* z0 = z + p * W;
+      const float m0 = row_max(z0, W);
+      const v16 m0v = v16{} + m0;
+      double s0 = 0, d0 = 0;
+      int64_t v = 0;
+      while (v + 16 <= W) {  // float lane sums over <= 256 columns, then double
+        v16 sa = {}, da = {};
+        for (const int64_t end = std::min(W - W % 16, v + 256); v < end; v += 16) {
+          v16 x = load16(z0 + v), e = exp16(x - m0v);
+          store16(e0.data() + v, e);
+          sa += e;
+          da += e * x;
+        }
+        s0 += hsum(sa);
+        d0 += hsum(da);
+      }
+      for (; v < W; ++v) {
+        float x = to_float(z0[v]), e = std::exp(x - m0);
+        e0[v] = e;
+        s0 += e;
+        d0 += static_cast<double>(e) * x;
+      }
+      m[p] = m0;
+      s[p] = s0;
+      d[p] = d0;
+      for (int64_t u = 1; u < U; ++u) {
+        const scalar_t* zu = z + (u * P + p) * W;
+        const float mu = row_max(zu, W);
+        const v16 muv = v16{} + mu;
+        double su = 0, du = 0;
+        v = 0;
+        while (v + 16 <= W) {
+          v16 sa = {}, da = {};
+          for (const int64_t end = std::min(W - W % 16, v + 256); v < end; v += 16) {
+            v16 x = load16(zu + v);
+            sa += exp16(x - muv);
+            da += load16(e0.data() + v) * (load16(z0 + v) - x);
+          }
+          su += hsum(sa);
+          du += hsum(da);
+        }
+        for (; v < W; ++v) {
+          float x = to_float(zu[v]);
+          su += std::exp(x - mu);
+          du += static_cast<double>(e0[v]) * (to_float(z0[v]) - x);
+        }
+        m[u * P + p] = mu;
+        s[u * P + p] = su;
+        d[u * P + p] = du;
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> head_block_stats(torch::Tensor z) {
+  TORCH_CHECK(z.device().is_cpu() && z.dim() == 3, "head_block_stats: a CPU [groups, positions, columns] tensor is needed");
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kBFloat16,
+              "head_block_stats: float32 or bfloat16 logits are needed");
+  auto zc = z.contiguous();
+  const int64_t U = zc.size(0), P = zc.size(1), W = zc.size(2);
+  TORCH_CHECK(U >= 1 && W >= 1, "head_block_stats: at least one group and one column are needed");
+  auto m = torch::empty({U, P}, zc.options().dtype(at::kFloat));
+  auto s = torch::empty({U, P}, zc.options().dtype(at::kDouble));
+  auto d = torch::empty({U, P}, zc.options().dtype(at::kDouble));
+  if (zc.scalar_type() == at::kFloat)
+    head_stats_rows<float>(zc.data_ptr<float>(), U, P, W, m.data_ptr<float>(), s.data_ptr<double>(), d.data_ptr<double>());
+  else
+    head_stats_rows<c10::BFloat16>(zc.data_ptr<c10::BFloat16>(), U, P, W, m.data_ptr<float>(), s.data_ptr<double>(),
+                                   d.data_ptr<double>());
+  return {m, s, d};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -679,5 +817,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("normalize_rows_", &normalize_rows_, "w[r] /= max(||w[r]||, eps) in place (fp32, CPU)");
   m.def("remove_parallel_", &remove_parallel_, "grad[r] -= <grad[r], w[r]> w[r] in place (fp32, CPU)");
   m.def("projected_row_sq_norms", &projected_row_sq_norms, "||g[r] - <g[r], w[r]> w[r]||^2 per row (fp64 out)");
+  m.def("head_block_stats", &head_block_stats, "Per-position max, sum of exp and clean-weighted logit differences of [U, P, W] logits");
   m.def("adam_unit_rows_", &adam_unit_rows_, "Adam step with projected gradient and row renormalisation (fp32, CPU)");
 }
