@@ -8,7 +8,8 @@ renormalisation after each step; :func:`adam_unit_rows_` fuses those two with th
 factor, and :func:`projected_sq_norm` gives the clip its norm (both for :class:`~.optim.Adam`'s ``unit_rows``).
 :mod:`.kernels` also calls the module's ``sampled_dot`` (the sparse
 decoder backward's dot products) and :mod:`.fused` the whole TopK training forward / backward
-(``topk_fused_forward`` / ``topk_fused_backward``) through :func:`load_native`. The source is
+(``topk_fused_forward`` / ``topk_fused_backward``) and :mod:`saestrata.evaluate.branch` the LM head's
+per-block softmax / KL statistics (``head_block_stats``) through :func:`load_native`. The source is
 ``csrc/native.cpp``; the build (~1 min, g++ and ninja) lands in torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and is reused by later processes.
 

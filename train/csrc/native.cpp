@@ -2,7 +2,8 @@
 // bfloat16), the sampled dot products of the sparse decoder's backward, the decoder-gradient
 // projection of unit-norm-decoder SAEs, an Adam step fused with it and the row renormalisation, and the
 // fused TopK SAE training forward / backward
-// (saestrata.train.fused). A per-pair read-modify-write of the output row was no faster than
+// (saestrata.train.fused), and the LM head's per-block softmax / KL statistics of spliced evaluation
+// (saestrata.evaluate.branch). A per-pair read-modify-write of the output row was no faster than
 // embedding_bag (2 threads, idle, 32k pairs, D 640: 1.52 vs 1.49 ms as a weight gradient, 1.29 vs
 // 0.89 ms as the decode); the fused kernels keep each output block in vector registers instead.
 //
