@@ -2,7 +2,8 @@
 
 Writes into the benchmark's ``out`` folder: ``matched.md`` (every variant at L0 32 and 64),
 ``published.md``, ``claims.md``, ``mechanisms.md``, ``probing.md`` (sparse probing of each variant's
-SAE nearest L0 32), ``summary.json`` (all rows, machine-readable) and
+two SAEs bracketing L0 32, interpolated), ``provenance.md`` (which code version trained and evaluated
+which SAE), ``summary.json`` (all rows, machine-readable) and
 ``report/`` (:func:`~saestrata.evaluate.report.write_report`: core/unlearning tables and the
 Pareto plots of EV and CE loss score against L0). Every number is copied or interpolated from
 a JSON under ``out`` that its row names; interpolation is linear in log L0 between the two
@@ -41,8 +42,16 @@ def _core_row(bench, name: str, variant: str) -> dict | None:
             "dead_frac": 1.0 - m["misc_metrics"]["frac_alive"], "alive": round(m["misc_metrics"]["frac_alive"] * r["sae_cfg_dict"]["d_sae"]),
             "train_tokens_per_s": cfg.get("train_tokens_per_s"), "failed": cfg.get("failed"),
             "counters": _final_counters(bench.cfg.out / "saes" / name), "code": r.get("saestrata_benchmark", {}).get("code"),
+            "train_code": _train_code(bench, name),
             "diagnostics": r["eval_result_unstructured"].get("diagnostics") or {},
             "file": f"core/{name}.json"}
+
+
+def _train_code(bench, name: str) -> str | None:
+    """Code fingerprint that trained SAE ``name`` (its ``saes/<name>/job.json``; None for SAEs trained before
+    job files recorded it)."""
+    path = bench.cfg.out / "saes" / name / "job.json"
+    return json.loads(path.read_text()).get("code") if path.exists() else None
 
 
 LOOSE_RETAIN = 0.95  # the looser retain bar of unlearning_score_retain95 (SAEBench's own bar: 0.99)
@@ -79,9 +88,14 @@ def _unlearning_known(bench, name: str | None) -> str:
     return f"{m['retain_known']}/{m['retain_questions']}"
 
 
-def _matched(bench, variant: str, l0: float, seed: int = 0, metrics: tuple[str, ...] = METRICS_AT_L0) -> dict | None:
+MATCHED_METRICS = METRICS_AT_L0 + ("dead_frac",)  # interpolated in log L0 like every metric at matched L0
+
+
+def _matched(bench, variant: str, l0: float, seed: int = 0, metrics: tuple[str, ...] = MATCHED_METRICS) -> dict | None:
     """``variant`` interpolated at ``l0`` from its matched-stage results (seed 0 = the main runs);
-    ``metrics``: the :func:`_core_row` keys to interpolate (default: the matched table's)."""
+    ``metrics``: the :func:`_core_row` keys to interpolate (default: the matched table's, dead fraction
+    included). ``train_tokens_per_s`` is the mean of the two SAEs' step clocks (a cost, not a function
+    of L0); ``train_codes`` the fingerprints that trained them (two when the pair mixes code versions)."""
     suffix = f"-seed{seed}" if seed else ""
     rows = [r for r in (_core_row(bench, f"{variant}-l0={t:g}{suffix}", variant) for t in bench.cfg.targets) if r]
     hit = matched_l0_rows(rows, l0, metrics)
@@ -89,11 +103,18 @@ def _matched(bench, variant: str, l0: float, seed: int = 0, metrics: tuple[str, 
         return None
     row = hit[0]
     used = [r for r in rows if r["sae"] in row["between"]]
-    row["dead_frac"] = statistics.mean(r["dead_frac"] for r in used) if used else None
     speeds = [r["train_tokens_per_s"] for r in used if r["train_tokens_per_s"]]
     row["train_tokens_per_s"] = statistics.mean(speeds) if speeds else None
     row["files"] = ", ".join(r["file"] for r in used)
+    row["train_codes"] = sorted({r["train_code"] or "?" for r in used})
     return row
+
+
+def _from_cell(row: dict) -> str:
+    """The matched table's "from" cell: the two SAEs, and the training code of each when they differ."""
+    codes = row.get("train_codes") or []
+    return row["between"] + (f"; trained by different code: {' / '.join(c[:4] for c in codes)} (provenance.md)"
+                             if len(codes) > 1 else "")
 
 
 def swept_lr(bench, variant: str) -> str:
@@ -146,7 +167,8 @@ def matched_table(bench) -> tuple[str, list[dict]]:
             m = _matched(bench, v, l0)
             rows.append({"variant": v, "l0": l0, **({k: m[k] for k in ("explained_variance", "ce_loss_score",
                                                                            "kl_div_score", "dead_frac",
-                                                                           "train_tokens_per_s", "between", "files")}
+                                                                           "train_tokens_per_s", "between", "files",
+                                                                           "train_codes")}
                                                     if m else {}),
                          "lr": lr, "unlearning_score": _unlearning(bench, unl_sae) if l0 == 32.0 else None,
                          "unlearning_score_retain95": _unlearning(bench, unl_sae, LOOSE_RETAIN) if l0 == 32.0 else None,
@@ -171,9 +193,14 @@ def matched_table(bench) -> tuple[str, list[dict]]:
         lines.append(f"| {r['variant']} | {r['l0']:g} | {_num(r['explained_variance'])} | {_num(r['ce_loss_score'])} | "
                      f"{_num(r['kl_div_score'])} | {_num(r['dead_frac'])} | {_num(r['unlearning_score'])} | "
                      f"{_num(r['unlearning_score_retain95'])} | {r['unlearning_retain_known']} | {r['lr']} | "
-                     f"{_num(r['train_tokens_per_s'], ',.0f')} | {r['between']} |")
-    lines += ["", UNLEARNING_CAVEAT]
+                     f"{_num(r['train_tokens_per_s'], ',.0f')} | {_from_cell(r)} |")
+    lines += ["", COLUMNS_NOTE, "", UNLEARNING_CAVEAT]
     return "\n".join(lines), rows
+
+
+COLUMNS_NOTE = ("Columns: EV, CE loss score, KL score and dead frac are interpolated linearly in log L0 at the row's L0 "
+                "between the two SAEs in \"from\" (never extrapolated); train tok/s is the mean of their step clocks; "
+                "the unlearning columns are the SAE nearest L0 32 in log L0 (one unlearning run per variant).")
 
 
 # Under every matched table: the 0.99 column is SAEBench's rule but, at this benchmark's size, not a ranking.
@@ -191,7 +218,8 @@ def seed_spread(bench) -> tuple[str, list[dict]]:
     for v in ("topk", bench.best_seed_variant()):
         if not v:
             continue
-        per = [m for m in (_matched(bench, v, 32.0, s) for s in range(bench.cfg.seeds)) if m]
+        seeds = [(s, m) for s in range(bench.cfg.seeds) if (m := _matched(bench, v, 32.0, s))]
+        per = [m for _, m in seeds]
         if not per:
             continue
 
@@ -204,8 +232,11 @@ def seed_spread(bench) -> tuple[str, list[dict]]:
                "per_seed_ce": [p["ce_loss_score"] for p in per]}
         rows.append(row)
         fmt = lambda t: f"{_num(t[0])} ± {_num(t[1])}"  # noqa: E731
+        mixed = [f"seed {s}" for s, p in seeds if len(p.get("train_codes") or []) > 1]
+        row["mixed_code"] = mixed
         lines.append(f"| {v} | {len(per)} | {fmt(row['explained_variance'])} | {fmt(row['ce_loss_score'])} | "
-                     f"{fmt(row['kl_div_score'])} | {', '.join(_num(c) for c in row['per_seed_ce'])} |")
+                     f"{fmt(row['kl_div_score'])} | {', '.join(_num(c) for c in row['per_seed_ce'])}"
+                     f"{' (' + ', '.join(mixed) + ': its two SAEs trained by different code, provenance.md)' if mixed else ''} |")
     return "\n".join(lines), rows
 
 
@@ -371,6 +402,22 @@ def _near(bench, variant: str) -> dict | None:
     return _core_row(bench, name, variant) if name else None
 
 
+def _at32(bench, variant: str, fn) -> float | None:
+    """``fn(core row)`` of ``variant`` at L0 32, interpolated in log L0 between its two matched SAEs that
+    bracket 32 (:func:`~saestrata.evaluate.report.matched_l0_rows`, the matched table's rule); None when
+    they do not bracket 32 or a value is missing. ``fn`` returns a number or None."""
+    rows = [r for r in (_core_row(bench, f"{variant}-l0={t:g}", variant) for t in bench.cfg.targets) if r]
+    for r in rows:
+        r["_value"] = fn(r)
+    hit = matched_l0_rows(rows, 32.0, ("_value",))
+    return hit[0]["_value"] if hit else None
+
+
+def _sae_label(row: dict | None) -> str:
+    """``"(<sae>, L0 24.9)"`` for a claims cell that gives one SAE's own value."""
+    return f"({row['sae']}, L0 {row['l0']:.1f})" if row else ""
+
+
 def _tokens_to_fvu(bench, name: str, fvu: float) -> int | None:
     """Training tokens until the logged (window-mean) FVU first reaches ``fvu``; None if never."""
     path = bench.cfg.out / "saes" / name / "train_log.jsonl"
@@ -413,13 +460,15 @@ def claims(bench) -> list[dict]:
     hsae_m, std_m = _near(bench, "seed000_hsae"), _near(bench, "standard")
     sparsity = lambda r: None if r is None else 1 - r["l0"] / d_sae  # noqa: E731
     add("activation sparsity (share of zero latents), HSAE vs standard SAE", "000, sec. 1 and 6", "60% vs 40%",
-        _fmt_pair(sparsity(hsae_p), sparsity(std_p)), _fmt_pair(sparsity(hsae_m), sparsity(std_m)),
-        "at matched L0 both are ~1 - 32/d_sae by construction")
+        _fmt_pair(sparsity(hsae_p), sparsity(std_p)),
+        _fmt_pair(_at32(bench, "seed000_hsae", sparsity), _at32(bench, "standard", sparsity)),
+        "at matched L0 both are 1 - 32/d_sae by construction")
     t_h, t_s = _tokens_to_fvu(bench, "seed000_hsae-published", 0.5), _tokens_to_fvu(bench, "standard-published", 0.5)
     t_hm = _tokens_to_fvu(bench, hsae_m["sae"], 0.5) if hsae_m else None
     t_sm = _tokens_to_fvu(bench, std_m["sae"], 0.5) if std_m else None
     add("faster initial convergence: training tokens to train FVU 0.5, HSAE vs standard", "000, sec. 1",
-        "40% faster", _fmt_pair(t_h, t_s, ",d"), _fmt_pair(t_hm, t_sm, ",d"))
+        "40% faster", _fmt_pair(t_h, t_s, ",d"), f"{_fmt_pair(t_hm, t_sm, ',d')} {_sae_label(hsae_m)} {_sae_label(std_m)}",
+        "matched: each variant's SAE nearest L0 32 (a training curve is not interpolated)")
     for seed, variants in (("000", ("seed000_hsae", "seed000_hsae_no_separation", "seed000_temporal",
                                     "seed000_temporal_single_scale", "seed000_adaptive")),
                            ("001", tuple(v for v in bench.reported_variants if v.startswith("seed001"))),
@@ -428,30 +477,37 @@ def claims(bench) -> list[dict]:
         mat = [(v, _unlearning(bench, bench.nearest_to(v, 32.0))) for v in variants]
         fmt = lambda pairs: ", ".join(f"{v.split('_', 1)[-1]} {_num(s)}" for v, s in pairs if s is not None) or "-"  # noqa: E731
         add("unlearning score on the (embedded wiki) unlearning benchmark", f"{seed}, abstract", "0.0 for every variant",
-            fmt(pub), fmt(mat), "embedded wiki benchmark, not WMDP-bio (DESIGN.md)")
-    dyn_p, dyn_m = _pub(bench, "seed001_dynamic_hier"), _near(bench, "seed001_dynamic_hier")
+            fmt(pub), fmt(mat), "embedded wiki benchmark, not WMDP-bio (DESIGN.md); matched: each variant's SAE "
+            "nearest L0 32 (the matched table's unlearning column)")
+    diag = lambda *keys: lambda r: _diag(r, *keys)  # noqa: E731
+    dyn_p = _pub(bench, "seed001_dynamic_hier")
     add("group assignment entropy of the dynamic hierarchy (nats)", "001, sec. 6", "2.3",
-        _num(_diag(dyn_p, "group_entropy", "nats")), _num(_diag(dyn_m, "group_entropy", "nats")),
+        _num(_diag(dyn_p, "group_entropy", "nats")), _num(_at32(bench, "seed001_dynamic_hier", diag("group_entropy", "nats"))),
         "entropy of eval-token activity over the coarse groups; the paper does not define its 2.3 ('mean "
         "entropy'): the train log's usage_entropy_fine / latent_entropy_fine are in mechanisms.md")
     st_p, fx_p = _pub(bench, "seed001_static_hier"), _pub(bench, "seed001_fixed_ortho")
-    st_m, fx_m = _near(bench, "seed001_static_hier"), _near(bench, "seed001_fixed_ortho")
+    corr = diag("inter_group_correlation", "mean_abs")
     add("inter-group correlation (mean |corr|), static 8x8 vs fixed orthogonality", "001, sec. 6",
-        "15% lower", _fmt_pair(_diag(st_p, "inter_group_correlation", "mean_abs"),
-                               _diag(fx_p, "inter_group_correlation", "mean_abs")),
-        _fmt_pair(_diag(st_m, "inter_group_correlation", "mean_abs"), _diag(fx_m, "inter_group_correlation", "mean_abs")))
-    hier_p, hier_m = _pub(bench, "seed002-hierarchical"), _near(bench, "seed002-hierarchical")
+        "15% lower", _fmt_pair(corr(st_p), corr(fx_p)),
+        _fmt_pair(_at32(bench, "seed001_static_hier", corr), _at32(bench, "seed001_fixed_ortho", corr)))
+    hier_p = _pub(bench, "seed002-hierarchical")
     add("average silhouette of the 32 latent clusters", "002, sec. 6", "0.72",
-        _num(_diag(hier_p, "silhouette", "value")), _num(_diag(hier_m, "silhouette", "value")))
+        _num(_diag(hier_p, "silhouette", "value")), _num(_at32(bench, "seed002-hierarchical", diag("silhouette", "value"))))
     pr_p, pr_m = _pub(bench, "seed002-pruning"), _near(bench, "seed002-pruning")
-    c_p, c_m = _pub(bench, "seed002-contrastive"), _near(bench, "seed002-contrastive")
+    c_p = _pub(bench, "seed002-contrastive")
+    ce = lambda r: r.get("ce_loss_score")  # noqa: E731
     add("pruning: latents pruned; CE loss score pruning vs contrastive-only", "002, sec. 5-6",
         "no unlearning gain", f"{_counter(pr_p, 'prun') or '-'}; CE {_fmt_pair((pr_p or {}).get('ce_loss_score'), (c_p or {}).get('ce_loss_score'))}",
-        f"{_counter(pr_m, 'prun') or '-'}; CE {_fmt_pair((pr_m or {}).get('ce_loss_score'), (c_m or {}).get('ce_loss_score'))}")
-    t_p, t_m = _pub(bench, "seed003-tiered"), _near(bench, "seed003-tiered")
+        f"{_counter(pr_m, 'prun') or '-'} {_sae_label(pr_m)}; CE "
+        f"{_fmt_pair(_at32(bench, 'seed002-pruning', ce), _at32(bench, 'seed002-contrastive', ce))}",
+        "matched: the counters of the pruning SAE nearest L0 32, CE of both at L0 32")
+    t_p = _pub(bench, "seed003-tiered")
+    t_rows = [r for r in (_core_row(bench, f"seed003-tiered-l0={t:g}", "seed003-tiered") for t in bench.cfg.targets) if r]
     add("tiered HSAE training: NaN losses, explained variance", "003, sec. 6", "NaN; EV -0.785",
         f"{'failed: ' + t_p['failed'] if t_p and t_p['failed'] else 'finite'}; EV {_num((t_p or {}).get('explained_variance'))}",
-        f"{'failed' if t_m and t_m['failed'] else 'finite'}; EV {_num((t_m or {}).get('explained_variance'))}")
+        f"{'failed' if any(r['failed'] for r in t_rows) else 'finite' if t_rows else '-'}; "
+        f"EV {_num(_at32(bench, 'seed003-tiered', lambda r: r['explained_variance']))}",
+        "matched: finite/failed over every matched SAE of the variant")
     _seed004_claims(bench, add)
     return out
 
@@ -484,12 +540,14 @@ def _seed004_claims(bench, add) -> None:
     metrics = ("explained_variance", "ce_loss_score", "kl_div_score", "kl_div_with_sae")
     pub = {v: _pub(bench, v) for v, _ in SEED004_K + SEED004_GAMMA}
     mat = {v: _matched(bench, v, 32.0, metrics=metrics) for v in pub}
-    u_p, g_p, u_m, g_m = pub["seed004-uniform"], pub["seed004-groups"], _near(bench, "seed004-uniform"), _near(bench, "seed004-groups")
+    u_p, g_p = pub["seed004-uniform"], pub["seed004-groups"]
     fmt_d = lambda a, b: _fmt_pair(a, b, "d" if a is not None and b is not None else "")  # noqa: E731
+    alive = lambda r: r.get("alive")  # noqa: E731
+    at = lambda v: None if (x := _at32(bench, v, alive)) is None else round(x)  # noqa: E731
     add("alive latents, uniform L1 (lambda 0.04) -> group sparsity", "004, sec. 1 and 6, Table 1", "85 -> 1,247",
-        fmt_d((u_p or {}).get("alive"), (g_p or {}).get("alive")),
-        fmt_d((u_m or {}).get("alive"), (g_m or {}).get("alive")),
-        f"of {d_sae} latents; the paper's baseline is seed004-uniform (sec. 5); matched: the SAEs nearest L0 32")
+        fmt_d((u_p or {}).get("alive"), (g_p or {}).get("alive")), fmt_d(at("seed004-uniform"), at("seed004-groups")),
+        f"of {d_sae} latents; the paper's baseline is seed004-uniform (sec. 5); matched: interpolated at L0 32 "
+        "and rounded")
     ev = lambda r: (r or {}).get("explained_variance")  # noqa: E731
     add("explained variance, uniform L1 (lambda 0.04) -> group sparsity", "004, sec. 6, Table 1", "0.31 -> 0.926",
         _fmt_pair(ev(u_p), ev(g_p)), _fmt_pair(ev(mat["seed004-uniform"]), ev(mat["seed004-groups"])))
@@ -544,7 +602,8 @@ def mechanisms_table(bench) -> tuple[str, list[dict]]:
 
 def claims_table(rows: list[dict]) -> str:
     """Markdown of :func:`claims`."""
-    lines = ["| claim (seed file, section) | paper | measured at the paper's settings | measured at matched L0 (SAE nearest 32) | note |",
+    lines = ["| claim (seed file, section) | paper | measured at the paper's settings | measured at matched L0 32 "
+             "(interpolated in log L0 as the matched table; a cell naming an SAE: that SAE's own value) | note |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['claim']} ({r['source']}) | {r['paper']} | {r['published']} | {r['matched']} | {r['note']} |"
               for r in rows]
@@ -568,6 +627,47 @@ def _mixed_code_warning(out: Path, codes: list[str]) -> str:
         return head + "; rerun the stale ones before citing.**"
     files = code_diff(manifests) or []
     return head + f", which differ only in {', '.join(f'`{f}`' for f in files)}: read each row with the code its JSON names.**"
+
+
+def _code_of(path: Path) -> str:
+    """The ``saestrata_benchmark.code`` fingerprint a result JSON (or ``code`` of a ``job.json``) records; "?" if none."""
+    data = json.loads(path.read_text())
+    return data.get("saestrata_benchmark", {}).get("code") or data.get("code") or "?"
+
+
+def provenance_table(bench) -> tuple[str, list[dict]]:
+    """Markdown: for each code fingerprint, where it comes from and which SAEs it trained and evaluated.
+
+    Training: each ``saes/<name>/job.json`` (lr-sweep runs included); results: ``core/``, ``unlearning/`` and
+    ``probing/`` JSONs. The origin column reads ``code/commits.json`` (``{fingerprint: text}``, written by
+    ``code/find_commits.py`` from the repository's history: the commit with that fingerprint, or the
+    nearest commit and the files that differ from it); "?" where it has no entry.
+    """
+    out = bench.cfg.out
+    origins_path = out / "code" / "commits.json"
+    origins = json.loads(origins_path.read_text()) if origins_path.exists() else {}
+    uses: dict[str, dict[str, list[str]]] = {}
+    kinds = (("trained", sorted((out / "saes").glob("*/job.json")), lambda p: p.parent.name),
+             ("core", sorted((out / "core").glob("*.json")), lambda p: p.stem),
+             ("unlearning", sorted((out / "unlearning").glob("*.json")), lambda p: p.stem),
+             ("probing", sorted((out / "probing").glob("*.json")), lambda p: p.stem))
+    for kind, paths, name in kinds:
+        for path in paths:
+            uses.setdefault(_code_of(path), {}).setdefault(kind, []).append(name(path))
+
+    def compact(names: list[str]) -> str:
+        """``topk l0=24/40, lr-topk x1/x2``: names grouped by their part before the last '-'."""
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            head, _, tail = n.rpartition("-")
+            groups.setdefault(head or tail, []).append(tail if head else "")
+        return ", ".join(f"{h} {'/'.join(t for t in ts if t)}".strip() for h, ts in groups.items())
+
+    rows = [{"code": c, "origin": origins.get(c, "?"), **{k: u.get(k, []) for k, *_ in kinds}} for c, u in sorted(uses.items())]
+    lines = ["| code | origin | trained (saes/*/job.json) | evaluated (core) | unlearning | probing |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['code']} | {r['origin']} | {compact(r['trained']) or '-'} | {compact(r['core']) or '-'} | "
+              f"{compact(r['unlearning']) or '-'} | {compact(r['probing']) or '-'} |" for r in rows]
+    return "\n".join(lines), rows
 
 
 README_BLOCKS = ("matched", "probing")  # <!-- benchmark:NAME --> ... <!-- /benchmark:NAME --> in the README
@@ -628,6 +728,7 @@ def write_benchmark_report(bench) -> Path:
     claim_rows = claims(bench)
     claims_md = claims_table(claim_rows)
     mech_md, mech_rows = mechanisms_table(bench)
+    prov_md, prov_rows = provenance_table(bench)
     probe_md, probe_rows = probing_table(bench)
     if bench.cfg.quick:
         b = _quick_banner(bench)
@@ -652,9 +753,14 @@ def write_benchmark_report(bench) -> Path:
         "split; \"all\" = every latent (every residual channel for the raw residual). Protocol and deviations from "
         "SAEBench: docs/results/sparse_probing.md and each JSON's `eval_config`.\n\n"
         f"Code {', '.join(probe_codes) or '-'}.{_mixed_code_warning(out, probe_codes)}\n\n{probe_md}\n")
+    (out / "provenance.md").write_text(
+        "# Which code produced which result\n\nEach result JSON and each SAE's job.json record the fingerprint of the "
+        "code that produced them (`benchmark.code_fingerprint`: the .py files of train/, evaluate/, store/, "
+        "harvest/); `code/<fingerprint>.json` lists each version's file hashes.\n\n" + prov_md + "\n")
     (out / "summary.json").write_text(json.dumps({"codes": codes, "matched": matched_rows, "seeds": spread_rows,
                                                   "published": pub_rows, "claims": claim_rows,
-                                                  "mechanisms": mech_rows, "probing": probe_rows},
+                                                  "mechanisms": mech_rows, "probing": probe_rows,
+                                                  "provenance": prov_rows},
                                                  indent=2, default=str))
     inputs = [p for p in (out / "core", out / "unlearning", out / "saes") if p.exists()]
     if inputs:

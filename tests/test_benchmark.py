@@ -145,7 +145,7 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
 
 
 def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_path):
-    from saestrata.benchmark_report import _matched
+    from saestrata.benchmark_report import _at32, _from_cell, _matched, provenance_table
 
     cfg = _cfg(tiny_model_dir, tmp_path, targets=(16.0, 48.0), variants=["topk"], seeds=1,
                stages=("store", "matched", "evaluate"))
@@ -159,6 +159,33 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     a, b = (m["model_performance_preservation"]["ce_loss_score"] for m in (lo, hi))
     assert min(a, b) <= row["ce_loss_score"] <= max(a, b)
     assert "topk-l0=16" in row["between"] and "topk-l0=48" in row["between"]
+    # Every metric column, dead fraction included, at the same log-L0 weight (until 2026-12-05 the dead
+    # fraction was the two SAEs' plain mean, which the table did not say). The tiny SAEs keep every latent
+    # alive, so one result's alive fraction is set by hand: the report is a function of the JSONs.
+    path = cfg.out / "core" / "topk-l0=48.json"
+    data = json.loads(path.read_text())
+    data["eval_result_metrics"]["misc_metrics"]["frac_alive"] = 0.25
+    path.write_text(json.dumps(data))
+    row = _matched(bench, "topk", 32.0)
+    hi = data["eval_result_metrics"]
+    w = math.log(32.0 / lo["sparsity"]["l0"]) / math.log(hi["sparsity"]["l0"] / lo["sparsity"]["l0"])
+    dead = [1.0 - m["misc_metrics"]["frac_alive"] for m in (lo, hi)]
+    assert dead[0] != dead[1] and abs(w - 0.5) > 0.05  # so the mean (the old rule) would not pass
+    assert row["dead_frac"] == pytest.approx(dead[0] + w * (dead[1] - dead[0]), rel=1e-12)
+    assert row["ce_loss_score"] == pytest.approx(a + w * (b - a), rel=1e-12)
+    assert _at32(bench, "topk", lambda r: r["dead_frac"]) == pytest.approx(row["dead_frac"], rel=1e-12)  # claims' rule
+    assert row["train_codes"] == [bench.code] and "different code" not in _from_cell(row)
+    # A pair trained by two code versions says so in its row, and provenance.md names both versions' SAEs.
+    job = cfg.out / "saes" / "topk-l0=48" / "job.json"
+    job.write_text(json.dumps({**json.loads(job.read_text()), "code": "0123456789abcdef"}))
+    row = _matched(bench, "topk", 32.0)
+    assert row["train_codes"] == sorted([bench.code, "0123456789abcdef"])
+    assert "trained by different code" in _from_cell(row) and "0123" in _from_cell(row)
+    md, rows = provenance_table(bench)
+    by_code = {r["code"]: r for r in rows}
+    assert by_code["0123456789abcdef"]["trained"] == ["topk-l0=48"]
+    assert "topk-l0=16" in by_code[bench.code]["trained"] and "topk-l0=48" in by_code[bench.code]["core"]
+    assert "| 0123456789abcdef | ? | topk l0=48 |" in md  # no commits.json entry: origin unknown, said so
 
 
 def test_finished_saes_of_other_settings_are_not_reused(tiny_model_dir, tmp_path):
