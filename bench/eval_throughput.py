@@ -19,11 +19,10 @@ it builds four random-init SAEs (topk, standard, tiered_hsae, batchtopk; d_sae 2
     .venv/bin/python bench/eval_throughput.py --compare --rows 8
 
 ``--dtype float32`` evaluates as the benchmark does (``lm_dtype float32``; default bfloat16,
-the CLI's default); ``--arms fast`` times one path only. Measured with ``--rows 4`` on an idle
-2-core machine: float32 reference 16.2-17.3 s, fast 8.6-10.1 s (1.6-1.9x); bfloat16 7.1 vs
-4.9 s (1.45x). The fast path cannot reach 2x: each SAE group still needs its full-vocabulary
-head matmul (evaluate/branch.py). On a shared machine both wall and CPU seconds inflate,
-the fast path's cache-bound softmax passes more than the reference's.
+the CLI's default); ``--arms fast`` times one path only. Measured with ``--rows 8 --repeats 3`` on a
+2-core machine, benchmark queue paused (2026-12-05, docs/results/bench/README.md): float32 2.12x median
+of five rounds (1.92x with ``SAESTRATA_NATIVE=0``, torch's ops for the head statistics), bfloat16
+1.79x. On a shared machine both wall and CPU seconds inflate.
 """
 
 from __future__ import annotations

@@ -38,11 +38,11 @@ work:
   (never scored) never reach the head, the ablated group costs no head matmul, and groups
   with bitwise-equal hidden states go through the head once.
 
-Measured (bench/eval_throughput.py --compare --rows 4, 4 random SAEs at layer 8 of Gemma 3
-270M, 2 cores, idle machine): float32 1.6-1.75x the reference's tokens/s, bfloat16 1.45x.
-The ceiling is the work itself: every SAE group still needs its full-vocabulary head
-matmul for its log-normaliser (the head is 168M of the model's 268M weights), so skipping
-the blocks before the SAE's layer and the ablated group's head saves ~30-45%, not half.
+Measured (bench/eval_throughput.py --compare --rows 8 --repeats 3, 4 random SAEs at layer 8 of Gemma 3
+270M, 2 cores, queue paused; docs/results/bench/README.md): float32 2.12x the reference's tokens/s (median
+of five rounds, 1.98-2.46; 1.92x with torch's ops for the head statistics), bfloat16 1.79x. The floor is
+the work itself: every SAE group still needs its full-vocabulary head matmul for its log-normaliser (the
+head is 168M of the model's 268M weights; 58-63% of the fast path's time).
 
 Definitions (SAEBench ``sae_bench/evals/core/main.py``, see evaluate/core.py): with
 ``z_g`` the group's logits at a position (the LM head's bf16 output, optionally
