@@ -220,7 +220,7 @@ class BranchForward:
             if head.bias is None and not h.any():
                 z = None
                 lse = torch.full((T,), float(torch.tensor(float(head.weight.shape[0]), dtype=torch.float64).log()),
-                                 dtype=torch.float64)
+                                 dtype=torch.float64, device=h.device)
             else:
                 z = head.logits(h).float()
                 lse = torch.logsumexp(z.double(), -1)
@@ -300,6 +300,9 @@ def head_stats(head: Head, h: torch.Tensor, target: torch.Tensor, fixed: list[tu
     timer = timer or _NULL_TIMER
     G, P, _ = h.shape
     V = head.weight.shape[0]
+    dev = h.device  # the head's device: every buffer lives there (CPU or CUDA)
+    target = target.to(dev)
+    tpos = None if tpos is None else tpos.to(dev)
     nf = len(fixed)
     with timer("head_combine"):
         uniq: list[int] = []  # groups that go through the head (first of each set of equal ones)
@@ -317,29 +320,31 @@ def head_stats(head: Head, h: torch.Tensor, target: torch.Tensor, fixed: list[tu
         pos_chunk = max(1, -(-P // n_blocks))
     pc_max = pos_chunk
     bufs: dict = {}  # (rows, columns) -> preallocated logits blocks (no fresh large allocation per block)
-    ce_u = torch.empty(U, P, dtype=torch.float64)
-    kl_u = torch.zeros(U, P, dtype=torch.float64)
-    ce_f = torch.empty(nf, P, dtype=torch.float64)
-    kl_f = torch.empty(nf, P, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=dev)
+    ce_u = torch.empty(U, P, **f64)
+    kl_u = torch.zeros(U, P, **f64)
+    ce_f = torch.empty(nf, P, **f64)
+    kl_f = torch.empty(nf, P, **f64)
     n_vc = -(-V // vocab_chunk)
-    kernel = _head_kernel(hb_dtype=hu.dtype, fixed=fixed)
+    kernel = _head_kernel(hb_dtype=hu.dtype, fixed=fixed) if dev.type == "cpu" else None
     for p0 in range(0, P, pc_max):
         p1 = min(P, p0 + pc_max)
         pc = p1 - p0
         hb = hu[:, p0:p1].reshape(U * pc, -1)
         tg = target[p0:p1]
         tp = tpos[p0:p1] if nf else None
-        m = torch.empty(n_vc, U, pc, dtype=torch.float64)  # per-chunk max of each group's logits
-        s = torch.empty(n_vc, U, pc, dtype=torch.float64)  # per-chunk sum of exp(z - m)
-        d = torch.empty(n_vc, U - 1 + nf, pc, dtype=torch.float64)  # per-chunk sum of exp(z_clean - m_clean) * (z_clean - z_g)
-        zt = torch.zeros(U, pc)  # target logits
+        m = torch.empty(n_vc, U, pc, **f64)  # per-chunk max of each group's logits
+        s = torch.empty(n_vc, U, pc, **f64)  # per-chunk sum of exp(z - m)
+        d = torch.empty(n_vc, U - 1 + nf, pc, **f64)  # per-chunk sum of exp(z_clean - m_clean) * (z_clean - z_g)
+        zt = torch.zeros(U, pc, device=dev)  # target logits
         for c in range(n_vc):
             v0, v1 = c * vocab_chunk, min(V, (c + 1) * vocab_chunk)
             width = v1 - v0
             if (pc, width) not in bufs:
-                raw = torch.empty(U * pc, width, dtype=hb.dtype)
-                bufs[pc, width] = (raw, raw if raw.dtype == torch.float32 or kernel else torch.empty(U * pc, width),
-                                   None if kernel else torch.empty(U, pc, width))
+                raw = torch.empty(U * pc, width, dtype=hb.dtype, device=dev)
+                bufs[pc, width] = (raw, raw if raw.dtype == torch.float32 or kernel else
+                                   torch.empty(U * pc, width, device=dev),
+                                   None if kernel else torch.empty(U, pc, width, device=dev))
             raw, z, e = bufs[pc, width]
             with timer("head_matmul"):
                 head.logits(hb, v0, v1, out=raw)

@@ -487,15 +487,16 @@ def _fast_batch(lm, loaded, replacements, layers, zero_group, kept_group, first_
                     groups.append(first_sae + i)
         hidden = bf.run(ids.to(lm.device), branches)  # [len(groups) * n, T, d]
         scored = ~keep
-        with timer("gather scored positions"):
-            h = hidden.view(len(groups), n, T, -1)[:, scored.to(lm.device)].cpu()  # [G, P, d]
+        with timer("gather scored positions"):  # on the LM's device: the head runs where its weight is
+            h = hidden.view(len(groups), n, T, -1)[:, scored.to(lm.device)]  # [G, P, d]
             target = torch.roll(ids, -1, dims=1)[scored]  # the wrapped last column is masked by add_positions
             tpos = torch.arange(T).expand(n, T)[scored]
         with timer("zero ablation (once per layer)"):
-            fixed = [tuple(None if t is None else t.cpu() for t in bf.zero_logits(layer, T, head)) for layer in layers]
+            fixed = [bf.zero_logits(layer, T, head) for layer in layers]
         stats = head_stats(head, h, target, fixed, tpos, timer=timer)
         with timer("head_combine"):
-            logit_sums.add_positions(stats["ce"], stats["kl"], groups + [zero_group[l] for l in layers], ids, keep)
+            logit_sums.add_positions(stats["ce"].cpu(), stats["kl"].cpu(), groups + [zero_group[l] for l in layers],
+                                     ids, keep)
 
     return step
 

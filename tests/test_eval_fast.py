@@ -276,3 +276,25 @@ def test_head_stats_equal_with_and_without_the_kernel(monkeypatch):
         for key in ("ce", "kl"):
             torch.testing.assert_close(with_kernel[key], without[key], rtol=1e-6, atol=1e-5)
         assert (with_kernel["kl"][1:] > 0.1).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_fast_path_on_cuda_matches_the_cpu_result(tiny_model_dir, sae_dirs, both):
+    # The fast path must run where the LM is (issue 14: nothing may assume a CPU): hidden states, head
+    # buffers and the zero-ablation logits on the GPU, the compiled CPU kernel not used there.
+    from saestrata.harvest.model import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cuda", dtype="float32")
+    with torch.no_grad():
+        lm.model.model.norm.weight.fill_(39.0)  # as the lm32 fixture, whose CPU results ``both`` holds
+    cfg = EvalConfig(tokens=N_ROWS * CTX, batch_rows=BATCH_ROWS, context_length=CTX, model=str(tiny_model_dir),
+                     device="cuda", dtype="float32", bos_kept_ablation=True)
+    gpu = evaluate_saes(sae_dirs, cfg, lm=lm, progress=False)
+    cpu, _ = both
+    for g, c in zip(gpu, cpu):
+        assert g["eval_config"]["eval_path"] == "branch"
+        a, b = _leaves(g["eval_result_metrics"]), _leaves(c["eval_result_metrics"])
+        for key in b:
+            if key.rsplit(".", 1)[-1] in TIMING_KEYS or math.isnan(b[key]):
+                continue
+            assert abs(a[key] - b[key]) <= 10 * TOL, key
