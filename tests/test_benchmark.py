@@ -506,7 +506,8 @@ def test_per_group_probing_interpolates_only_groups_that_are_the_same_slots_in_b
     integer latent counts: interpolating them paired unrelated latent sets and printed counts like 921.87."""
     from saestrata.benchmark_report import probing_table
 
-    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["seed004-groups", "seed001_dynamic_hier"],
+    bench = Benchmark(_cfg(tiny_model_dir, tmp_path, variants=["seed004-groups", "seed001_dynamic_hier",
+                                                                "seed001_adaptive_ortho32"],
                            targets=(24.0, 48.0)), lambda _: None)
     out = bench.cfg.out
     for d in ("core", "probing"):
@@ -514,7 +515,15 @@ def test_per_group_probing_interpolates_only_groups_that_are_the_same_slots_in_b
     groups = {("seed004-groups", 24): {"group0": (8, 0.5), "group1": (8, 0.6)},
               ("seed004-groups", 48): {"group0": (8, 0.7), "group1": (8, 0.8)},
               ("seed001_dynamic_hier", 24): {"coarse0": (11, 0.5), "coarse3": (5, 0.6)},  # nearest 32 (L0 30)
-              ("seed001_dynamic_hier", 48): {"coarse0": (3, 0.9), "coarse1": (13, 0.9)}}
+              ("seed001_dynamic_hier", 48): {"coarse0": (3, 0.9), "coarse1": (13, 0.9)},
+              # balanced k-means: same names and sizes in both SAEs, yet learned (found 2026-12-05)
+              ("seed001_adaptive_ortho32", 24): {"group0": (8, 0.5), "group1": (8, 0.6)},
+              ("seed001_adaptive_ortho32", 48): {"group0": (8, 0.9), "group1": (8, 0.9)}}
+    for t in (24, 48):  # what the report reads to tell a learned grouping: the SAE's arch and hparams
+        folder = out / "saes" / f"seed001_adaptive_ortho32-l0={t}"
+        folder.mkdir(parents=True)
+        (folder / "cfg.json").write_text(json.dumps({"saestrata": {"arch": "seed001_grouped_ortho",
+                                                                   "hparams": {"adaptive": True}}}))
     l0s = {24: 30.0, 48: 48.0}
     for (v, t), gs in groups.items():
         name = f"{v}-l0={t}"
@@ -535,6 +544,9 @@ def test_per_group_probing_interpolates_only_groups_that_are_the_same_slots_in_b
     assert "| seed001_dynamic_hier-l0=24 (L0 30.0; its own groups" in line and "| 11 | 0.500 |" in line
     assert "seed001_dynamic_hier-l0=48" not in line
     assert any(l.startswith("| seed001_dynamic_hier / coarse3 |") for l in md.splitlines())
+    adaptive = next(r for r in rows if r["variant"] == "seed001_adaptive_ortho32")
+    assert adaptive["groups"]["group0"]["sae_top_1_test_accuracy"] == 0.5  # the nearest SAE's own, not 0.5 + 0.4 w
+    assert "seed001_adaptive_ortho32-l0=24 (L0 30.0; its own groups" in adaptive["group_sae"]
 
 
 def test_matched_table_has_no_rows_that_can_never_fill(tiny_model_dir, tmp_path):
