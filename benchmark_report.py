@@ -52,7 +52,7 @@ def _train_code(bench, name: str) -> str | None:
     """Code fingerprint that trained SAE ``name`` (its ``saes/<name>/job.json``; None for SAEs trained before
     job files recorded it)."""
     path = bench.cfg.out / "saes" / name / "job.json"
-    return json.loads(path.read_text()).get("code") if path.exists() else None
+    return _code_of(path) if path.exists() else None
 
 
 LOOSE_RETAIN = 0.95  # the looser retain bar of unlearning_score_retain95 (SAEBench's own bar: 0.99)

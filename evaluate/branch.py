@@ -362,12 +362,11 @@ def head_stats(head: Head, h: torch.Tensor, target: torch.Tensor, fixed: list[tu
                     got = z.gather(-1, idx.clamp(0, v1 - v0 - 1).expand(U, pc)[..., None])[..., 0].float()
                     zt = torch.where(inside, got, zt)
         with timer("head_combine"):
-            m64, s64, d64 = m, s, d
-            mx = m64.amax(0)  # [U, pc]
-            w = torch.exp(m64 - mx)  # [n_vc, U, pc]
-            lse = mx + torch.log((s64 * w).sum(0))  # [U, pc]
-            s_clean = (s64[:, 0] * w[:, 0]).sum(0)  # [pc] = sum_v exp(z_clean - mx_clean)
-            cross = (d64 * w[:, :1]).sum(0) / s_clean  # [U-1+nf, pc] = sum_v p_v (z_clean - z_g)
+            mx = m.amax(0)  # [U, pc]; m, s, d are float64 already
+            w = torch.exp(m - mx)  # [n_vc, U, pc]
+            lse = mx + torch.log((s * w).sum(0))  # [U, pc]
+            s_clean = (s[:, 0] * w[:, 0]).sum(0)  # [pc] = sum_v exp(z_clean - mx_clean)
+            cross = (d * w[:, :1]).sum(0) / s_clean  # [U-1+nf, pc] = sum_v p_v (z_clean - z_g)
             ce_u[:, p0:p1] = lse - zt.double()
             kl_u[1:, p0:p1] = cross[: U - 1] + lse[1:] - lse[:1]
             for j, (zf, lse_f) in enumerate(fixed):
