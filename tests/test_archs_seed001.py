@@ -387,6 +387,31 @@ def test_static_and_contrastive_counters():
         assert key in c, key
 
 
+def test_alive_usage_entropy_counts_only_latents_that_fired_within_the_dead_window():
+    """Dead latents spread over the groups keep the regulariser's usage entropy high while live ones
+    collapse (seed001_contrastive_hier on the benchmark): the *_alive counters must see only live ones."""
+    d_in, d_sae = 16, 128
+    x = torch.randn(48, d_in, generator=torch.Generator().manual_seed(11)) * 4
+    sae = build("seed001_contrastive_hier", d_in, d_sae).train()
+    sae.dead_window_tokens = 1000
+    sae.tokens_since_fired[:96] = 5000  # 96 dead latents, 32 alive
+    with torch.no_grad():
+        coarse, fine = (a[96:] for a in sae.live_assignments())
+    sae(x)
+    c = sae.counters()
+
+    def entropy_of_mean(a):
+        p = a.mean(0)
+        return float(-(p * p.log()).sum())
+
+    assert c["alive_latents"] == 32
+    assert c["usage_entropy_coarse_alive"] == pytest.approx(entropy_of_mean(coarse), rel=1e-5)
+    assert c["usage_entropy_fine_alive"] == pytest.approx(entropy_of_mean(fine), rel=1e-5)
+    sae.tokens_since_fired[:] = 5000  # none alive: defined as 0, not NaN
+    sae._refresh(*(a.detach() for a in sae.live_assignments()))
+    assert sae.counters()["alive_latents"] == 0 and sae.counters()["usage_entropy_fine_alive"] == 0.0
+
+
 # -- save / load ------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", PRESETS)
 def test_save_load_round_trip_after_input_scale_fold(preset, scratch):

@@ -592,6 +592,13 @@ class DynamicHierSAE(StaticHierSAE):
         st["fine_reassigned_last"] = moved_f
         usage = lambda a: float(usage_entropy(a))  # noqa: E731
         st["usage_entropy_coarse"], st["usage_entropy_fine"] = usage(coarse), usage(fine)
+        # The same over latents alive (fired within the dead window) only: dead latents count in the
+        # regulariser's usage too, and spread over the groups they can keep it near ln n while every live
+        # latent sits in two groups (seed001_contrastive_hier, docs/results/benchmark_findings.md).
+        alive = self.tokens_since_fired < getattr(self, "dead_window_tokens", 250_000)
+        st["alive_latents"] = int(alive.sum())
+        st["usage_entropy_coarse_alive"] = usage(coarse[alive]) if st["alive_latents"] else 0.0
+        st["usage_entropy_fine_alive"] = usage(fine[alive]) if st["alive_latents"] else 0.0
         # Mean per-latent entropy of the fine assignment (nats; ln 64 = 4.16 uniform, 0 one-hot):
         # the "mean entropy" of seed 001 sec. 6.1 (2.3 there).
         st["latent_entropy_fine"] = float(-(fine * fine.clamp_min(1e-12).log()).sum(-1).mean())
