@@ -412,6 +412,33 @@ def test_alive_usage_entropy_counts_only_latents_that_fired_within_the_dead_wind
     assert sae.counters()["alive_latents"] == 0 and sae.counters()["usage_entropy_fine_alive"] == 0.0
 
 
+def test_activity_weighted_entropy_sees_live_latents_collapsed_where_the_plain_one_does_not():
+    """entropy_over="activity": latents weighted by their batch activation, so dead latents spread over the
+    groups no longer hide that every live latent sits in one group."""
+    d_sae, n = 64, 8
+    sae = build("seed001_dynamic_hier", 16, d_sae, entropy_over="activity").train()
+    plain = build("seed001_dynamic_hier", 16, d_sae).train()
+    coarse = torch.zeros(d_sae, n)
+    coarse[:8, 0] = 1  # the 8 live latents all in group 0
+    coarse[8:] = torch.nn.functional.one_hot(torch.arange(56) % n, n).float()  # the dead ones spread evenly
+    fine = torch.nn.functional.one_hot(torch.arange(d_sae) % 64, 64).float()
+    f = torch.zeros(32, d_sae)
+    f[:, :8] = torch.rand(32, 8, generator=torch.Generator().manual_seed(3)) + 0.1
+    w = f.sum(0)
+    usage = (w[:, None] * coarse).sum(0) / w.sum()  # explicit: [1, 0, ..., 0]
+    gap_coarse = math.log(n) - float(-(usage[usage > 0] * usage[usage > 0].log()).sum())
+    assert gap_coarse == pytest.approx(math.log(n))
+    weighted = sae.entropy_reg(coarse, fine, weight=sae._entropy_weight(f))
+    unweighted = plain.entropy_reg(coarse, fine, weight=plain._entropy_weight(f))
+    fine_usage = (w[:, None] * fine).sum(0) / w.sum()
+    gap_fine = math.log(64) - float(-(fine_usage[fine_usage > 0] * fine_usage[fine_usage > 0].log()).sum())
+    assert float(weighted) == pytest.approx(0.01 * (gap_coarse + gap_fine), rel=1e-5)
+    assert float(unweighted) < 0.01 * 0.2 < float(weighted)  # the plain usage is almost balanced (7.5 of 8 per group)
+    assert sae._entropy_weight(torch.zeros(4, d_sae)) is None  # nothing fired: plain usage, no 0/0
+    with pytest.raises(ArchError, match="entropy_over"):
+        build("seed001_dynamic_hier", 16, d_sae, entropy_over="tokens")
+
+
 # -- save / load ------------------------------------------------------------------------
 @pytest.mark.parametrize("preset", PRESETS)
 def test_save_load_round_trip_after_input_scale_fold(preset, scratch):

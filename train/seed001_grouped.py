@@ -183,13 +183,15 @@ def _ortho_terms(gram_sq: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor
     return b1[off].sum(), b2[sibling_mask(coarse.shape[1], n_fine, b2.device)].sum()
 
 
-def usage_entropy(assign: torch.Tensor) -> torch.Tensor:
+def usage_entropy(assign: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy (nats) of the mean group usage ``mean_n assign[n]``: ``[d_sae, n] -> []`` float32.
 
     ``log n`` for balanced usage, 0 when every latent sits in one group (seed 001 sec. 4.3
-    "entropy regularization on group assignments").
+    "entropy regularization on group assignments"). With ``weight [d_sae]`` (>= 0, not all 0) the
+    usage is the ``weight``-weighted mean of the rows instead.
     """
-    usage = assign.float().mean(0)
+    a = assign.float()
+    usage = a.mean(0) if weight is None else (weight.float()[:, None] * a).sum(0) / weight.float().sum().clamp_min(1e-30)
     return -(usage * usage.clamp_min(1e-12).log()).sum()
 
 
@@ -495,8 +497,12 @@ class DynamicHierSAE(StaticHierSAE):
         contrast_temperature: InfoNCE temperature (paper: 0.1).
         contrast_over: ``"groups"`` (fine groups' batch patterns, default) or ``"tokens"``.
         view_noise: std of the second view's Gaussian noise, in units of each token's RMS.
+        entropy_over: what the usage entropy regulariser counts: ``"latents"`` (default: every latent
+            once, the paper's "entropy regularization on group assignments" read literally) or
+            ``"activity"`` (each latent weighted by its summed activation in the batch, so dead latents
+            cannot keep it high while the live ones collapse; not in the paper, a study option).
     Raises:
-        ArchError: bad ``contrast_over``, ``update_every < 1`` or too many groups.
+        ArchError: bad ``contrast_over`` or ``entropy_over``, ``update_every < 1`` or too many groups.
     Buffers: ``assign_coarse``, ``assign_fine`` (cached assignments, saved); the inherited static
     ``fine_ids`` layout is kept for the shared hierarchy code but unused by this class's loss.
     """
@@ -507,11 +513,12 @@ class DynamicHierSAE(StaticHierSAE):
                  n_fine: int = 8, alpha_l1: float = 0.4, alpha_l2: float = 0.2, d_key: int = 64,
                  temperature: float = 1.0, entropy_coeff: float = 0.01, update_every: int = 50,
                  contrast_coeff: float = 0.0, contrast_temperature: float = 0.1, contrast_over: str = "groups",
-                 view_noise: float = 0.1):
+                 view_noise: float = 0.1, entropy_over: str = "latents"):
         super().__init__(d_in, d_sae, seed, l1_coeff, n_coarse, n_fine, alpha_l1, alpha_l2)
-        if contrast_over not in ("groups", "tokens") or update_every < 1:
-            raise ArchError(f"contrast_over must be 'groups' or 'tokens' and update_every >= 1, "
-                            f"got {contrast_over!r}, {update_every}")
+        if contrast_over not in ("groups", "tokens") or entropy_over not in ("latents", "activity") or update_every < 1:
+            raise ArchError(f"contrast_over must be 'groups' or 'tokens', entropy_over 'latents' or 'activity' and "
+                            f"update_every >= 1, got {contrast_over!r}, {entropy_over!r}, {update_every}")
+        self.entropy_over = entropy_over
         self.d_key, self.init_temperature, self.entropy_coeff = d_key, temperature, entropy_coeff
         self.update_every, self.contrast_coeff, self.contrast_temperature = update_every, contrast_coeff, contrast_temperature
         self.contrast_over, self.view_noise = contrast_over, view_noise
@@ -538,7 +545,7 @@ class DynamicHierSAE(StaticHierSAE):
         return {**super().hparams(), "d_key": self.d_key, "temperature": self.init_temperature,
                 "entropy_coeff": self.entropy_coeff, "update_every": self.update_every,
                 "contrast_coeff": self.contrast_coeff, "contrast_temperature": self.contrast_temperature,
-                "contrast_over": self.contrast_over, "view_noise": self.view_noise}
+                "contrast_over": self.contrast_over, "view_noise": self.view_noise, "entropy_over": self.entropy_over}
 
     def live_assignments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 2 now: ``(coarse [d_sae, n_coarse], fine [d_sae, n_coarse*n_fine])`` float32, rows sum to 1."""
@@ -613,8 +620,11 @@ class DynamicHierSAE(StaticHierSAE):
         got = any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in self.attention_parameters())
         self._stats["assign_grad_steps"] = self._stats.get("assign_grad_steps", 0) + int(got)
 
-    def entropy_reg(self, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    def entropy_reg(self, coarse: torch.Tensor, fine: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``entropy_coeff * sum_levels (log n_l - H(usage_l))`` (scalar float32, >= 0).
+
+        ``usage_l`` is the mean of the level's assignment rows, or with ``weight [d_sae]`` (``entropy_over
+        = "activity"``: each latent's summed batch activation, no gradient) their weighted mean.
 
         :meth:`penalties` passes the LIVE assignments, value and gradient. Through the cached values
         (straight-through, as every term was taken before 2026-12-04) its gradient is taken at a point up to
@@ -628,8 +638,16 @@ class DynamicHierSAE(StaticHierSAE):
         :meth:`penalties` the encoder's gradient and every term's value come from the cached groups
         (the paper's 50-step updates) and the attention's gradient from the live ones.
         """
-        gap = lambda a: math.log(a.shape[1]) - usage_entropy(a)  # noqa: E731
+        gap = lambda a: math.log(a.shape[1]) - usage_entropy(a, weight)  # noqa: E731
         return self.entropy_coeff * (gap(coarse) + gap(fine))
+
+    def _entropy_weight(self, f: torch.Tensor) -> torch.Tensor | None:
+        """None (``entropy_over = "latents"``) or each latent's summed activation ``[d_sae]`` over the batch
+        ``f [batch, d_sae]``, detached (``"activity"``); None too for a batch where nothing fired."""
+        if self.entropy_over == "latents":
+            return None
+        w = f.detach().float().sum(0)
+        return w if bool(w.sum() > 0) else None
 
     def extra_state(self) -> dict:
         """Parent state plus ``noise_rng``: the second view's generator state (uint8 tensor)."""
@@ -666,7 +684,7 @@ class DynamicHierSAE(StaticHierSAE):
             at_live = _ortho_terms(gram_sq.detach(), *live, self.n_fine)
             t1, t2 = t1 + _live_grad(at_live[0]), t2 + _live_grad(at_live[1])
         out = {"l1": self.l1(f), "ortho_level1": self.alpha_l1 * t1, "ortho_level2": self.alpha_l2 * t2,
-               "entropy": self.entropy_reg(*(live or (coarse, fine)))}
+               "entropy": self.entropy_reg(*(live or (coarse, fine)), weight=self._entropy_weight(f))}
         terms = {"ortho_level1": t1, "ortho_level2": t2}
         if self.contrast_coeff > 0 and self.training:
             f2 = self.second_view(x)
