@@ -103,3 +103,20 @@ def test_final_counters_are_in_training_units_like_the_last_log_line(tiny_store,
     last = json.loads((folders["hsae"] / "train_log.jsonl").read_text().splitlines()[-1])["counters"]
     for key in ("enc_norm_level1", "skip_norm", "l0_level1", "l0_level2", "sparsity_multiplier"):
         assert saved["final_counters"][key] == pytest.approx(last[key], rel=1e-6), key
+
+
+def test_total_variance_is_the_two_pass_definition_also_far_from_the_origin():
+    """The FVU denominator's one-pass form (mean ||x||^2 - ||mean x||^2) against the float64 two-pass definition,
+    with the batch mean 30x the spread (||mean||^2 / variance ~ 900): the form cancels there, within its documented
+    bound (1e-8 x that ratio); forgetting the mean term errs by the ratio itself."""
+    from saestrata.train.trainer import total_variance
+
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randn(1024, 640, generator=gen)
+    for offset in (0.0, 30.0):
+        x = spread + offset * torch.randn(640, generator=gen)
+        x64 = x.double()
+        want = (x64 - x64.mean(0)).pow(2).sum(-1).mean()
+        assert total_variance(x).dtype == torch.float64
+        ratio = float(x64.mean(0).pow(2).sum() / want)
+        assert float(abs(total_variance(x) - want) / want) < 1e-6 + 1e-8 * ratio, (offset, ratio)
