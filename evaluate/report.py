@@ -176,17 +176,28 @@ def _plt():
     return plt
 
 
+LEGEND_INSIDE = 8  # series; a longer legend goes beside the axes, in columns of 24
+
+
 def _save(fig, ax, out: Path, drawn: int, xlabel: str, ylabel: str, **legend) -> Path | None:
-    """Label, save and close ``fig``; None (nothing written) when no series was drawn."""
+    """Label, save and close ``fig``; None (nothing written) when no series was drawn.
+
+    ``legend``: placement keywords for ``ax.legend``; without them a legend of more than :data:`LEGEND_INSIDE`
+    series is placed beside the axes (the saved image grows to hold it), so the axes keep their size.
+    """
     plt = _plt()
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, **legend)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    if drawn <= LEGEND_INSIDE or legend:
+        ax.legend(fontsize=7, **legend)
+        fig.tight_layout()
+        fig.savefig(out, dpi=100, bbox_inches="tight" if legend else None)
+    else:  # a legend of many series beside the axes: inside, tight_layout squashed the axes to a strip
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=math.ceil(drawn / 24))
+        fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out
 

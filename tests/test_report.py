@@ -115,3 +115,23 @@ def test_report_cli_matched_l0(run_dir, scratch):
     result = CliRunner().invoke(main, ["report", str(run_dir), "--out", str(out), "--matched-l0", "32"])
     assert result.exit_code == 0, result.output
     assert "At matched L0 32" in (out / "report.md").read_text()
+
+
+def test_a_plot_of_many_saes_keeps_its_axes_and_puts_the_legend_beside_them(tmp_path, monkeypatch):
+    """With 25 SAEs (50 legend entries) the legend inside the axes made tight_layout squash the unlearning plot's
+    axes to a thin strip (the benchmark's report/unlearning.png until 2026-12-05)."""
+    import matplotlib.pyplot as plt
+
+    from saestrata.evaluate import report
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    details = [{"kind": kind, "retain_accuracy": 0.5 + 0.01 * j, "forget_accuracy": 0.9 - 0.01 * j}
+               for kind in ("selected", "random") for j in range(5)]
+    results = [(tmp_path / f"sae{i}.json", {"eval_result_details": details}) for i in range(25)]
+    assert report._unlearning_plot(results, tmp_path / "u.png") == tmp_path / "u.png"
+    (fig,) = closed
+    (ax,) = fig.axes
+    assert ax.get_position().height > 0.6
+    legend_box = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
+    assert legend_box.x0 >= ax.get_window_extent(fig.canvas.get_renderer()).x1  # beside, not over the points
