@@ -176,7 +176,8 @@ def _plt():
     return plt
 
 
-LEGEND_INSIDE = 8  # series; a longer legend goes beside the axes, in columns of 24
+LEGEND_INSIDE = 8  # series; a longer legend goes beside the axes ...
+LEGEND_ROWS = 24  # ... in columns of this many entries
 
 
 def _save(fig, ax, out: Path, drawn: int, xlabel: str, ylabel: str, **legend) -> Path | None:
@@ -191,13 +192,13 @@ def _save(fig, ax, out: Path, drawn: int, xlabel: str, ylabel: str, **legend) ->
         return None
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if drawn <= LEGEND_INSIDE or legend:
-        ax.legend(fontsize=7, **legend)
+    many = drawn > LEGEND_INSIDE and not legend  # inside, tight_layout squashed the axes to a strip
+    if many:
+        legend = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "ncol": math.ceil(drawn / LEGEND_ROWS)}
+    ax.legend(fontsize=6 if many else 7, **legend)
+    if not many:
         fig.tight_layout()
-        fig.savefig(out, dpi=100, bbox_inches="tight" if legend else None)
-    else:  # a legend of many series beside the axes: inside, tight_layout squashed the axes to a strip
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=math.ceil(drawn / 24))
-        fig.savefig(out, dpi=100, bbox_inches="tight")
+    fig.savefig(out, dpi=100, bbox_inches="tight" if legend else None)
     plt.close(fig)
     return out
 
