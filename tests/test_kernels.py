@@ -87,6 +87,44 @@ def test_sparse_matches_dense_auxk_pair_lists(arch, monkeypatch):
     assert float(out_d.losses["auxk"].detach()) > 0
 
 
+def _push_dead_down(saes, keep_positive: int = 0):
+    """Dead latents' encoder biases made very negative (their pre-activations never positive), but for
+    the first ``keep_positive`` of them: the state of a trained SAE's dead latents (issue 14)."""
+    for sae in saes:
+        dead = (sae.tokens_since_fired >= sae.dead_window_tokens).nonzero().flatten()
+        with torch.no_grad():
+            sae.b_enc[dead[keep_positive:]] = -1e3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_auxk_with_no_positive_dead_pre_acts_is_its_constant_and_counts_no_pairs(arch):
+    dense, sparse = _pair(arch, 3)
+    _push_dead_down((dense, sparse))
+    out_d, out_s = _assert_same_step(dense, sparse, _inputs(4))
+    assert float(out_s.losses["auxk"]) == pytest.approx(sparse.aux_coeff, rel=1e-6)  # ||0 - e||^2 / ||e||^2
+    assert dense.counters()["auxk_dead"] == sparse.counters()["auxk_dead"] == 32
+    assert dense.counters()["auxk_pairs"] == sparse.counters()["auxk_pairs"] == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_auxk_takes_the_pair_lists_when_few_dead_pre_acts_survive_the_relu(arch, monkeypatch):
+    # 32 dead latents and k_aux 12 chose the dead-column matmuls by count; with two dead latents able to
+    # reach a positive pre-activation the work follows the surviving pairs instead, with the same result.
+    dense, sparse = _pair(arch, 3)
+    _push_dead_down((dense, sparse), keep_positive=2)
+
+    def no_matmuls(*args, **kwargs):
+        raise AssertionError("AuxK ran the dead-column matmuls for a handful of positive pairs")
+
+    monkeypatch.setattr(topk_module, "gather_columns", no_matmuls)
+    out_d, _ = _assert_same_step(dense, sparse, _inputs(5))
+    assert abs(float(out_d.losses["auxk"].detach()) - dense.aux_coeff) > 1e-5  # the two latents decode something
+    pairs = dense.counters()["auxk_pairs"]
+    assert 0 < pairs <= 2 * BATCH and sparse.counters()["auxk_pairs"] == pairs
+    dead = dense.tokens_since_fired >= dense.dead_window_tokens
+    assert float(sparse.W_dec.grad[dead].abs().max()) > 0
+
+
 def test_matryoshka_prefixes_sum_only_latents_below_their_boundary():
     _, sparse = _pair("matryoshka", None)
     x = _inputs(3)

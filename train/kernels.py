@@ -203,10 +203,10 @@ class _GatherPreActs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, pre, act):
-        """Autograd forward; shapes and formula in the class docstring."""
+        """Autograd forward; shapes and formula in the class docstring (``pre`` ``[N]``: already gathered)."""
         ctx.act = act
         ctx.save_for_backward(x, b_dec, W_enc)
-        return pre[act.rows, act.cols].float()
+        return pre[act.rows, act.cols].float() if pre.dim() == 2 else pre.float().clone()
 
     @staticmethod
     def backward(ctx, grad):
@@ -241,11 +241,11 @@ class _GatherColumns(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, pre, cols):
-        """Autograd forward; shapes and formula in the class docstring."""
+    def forward(ctx, x, b_dec, W_enc, b_enc, pre, cols, selected):
+        """Autograd forward; shapes and formula in the class docstring (``selected``: ``pre`` is ``pre[:, cols]``)."""
         ctx.save_for_backward(x, b_dec, W_enc, cols)
         ctx.mm_dtype = _autocast_dtype(x.device.type)
-        return pre.index_select(1, cols)
+        return pre.clone() if selected else pre.index_select(1, cols)
 
     @staticmethod
     def backward(ctx, grad):
@@ -260,14 +260,15 @@ class _GatherColumns(torch.autograd.Function):
             if need_W:
                 xc = x.float() - b_dec.float()
                 block = (xc.t().to(ctx.mm_dtype) @ g.to(ctx.mm_dtype)).float()  # [d_in, n]
-                d_W = W_enc.new_zeros(W_enc.shape, dtype=torch.float32).index_copy_(1, cols, block)
+                # in W_enc's own (column-major) layout: accumulating a row-major one into it was a strided copy
+                d_W = torch.zeros_like(W_enc, dtype=torch.float32).index_copy_(1, cols, block)
             if need_b_enc:
                 d_b_enc = g.new_zeros(W_enc.shape[1]).index_copy_(0, cols, col_sum)
             if need_b_dec:
                 d_b_dec = -(w_cols @ col_sum)
             if need_x:
                 d_x = (g.to(ctx.mm_dtype) @ w_cols.t().to(ctx.mm_dtype)).to(x.dtype)
-        return d_x, d_b_dec, d_W, d_b_enc, None, None
+        return d_x, d_b_dec, d_W, d_b_enc, None, None, None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype:
@@ -332,17 +333,19 @@ def gather_pre_acts(x: torch.Tensor, sae, pre: torch.Tensor, act: ActiveSet) -> 
     """Selected pre-activations ``pre[act.rows, act.cols]`` as fp32 ``[N]``, differentiable in the SAE.
 
     ``x`` ``[B, d_in]``; ``sae`` has ``b_dec, W_enc [d_in, d_sae], b_enc``; ``pre`` ``[B, d_sae]``
-    is ``sae.pre_acts(x)`` computed under ``torch.no_grad()`` (any float dtype).
+    is ``sae.pre_acts(x)`` computed under ``torch.no_grad()`` (any float dtype), or ``[N]``: those
+    entries already gathered, in ``act``'s pair order.
     """
     return _GatherPreActs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, pre.detach(), act)
 
 
-def gather_columns(x: torch.Tensor, sae, pre: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def gather_columns(x: torch.Tensor, sae, pre: torch.Tensor, cols: torch.Tensor, selected: bool = False) -> torch.Tensor:
     """``pre[:, cols]`` ``[B, n]`` (``pre``'s dtype), differentiable in the SAE's encoder; see :class:`_GatherColumns`.
 
-    ``cols`` long ``[n]``; ``pre`` is ``sae.pre_acts(x)`` computed under ``torch.no_grad()``.
+    ``cols`` long ``[n]``; ``pre`` is ``sae.pre_acts(x)`` computed under ``torch.no_grad()``, or, with
+    ``selected``, already its columns ``pre[:, cols]`` ``[B, n]``.
     """
-    return _GatherColumns.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, pre.detach(), cols)
+    return _GatherColumns.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, pre.detach(), cols, selected)
 
 
 def sparse_decode(vals: torch.Tensor, W_dec: torch.Tensor, act: ActiveSet) -> torch.Tensor:
