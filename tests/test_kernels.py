@@ -125,6 +125,25 @@ def test_auxk_takes_the_pair_lists_when_few_dead_pre_acts_survive_the_relu(arch,
     assert float(sparse.W_dec.grad[dead].abs().max()) > 0
 
 
+def test_fused_auxk_pairs_keep_the_clip_norms_exact(monkeypatch):
+    # The fused topk step adds AuxK's pair gradients into its own gradient rows and corrects the squared
+    # norms it hands the gradient clip (train/fused.py); they must be the norms of the final gradients.
+    calls = []
+    real = topk_module.fused_topk
+    monkeypatch.setattr(topk_module, "fused_topk", lambda *a, **kw: calls.append(kw.get("aux")) or real(*a, **kw))
+    dense, sparse = _pair("topk", 3)
+    _push_dead_down((dense, sparse), keep_positive=2)
+    _assert_same_step(dense, sparse, _inputs(6))
+    assert len(calls) == 1 and calls[0] is not None and len(calls[0].act) > 0  # AuxK went through the fused op
+    known = sparse.grad_sq_norms()
+    assert known, "the fused backward's norms were invalidated"
+    w = sparse.W_dec.detach().double()
+    g_dec = sparse.W_dec.grad.double()
+    projected = g_dec - (g_dec * w).sum(-1, keepdim=True) * w
+    assert known[sparse.W_enc] == pytest.approx(float(sparse.W_enc.grad.double().pow(2).sum()), rel=1e-5)
+    assert known[sparse.W_dec] == pytest.approx(float(projected.pow(2).sum()), rel=1e-5)
+
+
 def test_matryoshka_prefixes_sum_only_latents_below_their_boundary():
     _, sparse = _pair("matryoshka", None)
     x = _inputs(3)
@@ -241,7 +260,7 @@ def test_topk_fused_step_is_taken_and_equals_the_unfused_sparse_and_dense(dead_e
     """On CPU the topk SAE trains through train/fused.py; the pair-list kernels stay its fallback."""
     calls = []
     real = topk_module.fused_topk
-    monkeypatch.setattr(topk_module, "fused_topk", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(topk_module, "fused_topk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     dense, sparse = _pair("topk", dead_every)
     _, out = _assert_same_step(dense, sparse, _inputs(8))
     assert calls == [1] and out.sq_error is not None

@@ -95,7 +95,7 @@ def test_sampled_dot_kernel_equals_sampled_addmm():
     """The decoder backward's dot products: compiled kernel vs torch's sparse sampled_addmm."""
     import warnings
 
-    from saestrata.train.kernels import ActiveSet, _sampled_dot
+    from saestrata.train.kernels import ActiveSet, sampled_dot
 
     torch.manual_seed(4)
     rows = torch.arange(50).repeat_interleave(6)
@@ -104,7 +104,7 @@ def test_sampled_dot_kernel_equals_sampled_addmm():
     keep[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])  # unique pairs
     act = ActiveSet(rows[keep], cols[keep], 50, 300)
     g, w = torch.randn(50, 37), torch.randn(300, 37)
-    got = _sampled_dot(g, w, act)
+    got = sampled_dot(g, w, act)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mask = torch.sparse_csr_tensor(act.bag_crow, act.cols, g.new_zeros(len(act)), (50, 300))
@@ -132,7 +132,8 @@ def test_fused_topk_forward_backward_equal_dense_autograd(mm_dtype):
     x[:6] *= 0.05  # rows whose pre-activations are about b_enc: some winners are <= 0
     x.requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mm_dtype == torch.bfloat16):
-        mse, x_hat, idx, val, mm = fused_topk(x, sae, k)
+        mse, aux, x_hat, idx, val, mm = fused_topk(x, sae, k)
+    assert float(aux.detach()) == 0  # no AuxK pairs given
     assert mm.dtype == mm_dtype and not x_hat.requires_grad
     params = [x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     grads = torch.autograd.grad(mse * 3.0, params)  # a non-unit upstream gradient reaches every parameter

@@ -20,6 +20,11 @@ as much as the sparse maths itself. Here, for the plain ``topk`` SAE on CPU:
   and the squared norms of both gradients on the way; ``db_dec = sum_b g[b] - W_enc db_enc`` and
   (only if asked) ``dx`` are torch ops. The norms go to a :class:`GradSqNorms` the caller passed, so the
   gradient clip (train/optim.py) needs no pass over the ``[d_sae, d_in]`` gradients.
+* AuxK (Gao et al. 2024, app. A.2), when its few positive (token, dead latent) pairs are handed in
+  (:class:`AuxKPairs`; the usual case once latents die): its decode and loss in the same node, and in the
+  backward its gradients added to the touched latents' rows of the gradients above, with their squared
+  norms corrected, instead of a second autograd graph whose ``[d_sae, d_in]`` gradients would be
+  accumulated into these and would invalidate the norms (``bench/topk_auxk.py``).
 
 Same maths as the dense path (Gao et al. 2024, sec. 2.3); tests/test_kernels.py compares
 losses and gradients with ``kernels="dense"``. Where the compiled module is missing
@@ -29,9 +34,12 @@ losses and gradients with ``kernels="dense"``. Where the compiled module is miss
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
+from .kernels import sampled_dot
 from .native import load_native
 
 
@@ -72,71 +80,151 @@ class GradSqNorms:
         return known
 
 
+class AuxKPairs(NamedTuple):
+    """An AuxK term on few (token, dead latent) pairs (:meth:`.topk.AuxKMixin.auxk_plan`) for :func:`fused_topk`.
+
+    ``act``: the pairs (:class:`.kernels.ActiveSet`, ``N`` pairs, rows ``B``, latents ``d_sae``); ``vals`` fp32
+    ``[N]`` their pre-activations, all > 0 (ReLU'd pairs are left out); ``coeff`` AuxK's weight.
+    """
+
+    act: object
+    vals: torch.Tensor
+    coeff: float
+
+
 class _FusedTopK(torch.autograd.Function):
-    """``(mse, x_hat [B, D] fp32, idx long [B, k], val fp32 [B, k])`` from ``mm`` ``[B, L]``; only ``mse``
-    (``||x_hat - x||^2`` summed over ``D``, mean over ``B``) carries a gradient, into ``x, b_dec, W_enc,
-    b_enc, W_dec`` (module docstring): the loss is part of the fused op, so autograd records one node
-    instead of the five of ``(x_hat - x).pow(2).sum(-1).mean()``."""
+    """``(mse, aux, x_hat [B, D] fp32, idx long [B, k], val fp32 [B, k])`` from ``mm`` ``[B, L]``; ``mse``
+    (``||x_hat - x||^2`` summed over ``D``, mean over ``B``) and ``aux`` (AuxK on given pairs, or 0) carry
+    gradients, into ``x, b_dec, W_enc, b_enc, W_dec`` (module docstring): the losses are part of the fused
+    op, so autograd records one node instead of the five of ``(x_hat - x).pow(2).sum(-1).mean()``, and the
+    AuxK pairs' gradients are added to the rows of the backward's own gradients (no ``[L, D]`` temporaries)."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, mm, k, norms):
-        """Autograd forward: the compiled top-k of ``mm + b_enc``, the decode, the squared error."""
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, mm, k, norms, aux):
+        """Autograd forward: the compiled top-k of ``mm + b_enc``, the decode, the squared error, AuxK."""
         mod = load_native()
         xf = x.detach().float()
         with torch.profiler.record_function("saestrata::topk_fused_forward"):  # named in bench/topk_profile.py
             idx, val, x_hat, e, sq, de = mod.topk_fused_forward(mm, b_enc.detach(), k, W_dec.detach(),
                                                                  b_dec.detach(), xf)
         mse = sq.mean()
-        ctx.save_for_backward(xf, e, de, b_dec, W_enc, idx, val)
-        ctx.x_dtype, ctx.norms = x.dtype, norms
+        aux_loss, diff = mse.new_zeros(()), None
+        if aux is not None:  # e_hat decodes the residual x - x_hat = -e; its loss is normalised by ||e||^2 = mse
+            e_hat = F.embedding_bag(aux.act.cols, W_dec.detach(), aux.act.bag_crow[:-1], mode="sum",
+                                    per_sample_weights=aux.vals)
+            diff = e_hat.add_(e)  # e_hat - (x - x_hat)
+            aux_loss = aux.coeff * diff.pow(2).sum(-1).mean() / mse.clamp_min(1e-12)
+        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, idx, val, diff, mse)
+        ctx.x_dtype, ctx.norms, ctx.aux = x.dtype, norms, aux
         ctx.mark_non_differentiable(x_hat, idx, val)
-        return mse, x_hat, idx, val
+        return mse, aux_loss, x_hat, idx, val
 
     @staticmethod
-    def backward(ctx, grad_mse, _grad_x_hat, _grad_idx, _grad_val):
-        """Gradients of the inputs that need them; None for ``mm``, ``k`` and ``norms``."""
-        xf, e, de, b_dec, W_enc, idx, val = ctx.saved_tensors
+    def backward(ctx, grad_mse, grad_aux, _grad_x_hat, _grad_idx, _grad_val):
+        """Gradients of the inputs that need them; None for ``mm``, ``k``, ``norms`` and ``aux``."""
+        xf, e, de, b_dec, W_enc, W_dec, idx, val, diff, mse = ctx.saved_tensors
         need_x, need_b_dec = ctx.needs_input_grad[:2]
         coef = 2 * float(grad_mse) / xf.shape[0]  # g = d mse / d x_hat = coef e
         with torch.profiler.record_function("saestrata::topk_fused_backward"):
             dv, d_W_enc_t, d_b_enc, d_W_dec, w_db, sq = load_native().topk_fused_backward(
                 e, coef, idx, val, de, xf, b_dec.detach(), W_enc.detach().t())
-        if ctx.norms is not None:
-            ctx.norms.record(d_W_enc_t, d_W_dec, sq)
         d_x = d_b_dec = None
         if need_b_dec:
             d_b_dec = e.sum(0).mul_(coef) - w_db  # w_db = W_enc @ db_enc, formed inside the kernel
         if need_x:  # through the error term and through the encoder
             enc = F.embedding_bag(idx, W_enc.detach().t().contiguous(), mode="sum", per_sample_weights=dv)
             d_x = (enc - e * coef).to(ctx.x_dtype)
+        aux_scale = float(grad_aux) * 2 * ctx.aux.coeff / (xf.shape[0] * float(mse.clamp_min(1e-12))) \
+            if ctx.aux is not None else 0.0
+        if aux_scale != 0.0:
+            d_x_aux, d_b_dec_aux = _auxk_backward(ctx.aux, diff.mul(aux_scale), xf, b_dec.detach(), W_enc.detach(),
+                                                  W_dec.detach(), d_W_enc_t, d_b_enc, d_W_dec, sq, need_x)
+            d_b_dec = d_b_dec - d_b_dec_aux if d_b_dec is not None else None
+            d_x = d_x + d_x_aux.to(ctx.x_dtype) if d_x is not None else None
+        if ctx.norms is not None:
+            ctx.norms.record(d_W_enc_t, d_W_dec, sq)
         # dW_enc comes out latent-major, the layout of the SAEs' column-major W_enc (train/optim.py)
-        return d_x, d_b_dec, d_W_enc_t.t(), d_b_enc, d_W_dec, None, None, None
+        return d_x, d_b_dec, d_W_enc_t.t(), d_b_enc, d_W_dec, None, None, None, None
 
 
-def fused_topk(x: torch.Tensor, sae, k: int, norms: GradSqNorms | None = None):
-    """A TopK SAE's training forward and reconstruction loss: ``(mse, x_hat, idx, val, mm)``.
+def _row_sq(rows: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
+    """fp64 sum of ``||r||^2`` over ``rows`` ``[n, D]``, or of ``||r - <r, w> w||^2`` with ``unit`` rows ``w``."""
+    r = rows.double()
+    if unit is not None:
+        w = unit.double()
+        r = r - (r * w).sum(-1, keepdim=True) * w
+    return r.pow(2).sum()
+
+
+def _auxk_backward(aux: AuxKPairs, g: torch.Tensor, xf, b_dec, W_enc, W_dec, d_W_enc_t, d_b_enc, d_W_dec, sq,
+                   need_x: bool):
+    """Add the AuxK pairs' gradients into the fused backward's ``d_W_enc_t``, ``d_b_enc``, ``d_W_dec`` (in place,
+    only the latents the pairs touch) and their squared norms into ``sq`` (so the clip's norms stay exact).
+
+    ``g`` fp32 ``[B, D]`` = d aux / d e_hat. Per pair ``(r, c)`` with value ``a``: ``dW_dec[c] += a g[r]``,
+    ``da = <g[r], W_dec[c]>``, ``dW_enc[:, c] += da (x[r] - b_dec)``, ``db_enc[c] += da``. Returns
+    ``(d_x or None, W_enc @ db_enc_aux)``: the caller subtracts the latter from ``db_dec``.
+    """
+    act = aux.act
+    da = sampled_dot(g, W_dec, act)  # [N]
+    perm, crow = act.by_latent
+    touched = (crow[1:] > crow[:-1]).nonzero().flatten()  # latents with a pair, ascending
+    offsets = crow[touched]
+    rows = act.rows[perm]
+    w_touched = W_dec.index_select(0, touched)
+    old_dec, old_enc = d_W_dec.index_select(0, touched), d_W_enc_t.index_select(0, touched)
+    add_dec = F.embedding_bag(rows, g, offsets, mode="sum", per_sample_weights=aux.vals[perm])
+    add_enc = F.embedding_bag(rows, xf - b_dec, offsets, mode="sum", per_sample_weights=da[perm])
+    new_dec, new_enc = old_dec + add_dec, old_enc + add_enc
+    d_W_dec.index_copy_(0, touched, new_dec)
+    d_W_enc_t.index_copy_(0, touched, new_enc)
+    sq[0] += _row_sq(new_dec, w_touched) - _row_sq(old_dec, w_touched)
+    sq[1] += _row_sq(new_enc) - _row_sq(old_enc)
+    db_enc = torch.zeros_like(d_b_enc).index_add_(0, act.cols, da)
+    d_b_enc += db_enc
+    # rows of W_enc^T: index_select on the column-major W_enc would first copy all of it contiguous
+    w_db = db_enc.index_select(0, touched) @ W_enc.t().index_select(0, touched)
+    d_x = None
+    if need_x:
+        d_x = F.embedding_bag(act.cols, W_enc.t().contiguous(), act.row_crow[:-1], mode="sum", per_sample_weights=da)
+    return d_x, w_db
+
+
+def encoder_mm(x: torch.Tensor, sae) -> torch.Tensor:
+    """``(x - b_dec) @ W_enc`` without autograd: the TopK step's one dense matmul, in autocast's dtype as in
+    :meth:`.base.SAE.pre_acts` (bf16 ``[B, d_sae]`` under the trainer's autocast, else fp32)."""
+    with torch.no_grad():
+        return (x - sae.b_dec) @ sae.W_enc
+
+
+def fused_topk(x: torch.Tensor, sae, k: int, norms: GradSqNorms | None = None, mm: torch.Tensor | None = None,
+               aux: AuxKPairs | None = None):
+    """A TopK SAE's training forward and losses: ``(mse, aux_loss, x_hat, idx, val, mm)``.
 
     Args:
         x: ``[B, d_in]`` inputs (fp32 or bf16) on CPU.
         sae: has fp32 ``b_dec [d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``.
         k: latents kept per row, ``1 <= k <= d_sae``.
         norms: where the backward leaves the gradient norms it computes (:class:`GradSqNorms`), if given.
+        mm: :func:`encoder_mm` of ``x`` if the caller already has it (computed here otherwise).
+        aux: AuxK pairs to add to the step (:class:`AuxKPairs`), if any.
     Returns:
         ``mse`` fp32 scalar, ``||x_hat - x||^2`` summed over ``d_in`` and averaged over the batch (the
         ``mse`` term of :class:`~.base.ForwardOutput`), differentiable in the SAE's parameters and
-        ``x``; ``x_hat`` fp32 ``[B, d_in]`` (no gradient: the loss above is its only differentiable
-        use); ``idx`` long ``[B, k]`` (each row's winners, ascending); ``val`` fp32 ``[B, k]`` their
-        pre-activations before the ReLU (pairs with ``val <= 0`` add nothing); ``mm`` ``[B, d_sae]``
-        the bias-free encoder matmul (autocast's dtype), from which ``mm + b_enc`` gives the dense
-        ``pre`` when needed (AuxK).
+        ``x``; ``aux_loss`` fp32 scalar, ``coeff ||e_hat - (x - x_hat)||^2 / ||x - x_hat||^2`` (batch means; Gao et
+        al. 2024, app. A.2) with ``e_hat`` the pairs' decode, differentiable in the SAE (0 without ``aux``);
+        ``x_hat`` fp32 ``[B, d_in]`` (no gradient: the losses above are its only differentiable use); ``idx``
+        long ``[B, k]`` (each row's winners, ascending); ``val`` fp32 ``[B, k]`` their pre-activations before
+        the ReLU (pairs with ``val <= 0`` add nothing); ``mm`` ``[B, d_sae]`` the bias-free encoder matmul, from
+        which ``mm + b_enc`` gives the dense ``pre`` when needed.
     Raises:
         RuntimeError: from the compiled module on shape or dtype mismatches (callers check
             :func:`fused_available` first).
     """
-    with torch.no_grad():
-        mm = (x - sae.b_dec) @ sae.W_enc  # the one dense matmul, in autocast's dtype as in SAE.pre_acts
-    mse, x_hat, idx, val = _FusedTopK.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, mm, k, norms)
-    return mse, x_hat, idx, val, mm
+    mm = encoder_mm(x, sae) if mm is None else mm
+    mse, aux_loss, x_hat, idx, val = _FusedTopK.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, mm, k, norms,
+                                                      aux)
+    return mse, aux_loss, x_hat, idx, val, mm
 
 
-__all__ = ["GradSqNorms", "fused_available", "fused_topk"]
+__all__ = ["AuxKPairs", "GradSqNorms", "encoder_mm", "fused_available", "fused_topk"]

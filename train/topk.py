@@ -16,11 +16,13 @@ only and is not saved with the SAE.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .arch_info import ArchInfo
 from .base import SAE, ForwardOutput
-from .fused import GradSqNorms, fused_available, fused_topk
+from .fused import AuxKPairs, GradSqNorms, encoder_mm, fused_available, fused_topk
 from .native import rowwise_topk_indices
 from .kernels import ActiveSet, check_kernels, gather_columns, gather_pre_acts, sparse_decode
 
@@ -28,6 +30,20 @@ from .kernels import ActiveSet, check_kernels, gather_columns, gather_pre_acts, 
 # lists below. Measured here at d_in 640, d_sae 4096, k_aux 320, batch 1024 (fwd+bwd, 1 thread):
 # the matmuls won up to n_dead = 2048 (k_aux / n_dead = 0.16), the pair lists at 4096 (0.08).
 AUXK_DENSE_SHARE = 8
+
+
+@dataclass
+class AuxKPlan:
+    """One step's AuxK work (:meth:`AuxKMixin.auxk_plan`): ``kind`` ``"none"`` / ``"constant"`` / ``"columns"``
+    (``dead`` long ``[n_dead]`` ascending, ``dead_pre`` ``[batch, n_dead]``, ``k_aux``) / ``"pairs"`` (``act``
+    the pairs above 0, ``vals`` fp32 ``[N]`` their pre-activations in ``act``'s order)."""
+
+    kind: str
+    dead: torch.Tensor | None = None
+    dead_pre: torch.Tensor | None = None
+    k_aux: int = 0
+    act: ActiveSet | None = None
+    vals: torch.Tensor | None = None
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,39 +88,51 @@ class AuxKMixin:
         e_hat = (f_aux @ self.W_dec).float()
         return self.aux_coeff * (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-12)
 
-    def auxk_loss_sparse(self, x: torch.Tensor, pre, x_hat: torch.Tensor) -> torch.Tensor:
-        """:meth:`auxk_loss` for the sparse kernels. ``pre`` is the ``[batch, d_sae]`` pre-activations
-        computed without autograd, or a function ``cols -> pre[:, cols]`` (fp32 ``[batch, len(cols)]``),
-        called only when a latent is dead and only for the dead columns (the fused step never forms ``pre``).
+    def auxk_plan(self, pre) -> AuxKPlan:
+        """Which AuxK work this step needs, from the dead latents' pre-activations (no autograd).
 
-        Same maths: the ``k_aux`` largest pre-activations among dead latents, ReLU'd, decode the
-        detached residual. Only the pairs that survive the ReLU add to ``e_hat`` or get a gradient, so
-        the work follows their number ``n_pos``: none (dead latents rarely reach a positive
-        pre-activation: ~0.03% of (token, dead latent) pairs on layer 8, issue 14) gives the loss's
-        constant value ``aux_coeff`` without a graph, as the dense path's zero ``e_hat`` does; a few go
-        through the pair-list kernels; a block denser than ``1 / AUXK_DENSE_SHARE`` through matmuls on the
-        dead columns only. Selections equal the dense path's ``-inf`` mask up to tie order.
+        ``pre`` is the ``[batch, d_sae]`` pre-activations, or a function ``cols -> pre[:, cols]`` (fp32
+        ``[batch, len(cols)]``), called only when a latent is dead and only for the dead columns (the fused
+        step never forms ``pre``). The ``k_aux`` largest pre-activations among dead latents are ReLU'd, so
+        only the pairs above 0 add to ``e_hat`` or get a gradient, and the work follows their number
+        ``n_pos`` (the ``auxk_pairs`` counter): ``"none"`` (no dead latent: the term is 0); ``"constant"``
+        (``n_pos`` 0, the usual case once latents die: ~0.03% of (token, dead latent) pre-activations are
+        positive on layer 8, docs/results/benchmark_findings.md; the term is its constant ``aux_coeff`` without
+        a graph, as the dense path's zero ``e_hat`` gives); ``"pairs"`` (pair lists); ``"columns"`` (a block
+        denser than ``1 / AUXK_DENSE_SHARE``: matmuls on the dead columns only). Selections equal the dense
+        path's ``-inf`` mask up to tie order.
         """
         dead = (self.tokens_since_fired >= self.dead_window_tokens).nonzero().flatten()
         self._auxk_pairs = 0
         if dead.numel() == 0:
-            return x.new_zeros((), dtype=torch.float32)
+            return AuxKPlan("none")
         dead_pre = pre(dead) if callable(pre) else pre.index_select(1, dead)  # [batch, n_dead], no autograd
         k_aux = min(self.aux_k, dead.numel())
         values, j = dead_pre.topk(k_aux, dim=-1, sorted=False)
         n_pos = self._auxk_pairs = int((values > 0).sum())
-        e = (x - x_hat).detach().float()
-        e_sq = e.pow(2).sum(-1).mean()
         if n_pos == 0:
+            return AuxKPlan("constant")
+        if n_pos * AUXK_DENSE_SHARE >= dead_pre.numel():
+            return AuxKPlan("columns", dead, dead_pre, k_aux)
+        act = ActiveSet.from_rowwise(values, dead[j], self.d_sae)  # drops the pairs ReLU'd away
+        local = torch.searchsorted(dead, act.cols)  # dead is ascending (nonzero)
+        return AuxKPlan("pairs", act=act, vals=dead_pre[act.rows, local].float())
+
+    def auxk_loss_sparse(self, x: torch.Tensor, pre, x_hat: torch.Tensor, plan: AuxKPlan | None = None) -> torch.Tensor:
+        """:meth:`auxk_loss` for the sparse kernels: the same maths, with the work :meth:`auxk_plan`
+        chose (``plan``, or planned here from ``pre``)."""
+        plan = plan or self.auxk_plan(pre)
+        if plan.kind == "none":
+            return x.new_zeros((), dtype=torch.float32)
+        e = (x - x_hat).detach().float()
+        if plan.kind == "constant":
             e_hat = torch.zeros_like(e)
-        elif n_pos * AUXK_DENSE_SHARE >= dead_pre.numel():
-            f_aux = topk_relu(gather_columns(x, self, dead_pre, dead, selected=True), k_aux)  # [batch, n_dead]
-            e_hat = (f_aux @ self.W_dec[dead]).float()
+        elif plan.kind == "columns":
+            f_aux = topk_relu(gather_columns(x, self, plan.dead_pre, plan.dead, selected=True), plan.k_aux)
+            e_hat = (f_aux @ self.W_dec[plan.dead]).float()  # f_aux: [batch, n_dead]
         else:
-            act = ActiveSet.from_rowwise(values, dead[j], self.d_sae)  # drops the pairs ReLU'd away
-            local = torch.searchsorted(dead, act.cols)  # dead is ascending (nonzero)
-            e_hat = sparse_decode(gather_pre_acts(x, self, dead_pre[act.rows, local], act), self.W_dec, act)
-        return self.aux_coeff * (e_hat - e).pow(2).sum(-1).mean() / e_sq.clamp_min(1e-12)
+            e_hat = sparse_decode(gather_pre_acts(x, self, plan.vals, plan.act), self.W_dec, plan.act)
+        return self.aux_coeff * (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-12)
 
 
 class SparseKernelsMixin:
@@ -191,10 +219,14 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         if not fused_available(self, x):
             return super().sparse_forward(x)
         self._grad_norms = GradSqNorms()
-        mse, x_hat, idx, val, mm = fused_topk(x, self, self.k, self._grad_norms)
+        mm = encoder_mm(x, self)
+        b_enc = self.b_enc.detach()  # dead columns' pre = mm + b_enc, formed only if a latent is dead
+        plan = self.auxk_plan(lambda cols: mm.index_select(1, cols) + b_enc.index_select(0, cols))
+        pairs = AuxKPairs(plan.act, plan.vals, self.aux_coeff) if plan.kind == "pairs" else None  # fused in
+        mse, auxk, x_hat, idx, val, mm = fused_topk(x, self, self.k, self._grad_norms, mm=mm, aux=pairs)
+        if pairs is None:
+            auxk = self.auxk_loss_sparse(x, None, x_hat, plan=plan)
         act = ActiveSet.from_rowwise(val, idx, self.d_sae)
-        b_enc = self.b_enc.detach()  # dead columns' pre = mm + b_enc, formed only if AuxK acts
-        auxk = self.auxk_loss_sparse(x, lambda cols: mm.index_select(1, cols) + b_enc.index_select(0, cols), x_hat)
         return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act,
                              values=val.flatten() if len(act) == val.numel() else val[val > 0],
                              f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype), sq_error=mse.detach())
