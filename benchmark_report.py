@@ -608,12 +608,27 @@ def _final_counters(folder: Path) -> dict:
     return {**(cfg.get("final_counters") or {}), **_last_log_line(folder).get("counters", {})}
 
 
+def auxk_unexplained(folder: Path, counters: dict) -> dict:
+    """``{"auxk_unexplained": r}`` for an SAE with AuxK and dead latents, else ``{}``.
+
+    ``r`` = the last train-log window's ``auxk`` term over its coefficient ``aux_coeff`` (``cfg.json``), i.e.
+    ``||e_hat - e||^2 / ||e||^2`` of AuxK's reconstruction of the residual (Gao et al. 2024, app. A.2): 1 means
+    AuxK reconstructs none of it (inert although ``auxk_dead`` > 0; docs/results/benchmark_findings.md), and
+    its gradient then revives no latent.
+    """
+    hparams = json.loads((folder / "cfg.json").read_text())["saestrata"].get("hparams", {})
+    last = _last_log_line(folder)
+    if not counters.get("auxk_dead") or not hparams.get("aux_coeff") or "auxk" not in last:
+        return {}
+    return {"auxk_unexplained": last["auxk"] / hparams["aux_coeff"]}
+
+
 def mechanisms_table(bench) -> tuple[str, list[dict]]:
     """Markdown: every variant's mechanism counters (``SAE.counters``, final train-log values) at its SAE nearest L0 32.
 
     The evidence that each mechanism a paper describes acted in the benchmark (issue 10): e.g. seed 002's
-    ``latents_pruned`` / ``unlearn_kl_steps``, seed 000's per-level dead fractions, AuxK's ``auxk_dead``,
-    the L0 controller's multiplier. Counter names and meanings: each arch module's ``counters`` docstring.
+    ``latents_pruned`` / ``unlearn_kl_steps``, seed 000's per-level dead fractions, AuxK's ``auxk_dead`` with
+    :func:`auxk_unexplained`, the L0 controller's multiplier. Counter names and meanings: each arch module's ``counters`` docstring.
     """
     rows = []
     for v in bench.reported_variants:
@@ -621,7 +636,8 @@ def mechanisms_table(bench) -> tuple[str, list[dict]]:
         path = bench.cfg.out / "saes" / (name or "") / "cfg.json"
         if not name or not path.exists():
             continue
-        rows.append({"variant": v, "sae": name, "counters": _final_counters(path.parent),
+        counters = _final_counters(path.parent)
+        rows.append({"variant": v, "sae": name, "counters": {**counters, **auxk_unexplained(path.parent, counters)},
                      "file": f"saes/{name}/train_log.jsonl"})
     fmt = lambda c: "; ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()) or "(none)"  # noqa: E731
     lines = ["| variant | SAE (nearest L0 32) | final counters | from |", "|---|---|---|---|"]

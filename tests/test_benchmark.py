@@ -416,6 +416,19 @@ def test_unlearning_at_a_looser_retain_bar_is_its_own_number(tiny_model_dir, tmp
     assert _unlearning(bench, "topk-l0=3", 0.99) == pytest.approx(0.1)
 
 
+def test_auxk_unexplained_is_the_last_windows_auxk_term_over_its_coefficient(tmp_path):
+    # The mechanisms table says whether AuxK reconstructs anything once latents are dead: 1.0 = inert.
+    from saestrata.benchmark_report import auxk_unexplained
+
+    (tmp_path / "cfg.json").write_text(json.dumps({"saestrata": {"hparams": {"k": 4, "aux_coeff": 0.05}}}))
+    lines = [{"step": 0, "auxk": 0.0, "counters": {"auxk_dead": 0}}, {"step": 9, "auxk": 0.04, "counters": {"auxk_dead": 7}}]
+    (tmp_path / "train_log.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    assert auxk_unexplained(tmp_path, {"auxk_dead": 7}) == {"auxk_unexplained": pytest.approx(0.8)}
+    assert auxk_unexplained(tmp_path, {"auxk_dead": 0}) == {}  # AuxK has not acted: nothing to say
+    (tmp_path / "cfg.json").write_text(json.dumps({"saestrata": {"hparams": {"l1_coeff": 1.0}}}))
+    assert auxk_unexplained(tmp_path, {"auxk_dead": 7}) == {}  # not an AuxK arch
+
+
 def test_mixed_code_versions_are_named_file_by_file(tmp_path):
     """Results of two code versions: the warning names exactly the files that differ (or asks for a rerun)."""
     import shutil
