@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .kernels import sampled_dot
+from .kernels import ActiveSet, sampled_dot
 from .native import load_native
 
 
@@ -87,7 +87,7 @@ class AuxKPairs(NamedTuple):
     ``[N]`` their pre-activations, all > 0 (ReLU'd pairs are left out); ``coeff`` AuxK's weight.
     """
 
-    act: object
+    act: ActiveSet
     vals: torch.Tensor
     coeff: float
 
