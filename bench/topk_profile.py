@@ -1,8 +1,8 @@
 """Where a sparse TopK training step spends its time: a per-op profile against one encoder matmul.
 
 Issue 14 asks for the TopK step within 2.0x of one dense ``[batch, d_in] @ [d_in, d_sae]``
-bf16 matmul measured in the same run. This script trains one ``topk`` SAE (sparse kernels,
-k 32) on real batches of a store, times ``--steps`` steps after a warm-up, profiles a few
+bf16 matmul measured in the same run, for TopK, BatchTopK and Matryoshka. This script trains
+one ``--arch`` SAE (default ``topk``; sparse kernels, k 32) on real batches of a store, times ``--steps`` steps after a warm-up, profiles a few
 more with ``torch.profiler`` and prints the per-op table grouped by what the time is for,
 then, timed alone in the same run, the parts a TopK step cannot avoid with stock PyTorch
 ops: the encoder matmul, ``pre.topk(k)`` on the step's own pre-activations and the fused
@@ -10,7 +10,7 @@ Adam step over the SAE's parameters. Their sum over the matmul is the floor of t
 ratio on this machine unless selection or Adam themselves get cheaper; the compiled top-k the
 step runs (train/native.py) is timed beside torch's.
 
-    .venv/bin/python bench/topk_profile.py --store demo-out/store-train --layer 8 [--threads 1]
+    .venv/bin/python bench/topk_profile.py --store demo-out/store-train --layer 8 [--arch batchtopk] [--threads 1]
 """
 
 from __future__ import annotations
@@ -52,14 +52,15 @@ GROUPS = {  # profiler op name -> what it is for (everything else: "other")
 }
 
 
-def _slot(d_in: int, d_sae: int, k: int, first):
-    """A trainer slot holding one topk SAE on the sparse kernels (the trainer's own step, optimiser and bookkeeping)."""
+def _slot(arch: str, d_in: int, d_sae: int, k: int, first):
+    """A trainer slot holding one ``arch`` SAE (topk, batchtopk or matryoshka) on the sparse kernels
+    (the trainer's own step, optimiser and bookkeeping)."""
     from saestrata.train.registry import build
     from saestrata.train.trainer import SAESpec, TrainConfig, _Slot
 
-    spec = SAESpec("topk", "topk", {"kernels": "sparse", "k": k})
+    spec = SAESpec(arch, arch, {"kernels": "sparse", "k": k})
     cfg = TrainConfig(store=Path("."), layer=0, out=Path(tempfile.mkdtemp()), specs=[spec], d_sae=d_sae)
-    sae = build("topk", d_in, d_sae, kernels="sparse", k=k)
+    sae = build(arch, d_in, d_sae, kernels="sparse", k=k)
     slot = _Slot(spec, sae, cfg, steps=10_000)
     sae.init_from_batch(first)
     return slot
@@ -70,6 +71,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
     ap.add_argument("--layer", type=int, required=True)
+    ap.add_argument("--arch", choices=("topk", "batchtopk", "matryoshka"), default="topk",
+                    help="the TopK-family SAE to step (issue 14 names all three); batchtopk and matryoshka "
+                         "select k * batch pairs over the whole batch")
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -91,7 +95,7 @@ def main() -> None:
     scale = acts.shape[1] ** 0.5 / store.stats(hook)["mean_norm"]  # the trainer's scaling (mean norm sqrt(d_in))
     acts = acts * scale
     batches = [acts[i * n:(i + 1) * n] for i in range(16)]
-    slot = _slot(acts.shape[1], args.d_sae, args.k, batches[0])
+    slot = _slot(args.arch, acts.shape[1], args.d_sae, args.k, batches[0])
     done = [0]
 
     def run() -> None:
@@ -120,10 +124,11 @@ def main() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         pre = sae.pre_acts(batches[1])
     topk_ms = median_ms(lambda: pre.topk(args.k, dim=-1, sorted=False), 10)
-    ours_ms = median_ms(lambda: rowwise_topk_indices(pre, args.k), 10)  # what the step runs (train/native.py)
+    ours_ms = median_ms(lambda: rowwise_topk_indices(pre, args.k), 10)  # what the topk step runs (train/native.py)
+    select_ms = median_ms(lambda: sae.select(pre), 10)  # the arch's own selection (batchtopk: top_n over the batch)
     adam_ms = median_ms(slot.opt.step, 10)  # the same fused optimiser on the SAE's last gradients
 
-    print(f"{torch.get_num_threads()} thread(s); topk SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, k {args.k}, "
+    print(f"{torch.get_num_threads()} thread(s); {args.arch} SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, k {args.k}, "
           f"batch {n}, sparse kernels; torch {torch.__version__}")
     print(f"mean step (median of {args.steps}): {step_ms:.1f} ms = {step_ms / mm_ms:.2f}x one bf16 encoder matmul "
           f"({mm_ms:.1f} ms, same run)")
@@ -138,6 +143,10 @@ def main() -> None:
     print(f"with the compiled top-k ({'built' if load_native() else 'NOT built: torch fallback'}): "
           f"{ours_ms:.1f} ms vs torch's topk {topk_ms:.1f} ms ({topk_ms / ours_ms:.2f}x faster); "
           f"floor {ours:.1f} ms = {ours / mm_ms:.2f}x matmul")
+    if args.arch != "topk":
+        own = mm_ms + select_ms + adam_ms
+        print(f"{args.arch}'s own selection (sae.select on the step's pre-activations): {select_ms:.1f} ms; "
+              f"matmul + it + fused Adam = {own:.1f} ms = {own / mm_ms:.2f}x matmul")
 
 
 if __name__ == "__main__":

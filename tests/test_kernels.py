@@ -13,6 +13,8 @@ import math
 import pytest
 import torch
 
+import saestrata.train.batchtopk as batchtopk_module
+import saestrata.train.matryoshka as matryoshka_module
 import saestrata.train.topk as topk_module
 from saestrata.train.arch_info import ArchError
 from saestrata.train.kernels import ActiveSet, _argsort, gather_pre_acts, sparse_decode
@@ -295,3 +297,43 @@ def test_fused_backward_hands_the_clip_its_gradient_norms_only_while_they_hold(d
     sae.kernels = "dense"
     sae(_inputs(9)).loss.backward()
     assert sae.grad_sq_norms() == {}
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("dead_every", [None, 3])
+def test_batchtopk_family_selects_from_the_matmul_and_equals_the_torch_path(arch, dead_every, monkeypatch):
+    """On CPU BatchTopK and Matryoshka take their pairs from the compiled selection (no [batch, d_sae] pre;
+    AuxK's dead columns formed from the matmul); same losses and gradients as the dense path and as the
+    torch-op path it replaces (``fused_available`` False), which stays the fallback."""
+    calls = []
+    real = batchtopk_module.batch_topk_pairs
+    monkeypatch.setattr(batchtopk_module, "batch_topk_pairs", lambda *a: calls.append(1) or real(*a))
+    dense, fast = _pair(arch, dead_every)
+    out_d, _ = _assert_same_step(dense, fast, _inputs(10))
+    assert calls == [1]
+    assert (float(out_d.losses["auxk"].detach()) > 0) == bool(dead_every)
+    monkeypatch.setattr(batchtopk_module, "fused_available", lambda sae, x: False)
+    dense, torch_path = _pair(arch, dead_every)
+    _assert_same_step(dense, torch_path, _inputs(10))
+    assert calls == [1]
+    for p_f, p_t in zip(fast.parameters(), torch_path.parameters()):
+        torch.testing.assert_close(p_f.grad, p_t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_squared_errors_equal_autograd_of_the_running_sums():
+    """train/matryoshka.py's one-node nested losses: values and the gradients of groups, x and b_dec (x too,
+    which the SAE's step does not need) equal autograd through ``cumsum`` and per-prefix squared errors."""
+    gen = torch.Generator().manual_seed(11)
+    groups = torch.randn(BATCH, 4, D_IN, generator=gen, requires_grad=True)
+    x = torch.randn(BATCH, D_IN, generator=gen, requires_grad=True)
+    b_dec = torch.randn(D_IN, generator=gen, requires_grad=True)
+    weights = torch.tensor([0.5, -1.0, 2.0, 3.0])
+    errors, x_hat = matryoshka_module.prefix_squared_errors(groups, x, b_dec)
+    prefixes = groups.cumsum(1) + b_dec
+    want = torch.stack([matryoshka_module.squared_error(x, p) for p in prefixes.unbind(1)])
+    torch.testing.assert_close(errors, want, **TOL)
+    torch.testing.assert_close(x_hat, prefixes[:, -1].detach(), **TOL)
+    got = torch.autograd.grad((errors * weights).sum(), [groups, x, b_dec])
+    ref = torch.autograd.grad((want * weights).sum(), [groups, x, b_dec])
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)

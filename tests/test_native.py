@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from saestrata.train import native
-from saestrata.train.native import load_native, reference_topk_indices, rowwise_topk_indices
+from saestrata.train.native import batch_topk_pairs, load_native, reference_topk_indices, rowwise_topk_indices
 
 
 def test_the_kernel_builds_on_this_machine():
@@ -166,3 +166,48 @@ def test_normalize_rows_matches_torchs_expression_and_guards_zero_rows():
     normalize_rows_(w)
     torch.testing.assert_close(w, want, rtol=1e-6, atol=1e-7)
     assert float(w[7].abs().max()) == 0 and torch.allclose(w[8].norm(), torch.tensor(1.0))
+
+
+def _batch_reference(mm: torch.Tensor, b_enc: torch.Tensor, n: int):
+    """BatchTopK's pairs by a stable descending sort of the flattened fp32 ``pre`` (ties: lowest flat index
+    first, the kernel's rule), positive ones only, in row then column order."""
+    pre = (mm + b_enc).flatten()  # torch's type promotion: bf16 + fp32 -> fp32, as the dense path forms it
+    order = torch.sort(torch.nan_to_num(pre, nan=-float("inf")), descending=True, stable=True).indices[:n]
+    order = order[pre[order] > 0].sort().values
+    L = mm.shape[1]
+    return order // L, order % L, pre[order]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,k", [((1024, 4096), 32), ((257, 2048), 32), ((64, 1000), 7), ((33, 100), 7),
+                                     ((9, 50), 50), ((5, 16 * 32 + 3), 3)])
+def test_batch_topk_pairs_equal_a_stable_sort_of_the_whole_batch(dtype, shape, k):
+    """train/batchtopk.py's compiled selection: exactly the k * B largest positive entries of mm + b_enc (bf16
+    mm has many ties at the cut, which the kernel breaks by lowest (row, column)); k = L keeps every positive."""
+    torch.manual_seed(3)
+    mm = (torch.randn(*shape) * torch.rand(shape[1]) * 4).to(dtype)
+    b_enc = torch.randn(shape[1]) * 0.5
+    n = min(k * shape[0], mm.numel())
+    rows, cols, vals = batch_topk_pairs(mm, b_enc, n)
+    want_rows, want_cols, want_vals = _batch_reference(mm, b_enc, n)
+    assert rows.dtype == cols.dtype == torch.long and vals.dtype == torch.float32
+    assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols) and torch.equal(vals, want_vals)
+    assert 0 < len(vals) <= n and bool((vals > 0).all())
+
+
+def test_batch_topk_pairs_with_heavy_ties_few_positives_and_nan():
+    torch.manual_seed(4)
+    mm = torch.randint(-3, 3, (40, 600)).float()  # integer values: whole blocks of ties at the cut
+    zero = torch.zeros(600)
+    for n in (1, 37, 5000, 40 * 600):
+        got = batch_topk_pairs(mm, zero, n)
+        for a, b in zip(got, _batch_reference(mm, zero, n)):
+            assert torch.equal(a, b), n
+    rows, _, _ = batch_topk_pairs(-mm.abs() - 1, zero, 100)  # nothing positive: no pair
+    assert rows.numel() == 0
+    nan = torch.randn(16, 256)
+    nan[::3, ::5] = float("nan")
+    rows, cols, vals = batch_topk_pairs(nan, zero[:256], 16 * 8)
+    assert not bool(nan[rows, cols].isnan().any()) and len(vals) == 16 * 8
+    with pytest.raises(RuntimeError, match="n must be in"):
+        batch_topk_pairs(mm, zero, 0)

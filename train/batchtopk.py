@@ -19,7 +19,9 @@ pre-activations, which :meth:`SAE.fold_input_scale` leaves unchanged, so the
 base folding stays correct.
 
 Kernels: ``kernels="sparse"`` trains on the active (row, latent) pairs only, a flat list
-whose per-row counts vary (:mod:`.kernels`); same loss and gradients as ``"dense"``.
+whose per-row counts vary (:mod:`.kernels`); same loss and gradients as ``"dense"``. On CPU with
+the compiled module the pairs come straight from the encoder matmul
+(:func:`.native.batch_topk_pairs`): the fp32 ``[batch, d_sae]`` ``pre`` is never formed (issue 14).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import torch
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, ForwardOutput
-from .kernels import ActiveSet, check_kernels
+from .fused import encoder_mm, fused_available
+from .kernels import ActiveSet, ColumnPre, check_kernels, gather_pre_acts
+from .native import batch_topk_pairs
 from .topk import AuxKMixin, SparseKernelsMixin
 
 
@@ -130,6 +134,19 @@ class BatchTopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         values, indices = top_n(flat, min(self.k * pre.shape[0], flat.numel()))  # the dense path's call
         d_sae = pre.shape[1]
         return ActiveSet.from_values(values, indices // d_sae, indices % d_sae, *pre.shape, group_ends)
+
+    def sparse_code(self, x: torch.Tensor, group_ends: list[int] | None = None):
+        """``(pre, act, vals)`` as :meth:`.topk.SparseKernelsMixin.sparse_code`; on CPU with the compiled module
+        the pairs come from the encoder matmul without forming ``pre`` (:func:`.native.batch_topk_pairs`,
+        the same selection up to the order of ties), and ``pre`` is a :class:`.kernels.ColumnPre`, which
+        forms only the columns AuxK asks for."""
+        if not fused_available(self, x):
+            return super().sparse_code(x, group_ends)
+        mm = encoder_mm(x, self)
+        b_enc = self.b_enc.detach()
+        rows, cols, vals = batch_topk_pairs(mm, b_enc, min(self.k * mm.shape[0], mm.numel()))
+        act = ActiveSet(rows, cols, *mm.shape, group_ends)  # in row then column order: no sort
+        return ColumnPre(mm, b_enc), act, gather_pre_acts(x, self, vals, act)
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         """:meth:`SAE.forward`, on the sparse kernels when ``kernels="sparse"`` and training."""

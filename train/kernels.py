@@ -191,6 +191,25 @@ class ActiveSet:
         return f.index_put_((self.rows, self.cols), values.detach().to(dtype))
 
 
+class ColumnPre:
+    """The pre-activations ``pre = mm + b_enc`` of a step whose ``[B, d_sae]`` ``pre`` is never formed, given
+    column by column: ``self(cols)`` is ``pre[:, cols]`` ``[B, len(cols)]`` in ``dtype`` (fp32 when ``mm`` is
+    bf16, as torch's type promotion makes the dense ``pre``). For AuxK's dead columns
+    (:meth:`.topk.AuxKMixin.auxk_plan` takes a callable).
+
+    Args:
+        mm: ``[B, d_sae]`` the encoder matmul ``(x - b_dec) @ W_enc`` without autograd (bf16 under autocast).
+        b_enc: ``[d_sae]`` fp32, detached.
+    """
+
+    def __init__(self, mm: torch.Tensor, b_enc: torch.Tensor):
+        self.mm, self.b_enc = mm, b_enc
+        self.dtype = torch.promote_types(mm.dtype, b_enc.dtype)
+
+    def __call__(self, cols: torch.Tensor) -> torch.Tensor:
+        return self.mm.index_select(1, cols) + self.b_enc.index_select(0, cols)
+
+
 class _GatherPreActs(torch.autograd.Function):
     """``pre[rows, cols]`` with a sparse backward into ``x, b_dec, W_enc, b_enc``.
 
@@ -359,5 +378,5 @@ def sparse_decode(vals: torch.Tensor, W_dec: torch.Tensor, act: ActiveSet) -> to
     return _SparseDecode.apply(vals, W_dec, act)
 
 
-__all__ = ["DEFAULT_KERNELS", "KERNELS", "ActiveSet", "check_kernels", "gather_columns", "gather_pre_acts",
+__all__ = ["DEFAULT_KERNELS", "KERNELS", "ActiveSet", "ColumnPre", "check_kernels", "gather_columns", "gather_pre_acts",
            "sampled_dot", "sparse_decode"]

@@ -119,10 +119,12 @@ class MatryoshkaSAE(BatchTopKSAE):
         """:meth:`forward` on the sparse kernels: group ``g``'s share of each row holds only its active latents."""
         pre, act, vals = self.sparse_code(x, self.prefix_sizes)
         groups = sparse_decode(vals, self.W_dec, act).view(x.shape[0], len(self.prefix_sizes), -1)
-        prefixes = groups.cumsum(1) + self.b_dec  # [B, G, d_in]: prefix m = groups 0..m
-        partials = list(prefixes.unbind(1))
-        losses = self._nested_losses(x, partials, {"auxk": self.auxk_loss_sparse(x, pre, partials[-1])})
-        return ForwardOutput(partials[-1], None, losses, active=act, values=vals.detach(), f_dtype=pre.dtype)
+        errors, x_hat = prefix_squared_errors(groups, x, self.b_dec)
+        losses = {"mse": errors[-1]}
+        if errors.numel() > 1:
+            losses["prefix_mse"] = errors[:-1].sum()
+        losses["auxk"] = self.auxk_loss_sparse(x, pre, x_hat)
+        return ForwardOutput(x_hat, None, losses, active=act, values=vals.detach(), f_dtype=pre.dtype)
 
     @staticmethod
     def _nested_losses(x, partials, penalties) -> dict:
@@ -132,6 +134,57 @@ class MatryoshkaSAE(BatchTopKSAE):
         if len(errors) > 1:
             losses["prefix_mse"] = torch.stack(errors[:-1]).sum()
         return {**losses, **penalties}
+
+
+class _PrefixErrors(torch.autograd.Function):
+    """Every prefix's squared error from the per-group decodes, in one node (:func:`prefix_squared_errors`).
+
+    Forward: ``E[:, m] = b_dec + sum_{g <= m} groups[:, g] - x`` (the running sum written slice by slice into
+    one ``[B, G, D]`` buffer) and ``errors[m] = mean_b ||E[b, m]||^2``. Backward, ``gE_m = 2 / B * d errors[m]
+    * E[:, m]``: group ``g`` feeds every prefix ``m >= g``, so its gradient is the suffix sum
+    ``sum_{m >= g} gE_m`` (formed in place, last group first); ``d x = -(that sum at g = 0)``, ``d b_dec`` its
+    batch sum. Autograd's graph of ``cumsum``, ``unbind``, G subtractions and squares cost ~9 ms of a 53 ms
+    Matryoshka step at B 1024, G 5, D 640 (``cumsum`` / ``flip`` in its backward; bench/topk_profile.py).
+    """
+
+    @staticmethod
+    def forward(ctx, groups, x, b_dec):
+        """Autograd forward: ``(errors [G] fp32, E[:, -1] [B, D] fp32)``, formula in the class docstring."""
+        err = torch.empty_like(groups)
+        torch.add(groups[:, 0], b_dec - x, out=err[:, 0])
+        for m in range(1, groups.shape[1]):
+            torch.add(err[:, m - 1], groups[:, m], out=err[:, m])
+        errors = torch.linalg.vector_norm(err, dim=-1).square().mean(0)
+        ctx.save_for_backward(err)
+        last = err[:, -1].clone()
+        ctx.mark_non_differentiable(last)
+        return errors, last
+
+    @staticmethod
+    def backward(ctx, grad_errors, _grad_last):
+        """Gradients of ``groups``, ``x`` and ``b_dec`` (class docstring)."""
+        (err,) = ctx.saved_tensors
+        g = err * (grad_errors * (2.0 / err.shape[0])).view(1, -1, 1)
+        for m in range(g.shape[1] - 2, -1, -1):
+            g[:, m] += g[:, m + 1]
+        total = g[:, 0]
+        d_x = -total if ctx.needs_input_grad[1] else None
+        d_b_dec = total.sum(0) if ctx.needs_input_grad[2] else None
+        return g, d_x, d_b_dec
+
+
+def prefix_squared_errors(groups: torch.Tensor, x: torch.Tensor, b_dec: torch.Tensor):
+    """The nested losses' terms from each latent group's share of the decode (Bussmann et al. 2025, sec. 3).
+
+    ``groups`` fp32 ``[B, G, d_in]`` (group ``g``'s latents' decode, no bias; :func:`.kernels.sparse_decode`'s
+    bags viewed per row), ``x`` ``[B, d_in]``, ``b_dec`` ``[d_in]``. Returns ``errors`` fp32 ``[G]``:
+    ``errors[m] = mean_b ||b_dec + sum_{g <= m} groups[b, g] - x[b]||^2`` (prefix ``m``'s
+    :func:`squared_error`), differentiable in all three inputs, and ``x_hat`` fp32 ``[B, d_in]``, the whole
+    dictionary's reconstruction (no gradient). Same maths as :meth:`MatryoshkaSAE.prefix_reconstructions`
+    with :func:`squared_error`, up to fp32 rounding (tests/test_kernels.py compares the gradients).
+    """
+    errors, last = _PrefixErrors.apply(groups, x.float(), b_dec)
+    return errors, last + x.detach().float()
 
 
 ARCHS = {"matryoshka": ArchInfo(

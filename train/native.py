@@ -1,7 +1,8 @@
 """Compiled CPU kernels (issue 14), built once on first use with torch's C++ extension loader.
 
 :func:`rowwise_topk_indices`, the per-row top-k that the TopK SAE's encoder needs every step,
-where torch's CPU ``topk`` cost about half an encoder matmul (docs/results/bench/README.md), and
+where torch's CPU ``topk`` cost about half an encoder matmul (docs/results/bench/README.md),
+:func:`batch_topk_pairs`, BatchTopK's (and Matryoshka's) batch-wide selection from the encoder matmul, and
 :func:`remove_parallel_grad_`, the decoder-gradient projection every unit-norm-decoder SAE runs
 each step (one pass instead of torch's three temporaries), and :func:`normalize_rows_`, the decoder
 renormalisation after each step; :func:`adam_unit_rows_` fuses those two with the Adam step and the clip
@@ -120,6 +121,26 @@ def rowwise_topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     else:
         idx = reference_topk_indices(rows, k)
     return idx.reshape(*x.shape[:-1], k)
+
+
+def batch_topk_pairs(mm: torch.Tensor, b_enc: torch.Tensor, n: int):
+    """BatchTopK's selection (Bussmann et al. 2024, sec. 3) straight from the encoder matmul, compiled.
+
+    ``mm`` ``[B, L]`` fp32 or bf16 on CPU, the encoder matmul without its bias; ``b_enc`` fp32 ``[L]``;
+    ``n`` in ``[1, B * L]`` (``k * B``). Returns ``(rows, cols, values)``: long, long, fp32 ``[N]`` in row then
+    column order, the ``N = min(n, #positive)`` largest entries of ``pre = mm + b_enc`` that are > 0 (the sum
+    formed in fp32 as torch's type promotion forms the dense path's ``pre``, which is never materialised),
+    i.e. the non-zeros of :func:`.batchtopk.batch_topk_relu`; of entries tied with the n-th largest the lowest
+    (row, column) win. None where the compiled module is not built or ``mm`` is not on CPU (callers then
+    form ``pre`` and use :func:`.batchtopk.top_n`).
+
+    Raises:
+        RuntimeError: from the module on a wrong shape, dtype or ``n``.
+    """
+    if mm.device.type != "cpu" or (mod := load_native()) is None:
+        return None
+    with torch.profiler.record_function("saestrata::batch_topk_select"):  # named in bench/topk_profile.py
+        return tuple(mod.batch_topk_select(mm, b_enc, n))
 
 
 def reference_topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:

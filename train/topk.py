@@ -24,7 +24,7 @@ from .arch_info import ArchInfo
 from .base import SAE, ForwardOutput
 from .fused import AuxKPairs, GradSqNorms, encoder_mm, fused_available, fused_topk
 from .native import rowwise_topk_indices
-from .kernels import ActiveSet, check_kernels, gather_columns, gather_pre_acts, sparse_decode
+from .kernels import ActiveSet, ColumnPre, check_kernels, gather_columns, gather_pre_acts, sparse_decode
 
 # AuxK on the sparse kernels: dead-column matmuls when k_aux >= n_dead / AUXK_DENSE_SHARE, pair
 # lists below. Measured here at d_in 640, d_sae 4096, k_aux 320, batch 1024 (fwd+bwd, 1 thread):
@@ -220,8 +220,7 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
             return super().sparse_forward(x)
         self._grad_norms = GradSqNorms()
         mm = encoder_mm(x, self)
-        b_enc = self.b_enc.detach()  # dead columns' pre = mm + b_enc, formed only if a latent is dead
-        plan = self.auxk_plan(lambda cols: mm.index_select(1, cols) + b_enc.index_select(0, cols))
+        plan = self.auxk_plan(ColumnPre(mm, self.b_enc.detach()))  # dead columns' pre, formed only if one is dead
         pairs = AuxKPairs(plan.act, plan.vals, self.aux_coeff) if plan.kind == "pairs" else None  # fused in
         mse, auxk, x_hat, idx, val, mm = fused_topk(x, self, self.k, self._grad_norms, mm=mm, aux=pairs)
         if pairs is None:

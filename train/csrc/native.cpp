@@ -2,7 +2,8 @@
 // bfloat16), the sampled dot products of the sparse decoder's backward, the decoder-gradient
 // projection of unit-norm-decoder SAEs, an Adam step fused with it and the row renormalisation, and the
 // fused TopK SAE training forward / backward
-// (saestrata.train.fused), and the LM head's per-block softmax / KL statistics of spliced evaluation
+// (saestrata.train.fused), BatchTopK's batch-wide selection from the encoder matmul
+// (saestrata.train.batchtopk), and the LM head's per-block softmax / KL statistics of spliced evaluation
 // (saestrata.evaluate.branch). A per-pair read-modify-write of the output row was no faster than
 // embedding_bag (2 threads, idle, 32k pairs, D 640: 1.52 vs 1.49 ms as a weight gradient, 1.29 vs
 // 0.89 ms as the decode); the fused kernels keep each output block in vector registers instead.
@@ -27,7 +28,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -395,6 +398,178 @@ torch::Tensor sampled_dot(torch::Tensor g, torch::Tensor w, torch::Tensor bags, 
   return out;
 }
 
+
+// ---- BatchTopK's selection (saestrata.train.batchtopk) ----------------------------------------------
+// The n largest positive entries of pre = mm + b_enc over the whole [B, L] batch (Bussmann et al. 2024,
+// sec. 3), the sum formed in fp32 on the fly as torch's type promotion forms the dense path's pre, which is
+// never written out (torch's path wrote it, ReLU'd it, compared it with a sampled bound and gathered:
+// ~9 ms of a 41 ms BatchTopK step at B 1024, L 4096, bench/topk_profile.py --arch batchtopk). The bound is
+// topk_row's: each row's strided-block maxima are distinct entries, so the n-th largest of all rows'
+// maxima bounds the n-th largest entry from below (here the floor of its 16-bit key bucket, from a
+// histogram the threads fill while they scan: no serial selection over the B * L / span maxima); a second
+// scan keeps each row's entries at or above it (and > 0) with a histogram of their buckets, and the exact
+// n-th largest is then looked for only in its bucket. Of entries tied with the n-th largest the lowest
+// (row, column) win (torch's topk leaves ties unspecified). NaN is never selected.
+constexpr int64_t KEY_BUCKETS = 1 << 16;
+inline uint32_t key_bucket(float x) {  // the top 16 bits of an order-preserving unsigned key
+  return (static_cast<uint32_t>(order_key(x)) ^ 0x80000000u) >> 16;
+}
+inline float bucket_floor(uint32_t bucket) {  // the smallest float in a bucket
+  return key_float(static_cast<int32_t>((bucket << 16) ^ 0x80000000u));
+}
+
+// Adds a thread's histogram into the shared one.
+void merge_histogram(const std::vector<int64_t>& mine, std::vector<int64_t>& all, std::mutex& lock) {
+  std::lock_guard<std::mutex> guard(lock);
+  for (int64_t b = 0; b < KEY_BUCKETS; ++b) all[b] += mine[b];
+}
+
+// The bucket holding the n-th largest counted key, and how many keys lie in the buckets above it.
+std::pair<uint32_t, int64_t> nth_bucket(const std::vector<int64_t>& hist, int64_t n) {
+  int64_t above = 0;
+  for (int64_t b = KEY_BUCKETS - 1; b > 0; --b) {
+    if (above + hist[b] >= n) return {static_cast<uint32_t>(b), above};
+    above += hist[b];
+  }
+  return {0u, above};
+}
+
+struct RowRun {  // one thread's contiguous rows: their candidates in row then column order
+  int64_t lo = 0;
+  std::vector<float> v;
+  std::vector<int32_t> col;
+  std::vector<int64_t> count;  // per row of [lo, lo + count.size())
+};
+
+template <typename scalar_t>
+std::vector<torch::Tensor> batch_select(const torch::Tensor& mm, const float* bias, int64_t n) {
+  const int64_t B = mm.size(0), L = mm.size(1);
+  const scalar_t* src = mm.data_ptr<scalar_t>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t k = std::max<int64_t>(1, (n + B - 1) / B);  // a row's mean share
+  const int64_t span = std::min<int64_t>(32, L / (4 * k));
+  const int64_t nb = span >= 2 ? L / span : 0;
+  std::mutex lock;
+  float tau = ninf;
+  if (nb > 0 && nb * B >= n) {
+    std::vector<int64_t> hist(KEY_BUCKETS, 0);
+    at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+      std::vector<float> mx(nb);
+      std::vector<int64_t> mine(KEY_BUCKETS, 0);
+      for (int64_t r = lo; r < hi; ++r) {
+        const scalar_t* row = src + r * L;
+        for (int64_t b = 0; b < nb; ++b) mx[b] = to_float(row[b]) + bias[b];
+        for (int64_t s = 1; s < span; ++s)
+          for (int64_t b = 0; b < nb; ++b) {
+            const float x = to_float(row[s * nb + b]) + bias[s * nb + b];
+            mx[b] = x > mx[b] ? x : mx[b];
+          }
+        for (int64_t b = 0; b < nb; ++b) ++mine[key_bucket(mx[b] == mx[b] ? mx[b] : ninf)];
+      }
+      merge_histogram(mine, hist, lock);
+    });
+    tau = bucket_floor(nth_bucket(hist, n).first);
+  }
+  // Entries >= thr are candidates; thr > 0 always, so a candidate is positive.
+  const float thr = tau > 0 ? tau : std::numeric_limits<float>::denorm_min();
+  std::vector<RowRun> runs;
+  std::vector<int64_t> hist(KEY_BUCKETS, 0);
+  at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+    RowRun run;
+    run.lo = lo;
+    constexpr int64_t CHUNK = 32;
+    std::vector<float> cv(L + CHUNK);
+    std::vector<int32_t> ci(L + CHUNK);
+    std::vector<int64_t> mine(KEY_BUCKETS, 0);
+    float chunk[CHUNK];
+    for (int64_t r = lo; r < hi; ++r) {
+      const scalar_t* row = src + r * L;
+      int64_t m = 0, j = 0;
+      for (; j + CHUNK <= L; j += CHUNK) {
+        int hit = 0;
+        for (int64_t t = 0; t < CHUNK; ++t) {
+          chunk[t] = to_float(row[j + t]) + bias[j + t];
+          hit |= chunk[t] >= thr;
+        }
+        if (!hit) continue;
+        append_at_least(chunk, j, thr, cv.data(), ci.data(), &m);
+        append_at_least(chunk + 16, j + 16, thr, cv.data(), ci.data(), &m);
+      }
+      for (; j < L; ++j) {
+        const float x = to_float(row[j]) + bias[j];
+        cv[m] = x;
+        ci[m] = static_cast<int32_t>(j);
+        m += x >= thr;
+      }
+      for (int64_t c = 0; c < m; ++c) ++mine[key_bucket(cv[c])];
+      run.v.insert(run.v.end(), cv.begin(), cv.begin() + m);
+      run.col.insert(run.col.end(), ci.begin(), ci.begin() + m);
+      run.count.push_back(m);
+    }
+    merge_histogram(mine, hist, lock);
+    std::lock_guard<std::mutex> guard(lock);
+    runs.push_back(std::move(run));
+  });
+  std::sort(runs.begin(), runs.end(), [](const RowRun& a, const RowRun& b) { return a.lo < b.lo; });
+  int64_t total = 0;
+  for (const RowRun& run : runs) total += static_cast<int64_t>(run.v.size());
+  // More than n candidates: the exact n-th largest, looked for among its bucket's candidates only, then
+  // keep everything above it and the first ties.
+  float cut = ninf;
+  int64_t ties = 0;
+  if (total > n) {
+    const auto [bucket, above] = nth_bucket(hist, n);
+    std::vector<int32_t> keys;
+    for (const RowRun& run : runs)
+      for (float v : run.v)
+        if (key_bucket(v) == bucket) keys.push_back(order_key(v));
+    const int64_t r = n - above;  // 1 <= r <= keys.size()
+    std::nth_element(keys.begin(), keys.begin() + (r - 1), keys.end(), std::greater<int32_t>());
+    cut = key_float(keys[r - 1]);
+    ties = r;
+    for (int32_t key : keys) ties -= key_float(key) > cut;
+  }
+  const int64_t N = std::min(total, n);
+  auto opts = mm.options();
+  auto rows_out = torch::empty({N}, opts.dtype(at::kLong)), cols_out = torch::empty({N}, opts.dtype(at::kLong));
+  auto vals_out = torch::empty({N}, opts.dtype(at::kFloat));
+  int64_t* ro = rows_out.data_ptr<int64_t>();
+  int64_t* co = cols_out.data_ptr<int64_t>();
+  float* vo = vals_out.data_ptr<float>();
+  int64_t out = 0;
+  for (const RowRun& run : runs) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < static_cast<int64_t>(run.count.size()); ++i) {
+      const int64_t r = run.lo + i;
+      for (int64_t end = c + run.count[i]; c < end; ++c) {
+        const float v = run.v[c];
+        if (total > n && !(v > cut || (v == cut && ties-- > 0))) continue;
+        ro[out] = r;
+        co[out] = run.col[c];
+        vo[out] = v;
+        ++out;
+      }
+    }
+  }
+  TORCH_CHECK(out == N, "batch_topk_select: internal count mismatch");
+  return {rows_out, cols_out, vals_out};
+}
+
+// mm [B, L] fp32 or bf16 (the encoder matmul without its bias), b_enc fp32 [L], n >= 1 ->
+// (rows long [N], cols long [N], values fp32 [N]) in row then column order, N = min(n, #(pre > 0)).
+std::vector<torch::Tensor> batch_topk_select(torch::Tensor mm, torch::Tensor b_enc, int64_t n) {
+  TORCH_CHECK(mm.device().is_cpu() && mm.dim() == 2, "batch_topk_select: a 2-D CPU [B, L] tensor is needed");
+  TORCH_CHECK(mm.scalar_type() == at::kFloat || mm.scalar_type() == at::kBFloat16,
+              "batch_topk_select: float32 or bfloat16 mm is needed");
+  TORCH_CHECK(b_enc.scalar_type() == at::kFloat && b_enc.numel() == mm.size(1),
+              "batch_topk_select: an fp32 b_enc of mm's width is needed");
+  TORCH_CHECK(n >= 1 && n <= mm.numel(), "batch_topk_select: n must be in [1, B * L]");
+  TORCH_CHECK(mm.size(1) <= std::numeric_limits<int32_t>::max(), "batch_topk_select: L must fit in int32");
+  auto m = mm.contiguous();
+  auto be = b_enc.contiguous();
+  if (m.scalar_type() == at::kFloat) return batch_select<float>(m, be.data_ptr<float>(), n);
+  return batch_select<c10::BFloat16>(m, be.data_ptr<float>(), n);
+}
 
 // ---- The fused TopK SAE training step (saestrata.train.fused) ------------------------------------
 // Forward: per row, the top-k of pre = mm + b_enc (mm the encoder matmul without its bias, bf16 under
@@ -812,6 +987,7 @@ std::vector<torch::Tensor> head_block_stats(torch::Tensor z) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rowwise_topk", &rowwise_topk, "Per-row top-k of a 2-D CPU tensor (values, indices), ties to the lower index");
+  m.def("batch_topk_select", &batch_topk_select, "The n largest positive entries of mm + b_enc over a batch (rows, cols, values)");
   m.def("sampled_dot", &sampled_dot, "out[n] = <g[bags[n]], w[cols[n]]> (fp32, CPU)");
   m.def("topk_fused_forward", &topk_fused_forward, "TopK SAE forward: top-k of mm + b_enc, x_hat and its error (CPU)");
   m.def("topk_fused_backward", &topk_fused_backward, "TopK SAE backward from x_hat - x (CPU), with gradient norms");
