@@ -25,7 +25,9 @@ top-k of :mod:`.native` (on CPU).
 
 The plain ``topk`` SAE on CPU runs the fused compiled forward / backward of :mod:`.fused`
 instead (same maths, fewer passes); these kernels remain its fallback and serve batchtopk
-and matryoshka.
+and matryoshka, whose pairs come on CPU from the compiled batch-wide selection of the encoder matmul
+(:func:`.native.batch_topk_pairs`; the ``[batch, d_sae]`` ``pre`` is then never formed, and AuxK gets
+its dead columns from :class:`ColumnPre`).
 
 Numerics: the selection runs on the caller's ``pre`` (bf16 under autocast, exactly the
 values the dense path uses), the selected values are then carried in fp32, and every
