@@ -30,7 +30,7 @@ import torch
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, ForwardOutput
-from .fused import encoder_mm, fused_available
+from .fused import AuxKPairs, GradSqNorms, encoder_mm, fused_available, fused_pairs
 from .kernels import ActiveSet, ColumnPre, check_kernels, gather_pre_acts
 from .native import batch_topk_pairs
 from .topk import AuxKMixin, SparseKernelsMixin
@@ -135,21 +135,43 @@ class BatchTopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         d_sae = pre.shape[1]
         return ActiveSet.from_values(values, indices // d_sae, indices % d_sae, *pre.shape, group_ends)
 
-    def sparse_code(self, x: torch.Tensor, group_ends: list[int] | None = None):
-        """``(pre, act, vals)`` as :meth:`.topk.SparseKernelsMixin.sparse_code`; on CPU with the compiled module
-        the pairs come from the encoder matmul without forming ``pre`` (:func:`.native.batch_topk_pairs`,
-        the same selection up to the order of ties), and ``pre`` is a :class:`.kernels.ColumnPre`, which
-        forms only the columns AuxK asks for."""
-        if not fused_available(self, x):
-            return super().sparse_code(x, group_ends)
+    def _matmul_pairs(self, x: torch.Tensor, group_ends: list[int] | None = None):
+        """``(pre, act, vals)``: :func:`.native.batch_topk_pairs` on the encoder matmul (no autograd), ``pre`` a
+        :class:`.kernels.ColumnPre` (it forms only the columns AuxK asks for), ``vals`` fp32 ``[N]`` detached."""
         mm = encoder_mm(x, self)
         b_enc = self.b_enc.detach()
         rows, cols, vals = batch_topk_pairs(mm, b_enc, min(self.k * mm.shape[0], mm.numel()))
-        act = ActiveSet(rows, cols, *mm.shape, group_ends)  # in row then column order: no sort
-        return ColumnPre(mm, b_enc), act, gather_pre_acts(x, self, vals, act)
+        return ColumnPre(mm, b_enc), ActiveSet(rows, cols, *mm.shape, group_ends), vals  # row-sorted: no sort
+
+    def sparse_code(self, x: torch.Tensor, group_ends: list[int] | None = None):
+        """``(pre, act, vals)`` as :meth:`.topk.SparseKernelsMixin.sparse_code`; on CPU with the compiled module
+        the pairs come from the encoder matmul without forming ``pre`` (:meth:`_matmul_pairs`, the same
+        selection up to the order of ties), and ``pre`` is a :class:`.kernels.ColumnPre`."""
+        if not fused_available(self, x):
+            return super().sparse_code(x, group_ends)
+        pre, act, vals = self._matmul_pairs(x, group_ends)
+        return pre, act, gather_pre_acts(x, self, vals, act)
+
+    def sparse_forward(self, x: torch.Tensor) -> ForwardOutput:
+        """The sparse training forward; on CPU with the compiled module one fused op on the selected pairs
+        (:func:`.fused.fused_pairs`: decode, loss, AuxK's pairs, and a latent-grouped backward that hands the
+        clip its gradient norms), else :mod:`.kernels`' (same maths)."""
+        self._grad_norms = None
+        if not fused_available(self, x):
+            return super().sparse_forward(x)
+        pre, act, vals = self._matmul_pairs(x)
+        plan = self.auxk_plan(pre)
+        pairs = AuxKPairs(plan.act, plan.vals, self.aux_coeff) if plan.kind == "pairs" else None  # fused in
+        self._grad_norms = GradSqNorms()
+        mse, auxk, x_hat = fused_pairs(x, self, act, vals, self._grad_norms, aux=pairs)
+        if pairs is None:
+            auxk = self.auxk_loss_sparse(x, None, x_hat, plan=plan)
+        return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act, values=vals, f_dtype=pre.dtype,
+                             sq_error=mse.detach())
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         """:meth:`SAE.forward`, on the sparse kernels when ``kernels="sparse"`` and training."""
+        self._grad_norms = None  # only a fused forward's backward computes them (a freed gradient's address may recur)
         return self.sparse_forward(x) if self.use_sparse() else super().forward(x)
 
     def penalties(self, x, pre, f, x_hat) -> dict:

@@ -92,6 +92,47 @@ class AuxKPairs(NamedTuple):
     coeff: float
 
 
+def _aux_forward(aux: "AuxKPairs | None", W_dec: torch.Tensor, e: torch.Tensor, mse: torch.Tensor):
+    """AuxK on given pairs, ``(aux_loss, diff)``: ``e_hat`` decodes the residual ``x - x_hat = -e``, its loss is
+    normalised by ``||e||^2`` (``mse``); ``diff = e_hat - (x - x_hat)`` for the backward (None without ``aux``)."""
+    if aux is None:
+        return mse.new_zeros(()), None
+    e_hat = F.embedding_bag(aux.act.cols, W_dec.detach(), aux.act.bag_crow[:-1], mode="sum",
+                            per_sample_weights=aux.vals)
+    diff = e_hat.add_(e)
+    return aux.coeff * diff.pow(2).sum(-1).mean() / mse.clamp_min(1e-12), diff
+
+
+def _fused_grads(ctx, grad_mse, grad_aux, native_backward, dx_offsets):
+    """The backward both fused ops share: ``(d_x, d_b_dec, d_W_enc, d_b_enc, d_W_dec)`` from the compiled
+    latent-grouped kernel ``native_backward(e, coef, idx, val, de, x, b_dec, W_enc^T)``, AuxK's pairs added, and
+    the gradient norms recorded for the clip. ``dx_offsets``: the ``embedding_bag`` offsets of ``idx`` per row
+    (None when ``idx`` is ``[B, k]``)."""
+    xf, e, de, b_dec, W_enc, W_dec, idx, val, diff, mse = ctx.saved_tensors
+    need_x, need_b_dec = ctx.needs_input_grad[:2]
+    coef = 2 * float(grad_mse) / xf.shape[0]  # g = d mse / d x_hat = coef e
+    with torch.profiler.record_function("saestrata::topk_fused_backward"):  # named in bench/topk_profile.py
+        dv, d_W_enc_t, d_b_enc, d_W_dec, w_db, sq = native_backward(e, coef, idx, val, de, xf, b_dec.detach(),
+                                                                    W_enc.detach().t())
+    d_x = d_b_dec = None
+    if need_b_dec:
+        d_b_dec = e.sum(0).mul_(coef) - w_db  # w_db = W_enc @ db_enc, formed inside the kernel
+    if need_x:  # through the error term and through the encoder
+        enc = F.embedding_bag(idx, W_enc.detach().t().contiguous(), dx_offsets, mode="sum", per_sample_weights=dv)
+        d_x = (enc - e * coef).to(ctx.x_dtype)
+    aux_scale = float(grad_aux) * 2 * ctx.aux.coeff / (xf.shape[0] * float(mse.clamp_min(1e-12))) \
+        if ctx.aux is not None else 0.0
+    if aux_scale != 0.0:
+        d_x_aux, d_b_dec_aux = _auxk_backward(ctx.aux, diff.mul(aux_scale), xf, b_dec.detach(), W_enc.detach(),
+                                              W_dec.detach(), d_W_enc_t, d_b_enc, d_W_dec, sq, need_x)
+        d_b_dec = d_b_dec - d_b_dec_aux if d_b_dec is not None else None
+        d_x = d_x + d_x_aux.to(ctx.x_dtype) if d_x is not None else None
+    if ctx.norms is not None:
+        ctx.norms.record(d_W_enc_t, d_W_dec, sq)
+    # dW_enc comes out latent-major, the layout of the SAEs' column-major W_enc (train/optim.py)
+    return d_x, d_b_dec, d_W_enc_t.t(), d_b_enc, d_W_dec
+
+
 class _FusedTopK(torch.autograd.Function):
     """``(mse, aux, x_hat [B, D] fp32, idx long [B, k], val fp32 [B, k])`` from ``mm`` ``[B, L]``; ``mse``
     (``||x_hat - x||^2`` summed over ``D``, mean over ``B``) and ``aux`` (AuxK on given pairs, or 0) carry
@@ -108,12 +149,7 @@ class _FusedTopK(torch.autograd.Function):
             idx, val, x_hat, e, sq, de = mod.topk_fused_forward(mm, b_enc.detach(), k, W_dec.detach(),
                                                                  b_dec.detach(), xf)
         mse = sq.mean()
-        aux_loss, diff = mse.new_zeros(()), None
-        if aux is not None:  # e_hat decodes the residual x - x_hat = -e; its loss is normalised by ||e||^2 = mse
-            e_hat = F.embedding_bag(aux.act.cols, W_dec.detach(), aux.act.bag_crow[:-1], mode="sum",
-                                    per_sample_weights=aux.vals)
-            diff = e_hat.add_(e)  # e_hat - (x - x_hat)
-            aux_loss = aux.coeff * diff.pow(2).sum(-1).mean() / mse.clamp_min(1e-12)
+        aux_loss, diff = _aux_forward(aux, W_dec, e, mse)
         ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, idx, val, diff, mse)
         ctx.x_dtype, ctx.norms, ctx.aux = x.dtype, norms, aux
         ctx.mark_non_differentiable(x_hat, idx, val)
@@ -122,29 +158,37 @@ class _FusedTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mse, grad_aux, _grad_x_hat, _grad_idx, _grad_val):
         """Gradients of the inputs that need them; None for ``mm``, ``k``, ``norms`` and ``aux``."""
-        xf, e, de, b_dec, W_enc, W_dec, idx, val, diff, mse = ctx.saved_tensors
-        need_x, need_b_dec = ctx.needs_input_grad[:2]
-        coef = 2 * float(grad_mse) / xf.shape[0]  # g = d mse / d x_hat = coef e
-        with torch.profiler.record_function("saestrata::topk_fused_backward"):
-            dv, d_W_enc_t, d_b_enc, d_W_dec, w_db, sq = load_native().topk_fused_backward(
-                e, coef, idx, val, de, xf, b_dec.detach(), W_enc.detach().t())
-        d_x = d_b_dec = None
-        if need_b_dec:
-            d_b_dec = e.sum(0).mul_(coef) - w_db  # w_db = W_enc @ db_enc, formed inside the kernel
-        if need_x:  # through the error term and through the encoder
-            enc = F.embedding_bag(idx, W_enc.detach().t().contiguous(), mode="sum", per_sample_weights=dv)
-            d_x = (enc - e * coef).to(ctx.x_dtype)
-        aux_scale = float(grad_aux) * 2 * ctx.aux.coeff / (xf.shape[0] * float(mse.clamp_min(1e-12))) \
-            if ctx.aux is not None else 0.0
-        if aux_scale != 0.0:
-            d_x_aux, d_b_dec_aux = _auxk_backward(ctx.aux, diff.mul(aux_scale), xf, b_dec.detach(), W_enc.detach(),
-                                                  W_dec.detach(), d_W_enc_t, d_b_enc, d_W_dec, sq, need_x)
-            d_b_dec = d_b_dec - d_b_dec_aux if d_b_dec is not None else None
-            d_x = d_x + d_x_aux.to(ctx.x_dtype) if d_x is not None else None
-        if ctx.norms is not None:
-            ctx.norms.record(d_W_enc_t, d_W_dec, sq)
-        # dW_enc comes out latent-major, the layout of the SAEs' column-major W_enc (train/optim.py)
-        return d_x, d_b_dec, d_W_enc_t.t(), d_b_enc, d_W_dec, None, None, None, None
+        return *_fused_grads(ctx, grad_mse, grad_aux, load_native().topk_fused_backward, None), None, None, None, None
+
+
+class _FusedPairs(torch.autograd.Function):
+    """:class:`_FusedTopK` on pairs selected elsewhere (BatchTopK: per-row counts vary): ``(mse, aux, x_hat)``
+    from the row-sorted pairs ``act`` (:class:`.kernels.ActiveSet`) and their pre-activations ``vals`` fp32
+    ``[N]`` (``mm + b_enc`` at the pairs, no autograd); same losses and gradients as :class:`_FusedTopK`'s."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux):
+        """Autograd forward: the decode, the squared error and AuxK of the given pairs."""
+        mod = load_native()
+        xf = x.detach().float()
+        with torch.profiler.record_function("saestrata::topk_fused_forward"):
+            x_hat, e, sq, de = mod.pairs_fused_forward(act.row_crow, act.cols, vals, W_dec.detach(), b_dec.detach(),
+                                                       xf)
+        mse = sq.mean()
+        aux_loss, diff = _aux_forward(aux, W_dec, e, mse)
+        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, act.cols, vals, diff, mse)
+        ctx.x_dtype, ctx.norms, ctx.aux, ctx.act = x.dtype, norms, aux, act
+        ctx.mark_non_differentiable(x_hat)
+        return mse, aux_loss, x_hat
+
+    @staticmethod
+    def backward(ctx, grad_mse, grad_aux, _grad_x_hat):
+        """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms`` and ``aux``."""
+        rows = ctx.act.rows
+        mod = load_native()
+        native = lambda e, coef, idx, val, de, xf, b_dec, w_t: mod.pairs_fused_backward(  # noqa: E731
+            e, coef, rows, idx, val, de, xf, b_dec, w_t)
+        return *_fused_grads(ctx, grad_mse, grad_aux, native, ctx.act.row_crow[:-1]), None, None, None, None
 
 
 def _row_sq(rows: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,4 +271,23 @@ def fused_topk(x: torch.Tensor, sae, k: int, norms: GradSqNorms | None = None, m
     return mse, aux_loss, x_hat, idx, val, mm
 
 
-__all__ = ["AuxKPairs", "GradSqNorms", "encoder_mm", "fused_available", "fused_topk"]
+def fused_pairs(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms: GradSqNorms | None = None,
+                aux: AuxKPairs | None = None):
+    """:func:`fused_topk` on pairs selected elsewhere (BatchTopK's :func:`.native.batch_topk_pairs`):
+    ``(mse, aux_loss, x_hat)``.
+
+    Args:
+        x: ``[B, d_in]`` inputs (fp32 or bf16) on CPU; ``sae``: as :func:`fused_topk`'s.
+        act: the row-sorted pairs (:class:`.kernels.ActiveSet` without groups), ``N`` of them.
+        vals: fp32 ``[N]`` their pre-activations ``mm + b_enc`` (no autograd; pairs with a value <= 0 add nothing).
+        norms, aux: as :func:`fused_topk`'s.
+    Returns:
+        ``mse``, ``aux_loss`` and ``x_hat`` as :func:`fused_topk`'s, differentiable in the SAE's parameters and ``x``
+        (the encoder's gradients through the pairs' pre-activations, computed inside the op).
+    Raises:
+        RuntimeError: from the compiled module on shape or dtype mismatches.
+    """
+    return _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, norms, aux)
+
+
+__all__ = ["AuxKPairs", "GradSqNorms", "encoder_mm", "fused_available", "fused_pairs", "fused_topk"]

@@ -142,6 +142,12 @@ class SparseKernelsMixin:
     """
 
     kernels: str = "dense"
+    _grad_norms: GradSqNorms | None = None  # the last fused backward's gradient norms (topk, batchtopk on CPU)
+
+    def grad_sq_norms(self) -> dict[torch.Tensor, float]:
+        """The fused backward's norms of ``W_enc.grad`` and projected ``W_dec.grad``, while valid
+        (:class:`.fused.GradSqNorms`); ``{}`` after a forward that did not run fused."""
+        return self._grad_norms.for_params(self.W_enc, self.W_dec) if self._grad_norms is not None else {}
 
     def use_sparse(self) -> bool:
         """True when this forward pass should run on the sparse kernels (training mode only)."""
@@ -193,7 +199,6 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         super().__init__(d_in, d_sae, seed)
         self.k, self.aux_k, self.aux_coeff = k, aux_k or d_in // 2, aux_coeff
         self.kernels = check_kernels(kernels)
-        self._grad_norms: GradSqNorms | None = None  # the last fused backward's gradient norms
 
     def hparams(self) -> dict:
         """``k``, ``aux_k``, ``aux_coeff``."""
@@ -229,11 +234,6 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act,
                              values=val.flatten() if len(act) == val.numel() else val[val > 0],
                              f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype), sq_error=mse.detach())
-
-    def grad_sq_norms(self) -> dict[torch.Tensor, float]:
-        """The fused backward's norms of ``W_enc.grad`` and projected ``W_dec.grad``, while valid
-        (:class:`.fused.GradSqNorms`); ``{}`` after a forward that did not run fused."""
-        return self._grad_norms.for_params(self.W_enc, self.W_dec) if self._grad_norms is not None else {}
 
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``auxk`` (only while training)."""

@@ -760,33 +760,14 @@ void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t h
     }
 }
 
-// e = x_hat - x fp32 [B, D] and coef (g = dloss/dx_hat = coef e); idx, val and de = <e, W_dec[c]> from
-// the forward; x fp32 [B, D]; b_dec [D]; W_encT = W_enc^T fp32 [L, D]. -> (dv fp32 [B, k], dW_enc^T fp32
-// [L, D], db_enc fp32 [L], dW_dec fp32 [L, D], W_enc db_enc fp32 [D], sq fp64 [2]). The caller forms
-// db_dec = sum_b g[b] - W_enc db_enc and, if needed, dx = sum_t dv W_enc[:, c_t]. sq = (sum_c ||dW_dec[c]
-// - <dW_dec[c], W_dec[c]> W_dec[c]||^2, ||dW_enc||^2): the squared norms of the decoder gradient
-// projected off its unit rows (W_dec's rows taken as unit: the optimiser renormalises them every step)
-// and of the encoder gradient, summed latent by latent in latent order (thread-count independent), with
-// <dW_dec[c], W_dec[c]> = sum over c's pairs of v dv (no read of W_dec).
-std::vector<torch::Tensor> topk_fused_backward(torch::Tensor e, double coef, torch::Tensor idx, torch::Tensor val,
-                                               torch::Tensor de, torch::Tensor x, torch::Tensor b_dec,
-                                               torch::Tensor W_encT) {
-  TORCH_CHECK(e.scalar_type() == at::kFloat && val.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
-                  b_dec.scalar_type() == at::kFloat && de.scalar_type() == at::kFloat &&
-                  idx.scalar_type() == at::kLong, "topk_fused_backward: fp32 tensors and long indices are needed");
-  TORCH_CHECK(e.dim() == 2 && e.sizes() == x.sizes() && idx.sizes() == val.sizes() && de.sizes() == val.sizes() &&
-                  idx.size(0) == e.size(0) && b_dec.numel() == e.size(1), "topk_fused_backward: shapes do not match");
-  TORCH_CHECK(W_encT.scalar_type() == at::kFloat && W_encT.dim() == 2 && W_encT.size(1) == e.size(1),
-              "topk_fused_backward: W_enc^T must be fp32 [L, D]");
-  TORCH_CHECK(e.size(0) <= std::numeric_limits<int32_t>::max(), "topk_fused_backward: too many rows");
-  auto ec = e.contiguous(), ic = idx.contiguous(), vc = val.contiguous(), xc = x.contiguous(), dc = de.contiguous();
-  auto bd = b_dec.contiguous(), WeT = W_encT.contiguous();
-  const int64_t B = ec.size(0), D = ec.size(1), k = ic.size(1), L = WeT.size(0), N = B * k;
-  const float* vp = vc.data_ptr<float>();
-  const float* dep = dc.data_ptr<float>();
-  const int64_t* ip = ic.data_ptr<int64_t>();
+// The latent-grouped backward shared by the per-row top-k step and the given-pairs step: pair n has column
+// ip[n], value vp[n], de dep[n] and row row_of(n); dv (fp32, N entries, any shape) is filled here.
+template <typename RowOf>
+std::vector<torch::Tensor> fused_backward(const torch::Tensor& ec, double coef, const int64_t* ip, const float* vp,
+                                          const float* dep, int64_t N, RowOf row_of, torch::Tensor dv,
+                                          const torch::Tensor& xc, const torch::Tensor& bd, const torch::Tensor& WeT) {
+  const int64_t D = ec.size(1), L = WeT.size(0);
   const float cf = coef;
-  auto dv = torch::empty({B, k}, ec.options());
   float* dvp = dv.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n) dvp[n] = cf * dep[n];  // de is 0 where v <= 0 (relu')
   // Counting sort of the pairs by latent (stable: rows ascending within a latent).
@@ -797,7 +778,7 @@ std::vector<torch::Tensor> topk_fused_backward(torch::Tensor e, double coef, tor
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t n = 0; n < N; ++n)
-      pairs[fill[ip[n]]++] = {static_cast<int32_t>(n / k), vp[n] > 0 ? vp[n] : 0.f, dvp[n]};
+      pairs[fill[ip[n]]++] = {static_cast<int32_t>(row_of(n)), vp[n] > 0 ? vp[n] : 0.f, dvp[n]};
   }
   auto dWencT = torch::empty({L, D}, ec.options());
   auto db_enc = torch::empty({L}, ec.options());
@@ -844,6 +825,90 @@ std::vector<torch::Tensor> topk_fused_backward(torch::Tensor e, double coef, tor
     sqp[1] += sq_enc[c];
   }
   return {dv, dWencT, db_enc, dWdec, enc_b_dec, sq};
+}
+
+// e = x_hat - x fp32 [B, D] and coef (g = dloss/dx_hat = coef e); idx, val and de = <e, W_dec[c]> from
+// the forward; x fp32 [B, D]; b_dec [D]; W_encT = W_enc^T fp32 [L, D]. -> (dv fp32 [B, k], dW_enc^T fp32
+// [L, D], db_enc fp32 [L], dW_dec fp32 [L, D], W_enc db_enc fp32 [D], sq fp64 [2]). The caller forms
+// db_dec = sum_b g[b] - W_enc db_enc and, if needed, dx = sum_t dv W_enc[:, c_t]. sq = (sum_c ||dW_dec[c]
+// - <dW_dec[c], W_dec[c]> W_dec[c]||^2, ||dW_enc||^2): the squared norms of the decoder gradient
+// projected off its unit rows (W_dec's rows taken as unit: the optimiser renormalises them every step)
+// and of the encoder gradient, summed latent by latent in latent order (thread-count independent), with
+// <dW_dec[c], W_dec[c]> = sum over c's pairs of v dv (no read of W_dec).
+std::vector<torch::Tensor> topk_fused_backward(torch::Tensor e, double coef, torch::Tensor idx, torch::Tensor val,
+                                               torch::Tensor de, torch::Tensor x, torch::Tensor b_dec,
+                                               torch::Tensor W_encT) {
+  TORCH_CHECK(e.scalar_type() == at::kFloat && val.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+                  b_dec.scalar_type() == at::kFloat && de.scalar_type() == at::kFloat &&
+                  idx.scalar_type() == at::kLong, "topk_fused_backward: fp32 tensors and long indices are needed");
+  TORCH_CHECK(e.dim() == 2 && e.sizes() == x.sizes() && idx.sizes() == val.sizes() && de.sizes() == val.sizes() &&
+                  idx.size(0) == e.size(0) && b_dec.numel() == e.size(1), "topk_fused_backward: shapes do not match");
+  TORCH_CHECK(W_encT.scalar_type() == at::kFloat && W_encT.dim() == 2 && W_encT.size(1) == e.size(1),
+              "topk_fused_backward: W_enc^T must be fp32 [L, D]");
+  TORCH_CHECK(e.size(0) <= std::numeric_limits<int32_t>::max(), "topk_fused_backward: too many rows");
+  auto ec = e.contiguous(), ic = idx.contiguous(), vc = val.contiguous(), xc = x.contiguous(), dc = de.contiguous();
+  auto bd = b_dec.contiguous(), WeT = W_encT.contiguous();
+  const int64_t B = ec.size(0), k = ic.size(1);
+  return fused_backward(ec, coef, ic.data_ptr<int64_t>(), vc.data_ptr<float>(), dc.data_ptr<float>(), B * k,
+                        [k](int64_t n) { return n / k; }, torch::empty({B, k}, ec.options()), xc, bd, WeT);
+}
+
+// ---- The same step on given pairs (BatchTopK, whose rows hold varying numbers of latents) ----
+// Row-sorted pairs: crow [B + 1] offsets, cols long [N], vals fp32 [N] (pre-activations, before ReLU).
+// -> (x_hat fp32 [B, D], e = x_hat - x fp32 [B, D], ||e||^2 per row fp32 [B], de = <e, W_dec[c]> fp32 [N], 0
+// where v <= 0): topk_fused_forward's decode and error terms without its selection.
+std::vector<torch::Tensor> pairs_fused_forward(torch::Tensor crow, torch::Tensor cols, torch::Tensor vals,
+                                               torch::Tensor W_dec, torch::Tensor b_dec, torch::Tensor x) {
+  TORCH_CHECK(crow.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && vals.scalar_type() == at::kFloat &&
+                  W_dec.scalar_type() == at::kFloat && b_dec.scalar_type() == at::kFloat &&
+                  x.scalar_type() == at::kFloat, "pairs_fused_forward: long offsets / columns and fp32 tensors are needed");
+  TORCH_CHECK(x.dim() == 2 && crow.numel() == x.size(0) + 1 && cols.numel() == vals.numel() && W_dec.dim() == 2 &&
+                  W_dec.size(1) == x.size(1) && b_dec.numel() == x.size(1), "pairs_fused_forward: shapes do not match");
+  auto cr = crow.contiguous(), cc = cols.contiguous(), vc = vals.contiguous();
+  auto W = W_dec.contiguous(), bd = b_dec.contiguous(), xc = x.contiguous();
+  const int64_t B = xc.size(0), D = xc.size(1);
+  TORCH_CHECK(cr.data_ptr<int64_t>()[B] == cc.numel(), "pairs_fused_forward: offsets do not end at the pair count");
+  auto f32 = xc.options();
+  auto x_hat = torch::empty({B, D}, f32), err = torch::empty({B, D}, f32), sq = torch::empty({B}, f32);
+  auto de = torch::empty({cc.numel()}, f32);
+  const int64_t* rp = cr.data_ptr<int64_t>();
+  const int64_t* cp = cc.data_ptr<int64_t>();
+  const float* vp = vc.data_ptr<float>();
+  const float* Wp = W.data_ptr<float>();
+  at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<Cand> cand;
+    for (int64_t r = lo; r < hi; ++r) {
+      cand.clear();
+      for (int64_t s = rp[r]; s < rp[r + 1]; ++s) cand.push_back({vp[s], cp[s]});
+      float* xo = x_hat.data_ptr<float>() + r * D;
+      decode_row(cand, Wp, bd.data_ptr<float>(), D, xo);
+      error_row(cand, Wp, xo, xc.data_ptr<float>() + r * D, D, err.data_ptr<float>() + r * D,
+                sq.data_ptr<float>() + r, de.data_ptr<float>() + rp[r]);
+    }
+  });
+  return {x_hat, err, sq, de};
+}
+
+// topk_fused_backward on given pairs: rows long [N] (each pair's row), cols long [N], val / de fp32 [N].
+// -> (dv fp32 [N], dW_enc^T, db_enc, dW_dec, W_enc db_enc, sq) as there.
+std::vector<torch::Tensor> pairs_fused_backward(torch::Tensor e, double coef, torch::Tensor rows, torch::Tensor cols,
+                                                torch::Tensor val, torch::Tensor de, torch::Tensor x,
+                                                torch::Tensor b_dec, torch::Tensor W_encT) {
+  TORCH_CHECK(e.scalar_type() == at::kFloat && val.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+                  b_dec.scalar_type() == at::kFloat && de.scalar_type() == at::kFloat &&
+                  rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong,
+              "pairs_fused_backward: fp32 tensors and long indices are needed");
+  TORCH_CHECK(e.dim() == 2 && e.sizes() == x.sizes() && rows.numel() == cols.numel() &&
+                  val.numel() == cols.numel() && de.numel() == cols.numel() && b_dec.numel() == e.size(1),
+              "pairs_fused_backward: shapes do not match");
+  TORCH_CHECK(W_encT.scalar_type() == at::kFloat && W_encT.dim() == 2 && W_encT.size(1) == e.size(1),
+              "pairs_fused_backward: W_enc^T must be fp32 [L, D]");
+  TORCH_CHECK(e.size(0) <= std::numeric_limits<int32_t>::max(), "pairs_fused_backward: too many rows");
+  auto ec = e.contiguous(), rc = rows.contiguous(), ic = cols.contiguous(), vc = val.contiguous();
+  auto xc = x.contiguous(), dc = de.contiguous(), bd = b_dec.contiguous(), WeT = W_encT.contiguous();
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  return fused_backward(ec, coef, ic.data_ptr<int64_t>(), vc.data_ptr<float>(), dc.data_ptr<float>(), ic.numel(),
+                        [rp](int64_t n) { return rp[n]; }, torch::empty({ic.numel()}, ec.options()), xc, bd, WeT);
 }
 
 // ---- LM-head statistics for spliced evaluation (saestrata.evaluate.branch.head_stats) ----
@@ -991,6 +1056,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sampled_dot", &sampled_dot, "out[n] = <g[bags[n]], w[cols[n]]> (fp32, CPU)");
   m.def("topk_fused_forward", &topk_fused_forward, "TopK SAE forward: top-k of mm + b_enc, x_hat and its error (CPU)");
   m.def("topk_fused_backward", &topk_fused_backward, "TopK SAE backward from x_hat - x (CPU), with gradient norms");
+  m.def("pairs_fused_forward", &pairs_fused_forward, "Fused SAE forward on given row-sorted pairs: x_hat and its error (CPU)");
+  m.def("pairs_fused_backward", &pairs_fused_backward, "Fused SAE backward on given pairs (CPU), with gradient norms");
   m.def("normalize_rows_", &normalize_rows_, "w[r] /= max(||w[r]||, eps) in place (fp32, CPU)");
   m.def("remove_parallel_", &remove_parallel_, "grad[r] -= <grad[r], w[r]> w[r] in place (fp32, CPU)");
   m.def("projected_row_sq_norms", &projected_row_sq_norms, "||g[r] - <g[r], w[r]> w[r]||^2 per row (fp64 out)");
