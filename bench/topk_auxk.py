@@ -5,7 +5,8 @@ AuxK (Gao et al. 2024, app. A.2) does nothing. In real runs latents die within t
 fifth of the budget (the benchmark's TopK-family SAEs: from step 150-175 of 1,024, 385-733 of
 2,048 dead at the end), so most steps pay for AuxK. This script trains one ``topk`` SAE (sparse
 kernels) on the store's shuffled stream, as ``saestrata train`` feeds it, with the dead window of a
-1M-token run (a tenth of the budget, ``trainer.dead_window``), and prints the median step over
+1M-token run (a tenth of the budget, ``trainer.dead_window``; ``--arch batchtopk`` / ``matryoshka`` for
+the other two), and prints the median step over
 steps with no dead latent and over the last ``--timed`` steps (dead latents present), with the
 AuxK counters and the bf16 encoder matmul timed in the same run.
 
@@ -29,6 +30,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
     ap.add_argument("--layer", type=int, required=True)
+    ap.add_argument("--arch", choices=("topk", "batchtopk", "matryoshka"), default="topk",
+                    help="the TopK-family SAE to train (all three carry AuxK)")
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -46,7 +49,7 @@ def main() -> None:
     hook = f"blocks.{args.layer}.hook_resid_post"
     scale = store.d_model ** 0.5 / store.stats(hook)["mean_norm"]  # the trainer's scaling
     stream = (b.float() * scale for b in shuffled_batches(store, hook, args.batch_size, seed=0))
-    slot = _slot(store.d_model, args.d_sae, args.k, next(stream))
+    slot = _slot(args.arch, store.d_model, args.d_sae, args.k, next(stream))
     sae = slot.sae
     sae.dead_window_tokens = args.dead_window
     alive, dead = [], []
@@ -62,7 +65,7 @@ def main() -> None:
     counters = sae.counters()
     x16, w16 = x.bfloat16(), sae.W_enc.detach().bfloat16()
     mm_ms = min(median_ms(lambda: x16 @ w16, 5) for _ in range(4))
-    print(f"{torch.get_num_threads()} thread(s); topk d_in {store.d_model}, d_sae {args.d_sae}, k {args.k}, batch "
+    print(f"{torch.get_num_threads()} thread(s); {args.arch} d_in {store.d_model}, d_sae {args.d_sae}, k {args.k}, batch "
           f"{args.batch_size}, dead window {args.dead_window} tokens; torch {torch.__version__}")
     print(f"bf16 encoder matmul {mm_ms:.1f} ms (same run)")
     if alive:

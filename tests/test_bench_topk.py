@@ -1,0 +1,40 @@
+"""bench/topk_profile.py and bench/topk_auxk.py run for every TopK-family arch on the tiny store.
+
+Their timings are for an idle machine (docs/results/bench/README.md); here only that each script runs
+its arch's real trainer step end to end and prints its ratio line, so that a change of a shared
+helper (e.g. ``topk_profile._slot``, which topk_auxk.py imports) cannot silently break one of them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_topk_profile_runs_each_arch(tiny_store, arch):
+    out = _run("topk_profile.py", "--store", str(tiny_store), "--layer", "2", "--arch", arch, "--d-sae", "64",
+               "--k", "4", "--batch-size", "64", "--steps", "3")
+    assert f"{arch} SAE d_in" in out and "x one bf16 encoder matmul" in out
+    assert ("own selection" in out) == (arch != "topk")
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_topk_auxk_runs_until_latents_die(tiny_store, arch):
+    out = _run("topk_auxk.py", "--store", str(tiny_store), "--layer", "2", "--arch", arch, "--d-sae", "256",
+               "--k", "2", "--batch-size", "64", "--steps", "40", "--timed", "5", "--dead-window", "64")
+    assert f"{arch} d_in" in out and "AuxK acting" in out, out
