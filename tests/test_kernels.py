@@ -128,7 +128,8 @@ def test_auxk_takes_the_pair_lists_when_few_dead_pre_acts_survive_the_relu(arch,
 
 
 @pytest.mark.parametrize("arch,module,fn", [("topk", topk_module, "fused_topk"),
-                                             ("batchtopk", batchtopk_module, "fused_pairs")])
+                                             ("batchtopk", batchtopk_module, "fused_pairs"),
+                                             ("matryoshka", matryoshka_module, "fused_nested")])
 def test_fused_auxk_pairs_keep_the_clip_norms_exact(arch, module, fn, monkeypatch):
     # The fused topk / batchtopk step adds AuxK's pair gradients into its own gradient rows and corrects the
     # squared norms it hands the gradient clip (train/fused.py); they must be the norms of the final gradients.
@@ -276,7 +277,7 @@ def test_topk_fused_step_is_taken_and_equals_the_unfused_sparse_and_dense(dead_e
         torch.testing.assert_close(p_f.grad, p_u.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dead_every", [None, 3])
 def test_fused_backward_hands_the_clip_its_gradient_norms_only_while_they_hold(dead_every, arch):
     """train/fused.py's GradSqNorms: the fused backward's norms of W_enc.grad and of W_dec.grad projected off
@@ -306,24 +307,24 @@ def test_fused_backward_hands_the_clip_its_gradient_norms_only_while_they_hold(d
 @pytest.mark.parametrize("dead_every", [None, 3])
 def test_batchtopk_family_selects_from_the_matmul_and_equals_the_torch_path(arch, dead_every, monkeypatch):
     """On CPU BatchTopK and Matryoshka take their pairs from the compiled selection (no [batch, d_sae] pre;
-    AuxK's dead columns formed from the matmul), and BatchTopK trains them in the fused op (train/fused.py
-    ``fused_pairs``); same losses and gradients as the dense path and as the torch-op path it replaces
-    (``fused_available`` False), which stays the fallback."""
+    AuxK's dead columns formed from the matmul), and train them in one fused op (train/fused.py
+    ``fused_pairs``, ``fused_nested``); same losses and gradients as the dense path and as the torch-op path
+    they replace (``fused_available`` False), which stays the fallback."""
     calls, fused = [], []
     real = batchtopk_module.batch_topk_pairs
     monkeypatch.setattr(batchtopk_module, "batch_topk_pairs", lambda *a: calls.append(1) or real(*a))
-    real_fused = batchtopk_module.fused_pairs
-    monkeypatch.setattr(batchtopk_module, "fused_pairs", lambda *a, **kw: fused.append(1) or real_fused(*a, **kw))
+    module, fn = (batchtopk_module, "fused_pairs") if arch == "batchtopk" else (matryoshka_module, "fused_nested")
+    real_fused = getattr(module, fn)
+    monkeypatch.setattr(module, fn, lambda *a, **kw: fused.append(1) or real_fused(*a, **kw))
     dense, fast = _pair(arch, dead_every)
     out_d, out_f = _assert_same_step(dense, fast, _inputs(10))
-    assert calls == [1]
-    assert fused == ([1] if arch == "batchtopk" else [])  # matryoshka's nested losses are not the fused op's
-    assert (out_f.sq_error is not None) == (arch == "batchtopk")
+    assert calls == [1] and fused == [1] and out_f.sq_error is not None
     assert (float(out_d.losses["auxk"].detach()) > 0) == bool(dead_every)
-    monkeypatch.setattr(batchtopk_module, "fused_available", lambda sae, x: False)
+    for m in (batchtopk_module, matryoshka_module):
+        monkeypatch.setattr(m, "fused_available", lambda sae, x: False)
     dense, torch_path = _pair(arch, dead_every)
     _assert_same_step(dense, torch_path, _inputs(10))
-    assert calls == [1]
+    assert calls == [1] and fused == [1]
     for p_f, p_t in zip(fast.parameters(), torch_path.parameters()):
         torch.testing.assert_close(p_f.grad, p_t.grad, rtol=1e-5, atol=1e-6)
 

@@ -103,17 +103,17 @@ def _aux_forward(aux: "AuxKPairs | None", W_dec: torch.Tensor, e: torch.Tensor, 
     return aux.coeff * diff.pow(2).sum(-1).mean() / mse.clamp_min(1e-12), diff
 
 
-def _fused_grads(ctx, grad_mse, grad_aux, native_backward, dx_offsets):
-    """The backward both fused ops share: ``(d_x, d_b_dec, d_W_enc, d_b_enc, d_W_dec)`` from the compiled
-    latent-grouped kernel ``native_backward(e, coef, idx, val, de, x, b_dec, W_enc^T)``, AuxK's pairs added, and
-    the gradient norms recorded for the clip. ``dx_offsets``: the ``embedding_bag`` offsets of ``idx`` per row
-    (None when ``idx`` is ``[B, k]``)."""
-    xf, e, de, b_dec, W_enc, W_dec, idx, val, diff, mse = ctx.saved_tensors
+def _fused_grads(ctx, grad_aux, native_out, e, coef, xf, b_dec, W_enc, W_dec, idx, dx_offsets, diff, mse):
+    """The backward tail all fused ops share: ``(d_x, d_b_dec, d_W_enc, d_b_enc, d_W_dec)`` from the compiled
+    latent-grouped kernel's ``native_out`` ``(dv, dW_enc^T, db_enc, dW_dec, W_enc db_enc, sq)``, with AuxK's
+    pairs added and the gradient norms recorded for the clip.
+
+    ``coef e`` fp32 ``[B, D]`` is ``d loss / d x_hat`` (the gradient every reconstruction passes to ``b_dec``
+    and, negated, to ``x``); ``idx`` the pairs' latents, ``[B, k]`` (``dx_offsets`` None) or ``[N]`` with the
+    ``embedding_bag`` offsets of each row; ``diff`` / ``mse`` AuxK's forward terms (:func:`_aux_forward`).
+    """
+    dv, d_W_enc_t, d_b_enc, d_W_dec, w_db, sq = native_out
     need_x, need_b_dec = ctx.needs_input_grad[:2]
-    coef = 2 * float(grad_mse) / xf.shape[0]  # g = d mse / d x_hat = coef e
-    with torch.profiler.record_function("saestrata::topk_fused_backward"):  # named in bench/topk_profile.py
-        dv, d_W_enc_t, d_b_enc, d_W_dec, w_db, sq = native_backward(e, coef, idx, val, de, xf, b_dec.detach(),
-                                                                    W_enc.detach().t())
     d_x = d_b_dec = None
     if need_b_dec:
         d_b_dec = e.sum(0).mul_(coef) - w_db  # w_db = W_enc @ db_enc, formed inside the kernel
@@ -158,7 +158,12 @@ class _FusedTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mse, grad_aux, _grad_x_hat, _grad_idx, _grad_val):
         """Gradients of the inputs that need them; None for ``mm``, ``k``, ``norms`` and ``aux``."""
-        return *_fused_grads(ctx, grad_mse, grad_aux, load_native().topk_fused_backward, None), None, None, None, None
+        xf, e, de, b_dec, W_enc, W_dec, idx, val, diff, mse = ctx.saved_tensors
+        coef = 2 * float(grad_mse) / xf.shape[0]  # g = d mse / d x_hat = coef e
+        with torch.profiler.record_function("saestrata::topk_fused_backward"):  # named in bench/topk_profile.py
+            out = load_native().topk_fused_backward(e, coef, idx, val, de, xf, b_dec.detach(), W_enc.detach().t())
+        grads = _fused_grads(ctx, grad_aux, out, e, coef, xf, b_dec, W_enc, W_dec, idx, None, diff, mse)
+        return *grads, None, None, None, None
 
 
 class _FusedPairs(torch.autograd.Function):
@@ -176,7 +181,7 @@ class _FusedPairs(torch.autograd.Function):
                                                        xf)
         mse = sq.mean()
         aux_loss, diff = _aux_forward(aux, W_dec, e, mse)
-        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, act.cols, vals, diff, mse)
+        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, vals, diff, mse)
         ctx.x_dtype, ctx.norms, ctx.aux, ctx.act = x.dtype, norms, aux, act
         ctx.mark_non_differentiable(x_hat)
         return mse, aux_loss, x_hat
@@ -184,11 +189,66 @@ class _FusedPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mse, grad_aux, _grad_x_hat):
         """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms`` and ``aux``."""
-        rows = ctx.act.rows
-        mod = load_native()
-        native = lambda e, coef, idx, val, de, xf, b_dec, w_t: mod.pairs_fused_backward(  # noqa: E731
-            e, coef, rows, idx, val, de, xf, b_dec, w_t)
-        return *_fused_grads(ctx, grad_mse, grad_aux, native, ctx.act.row_crow[:-1]), None, None, None, None
+        xf, e, de, b_dec, W_enc, W_dec, vals, diff, mse = ctx.saved_tensors
+        act = ctx.act
+        coef = 2 * float(grad_mse) / xf.shape[0]
+        with torch.profiler.record_function("saestrata::topk_fused_backward"):
+            out = load_native().pairs_fused_backward(e, coef, act.rows, act.cols, vals, de, xf, b_dec.detach(),
+                                                     W_enc.detach().t(), act.bags)
+        grads = _fused_grads(ctx, grad_aux, out, e, coef, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
+                             diff, mse)
+        return *grads, None, None, None, None
+
+
+class _FusedNested(torch.autograd.Function):
+    """Matryoshka's nested losses (Bussmann et al. 2025, sec. 3) on its selected pairs in one node:
+    ``(errors [G] fp32, aux, x_hat [B, D] fp32)`` with ``errors[m] = mean_b ||b_dec + sum_{g <= m} decode_g[b]
+    - x[b]||^2`` (prefix ``m``'s squared error; the pairs' bags are (row, prefix group), ``act`` built with the
+    prefix ends). Forward: one ``embedding_bag`` decodes every bag, the prefixes' errors are running sums in one
+    ``[B, G, D]`` buffer. Backward: group ``g``'s decode gets the suffix sum ``sum_{m >= g} 2 / B d errors[m]
+    E_m`` (in place), each pair ``dv = <that, W_dec[c]>`` (compiled sampled dot), then the latent-grouped kernel
+    of :class:`_FusedPairs` reading each pair's bag: no autograd graph over ``cumsum``, the decode or the
+    encoder gather, and the clip's norms come with the gradients."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux):
+        """Autograd forward: per-bag decode, the prefixes' squared errors, AuxK on the full reconstruction."""
+        xf = x.detach().float()
+        B, G = xf.shape[0], act.n_groups
+        with torch.profiler.record_function("saestrata::topk_fused_forward"):
+            groups = F.embedding_bag(act.cols, W_dec.detach(), act.bag_crow[:-1], mode="sum",
+                                     per_sample_weights=vals).view(B, G, -1)
+            err = torch.empty_like(groups)
+            torch.add(groups[:, 0], b_dec.detach() - xf, out=err[:, 0])
+            for m in range(1, G):
+                torch.add(err[:, m - 1], groups[:, m], out=err[:, m])
+        errors = torch.linalg.vector_norm(err, dim=-1).square().mean(0)
+        mse = errors[-1].detach()
+        e = err[:, -1]
+        aux_loss, diff = _aux_forward(aux, W_dec, e, mse)
+        x_hat = e + xf
+        ctx.save_for_backward(xf, err, b_dec, W_enc, W_dec, vals, diff, mse)
+        ctx.x_dtype, ctx.norms, ctx.aux, ctx.act = x.dtype, norms, aux, act
+        ctx.mark_non_differentiable(x_hat)
+        return errors, aux_loss, x_hat
+
+    @staticmethod
+    def backward(ctx, grad_errors, grad_aux, _grad_x_hat):
+        """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms`` and ``aux``."""
+        xf, err, b_dec, W_enc, W_dec, vals, diff, mse = ctx.saved_tensors
+        act = ctx.act
+        B, G = err.shape[:2]
+        with torch.profiler.record_function("saestrata::topk_fused_backward"):
+            g = err * (grad_errors * (2.0 / B)).view(1, -1, 1)
+            for m in range(G - 2, -1, -1):
+                g[:, m] += g[:, m + 1]
+            per_bag = g.view(B * G, -1)
+            dv = sampled_dot(per_bag, W_dec.detach(), act)  # the pairs' values are > 0: no ReLU factor
+            out = load_native().pairs_fused_backward(per_bag, 1.0, act.rows, act.cols, vals, dv, xf, b_dec.detach(),
+                                                     W_enc.detach().t(), act.bags)
+        grads = _fused_grads(ctx, grad_aux, out, g[:, 0], 1.0, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
+                             diff, mse)
+        return *grads, None, None, None, None
 
 
 def _row_sq(rows: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,4 +350,24 @@ def fused_pairs(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms:
     return _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, norms, aux)
 
 
-__all__ = ["AuxKPairs", "GradSqNorms", "encoder_mm", "fused_available", "fused_pairs", "fused_topk"]
+def fused_nested(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms: GradSqNorms | None = None,
+                 aux: AuxKPairs | None = None):
+    """Matryoshka's training losses on its selected pairs in one fused op: ``(errors, aux_loss, x_hat)``.
+
+    Args:
+        x, sae, norms, aux: as :func:`fused_pairs`'s.
+        act: the row-sorted pairs, built with the prefix ends as ``group_ends`` (``G`` groups, bags
+            ``row * G + group``); vals: fp32 ``[N]`` their pre-activations, all > 0 (no autograd).
+    Returns:
+        ``errors`` fp32 ``[G]``: prefix ``m``'s ``mean_b ||x_hat_m - x||^2`` (the last is the ``mse`` term, the
+        others sum to ``prefix_mse``), differentiable in the SAE's parameters and ``x``; ``aux_loss`` AuxK on
+        the full reconstruction (0 without ``aux``); ``x_hat`` fp32 ``[B, d_in]`` the full dictionary's
+        reconstruction (no gradient). Same maths as :meth:`.matryoshka.MatryoshkaSAE.prefix_reconstructions`
+        with :func:`.matryoshka.squared_error` (tests/test_kernels.py).
+    Raises:
+        RuntimeError: from the compiled module on shape or dtype mismatches.
+    """
+    return _FusedNested.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, norms, aux)
+
+
+__all__ = ["AuxKPairs", "GradSqNorms", "encoder_mm", "fused_available", "fused_nested", "fused_pairs", "fused_topk"]

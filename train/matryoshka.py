@@ -19,7 +19,8 @@ terms, ``auxk`` the dead-latent term (training only).
 Kernels: with ``kernels="sparse"`` each prefix reconstruction sums only the active
 latents below its boundary: the active pairs are decoded per (row, prefix group) in one
 ``embedding_bag`` and the groups are summed cumulatively (:mod:`.kernels`), the same
-maths as :meth:`MatryoshkaSAE.prefix_reconstructions`.
+maths as :meth:`MatryoshkaSAE.prefix_reconstructions`. On CPU with the compiled module the
+whole training forward and backward is one fused op (:func:`.fused.fused_nested`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from .arch_info import ArchError, ArchInfo
 from .base import ForwardOutput
 from .batchtopk import BatchTopKSAE
+from .fused import AuxKPairs, GradSqNorms, fused_available, fused_nested
 from .kernels import sparse_decode
 
 DEFAULT_PREFIX_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
@@ -108,6 +110,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
         ``x_hat`` is the full-dictionary reconstruction; loss = ``mse + prefix_mse (+ auxk)``.
         """
+        self._grad_norms = None  # only a fused forward's backward computes them (a freed gradient's address may recur)
         if self.use_sparse():
             return self.sparse_forward(x)
         pre = self.pre_acts(x)
@@ -116,7 +119,15 @@ class MatryoshkaSAE(BatchTopKSAE):
         return ForwardOutput(partials[-1], f, self._nested_losses(x, partials, self.penalties(x, pre, f, partials[-1])))
 
     def sparse_forward(self, x: torch.Tensor) -> ForwardOutput:
-        """:meth:`forward` on the sparse kernels: group ``g``'s share of each row holds only its active latents."""
+        """:meth:`forward` on the sparse kernels: group ``g``'s share of each row holds only its active latents.
+
+        On CPU with the compiled module the pairs come from the encoder matmul and the nested losses, AuxK
+        and all gradients from one fused op (:func:`.fused.fused_nested`, which also hands the clip its
+        gradient norms); elsewhere :mod:`.kernels`' ops and :func:`prefix_squared_errors` (same maths).
+        """
+        self._grad_norms = None
+        if fused_available(self, x):
+            return self._fused_forward(x)
         pre, act, vals = self.sparse_code(x, self.prefix_sizes)
         groups = sparse_decode(vals, self.W_dec, act).view(x.shape[0], len(self.prefix_sizes), -1)
         errors, x_hat = prefix_squared_errors(groups, x, self.b_dec)
@@ -125,6 +136,22 @@ class MatryoshkaSAE(BatchTopKSAE):
             losses["prefix_mse"] = errors[:-1].sum()
         losses["auxk"] = self.auxk_loss_sparse(x, pre, x_hat)
         return ForwardOutput(x_hat, None, losses, active=act, values=vals.detach(), f_dtype=pre.dtype)
+
+    def _fused_forward(self, x: torch.Tensor) -> ForwardOutput:
+        """:meth:`sparse_forward` through :func:`.fused.fused_nested` (CPU, compiled module built)."""
+        pre, act, vals = self._matmul_pairs(x, self.prefix_sizes)
+        plan = self.auxk_plan(pre)
+        pairs = AuxKPairs(plan.act, plan.vals, self.aux_coeff) if plan.kind == "pairs" else None  # fused in
+        self._grad_norms = GradSqNorms()
+        errors, auxk, x_hat = fused_nested(x, self, act, vals, self._grad_norms, aux=pairs)
+        if pairs is None:
+            auxk = self.auxk_loss_sparse(x, None, x_hat, plan=plan)
+        losses = {"mse": errors[-1]}
+        if errors.numel() > 1:
+            losses["prefix_mse"] = errors[:-1].sum()
+        losses["auxk"] = auxk
+        return ForwardOutput(x_hat, None, losses, active=act, values=vals, f_dtype=pre.dtype,
+                             sq_error=errors[-1].detach())
 
     @staticmethod
     def _nested_losses(x, partials, penalties) -> dict:

@@ -688,13 +688,15 @@ std::vector<torch::Tensor> topk_fused_forward(torch::Tensor mm, torch::Tensor b_
 
 // Pairs in latent order, compact: the latent loop below re-reads them once per 64-float block.
 struct Pair {
-  int32_t row;
+  int32_t row;  // the pair's batch row (indexes x)
+  int32_t bag;  // the row of e it reads: its batch row, or its (row, prefix group) bag for Matryoshka
   float v;   // the pair's activation (0 when ReLU'd away: it then adds nothing)
   float dv;  // dloss / d pre-activation
 };
 
-// Latents lo..hi's gradient rows: dW_dec[c] = coef sum v e[row], dW_enc^T[c] = sum dv (x[row] - b_dec)
-// (e = x_hat - x, g = coef e; dv already holds coef).
+// Latents lo..hi's gradient rows: dW_dec[c] = coef sum v e[bag], dW_enc^T[c] = sum dv (x[row] - b_dec)
+// (e = x_hat - x, g = coef e, bag = row; for Matryoshka e[bag] is d loss / d its group's decode, coef 1;
+// dv already holds coef).
 // Blocked by 64 columns outermost: one block of e and x over all rows (B x 64 x 2 floats, 512 KB at
 // B 1024) stays in this core's L2 while every latent of the range streams its pairs through it,
 // where a latent-by-latent sweep over whole rows fetched every row from L3 (~2x slower, measured).
@@ -718,10 +720,10 @@ void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t h
       for (int64_t s = start[c]; s < start[c + 1]; ++s) {
         const Pair& p = pairs[s];
         if (s + PREFETCH < end) {
-          prefetch_block(e + pairs[s + PREFETCH].row * D + d0, 64);
+          prefetch_block(e + pairs[s + PREFETCH].bag * D + d0, 64);
           prefetch_block(x + pairs[s + PREFETCH].row * D + d0, 64);
         }
-        const float* er = e + p.row * D + d0;
+        const float* er = e + p.bag * D + d0;
         const float* xr = x + p.row * D + d0;
         for (int j = 0; j < 4; ++j) {
           a_dec[j] += p.v * load16(er + 16 * j);
@@ -749,7 +751,7 @@ void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t h
       float a = 0, b = 0;
       for (int64_t s = start[c]; s < start[c + 1]; ++s) {
         const Pair& p = pairs[s];
-        a += p.v * e[p.row * D + d];
+        a += p.v * e[p.bag * D + d];
         b += p.dv * (x[p.row * D + d] - b_dec[d]);
       }
       a *= coef;
@@ -761,10 +763,11 @@ void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t h
 }
 
 // The latent-grouped backward shared by the per-row top-k step and the given-pairs step: pair n has column
-// ip[n], value vp[n], de dep[n] and row row_of(n); dv (fp32, N entries, any shape) is filled here.
-template <typename RowOf>
+// ip[n], value vp[n], de dep[n], row row_of(n) (of x) and bag bag_of(n) (of e); dv (fp32, N entries, any
+// shape) is filled here.
+template <typename RowOf, typename BagOf>
 std::vector<torch::Tensor> fused_backward(const torch::Tensor& ec, double coef, const int64_t* ip, const float* vp,
-                                          const float* dep, int64_t N, RowOf row_of, torch::Tensor dv,
+                                          const float* dep, int64_t N, RowOf row_of, BagOf bag_of, torch::Tensor dv,
                                           const torch::Tensor& xc, const torch::Tensor& bd, const torch::Tensor& WeT) {
   const int64_t D = ec.size(1), L = WeT.size(0);
   const float cf = coef;
@@ -778,7 +781,8 @@ std::vector<torch::Tensor> fused_backward(const torch::Tensor& ec, double coef, 
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t n = 0; n < N; ++n)
-      pairs[fill[ip[n]]++] = {static_cast<int32_t>(row_of(n)), vp[n] > 0 ? vp[n] : 0.f, dvp[n]};
+      pairs[fill[ip[n]]++] = {static_cast<int32_t>(row_of(n)), static_cast<int32_t>(bag_of(n)), vp[n] > 0 ? vp[n] : 0.f,
+                              dvp[n]};
   }
   auto dWencT = torch::empty({L, D}, ec.options());
   auto db_enc = torch::empty({L}, ec.options());
@@ -850,7 +854,8 @@ std::vector<torch::Tensor> topk_fused_backward(torch::Tensor e, double coef, tor
   auto bd = b_dec.contiguous(), WeT = W_encT.contiguous();
   const int64_t B = ec.size(0), k = ic.size(1);
   return fused_backward(ec, coef, ic.data_ptr<int64_t>(), vc.data_ptr<float>(), dc.data_ptr<float>(), B * k,
-                        [k](int64_t n) { return n / k; }, torch::empty({B, k}, ec.options()), xc, bd, WeT);
+                        [k](int64_t n) { return n / k; }, [k](int64_t n) { return n / k; },
+                        torch::empty({B, k}, ec.options()), xc, bd, WeT);
 }
 
 // ---- The same step on given pairs (BatchTopK, whose rows hold varying numbers of latents) ----
@@ -889,26 +894,31 @@ std::vector<torch::Tensor> pairs_fused_forward(torch::Tensor crow, torch::Tensor
   return {x_hat, err, sq, de};
 }
 
-// topk_fused_backward on given pairs: rows long [N] (each pair's row), cols long [N], val / de fp32 [N].
-// -> (dv fp32 [N], dW_enc^T, db_enc, dW_dec, W_enc db_enc, sq) as there.
+// topk_fused_backward on given pairs: rows long [N] (each pair's row of x), cols long [N], val / de fp32 [N], and
+// bags long [N], each pair's row of e (its batch row, or for Matryoshka its (row, prefix group) bag, e then
+// holding d loss / d (that group's decode) per bag, with coef 1). -> (dv fp32 [N], dW_enc^T, db_enc, dW_dec,
+// W_enc db_enc, sq) as there.
 std::vector<torch::Tensor> pairs_fused_backward(torch::Tensor e, double coef, torch::Tensor rows, torch::Tensor cols,
                                                 torch::Tensor val, torch::Tensor de, torch::Tensor x,
-                                                torch::Tensor b_dec, torch::Tensor W_encT) {
+                                                torch::Tensor b_dec, torch::Tensor W_encT, torch::Tensor bags) {
   TORCH_CHECK(e.scalar_type() == at::kFloat && val.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
                   b_dec.scalar_type() == at::kFloat && de.scalar_type() == at::kFloat &&
-                  rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong,
+                  rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && bags.scalar_type() == at::kLong,
               "pairs_fused_backward: fp32 tensors and long indices are needed");
-  TORCH_CHECK(e.dim() == 2 && e.sizes() == x.sizes() && rows.numel() == cols.numel() &&
-                  val.numel() == cols.numel() && de.numel() == cols.numel() && b_dec.numel() == e.size(1),
-              "pairs_fused_backward: shapes do not match");
+  TORCH_CHECK(e.dim() == 2 && x.dim() == 2 && e.size(1) == x.size(1) && rows.numel() == cols.numel() &&
+                  bags.numel() == cols.numel() && val.numel() == cols.numel() && de.numel() == cols.numel() &&
+                  b_dec.numel() == e.size(1), "pairs_fused_backward: shapes do not match");
   TORCH_CHECK(W_encT.scalar_type() == at::kFloat && W_encT.dim() == 2 && W_encT.size(1) == e.size(1),
               "pairs_fused_backward: W_enc^T must be fp32 [L, D]");
   TORCH_CHECK(e.size(0) <= std::numeric_limits<int32_t>::max(), "pairs_fused_backward: too many rows");
   auto ec = e.contiguous(), rc = rows.contiguous(), ic = cols.contiguous(), vc = val.contiguous();
   auto xc = x.contiguous(), dc = de.contiguous(), bd = b_dec.contiguous(), WeT = W_encT.contiguous();
+  auto gc = bags.contiguous();
   const int64_t* rp = rc.data_ptr<int64_t>();
+  const int64_t* gp = gc.data_ptr<int64_t>();
   return fused_backward(ec, coef, ic.data_ptr<int64_t>(), vc.data_ptr<float>(), dc.data_ptr<float>(), ic.numel(),
-                        [rp](int64_t n) { return rp[n]; }, torch::empty({ic.numel()}, ec.options()), xc, bd, WeT);
+                        [rp](int64_t n) { return rp[n]; }, [gp](int64_t n) { return gp[n]; },
+                        torch::empty({ic.numel()}, ec.options()), xc, bd, WeT);
 }
 
 // ---- LM-head statistics for spliced evaluation (saestrata.evaluate.branch.head_stats) ----
