@@ -26,23 +26,23 @@ D_IN, D_SAE, BATCH, K = 24, 96, 40, 6
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
-def _pair(arch: str, dead_every: int | None, aux_k: int = 12):
+def _pair(arch: str, dead_every: int | None, aux_k: int = 12, d_in: int = D_IN, d_sae: int = D_SAE):
     """Identical dense and sparse SAEs (non-trivial biases), every ``dead_every``-th latent dead."""
     saes = []
     for kernels in ("dense", "sparse"):
-        sae = build(arch, D_IN, D_SAE, seed=7, k=K, aux_k=aux_k, kernels=kernels).train()
+        sae = build(arch, d_in, d_sae, seed=7, k=K, aux_k=aux_k, kernels=kernels).train()
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            sae.b_dec.copy_(torch.randn(D_IN, generator=gen) * 0.3)
-            sae.b_enc.copy_(torch.randn(D_SAE, generator=gen) * 0.1)
+            sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.3)
+            sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
         if dead_every:
             sae.tokens_since_fired[::dead_every] = sae.dead_window_tokens
         saes.append(sae)
     return saes
 
 
-def _inputs(seed: int = 0) -> torch.Tensor:
-    return torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(seed)) * 1.5
+def _inputs(seed: int = 0, d_in: int = D_IN) -> torch.Tensor:
+    return torch.randn(BATCH, d_in, generator=torch.Generator().manual_seed(seed)) * 1.5
 
 
 def _assert_same_step(dense, sparse, x):
@@ -346,3 +346,14 @@ def test_prefix_squared_errors_equal_autograd_of_the_running_sums():
     ref = torch.autograd.grad((want * weights).sum(), [groups, x, b_dec])
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dead_every", [None, 3])
+def test_fused_steps_at_a_width_with_full_vector_blocks(arch, dead_every):
+    """d_in 200 = one 128-float register block + a 72-float tail: the compiled decode / error / gradient loops'
+    vector paths (d_in 24 elsewhere in this file runs only their scalar tails) equal the dense path."""
+    dense, sparse = _pair(arch, dead_every, d_in=200, d_sae=384)
+    out_d, out_s = _assert_same_step(dense, sparse, _inputs(12, d_in=200))
+    assert out_s.sq_error is not None  # the fused op ran
+    assert (float(out_d.losses["auxk"].detach()) > 0) == bool(dead_every)

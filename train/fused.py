@@ -204,11 +204,12 @@ class _FusedNested(torch.autograd.Function):
     """Matryoshka's nested losses (Bussmann et al. 2025, sec. 3) on its selected pairs in one node:
     ``(errors [G] fp32, aux, x_hat [B, D] fp32)`` with ``errors[m] = mean_b ||b_dec + sum_{g <= m} decode_g[b]
     - x[b]||^2`` (prefix ``m``'s squared error; the pairs' bags are (row, prefix group), ``act`` built with the
-    prefix ends). Forward: one ``embedding_bag`` decodes every bag, the prefixes' errors are running sums in one
-    ``[B, G, D]`` buffer. Backward: group ``g``'s decode gets the suffix sum ``sum_{m >= g} 2 / B d errors[m]
-    E_m`` (in place), each pair ``dv = <that, W_dec[c]>`` (compiled sampled dot), then the latent-grouped kernel
-    of :class:`_FusedPairs` reading each pair's bag: no autograd graph over ``cumsum``, the decode or the
-    encoder gather, and the clip's norms come with the gradients."""
+    prefix ends). Forward: every bag decoded and the prefixes' errors formed as running sums in one
+    ``[B, G, D]`` buffer (compiled ``nested_fused_forward``: per row, in registers). Backward
+    (``nested_fused_grads``): group ``g``'s decode gets the suffix sum ``sum_{m >= g} 2 / B d errors[m] E_m``,
+    each pair ``dv = <that, W_dec[c]>``, then the latent-grouped kernel of :class:`_FusedPairs` reading each
+    pair's bag: no autograd graph over ``cumsum``, the decode or the encoder gather, and the clip's norms come
+    with the gradients."""
 
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux):
@@ -216,13 +217,9 @@ class _FusedNested(torch.autograd.Function):
         xf = x.detach().float()
         B, G = xf.shape[0], act.n_groups
         with torch.profiler.record_function("saestrata::topk_fused_forward"):
-            groups = F.embedding_bag(act.cols, W_dec.detach(), act.bag_crow[:-1], mode="sum",
-                                     per_sample_weights=vals).view(B, G, -1)
-            err = torch.empty_like(groups)
-            torch.add(groups[:, 0], b_dec.detach() - xf, out=err[:, 0])
-            for m in range(1, G):
-                torch.add(err[:, m - 1], groups[:, m], out=err[:, m])
-        errors = torch.linalg.vector_norm(err, dim=-1).square().mean(0)
+            err, sq = load_native().nested_fused_forward(act.bag_crow, act.cols, vals, W_dec.detach(),
+                                                         b_dec.detach(), xf, G)
+        errors = sq.mean(0)
         mse = errors[-1].detach()
         e = err[:, -1]
         aux_loss, diff = _aux_forward(aux, W_dec, e, mse)
@@ -238,15 +235,15 @@ class _FusedNested(torch.autograd.Function):
         xf, err, b_dec, W_enc, W_dec, vals, diff, mse = ctx.saved_tensors
         act = ctx.act
         B, G = err.shape[:2]
+        mod = load_native()
         with torch.profiler.record_function("saestrata::topk_fused_backward"):
-            g = err * (grad_errors * (2.0 / B)).view(1, -1, 1)
-            for m in range(G - 2, -1, -1):
-                g[:, m] += g[:, m + 1]
-            per_bag = g.view(B * G, -1)
-            dv = sampled_dot(per_bag, W_dec.detach(), act)  # the pairs' values are > 0: no ReLU factor
-            out = load_native().pairs_fused_backward(per_bag, 1.0, act.rows, act.cols, vals, dv, xf, b_dec.detach(),
-                                                     W_enc.detach().t(), act.bags)
-        grads = _fused_grads(ctx, grad_aux, out, g[:, 0], 1.0, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
+            # per bag: d loss / d (its group's decode); per pair: dv (values > 0: no ReLU factor)
+            per_bag, dv = mod.nested_fused_grads(err, grad_errors.float() * (2.0 / B), act.bag_crow, act.cols,
+                                                 W_dec.detach())
+            out = mod.pairs_fused_backward(per_bag, 1.0, act.rows, act.cols, vals, dv, xf, b_dec.detach(),
+                                           W_enc.detach().t(), act.bags)
+        total = per_bag.view(B, G, -1)[:, 0]  # group 0 feeds every prefix: d loss / d b_dec's share, -d x's
+        grads = _fused_grads(ctx, grad_aux, out, total, 1.0, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
                              diff, mse)
         return *grads, None, None, None, None
 

@@ -921,6 +921,118 @@ std::vector<torch::Tensor> pairs_fused_backward(torch::Tensor e, double coef, to
                         torch::empty({ic.numel()}, ec.options()), xc, bd, WeT);
 }
 
+// ---- Matryoshka's nested losses on its pairs (saestrata.train.fused._FusedNested) ----------------------
+// Bags are (row, prefix group): bag r * G + g holds row r's latents of group g, in bag_crow [B * G + 1] order.
+// Forward: per row, the running error err[r, m] = b_dec + sum_{g <= m} decode_g[r] - x[r] for every prefix m
+// and its squared norm, one 128-float block at a time in registers while the row's decoder rows stream
+// through (the torch version wrote each group's decode, then G running sums and G norms over [B, G, D]).
+// -> (err fp32 [B, G, D], sq fp32 [B, G]).
+std::vector<torch::Tensor> nested_fused_forward(torch::Tensor bag_crow, torch::Tensor cols, torch::Tensor vals,
+                                                torch::Tensor W_dec, torch::Tensor b_dec, torch::Tensor x, int64_t G) {
+  TORCH_CHECK(bag_crow.scalar_type() == at::kLong && cols.scalar_type() == at::kLong &&
+                  vals.scalar_type() == at::kFloat && W_dec.scalar_type() == at::kFloat &&
+                  b_dec.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat,
+              "nested_fused_forward: long offsets / columns and fp32 tensors are needed");
+  TORCH_CHECK(G >= 1 && x.dim() == 2 && bag_crow.numel() == x.size(0) * G + 1 && cols.numel() == vals.numel() &&
+                  W_dec.dim() == 2 && W_dec.size(1) == x.size(1) && b_dec.numel() == x.size(1),
+              "nested_fused_forward: shapes do not match");
+  auto cr = bag_crow.contiguous(), cc = cols.contiguous(), vc = vals.contiguous();
+  auto W = W_dec.contiguous(), bd = b_dec.contiguous(), xc = x.contiguous();
+  const int64_t B = xc.size(0), D = xc.size(1);
+  auto err = torch::empty({B, G, D}, xc.options()), sq = torch::zeros({B, G}, xc.options());
+  const int64_t* bp = cr.data_ptr<int64_t>();
+  const int64_t* cp = cc.data_ptr<int64_t>();
+  const float* vp = vc.data_ptr<float>();
+  const float* Wp = W.data_ptr<float>();
+  const float* bdp = bd.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  float* ep = err.data_ptr<float>();
+  float* sp = sq.data_ptr<float>();
+  at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* xr = xp + r * D;
+      const int64_t last = bp[(r + 1) * G];
+      int64_t d0 = 0;
+      for (; d0 + 128 <= D; d0 += 128) {
+        v16 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = load16(bdp + d0 + 16 * j) - load16(xr + d0 + 16 * j);
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t s = bp[r * G + g]; s < bp[r * G + g + 1]; ++s) {
+            if (s + PREFETCH < last) prefetch_block(Wp + cp[s + PREFETCH] * D + d0, 128);
+            const float* w = Wp + cp[s] * D + d0;
+            for (int j = 0; j < 8; ++j) acc[j] += vp[s] * load16(w + 16 * j);
+          }
+          float* out = ep + (r * G + g) * D + d0;
+          v16 q = {};
+          for (int j = 0; j < 8; ++j) {
+            store16(out + 16 * j, acc[j]);
+            q += acc[j] * acc[j];
+          }
+          float t = 0;
+          for (int j = 0; j < 16; ++j) t += q[j];
+          sp[r * G + g] += t;
+        }
+      }
+      for (int64_t d = d0; d < D; ++d) {
+        float a = bdp[d] - xr[d];
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t s = bp[r * G + g]; s < bp[r * G + g + 1]; ++s) a += vp[s] * Wp[cp[s] * D + d];
+          ep[(r * G + g) * D + d] = a;
+          sp[r * G + g] += a * a;
+        }
+      }
+    }
+  });
+  return {err, sq};
+}
+
+// Backward preparation: per row, the gradient of each group's decode, gbag[r, g] = sum_{m >= g} w[m] err[r, m]
+// (w [G] = d loss / d errors[m] * 2 / B; group g feeds every prefix from g on), then each pair's
+// dv = <gbag[bag], W_dec[c]> while the row's gbag is in cache (the pairs' values are > 0: no ReLU factor).
+// -> (gbag fp32 [B * G, D], dv fp32 [N]); pairs_fused_backward then takes gbag as its e with coef 1.
+std::vector<torch::Tensor> nested_fused_grads(torch::Tensor err, torch::Tensor w, torch::Tensor bag_crow,
+                                              torch::Tensor cols, torch::Tensor W_dec) {
+  TORCH_CHECK(err.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && W_dec.scalar_type() == at::kFloat &&
+                  bag_crow.scalar_type() == at::kLong && cols.scalar_type() == at::kLong,
+              "nested_fused_grads: fp32 tensors and long offsets / columns are needed");
+  TORCH_CHECK(err.dim() == 3 && w.numel() == err.size(1) && bag_crow.numel() == err.size(0) * err.size(1) + 1 &&
+                  W_dec.dim() == 2 && W_dec.size(1) == err.size(2), "nested_fused_grads: shapes do not match");
+  auto ec = err.contiguous(), wc = w.contiguous(), cr = bag_crow.contiguous(), cc = cols.contiguous();
+  auto W = W_dec.contiguous();
+  const int64_t B = ec.size(0), G = ec.size(1), D = ec.size(2);
+  auto gbag = torch::empty({B * G, D}, ec.options()), dv = torch::empty({cc.numel()}, ec.options());
+  const float* epp = ec.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  const int64_t* bp = cr.data_ptr<int64_t>();
+  const int64_t* cp = cc.data_ptr<int64_t>();
+  const float* Wp = W.data_ptr<float>();
+  float* gp = gbag.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
+  at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        v16 acc = {};
+        for (int64_t g = G - 1; g >= 0; --g) {
+          acc += wp[g] * load16(epp + (r * G + g) * D + d);
+          store16(gp + (r * G + g) * D + d, acc);
+        }
+      }
+      for (; d < D; ++d) {
+        float a = 0;
+        for (int64_t g = G - 1; g >= 0; --g) {
+          a += wp[g] * epp[(r * G + g) * D + d];
+          gp[(r * G + g) * D + d] = a;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t s = bp[r * G + g]; s < bp[r * G + g + 1]; ++s)
+          dvp[s] = dot(gp + (r * G + g) * D, Wp + cp[s] * D, D);
+    }
+  });
+  return {gbag, dv};
+}
+
 // ---- LM-head statistics for spliced evaluation (saestrata.evaluate.branch.head_stats) ----
 
 // exp of 16 floats (Cephes expf: 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2; relative error ~1e-7),
@@ -1067,6 +1179,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_fused_forward", &topk_fused_forward, "TopK SAE forward: top-k of mm + b_enc, x_hat and its error (CPU)");
   m.def("topk_fused_backward", &topk_fused_backward, "TopK SAE backward from x_hat - x (CPU), with gradient norms");
   m.def("pairs_fused_forward", &pairs_fused_forward, "Fused SAE forward on given row-sorted pairs: x_hat and its error (CPU)");
+  m.def("nested_fused_forward", &nested_fused_forward, "Matryoshka: every prefix's running error and its squared norm per row (CPU)");
+  m.def("nested_fused_grads", &nested_fused_grads, "Matryoshka: per-bag decode gradients (suffix sums) and the pairs' dv (CPU)");
   m.def("pairs_fused_backward", &pairs_fused_backward, "Fused SAE backward on given pairs (CPU), with gradient norms");
   m.def("normalize_rows_", &normalize_rows_, "w[r] /= max(||w[r]||, eps) in place (fp32, CPU)");
   m.def("remove_parallel_", &remove_parallel_, "grad[r] -= <grad[r], w[r]> w[r] in place (fp32, CPU)");
