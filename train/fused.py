@@ -1,4 +1,4 @@
-"""The TopK SAE's training forward and backward fused into two compiled CPU calls (issue 14).
+"""The TopK family's training forward and backward fused into compiled CPU calls (issue 14).
 
 The sparse kernels of :mod:`.kernels` compute a TopK step from the active pairs with stock
 ops (``embedding_bag``, gathers, a radix argsort, several autograd nodes); on the CPU their
@@ -26,10 +26,18 @@ as much as the sparse maths itself. Here, for the plain ``topk`` SAE on CPU:
   norms corrected, instead of a second autograd graph whose ``[d_sae, d_in]`` gradients would be
   accumulated into these and would invalidate the norms (``bench/topk_auxk.py``).
 
+BatchTopK and Matryoshka (Bussmann et al. 2024 sec. 3; 2025 sec. 3) select their pairs batch-wide
+(:func:`.native.batch_topk_pairs`, per-row counts vary) and then run the same op on them:
+:func:`fused_pairs` (``native.pairs_fused_forward``: the decode and error terms without the selection;
+``native.pairs_fused_backward``: the latent-grouped backward with each pair's row given) and, for
+Matryoshka's nested losses, :func:`fused_nested` (every prefix's running error per row,
+``native.nested_fused_forward``; the per-(row, group) gradients and the pairs' ``dv``,
+``native.nested_fused_grads``; then the same latent-grouped backward reading each pair's bag).
+
 Same maths as the dense path (Gao et al. 2024, sec. 2.3); tests/test_kernels.py compares
 losses and gradients with ``kernels="dense"``. Where the compiled module is missing
 (``SAESTRATA_NATIVE=0``, no compiler) or the tensors are not fp32 CPU parameters,
-:func:`fused_available` is False and the TopK SAE uses :mod:`.kernels` instead.
+:func:`fused_available` is False and the three SAEs use :mod:`.kernels` instead.
 """
 
 from __future__ import annotations

@@ -24,10 +24,11 @@ own implementation on stock PyTorch ops (``embedding_bag``, ``sparse.sampled_add
 top-k of :mod:`.native` (on CPU).
 
 The plain ``topk`` SAE on CPU runs the fused compiled forward / backward of :mod:`.fused`
-instead (same maths, fewer passes); these kernels remain its fallback and serve batchtopk
-and matryoshka, whose pairs come on CPU from the compiled batch-wide selection of the encoder matmul
-(:func:`.native.batch_topk_pairs`; the ``[batch, d_sae]`` ``pre`` is then never formed, and AuxK gets
-its dead columns from :class:`ColumnPre`).
+instead (same maths, fewer passes), and so do batchtopk and matryoshka on pairs from the compiled
+batch-wide selection of the encoder matmul (:func:`.native.batch_topk_pairs`; the ``[batch, d_sae]``
+``pre`` is never formed, and AuxK gets its dead columns from :class:`ColumnPre`); these kernels remain
+their fallback (no compiler, ``SAESTRATA_NATIVE=0``, CUDA) and the reference the fused ops are tested
+against besides the dense path.
 
 Numerics: the selection runs on the caller's ``pre`` (bf16 under autocast, exactly the
 values the dense path uses), the selected values are then carried in fp32, and every
