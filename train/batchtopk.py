@@ -159,15 +159,23 @@ class BatchTopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         self._grad_norms = None
         if not fused_available(self, x):
             return super().sparse_forward(x)
-        pre, act, vals = self._matmul_pairs(x)
+        pre, act, vals, mse, auxk, x_hat = self._fused_step(x, fused_pairs)
+        return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act, values=vals, f_dtype=pre.dtype,
+                             sq_error=mse.detach())
+
+    def _fused_step(self, x: torch.Tensor, fused_op, group_ends: list[int] | None = None):
+        """The pairs of :meth:`_matmul_pairs`, AuxK planned on the dead columns (its few positive pairs handed to
+        the op, else its term computed beside it), then ``fused_op(x, self, act, vals, norms, aux=)``
+        (:func:`.fused.fused_pairs` / :func:`.fused.fused_nested`), whose backward leaves the clip's norms in
+        ``self._grad_norms``. Returns ``(pre, act, vals, loss, auxk, x_hat)``, ``loss`` the op's first output."""
+        pre, act, vals = self._matmul_pairs(x, group_ends)
         plan = self.auxk_plan(pre)
         pairs = AuxKPairs(plan.act, plan.vals, self.aux_coeff) if plan.kind == "pairs" else None  # fused in
         self._grad_norms = GradSqNorms()
-        mse, auxk, x_hat = fused_pairs(x, self, act, vals, self._grad_norms, aux=pairs)
+        loss, auxk, x_hat = fused_op(x, self, act, vals, self._grad_norms, aux=pairs)
         if pairs is None:
             auxk = self.auxk_loss_sparse(x, None, x_hat, plan=plan)
-        return ForwardOutput(x_hat, None, {"mse": mse, "auxk": auxk}, active=act, values=vals, f_dtype=pre.dtype,
-                             sq_error=mse.detach())
+        return pre, act, vals, loss, auxk, x_hat
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         """:meth:`SAE.forward`, on the sparse kernels when ``kernels="sparse"`` and training."""

@@ -30,7 +30,7 @@ import torch
 from .arch_info import ArchError, ArchInfo
 from .base import ForwardOutput
 from .batchtopk import BatchTopKSAE
-from .fused import AuxKPairs, GradSqNorms, fused_available, fused_nested
+from .fused import fused_available, fused_nested
 from .kernels import sparse_decode
 
 DEFAULT_PREFIX_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
@@ -139,13 +139,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def _fused_forward(self, x: torch.Tensor) -> ForwardOutput:
         """:meth:`sparse_forward` through :func:`.fused.fused_nested` (CPU, compiled module built)."""
-        pre, act, vals = self._matmul_pairs(x, self.prefix_sizes)
-        plan = self.auxk_plan(pre)
-        pairs = AuxKPairs(plan.act, plan.vals, self.aux_coeff) if plan.kind == "pairs" else None  # fused in
-        self._grad_norms = GradSqNorms()
-        errors, auxk, x_hat = fused_nested(x, self, act, vals, self._grad_norms, aux=pairs)
-        if pairs is None:
-            auxk = self.auxk_loss_sparse(x, None, x_hat, plan=plan)
+        pre, act, vals, errors, auxk, x_hat = self._fused_step(x, fused_nested, self.prefix_sizes)
         losses = {"mse": errors[-1]}
         if errors.numel() > 1:
             losses["prefix_mse"] = errors[:-1].sum()
