@@ -21,7 +21,8 @@ base folding stays correct.
 Kernels: ``kernels="sparse"`` trains on the active (row, latent) pairs only, a flat list
 whose per-row counts vary (:mod:`.kernels`); same loss and gradients as ``"dense"``. On CPU with
 the compiled module the pairs come straight from the encoder matmul
-(:func:`.native.batch_topk_pairs`): the fp32 ``[batch, d_sae]`` ``pre`` is never formed (issue 14).
+(:func:`.native.batch_topk_pairs`; the fp32 ``[batch, d_sae]`` ``pre`` is never formed) and train in
+one fused op (:func:`.fused.fused_pairs`; issue 14).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, ForwardOutput
 from .fused import AuxKPairs, GradSqNorms, encoder_mm, fused_available, fused_pairs
-from .kernels import ActiveSet, ColumnPre, check_kernels, gather_pre_acts
+from .kernels import ActiveSet, ColumnPre, check_kernels
 from .native import batch_topk_pairs
 from .topk import AuxKMixin, SparseKernelsMixin
 
@@ -142,15 +143,6 @@ class BatchTopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         b_enc = self.b_enc.detach()
         rows, cols, vals = batch_topk_pairs(mm, b_enc, min(self.k * mm.shape[0], mm.numel()))
         return ColumnPre(mm, b_enc), ActiveSet(rows, cols, *mm.shape, group_ends), vals  # row-sorted: no sort
-
-    def sparse_code(self, x: torch.Tensor, group_ends: list[int] | None = None):
-        """``(pre, act, vals)`` as :meth:`.topk.SparseKernelsMixin.sparse_code`; on CPU with the compiled module
-        the pairs come from the encoder matmul without forming ``pre`` (:meth:`_matmul_pairs`, the same
-        selection up to the order of ties), and ``pre`` is a :class:`.kernels.ColumnPre`."""
-        if not fused_available(self, x):
-            return super().sparse_code(x, group_ends)
-        pre, act, vals = self._matmul_pairs(x, group_ends)
-        return pre, act, gather_pre_acts(x, self, vals, act)
 
     def sparse_forward(self, x: torch.Tensor) -> ForwardOutput:
         """The sparse training forward; on CPU with the compiled module one fused op on the selected pairs
