@@ -357,3 +357,30 @@ def test_fused_steps_at_a_width_with_full_vector_blocks(arch, dead_every):
     out_d, out_s = _assert_same_step(dense, sparse, _inputs(12, d_in=200))
     assert out_s.sq_error is not None  # the fused op ran
     assert (float(out_d.losses["auxk"].detach()) > 0) == bool(dead_every)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0, 1.0), (0.5, -1.0, 2.0, 3.0, 1.0)])
+def test_fused_nested_gradients_for_equal_and_unequal_prefix_weights(weights):
+    """train/fused.py fused_nested: the prefixes' errors and the gradients of a weighted sum of them (equal
+    weights, the trainer's: the forward's suffix sums serve the backward; unequal: the per-bag gradients are
+    formed from the errors) equal autograd through the dense prefix reconstructions, at d_in 200."""
+    from saestrata.train.fused import fused_nested
+
+    _, sae = _pair("matryoshka", None, d_in=200, d_sae=384)
+    ref = build("matryoshka", 200, 384, seed=7, k=K, kernels="dense").train()
+    ref.load_state_dict(sae.state_dict())
+    x = _inputs(13, d_in=200)
+    _, act, vals = sae._matmul_pairs(x, sae.prefix_sizes)
+    errors, _, x_hat = fused_nested(x, sae, act, vals)
+    w = torch.tensor(weights)
+    (errors * w).sum().backward()
+    pre = ref.pre_acts(x)
+    mask = torch.zeros_like(pre, dtype=torch.bool)
+    mask[act.rows, act.cols] = True
+    partials = ref.prefix_reconstructions(torch.where(mask, pre, torch.zeros_like(pre)))
+    want = torch.stack([matryoshka_module.squared_error(x, p) for p in partials])
+    torch.testing.assert_close(errors.detach(), want.detach(), **TOL)
+    torch.testing.assert_close(x_hat, partials[-1].detach(), **TOL)
+    (want * w).sum().backward()
+    for (name, p), (_, q) in zip(sae.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)

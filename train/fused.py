@@ -30,9 +30,9 @@ BatchTopK and Matryoshka (Bussmann et al. 2024 sec. 3; 2025 sec. 3) select their
 (:func:`.native.batch_topk_pairs`, per-row counts vary) and then run the same op on them:
 :func:`fused_pairs` (``native.pairs_fused_forward``: the decode and error terms without the selection;
 ``native.pairs_fused_backward``: the latent-grouped backward with each pair's row given) and, for
-Matryoshka's nested losses, :func:`fused_nested` (every prefix's running error per row,
-``native.nested_fused_forward``; the per-(row, group) gradients and the pairs' ``dv``,
-``native.nested_fused_grads``; then the same latent-grouped backward reading each pair's bag).
+Matryoshka's nested losses, :func:`fused_nested` (every prefix's running error, their suffix sums and the
+pairs' ``<S, W_dec[c]>`` per row, ``native.nested_fused_forward``; then the same latent-grouped backward
+reading each pair's (row, group) bag).
 
 Same maths as the dense path (Gao et al. 2024, sec. 2.3); tests/test_kernels.py compares
 losses and gradients with ``kernels="dense"``. Where the compiled module is missing
@@ -210,29 +210,30 @@ class _FusedPairs(torch.autograd.Function):
 
 class _FusedNested(torch.autograd.Function):
     """Matryoshka's nested losses (Bussmann et al. 2025, sec. 3) on its selected pairs in one node:
-    ``(errors [G] fp32, aux, x_hat [B, D] fp32)`` with ``errors[m] = mean_b ||b_dec + sum_{g <= m} decode_g[b]
-    - x[b]||^2`` (prefix ``m``'s squared error; the pairs' bags are (row, prefix group), ``act`` built with the
-    prefix ends). Forward: every bag decoded and the prefixes' errors formed as running sums in one
-    ``[B, G, D]`` buffer (compiled ``nested_fused_forward``: per row, in registers). Backward
-    (``nested_fused_grads``): group ``g``'s decode gets the suffix sum ``sum_{m >= g} 2 / B d errors[m] E_m``,
-    each pair ``dv = <that, W_dec[c]>``, then the latent-grouped kernel of :class:`_FusedPairs` reading each
-    pair's bag: no autograd graph over ``cumsum``, the decode or the encoder gather, and the clip's norms come
-    with the gradients."""
+    ``(errors [G] fp32, aux, x_hat [B, D] fp32)`` with ``errors[m] = mean_b ||E_m[b]||^2``, ``E_m = b_dec +
+    sum_{g <= m} decode_g - x`` (prefix ``m``'s error; the pairs' bags are (row, prefix group), ``act`` built with
+    the prefix ends). Group ``g``'s decode feeds every prefix ``m >= g``, so its gradient is ``sum_{m >= g} 2 / B
+    d errors[m] E_m``: with the equal weights of ``mse + prefix_mse`` that is ``2 / B w S_g`` for the suffix sums
+    ``S_g = sum_{m >= g} E_m``. Forward (compiled ``nested_fused_forward``, per row in registers): the errors,
+    their norms, ``S`` and each pair's ``de = <S_bag, W_dec[c]>``. Backward: the latent-grouped kernel of
+    :class:`_FusedPairs` on ``S`` with ``coef = 2 w / B``, each pair reading its bag (unequal weights: the per-bag
+    gradients and ``dv`` formed first, ``nested_fused_grads``). No autograd graph over ``cumsum``, the decode or
+    the encoder gather, and the clip's norms come with the gradients."""
 
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux):
         """Autograd forward: per-bag decode, the prefixes' squared errors, AuxK on the full reconstruction."""
         xf = x.detach().float()
-        B, G = xf.shape[0], act.n_groups
+        G = act.n_groups
         with torch.profiler.record_function("saestrata::topk_fused_forward"):
-            err, sq = load_native().nested_fused_forward(act.bag_crow, act.cols, vals, W_dec.detach(),
-                                                         b_dec.detach(), xf, G)
+            suffix, sq, de = load_native().nested_fused_forward(act.bag_crow, act.cols, vals, W_dec.detach(),
+                                                                b_dec.detach(), xf, G)
         errors = sq.mean(0)
         mse = errors[-1].detach()
-        e = err[:, -1]
+        e = suffix[:, -1]  # S_{G-1} = E_{G-1}: the whole dictionary's error
         aux_loss, diff = _aux_forward(aux, W_dec, e, mse)
         x_hat = e + xf
-        ctx.save_for_backward(xf, err, b_dec, W_enc, W_dec, vals, diff, mse)
+        ctx.save_for_backward(xf, suffix, de, b_dec, W_enc, W_dec, vals, diff, mse)
         ctx.x_dtype, ctx.norms, ctx.aux, ctx.act = x.dtype, norms, aux, act
         ctx.mark_non_differentiable(x_hat)
         return errors, aux_loss, x_hat
@@ -240,18 +241,24 @@ class _FusedNested(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_errors, grad_aux, _grad_x_hat):
         """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms`` and ``aux``."""
-        xf, err, b_dec, W_enc, W_dec, vals, diff, mse = ctx.saved_tensors
+        xf, suffix, de, b_dec, W_enc, W_dec, vals, diff, mse = ctx.saved_tensors
         act = ctx.act
-        B, G = err.shape[:2]
+        B, G = suffix.shape[:2]
         mod = load_native()
+        weights = grad_errors.float() * (2.0 / B)
         with torch.profiler.record_function("saestrata::topk_fused_backward"):
-            # per bag: d loss / d (its group's decode); per pair: dv (values > 0: no ReLU factor)
-            per_bag, dv = mod.nested_fused_grads(err, grad_errors.float() * (2.0 / B), act.bag_crow, act.cols,
-                                                 W_dec.detach())
-            out = mod.pairs_fused_backward(per_bag, 1.0, act.rows, act.cols, vals, dv, xf, b_dec.detach(),
+            if bool((weights == weights[0]).all()):  # the trainer's case: d loss / d decode_g = w S_g
+                coef = float(weights[0])
+                per_bag = suffix.view(B * G, -1)
+            else:  # per-bag gradients from the errors E_m = S_m - S_{m+1}
+                err = suffix.clone()
+                err[:, :-1] -= suffix[:, 1:]
+                coef = 1.0
+                per_bag, de = mod.nested_fused_grads(err, weights, act.bag_crow, act.cols, W_dec.detach())
+            out = mod.pairs_fused_backward(per_bag, coef, act.rows, act.cols, vals, de, xf, b_dec.detach(),
                                            W_enc.detach().t(), act.bags)
         total = per_bag.view(B, G, -1)[:, 0]  # group 0 feeds every prefix: d loss / d b_dec's share, -d x's
-        grads = _fused_grads(ctx, grad_aux, out, total, 1.0, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
+        grads = _fused_grads(ctx, grad_aux, out, total, coef, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
                              diff, mse)
         return *grads, None, None, None, None
 

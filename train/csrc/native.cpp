@@ -923,10 +923,13 @@ std::vector<torch::Tensor> pairs_fused_backward(torch::Tensor e, double coef, to
 
 // ---- Matryoshka's nested losses on its pairs (saestrata.train.fused._FusedNested) ----------------------
 // Bags are (row, prefix group): bag r * G + g holds row r's latents of group g, in bag_crow [B * G + 1] order.
-// Forward: per row, the running error err[r, m] = b_dec + sum_{g <= m} decode_g[r] - x[r] for every prefix m
-// and its squared norm, one 128-float block at a time in registers while the row's decoder rows stream
-// through (the torch version wrote each group's decode, then G running sums and G norms over [B, G, D]).
-// -> (err fp32 [B, G, D], sq fp32 [B, G]).
+// Forward: per row, the running error E[r, m] = b_dec + sum_{g <= m} decode_g[r] - x[r] of every prefix m and its
+// squared norm, one 128-float block at a time in registers while the row's decoder rows stream through (the
+// torch version wrote each group's decode, then G running sums and G norms over [B, G, D]); then, while the
+// row is in cache, the suffix sums S[r, g] = sum_{m >= g} E[r, m] in place (group g feeds every prefix from g
+// on, so with equal loss weights w its decode's gradient is w S[r, g]) and each pair's de = <S[bag], W_dec[c]>.
+// -> (S fp32 [B, G, D], sq = ||E[r, m]||^2 fp32 [B, G], de fp32 [N]). S[:, G - 1] = E[:, G - 1], the whole
+// dictionary's error; E[:, m] = S[:, m] - S[:, m + 1].
 std::vector<torch::Tensor> nested_fused_forward(torch::Tensor bag_crow, torch::Tensor cols, torch::Tensor vals,
                                                 torch::Tensor W_dec, torch::Tensor b_dec, torch::Tensor x, int64_t G) {
   TORCH_CHECK(bag_crow.scalar_type() == at::kLong && cols.scalar_type() == at::kLong &&
@@ -939,18 +942,21 @@ std::vector<torch::Tensor> nested_fused_forward(torch::Tensor bag_crow, torch::T
   auto cr = bag_crow.contiguous(), cc = cols.contiguous(), vc = vals.contiguous();
   auto W = W_dec.contiguous(), bd = b_dec.contiguous(), xc = x.contiguous();
   const int64_t B = xc.size(0), D = xc.size(1);
-  auto err = torch::empty({B, G, D}, xc.options()), sq = torch::zeros({B, G}, xc.options());
+  auto suffix = torch::empty({B, G, D}, xc.options()), sq = torch::zeros({B, G}, xc.options());
+  auto de = torch::empty({cc.numel()}, xc.options());
   const int64_t* bp = cr.data_ptr<int64_t>();
   const int64_t* cp = cc.data_ptr<int64_t>();
   const float* vp = vc.data_ptr<float>();
   const float* Wp = W.data_ptr<float>();
   const float* bdp = bd.data_ptr<float>();
   const float* xp = xc.data_ptr<float>();
-  float* ep = err.data_ptr<float>();
+  float* ep = suffix.data_ptr<float>();
   float* sp = sq.data_ptr<float>();
+  float* dp = de.data_ptr<float>();
   at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const float* xr = xp + r * D;
+      float* er = ep + r * G * D;
       const int64_t last = bp[(r + 1) * G];
       int64_t d0 = 0;
       for (; d0 + 128 <= D; d0 += 128) {
@@ -962,10 +968,9 @@ std::vector<torch::Tensor> nested_fused_forward(torch::Tensor bag_crow, torch::T
             const float* w = Wp + cp[s] * D + d0;
             for (int j = 0; j < 8; ++j) acc[j] += vp[s] * load16(w + 16 * j);
           }
-          float* out = ep + (r * G + g) * D + d0;
           v16 q = {};
           for (int j = 0; j < 8; ++j) {
-            store16(out + 16 * j, acc[j]);
+            store16(er + g * D + d0 + 16 * j, acc[j]);
             q += acc[j] * acc[j];
           }
           float t = 0;
@@ -977,18 +982,26 @@ std::vector<torch::Tensor> nested_fused_forward(torch::Tensor bag_crow, torch::T
         float a = bdp[d] - xr[d];
         for (int64_t g = 0; g < G; ++g) {
           for (int64_t s = bp[r * G + g]; s < bp[r * G + g + 1]; ++s) a += vp[s] * Wp[cp[s] * D + d];
-          ep[(r * G + g) * D + d] = a;
+          er[g * D + d] = a;
           sp[r * G + g] += a * a;
         }
       }
+      for (int64_t g = G - 2; g >= 0; --g) {  // the row's errors -> suffix sums, in place
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16) store16(er + g * D + d, load16(er + g * D + d) + load16(er + (g + 1) * D + d));
+        for (; d < D; ++d) er[g * D + d] += er[(g + 1) * D + d];
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t s = bp[r * G + g]; s < bp[r * G + g + 1]; ++s) dp[s] = dot(er + g * D, Wp + cp[s] * D, D);
     }
   });
-  return {err, sq};
+  return {suffix, sq, de};
 }
 
-// Backward preparation: per row, the gradient of each group's decode, gbag[r, g] = sum_{m >= g} w[m] err[r, m]
-// (w [G] = d loss / d errors[m] * 2 / B; group g feeds every prefix from g on), then each pair's
-// dv = <gbag[bag], W_dec[c]> while the row's gbag is in cache (the pairs' values are > 0: no ReLU factor).
+// Backward preparation when the prefixes' loss weights differ (the trainer's equal weights need none: the
+// forward's S and de serve): per row, the gradient of each group's decode, gbag[r, g] = sum_{m >= g} w[m]
+// err[r, m] (err = E, w [G] = d loss / d errors[m] * 2 / B), then each pair's dv = <gbag[bag], W_dec[c]> while
+// the row's gbag is in cache (the pairs' values are > 0: no ReLU factor).
 // -> (gbag fp32 [B * G, D], dv fp32 [N]); pairs_fused_backward then takes gbag as its e with coef 1.
 std::vector<torch::Tensor> nested_fused_grads(torch::Tensor err, torch::Tensor w, torch::Tensor bag_crow,
                                               torch::Tensor cols, torch::Tensor W_dec) {
@@ -1179,7 +1192,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_fused_forward", &topk_fused_forward, "TopK SAE forward: top-k of mm + b_enc, x_hat and its error (CPU)");
   m.def("topk_fused_backward", &topk_fused_backward, "TopK SAE backward from x_hat - x (CPU), with gradient norms");
   m.def("pairs_fused_forward", &pairs_fused_forward, "Fused SAE forward on given row-sorted pairs: x_hat and its error (CPU)");
-  m.def("nested_fused_forward", &nested_fused_forward, "Matryoshka: every prefix's running error and its squared norm per row (CPU)");
+  m.def("nested_fused_forward", &nested_fused_forward, "Matryoshka: the prefixes' errors' suffix sums, squared norms and the pairs' de (CPU)");
   m.def("nested_fused_grads", &nested_fused_grads, "Matryoshka: per-bag decode gradients (suffix sums) and the pairs' dv (CPU)");
   m.def("pairs_fused_backward", &pairs_fused_backward, "Fused SAE backward on given pairs (CPU), with gradient norms");
   m.def("normalize_rows_", &normalize_rows_, "w[r] /= max(||w[r]||, eps) in place (fp32, CPU)");
