@@ -10,7 +10,7 @@ the other two), and prints the median step over
 steps with no dead latent and over the last ``--timed`` steps (dead latents present), with the
 AuxK counters and the bf16 encoder matmul timed in the same run.
 
-    .venv/bin/python bench/topk_auxk.py --store /work/bench-data/store-train --layer 8
+    .venv/bin/python bench/topk_auxk.py --store /work/bench-data/store-train --layer 8 [--arch batchtopk] [--profile 10]
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=720, help="steps in all (latents die after ~500 at d_sae 4096)")
     ap.add_argument("--timed", type=int, default=100, help="last steps timed with dead latents present")
     ap.add_argument("--dead-window", type=int, default=1_048_576 // 10, help="tokens (trainer.dead_window of 1M)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="then profile this many more steps (torch.profiler) and print the top ops by self CPU time")
     args = ap.parse_args()
     tune_allocator()
     import torch
@@ -63,6 +65,15 @@ def main() -> None:
         elif step >= 20 and sae.counters()["auxk_dead"] == 0:  # after the warm-up, before any latent died
             alive.append(dt)
     counters = sae.counters()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        xs = [next(stream) for _ in range(args.profile)]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i, xp in enumerate(xs):
+                slot.step(xp, args.steps + i, True)
+        print(f"profile of {args.profile} steps with {sae.counters()['auxk_dead']} dead latents:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     x16, w16 = x.bfloat16(), sae.W_enc.detach().bfloat16()
     mm_ms = min(median_ms(lambda: x16 @ w16, 5) for _ in range(4))
     print(f"{torch.get_num_threads()} thread(s); {args.arch} d_in {store.d_model}, d_sae {args.d_sae}, k {args.k}, batch "

@@ -36,5 +36,7 @@ def test_topk_profile_runs_each_arch(tiny_store, arch):
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_topk_auxk_runs_until_latents_die(tiny_store, arch):
     out = _run("topk_auxk.py", "--store", str(tiny_store), "--layer", "2", "--arch", arch, "--d-sae", "256",
-               "--k", "2", "--batch-size", "64", "--steps", "40", "--timed", "5", "--dead-window", "64")
+               "--k", "2", "--batch-size", "64", "--steps", "40", "--timed", "5", "--dead-window", "64",
+               "--profile", "2")
     assert f"{arch} d_in" in out and "AuxK acting" in out, out
+    assert "profile of 2 steps" in out and "Self CPU" in out
