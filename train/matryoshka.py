@@ -131,32 +131,28 @@ class MatryoshkaSAE(BatchTopKSAE):
         pre, act, vals = self.sparse_code(x, self.prefix_sizes)
         groups = sparse_decode(vals, self.W_dec, act).view(x.shape[0], len(self.prefix_sizes), -1)
         errors, x_hat = prefix_squared_errors(groups, x, self.b_dec)
-        losses = self._prefix_losses(errors, self.auxk_loss_sparse(x, pre, x_hat))
+        losses = self._prefix_losses(errors, {"auxk": self.auxk_loss_sparse(x, pre, x_hat)})
         return ForwardOutput(x_hat, None, losses, active=act, values=vals.detach(), f_dtype=pre.dtype)
 
     def _fused_forward(self, x: torch.Tensor) -> ForwardOutput:
         """:meth:`sparse_forward` through :func:`.fused.fused_nested` (CPU, compiled module built)."""
         pre, act, vals, errors, auxk, x_hat = self._fused_step(x, fused_nested, self.prefix_sizes)
-        return ForwardOutput(x_hat, None, self._prefix_losses(errors, auxk), active=act, values=vals,
+        return ForwardOutput(x_hat, None, self._prefix_losses(errors, {"auxk": auxk}), active=act, values=vals,
                              f_dtype=pre.dtype, sq_error=errors[-1].detach())
 
     @staticmethod
-    def _prefix_losses(errors: torch.Tensor, auxk: torch.Tensor) -> dict:
-        """The loss dict of Bussmann et al. 2025 sec. 3 from the prefixes' squared errors ``[G]`` (last: the
-        whole dictionary's ``mse``; the rest summed into ``prefix_mse``) and the AuxK term."""
+    def _prefix_losses(errors: torch.Tensor, penalties: dict) -> dict:
+        """The loss dict of Bussmann et al. 2025 sec. 3 from the prefixes' squared errors fp32 ``[G]`` (last: the
+        whole dictionary's ``mse``; the rest summed into ``prefix_mse``) and the penalty terms (``auxk``)."""
         losses = {"mse": errors[-1]}
         if errors.numel() > 1:
             losses["prefix_mse"] = errors[:-1].sum()
-        return {**losses, "auxk": auxk}
-
-    @staticmethod
-    def _nested_losses(x, partials, penalties) -> dict:
-        """The loss dict of Bussmann et al. 2025 sec. 3 from the prefix reconstructions ``[batch, d_in]``."""
-        errors = [squared_error(x, p) for p in partials]
-        losses = {"mse": errors[-1]}
-        if len(errors) > 1:
-            losses["prefix_mse"] = torch.stack(errors[:-1]).sum()
         return {**losses, **penalties}
+
+    @classmethod
+    def _nested_losses(cls, x, partials, penalties) -> dict:
+        """:meth:`_prefix_losses` from the prefix reconstructions ``[batch, d_in]`` (the dense path)."""
+        return cls._prefix_losses(torch.stack([squared_error(x, p) for p in partials]), penalties)
 
 
 class _PrefixErrors(torch.autograd.Function):
