@@ -134,6 +134,44 @@ inline void append_at_least(const float* x, int64_t j, float tau, float* cv, int
 #endif
 }
 
+// mx[b] = the maximum of load(b), load(nb + b), ..., load((span - 1) nb + b) for b < nb: the strided-block maxima
+// whose k-th largest bounds a row's k-th largest value from below (a vertical, vectorized max).
+template <typename Load>
+inline void block_maxima(Load load, int64_t nb, int64_t span, float* mx) {
+  for (int64_t b = 0; b < nb; ++b) mx[b] = load(b);
+  for (int64_t s = 1; s < span; ++s)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float x = load(s * nb + b);
+      mx[b] = x > mx[b] ? x : mx[b];
+    }
+}
+
+// Writes the entries load(j) >= tau of j < n (values to cv, columns to ci, in column order) and returns their
+// count; cv / ci need n + 32 entries. 32-column chunks with no hit skip the compress (append_at_least).
+template <typename Load>
+inline int64_t collect_at_least(Load load, int64_t n, float tau, float* cv, int32_t* ci) {
+  constexpr int64_t CHUNK = 32;
+  int64_t m = 0, j = 0;
+  float chunk[CHUNK];
+  for (; j + CHUNK <= n; j += CHUNK) {
+    int hit = 0;
+    for (int64_t t = 0; t < CHUNK; ++t) {
+      chunk[t] = load(j + t);
+      hit |= chunk[t] >= tau;
+    }
+    if (!hit) continue;
+    append_at_least(chunk, j, tau, cv, ci, &m);
+    append_at_least(chunk + 16, j + 16, tau, cv, ci, &m);
+  }
+  for (; j < n; ++j) {
+    const float x = load(j);
+    cv[m] = x;
+    ci[m] = static_cast<int32_t>(j);
+    m += x >= tau;
+  }
+  return m;
+}
+
 // One row: the maxima of k or more disjoint blocks of columns bound the k-th largest value from
 // below (the k largest maxima are k values of the row), so every winner is >= that bound; only the
 // entries at or above it (about k of them for i.i.d. columns) are candidates. Block b holds the
@@ -148,41 +186,16 @@ void topk_row(Load load, int64_t n, int64_t k, TopkScratch& ws) {
   float tau = -std::numeric_limits<float>::infinity();
   if (span >= 2 && nb >= k) {
     ws.maxima.resize(nb);
-    float* mx = ws.maxima.data();
-    for (int64_t b = 0; b < nb; ++b) mx[b] = load(b);
-    for (int64_t s = 1; s < span; ++s) {
-      for (int64_t b = 0; b < nb; ++b) {
-        float x = load(s * nb + b);
-        mx[b] = x > mx[b] ? x : mx[b];
-      }
-    }
-    tau = kth_largest(mx, nb, k, ws.keys);
+    block_maxima(load, nb, span, ws.maxima.data());
+    tau = kth_largest(ws.maxima.data(), nb, k, ws.keys);
   }
-  constexpr int64_t CHUNK = 32;
-  if (static_cast<int64_t>(ws.cv.size()) < n + CHUNK) {
-    ws.cv.resize(n + CHUNK);
-    ws.ci.resize(n + CHUNK);
+  if (static_cast<int64_t>(ws.cv.size()) < n + 32) {
+    ws.cv.resize(n + 32);
+    ws.ci.resize(n + 32);
   }
   float* cv = ws.cv.data();
   int32_t* ci = ws.ci.data();
-  int64_t m = 0, j = 0;
-  float chunk[CHUNK];
-  for (; j + CHUNK <= n; j += CHUNK) {
-    int hit = 0;
-    for (int64_t t = 0; t < CHUNK; ++t) {
-      chunk[t] = load(j + t);
-      hit |= chunk[t] >= tau;
-    }
-    if (!hit) continue;
-    append_at_least(chunk, j, tau, cv, ci, &m);
-    append_at_least(chunk + 16, j + 16, tau, cv, ci, &m);
-  }
-  for (; j < n; ++j) {
-    float x = load(j);
-    cv[m] = x;
-    ci[m] = static_cast<int32_t>(j);
-    m += x >= tau;
-  }
+  int64_t m = collect_at_least(load, n, tau, cv, ci);
   if (m < k) {  // only with NaN in the row (NaN >= tau is false): NaN ranks lowest
     for (m = 0; m < n; ++m) {
       float x = load(m);
@@ -458,12 +471,7 @@ std::vector<torch::Tensor> batch_select(const torch::Tensor& mm, const float* bi
       std::vector<int64_t> mine(KEY_BUCKETS, 0);
       for (int64_t r = lo; r < hi; ++r) {
         const scalar_t* row = src + r * L;
-        for (int64_t b = 0; b < nb; ++b) mx[b] = to_float(row[b]) + bias[b];
-        for (int64_t s = 1; s < span; ++s)
-          for (int64_t b = 0; b < nb; ++b) {
-            const float x = to_float(row[s * nb + b]) + bias[s * nb + b];
-            mx[b] = x > mx[b] ? x : mx[b];
-          }
+        block_maxima([row, bias](int64_t j) { return to_float(row[j]) + bias[j]; }, nb, span, mx.data());
         for (int64_t b = 0; b < nb; ++b) ++mine[key_bucket(mx[b] == mx[b] ? mx[b] : ninf)];
       }
       merge_histogram(mine, hist, lock);
@@ -477,30 +485,13 @@ std::vector<torch::Tensor> batch_select(const torch::Tensor& mm, const float* bi
   at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
     RowRun run;
     run.lo = lo;
-    constexpr int64_t CHUNK = 32;
-    std::vector<float> cv(L + CHUNK);
-    std::vector<int32_t> ci(L + CHUNK);
+    std::vector<float> cv(L + 32);
+    std::vector<int32_t> ci(L + 32);
     std::vector<int64_t> mine(KEY_BUCKETS, 0);
-    float chunk[CHUNK];
     for (int64_t r = lo; r < hi; ++r) {
       const scalar_t* row = src + r * L;
-      int64_t m = 0, j = 0;
-      for (; j + CHUNK <= L; j += CHUNK) {
-        int hit = 0;
-        for (int64_t t = 0; t < CHUNK; ++t) {
-          chunk[t] = to_float(row[j + t]) + bias[j + t];
-          hit |= chunk[t] >= thr;
-        }
-        if (!hit) continue;
-        append_at_least(chunk, j, thr, cv.data(), ci.data(), &m);
-        append_at_least(chunk + 16, j + 16, thr, cv.data(), ci.data(), &m);
-      }
-      for (; j < L; ++j) {
-        const float x = to_float(row[j]) + bias[j];
-        cv[m] = x;
-        ci[m] = static_cast<int32_t>(j);
-        m += x >= thr;
-      }
+      const int64_t m = collect_at_least([row, bias](int64_t j) { return to_float(row[j]) + bias[j]; }, L, thr,
+                                         cv.data(), ci.data());
       for (int64_t c = 0; c < m; ++c) ++mine[key_bucket(cv[c])];
       run.v.insert(run.v.end(), cv.begin(), cv.begin() + m);
       run.col.insert(run.col.end(), ci.begin(), ci.begin() + m);
