@@ -384,3 +384,28 @@ def test_fused_nested_gradients_for_equal_and_unequal_prefix_weights(weights):
     (want * w).sum().backward()
     for (name, p), (_, q) in zip(sae.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_auxk_pairs_at_full_vector_width_with_the_input_gradient(arch, monkeypatch):
+    """AuxK's compiled pairs (native.auxk_select / auxk_forward / auxk_backward_) at d_in 200 (their vector
+    loops' full blocks and tails) on the pair path the fused steps take once latents die: losses, every
+    parameter's gradient and the input's (x requires grad: the AuxK encoder term of d_x) equal the dense path."""
+    module, fn = {"topk": (topk_module, "fused_topk"), "batchtopk": (batchtopk_module, "fused_pairs"),
+                  "matryoshka": (matryoshka_module, "fused_nested")}[arch]
+    calls = []
+    real = getattr(module, fn)
+    monkeypatch.setattr(module, fn, lambda *a, **kw: calls.append(kw.get("aux")) or real(*a, **kw))
+    dense, sparse = _pair(arch, 3, d_in=200, d_sae=384)
+    _push_dead_down((dense, sparse), keep_positive=6)
+    x = _inputs(14, d_in=200)
+    _assert_same_step(dense, sparse, x)
+    x_d, x_s = x.clone().requires_grad_(), x.clone().requires_grad_()
+    sparse.zero_grad(set_to_none=True)
+    dense.zero_grad(set_to_none=True)
+    out_d, out_s = dense(x_d), sparse(x_s)
+    out_d.loss.backward()
+    out_s.loss.backward()
+    torch.testing.assert_close(x_s.grad, x_d.grad, rtol=1e-4, atol=1e-5)
+    assert calls and all(a is not None and len(a.act) > 0 for a in calls)  # the fused op took AuxK's pairs
+    assert abs(float(out_d.losses["auxk"].detach()) - dense.aux_coeff) > 1e-5

@@ -211,3 +211,52 @@ def test_batch_topk_pairs_with_heavy_ties_few_positives_and_nan():
     assert not bool(nan[rows, cols].isnan().any()) and len(vals) == 16 * 8
     with pytest.raises(RuntimeError, match="n must be in"):
         batch_topk_pairs(mm, zero, 0)
+
+
+def _auxk_reference(mm, b_enc, dead, k_aux):
+    """The dense path's AuxK pairs: non-zeros of ReLU(top-k_aux of pre masked to the dead columns), ties to the
+    lower column (reference_topk_indices), in row then column order."""
+    pre = mm.float() + b_enc
+    mask = torch.zeros(mm.shape[1], dtype=torch.bool)
+    mask[dead] = True
+    masked = torch.where(mask, pre, torch.full_like(pre, -torch.inf))
+    idx = reference_topk_indices(masked, k_aux)
+    vals = masked.gather(1, idx)
+    keep = vals > 0
+    crow = torch.cat([torch.zeros(1, dtype=torch.long), keep.sum(1).cumsum(0)])
+    return crow, idx[keep], vals[keep]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,n_dead,k_aux,shift", [((1024, 4096), 300, 320, -2.0), ((1024, 4096), 900, 320, -1.0),
+                                                      ((64, 1000), 200, 7, 0.0), ((33, 100), 1, 1, 0.0)])
+def test_auxk_pairs_equal_topk_relu_on_the_dead_columns(dtype, shape, n_dead, k_aux, shift):
+    """train/topk.py AuxK's compiled selection (native.auxk_pairs): the pairs the dense path's -inf mask, top-k_aux
+    and ReLU leave, from the bias-free matmul; rows with more positives than k_aux (shift 0) and with few (shift < 0)."""
+    torch.manual_seed(5)
+    mm = (torch.randn(*shape) * 2).to(dtype)
+    b_enc = torch.randn(shape[1]) * 0.5 + shift
+    dead = torch.randperm(shape[1])[:n_dead].sort().values
+    k_aux = min(k_aux, n_dead)
+    got = native.auxk_pairs(mm, b_enc, dead, k_aux)
+    want = _auxk_reference(mm, b_enc, dead, k_aux)
+    assert got[0].dtype == got[1].dtype == torch.long and got[2].dtype == torch.float32
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert 0 < len(got[1]) and bool((got[2] > 0).all())
+
+
+def test_auxk_pairs_with_ties_no_positives_and_bad_input():
+    torch.manual_seed(6)
+    mm = torch.randint(-2, 3, (40, 600)).float()  # integer values: ties at every row's k_aux-th
+    zero = torch.zeros(600)
+    dead = torch.arange(0, 600, 3)
+    for k_aux in (1, 3, 50, 200):
+        for a, b in zip(native.auxk_pairs(mm, zero, dead, k_aux), _auxk_reference(mm, zero, dead, k_aux)):
+            assert torch.equal(a, b), k_aux
+    crow, cols, vals = native.auxk_pairs(-mm.abs() - 1, zero, dead, 5)  # nothing positive: no pair
+    assert cols.numel() == 0 and torch.equal(crow, torch.zeros(41, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="k_aux must be in"):
+        native.auxk_pairs(mm, zero, dead, 0)
+    with pytest.raises(RuntimeError, match="ascending"):
+        native.auxk_pairs(mm, zero, dead.flip(0), 3)

@@ -21,9 +21,10 @@ as much as the sparse maths itself. Here, for the plain ``topk`` SAE on CPU:
   (only if asked) ``dx`` are torch ops. The norms go to a :class:`GradSqNorms` the caller passed, so the
   gradient clip (train/optim.py) needs no pass over the ``[d_sae, d_in]`` gradients.
 * AuxK (Gao et al. 2024, app. A.2), when its few positive (token, dead latent) pairs are handed in
-  (:class:`AuxKPairs`; the usual case once latents die): its decode and loss in the same node, and in the
-  backward its gradients added to the touched latents' rows of the gradients above, with their squared
-  norms corrected, instead of a second autograd graph whose ``[d_sae, d_in]`` gradients would be
+  (:class:`AuxKPairs`, picked by ``native.auxk_select``; the usual case once latents die): its decode and loss
+  in the same node (``native.auxk_forward``, only the rows with pairs), and in the backward its gradients added
+  to the touched latents' rows of the gradients above, with their squared norms corrected
+  (``native.auxk_backward_``), instead of a second autograd graph whose ``[d_sae, d_in]`` gradients would be
   accumulated into these and would invalidate the norms (``bench/topk_auxk.py``).
 
 BatchTopK and Matryoshka (Bussmann et al. 2024 sec. 3; 2025 sec. 3) select their pairs batch-wide
@@ -47,7 +48,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .kernels import ActiveSet, sampled_dot
+from .kernels import ActiveSet
 from .native import load_native
 
 
@@ -100,25 +101,26 @@ class AuxKPairs(NamedTuple):
     coeff: float
 
 
-def _aux_forward(aux: "AuxKPairs | None", W_dec: torch.Tensor, e: torch.Tensor, mse: torch.Tensor):
-    """AuxK on given pairs, ``(aux_loss, diff)``: ``e_hat`` decodes the residual ``x - x_hat = -e``, its loss is
-    normalised by ``||e||^2`` (``mse``); ``diff = e_hat - (x - x_hat)`` for the backward (None without ``aux``)."""
+def _aux_forward(aux: "AuxKPairs | None", W_dec: torch.Tensor, e: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+    """AuxK's loss on given pairs (fp32 scalar): ``coeff mean_b ||e_hat - (x - x_hat)||^2 / mse`` with ``e_hat`` the
+    pairs' decode of the residual ``x - x_hat = -e`` (``e`` fp32 ``[B, D]``, rows may be strided) and ``mse`` =
+    ``mean_b ||e||^2``; only the rows with pairs are visited (``native.auxk_forward``). 0 without ``aux``."""
     if aux is None:
-        return mse.new_zeros(()), None
-    e_hat = F.embedding_bag(aux.act.cols, W_dec.detach(), aux.act.bag_crow[:-1], mode="sum",
-                            per_sample_weights=aux.vals)
-    diff = e_hat.add_(e)
-    return aux.coeff * diff.pow(2).sum(-1).mean() / mse.clamp_min(1e-12), diff
+        return mse.new_zeros(())
+    delta = load_native().auxk_forward(aux.act.row_crow, aux.act.cols, aux.vals, W_dec.detach(), e)
+    mean_sq = (mse.double() + delta / e.shape[0]).float()
+    return aux.coeff * mean_sq / mse.clamp_min(1e-12)
 
 
-def _fused_grads(ctx, grad_aux, native_out, e, coef, xf, b_dec, W_enc, W_dec, idx, dx_offsets, diff, mse):
+def _fused_grads(ctx, grad_aux, native_out, e, coef, xf, b_dec, W_enc, W_dec, idx, dx_offsets, aux_e, mse):
     """The backward tail all fused ops share: ``(d_x, d_b_dec, d_W_enc, d_b_enc, d_W_dec)`` from the compiled
     latent-grouped kernel's ``native_out`` ``(dv, dW_enc^T, db_enc, dW_dec, W_enc db_enc, sq)``, with AuxK's
     pairs added and the gradient norms recorded for the clip.
 
     ``coef e`` fp32 ``[B, D]`` is ``d loss / d x_hat`` (the gradient every reconstruction passes to ``b_dec``
     and, negated, to ``x``); ``idx`` the pairs' latents, ``[B, k]`` (``dx_offsets`` None) or ``[N]`` with the
-    ``embedding_bag`` offsets of each row; ``diff`` / ``mse`` AuxK's forward terms (:func:`_aux_forward`).
+    ``embedding_bag`` offsets of each row; ``aux_e`` / ``mse`` AuxK's residual and its mean squared norm as
+    :func:`_aux_forward` had them.
     """
     dv, d_W_enc_t, d_b_enc, d_W_dec, w_db, sq = native_out
     need_x, need_b_dec = ctx.needs_input_grad[:2]
@@ -127,14 +129,18 @@ def _fused_grads(ctx, grad_aux, native_out, e, coef, xf, b_dec, W_enc, W_dec, id
         d_b_dec = e.sum(0).mul_(coef) - w_db  # w_db = W_enc @ db_enc, formed inside the kernel
     if need_x:  # through the error term and through the encoder
         enc = F.embedding_bag(idx, W_enc.detach().t().contiguous(), dx_offsets, mode="sum", per_sample_weights=dv)
-        d_x = (enc - e * coef).to(ctx.x_dtype)
+        d_x = enc - e * coef
     aux_scale = float(grad_aux) * 2 * ctx.aux.coeff / (xf.shape[0] * float(mse.clamp_min(1e-12))) \
         if ctx.aux is not None else 0.0
-    if aux_scale != 0.0:
-        d_x_aux, d_b_dec_aux = _auxk_backward(ctx.aux, diff.mul(aux_scale), xf, b_dec.detach(), W_enc.detach(),
-                                              W_dec.detach(), d_W_enc_t, d_b_enc, d_W_dec, sq, need_x)
-        d_b_dec = d_b_dec - d_b_dec_aux if d_b_dec is not None else None
-        d_x = d_x + d_x_aux.to(ctx.x_dtype) if d_x is not None else None
+    if aux_scale != 0.0:  # d aux / d e_hat = aux_scale (e + e_hat); its pairs' gradients added in place
+        act = ctx.aux.act
+        w_db_aux = load_native().auxk_backward_(
+            act.row_crow, act.cols, ctx.aux.vals, W_dec.detach(), aux_e, aux_scale, xf.contiguous(),
+            b_dec.detach().contiguous(), W_enc.detach().t().contiguous(), d_W_dec, d_W_enc_t, d_b_enc, sq,
+            d_x if d_x is not None else xf.new_empty(0))
+        d_b_dec = d_b_dec - w_db_aux if d_b_dec is not None else None
+    if d_x is not None:
+        d_x = d_x.to(ctx.x_dtype)
     if ctx.norms is not None:
         ctx.norms.record(d_W_enc_t, d_W_dec, sq)
     # dW_enc comes out latent-major, the layout of the SAEs' column-major W_enc (train/optim.py)
@@ -157,8 +163,8 @@ class _FusedTopK(torch.autograd.Function):
             idx, val, x_hat, e, sq, de = mod.topk_fused_forward(mm, b_enc.detach(), k, W_dec.detach(),
                                                                  b_dec.detach(), xf)
         mse = sq.mean()
-        aux_loss, diff = _aux_forward(aux, W_dec, e, mse)
-        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, idx, val, diff, mse)
+        aux_loss = _aux_forward(aux, W_dec, e, mse)
+        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, idx, val, mse)
         ctx.x_dtype, ctx.norms, ctx.aux = x.dtype, norms, aux
         ctx.mark_non_differentiable(x_hat, idx, val)
         return mse, aux_loss, x_hat, idx, val
@@ -166,11 +172,11 @@ class _FusedTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mse, grad_aux, _grad_x_hat, _grad_idx, _grad_val):
         """Gradients of the inputs that need them; None for ``mm``, ``k``, ``norms`` and ``aux``."""
-        xf, e, de, b_dec, W_enc, W_dec, idx, val, diff, mse = ctx.saved_tensors
+        xf, e, de, b_dec, W_enc, W_dec, idx, val, mse = ctx.saved_tensors
         coef = 2 * float(grad_mse) / xf.shape[0]  # g = d mse / d x_hat = coef e
         with torch.profiler.record_function("saestrata::topk_fused_backward"):  # named in bench/topk_profile.py
             out = load_native().topk_fused_backward(e, coef, idx, val, de, xf, b_dec.detach(), W_enc.detach().t())
-        grads = _fused_grads(ctx, grad_aux, out, e, coef, xf, b_dec, W_enc, W_dec, idx, None, diff, mse)
+        grads = _fused_grads(ctx, grad_aux, out, e, coef, xf, b_dec, W_enc, W_dec, idx, None, e, mse)
         return *grads, None, None, None, None
 
 
@@ -188,8 +194,8 @@ class _FusedPairs(torch.autograd.Function):
             x_hat, e, sq, de = mod.pairs_fused_forward(act.row_crow, act.cols, vals, W_dec.detach(), b_dec.detach(),
                                                        xf)
         mse = sq.mean()
-        aux_loss, diff = _aux_forward(aux, W_dec, e, mse)
-        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, vals, diff, mse)
+        aux_loss = _aux_forward(aux, W_dec, e, mse)
+        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, vals, mse)
         ctx.x_dtype, ctx.norms, ctx.aux, ctx.act = x.dtype, norms, aux, act
         ctx.mark_non_differentiable(x_hat)
         return mse, aux_loss, x_hat
@@ -197,14 +203,14 @@ class _FusedPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mse, grad_aux, _grad_x_hat):
         """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms`` and ``aux``."""
-        xf, e, de, b_dec, W_enc, W_dec, vals, diff, mse = ctx.saved_tensors
+        xf, e, de, b_dec, W_enc, W_dec, vals, mse = ctx.saved_tensors
         act = ctx.act
         coef = 2 * float(grad_mse) / xf.shape[0]
         with torch.profiler.record_function("saestrata::topk_fused_backward"):
             out = load_native().pairs_fused_backward(e, coef, act.rows, act.cols, vals, de, xf, b_dec.detach(),
                                                      W_enc.detach().t(), act.bags)
         grads = _fused_grads(ctx, grad_aux, out, e, coef, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
-                             diff, mse)
+                             e, mse)
         return *grads, None, None, None, None
 
 
@@ -231,9 +237,9 @@ class _FusedNested(torch.autograd.Function):
         errors = sq.mean(0)
         mse = errors[-1].detach()
         e = suffix[:, -1]  # S_{G-1} = E_{G-1}: the whole dictionary's error
-        aux_loss, diff = _aux_forward(aux, W_dec, e, mse)
+        aux_loss = _aux_forward(aux, W_dec, e, mse)
         x_hat = e + xf
-        ctx.save_for_backward(xf, suffix, de, b_dec, W_enc, W_dec, vals, diff, mse)
+        ctx.save_for_backward(xf, suffix, de, b_dec, W_enc, W_dec, vals, mse)
         ctx.x_dtype, ctx.norms, ctx.aux, ctx.act = x.dtype, norms, aux, act
         ctx.mark_non_differentiable(x_hat)
         return errors, aux_loss, x_hat
@@ -241,7 +247,7 @@ class _FusedNested(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_errors, grad_aux, _grad_x_hat):
         """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms`` and ``aux``."""
-        xf, suffix, de, b_dec, W_enc, W_dec, vals, diff, mse = ctx.saved_tensors
+        xf, suffix, de, b_dec, W_enc, W_dec, vals, mse = ctx.saved_tensors
         act = ctx.act
         B, G = suffix.shape[:2]
         mod = load_native()
@@ -259,51 +265,8 @@ class _FusedNested(torch.autograd.Function):
                                            W_enc.detach().t(), act.bags)
         total = per_bag.view(B, G, -1)[:, 0]  # group 0 feeds every prefix: d loss / d b_dec's share, -d x's
         grads = _fused_grads(ctx, grad_aux, out, total, coef, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
-                             diff, mse)
+                             suffix[:, -1], mse)
         return *grads, None, None, None, None
-
-
-def _row_sq(rows: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
-    """fp64 sum of ``||r||^2`` over ``rows`` ``[n, D]``, or of ``||r - <r, w> w||^2`` with ``unit`` rows ``w``."""
-    r = rows.double()
-    if unit is not None:
-        w = unit.double()
-        r = r - (r * w).sum(-1, keepdim=True) * w
-    return r.pow(2).sum()
-
-
-def _auxk_backward(aux: AuxKPairs, g: torch.Tensor, xf, b_dec, W_enc, W_dec, d_W_enc_t, d_b_enc, d_W_dec, sq,
-                   need_x: bool):
-    """Add the AuxK pairs' gradients into the fused backward's ``d_W_enc_t``, ``d_b_enc``, ``d_W_dec`` (in place,
-    only the latents the pairs touch) and their squared norms into ``sq`` (so the clip's norms stay exact).
-
-    ``g`` fp32 ``[B, D]`` = d aux / d e_hat. Per pair ``(r, c)`` with value ``a``: ``dW_dec[c] += a g[r]``,
-    ``da = <g[r], W_dec[c]>``, ``dW_enc[:, c] += da (x[r] - b_dec)``, ``db_enc[c] += da``. Returns
-    ``(d_x or None, W_enc @ db_enc_aux)``: the caller subtracts the latter from ``db_dec``.
-    """
-    act = aux.act
-    da = sampled_dot(g, W_dec, act)  # [N]
-    perm, crow = act.by_latent
-    touched = (crow[1:] > crow[:-1]).nonzero().flatten()  # latents with a pair, ascending
-    offsets = crow[touched]
-    rows = act.rows[perm]
-    w_touched = W_dec.index_select(0, touched)
-    old_dec, old_enc = d_W_dec.index_select(0, touched), d_W_enc_t.index_select(0, touched)
-    add_dec = F.embedding_bag(rows, g, offsets, mode="sum", per_sample_weights=aux.vals[perm])
-    add_enc = F.embedding_bag(rows, xf - b_dec, offsets, mode="sum", per_sample_weights=da[perm])
-    new_dec, new_enc = old_dec + add_dec, old_enc + add_enc
-    d_W_dec.index_copy_(0, touched, new_dec)
-    d_W_enc_t.index_copy_(0, touched, new_enc)
-    sq[0] += _row_sq(new_dec, w_touched) - _row_sq(old_dec, w_touched)
-    sq[1] += _row_sq(new_enc) - _row_sq(old_enc)
-    db_enc = torch.zeros_like(d_b_enc).index_add_(0, act.cols, da)
-    d_b_enc += db_enc
-    # rows of W_enc^T: index_select on the column-major W_enc would first copy all of it contiguous
-    w_db = db_enc.index_select(0, touched) @ W_enc.t().index_select(0, touched)
-    d_x = None
-    if need_x:
-        d_x = F.embedding_bag(act.cols, W_enc.t().contiguous(), act.row_crow[:-1], mode="sum", per_sample_weights=da)
-    return d_x, w_db
 
 
 def encoder_mm(x: torch.Tensor, sae) -> torch.Tensor:

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch_info import ArchError
-from .native import load_native
+from .native import auxk_pairs, load_native
 
 KERNELS = ("dense", "sparse")
 # Default of the topk / batchtopk / matryoshka ``kernels`` switch ("dense" is the reference).
@@ -151,6 +151,13 @@ class ActiveSet:
         return cls.from_values(values.flatten(), rows.flatten(), cols.flatten(), cols.shape[0], n_latents,
                                group_ends)
 
+    @classmethod
+    def from_row_offsets(cls, crow: torch.Tensor, cols: torch.Tensor, n_latents: int) -> "ActiveSet":
+        """Pairs given in row then column order: row ``b``'s latents are ``cols[crow[b]:crow[b + 1]]`` (``crow`` long
+        ``[B + 1]``, ``cols`` long ``[N]``)."""
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=cols.device), crow.diff())
+        return cls(rows, cols, crow.numel() - 1, n_latents)
+
     def __len__(self) -> int:
         return self.cols.numel()
 
@@ -211,6 +218,17 @@ class ColumnPre:
 
     def __call__(self, cols: torch.Tensor) -> torch.Tensor:
         return self.mm.index_select(1, cols) + self.b_enc.index_select(0, cols)
+
+    def positive_topk(self, cols: torch.Tensor, k: int):
+        """Per row, the ``k`` largest entries of ``self(cols)`` that are > 0, as ``(act, vals)`` (an
+        :class:`ActiveSet` over ``d_sae`` latents and their fp32 values ``[N]``), without gathering the columns:
+        :func:`.native.auxk_pairs`. None where the compiled module cannot run (callers gather ``self(cols)``).
+        ``cols`` long ascending, ``1 <= k <= len(cols)``."""
+        picked = auxk_pairs(self.mm, self.b_enc, cols, k)
+        if picked is None:
+            return None
+        crow, pair_cols, vals = picked
+        return ActiveSet.from_row_offsets(crow, pair_cols, self.mm.shape[1]), vals
 
 
 class _GatherPreActs(torch.autograd.Function):

@@ -2,14 +2,15 @@
 
 :func:`rowwise_topk_indices`, the per-row top-k that the TopK SAE's encoder needs every step,
 where torch's CPU ``topk`` cost about half an encoder matmul (docs/results/bench/README.md),
-:func:`batch_topk_pairs`, BatchTopK's (and Matryoshka's) batch-wide selection from the encoder matmul, and
+:func:`batch_topk_pairs`, BatchTopK's (and Matryoshka's) batch-wide selection from the encoder matmul,
+:func:`auxk_pairs`, AuxK's positive pairs among the dead latents, and
 :func:`remove_parallel_grad_`, the decoder-gradient projection every unit-norm-decoder SAE runs
 each step (one pass instead of torch's three temporaries), and :func:`normalize_rows_`, the decoder
 renormalisation after each step; :func:`adam_unit_rows_` fuses those two with the Adam step and the clip
 factor, and :func:`projected_sq_norm` gives the clip its norm (both for :class:`~.optim.Adam`'s ``unit_rows``).
 :mod:`.kernels` also calls the module's ``sampled_dot`` (the sparse
 decoder backward's dot products) and :mod:`.fused` the whole TopK training forward / backward
-(``topk_fused_forward`` / ``topk_fused_backward``) and :mod:`saestrata.evaluate.branch` the LM head's
+(``topk_fused_forward`` / ``topk_fused_backward``, AuxK's ``auxk_forward`` / ``auxk_backward_``) and :mod:`saestrata.evaluate.branch` the LM head's
 per-block softmax / KL statistics (``head_block_stats``) through :func:`load_native`. The source is
 ``csrc/native.cpp``; the build (~1 min, g++ and ninja) lands in torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and is reused by later processes.
@@ -141,6 +142,26 @@ def batch_topk_pairs(mm: torch.Tensor, b_enc: torch.Tensor, n: int):
         return None
     with torch.profiler.record_function("saestrata::batch_topk_select"):  # named in bench/topk_profile.py
         return tuple(mod.batch_topk_select(mm, b_enc, n))
+
+
+def auxk_pairs(mm: torch.Tensor, b_enc: torch.Tensor, dead: torch.Tensor, k_aux: int):
+    """AuxK's pairs (Gao et al. 2024, app. A.2) straight from the encoder matmul, compiled.
+
+    ``mm`` ``[B, L]`` fp32 or bf16 on CPU, the encoder matmul without its bias; ``b_enc`` fp32 ``[L]``; ``dead``
+    long ``[n_dead]``, the dead latents, ascending; ``1 <= k_aux <= n_dead``. Returns ``(crow, cols, vals)``:
+    long ``[B + 1]`` row offsets, long ``[N]``, fp32 ``[N]``: per row, of ``pre = mm + b_enc`` on the dead columns
+    (the sum in fp32, as torch's type promotion forms it) the ``k_aux`` largest that are > 0, in ascending column
+    order, i.e. the non-zeros of ``topk_relu(where(dead, pre, -inf), k_aux)`` (of entries tied with the
+    ``k_aux``-th the lower columns win). None where the compiled module is not built or ``mm`` is not a CPU
+    fp32 / bf16 tensor (callers then gather the dead columns and use torch's ``topk``).
+
+    Raises:
+        RuntimeError: from the module on a wrong shape or dtype, ``k_aux`` out of range or unsorted ``dead``.
+    """
+    if mm.device.type != "cpu" or mm.dtype not in (torch.float32, torch.bfloat16) or (mod := load_native()) is None:
+        return None
+    with torch.profiler.record_function("saestrata::auxk_select"):  # named in bench/topk_profile.py
+        return tuple(mod.auxk_select(mm, b_enc, dead, k_aux))
 
 
 def reference_topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -92,22 +92,32 @@ class AuxKMixin:
         """Which AuxK work this step needs, from the dead latents' pre-activations (no autograd).
 
         ``pre`` is the ``[batch, d_sae]`` pre-activations, or a function ``cols -> pre[:, cols]`` (fp32
-        ``[batch, len(cols)]``), called only when a latent is dead and only for the dead columns (the fused
-        step never forms ``pre``). The ``k_aux`` largest pre-activations among dead latents are ReLU'd, so
+        ``[batch, len(cols)]``), called only when a latent is dead and only for the dead columns; the fused
+        steps, which never form ``pre``, pass a :class:`.kernels.ColumnPre`, whose compiled
+        :meth:`~.kernels.ColumnPre.positive_topk` picks the pairs without gathering the columns. The ``k_aux`` largest pre-activations among dead latents are ReLU'd, so
         only the pairs above 0 add to ``e_hat`` or get a gradient, and the work follows their number
         ``n_pos`` (the ``auxk_pairs`` counter): ``"none"`` (no dead latent: the term is 0); ``"constant"``
         (``n_pos`` 0, the usual case once latents die: ~0.03% of (token, dead latent) pre-activations are
         positive on layer 8, docs/results/benchmark_findings.md; the term is its constant ``aux_coeff`` without
         a graph, as the dense path's zero ``e_hat`` gives); ``"pairs"`` (pair lists); ``"columns"`` (a block
         denser than ``1 / AUXK_DENSE_SHARE``: matmuls on the dead columns only). Selections equal the dense
-        path's ``-inf`` mask up to tie order.
+        path's ``-inf`` mask up to tie order (the compiled one's ties: the dense path's rule, lower column wins).
         """
         dead = (self.tokens_since_fired >= self.dead_window_tokens).nonzero().flatten()
         self._auxk_pairs = 0
         if dead.numel() == 0:
             return AuxKPlan("none")
-        dead_pre = pre(dead) if callable(pre) else pre.index_select(1, dead)  # [batch, n_dead], no autograd
         k_aux = min(self.aux_k, dead.numel())
+        picked = pre.positive_topk(dead, k_aux) if isinstance(pre, ColumnPre) else None  # compiled, no gather
+        if picked is not None:
+            act, vals = picked
+            n_pos = self._auxk_pairs = len(act)
+            if n_pos == 0:
+                return AuxKPlan("constant")
+            if n_pos * AUXK_DENSE_SHARE < act.n_rows * dead.numel():
+                return AuxKPlan("pairs", act=act, vals=vals)
+            return AuxKPlan("columns", dead, pre(dead), k_aux)
+        dead_pre = pre(dead) if callable(pre) else pre.index_select(1, dead)  # [batch, n_dead], no autograd
         values, j = dead_pre.topk(k_aux, dim=-1, sorted=False)
         n_pos = self._auxk_pairs = int((values > 0).sum())
         if n_pos == 0:

@@ -1037,6 +1037,269 @@ std::vector<torch::Tensor> nested_fused_grads(torch::Tensor err, torch::Tensor w
   return {gbag, dv};
 }
 
+// ---- AuxK on the dead latents' few positive pairs (Gao et al. 2024, app. A.2; saestrata.train.fused) ----
+// Once latents die, AuxK decodes the residual -e from the k_aux largest pre-activations of the dead latents
+// per row; ~0.03-0.2% of (token, dead latent) pre-activations are positive on layer 8, so after the ReLU a
+// step has a few hundred to a few thousand pairs. Torch's ops for them (column gather of mm, topk, pair
+// lists, embedding_bag, index_copy, norm corrections) cost ~4 ms a step at d_sae 4096 (bench/topk_auxk.py);
+// these three calls do the same maths on the pairs' rows only.
+
+// Per row, of the dead columns' pre = mm + b_enc (fp32, as torch's type promotion forms it) the k_aux
+// largest that are > 0, in ascending column order; of entries tied with the k_aux-th the lower columns win.
+template <typename scalar_t>
+std::vector<torch::Tensor> auxk_rows(const torch::Tensor& mm, const float* bias, const int64_t* dead, int64_t nd,
+                                     int64_t k) {
+  const int64_t B = mm.size(0), L = mm.size(1);
+  const scalar_t* src = mm.data_ptr<scalar_t>();
+  std::vector<float> db(nd);
+  for (int64_t j = 0; j < nd; ++j) db[j] = bias[dead[j]];
+  std::vector<RowRun> runs;
+  std::mutex lock;
+  at::parallel_for(0, B, 64, [&](int64_t lo, int64_t hi) {
+    RowRun run;
+    run.lo = lo;
+    std::vector<float> cv(nd);
+    std::vector<int32_t> ci(nd), keys;
+    for (int64_t r = lo; r < hi; ++r) {
+      const scalar_t* row = src + r * L;
+      int64_t m = 0;
+      for (int64_t j = 0; j < nd; ++j) {
+        const float v = to_float(row[dead[j]]) + db[j];
+        cv[m] = v;
+        ci[m] = static_cast<int32_t>(dead[j]);
+        m += v > 0;  // NaN is never kept
+      }
+      float thr = 0;
+      int64_t ties = m;
+      if (m > k) {
+        keys.resize(m);
+        for (int64_t c = 0; c < m; ++c) keys[c] = order_key(cv[c]);
+        thr = key_float(kth_largest_key(keys.data(), m, k));
+        ties = k;
+        for (int64_t c = 0; c < m; ++c) ties -= cv[c] > thr;
+      }
+      int64_t kept = 0;
+      for (int64_t c = 0; c < m; ++c)
+        if (m <= k || cv[c] > thr || (cv[c] == thr && ties-- > 0)) {
+          run.v.push_back(cv[c]);
+          run.col.push_back(ci[c]);
+          ++kept;
+        }
+      run.count.push_back(kept);
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    runs.push_back(std::move(run));
+  });
+  std::sort(runs.begin(), runs.end(), [](const RowRun& a, const RowRun& b) { return a.lo < b.lo; });
+  int64_t N = 0;
+  for (const RowRun& run : runs) N += static_cast<int64_t>(run.v.size());
+  auto opts = mm.options();
+  auto crow = torch::empty({B + 1}, opts.dtype(at::kLong)), cols = torch::empty({N}, opts.dtype(at::kLong));
+  auto vals = torch::empty({N}, opts.dtype(at::kFloat));
+  int64_t* cr = crow.data_ptr<int64_t>();
+  int64_t* co = cols.data_ptr<int64_t>();
+  float* vo = vals.data_ptr<float>();
+  int64_t out = 0;
+  cr[0] = 0;
+  for (const RowRun& run : runs) {
+    for (int64_t i = 0; i < static_cast<int64_t>(run.count.size()); ++i) cr[run.lo + i + 1] = cr[run.lo + i] + run.count[i];
+    for (size_t c = 0; c < run.v.size(); ++c, ++out) {
+      co[out] = run.col[c];
+      vo[out] = run.v[c];
+    }
+  }
+  return {crow, cols, vals};
+}
+
+// mm [B, L] fp32 or bf16 (the encoder matmul without its bias), b_enc fp32 [L], dead long [n_dead] (distinct
+// columns, ascending), 1 <= k_aux <= n_dead -> (crow long [B + 1], cols long [N], vals fp32 [N]): the non-zeros
+// of ReLU(TopK_{k_aux}(pre restricted to the dead columns)) in row then column order.
+std::vector<torch::Tensor> auxk_select(torch::Tensor mm, torch::Tensor b_enc, torch::Tensor dead, int64_t k_aux) {
+  TORCH_CHECK(mm.device().is_cpu() && mm.dim() == 2, "auxk_select: a 2-D CPU [B, L] tensor is needed");
+  TORCH_CHECK(mm.scalar_type() == at::kFloat || mm.scalar_type() == at::kBFloat16,
+              "auxk_select: float32 or bfloat16 mm is needed");
+  TORCH_CHECK(b_enc.scalar_type() == at::kFloat && b_enc.numel() == mm.size(1),
+              "auxk_select: an fp32 b_enc of mm's width is needed");
+  TORCH_CHECK(dead.scalar_type() == at::kLong && dead.dim() == 1, "auxk_select: long dead columns are needed");
+  TORCH_CHECK(k_aux >= 1 && k_aux <= dead.numel(), "auxk_select: k_aux must be in [1, n_dead]");
+  TORCH_CHECK(mm.size(1) <= std::numeric_limits<int32_t>::max(), "auxk_select: L must fit in int32");
+  auto m = mm.contiguous(), be = b_enc.contiguous(), dc = dead.contiguous();
+  const int64_t* dp = dc.data_ptr<int64_t>();
+  for (int64_t j = 0; j < dc.numel(); ++j)
+    TORCH_CHECK(dp[j] >= 0 && dp[j] < m.size(1) && (j == 0 || dp[j] > dp[j - 1]),
+                "auxk_select: dead columns must be ascending and in [0, L)");
+  if (m.scalar_type() == at::kFloat) return auxk_rows<float>(m, be.data_ptr<float>(), dp, dc.numel(), k_aux);
+  return auxk_rows<c10::BFloat16>(m, be.data_ptr<float>(), dp, dc.numel(), k_aux);
+}
+
+// g = e + e_hat for one row: e_hat = sum over the row's pairs of v W_dec[c] (AuxK's decode of the residual
+// x - x_hat = -e, so g is its reconstruction error), into out [D].
+void auxk_error_row(const float* e, const int64_t* cols, const float* vals, int64_t n, const float* W, int64_t D,
+                    float* out) {
+  std::memcpy(out, e, D * sizeof(float));
+  for (int64_t s = 0; s < n; ++s) {
+    const float* w = W + cols[s] * D;
+    const float v = vals[s];
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) store16(out + d, load16(out + d) + v * load16(w + d));
+    for (; d < D; ++d) out[d] += v * w[d];
+  }
+}
+
+void check_auxk_pairs(const torch::Tensor& crow, const torch::Tensor& cols, const torch::Tensor& vals,
+                      const torch::Tensor& W_dec, const torch::Tensor& e) {
+  TORCH_CHECK(crow.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && vals.scalar_type() == at::kFloat &&
+                  W_dec.scalar_type() == at::kFloat && e.scalar_type() == at::kFloat,
+              "auxk: long offsets / columns and fp32 tensors are needed");
+  TORCH_CHECK(e.dim() == 2 && e.stride(1) == 1 && crow.numel() == e.size(0) + 1 && cols.numel() == vals.numel() &&
+                  W_dec.dim() == 2 && W_dec.size(1) == e.size(1), "auxk: shapes do not match");
+}
+
+// crow / cols / vals from auxk_select, W_dec fp32 [L, D], e = x_hat - x fp32 [B, D] (rows may be strided)
+// -> fp64 [] sum over rows with pairs of ||e + e_hat||^2 - ||e||^2 (rows without pairs have e_hat = 0): the
+// caller's mean ||e_hat - (x - x_hat)||^2 is ||e||^2's mean plus this over B.
+torch::Tensor auxk_forward(torch::Tensor crow, torch::Tensor cols, torch::Tensor vals, torch::Tensor W_dec,
+                           torch::Tensor e) {
+  check_auxk_pairs(crow, cols, vals, W_dec, e);
+  auto cc = crow.contiguous(), ic = cols.contiguous(), vc = vals.contiguous(), W = W_dec.contiguous();
+  const int64_t B = e.size(0), D = e.size(1), es = e.stride(0);
+  const int64_t* cr = cc.data_ptr<int64_t>();
+  const float* ep = e.data_ptr<float>();
+  std::vector<double> delta(B, 0.0);
+  at::parallel_for(0, B, 64, [&](int64_t lo, int64_t hi) {
+    std::vector<float> g(D);
+    for (int64_t r = lo; r < hi; ++r) {
+      if (cr[r + 1] == cr[r]) continue;
+      auxk_error_row(ep + r * es, ic.data_ptr<int64_t>() + cr[r], vc.data_ptr<float>() + cr[r], cr[r + 1] - cr[r],
+                     W.data_ptr<float>(), D, g.data());
+      delta[r] = double(dot(g.data(), g.data(), D)) - double(dot(ep + r * es, ep + r * es, D));
+    }
+  });
+  auto out = torch::zeros({}, e.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int64_t r = 0; r < B; ++r) *o += delta[r];  // row order: thread-count independent
+  return out;
+}
+
+// ||r||^2, or ||r - <r, w> w||^2 with w given, in fp64 (the gradient clip's norms, train/optim.py).
+double row_sq(const float* r, const float* w, int64_t D) {
+  double rw = 0, s = 0;
+  if (w != nullptr)
+    for (int64_t d = 0; d < D; ++d) rw += double(r[d]) * w[d];
+  for (int64_t d = 0; d < D; ++d) {
+    const double t = r[d] - (w != nullptr ? rw * w[d] : 0.0);
+    s += t * t;
+  }
+  return s;
+}
+
+// AuxK's gradients added in place into the fused backward's outputs. With g[r] = scale (e[r] + e_hat[r])
+// (d aux / d e_hat) and, per pair (r, c, v), da = <g[r], W_dec[c]>: dW_dec[c] += v g[r], dW_enc^T[c] += da
+// (x[r] - b_dec), db_enc[c] += da, and (d_x given, numel > 0) d_x[r] += da W_enc[:, c]. sq fp64 [2] gets the
+// change of sum_c ||dW_dec[c] projected off W_dec[c]||^2 and of ||dW_enc||^2 over the touched latents, so the
+// clip's norms stay exact. -> W_enc db_enc_aux fp32 [D] (the caller subtracts it from db_dec).
+torch::Tensor auxk_backward_(torch::Tensor crow, torch::Tensor cols, torch::Tensor vals, torch::Tensor W_dec,
+                             torch::Tensor e, double scale, torch::Tensor x, torch::Tensor b_dec, torch::Tensor W_encT,
+                             torch::Tensor d_W_dec, torch::Tensor d_W_encT, torch::Tensor d_b_enc, torch::Tensor sq,
+                             torch::Tensor d_x) {
+  check_auxk_pairs(crow, cols, vals, W_dec, e);
+  const int64_t B = e.size(0), D = e.size(1), L = W_dec.size(0), es = e.stride(0);
+  for (const torch::Tensor* t : {&x, &b_dec, &W_encT, &d_W_dec, &d_W_encT, &d_b_enc})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "auxk_backward_: contiguous fp32 tensors are needed");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.size(1) == D && b_dec.numel() == D && W_encT.sizes() == W_dec.sizes() &&
+                  d_W_dec.sizes() == W_dec.sizes() && d_W_encT.sizes() == W_dec.sizes() && d_b_enc.numel() == L,
+              "auxk_backward_: shapes do not match");
+  TORCH_CHECK(sq.scalar_type() == at::kDouble && sq.numel() == 2, "auxk_backward_: sq must be fp64 [2]");
+  TORCH_CHECK(d_x.numel() == 0 || (d_x.scalar_type() == at::kFloat && d_x.is_contiguous() && d_x.sizes() == x.sizes()),
+              "auxk_backward_: d_x must be empty or contiguous fp32 [B, D]");
+  auto cc = crow.contiguous(), ic = cols.contiguous(), vc = vals.contiguous(), W = W_dec.contiguous();
+  const int64_t* cr = cc.data_ptr<int64_t>();
+  const int64_t* cp = ic.data_ptr<int64_t>();
+  const float* vp = vc.data_ptr<float>();
+  const float *ep = e.data_ptr<float>(), *Wp = W.data_ptr<float>(), *xp = x.data_ptr<float>();
+  const float *bd = b_dec.data_ptr<float>(), *WeT = W_encT.data_ptr<float>();
+  const int64_t N = ic.numel();
+  // g per row that has pairs (compact), and da per pair.
+  std::vector<int64_t> slot(B, -1), rows_with;
+  for (int64_t r = 0; r < B; ++r)
+    if (cr[r + 1] > cr[r]) {
+      slot[r] = static_cast<int64_t>(rows_with.size());
+      rows_with.push_back(r);
+    }
+  const int64_t R = static_cast<int64_t>(rows_with.size());
+  std::vector<float> g(R * D), da(N);
+  const float sc = scale;
+  at::parallel_for(0, R, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t r = rows_with[i];
+      float* gi = g.data() + i * D;
+      auxk_error_row(ep + r * es, cp + cr[r], vp + cr[r], cr[r + 1] - cr[r], Wp, D, gi);
+      for (int64_t d = 0; d < D; ++d) gi[d] *= sc;
+      for (int64_t s = cr[r]; s < cr[r + 1]; ++s) da[s] = dot(gi, Wp + cp[s] * D, D);
+    }
+  });
+  if (d_x.numel() > 0) {
+    float* dxp = d_x.data_ptr<float>();
+    at::parallel_for(0, R, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t r = rows_with[i];
+        for (int64_t s = cr[r]; s < cr[r + 1]; ++s)
+          for (int64_t d = 0; d < D; ++d) dxp[r * D + d] += da[s] * WeT[cp[s] * D + d];
+      }
+    });
+  }
+  // The pairs grouped by latent (rows ascending within one), then one task per touched latent.
+  std::vector<int64_t> order(N);
+  for (int64_t n = 0; n < N; ++n) order[n] = n;
+  std::stable_sort(order.begin(), order.end(), [cp](int64_t a, int64_t b) { return cp[a] < cp[b]; });
+  std::vector<int64_t> first;  // offsets into order of each touched latent's pairs
+  for (int64_t n = 0; n < N; ++n)
+    if (n == 0 || cp[order[n]] != cp[order[n - 1]]) first.push_back(n);
+  first.push_back(N);
+  const int64_t T = static_cast<int64_t>(first.size()) - 1;
+  std::vector<int64_t> row_of(N);
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t s = cr[r]; s < cr[r + 1]; ++s) row_of[s] = r;
+  std::vector<double> dsq_dec(T), dsq_enc(T);
+  std::vector<float> dbe(T);
+  float *gdec = d_W_dec.data_ptr<float>(), *genc = d_W_encT.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t c = cp[order[first[t]]];
+      float* rd = gdec + c * D;
+      float* re = genc + c * D;
+      const double old_dec = row_sq(rd, Wp + c * D, D), old_enc = row_sq(re, nullptr, D);
+      float b = 0;
+      for (int64_t u = first[t]; u < first[t + 1]; ++u) {
+        const int64_t n = order[u], r = row_of[n];
+        const float* gr = g.data() + slot[r] * D;
+        const float* xr = xp + r * D;
+        const float v = vp[n], a = da[n];
+        for (int64_t d = 0; d < D; ++d) {
+          rd[d] += v * gr[d];
+          re[d] += a * (xr[d] - bd[d]);
+        }
+        b += a;
+      }
+      dbe[t] = b;
+      dsq_dec[t] = row_sq(rd, Wp + c * D, D) - old_dec;
+      dsq_enc[t] = row_sq(re, nullptr, D) - old_enc;
+    }
+  });
+  auto w_db = torch::zeros({D}, x.options());
+  float* wd = w_db.data_ptr<float>();
+  float* gbe = d_b_enc.data_ptr<float>();
+  double* sqp = sq.data_ptr<double>();
+  for (int64_t t = 0; t < T; ++t) {  // latent order: thread-count independent
+    const int64_t c = cp[order[first[t]]];
+    gbe[c] += dbe[t];
+    for (int64_t d = 0; d < D; ++d) wd[d] += dbe[t] * WeT[c * D + d];
+    sqp[0] += dsq_dec[t];
+    sqp[1] += dsq_enc[t];
+  }
+  return w_db;
+}
+
 // ---- LM-head statistics for spliced evaluation (saestrata.evaluate.branch.head_stats) ----
 
 // exp of 16 floats (Cephes expf: 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2; relative error ~1e-7),
@@ -1186,6 +1449,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nested_fused_forward", &nested_fused_forward, "Matryoshka: the prefixes' errors' suffix sums, squared norms and the pairs' de (CPU)");
   m.def("nested_fused_grads", &nested_fused_grads, "Matryoshka: per-bag decode gradients (suffix sums) and the pairs' dv (CPU)");
   m.def("pairs_fused_backward", &pairs_fused_backward, "Fused SAE backward on given pairs (CPU), with gradient norms");
+  m.def("auxk_select", &auxk_select, "AuxK: per row the k_aux largest positive pre-activations of the dead columns (crow, cols, vals)");
+  m.def("auxk_forward", &auxk_forward, "AuxK: sum over rows of ||e + e_hat||^2 - ||e||^2 from its pairs (fp64)");
+  m.def("auxk_backward_", &auxk_backward_, "AuxK: its pairs' gradients added in place, with the clip's norms (CPU)");
   m.def("normalize_rows_", &normalize_rows_, "w[r] /= max(||w[r]||, eps) in place (fp32, CPU)");
   m.def("remove_parallel_", &remove_parallel_, "grad[r] -= <grad[r], w[r]> w[r] in place (fp32, CPU)");
   m.def("projected_row_sq_norms", &projected_row_sq_norms, "||g[r] - <g[r], w[r]> w[r]||^2 per row (fp64 out)");
