@@ -31,7 +31,11 @@ One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
    forward over the labelled articles (the expensive part) is done once and cached in
    ``work/probe-residuals/<key>/`` (:func:`~saestrata.evaluate.sparse_probing.cached_residuals`);
    each SAE then costs an encode of the cached residuals and the probes.
-9. **report**: ``report.md``/``report.html``/PNGs with matched-L0 rows at 32 and 64, the
+9. **speed**: every variant's training throughput, timed again in one process (:mod:`.benchmark_speed`:
+   the settings of its matched SAE nearest L0 32, the run's first 60 steps, the first 10 dropped), because
+   the SAEs' own step clocks ran beside other jobs over many sessions; ``speed.json``, the matched table's
+   train tok/s column. Run it on an otherwise idle machine.
+10. **report**: ``report.md``/``report.html``/PNGs with matched-L0 rows at 32 and 64, the
    matched table ``matched.md``, the claims table ``claims.md`` (paper's value | at the paper's
    settings | at matched L0) and the probing table ``probing.md``, every number naming the JSON it
    came from.
@@ -118,7 +122,7 @@ class BenchmarkConfig:
     readme: Path | None = None
     quick: bool = False  # set by quick_config: every table of the report then says it is the short version
     stages: tuple[str, ...] = ("store", "lr", "matched", "published", "evaluate", "seeds", "unlearn", "probe",
-                               "report")
+                               "speed", "report")
 
 
 def quick_config(out: Path, work: Path) -> BenchmarkConfig:
@@ -815,11 +819,11 @@ class Benchmark:
         """
         cfg, stages = self.cfg, set(self.cfg.stages)
         cfg.out.mkdir(parents=True, exist_ok=True)
-        if set(cfg.stages) - {"report"}:  # a report-only run must not restamp the run's settings and code
+        if set(cfg.stages) - {"report", "speed"}:  # report / speed alone must not restamp the run's settings and code
             _write_json(cfg.out / "config.json", {**asdict(cfg), "code": self.code, "variants": self.variants})
             _write_json(cfg.out / "code" / f"{self.code}.json", code_manifest())
         if "store" in stages:
-            self.echo("[1/9] store")
+            self.echo("[1/10] store")
             self.harvest_store()
         # Variant by variant (its sweep, then its SAEs at every target, then their evaluation), so a
         # session that stops mid-run leaves whole, evaluated units of results behind.
@@ -850,7 +854,7 @@ class Benchmark:
             pending = [j for j in sweep if not self.recorded(j.name)]
             if not pending:
                 break
-            self.echo(f"[2/9] lr sweep {i}/{n} {v}: {len(pending)} of {len(sweep)} short runs to do")
+            self.echo(f"[2/10] lr sweep {i}/{n} {v}: {len(pending)} of {len(sweep)} short runs to do")
             for job in pending:
                 self.train_job(job, need_weights=False)
         lrs = self.chosen_lrs("lr" in stages)
@@ -858,7 +862,7 @@ class Benchmark:
             return
         jobs = [j for j in self.matched_jobs(lrs) if j.arch == v]
         if "matched" in stages:
-            self.echo(f"[3/9] matched L0 {i}/{n} {v}: {len(jobs)} SAEs")
+            self.echo(f"[3/10] matched L0 {i}/{n} {v}: {len(jobs)} SAEs")
             if v not in lrs:  # e.g. --stages matched alone, or a sweep that a new rule extended
                 self.echo(f"  {v}: its lr sweep is not finished, so these SAEs take the default rate and "
                           "controller start (add the stage lr to sweep first)")
@@ -882,7 +886,7 @@ class Benchmark:
         lrs = self.chosen_lrs("lr" in stages)
         published = self.published_jobs()
         if "published" in stages:
-            self.echo(f"[4/9] as published: {len(published)} SAEs")
+            self.echo(f"[4/10] as published: {len(published)} SAEs")
         for g in range(0, len(published), cfg.eval_group):
             group = published[g : g + cfg.eval_group]
             if "published" in stages:
@@ -894,13 +898,18 @@ class Benchmark:
                 self.unlearn([j.name for j in group if self._unlearned_published(j)])
         seeds = self.seed_jobs(self.best_seed_variant(), lrs)
         if "seeds" in stages:
-            self.echo(f"[6/9] seeds: {len(seeds)} SAEs")
+            self.echo(f"[6/10] seeds: {len(seeds)} SAEs")
             for job in seeds:
                 self.train_job(job, self._needs_weights(job))
             if "evaluate" in stages:
                 self.evaluate([j.name for j in seeds])
+        if "speed" in stages:
+            self.echo("[9/10] speed: every variant's training step, timed in this process (keep the machine idle)")
+            from .benchmark_speed import measure_speed
+
+            measure_speed(self, self.reported_variants)
         if "report" in stages:
-            self.echo("[9/9] report")
+            self.echo("[10/10] report")
             from .benchmark_report import write_benchmark_report
 
             write_benchmark_report(self)

@@ -514,7 +514,7 @@ def evaluate(saes, dataset, split, tokens, batch_rows, model, allow_other_model,
               help="Init seeds for topk and the best seed-paper variant.")
 @click.option("--eval-tokens", default=8192, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-unlearn", is_flag=True, help="Skip the unlearning stage.")
-@click.option("--stages", help="Comma-separated subset of: store,lr,matched,published,evaluate,seeds,unlearn,probe,report.")
+@click.option("--stages", help="Comma-separated subset of: store,lr,matched,published,evaluate,seeds,unlearn,probe,speed,report (speed: time every variant's training step on an idle machine).")
 @click.option("--quick", is_flag=True, help="A short version: 5 variants, L0 24/40, 256k tokens each, no unlearning or probing (36 min on 2 idle CPU cores); its tables say they are not the benchmark's numbers.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--lm-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),

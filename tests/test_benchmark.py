@@ -187,6 +187,47 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     assert "topk-l0=16" in by_code[bench.code]["trained"] and "topk-l0=48" in by_code[bench.code]["core"]
     assert "| 0123456789abcdef | ? | topk l0=48 |" in md  # no commits.json entry: origin unknown, said so
 
+    # train tok/s: not the SAEs' own step clocks (they share the machine with anything else running) but
+    # stage speed's, which times the variant again with its SAE-nearest-32's settings (benchmark_speed.py).
+    assert row["train_tokens_per_s"] is None  # before the stage ran: "-"
+    for name in ("topk-l0=16", "topk-l0=48"):  # clocks as a paused run would leave them
+        path = cfg.out / "saes" / name / "cfg.json"
+        data = json.loads(path.read_text())
+        data["saestrata"]["train_tokens_per_s"] = 1.0
+        path.write_text(json.dumps(data))
+    cfg.stages = ("speed",)
+    lines.clear()
+    Benchmark(cfg, lines.append).run()
+    speed = json.loads((cfg.out / "speed.json").read_text())
+    got = speed["variants"]["topk"]
+    assert speed["code"] == bench.code and got["sae"] == bench.nearest_to("topk", 32.0)
+    assert got["tokens_per_s"] == pytest.approx(cfg.batch_size / (got["step_ms_mean"] / 1e3))
+    assert got["steps_timed"] == 16 - got["warmup"] and got["tokens_per_s"] > 100  # 4096 tokens / 256: 16 steps
+    assert any(l.startswith("  speed topk: ") for l in lines)
+    assert _matched(bench, "topk", 32.0)["train_tokens_per_s"] == got["tokens_per_s"]
+    lines.clear()
+    Benchmark(cfg, lines.append).run()  # timed once: a rerun skips it
+    assert not any(l.startswith("  speed topk") for l in lines)
+    assert json.loads((cfg.out / "speed.json").read_text()) == speed
+
+
+def test_speed_recovers_each_steps_time_from_the_cumulative_log():
+    from saestrata.benchmark_speed import step_seconds, summarise
+
+    truth = [0.5, 0.1, 0.1, 0.2, 30.0, 0.1]  # step 4 stopped for 30 s (a paused process)
+    clock, log = 0.0, []
+    for step, dt in enumerate(truth):
+        clock += dt
+        log.append({"step": step, "tokens_per_s": (step + 1) * 256 / clock})  # the trainer's cumulative rate
+    assert step_seconds(log, 256) == pytest.approx(truth)
+    s = summarise(truth, 1, 256)
+    assert s["steps_timed"] == 5 and s["step_ms_median"] == pytest.approx(100.0)
+    assert s["step_ms_mean"] == pytest.approx(1e3 * sum(truth[1:]) / 5) and s["step_ms_p90"] == pytest.approx(3e4)
+    with pytest.raises(ValueError, match="one line per step"):
+        step_seconds(log[::2], 256)
+    with pytest.raises(ValueError, match="leave none"):
+        summarise(truth, 6, 256)
+
 
 def test_finished_saes_of_other_settings_are_not_reused(tiny_model_dir, tmp_path):
     """A rerun with another budget must not silently reuse SAEs trained with the old one."""

@@ -1,0 +1,118 @@
+"""Stage ``speed`` of ``saestrata benchmark``: every variant's training throughput, timed in one run.
+
+The matched table's "train tok/s" used to be the mean of each SAE's own step clock (``train_tokens_per_s``
+in its cfg.json). Those SAEs trained over many sessions while tests, installs and kernel benchmarks shared
+this 2-core machine, and some were stopped (SIGSTOP) mid-step while a benchmark ran: their clocks measure
+the machine's load as much as the arch (seed000_hsae's L0-32 pair: 1,074 and 673 tok/s, its L0-64 pair
+5,521 and 5,581; docs/results/benchmark_findings.md). This stage times every variant again, one after
+another in one process, meant for an otherwise idle machine: for each variant, its matched SAE nearest
+L0 32 (its ``job.json``: arch, hparams, lr, target L0, controller start) trains again with the trainer
+itself, on the benchmark's store, batch size, d_sae and schedule (``tokens_per_sae``), stopped after
+``steps`` steps (``TrainConfig.stop_after_step``, nothing saved); the first ``warmup`` steps are dropped.
+
+``speed.json``: per variant the SAE whose settings were used, the mean / median / 90th-percentile step
+time (ms) of the timed steps and ``tokens_per_s = batch_size / mean step`` (the mean, not the median,
+so that work a mechanism does every few steps counts), the load average before it started, and for the
+whole run the code fingerprint (today's code, which may differ from the code that trained the matched
+SAEs), torch's thread count and the settings. Resumable: variants already timed with the same code and
+settings are skipped. What it does not time: the steps after a run's first ``steps`` (latents dying and
+AuxK acting, seed 002's pruning after its warmup) and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+SPEED_FILE = "speed.json"
+
+
+def step_seconds(log: list[dict], batch_size: int) -> list[float]:
+    """Per-step wall times (s) from a train log written with ``log_every=1``.
+
+    Each line's ``tokens_per_s`` is cumulative (``steps_done * batch_size / seconds``,
+    :meth:`~saestrata.train.trainer` ``write_log``), so the clock after step ``s`` is
+    ``(s + 1) * batch_size / tokens_per_s`` and a step's time is the difference of two clocks.
+
+    Raises:
+        ValueError: the log does not have one line per step from step 0.
+    """
+    steps = [r["step"] for r in log]
+    if steps != list(range(len(steps))):
+        raise ValueError("speed: the train log must have one line per step from step 0 (log_every=1)")
+    clocks = [(r["step"] + 1) * batch_size / r["tokens_per_s"] for r in log]
+    return [b - a for a, b in zip([0.0] + clocks, clocks)]
+
+
+def summarise(seconds: list[float], warmup: int, batch_size: int) -> dict:
+    """Mean / median / p90 step (ms) of ``seconds[warmup:]`` and ``tokens_per_s`` = batch / mean step.
+
+    Raises:
+        ValueError: no step left after the warm-up.
+    """
+    timed = seconds[warmup:]
+    if not timed:
+        raise ValueError(f"speed: {len(seconds)} steps leave none after a warm-up of {warmup}")
+    ms = sorted(1e3 * s for s in timed)
+    mean = statistics.fmean(ms)
+    return {"steps_timed": len(ms), "step_ms_mean": mean, "step_ms_median": statistics.median(ms),
+            "step_ms_p90": ms[min(len(ms) - 1, int(0.9 * len(ms)))], "tokens_per_s": batch_size / (mean / 1e3)}
+
+
+def read_speed(out: Path) -> dict:
+    """``out/speed.json`` (``{}`` when absent)."""
+    path = out / SPEED_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def measure_speed(bench, variants: list[str], steps: int = 60, warmup: int = 10) -> dict:
+    """Time each of ``variants`` (stage ``speed``, module docstring); returns the updated ``speed.json`` dict.
+
+    ``bench`` is the :class:`~saestrata.benchmark.Benchmark`; a variant without a matched SAE near L0 32 yet
+    is skipped (named in the echo). Writes ``speed.json`` after each variant (atomically).
+    """
+    import torch
+
+    from .benchmark import Job, SWEEP_TARGET, _write_json
+    from .train.trainer import SAESpec, TrainConfig, train
+
+    cfg = bench.cfg
+    settings = {"code": bench.code, "steps": steps, "warmup": warmup, "batch_size": cfg.batch_size,
+                "d_sae": cfg.d_sae, "tokens_per_sae": cfg.tokens_per_sae, "layer": cfg.layer,
+                "autocast": cfg.autocast, "device": cfg.device, "torch_threads": torch.get_num_threads()}
+    data = read_speed(cfg.out)
+    if {k: data.get(k) for k in settings} != settings:
+        data = {**settings, "variants": {}}
+    for v in variants:
+        if v in data["variants"]:
+            continue
+        name = bench.nearest_to(v, SWEEP_TARGET)
+        if name is None:
+            bench.echo(f"  speed {v}: no evaluated matched SAE yet, skipped")
+            continue
+        job = json.loads((cfg.out / "saes" / name / "job.json").read_text())
+        job = Job(**{k: job[k] for k in Job.__dataclass_fields__ if k in job})
+        run_dir = cfg.work / "speed" / v
+        shutil.rmtree(run_dir, ignore_errors=True)
+        spec = SAESpec(v, job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed, job.l0_start)
+        tc = TrainConfig(store=bench.store, layer=cfg.layer, out=run_dir, specs=[spec], d_sae=cfg.d_sae,
+                         batch_size=cfg.batch_size, tokens=job.tokens or cfg.tokens_per_sae, device=cfg.device,
+                         checkpoint_every=0, log_every=1, stop_after_step=steps, autocast=cfg.autocast)
+        load = os.getloadavg()[0]
+        train(tc, progress=False)
+        log = [json.loads(line) for line in (run_dir / v / "train_log.jsonl").read_text().splitlines()]
+        seconds = step_seconds(log, cfg.batch_size)
+        skip = min(warmup, len(seconds) // 2)  # a run shorter than steps (tiny tests) keeps half its steps
+        row = {"sae": name, "arch": job.arch, "load_before": load, "warmup": skip,
+               **summarise(seconds, skip, cfg.batch_size)}
+        data["variants"][v] = row
+        data["date"] = time.strftime("%Y-%m-%d")
+        _write_json(cfg.out / SPEED_FILE, data)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        bench.echo(f"  speed {v}: {row['step_ms_mean']:.0f} ms/step (median {row['step_ms_median']:.0f}), "
+                   f"{row['tokens_per_s']:,.0f} tok/s (settings of {name}; load {load:.2f} before)")
+    return data
