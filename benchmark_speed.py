@@ -12,15 +12,18 @@ itself, on the benchmark's store, batch size, d_sae and schedule (``tokens_per_s
 
 ``speed.json``: per variant the SAE whose settings were used, the mean / median / 90th-percentile step
 time (ms) of the timed steps and ``tokens_per_s = batch_size / mean step`` (the mean, not the median,
-so that work a mechanism does every few steps counts), the load average before it started, and for the
-whole run the code fingerprint (today's code, which may differ from the code that trained the matched
-SAEs), torch's thread count and the settings. Resumable: variants already timed with the same code and
+so that work a mechanism does every few steps counts) and ``others_cpu``, the share of the machine's CPU
+time other processes (or the VM's host: steal) took while it trained (/proc/stat; ~0 on an idle machine);
+for the whole run the code fingerprint (today's code, which may differ from the code that trained the
+matched SAEs), a hash of the compiled kernels' source (which the fingerprint, .py files only, misses),
+torch's thread count and the settings. Resumable: variants already timed with the same code, kernels and
 settings are skipped. What it does not time: the steps after a run's first ``steps`` (latents dying and
 AuxK acting, seed 002's pruning after its warmup) and evaluation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +32,18 @@ import time
 from pathlib import Path
 
 SPEED_FILE = "speed.json"
+
+
+def busy_seconds() -> float | None:
+    """CPU seconds all processes of this machine have been busy (``/proc/stat``: every state but idle and
+    iowait, VM steal included), or None off Linux. With this process's own CPU time it gives the share of the
+    machine other work took during a timing (:func:`measure_speed`'s ``others_cpu``)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def step_seconds(log: list[dict], batch_size: int) -> list[float]:
@@ -77,18 +92,19 @@ def measure_speed(bench, variants: list[str], steps: int = 60, warmup: int = 10)
     """
     import torch
 
-    from .benchmark import Job, SWEEP_TARGET, _write_json
+    from .benchmark import PUBLISHED_ONLY, ROOT, SWEEP_TARGET, Job, _write_json
     from .train.trainer import SAESpec, TrainConfig, train
 
     cfg = bench.cfg
-    settings = {"code": bench.code, "steps": steps, "warmup": warmup, "batch_size": cfg.batch_size,
+    native = (ROOT / "train" / "csrc" / "native.cpp").read_bytes()  # kernels change speed; the fingerprint is .py only
+    settings = {"code": bench.code, "native": hashlib.sha256(native).hexdigest()[:16], "steps": steps, "warmup": warmup, "batch_size": cfg.batch_size,
                 "d_sae": cfg.d_sae, "tokens_per_sae": cfg.tokens_per_sae, "layer": cfg.layer,
                 "autocast": cfg.autocast, "device": cfg.device, "torch_threads": torch.get_num_threads()}
     data = read_speed(cfg.out)
     if {k: data.get(k) for k in settings} != settings:
         data = {**settings, "variants": {}}
     for v in variants:
-        if v in data["variants"]:
+        if v in data["variants"] or v in PUBLISHED_ONLY:  # the latter have no matched row to fill
             continue
         name = bench.nearest_to(v, SWEEP_TARGET)
         if name is None:
@@ -102,17 +118,25 @@ def measure_speed(bench, variants: list[str], steps: int = 60, warmup: int = 10)
         tc = TrainConfig(store=bench.store, layer=cfg.layer, out=run_dir, specs=[spec], d_sae=cfg.d_sae,
                          batch_size=cfg.batch_size, tokens=job.tokens or cfg.tokens_per_sae, device=cfg.device,
                          checkpoint_every=0, log_every=1, stop_after_step=steps, autocast=cfg.autocast)
-        load = os.getloadavg()[0]
+        busy0, own0, wall0 = busy_seconds(), time.process_time(), time.perf_counter()
         train(tc, progress=False)
+        wall = time.perf_counter() - wall0
+        others = None if busy0 is None else max(0.0, busy_seconds() - busy0 - (time.process_time() - own0))
         log = [json.loads(line) for line in (run_dir / v / "train_log.jsonl").read_text().splitlines()]
         seconds = step_seconds(log, cfg.batch_size)
         skip = min(warmup, len(seconds) // 2)  # a run shorter than steps (tiny tests) keeps half its steps
-        row = {"sae": name, "arch": job.arch, "load_before": load, "warmup": skip,
+        row = {"sae": name, "arch": job.arch, "warmup": skip,
+               "others_cpu": None if others is None else others / (wall * os.cpu_count()),
                **summarise(seconds, skip, cfg.batch_size)}
         data["variants"][v] = row
         data["date"] = time.strftime("%Y-%m-%d")
         _write_json(cfg.out / SPEED_FILE, data)
         shutil.rmtree(run_dir, ignore_errors=True)
         bench.echo(f"  speed {v}: {row['step_ms_mean']:.0f} ms/step (median {row['step_ms_median']:.0f}), "
-                   f"{row['tokens_per_s']:,.0f} tok/s (settings of {name}; load {load:.2f} before)")
+                   f"{row['tokens_per_s']:,.0f} tok/s (settings of {name}; other processes took "
+                   f"{_share(row['others_cpu'])} of the CPUs meanwhile)")
     return data
+
+
+def _share(x: float | None) -> str:
+    return "?" if x is None else f"{100 * x:.1f}%"

@@ -203,6 +203,7 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     assert speed["code"] == bench.code and got["sae"] == bench.nearest_to("topk", 32.0)
     assert got["tokens_per_s"] == pytest.approx(cfg.batch_size / (got["step_ms_mean"] / 1e3))
     assert got["steps_timed"] == 16 - got["warmup"] and got["tokens_per_s"] > 100  # 4096 tokens / 256: 16 steps
+    assert 0.0 <= got["others_cpu"] <= 1.0 and len(speed["native"]) == 16
     assert any(l.startswith("  speed topk: ") for l in lines)
     assert _matched(bench, "topk", 32.0)["train_tokens_per_s"] == got["tokens_per_s"]
     lines.clear()
