@@ -10,9 +10,12 @@ L0 32 (its ``job.json``: arch, hparams, lr, target L0, controller start) trains 
 itself, on the benchmark's store, batch size, d_sae and schedule (``tokens_per_sae``), stopped after
 ``steps`` steps (``TrainConfig.stop_after_step``, nothing saved); the first ``warmup`` steps are dropped.
 
-``speed.json``: per variant the SAE whose settings were used, the mean / median / 90th-percentile step
-time (ms) of the timed steps and ``tokens_per_s = batch_size / mean step`` (the mean, not the median,
-so that work a mechanism does every few steps counts) and ``others_cpu``, the share of the machine's CPU
+Every variant is timed in ``rounds`` (3) rounds over all variants; ``speed.json`` keeps, per variant, the SAE
+whose settings were used, ``tokens_per_s`` (the median of its rounds') and ``spread`` ((max - min) / median
+of its rounds' rates: two whole passes on this machine, with < 1% of the CPUs taken by anything else, differed
+by up to 13% for one variant), and per round the mean / median / 90th-percentile step time (ms) of the timed
+steps, its ``tokens_per_s = batch_size / mean step`` (the mean, not the median, so that work a mechanism
+does every few steps counts) and ``others_cpu``, the share of the machine's CPU
 time other processes (or the VM's host: steal) took while it trained (/proc/stat; ~0 on an idle machine);
 for the whole run the code fingerprint (today's code, which may differ from the code that trained the
 matched SAEs), a hash of the compiled kernels' source (which the fingerprint, .py files only, misses),
@@ -84,58 +87,80 @@ def read_speed(out: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def measure_speed(bench, variants: list[str], steps: int = 60, warmup: int = 10) -> dict:
-    """Time each of ``variants`` (stage ``speed``, module docstring); returns the updated ``speed.json`` dict.
+def measure_speed(bench, variants: list[str], steps: int = 60, warmup: int = 10, rounds: int = 3) -> dict:
+    """Time each of ``variants`` ``rounds`` times (stage ``speed``, module docstring); returns ``speed.json``'s dict.
 
-    ``bench`` is the :class:`~saestrata.benchmark.Benchmark`; a variant without a matched SAE near L0 32 yet
-    is skipped (named in the echo). Writes ``speed.json`` after each variant (atomically).
+    Round after round over all variants, so that a slow spell of the machine lands in one round of several
+    variants rather than in every round of one; a variant's ``tokens_per_s`` is the median of its rounds'
+    (its ``rounds`` list keeps each). ``bench`` is the :class:`~saestrata.benchmark.Benchmark`; a variant
+    without an evaluated matched SAE yet is skipped (named in the echo). Writes ``speed.json`` after each
+    timing (atomically), and a rerun does only the missing rounds.
     """
     import torch
 
-    from .benchmark import PUBLISHED_ONLY, ROOT, SWEEP_TARGET, Job, _write_json
-    from .train.trainer import SAESpec, TrainConfig, train
+    from .benchmark import PUBLISHED_ONLY, ROOT, _write_json
 
     cfg = bench.cfg
     native = (ROOT / "train" / "csrc" / "native.cpp").read_bytes()  # kernels change speed; the fingerprint is .py only
-    settings = {"code": bench.code, "native": hashlib.sha256(native).hexdigest()[:16], "steps": steps, "warmup": warmup, "batch_size": cfg.batch_size,
-                "d_sae": cfg.d_sae, "tokens_per_sae": cfg.tokens_per_sae, "layer": cfg.layer,
-                "autocast": cfg.autocast, "device": cfg.device, "torch_threads": torch.get_num_threads()}
+    settings = {"code": bench.code, "native": hashlib.sha256(native).hexdigest()[:16], "steps": steps,
+                "warmup": warmup, "batch_size": cfg.batch_size, "d_sae": cfg.d_sae,
+                "tokens_per_sae": cfg.tokens_per_sae, "layer": cfg.layer, "autocast": cfg.autocast,
+                "device": cfg.device, "torch_threads": torch.get_num_threads()}
     data = read_speed(cfg.out)
     if {k: data.get(k) for k in settings} != settings:
         data = {**settings, "variants": {}}
-    for v in variants:
-        if v in data["variants"] or v in PUBLISHED_ONLY:  # the latter have no matched row to fill
-            continue
-        name = bench.nearest_to(v, SWEEP_TARGET)
-        if name is None:
-            bench.echo(f"  speed {v}: no evaluated matched SAE yet, skipped")
-            continue
-        job = json.loads((cfg.out / "saes" / name / "job.json").read_text())
-        job = Job(**{k: job[k] for k in Job.__dataclass_fields__ if k in job})
-        run_dir = cfg.work / "speed" / v
-        shutil.rmtree(run_dir, ignore_errors=True)
-        spec = SAESpec(v, job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed, job.l0_start)
-        tc = TrainConfig(store=bench.store, layer=cfg.layer, out=run_dir, specs=[spec], d_sae=cfg.d_sae,
-                         batch_size=cfg.batch_size, tokens=job.tokens or cfg.tokens_per_sae, device=cfg.device,
-                         checkpoint_every=0, log_every=1, stop_after_step=steps, autocast=cfg.autocast)
-        busy0, own0, wall0 = busy_seconds(), time.process_time(), time.perf_counter()
-        train(tc, progress=False)
-        wall = time.perf_counter() - wall0
-        others = None if busy0 is None else max(0.0, busy_seconds() - busy0 - (time.process_time() - own0))
-        log = [json.loads(line) for line in (run_dir / v / "train_log.jsonl").read_text().splitlines()]
-        seconds = step_seconds(log, cfg.batch_size)
-        skip = min(warmup, len(seconds) // 2)  # a run shorter than steps (tiny tests) keeps half its steps
-        row = {"sae": name, "arch": job.arch, "warmup": skip,
-               "others_cpu": None if others is None else others / (wall * os.cpu_count()),
-               **summarise(seconds, skip, cfg.batch_size)}
-        data["variants"][v] = row
-        data["date"] = time.strftime("%Y-%m-%d")
-        _write_json(cfg.out / SPEED_FILE, data)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        bench.echo(f"  speed {v}: {row['step_ms_mean']:.0f} ms/step (median {row['step_ms_median']:.0f}), "
-                   f"{row['tokens_per_s']:,.0f} tok/s (settings of {name}; other processes took "
-                   f"{_share(row['others_cpu'])} of the CPUs meanwhile)")
+    todo = [v for v in variants if v not in PUBLISHED_ONLY]  # those have no matched row to fill
+    for r in range(rounds):
+        for v in todo:
+            timed = data["variants"].get(v, {}).get("rounds", [])
+            if len(timed) > r:
+                continue
+            row = _time_variant(bench, v, steps, warmup)
+            if row is None:
+                continue
+            timed = timed + [row]
+            rates = [t["tokens_per_s"] for t in timed]
+            data["variants"][v] = {"sae": row["sae"], "arch": row["arch"], "rounds": timed,
+                                   "tokens_per_s": statistics.median(rates),
+                                   "spread": (max(rates) - min(rates)) / statistics.median(rates)}
+            data["date"] = time.strftime("%Y-%m-%d")
+            _write_json(cfg.out / SPEED_FILE, data)
+            bench.echo(f"  speed {v} (round {r + 1}/{rounds}): {row['step_ms_mean']:.0f} ms/step (median "
+                       f"{row['step_ms_median']:.0f}), {row['tokens_per_s']:,.0f} tok/s (settings of {row['sae']}; "
+                       f"other processes took {_share(row['others_cpu'])} of the CPUs meanwhile)")
     return data
+
+
+def _time_variant(bench, v: str, steps: int, warmup: int) -> dict | None:
+    """One timing of variant ``v``: its SAE nearest L0 32's settings, ``steps`` steps of its run's schedule.
+    None (echoed) when it has no evaluated matched SAE yet."""
+    from .benchmark import SWEEP_TARGET, Job
+    from .train.trainer import SAESpec, TrainConfig, train
+
+    cfg = bench.cfg
+    name = bench.nearest_to(v, SWEEP_TARGET)
+    if name is None:
+        bench.echo(f"  speed {v}: no evaluated matched SAE yet, skipped")
+        return None
+    job = json.loads((cfg.out / "saes" / name / "job.json").read_text())
+    job = Job(**{k: job[k] for k in Job.__dataclass_fields__ if k in job})
+    run_dir = cfg.work / "speed" / v
+    shutil.rmtree(run_dir, ignore_errors=True)
+    spec = SAESpec(v, job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed, job.l0_start)
+    tc = TrainConfig(store=bench.store, layer=cfg.layer, out=run_dir, specs=[spec], d_sae=cfg.d_sae,
+                     batch_size=cfg.batch_size, tokens=job.tokens or cfg.tokens_per_sae, device=cfg.device,
+                     checkpoint_every=0, log_every=1, stop_after_step=steps, autocast=cfg.autocast)
+    busy0, own0, wall0 = busy_seconds(), time.process_time(), time.perf_counter()
+    train(tc, progress=False)
+    wall = time.perf_counter() - wall0
+    others = None if busy0 is None else max(0.0, busy_seconds() - busy0 - (time.process_time() - own0))
+    log = [json.loads(line) for line in (run_dir / v / "train_log.jsonl").read_text().splitlines()]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    seconds = step_seconds(log, cfg.batch_size)
+    skip = min(warmup, len(seconds) // 2)  # a run shorter than steps (tiny tests) keeps half its steps
+    return {"sae": name, "arch": job.arch, "warmup": skip,
+            "others_cpu": None if others is None else others / (wall * os.cpu_count()),
+            **summarise(seconds, skip, cfg.batch_size)}
 
 
 def _share(x: float | None) -> str:
