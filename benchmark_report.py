@@ -23,6 +23,7 @@ from .benchmark_speed import read_speed
 from .evaluate.report import METRICS_AT_L0, log_l0_weight, matched_l0_rows, write_report
 
 MATCHED_AT = (32.0, 64.0)
+SPEED_AT = 32.0  # the speed stage times each variant with its SAE nearest this L0 (benchmark_speed.py)
 
 
 def _num(v, fmt: str = ".3f") -> str:
@@ -96,8 +97,8 @@ MATCHED_METRICS = METRICS_AT_L0 + ("dead_frac",)  # interpolated in log L0 like 
 def _matched(bench, variant: str, l0: float, seed: int = 0, metrics: tuple[str, ...] = MATCHED_METRICS) -> dict | None:
     """``variant`` interpolated at ``l0`` from its matched-stage results (seed 0 = the main runs);
     ``metrics``: the :func:`_core_row` keys to interpolate (default: the matched table's, dead fraction
-    included). ``train_tokens_per_s`` is the variant's throughput from stage ``speed`` (``speed.json``, None
-    before it ran; a cost, not a function of L0, and not the SAEs' own step clocks, which shared the machine); ``train_codes`` the fingerprints that trained them (two when the pair mixes code versions)."""
+    included). ``train_tokens_per_s`` is the variant's throughput from stage ``speed`` (``speed.json``, at ``l0`` 32
+    only, None before it ran; a cost, not a function of L0, and not the SAEs' own step clocks, which shared the machine); ``train_codes`` the fingerprints that trained them (two when the pair mixes code versions)."""
     suffix = f"-seed{seed}" if seed else ""
     rows = [r for r in (_core_row(bench, f"{variant}-l0={t:g}{suffix}", variant) for t in bench.cfg.targets) if r]
     hit = matched_l0_rows(rows, l0, metrics)
@@ -106,7 +107,8 @@ def _matched(bench, variant: str, l0: float, seed: int = 0, metrics: tuple[str, 
     row = hit[0]
     used = [r for r in rows if r["sae"] in row["between"]]
     speed = read_speed(bench.cfg.out).get("variants", {}).get(variant)  # stage speed: one run, not step clocks
-    row["train_tokens_per_s"] = speed["tokens_per_s"] if speed else None
+    # timed with the settings of the SAE nearest L0 32 (k = 40 for TopK at L0 64 would be a different cost)
+    row["train_tokens_per_s"] = speed["tokens_per_s"] if speed and l0 == SPEED_AT else None
     row["files"] = ", ".join(r["file"] for r in used)
     row["train_codes"] = sorted({r["train_code"] or "?" for r in used})
     return row
@@ -204,8 +206,8 @@ COLUMNS_NOTE = ("Columns: EV, CE loss score, KL score and dead frac are interpol
                 "between the two SAEs in \"from\" (never extrapolated); train tok/s is the variant's training throughput from "
                 "the benchmark's speed stage (speed.json: every variant timed in one run on an otherwise idle "
                 "machine, with the settings of its SAE nearest L0 32, its run's first 60 steps less 10 of warm-up, "
-                "the median of 3 rounds, today's code; \"-\" before that stage ran), not its SAEs' own step "
-                "clocks, which ran beside other jobs; "
+                "the median of 3 rounds, today's code; in the L0 32 rows only; \"-\" before that stage ran), not "
+                "its SAEs' own step clocks, which ran beside other jobs; "
                 "the unlearning columns are the SAE nearest L0 32 in log L0 (one unlearning run per variant).")
 
 

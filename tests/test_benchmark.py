@@ -209,6 +209,7 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     assert got["tokens_per_s"] == sorted(r["tokens_per_s"] for r in got["rounds"])[1]  # the median round
     assert sum(l.startswith("  speed topk (round ") for l in lines) == 3
     assert _matched(bench, "topk", 32.0)["train_tokens_per_s"] == got["tokens_per_s"]
+    assert _matched(bench, "topk", 20.0)["train_tokens_per_s"] is None  # timed at L0-32 settings only
     lines.clear()
     Benchmark(cfg, lines.append).run()  # timed once: a rerun skips it
     assert not any(l.startswith("  speed topk") for l in lines)
