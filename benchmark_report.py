@@ -486,6 +486,7 @@ def claims(bench) -> list[dict]:
         out.append({"claim": claim, "source": source, "paper": paper, "published": published, "matched": matched,
                     "note": note})
 
+    ce_of = lambda r: r.get("ce_loss_score")  # noqa: E731
     hsae_p, std_p = _pub(bench, "seed000_hsae"), _pub(bench, "standard")
     hsae_m, std_m = _near(bench, "seed000_hsae"), _near(bench, "standard")
     sparsity = lambda r: None if r is None else 1 - r["l0"] / d_sae  # noqa: E731
@@ -499,6 +500,22 @@ def claims(bench) -> list[dict]:
     add("faster initial convergence: training tokens to train FVU 0.5, HSAE vs standard", "000, sec. 1",
         "40% faster", _fmt_pair(t_h, t_s, ",d"), f"{_fmt_pair(t_hm, t_sm, ',d')} {_sae_label(hsae_m)} {_sae_label(std_m)}",
         "matched: each variant's SAE nearest L0 32 (a training curve is not interpolated)")
+    speed = read_speed(bench.cfg.out).get("variants", {})
+    tps = lambda v: speed.get(v, {}).get("tokens_per_s")  # noqa: E731
+    a_t, s_t = tps("seed000_adaptive"), tps("standard")
+    overhead = f"; overhead {100 * (s_t / a_t - 1):+.0f}%" if a_t and s_t else ""
+    add("adaptive feature selection: computational overhead (train tok/s), adaptive vs standard", "000, sec. 6",
+        "+35% overhead", "-", _fmt_pair(a_t, s_t, ",.0f") + overhead,
+        "speed stage (speed.json: settings of each variant's SAE nearest L0 32, median of 3 rounds whose spread "
+        "reaches 13%); seed000_adaptive is a ReLU SAE with learnable importance masks (sec. 5), so standard is "
+        "it without them; the paper does not say what its 35% is relative to")
+    for base, ablation, what in (("seed000_hsae", "seed000_hsae_no_separation", "without the feature separation loss"),
+                                 ("seed000_temporal", "seed000_temporal_single_scale", "single-scale temporal")):
+        add(f"ablation {what}: sparsity kept, no unlearning gain (CE loss score at L0 32, base vs ablation)",
+            "000, sec. 6", "kept; no gain", "-",
+            _fmt_pair(_at32(bench, base, ce_of), _at32(bench, ablation, ce_of)),
+            "at matched L0 the sparsity is equal by construction; ablations get no unlearning run (the base "
+            "variants score 0.000), so the CE loss score shows what the removed part buys")
     for seed, variants in (("000", ("seed000_hsae", "seed000_hsae_no_separation", "seed000_temporal",
                                     "seed000_temporal_single_scale", "seed000_adaptive")),
                            ("001", tuple(v for v in bench.reported_variants if v.startswith("seed001"))),

@@ -755,3 +755,27 @@ def test_unlearning_results_asked_other_retain_questions_are_recomputed(tiny_mod
     assert bench.has_unlearning("topk-l0=3") and _unlearning_known(bench, "topk-l0=3") == "561/850"
     bench.unlearn(["topk-l0=3"])
     assert asked == [None]  # a current result is kept
+
+
+def test_seed000_overhead_claim_reads_the_speed_stage_and_the_ablation_rows_interpolate_at_32(tmp_path):
+    """Seed 000 sec. 6: adaptive selection "+35% overhead" (timed by stage speed, not step clocks) and its two
+    ablations (CE loss score at L0 32, base vs ablation)."""
+    from saestrata.benchmark_report import claims
+
+    bench = Benchmark(_cfg("no-model-needed", tmp_path, d_sae=100, targets=(24.0, 40.0)), lambda _: None)
+    bench.cfg.out.mkdir(parents=True, exist_ok=True)
+    (bench.cfg.out / "speed.json").write_text(json.dumps({"variants": {"seed000_adaptive": {"tokens_per_s": 8000.0},
+                                                                       "standard": {"tokens_per_s": 10000.0}}}))
+    for v, ce in (("seed000_hsae", 0.9), ("seed000_hsae_no_separation", 0.8)):
+        _fake_core(bench, f"{v}-l0=24", 24, ce - 0.1, ce - 0.1, 0.5, 0.5)
+        _fake_core(bench, f"{v}-l0=40", 40, ce, ce, 0.5, 0.5)
+    rows = {r["claim"]: r for r in claims(bench)}
+    over = rows["adaptive feature selection: computational overhead (train tok/s), adaptive vs standard"]
+    assert over["matched"] == "8,000 vs 10,000; overhead +25%"  # 1/8000 s per token vs 1/10000: 25% more time
+    w = math.log(32 / 24) / math.log(40 / 24)
+    sep = rows["ablation without the feature separation loss: sparsity kept, no unlearning gain (CE loss score at "
+               "L0 32, base vs ablation)"]
+    assert sep["matched"] == f"{0.8 + 0.1 * w:.3f} vs {0.7 + 0.1 * w:.3f}"
+    single = rows["ablation single-scale temporal: sparsity kept, no unlearning gain (CE loss score at L0 32, base "
+                  "vs ablation)"]
+    assert single["matched"] == "- vs -"
