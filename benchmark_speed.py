@@ -53,7 +53,7 @@ def step_seconds(log: list[dict], batch_size: int) -> list[float]:
     """Per-step wall times (s) from a train log written with ``log_every=1``.
 
     Each line's ``tokens_per_s`` is cumulative (``steps_done * batch_size / seconds``,
-    :meth:`~saestrata.train.trainer` ``write_log``), so the clock after step ``s`` is
+    ``write_log`` of saestrata/train/trainer.py), so the clock after step ``s`` is
     ``(s + 1) * batch_size / tokens_per_s`` and a step's time is the difference of two clocks.
 
     Raises:
@@ -95,6 +95,10 @@ def measure_speed(bench, variants: list[str], steps: int = 60, warmup: int = 10,
     (its ``rounds`` list keeps each). ``bench`` is the :class:`~saestrata.benchmark.Benchmark`; a variant
     without an evaluated matched SAE yet is skipped (named in the echo). Writes ``speed.json`` after each
     timing (atomically), and a rerun does only the missing rounds.
+
+    Raises:
+        StoreError and the trainer's errors (one-line messages) from training; ValueError from
+        :func:`step_seconds` if a train log is not one line per step.
     """
     import torch
 
