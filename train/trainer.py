@@ -37,6 +37,7 @@ from . import optim
 from .base import SAE
 from .checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, rng_state, run_identity,
                          set_rng_state, truncate_log, write_checkpoint)
+from .native import load_native
 from .registry import ARCHS, build, optimizer_hparams, resolve
 from .sae_io import save_sae
 
@@ -584,6 +585,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
         sae.dead_window_tokens = dead_window(cfg)
         slots.append(_Slot(spec, sae, cfg, steps))
     start = _restore(ckpt, slots) if ckpt is not None else 0
+    if device.type == "cpu":  # build the compiled kernels (once per machine, ~1 min) before any step's clock runs
+        load_native()
 
     batches = _feed(store, hook, cfg, scale, device, any(s.sae.needs_sequences for s in slots))
     for _ in range(start):  # fast-forward: the stream is deterministic given the seed
