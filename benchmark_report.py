@@ -506,8 +506,8 @@ def claims(bench) -> list[dict]:
     overhead = f"; overhead {100 * (s_t / a_t - 1):+.0f}%" if a_t and s_t else ""
     add("adaptive feature selection: computational overhead (train tok/s), adaptive vs standard", "000, sec. 6",
         "+35% overhead", "-", _fmt_pair(a_t, s_t, ",.0f") + overhead,
-        "speed stage (speed.json: settings of each variant's SAE nearest L0 32, median of 3 rounds whose spread "
-        "reaches 13%); seed000_adaptive is a ReLU SAE with learnable importance masks (sec. 5), so standard is "
+        "speed stage (speed.json: settings of each variant's SAE nearest L0 32, median of 3 rounds; each "
+        "variant's spread between rounds is in speed.json); seed000_adaptive is a ReLU SAE with learnable importance masks (sec. 5), so standard is "
         "it without them; the paper does not say what its 35% is relative to")
     for base, ablation, what in (("seed000_hsae", "seed000_hsae_no_separation", "without the feature separation loss"),
                                  ("seed000_temporal", "seed000_temporal_single_scale", "single-scale temporal")):
