@@ -156,7 +156,9 @@ class ActiveSet:
         """Pairs given in row then column order: row ``b``'s latents are ``cols[crow[b]:crow[b + 1]]`` (``crow`` long
         ``[B + 1]``, ``cols`` long ``[N]``)."""
         rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=cols.device), crow.diff())
-        return cls(rows, cols, crow.numel() - 1, n_latents)
+        act = cls(rows, cols, crow.numel() - 1, n_latents)
+        act.__dict__["bag_crow"] = crow  # the cached offsets: given, so not counted again
+        return act
 
     def __len__(self) -> int:
         return self.cols.numel()
