@@ -205,7 +205,7 @@ def matched_table(bench) -> tuple[str, list[dict]]:
 COLUMNS_NOTE = ("Columns: EV, CE loss score, KL score and dead frac are interpolated linearly in log L0 at the row's L0 "
                 "between the two SAEs in \"from\" (never extrapolated); train tok/s is the variant's training throughput from "
                 "the benchmark's speed stage (speed.json: every variant timed in one run on an otherwise idle "
-                "machine, with the settings of its SAE nearest L0 32, its run's first 60 steps less 10 of warm-up, "
+                "machine, with the settings of its SAE nearest L0 32, steps 150-199 of its run (after the sparsity warm-up), "
                 "the median of 3 rounds, today's code; in the L0 32 rows only; \"-\" before that stage ran), not "
                 "its SAEs' own step clocks, which ran beside other jobs; "
                 "the unlearning columns are the SAE nearest L0 32 in log L0 (one unlearning run per variant).")

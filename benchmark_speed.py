@@ -8,7 +8,12 @@ the machine's load as much as the arch (seed000_hsae's L0-32 pair: 1,074 and 673
 another in one process, meant for an otherwise idle machine: for each variant, its matched SAE nearest
 L0 32 (its ``job.json``: arch, hparams, lr, target L0, controller start) trains again with the trainer
 itself, on the benchmark's store, batch size, d_sae and schedule (``tokens_per_sae``), stopped after
-``steps`` steps (``TrainConfig.stop_after_step``, nothing saved); the first ``warmup`` steps are dropped.
+``steps`` (200) steps (``TrainConfig.stop_after_step``, nothing saved), and the steps after the first ``warmup``
+(150) are timed: a window of the bulk of a run, not its start. A run's first ~100 steps are unlike the rest (of
+1,024 in the benchmark): the L1 / L0 penalties warm up over the first 5% of steps and L0 falls from ~d_sae / 2
+to its target, so a ReLU SAE (``standard``) runs its dense step there and its pairs step afterwards (train/
+standard.py; 4x apart), and latents start dying (AuxK acting) from step ~150 in the TopK family. Until the
+twenty-seventh session the window was steps 10-59 (a run's start; ``speed.json``'s ``steps`` / ``warmup`` say which).
 
 Every variant is timed in ``rounds`` (3) rounds over all variants; ``speed.json`` keeps, per variant, the SAE
 whose settings were used, ``tokens_per_s`` (the median of its rounds') and ``spread`` ((max - min) / median
@@ -20,8 +25,8 @@ time other processes (or the VM's host: steal) took while it trained (/proc/stat
 for the whole run the code fingerprint (today's code, which may differ from the code that trained the
 matched SAEs), a hash of the compiled kernels' source (which the fingerprint, .py files only, misses),
 torch's thread count and the settings. Resumable: variants already timed with the same code, kernels and
-settings are skipped. What it does not time: the steps after a run's first ``steps`` (latents dying and
-AuxK acting, seed 002's pruning after its warmup) and evaluation.
+settings are skipped. What it does not time: the steps after a run's first ``steps`` (more latents dying, seed
+002's pruning after its warm-up) and evaluation.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def read_speed(out: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def measure_speed(bench, variants: list[str], steps: int = 60, warmup: int = 10, rounds: int = 3) -> dict:
+def measure_speed(bench, variants: list[str], steps: int = 200, warmup: int = 150, rounds: int = 3) -> dict:
     """Time each of ``variants`` ``rounds`` times (stage ``speed``, module docstring); returns ``speed.json``'s dict.
 
     Round after round over all variants, so that a slow spell of the machine lands in one round of several

@@ -409,3 +409,78 @@ def test_fused_auxk_pairs_at_full_vector_width_with_the_input_gradient(arch, mon
     torch.testing.assert_close(x_s.grad, x_d.grad, rtol=1e-4, atol=1e-5)
     assert calls and all(a is not None and len(a.act) > 0 for a in calls)  # the fused op took AuxK's pairs
     assert abs(float(out_d.losses["auxk"].detach()) - dense.aux_coeff) > 1e-5
+
+
+def _standard_pair(d_in: int, d_sae: int, b_enc: float):
+    """Identical standard SAEs on the dense and the pairs step; ``b_enc`` sets how many pre-activations are > 0."""
+    saes = []
+    for kernels in ("dense", "sparse"):
+        sae = build("standard", d_in, d_sae, seed=3, kernels=kernels).train()
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.3)
+            sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.02 + b_enc)
+            sae.W_dec.mul_(torch.rand(d_sae, 1, generator=gen) + 0.5)  # unequal decoder norms weight the L1
+        sae.sparsity_scale = 0.6  # mid warm-up: the trainer's factor reaches the L1 weights
+        saes.append(sae)
+    return saes
+
+
+@pytest.mark.parametrize("d_in", [D_IN, 200])
+def test_standard_pairs_step_equals_the_dense_step_with_the_input_gradient(d_in):
+    """The standard SAE's fused pairs step (train/standard.py): losses (mse, decoder-norm-weighted L1), x_hat, the
+    code and every gradient, the input's included, equal the dense step's; d_in 200 runs the compiled loops'
+    vector blocks. The L1's gradient reaches b_enc / W_enc only through the pairs' dv inside the compiled backward
+    (a sign flip of that add fails here) and W_dec through its row norms."""
+    d_sae = 384
+    dense, sparse = _standard_pair(d_in, d_sae, b_enc=-0.25 if d_in == D_IN else -0.3)
+    x_d, x_s = (_inputs(5, d_in=d_in).requires_grad_() for _ in range(2))
+    out_d, out_s = dense(x_d), sparse(x_s)
+    assert sparse.sparse_steps == 1 and out_s.active is not None and dense.sparse_steps == 0
+    density = out_s.l0() / d_sae
+    assert 0.01 < density < 1 / 8, density  # a sparse batch, but not a trivial one
+    assert float(out_d.losses["l1"].detach()) > 0
+    for key in ("mse", "l1"):
+        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], **TOL, msg=key)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
+    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    torch.testing.assert_close(out_s.sq_error, (x_d.detach() - out_d.x_hat.detach()).pow(2).sum(-1).mean(), **TOL)
+    out_d.loss.backward()
+    out_s.loss.backward()
+    for (name, p_d), (_, p_s) in zip(dense.named_parameters(), sparse.named_parameters()):
+        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(x_s.grad, x_d.grad, rtol=1e-4, atol=1e-5)
+    assert sparse.counters()["sparse_steps"] == 1
+
+
+def test_standard_dense_batches_stay_on_the_dense_step():
+    """Above SPARSE_MAX_DENSITY of positive pre-activations (a run's first steps) the dense step runs, bit for bit
+    the dense SAE's; eval mode and ``kernels="dense"`` never take the pairs; a bad switch is refused."""
+    from saestrata.train.standard import SPARSE_MAX_DENSITY
+
+    dense, sparse = _standard_pair(D_IN, 96, b_enc=0.0)
+    x = _inputs(6)
+    out_d, out_s = dense(x), sparse(x)
+    assert out_s.l0() / 96 > SPARSE_MAX_DENSITY and sparse.sparse_steps == 0 and out_s.active is None
+    assert torch.equal(out_s.loss.detach(), out_d.loss.detach())
+    low = _standard_pair(D_IN, 96, b_enc=-0.35)[1]
+    low.eval()
+    assert low(x).active is None and low.sparse_steps == 0
+    low.train()
+    low.kernels = "dense"
+    assert low(x).active is None
+    with pytest.raises(ArchError, match="kernels="):
+        build("standard", D_IN, 96, kernels="fast")
+
+
+def test_standard_pairs_counter_survives_a_checkpoint():
+    """``sparse_steps`` is in the train log's counters and in the checkpoint's extra state (a resumed run's
+    counter continues); checkpoints written before it existed load as 0."""
+    sae = _standard_pair(D_IN, 96, b_enc=-0.35)[1]
+    sae(_inputs(7))
+    state = sae.extra_state()
+    fresh = build("standard", D_IN, 96)
+    fresh.load_extra_state(state)
+    assert fresh.counters()["sparse_steps"] == 1
+    fresh.load_extra_state({})
+    assert fresh.counters()["sparse_steps"] == 0

@@ -35,6 +35,10 @@ Matryoshka's nested losses, :func:`fused_nested` (every prefix's running error, 
 pairs' ``<S, W_dec[c]>`` per row, ``native.nested_fused_forward``; then the same latent-grouped backward
 reading each pair's (row, group) bag).
 
+The ``standard`` ReLU SAE (Conerly et al. 2024) runs :func:`fused_pairs_l1` on its positive pre-activations
+once they are sparse enough (:mod:`.standard`): the same op with a per-latent weighted L1, whose gradient is
+added to the pairs' ``dv`` inside the compiled backward (``pairs_fused_backward``'s ``dv_add``).
+
 Same maths as the dense path (Gao et al. 2024, sec. 2.3); tests/test_kernels.py compares
 losses and gradients with ``kernels="dense"``. Where the compiled module is missing
 (``SAESTRATA_NATIVE=0``, no compiler) or the tensors are not fp32 CPU parameters,
@@ -181,13 +185,19 @@ class _FusedTopK(torch.autograd.Function):
 
 
 class _FusedPairs(torch.autograd.Function):
-    """:class:`_FusedTopK` on pairs selected elsewhere (BatchTopK: per-row counts vary): ``(mse, aux, x_hat)``
+    """:class:`_FusedTopK` on pairs selected elsewhere (BatchTopK: per-row counts vary): ``(mse, aux, pen, x_hat)``
     from the row-sorted pairs ``act`` (:class:`.kernels.ActiveSet`) and their pre-activations ``vals`` fp32
-    ``[N]`` (``mm + b_enc`` at the pairs, no autograd); same losses and gradients as :class:`_FusedTopK`'s."""
+    ``[N]`` (``mm + b_enc`` at the pairs, no autograd); same losses and gradients as :class:`_FusedTopK`'s.
+
+    ``pen_w`` (optional, fp32 ``[L]``, may carry a gradient): per-latent weights of a penalty linear in the
+    activations, ``pen = mean_b sum_i f_i pen_w[i]`` over the pairs (all values > 0, so ``f`` = the value); its
+    gradient reaches the pairs' pre-activations inside the compiled backward (added to their ``dv``, so the encoder
+    gradients come from the same latent-grouped pass) and ``pen_w`` as ``sum of the latent's values / B``. 0 and
+    no gradient without it."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux):
-        """Autograd forward: the decode, the squared error and AuxK of the given pairs."""
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux, pen_w):
+        """Autograd forward: the decode, the squared error, AuxK and the linear penalty of the given pairs."""
         mod = load_native()
         xf = x.detach().float()
         with torch.profiler.record_function("saestrata::topk_fused_forward"):
@@ -195,23 +205,31 @@ class _FusedPairs(torch.autograd.Function):
                                                        xf)
         mse = sq.mean()
         aux_loss = _aux_forward(aux, W_dec, e, mse)
-        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, vals, mse)
+        pen = mse.new_zeros(()) if pen_w is None else pen_w.detach().float()[act.cols].dot(vals) / xf.shape[0]
+        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, vals, mse, pen_w)
         ctx.x_dtype, ctx.norms, ctx.aux, ctx.act = x.dtype, norms, aux, act
         ctx.mark_non_differentiable(x_hat)
-        return mse, aux_loss, x_hat
+        return mse, aux_loss, pen, x_hat
 
     @staticmethod
-    def backward(ctx, grad_mse, grad_aux, _grad_x_hat):
+    def backward(ctx, grad_mse, grad_aux, grad_pen, _grad_x_hat):
         """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms`` and ``aux``."""
-        xf, e, de, b_dec, W_enc, W_dec, vals, mse = ctx.saved_tensors
+        xf, e, de, b_dec, W_enc, W_dec, vals, mse, pen_w = ctx.saved_tensors
         act = ctx.act
-        coef = 2 * float(grad_mse) / xf.shape[0]
+        B = xf.shape[0]
+        coef = 2 * float(grad_mse) / B
+        scale = float(grad_pen) / B if pen_w is not None else 0.0
+        dv_add = pen_w.detach().float()[act.cols] * scale if scale != 0.0 else xf.new_empty(0)
         with torch.profiler.record_function("saestrata::topk_fused_backward"):
             out = load_native().pairs_fused_backward(e, coef, act.rows, act.cols, vals, de, xf, b_dec.detach(),
-                                                     W_enc.detach().t(), act.bags)
+                                                     W_enc.detach().t(), act.bags, dv_add)
         grads = _fused_grads(ctx, grad_aux, out, e, coef, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
                              e, mse)
-        return *grads, None, None, None, None
+        d_pen_w = None
+        if pen_w is not None and ctx.needs_input_grad[9]:  # d pen / d pen_w[i] = latent i's values summed, / B
+            d_pen_w = torch.zeros_like(pen_w, dtype=torch.float32).index_add_(0, act.cols, vals).mul_(scale)
+            d_pen_w = d_pen_w.to(pen_w.dtype)
+        return *grads, None, None, None, None, d_pen_w
 
 
 class _FusedNested(torch.autograd.Function):
@@ -262,7 +280,7 @@ class _FusedNested(torch.autograd.Function):
                 coef = 1.0
                 per_bag, de = mod.nested_fused_grads(err, weights, act.bag_crow, act.cols, W_dec.detach())
             out = mod.pairs_fused_backward(per_bag, coef, act.rows, act.cols, vals, de, xf, b_dec.detach(),
-                                           W_enc.detach().t(), act.bags)
+                                           W_enc.detach().t(), act.bags, xf.new_empty(0))
         total = per_bag.view(B, G, -1)[:, 0]  # group 0 feeds every prefix: d loss / d b_dec's share, -d x's
         grads = _fused_grads(ctx, grad_aux, out, total, coef, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
                              suffix[:, -1], mse)
@@ -322,7 +340,29 @@ def fused_pairs(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms:
     Raises:
         RuntimeError: from the compiled module on shape or dtype mismatches.
     """
-    return _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, norms, aux)
+    mse, aux_loss, _, x_hat = _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, norms, aux,
+                                                None)
+    return mse, aux_loss, x_hat
+
+
+def fused_pairs_l1(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, l1_w: torch.Tensor):
+    """A ReLU SAE's training forward on its positive pre-activations, with a per-latent weighted L1 penalty, in
+    one fused op (the ``standard`` SAE, :mod:`.standard`): ``(mse, l1, x_hat)``.
+
+    Args:
+        x: ``[B, d_in]`` inputs (fp32 or bf16) on CPU; ``sae``: as :func:`fused_topk`'s (any decoder norms).
+        act: the row-sorted pairs with ``mm + b_enc > 0`` (:class:`.kernels.ActiveSet` without groups), ``N``.
+        vals: fp32 ``[N]`` their pre-activations, all > 0 (= the ReLU'd latents; no autograd).
+        l1_w: fp32 ``[d_sae]`` each latent's L1 weight (e.g. ``lambda * ||W_dec[i]||``), may carry a gradient.
+    Returns:
+        ``mse`` and ``x_hat`` as :func:`fused_pairs`'s; ``l1`` fp32 scalar ``mean_b sum_i f_i l1_w[i]``. Both losses
+        are differentiable in the SAE's parameters and ``x`` (``l1`` also in ``l1_w``); the gradient norms are
+        not handed to the clip (the decoder rows need not be unit: the clip computes them).
+    Raises:
+        RuntimeError: from the compiled module on shape or dtype mismatches.
+    """
+    mse, _, l1, x_hat = _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, None, None, l1_w)
+    return mse, l1, x_hat
 
 
 def fused_nested(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms: GradSqNorms | None = None,
@@ -345,4 +385,5 @@ def fused_nested(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms
     return _FusedNested.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, norms, aux)
 
 
-__all__ = ["AuxKPairs", "GradSqNorms", "encoder_mm", "fused_available", "fused_nested", "fused_pairs", "fused_topk"]
+__all__ = ["AuxKPairs", "GradSqNorms", "encoder_mm", "fused_available", "fused_nested", "fused_pairs", "fused_pairs_l1",
+           "fused_topk"]

@@ -755,15 +755,19 @@ void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t h
 
 // The latent-grouped backward shared by the per-row top-k step and the given-pairs step: pair n has column
 // ip[n], value vp[n], de dep[n], row row_of(n) (of x) and bag bag_of(n) (of e); dv (fp32, N entries, any
-// shape) is filled here.
+// shape) is filled here: coef de[n], plus addp[n] when addp is given (a penalty's own d loss / d v, e.g. the
+// standard SAE's weighted L1; sq[0]'s shortcut <dW_dec[c], W_dec[c]> = sum v dv then no longer holds).
 template <typename RowOf, typename BagOf>
 std::vector<torch::Tensor> fused_backward(const torch::Tensor& ec, double coef, const int64_t* ip, const float* vp,
                                           const float* dep, int64_t N, RowOf row_of, BagOf bag_of, torch::Tensor dv,
-                                          const torch::Tensor& xc, const torch::Tensor& bd, const torch::Tensor& WeT) {
+                                          const torch::Tensor& xc, const torch::Tensor& bd, const torch::Tensor& WeT,
+                                          const float* addp = nullptr) {
   const int64_t D = ec.size(1), L = WeT.size(0);
   const float cf = coef;
   float* dvp = dv.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n) dvp[n] = cf * dep[n];  // de is 0 where v <= 0 (relu')
+  if (addp != nullptr)
+    for (int64_t n = 0; n < N; ++n) dvp[n] += addp[n];
   // Counting sort of the pairs by latent (stable: rows ascending within a latent).
   std::vector<int64_t> start(L + 1, 0);
   std::vector<Pair> pairs(N);
@@ -887,11 +891,13 @@ std::vector<torch::Tensor> pairs_fused_forward(torch::Tensor crow, torch::Tensor
 
 // topk_fused_backward on given pairs: rows long [N] (each pair's row of x), cols long [N], val / de fp32 [N], and
 // bags long [N], each pair's row of e (its batch row, or for Matryoshka its (row, prefix group) bag, e then
-// holding d loss / d (that group's decode) per bag, with coef 1). -> (dv fp32 [N], dW_enc^T, db_enc, dW_dec,
-// W_enc db_enc, sq) as there.
+// holding d loss / d (that group's decode) per bag, with coef 1); dv_add fp32 [N] added to each pair's dv, or
+// empty (every pair's value must then be > 0: the adds carry no ReLU factor). -> (dv fp32 [N], dW_enc^T, db_enc,
+// dW_dec, W_enc db_enc, sq) as there (sq[0] not the projected norm when dv_add is given).
 std::vector<torch::Tensor> pairs_fused_backward(torch::Tensor e, double coef, torch::Tensor rows, torch::Tensor cols,
                                                 torch::Tensor val, torch::Tensor de, torch::Tensor x,
-                                                torch::Tensor b_dec, torch::Tensor W_encT, torch::Tensor bags) {
+                                                torch::Tensor b_dec, torch::Tensor W_encT, torch::Tensor bags,
+                                                torch::Tensor dv_add) {
   TORCH_CHECK(e.scalar_type() == at::kFloat && val.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
                   b_dec.scalar_type() == at::kFloat && de.scalar_type() == at::kFloat &&
                   rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && bags.scalar_type() == at::kLong,
@@ -904,12 +910,15 @@ std::vector<torch::Tensor> pairs_fused_backward(torch::Tensor e, double coef, to
   TORCH_CHECK(e.size(0) <= std::numeric_limits<int32_t>::max(), "pairs_fused_backward: too many rows");
   auto ec = e.contiguous(), rc = rows.contiguous(), ic = cols.contiguous(), vc = val.contiguous();
   auto xc = x.contiguous(), dc = de.contiguous(), bd = b_dec.contiguous(), WeT = W_encT.contiguous();
-  auto gc = bags.contiguous();
+  TORCH_CHECK(dv_add.numel() == 0 || (dv_add.scalar_type() == at::kFloat && dv_add.numel() == cols.numel()),
+              "pairs_fused_backward: dv_add must be empty or fp32 [N]");
+  auto gc = bags.contiguous(), ac = dv_add.contiguous();
   const int64_t* rp = rc.data_ptr<int64_t>();
   const int64_t* gp = gc.data_ptr<int64_t>();
   return fused_backward(ec, coef, ic.data_ptr<int64_t>(), vc.data_ptr<float>(), dc.data_ptr<float>(), ic.numel(),
                         [rp](int64_t n) { return rp[n]; }, [gp](int64_t n) { return gp[n]; },
-                        torch::empty({ic.numel()}, ec.options()), xc, bd, WeT);
+                        torch::empty({ic.numel()}, ec.options()), xc, bd, WeT,
+                        ac.numel() ? ac.data_ptr<float>() : nullptr);
 }
 
 // ---- Matryoshka's nested losses on its pairs (saestrata.train.fused._FusedNested) ----------------------
