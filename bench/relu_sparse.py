@@ -1,9 +1,10 @@
-"""The ``standard`` (ReLU + weighted L1) SAE's training step, dense vs on its positive pairs (issue 14).
+"""The ReLU-type SAEs' training step (``standard``, ``jumprelu``), dense vs on their active pairs (issue 14).
 
 A ReLU SAE trained to L0 ~30 of thousands of latents spends four of the dense step's five
 ``[batch, d_in] x [d_in, d_sae]``-sized matmuls on zeros. ``train/standard.py`` runs such steps on the
-pairs with ``pre > 0`` (the TopK family's fused op, :func:`saestrata.train.fused.fused_pairs_l1`). This
-script trains one standard SAE with the trainer's own step and L0 controller (``--target-l0``) on a
+pairs with ``pre > 0`` (the TopK family's fused op, :func:`saestrata.train.fused.fused_pairs_l1`), and
+``train/jumprelu.py`` on the pairs above its thresholds plus its straight-through window. This
+script trains one ``--arch`` SAE with the trainer's own step and L0 controller (``--target-l0``) on a
 store's batches, untimed for ``--warm-steps`` (the L1 warms up, L0 falls from ~d_sae / 2), then times
 ``--steps`` steps per round with ``kernels="dense"`` and ``"sparse"`` alternately on the same SAE,
 ``--rounds`` times, fresh batches throughout (no batch is seen twice), and prints the medians and
@@ -29,14 +30,14 @@ from _common import median_ms
 from saestrata.allocator import tune_allocator
 
 
-def _slot(d_in: int, d_sae: int, target_l0: float, steps: int, first):
-    """A trainer slot with one standard SAE (the trainer's step, optimiser, clip and L0 controller)."""
+def _slot(arch: str, d_in: int, d_sae: int, target_l0: float, steps: int, first):
+    """A trainer slot with one ``arch`` SAE (the trainer's step, optimiser, clip and L0 controller)."""
     from saestrata.train.registry import build
     from saestrata.train.trainer import SAESpec, TrainConfig, _Slot
 
-    spec = SAESpec("standard", "standard", {}, target_l0=target_l0)
+    spec = SAESpec(arch, arch, {}, target_l0=target_l0)
     cfg = TrainConfig(store=Path("."), layer=0, out=Path(tempfile.mkdtemp()), specs=[spec], d_sae=d_sae)
-    sae = build("standard", d_in, d_sae)
+    sae = build(arch, d_in, d_sae, **({"target_l0": target_l0} if arch == "jumprelu" else {}))
     slot = _Slot(spec, sae, cfg, steps=steps)
     sae.init_from_batch(first)
     return slot
@@ -53,18 +54,19 @@ def _timed_steps(slot, batches, start: int, n: int, autocast: bool) -> tuple[flo
     return 1e3 * statistics.median(times), statistics.mean(l0)
 
 
-def _crossover(d_in: int, d_sae: int, batch, l0s: list[int], autocast: bool) -> None:
+def _crossover(arch: str, d_in: int, d_sae: int, batch, l0s: list[int], autocast: bool) -> None:
     """One step of each arm on a fresh SAE per L0 (``b_enc`` shifted by the mean row-wise quantile), cap lifted."""
     import torch
 
-    from saestrata.train import standard
+    from saestrata.train import jumprelu, standard
+    from saestrata.train.registry import build
 
-    standard.SPARSE_MAX_DENSITY = 1.0
+    standard.SPARSE_MAX_DENSITY = jumprelu.SPARSE_MAX_DENSITY = 1.0
     print("\ncrossover (fresh SAE, b_enc shifted, density cap lifted; median of 5 steps, forward + backward):")
     for l0 in l0s:
         row, measured = [], 0.0
         for kernels in ("dense", "sparse"):
-            sae = standard.StandardSAE(d_in, d_sae, kernels=kernels)
+            sae = build(arch, d_in, d_sae, kernels=kernels).train()
             sae.init_from_batch(batch)
             with torch.no_grad():
                 sae.b_enc -= sae.pre_acts(batch).float().quantile(1 - l0 / d_sae, dim=1).mean()
@@ -85,6 +87,7 @@ def main() -> None:
     """Print the dense and the pairs step's medians per round, their ratio, and the encoder matmul alone."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--arch", choices=("standard", "jumprelu"), default="standard")
     ap.add_argument("--layer", type=int, required=True)
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -109,11 +112,11 @@ def main() -> None:
         raise SystemExit(f"the store holds {acts.shape[0]} tokens; {need * n} are needed (fewer --steps / --rounds)")
     scale = acts.shape[1] ** 0.5 / store.stats(hook)["mean_norm"]  # the trainer's scaling (mean norm sqrt(d_in))
     batches = [acts[i * n:(i + 1) * n].float() * scale for i in range(need)]
-    slot = _slot(acts.shape[1], args.d_sae, args.target_l0, args.run_steps, batches[0])
+    slot = _slot(args.arch, acts.shape[1], args.d_sae, args.target_l0, args.run_steps, batches[0])
     sae = slot.sae
     for i in range(args.warm_steps):
         metrics = slot.step(batches[i], i, args.autocast)
-    print(f"{torch.get_num_threads()} thread(s); standard SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, batch {n}, "
+    print(f"{torch.get_num_threads()} thread(s); {args.arch} SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, batch {n}, "
           f"{'bf16 autocast' if args.autocast else 'fp32'}; torch {torch.__version__}")
     print(f"after {args.warm_steps} untimed steps: L0 {metrics['l0']:.1f}, {sae.sparse_steps} of them on the pairs")
     at = args.warm_steps
@@ -136,7 +139,7 @@ def main() -> None:
     print(f"median step: dense {dense:.1f} ms, pairs {sparse:.1f} ms -> {dense / sparse:.2f}x; encoder matmul alone "
           f"{mm_ms:.1f} ms (dense {dense / mm_ms:.2f}x, pairs {sparse / mm_ms:.2f}x of it)")
     if args.crossover:
-        _crossover(acts.shape[1], args.d_sae, batches[-1], [int(v) for v in args.crossover.split(",")], args.autocast)
+        _crossover(args.arch, acts.shape[1], args.d_sae, batches[-1], [int(v) for v in args.crossover.split(",")], args.autocast)
 
 
 if __name__ == "__main__":

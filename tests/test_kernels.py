@@ -484,3 +484,63 @@ def test_standard_pairs_counter_survives_a_checkpoint():
     assert fresh.counters()["sparse_steps"] == 1
     fresh.load_extra_state({})
     assert fresh.counters()["sparse_steps"] == 0
+
+
+def _jumprelu_pair(d_in: int, d_sae: int, b_enc: float, target_l0: float | None, bandwidth: float = 0.2):
+    """Identical JumpReLU SAEs on the dense and the pairs step; thresholds 0.3-0.5, a wide STE window (many of the
+    batch's entries inside it, active or not)."""
+    saes = []
+    for kernels in ("dense", "sparse"):
+        sae = build("jumprelu", d_in, d_sae, seed=4, bandwidth=bandwidth, target_l0=target_l0, kernels=kernels).train()
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.3)
+            sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.02 + b_enc)
+            sae.log_threshold.copy_((0.3 + 0.2 * torch.rand(d_sae, generator=gen)).log())
+        sae.sparsity_scale = 0.6
+        saes.append(sae)
+    return saes
+
+
+@pytest.mark.parametrize("d_in,target_l0", [(D_IN, None), (D_IN, 3.0), (200, 5.0)])
+def test_jumprelu_pairs_step_equals_the_dense_step(d_in, target_l0):
+    """JumpReLU's pairs step (train/jumprelu.py): mse, the L0 term (the paper's lambda L0, or the two-sided loss at a
+    target), x_hat, the code and every gradient, log_threshold's straight-through pseudo-derivative (sec. 4: from the
+    reconstruction over the window, active entries and inactive ones just below theta, and from the L0 term) and the
+    input's, equal the dense step's; d_in 200 runs the compiled loops' vector blocks."""
+    d_sae = 384
+    dense, sparse = _jumprelu_pair(d_in, d_sae, b_enc=-2.5, target_l0=target_l0)
+    x_d, x_s = (_inputs(8, d_in=d_in).requires_grad_() for _ in range(2))
+    out_d, out_s = dense(x_d), sparse(x_s)
+    assert sparse.sparse_steps == 1 and out_s.active is not None and dense.sparse_steps == 0
+    with torch.no_grad():
+        z = torch.relu(dense.pre_acts(x_d))
+        theta = dense.threshold
+        inside = ((z - theta) / dense.bandwidth).abs() < 0.5
+    assert int((inside & (z <= theta)).sum()) > 5 and int((inside & (z > theta)).sum()) > 5  # both sides acted
+    assert 0.005 < out_s.l0() / d_sae < 1 / 8
+    for key in ("mse", "l0"):
+        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], **TOL, msg=key)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
+    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    out_d.loss.backward()
+    out_s.loss.backward()
+    assert float(dense.log_threshold.grad.abs().max()) > 0
+    for (name, p_d), (_, p_s) in zip(dense.named_parameters(), sparse.named_parameters()):
+        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(x_s.grad, x_d.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_jumprelu_takes_the_dense_step_when_a_window_reaches_zero_or_the_batch_is_dense():
+    """A threshold below bandwidth / 2 puts z = 0 (every inactive row) in its window, and a batch with more than
+    SPARSE_MAX_DENSITY candidates is dense: both run the dense step, bit for bit the dense SAE's."""
+    for b_enc, low_theta in ((-2.5, True), (0.0, False)):
+        dense, sparse = _jumprelu_pair(D_IN, 96, b_enc=b_enc, target_l0=None)
+        if low_theta:
+            for sae in (dense, sparse):
+                with torch.no_grad():
+                    sae.log_threshold[5] = math.log(0.05)  # < 0.2 / 2
+        x = _inputs(9)
+        out_d, out_s = dense(x), sparse(x)
+        assert sparse.sparse_steps == 0 and out_s.active is None
+        assert torch.equal(out_s.loss.detach(), out_d.loss.detach())

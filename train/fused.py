@@ -105,6 +105,16 @@ class AuxKPairs(NamedTuple):
     coeff: float
 
 
+class JumpWindow(NamedTuple):
+    """The (token, latent) entries inside JumpReLU's straight-through window (Rajamanoharan et al. 2024, sec. 4:
+    ``|z - theta| < bandwidth / 2``, active or not) for :func:`fused_pairs_jump`: ``rows`` / ``cols`` long ``[M]``;
+    ``bandwidth`` epsilon in pre-activation units."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    bandwidth: float
+
+
 def _aux_forward(aux: "AuxKPairs | None", W_dec: torch.Tensor, e: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
     """AuxK's loss on given pairs (fp32 scalar): ``coeff mean_b ||e_hat - (x - x_hat)||^2 / mse`` with ``e_hat`` the
     pairs' decode of the residual ``x - x_hat = -e`` (``e`` fp32 ``[B, D]``, rows may be strided) and ``mse`` =
@@ -189,14 +199,19 @@ class _FusedPairs(torch.autograd.Function):
     from the row-sorted pairs ``act`` (:class:`.kernels.ActiveSet`) and their pre-activations ``vals`` fp32
     ``[N]`` (``mm + b_enc`` at the pairs, no autograd); same losses and gradients as :class:`_FusedTopK`'s.
 
-    ``pen_w`` (optional, fp32 ``[L]``, may carry a gradient): per-latent weights of a penalty linear in the
-    activations, ``pen = mean_b sum_i f_i pen_w[i]`` over the pairs (all values > 0, so ``f`` = the value); its
-    gradient reaches the pairs' pre-activations inside the compiled backward (added to their ``dv``, so the encoder
-    gradients come from the same latent-grouped pass) and ``pen_w`` as ``sum of the latent's values / B``. 0 and
-    no gradient without it."""
+    Two optional terms of the dense ReLU-type SAEs (their pairs' values are all > 0):
+
+    * ``pen_w`` (fp32 ``[L]``, may carry a gradient): per-latent weights of a penalty linear in the activations,
+      ``pen = mean_b sum_i f_i pen_w[i]`` (the standard SAE's decoder-norm-weighted L1); its gradient reaches the
+      pairs' pre-activations inside the compiled backward (added to their ``dv``, so the encoder gradients come
+      from the same latent-grouped pass) and ``pen_w`` as the latent's values summed, over ``B``. 0 without it.
+    * ``theta`` (fp32 ``[L]``, may carry a gradient) with ``window`` (:class:`JumpWindow`): JumpReLU's thresholds;
+      the decode is ``f = z H(z - theta)`` of the pairs (all above theta), and ``theta`` gets the reconstruction's
+      pseudo-derivative ``sum_b -(theta / eps) K((z - theta) / eps) d loss / d f`` (sec. 4, rectangle ``K``) over
+      the window's entries, whose ``d loss / d f = coef <e, W_dec[i]>`` are formed only there."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux, pen_w):
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux, pen_w, theta, window):
         """Autograd forward: the decode, the squared error, AuxK and the linear penalty of the given pairs."""
         mod = load_native()
         xf = x.detach().float()
@@ -206,15 +221,15 @@ class _FusedPairs(torch.autograd.Function):
         mse = sq.mean()
         aux_loss = _aux_forward(aux, W_dec, e, mse)
         pen = mse.new_zeros(()) if pen_w is None else pen_w.detach().float()[act.cols].dot(vals) / xf.shape[0]
-        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, vals, mse, pen_w)
-        ctx.x_dtype, ctx.norms, ctx.aux, ctx.act = x.dtype, norms, aux, act
+        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, vals, mse, pen_w, theta)
+        ctx.x_dtype, ctx.norms, ctx.aux, ctx.act, ctx.window = x.dtype, norms, aux, act, window
         ctx.mark_non_differentiable(x_hat)
         return mse, aux_loss, pen, x_hat
 
     @staticmethod
     def backward(ctx, grad_mse, grad_aux, grad_pen, _grad_x_hat):
-        """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms`` and ``aux``."""
-        xf, e, de, b_dec, W_enc, W_dec, vals, mse, pen_w = ctx.saved_tensors
+        """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms``, ``aux`` and ``window``."""
+        xf, e, de, b_dec, W_enc, W_dec, vals, mse, pen_w, theta = ctx.saved_tensors
         act = ctx.act
         B = xf.shape[0]
         coef = 2 * float(grad_mse) / B
@@ -225,11 +240,26 @@ class _FusedPairs(torch.autograd.Function):
                                                      W_enc.detach().t(), act.bags, dv_add)
         grads = _fused_grads(ctx, grad_aux, out, e, coef, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
                              e, mse)
-        d_pen_w = None
+        d_pen_w = d_theta = None
         if pen_w is not None and ctx.needs_input_grad[9]:  # d pen / d pen_w[i] = latent i's values summed, / B
             d_pen_w = torch.zeros_like(pen_w, dtype=torch.float32).index_add_(0, act.cols, vals).mul_(scale)
             d_pen_w = d_pen_w.to(pen_w.dtype)
-        return *grads, None, None, None, None, d_pen_w
+        if theta is not None and ctx.needs_input_grad[10]:
+            d_theta = _threshold_grad(ctx.window, theta, e, coef, W_dec)
+        return *grads, None, None, None, None, d_pen_w, d_theta, None
+
+
+def _threshold_grad(window: JumpWindow, theta: torch.Tensor, e: torch.Tensor, coef: float,
+                    W_dec: torch.Tensor) -> torch.Tensor:
+    """JumpReLU's ``d loss / d theta`` ``[L]`` (``theta``'s dtype) from the reconstruction: over the window's entries
+    ``(b, i)``, ``-(theta_i / eps) coef <e[b], W_dec[i]>`` (Rajamanoharan et al. 2024, sec. 4; ``coef e`` = d loss /
+    d x_hat, so ``coef <e[b], W_dec[i]>`` = d loss / d f[b, i])."""
+    d_theta = torch.zeros(theta.shape, dtype=torch.float32)
+    if window.cols.numel() and coef != 0.0:
+        dots = load_native().sampled_dot(e, W_dec.detach().contiguous(), window.rows, window.cols)
+        th = theta.detach().float()[window.cols]
+        d_theta.index_add_(0, window.cols, -(th / window.bandwidth) * (coef * dots))
+    return d_theta.to(theta.dtype)
 
 
 class _FusedNested(torch.autograd.Function):
@@ -341,7 +371,7 @@ def fused_pairs(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms:
         RuntimeError: from the compiled module on shape or dtype mismatches.
     """
     mse, aux_loss, _, x_hat = _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, norms, aux,
-                                                None)
+                                                None, None, None)
     return mse, aux_loss, x_hat
 
 
@@ -361,8 +391,30 @@ def fused_pairs_l1(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, l1_
     Raises:
         RuntimeError: from the compiled module on shape or dtype mismatches.
     """
-    mse, _, l1, x_hat = _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, None, None, l1_w)
+    mse, _, l1, x_hat = _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, None, None, l1_w,
+                                          None, None)
     return mse, l1, x_hat
+
+
+def fused_pairs_jump(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, theta: torch.Tensor,
+                     window: JumpWindow):
+    """A JumpReLU SAE's reconstruction on its active pairs in one fused op (:mod:`.jumprelu`): ``(mse, x_hat)``.
+
+    Args:
+        x: ``[B, d_in]`` inputs (fp32 or bf16) on CPU; ``sae``: as :func:`fused_topk`'s (any decoder norms).
+        act: the row-sorted pairs with ``z = ReLU(mm + b_enc) > theta`` (:class:`.kernels.ActiveSet` without groups).
+        vals: fp32 ``[N]`` their pre-activations (= the latents: ``f = z`` above the threshold; no autograd).
+        theta: fp32 ``[d_sae]`` the thresholds (> 0), may carry a gradient.
+        window: the entries with ``|z - theta| < bandwidth / 2`` (:class:`JumpWindow`), active or not.
+    Returns:
+        ``mse`` and ``x_hat`` as :func:`fused_pairs`'s; ``mse`` is differentiable in the SAE's parameters, ``x`` and
+        ``theta`` (the straight-through pseudo-derivative over the window, :class:`_FusedPairs`).
+    Raises:
+        RuntimeError: from the compiled module on shape or dtype mismatches.
+    """
+    mse, _, _, x_hat = _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, None, None, None,
+                                         theta, window)
+    return mse, x_hat
 
 
 def fused_nested(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms: GradSqNorms | None = None,
@@ -385,5 +437,5 @@ def fused_nested(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms
     return _FusedNested.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, norms, aux)
 
 
-__all__ = ["AuxKPairs", "GradSqNorms", "encoder_mm", "fused_available", "fused_nested", "fused_pairs", "fused_pairs_l1",
-           "fused_topk"]
+__all__ = ["AuxKPairs", "GradSqNorms", "JumpWindow", "encoder_mm", "fused_available", "fused_nested", "fused_pairs",
+           "fused_pairs_jump", "fused_pairs_l1", "fused_topk"]
