@@ -1,4 +1,4 @@
-"""The ReLU-type SAEs' training step (``standard``, ``jumprelu``), dense vs on their active pairs (issue 14).
+"""The ReLU-type SAEs' training step (``standard``, ``jumprelu``, seed 004), dense vs on their active pairs (issue 14).
 
 A ReLU SAE trained to L0 ~30 of thousands of latents spends four of the dense step's five
 ``[batch, d_in] x [d_in, d_sae]``-sized matmuls on zeros. ``train/standard.py`` runs such steps on the
@@ -13,7 +13,7 @@ benchmark trains in fp32, the CLI in bf16).
 
 ``--crossover`` also times one arm against the other on a fresh SAE whose ``b_enc`` is shifted to
 reach a list of L0s, with the density cap lifted: where the pairs step stops paying
-(``standard.SPARSE_MAX_DENSITY``).
+(``relu_pairs.SPARSE_MAX_DENSITY``).
 
     .venv/bin/python bench/relu_sparse.py --store /work/bench-data/store-train --layer 8 [--d-sae 2048]
 """
@@ -58,10 +58,10 @@ def _crossover(arch: str, d_in: int, d_sae: int, batch, l0s: list[int], autocast
     """One step of each arm on a fresh SAE per L0 (``b_enc`` shifted by the mean row-wise quantile), cap lifted."""
     import torch
 
-    from saestrata.train import jumprelu, standard
+    from saestrata.train import relu_pairs
     from saestrata.train.registry import build
 
-    standard.SPARSE_MAX_DENSITY = jumprelu.SPARSE_MAX_DENSITY = 1.0
+    relu_pairs.SPARSE_MAX_DENSITY = 1.0
     print("\ncrossover (fresh SAE, b_enc shifted, density cap lifted; median of 5 steps, forward + backward):")
     for l0 in l0s:
         row, measured = [], 0.0
@@ -87,7 +87,7 @@ def main() -> None:
     """Print the dense and the pairs step's medians per round, their ratio, and the encoder matmul alone."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
-    ap.add_argument("--arch", choices=("standard", "jumprelu"), default="standard")
+    ap.add_argument("--arch", choices=("standard", "jumprelu", "seed004-groups"), default="standard")
     ap.add_argument("--layer", type=int, required=True)
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=1024)

@@ -456,7 +456,7 @@ def test_standard_pairs_step_equals_the_dense_step_with_the_input_gradient(d_in)
 def test_standard_dense_batches_stay_on_the_dense_step():
     """Above SPARSE_MAX_DENSITY of positive pre-activations (a run's first steps) the dense step runs, bit for bit
     the dense SAE's; eval mode and ``kernels="dense"`` never take the pairs; a bad switch is refused."""
-    from saestrata.train.standard import SPARSE_MAX_DENSITY
+    from saestrata.train.relu_pairs import SPARSE_MAX_DENSITY
 
     dense, sparse = _standard_pair(D_IN, 96, b_enc=0.0)
     x = _inputs(6)
@@ -544,3 +544,27 @@ def test_jumprelu_takes_the_dense_step_when_a_window_reaches_zero_or_the_batch_i
         out_d, out_s = dense(x), sparse(x)
         assert sparse.sparse_steps == 0 and out_s.active is None
         assert torch.equal(out_s.loss.detach(), out_d.loss.detach())
+
+
+@pytest.mark.parametrize("d_in", [D_IN, 200])
+def test_seed004_pairs_step_equals_the_dense_step_and_counts_its_groups(d_in):
+    """Seed 004's group-weighted L1 (eq. 1) on the pairs step: losses, the code, every gradient and the per-group
+    counters (sec. 6.3: L0, firing rate, intensity per group) equal the dense step's."""
+    saes = []
+    for kernels in ("dense", "sparse"):
+        sae = build("group_sparsity", d_in, 384, seed=5, groups=3, gamma=2.0, l1_coeff=0.3, kernels=kernels).train()
+        gen = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.3)
+            sae.b_enc.copy_(torch.randn(384, generator=gen) * 0.02 - 2.5)
+        sae.sparsity_scale = 0.7
+        saes.append(sae)
+    dense, sparse = saes
+    x = _inputs(10, d_in=d_in)
+    out_d, out_s = _assert_same_step(dense, sparse, x)
+    assert sparse.sparse_steps == 1 and out_s.active is not None and float(out_d.losses["l1"].detach()) > 0
+    c_d, c_s = dense.counters(), sparse.counters()
+    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0
+    assert c_d.keys() == c_s.keys() and any(k.startswith("l0_g") and c_d[k] > 0 for k in c_d)
+    for key in c_d:
+        assert math.isclose(c_d[key], c_s[key], rel_tol=1e-5, abs_tol=1e-6), key

@@ -55,13 +55,13 @@ still at 75 for a target of 24 (``docs/results/benchmark-withdrawn/``).
 The STE, kernel and bandwidth stay the paper's. Without a target the arch is
 the paper's (constant ``init_threshold``, ``l0_coeff * L0``).
 
-Training on the CPU runs, once the code is sparse enough, on the pairs (issue 14; train/standard.py's idea):
+Training on the CPU runs, once the code is sparse enough, on the pairs (issue 14, :mod:`.relu_pairs`):
 the entries with ``pre > theta - bandwidth`` come from the encoder matmul (:func:`.native.batch_topk_pairs` on
 ``b_enc - theta + bandwidth``, every entry allowed), their exact pre-activations are formed as the dense path
 forms them, and of those the active ones (``z > theta``) go to :func:`.fused.fused_pairs_jump` (decode, error,
 latent-grouped backward; ``theta``'s pseudo-derivative from the reconstruction over the STE window) and the
 window's count to :class:`_WindowStep` (the L0 term's). Same maths as the dense path (tests/test_kernels.py).
-The dense step runs instead when more than ``standard.SPARSE_MAX_DENSITY`` of the entries are candidates, or
+The dense step runs instead when more than ``relu_pairs.SPARSE_MAX_DENSITY`` of the entries are candidates, or
 when a threshold is below ``bandwidth / 2`` (then entries at ``z = 0`` lie in its window: all of its column).
 
 Saving: the state dict holds ``threshold = exp(log_threshold)`` (SAELens' name,
@@ -78,10 +78,9 @@ from torch import nn
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, ForwardOutput
-from .fused import JumpWindow, encoder_mm, fused_available, fused_pairs_jump
+from .fused import JumpWindow, fused_pairs_jump
 from .kernels import ActiveSet, check_kernels
-from .native import batch_topk_pairs
-from .standard import SPARSE_MAX_DENSITY
+from .relu_pairs import PairsStepMixin, positive_pairs
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -174,7 +173,7 @@ def step(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor
     return _StepFn.apply(z, theta, bandwidth)
 
 
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(PairsStepMixin, SAE):
     """JumpReLU SAE with a per-latent learned threshold. ``[batch, d_in] -> [batch, d_sae]``.
 
     Parameters: the base ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` plus
@@ -206,7 +205,6 @@ class JumpReLUSAE(SAE):
                  target_l0: float | None = None, target_coeff: float = 1.0, kernels: str | None = None):
         super().__init__(d_in, d_sae, seed)
         self.kernels = check_kernels(kernels)
-        self.sparse_steps = 0  # training forwards that ran on the pairs (the log's counter)
         unit = math.sqrt(d_in)  # input norm the trainer normalises to; the paper's is 1
         self.l0_coeff = 0.001 * d_in if l0_coeff is None else l0_coeff
         self.bandwidth = 0.001 * unit if bandwidth is None else bandwidth
@@ -267,15 +265,6 @@ class JumpReLUSAE(SAE):
             return {"l0": self.target_coeff * self.sparsity_scale * (l0 / self.target_l0 - 1.0).pow(2)}
         return {"l0": self.l0_coeff * self.sparsity_scale * l0}
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
-        """:meth:`SAE.forward`; while training on the CPU with ``kernels="sparse"``, the pairs step when it applies
-        (module docstring)."""
-        if self.kernels == "sparse" and self.training and fused_available(self, x):
-            out = self._pairs_forward(x)
-            if out is not None:
-                return out
-        return super().forward(x)
-
     def _pairs_forward(self, x: torch.Tensor) -> ForwardOutput | None:
         """The training forward on the active pairs and the STE window (module docstring), or None for the dense
         step: too many candidates, or a threshold below ``bandwidth / 2``."""
@@ -284,15 +273,13 @@ class JumpReLUSAE(SAE):
         eps = self.bandwidth
         if bool((rectangle((0.0 - th) / eps) > 0).any()):  # z = 0 would lie in a window: every row of that latent
             return None
-        mm = encoder_mm(x, self)
-        b_enc = self.b_enc.detach()
-        # candidates pre > theta - eps: the window (|z - theta| < eps / 2) and the active (z > theta) with a margin
+        # candidates pre > theta - eps: the window (|z - theta| < eps / 2) and the active (z > theta), with a margin
         # of eps / 2 over the shifted sum's rounding
-        picked = batch_topk_pairs(mm, b_enc - th + eps, mm.numel())
-        if picked is None or picked[1].numel() > SPARSE_MAX_DENSITY * mm.numel():
+        picked = positive_pairs(self, x, shift=th - eps)
+        if picked is None:
             return None
-        rows, cols, _ = picked
-        z = torch.relu(mm[rows, cols].float() + b_enc[cols])  # the dense path's fp32 pre, entry by entry
+        mm, rows, cols, _ = picked
+        z = torch.relu(mm[rows, cols].float() + self.b_enc.detach()[cols])  # the dense path's fp32 pre, entry by entry
         t = th[cols]
         active = z > t
         near = rectangle((z - t) / eps) > 0
@@ -300,23 +287,9 @@ class JumpReLUSAE(SAE):
         act = ActiveSet(rows[active], cols[active], *mm.shape)
         vals = z[active]
         mse, x_hat = fused_pairs_jump(x, self, act, vals, theta, window)
-        self.sparse_steps += 1
         l0 = _WindowStep.apply(theta, len(act), mm.shape[0], window)
         return ForwardOutput(x_hat, None, {"mse": mse, **self._l0_loss(l0)}, active=act, values=vals,
-                             f_dtype=torch.promote_types(mm.dtype, b_enc.dtype), sq_error=mse.detach())
-
-    def counters(self) -> dict[str, float]:
-        """``sparse_steps``: training forwards that ran on the pairs (the rest were dense)."""
-        return {**super().counters(), "sparse_steps": self.sparse_steps}
-
-    def extra_state(self) -> dict:
-        """``sparse_steps`` (a resumed run's counter continues)."""
-        return {**super().extra_state(), "sparse_steps": self.sparse_steps}
-
-    def load_extra_state(self, state: dict) -> None:
-        """Restore :meth:`extra_state`'s counter (0 from checkpoints written before it existed)."""
-        super().load_extra_state(state)
-        self.sparse_steps = int(state.get("sparse_steps", 0))
+                             f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype), sq_error=mse.detach())
 
     @torch.no_grad()
     def saelens_export(self) -> tuple[str, dict[str, torch.Tensor]]:

@@ -19,6 +19,9 @@ Network Interpretation" (``shared/seeds/004_9406c4346ffe7ee0.txt``).
 - Sec. 6.3's per-group picture (early groups broad and weak, late groups sparse
   and intense) is logged by :meth:`GroupSparsitySAE.counters`: per group the
   batch L0, firing rate, mean activation when active and dead latents.
+- Training on the CPU runs on the pairs with ``pre > 0`` once a batch is sparse enough (issue 14,
+  :mod:`.relu_pairs`): eq. (1)'s per-latent weights times ``sparsity_scale`` go to the fused op, and the
+  per-group counters are counted from the pairs.
 - ``--target-l0``: the only sparsity term is eq. (1)'s weighted L1, multiplied
   as a whole by the trainer's ``sparsity_scale``, so the controller rescales
   lambda and keeps the gamma progression between groups.
@@ -48,6 +51,8 @@ import torch
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, groups_from_ids
+from .kernels import ActiveSet, check_kernels
+from .relu_pairs import WeightedL1PairsMixin
 
 
 def group_sizes(d_sae: int, groups: int) -> list[int]:
@@ -79,7 +84,7 @@ def group_l1_weights(d_sae: int, groups: int, l1_coeff: float, gamma: float) -> 
     return per_group.repeat_interleave(torch.tensor(sizes)).float()
 
 
-class GroupSparsitySAE(SAE):
+class GroupSparsitySAE(WeightedL1PairsMixin, SAE):
     """ReLU SAE with geometrically increasing per-group L1. ``[batch, d_in] -> [batch, d_sae]``.
 
     Args:
@@ -87,6 +92,8 @@ class GroupSparsitySAE(SAE):
         groups: K, number of contiguous latent groups (seed 004: 5).
         gamma: geometric multiplier of the group penalty (seed 004: 1.5; > 1 for the paper's hierarchy).
         l1_coeff: base penalty lambda (seed 004: 0.04), on inputs normalised to mean norm ``sqrt(d_in)``.
+        kernels: ``"sparse"`` (default: the pairs step on CPU when the batch is sparse enough, :mod:`.relu_pairs`)
+            or ``"dense"``; same maths. None = ``kernels.DEFAULT_KERNELS``.
 
     Raises:
         ArchError: ``groups`` outside ``1..d_sae`` or ``gamma <= 0``.
@@ -96,9 +103,10 @@ class GroupSparsitySAE(SAE):
     unit_norm_decoder = True  # seed 004 sec. 4.2: unit-normalised decoder weights
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, groups: int = 5, gamma: float = 1.5,
-                 l1_coeff: float = 0.04):
+                 l1_coeff: float = 0.04, kernels: str | None = None):
         super().__init__(d_in, d_sae, seed)
         self.groups, self.gamma, self.l1_coeff = int(groups), float(gamma), float(l1_coeff)
+        self.kernels = check_kernels(kernels)
         # Derived from hparams, so not saved (persistent=False) but moved with .to(device).
         self.register_buffer("l1_weights", group_l1_weights(d_sae, self.groups, self.l1_coeff, self.gamma),
                              persistent=False)
@@ -146,6 +154,18 @@ class GroupSparsitySAE(SAE):
         active = torch.zeros(self.groups, device=f.device).index_add_(0, self._group_of, (f > 0).sum(0).float())
         total = torch.zeros(self.groups, device=f.device).index_add_(0, self._group_of, f.sum(0))
         self._batch_stats = (active, total, f.shape[0])
+
+    def pair_l1_weights(self) -> torch.Tensor:
+        """The pairs step's L1 weights: eq. (1)'s per-latent ``lambda gamma^(k-1)`` times ``sparsity_scale``."""
+        return self.sparsity_scale * self.l1_weights
+
+    @torch.no_grad()
+    def record_pairs(self, act: ActiveSet, vals: torch.Tensor) -> None:
+        """:meth:`_record_groups` from a pairs step's code (``act``'s pairs, ``vals`` fp32 ``[N]`` > 0)."""
+        group = self._group_of[act.cols]
+        active = torch.zeros(self.groups, device=vals.device).index_add_(0, group, torch.ones_like(vals))
+        total = torch.zeros(self.groups, device=vals.device).index_add_(0, group, vals.float())
+        self._batch_stats = (active, total, act.n_rows)
 
     def counters(self) -> dict[str, float]:
         """Per group ``k`` = 1..K (seed 004 sec. 6.3), from the last training batch and the dead-latent counters.
