@@ -1,4 +1,4 @@
-"""The ReLU-type SAEs' training step (``standard``, ``jumprelu``, seed 004), dense vs on their active pairs (issue 14).
+"""The ReLU-type SAEs' training step (standard, jumprelu, seeds 004 and 000), dense vs on their active pairs (issue 14).
 
 A ReLU SAE trained to L0 ~30 of thousands of latents spends four of the dense step's five
 ``[batch, d_in] x [d_in, d_sae]``-sized matmuls on zeros. ``train/standard.py`` runs such steps on the
@@ -87,7 +87,7 @@ def main() -> None:
     """Print the dense and the pairs step's medians per round, their ratio, and the encoder matmul alone."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
-    ap.add_argument("--arch", choices=("standard", "jumprelu", "seed004-groups"), default="standard")
+    ap.add_argument("--arch", choices=("standard", "jumprelu", "seed004-groups", "seed000_adaptive"), default="standard")
     ap.add_argument("--layer", type=int, required=True)
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=1024)

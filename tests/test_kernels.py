@@ -568,3 +568,33 @@ def test_seed004_pairs_step_equals_the_dense_step_and_counts_its_groups(d_in):
     assert c_d.keys() == c_s.keys() and any(k.startswith("l0_g") and c_d[k] > 0 for k in c_d)
     for key in c_d:
         assert math.isclose(c_d[key], c_s[key], rel_tol=1e-5, abs_tol=1e-6), key
+
+
+@pytest.mark.parametrize("d_in", [D_IN, 200])
+def test_seed000_adaptive_pairs_step_equals_the_dense_step_with_the_masks_gradient(d_in):
+    """Seed 000's importance-masked ReLU SAE (f = ReLU(pre) sigmoid(importance)) on the pairs step: losses, the code
+    (the masked activations), every gradient (the masks' logits included: the pairs' pre * d loss / d f) and the
+    input's equal the dense step's."""
+    saes = []
+    for kernels in ("dense", "sparse"):
+        sae = build("adaptive_mask", d_in, 384, seed=6, l1_coeff=0.2, kernels=kernels).train()
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.3)
+            sae.b_enc.copy_(torch.randn(384, generator=gen) * 0.02 - 2.5)
+            sae.importance.copy_(torch.randn(384, generator=gen))  # masks spread over (0, 1)
+        sae.sparsity_scale = 0.7
+        saes.append(sae)
+    dense, sparse = saes
+    x_d, x_s = (_inputs(11, d_in=d_in).requires_grad_() for _ in range(2))
+    out_d, out_s = dense(x_d), sparse(x_s)
+    assert sparse.sparse_steps == 1 and out_s.active is not None
+    for key in ("mse", "l1"):
+        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], **TOL, msg=key)
+    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    out_d.loss.backward()
+    out_s.loss.backward()
+    assert float(dense.importance.grad.abs().max()) > 0
+    for (name, p_d), (_, p_s) in zip(dense.named_parameters(), sparse.named_parameters()):
+        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(x_s.grad, x_d.grad, rtol=1e-4, atol=1e-5)

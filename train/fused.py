@@ -199,29 +199,33 @@ class _FusedPairs(torch.autograd.Function):
     from the row-sorted pairs ``act`` (:class:`.kernels.ActiveSet`) and their pre-activations ``vals`` fp32
     ``[N]`` (``mm + b_enc`` at the pairs, no autograd); same losses and gradients as :class:`_FusedTopK`'s.
 
-    Two optional terms of the dense ReLU-type SAEs (their pairs' values are all > 0):
+    Optional terms of the dense ReLU-type SAEs (their pairs' values are all > 0):
 
     * ``pen_w`` (fp32 ``[L]``, may carry a gradient): per-latent weights of a penalty linear in the activations,
       ``pen = mean_b sum_i f_i pen_w[i]`` (the standard SAE's decoder-norm-weighted L1); its gradient reaches the
       pairs' pre-activations inside the compiled backward (added to their ``dv``, so the encoder gradients come
-      from the same latent-grouped pass) and ``pen_w`` as the latent's values summed, over ``B``. 0 without it.
+      from the same latent-grouped pass) and ``pen_w`` as the latent's activations summed, over ``B``. 0 without it.
+    * ``gain`` (fp32 ``[L]``, > 0, may carry a gradient): the activations are ``f = pre * gain[i]`` at the pairs
+      (seed 000's importance masks, ``ReLU(pre) * sigmoid(importance)``); ``d loss / d pre = gain d loss / d f``
+      (the forward's ``<e, W_dec[i]>`` and the penalty's add scaled by it) and ``d loss / d gain[i]`` = the latent's
+      ``sum_b pre d loss / d f``.
     * ``theta`` (fp32 ``[L]``, may carry a gradient) with ``window`` (:class:`JumpWindow`): JumpReLU's thresholds;
       the decode is ``f = z H(z - theta)`` of the pairs (all above theta), and ``theta`` gets the reconstruction's
       pseudo-derivative ``sum_b -(theta / eps) K((z - theta) / eps) d loss / d f`` (sec. 4, rectangle ``K``) over
       the window's entries, whose ``d loss / d f = coef <e, W_dec[i]>`` are formed only there."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux, pen_w, theta, window):
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux, pen_w, theta, window, gain):
         """Autograd forward: the decode, the squared error, AuxK and the linear penalty of the given pairs."""
         mod = load_native()
         xf = x.detach().float()
+        f = vals if gain is None else vals * gain.detach().float()[act.cols]
         with torch.profiler.record_function("saestrata::topk_fused_forward"):
-            x_hat, e, sq, de = mod.pairs_fused_forward(act.row_crow, act.cols, vals, W_dec.detach(), b_dec.detach(),
-                                                       xf)
+            x_hat, e, sq, de = mod.pairs_fused_forward(act.row_crow, act.cols, f, W_dec.detach(), b_dec.detach(), xf)
         mse = sq.mean()
         aux_loss = _aux_forward(aux, W_dec, e, mse)
-        pen = mse.new_zeros(()) if pen_w is None else pen_w.detach().float()[act.cols].dot(vals) / xf.shape[0]
-        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, vals, mse, pen_w, theta)
+        pen = mse.new_zeros(()) if pen_w is None else pen_w.detach().float()[act.cols].dot(f) / xf.shape[0]
+        ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, vals, f, mse, pen_w, theta, gain)
         ctx.x_dtype, ctx.norms, ctx.aux, ctx.act, ctx.window = x.dtype, norms, aux, act, window
         ctx.mark_non_differentiable(x_hat)
         return mse, aux_loss, pen, x_hat
@@ -229,24 +233,29 @@ class _FusedPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mse, grad_aux, grad_pen, _grad_x_hat):
         """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms``, ``aux`` and ``window``."""
-        xf, e, de, b_dec, W_enc, W_dec, vals, mse, pen_w, theta = ctx.saved_tensors
+        xf, e, de, b_dec, W_enc, W_dec, vals, f, mse, pen_w, theta, gain = ctx.saved_tensors
         act = ctx.act
         B = xf.shape[0]
         coef = 2 * float(grad_mse) / B
         scale = float(grad_pen) / B if pen_w is not None else 0.0
-        dv_add = pen_w.detach().float()[act.cols] * scale if scale != 0.0 else xf.new_empty(0)
+        d_f_pen = pen_w.detach().float()[act.cols] * scale if scale != 0.0 else None  # the penalty's d loss / d f
+        g = None if gain is None else gain.detach().float()[act.cols]
+        dv_add = xf.new_empty(0) if d_f_pen is None else (d_f_pen if g is None else d_f_pen * g)
         with torch.profiler.record_function("saestrata::topk_fused_backward"):
-            out = load_native().pairs_fused_backward(e, coef, act.rows, act.cols, vals, de, xf, b_dec.detach(),
-                                                     W_enc.detach().t(), act.bags, dv_add)
+            out = load_native().pairs_fused_backward(e, coef, act.rows, act.cols, f, de if g is None else de * g, xf,
+                                                     b_dec.detach(), W_enc.detach().t(), act.bags, dv_add)
         grads = _fused_grads(ctx, grad_aux, out, e, coef, xf, b_dec, W_enc, W_dec, act.cols, act.row_crow[:-1],
                              e, mse)
-        d_pen_w = d_theta = None
-        if pen_w is not None and ctx.needs_input_grad[9]:  # d pen / d pen_w[i] = latent i's values summed, / B
-            d_pen_w = torch.zeros_like(pen_w, dtype=torch.float32).index_add_(0, act.cols, vals).mul_(scale)
+        d_pen_w = d_theta = d_gain = None
+        if pen_w is not None and ctx.needs_input_grad[9]:  # d pen / d pen_w[i] = latent i's activations summed, / B
+            d_pen_w = torch.zeros_like(pen_w, dtype=torch.float32).index_add_(0, act.cols, f).mul_(scale)
             d_pen_w = d_pen_w.to(pen_w.dtype)
         if theta is not None and ctx.needs_input_grad[10]:
             d_theta = _threshold_grad(ctx.window, theta, e, coef, W_dec)
-        return *grads, None, None, None, None, d_pen_w, d_theta, None
+        if gain is not None and ctx.needs_input_grad[12]:  # sum over the latent's pairs of pre * d loss / d f
+            d_f = coef * de if d_f_pen is None else coef * de + d_f_pen
+            d_gain = torch.zeros_like(gain, dtype=torch.float32).index_add_(0, act.cols, vals * d_f).to(gain.dtype)
+        return *grads, None, None, None, None, d_pen_w, d_theta, None, d_gain
 
 
 def _threshold_grad(window: JumpWindow, theta: torch.Tensor, e: torch.Tensor, coef: float,
@@ -371,11 +380,12 @@ def fused_pairs(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms:
         RuntimeError: from the compiled module on shape or dtype mismatches.
     """
     mse, aux_loss, _, x_hat = _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, norms, aux,
-                                                None, None, None)
+                                                None, None, None, None)
     return mse, aux_loss, x_hat
 
 
-def fused_pairs_l1(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, l1_w: torch.Tensor):
+def fused_pairs_l1(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, l1_w: torch.Tensor,
+                   gain: torch.Tensor | None = None):
     """A ReLU SAE's training forward on its positive pre-activations, with a per-latent weighted L1 penalty, in
     one fused op (the ``standard`` SAE, :mod:`.standard`): ``(mse, l1, x_hat)``.
 
@@ -384,15 +394,17 @@ def fused_pairs_l1(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, l1_
         act: the row-sorted pairs with ``mm + b_enc > 0`` (:class:`.kernels.ActiveSet` without groups), ``N``.
         vals: fp32 ``[N]`` their pre-activations, all > 0 (= the ReLU'd latents; no autograd).
         l1_w: fp32 ``[d_sae]`` each latent's L1 weight (e.g. ``lambda * ||W_dec[i]||``), may carry a gradient.
+        gain: None (``f = vals``), or fp32 ``[d_sae]`` > 0 multiplying each latent's activations (``f = vals *
+            gain[i]``: seed 000's importance masks), may carry a gradient.
     Returns:
         ``mse`` and ``x_hat`` as :func:`fused_pairs`'s; ``l1`` fp32 scalar ``mean_b sum_i f_i l1_w[i]``. Both losses
-        are differentiable in the SAE's parameters and ``x`` (``l1`` also in ``l1_w``); the gradient norms are
-        not handed to the clip (the decoder rows need not be unit: the clip computes them).
+        are differentiable in the SAE's parameters and ``x`` (``l1`` also in ``l1_w``, both in ``gain``); the
+        gradient norms are not handed to the clip (the decoder rows need not be unit: the clip computes them).
     Raises:
         RuntimeError: from the compiled module on shape or dtype mismatches.
     """
     mse, _, l1, x_hat = _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, None, None, l1_w,
-                                          None, None)
+                                          None, None, gain)
     return mse, l1, x_hat
 
 
@@ -413,7 +425,7 @@ def fused_pairs_jump(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, t
         RuntimeError: from the compiled module on shape or dtype mismatches.
     """
     mse, _, _, x_hat = _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, None, None, None,
-                                         theta, window)
+                                         theta, window, None)
     return mse, x_hat
 
 

@@ -1,4 +1,5 @@
-"""Training the ReLU-type SAEs on their active pairs (issue 14): ``standard``, ``jumprelu``, seed 004's groups.
+"""Training the ReLU-type SAEs on their active pairs (issue 14): ``standard``, ``jumprelu``, seed 004's groups,
+seed 000's importance masks.
 
 A ReLU SAE trained to L0 ~30 of thousands of latents spends four of the dense step's five
 ``[batch, d_in] x [d_in, d_sae]``-sized matmuls on zeros (the decode, its two gradients, the encoder's
@@ -14,7 +15,7 @@ dense step, whose matmul then runs a second time (the pairs' count is known only
 :class:`PairsStepMixin` holds the switch, the dispatch and the ``sparse_steps`` counter (train log,
 checkpoints); :class:`WeightedL1PairsMixin` is the whole pairs step of a ReLU SAE whose penalty is linear
 in the activations, ``mean_b sum_i w_i f_i`` (``standard``: ``w = lambda ||W_dec[i]||``; seed 004: ``w`` per
-group). JumpReLU's step (thresholds and a straight-through window) is its own (:mod:`.jumprelu`).
+group; seed000_adaptive: ``f = ReLU(pre) sigmoid(importance)``, a per-latent gain). JumpReLU's step (thresholds and a straight-through window) is its own (:mod:`.jumprelu`).
 
 Measured (``bench/relu_sparse.py``, d_in 640, d_sae 2048, batch 1024, fp32, layer 8 of the benchmark store,
 L0 ~32): standard 101.7 -> 24.4 ms a step (4.17x), jumprelu 112.7 -> 28.4 ms (3.97x).
@@ -91,17 +92,22 @@ def positive_pairs(sae: SAE, x: torch.Tensor, shift: torch.Tensor | None = None)
 class WeightedL1PairsMixin(PairsStepMixin):
     """The pairs step of a ReLU SAE whose penalty is ``l1 = mean_b sum_i w_i f_i`` (:func:`.fused.fused_pairs_l1`).
 
-    Subclasses give ``w`` (:meth:`pair_l1_weights`; it may carry a gradient, e.g. through ``W_dec``'s norms) and may
-    look at each pairs step's code (:meth:`record_pairs`, e.g. per-group counters). Their ``activation`` must be
-    ReLU and their ``penalties`` that ``l1`` alone (the dense step's).
+    Subclasses give ``w`` (:meth:`pair_l1_weights`; it may carry a gradient, e.g. through ``W_dec``'s norms), may
+    gate the latents by a positive per-latent gain (:meth:`pair_gain`: ``f = ReLU(pre) * gain``) and may look at
+    each pairs step's code (:meth:`record_pairs`, e.g. per-group counters). Their ``activation`` must be that
+    (gained) ReLU and their ``penalties`` that ``l1`` alone (the dense step's).
     """
 
     def pair_l1_weights(self) -> torch.Tensor:
         """fp32 ``[d_sae]`` each latent's L1 weight this step (the trainer's ``sparsity_scale`` included)."""
         raise NotImplementedError
 
+    def pair_gain(self) -> torch.Tensor | None:
+        """fp32 ``[d_sae]`` > 0 multiplying each latent's ReLU (may carry a gradient), or None (default: none)."""
+        return None
+
     def record_pairs(self, act: ActiveSet, vals: torch.Tensor) -> None:
-        """Called with a training batch's pairs and values (fp32 ``[N]``, detached); default: nothing."""
+        """Called with a training batch's pairs and activations (fp32 ``[N]`` > 0, detached); default: nothing."""
 
     def _pairs_forward(self, x: torch.Tensor) -> ForwardOutput | None:
         """Decode, squared error and weighted L1 of the pairs with ``pre > 0`` (None when the batch is dense)."""
@@ -110,9 +116,11 @@ class WeightedL1PairsMixin(PairsStepMixin):
             return None
         mm, rows, cols, vals = picked
         act = ActiveSet(rows, cols, *mm.shape)
-        mse, l1, x_hat = fused_pairs_l1(x, self, act, vals, self.pair_l1_weights())
-        self.record_pairs(act, vals)
-        return ForwardOutput(x_hat, None, {"mse": mse, "l1": l1}, active=act, values=vals,
+        gain = self.pair_gain()
+        mse, l1, x_hat = fused_pairs_l1(x, self, act, vals, self.pair_l1_weights(), gain)
+        f = vals if gain is None else vals * gain.detach().float()[cols]
+        self.record_pairs(act, f)
+        return ForwardOutput(x_hat, None, {"mse": mse, "l1": l1}, active=act, values=f,
                              f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype), sq_error=mse.detach())
 
 

@@ -82,6 +82,8 @@ from torch import nn
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, ForwardOutput
+from .kernels import check_kernels
+from .relu_pairs import WeightedL1PairsMixin
 
 SEED = "seed 000 (shared/seeds/000_f12e7a2a70be7625.txt)"
 
@@ -404,23 +406,27 @@ def shift_within_documents(u: torch.Tensor, doc_index: torch.Tensor, lag: int) -
     return nn.functional.pad(u[:, :-lag] * same_doc[..., None], (0, 0, lag, 0))
 
 
-class AdaptiveMaskSAE(SAE):
+class AdaptiveMaskSAE(WeightedL1PairsMixin, SAE):
     """ReLU SAE whose latents are gated by learnable importance masks (seed 000 sec. 5; reading 10).
 
     ``f = ReLU((x - b_dec) W_enc + b_enc) * sigmoid(importance)``; ``[batch, d_in] -> [batch, d_sae]``.
-    Loss terms ``mse`` and ``l1``.
+    Loss terms ``mse`` and ``l1``. Training on the CPU runs on the pairs with ``pre > 0`` once a batch is sparse
+    enough (issue 14, :mod:`.relu_pairs`; the mask is the pairs' gain).
 
     Args:
         d_in, d_sae, seed: see :class:`SAE`.
         l1_coeff: L1 weight on the masked latents (reading 11: 0.03).
         mask_init: initial importance logit of every latent (0 -> mask 0.5).
+        kernels: ``"sparse"`` (default: the pairs step on CPU when sparse enough) or ``"dense"``; same maths.
     """
 
     arch = "adaptive_mask"
 
-    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 0.03, mask_init: float = 0.0):
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 0.03, mask_init: float = 0.0,
+                 kernels: str | None = None):
         super().__init__(d_in, d_sae, seed)
         self.l1_coeff, self.mask_init = l1_coeff, mask_init
+        self.kernels = check_kernels(kernels)
         self.importance = nn.Parameter(torch.full((d_sae,), float(mask_init)))
 
     def hparams(self) -> dict:
@@ -445,6 +451,14 @@ class AdaptiveMaskSAE(SAE):
     def penalties(self, x, pre, f, x_hat) -> dict:
         """``l1``: ``l1_coeff * sparsity_scale * mean_tokens sum_i f_i`` on the masked latents."""
         return {"l1": self.l1_coeff * self.sparsity_scale * f.float().sum(-1).mean()}
+
+    def pair_l1_weights(self) -> torch.Tensor:
+        """The pairs step's L1 weights: ``l1_coeff * sparsity_scale`` for every latent (on the masked ``f``)."""
+        return torch.full((self.d_sae,), self.l1_coeff * self.sparsity_scale, device=self.b_enc.device)
+
+    def pair_gain(self) -> torch.Tensor:
+        """The importance masks ``sigmoid(importance)`` (with their gradient)."""
+        return self.mask()
 
     def counters(self) -> dict[str, float]:
         """Mask statistics over the latents (reading 10): every mask starts at ``sigmoid(mask_init)``.
