@@ -508,7 +508,8 @@ def claims(bench) -> list[dict]:
         "+35% overhead", "-", _fmt_pair(a_t, s_t, ",.0f") + overhead,
         "speed stage (speed.json: settings of each variant's SAE nearest L0 32, median of 3 rounds; each "
         "variant's spread between rounds is in speed.json); seed000_adaptive is a ReLU SAE with learnable importance masks (sec. 5), so standard is "
-        "it without them; the paper does not say what its 35% is relative to")
+        "it without them, and both train on the same step (train/relu_pairs.py's pairs step, from the "
+        "twenty-seventh session; before it both dense); the paper does not say what its 35% is relative to")
     for base, ablation, what in (("seed000_hsae", "seed000_hsae_no_separation", "without the feature separation loss"),
                                  ("seed000_temporal", "seed000_temporal_single_scale", "single-scale temporal")):
         add(f"ablation {what}: sparsity kept, no unlearning gain (CE loss score at L0 32, base vs ablation)",
