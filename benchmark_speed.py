@@ -24,7 +24,8 @@ does every few steps counts) and ``others_cpu``, the share of the machine's CPU
 time other processes (or the VM's host: steal) took while it trained (/proc/stat; ~0 on an idle machine);
 for the whole run the code fingerprint (today's code, which may differ from the code that trained the
 matched SAEs), a hash of the compiled kernels' source (which the fingerprint, .py files only, misses),
-torch's thread count and the settings. Resumable: variants already timed with the same code, kernels and
+torch's thread count, the CPU (:func:`cpu_model`: a rerun on another machine starts afresh rather than mix its
+rounds with this one's) and the settings. Resumable: variants already timed with the same code, kernels, CPU and
 settings are skipped. What it does not time: the steps after a run's first ``steps`` (more latents dying, seed
 002's pruning after its warm-up) and evaluation.
 """
@@ -52,6 +53,27 @@ def busy_seconds() -> float | None:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+# The CPU features a matmul's speed depends on (sessions land on different machines: AMD EPYC with AVX-512 BF16
+# until 2026-12-06, an Intel Xeon with AMX then; rates from two of them must never share a median).
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model() -> str:
+    """This machine's CPU as ``"<model name> (<flags>)"``: ``/proc/cpuinfo``'s model name and which of
+    :data:`MATMUL_FLAGS` it reports (cloud model names such as "Intel(R) Xeon(R) Processor" say little alone);
+    ``platform.processor()`` off Linux, "" where nothing is known."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    fields = dict(line.split(":", 1) for line in info.split("\n\n", 1)[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return f"{fields.get('model name', '')} ({' '.join(f for f in MATMUL_FLAGS if f in flags)})"
 
 
 def step_seconds(log: list[dict], batch_size: int) -> list[float]:
@@ -114,7 +136,7 @@ def measure_speed(bench, variants: list[str], steps: int = 200, warmup: int = 15
     settings = {"code": bench.code, "native": hashlib.sha256(native).hexdigest()[:16], "steps": steps,
                 "warmup": warmup, "batch_size": cfg.batch_size, "d_sae": cfg.d_sae,
                 "tokens_per_sae": cfg.tokens_per_sae, "layer": cfg.layer, "autocast": cfg.autocast,
-                "device": cfg.device, "torch_threads": torch.get_num_threads()}
+                "device": cfg.device, "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
     data = read_speed(cfg.out)
     if {k: data.get(k) for k in settings} != settings:
         data = {**settings, "variants": {}}

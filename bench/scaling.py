@@ -478,6 +478,8 @@ def measure_size(args: argparse.Namespace, requested: int, tokens: int, previous
         RuntimeError: a child failed, the store failed verification, or the store already holds
             more tokens than this size (sizes must be measured in increasing order).
     """
+    from saestrata.benchmark_speed import cpu_model
+
     store, folder = args.work / "store.zarr", args.work / "stages" / size_name(tokens)
     layers = int_list(args.layers, "--layers")
     layer = args.train_layer if args.train_layer is not None else layers[len(layers) // 2]
@@ -536,7 +538,7 @@ def measure_size(args: argparse.Namespace, requested: int, tokens: int, previous
         "verify": {**v, "bytes_per_s": info["bytes_on_disk"] / v["seconds"]},
         "reader": r, "train": t, "evaluate": e,
         "command": "python bench/scaling.py " + shlex.join(argv),
-        "git": _git_head(), "cpu": _cpu_model(), "cpus": os.cpu_count(),
+        "git": _git_head(), "cpu": cpu_model(), "cpus": os.cpu_count(),
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -551,17 +553,6 @@ def _git_head() -> str | None:
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def _cpu_model() -> str:
-    """``model name`` of /proc/cpuinfo (empty string where unknown)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 # ----------------------------------------------------------------------------- report

@@ -144,7 +144,8 @@ def test_benchmark_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     assert probing.exists()
 
 
-def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_path):
+def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_path, monkeypatch):
+    from saestrata import benchmark_speed
     from saestrata.benchmark_report import _at32, _from_cell, _matched, provenance_table
 
     cfg = _cfg(tiny_model_dir, tmp_path, targets=(16.0, 48.0), variants=["topk"], seeds=1,
@@ -214,6 +215,14 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     Benchmark(cfg, lines.append).run()  # timed once: a rerun skips it
     assert not any(l.startswith("  speed topk") for l in lines)
     assert json.loads((cfg.out / "speed.json").read_text()) == speed
+    # Sessions land on different machines: rounds of another CPU must not join this one's median.
+    assert speed["cpu"] == benchmark_speed.cpu_model() != ""
+    monkeypatch.setattr(benchmark_speed, "cpu_model", lambda: "Another CPU (avx2)")
+    lines.clear()
+    Benchmark(cfg, lines.append).run()
+    again = json.loads((cfg.out / "speed.json").read_text())
+    assert sum(l.startswith("  speed topk (round ") for l in lines) == 3
+    assert again["cpu"] == "Another CPU (avx2)" and len(again["variants"]["topk"]["rounds"]) == 3
 
 
 def test_speed_recovers_each_steps_time_from_the_cumulative_log():
