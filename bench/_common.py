@@ -11,6 +11,17 @@ from pathlib import Path
 from typing import Callable
 
 
+def machine() -> str:
+    """One line naming what a timing ran on: the CPU (model + matmul flags, ``saestrata.benchmark_speed.cpu_model``),
+    torch's version and thread count. Sessions land on different machines (an AMD EPYC with AVX-512 BF16, an Intel
+    Xeon with AMX): ratios against a bf16 matmul differ ~4x between them, so every bench output says which."""
+    import torch
+
+    from saestrata.benchmark_speed import cpu_model
+
+    return f"machine: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
 def best_time(fn: Callable[[], object], repeats: int) -> float:
     """Smallest wall time in seconds of ``repeats`` calls of ``fn`` (the least-disturbed run)."""
     best = float("inf")

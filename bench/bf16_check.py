@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+from _common import machine
 
 
 def time_linear(rows: int, d_in: int, d_out: int, dtype: torch.dtype, repeats: int) -> float:
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--d-sae", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
+    print(machine(), flush=True)
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
           f"oneDNN native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}, threads {torch.get_num_threads()}")
     t32 = time_linear(a.rows, a.d_in, a.d_sae, torch.float32, a.repeats)

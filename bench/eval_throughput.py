@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import best_time
+from _common import best_time, machine
 
 from saestrata.allocator import tune_allocator
 from saestrata.evaluate.branch import OpTimer
@@ -135,6 +135,7 @@ def main() -> None:
                     help="--compare: LM dtype (the benchmark evaluates with lm_dtype float32)")
     ap.add_argument("--arms", default="reference,fast", help="--compare: which paths to time, comma-separated")
     args = ap.parse_args()
+    print(machine(), flush=True)
     if args.compare:
         args.repeats = args.repeats or 1
         compare(args)

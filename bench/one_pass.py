@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import interleaved
+from _common import interleaved, machine
 
 from saestrata.allocator import tune_allocator
 from saestrata.train.trainer import SAESpec, TrainConfig, train
@@ -186,6 +186,7 @@ def main() -> None:
                     help="with --kernels: tokens without firing before AuxK trains a latent")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = ap.parse_args()
+    print(machine(), flush=True)
     if args.threads:
         import torch
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import median_ms
+from _common import machine, median_ms
 from saestrata.allocator import tune_allocator
 
 
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast (the CLI's default; the benchmark's is fp32)")
     ap.add_argument("--crossover", default="", help="comma-separated L0s to time both arms at (e.g. 32,64,128,256)")
     args = ap.parse_args()
+    print(machine(), flush=True)
     tune_allocator()  # as the CLI does
     import torch
 

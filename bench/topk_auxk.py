@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import median_ms
+from _common import machine, median_ms
 from saestrata.allocator import tune_allocator
 from topk_profile import _slot
 
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0,
                     help="then profile this many more steps (torch.profiler) and print the top ops by self CPU time")
     args = ap.parse_args()
+    print(machine(), flush=True)
     tune_allocator()
     import torch
 

@@ -21,7 +21,7 @@ import argparse
 import statistics
 import warnings
 
-from _common import median_ms
+from _common import machine, median_ms
 from saestrata.allocator import tune_allocator
 
 
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
+    print(machine(), flush=True)
     tune_allocator()  # as the CLI does
     import torch
     import torch.nn.functional as F

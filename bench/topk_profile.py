@@ -20,7 +20,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from _common import median_ms
+from _common import machine, median_ms
 from saestrata.allocator import tune_allocator
 from saestrata.train.native import load_native, rowwise_topk_indices
 
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="timed steps (after 20 warm-up steps)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = ap.parse_args()
+    print(machine(), flush=True)
     tune_allocator()  # as the CLI does
     import torch
     from torch.profiler import ProfilerActivity, profile

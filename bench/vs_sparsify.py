@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import machine
 
 
 def scale_of(store, hook: str, d_in: int) -> float:
@@ -127,6 +128,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
+    print(machine(), flush=True)
     from saestrata.store import ActivationStore
 
     store = ActivationStore(a.store)
@@ -138,7 +140,7 @@ def main() -> None:
         runs["sparsify"].append(theirs(a, store, hook, x_eval))
     med = {arm: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in ("tokens_per_s", "heldout_fvu")}
            for arm, rs in runs.items()}
-    result = {"config": {k: str(v) for k, v in vars(a).items()}, "threads": torch.get_num_threads(), "runs": runs,
+    result = {"config": {k: str(v) for k, v in vars(a).items()}, "machine": machine(), "threads": torch.get_num_threads(), "runs": runs,
               "median": med, "ours_over_sparsify_tokens_per_s": med["ours"]["tokens_per_s"] / med["sparsify"]["tokens_per_s"]}
     print(f"TopK k={a.k}, d_sae {a.d_sae}, {a.steps} steps of {a.batch_size}, {a.rounds} interleaved rounds (medians); "
           f"sparsify decoder: {runs['sparsify'][0]['decoder']}")
