@@ -426,6 +426,15 @@ def _standard_pair(d_in: int, d_sae: int, b_enc: float):
     return saes
 
 
+def _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s) -> None:
+    """Backward through both SAEs' losses; every parameter's and the input's gradient equal (fp32 tolerance)."""
+    out_d.loss.backward()
+    out_s.loss.backward()
+    for (name, p_d), (_, p_s) in zip(dense.named_parameters(), sparse.named_parameters()):
+        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(x_s.grad, x_d.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("d_in", [D_IN, 200])
 def test_standard_pairs_step_equals_the_dense_step_with_the_input_gradient(d_in):
     """The standard SAE's fused pairs step (train/standard.py): losses (mse, decoder-norm-weighted L1), x_hat, the
@@ -445,11 +454,7 @@ def test_standard_pairs_step_equals_the_dense_step_with_the_input_gradient(d_in)
     torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
     torch.testing.assert_close(out_s.f, out_d.f, **TOL)
     torch.testing.assert_close(out_s.sq_error, (x_d.detach() - out_d.x_hat.detach()).pow(2).sum(-1).mean(), **TOL)
-    out_d.loss.backward()
-    out_s.loss.backward()
-    for (name, p_d), (_, p_s) in zip(dense.named_parameters(), sparse.named_parameters()):
-        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-4, atol=1e-5, msg=name)
-    torch.testing.assert_close(x_s.grad, x_d.grad, rtol=1e-4, atol=1e-5)
+    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
     assert sparse.counters()["sparse_steps"] == 1
 
 
@@ -523,12 +528,8 @@ def test_jumprelu_pairs_step_equals_the_dense_step(d_in, target_l0):
         torch.testing.assert_close(out_s.losses[key], out_d.losses[key], **TOL, msg=key)
     torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
     torch.testing.assert_close(out_s.f, out_d.f, **TOL)
-    out_d.loss.backward()
-    out_s.loss.backward()
+    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
     assert float(dense.log_threshold.grad.abs().max()) > 0
-    for (name, p_d), (_, p_s) in zip(dense.named_parameters(), sparse.named_parameters()):
-        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-4, atol=1e-5, msg=name)
-    torch.testing.assert_close(x_s.grad, x_d.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_jumprelu_takes_the_dense_step_when_a_window_reaches_zero_or_the_batch_is_dense():
@@ -592,9 +593,5 @@ def test_seed000_adaptive_pairs_step_equals_the_dense_step_with_the_masks_gradie
     for key in ("mse", "l1"):
         torch.testing.assert_close(out_s.losses[key], out_d.losses[key], **TOL, msg=key)
     torch.testing.assert_close(out_s.f, out_d.f, **TOL)
-    out_d.loss.backward()
-    out_s.loss.backward()
+    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
     assert float(dense.importance.grad.abs().max()) > 0
-    for (name, p_d), (_, p_s) in zip(dense.named_parameters(), sparse.named_parameters()):
-        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-4, atol=1e-5, msg=name)
-    torch.testing.assert_close(x_s.grad, x_d.grad, rtol=1e-4, atol=1e-5)
