@@ -20,8 +20,10 @@ whose settings were used, ``tokens_per_s`` (the median of its rounds') and ``spr
 of its rounds' rates: two whole passes on this machine, with < 1% of the CPUs taken by anything else, differed
 by up to 13% for one variant), and per round the mean / median / 90th-percentile step time (ms) of the timed
 steps, its ``tokens_per_s = batch_size / mean step`` (the mean, not the median, so that work a mechanism
-does every few steps counts) and ``others_cpu``, the share of the machine's CPU
-time other processes (or the VM's host: steal) took while it trained (/proc/stat; ~0 on an idle machine);
+does every few steps counts), ``others_cpu``, the share of the machine's CPU
+time other processes (or the VM's host: steal) took while it trained (/proc/stat; ~0 on an idle machine), and
+what the timed steps ran (:func:`window_state`: their mean L0, the SAE's counters at the window's start and end,
+e.g. how many took a ReLU SAE's pairs step);
 for the whole run the code fingerprint (today's code, which may differ from the code that trained the
 matched SAEs), a hash of the compiled kernels' source (which the fingerprint, .py files only, misses),
 torch's thread count, the CPU (:func:`cpu_model`: a rerun on another machine starts afresh rather than mix its
@@ -41,6 +43,9 @@ import time
 from pathlib import Path
 
 SPEED_FILE = "speed.json"
+# What a round records; part of the settings, so rounds of an older format are timed again rather than kept
+# beside new ones (2: each round's ``l0_timed`` and ``counters``, twenty-eighth session).
+SPEED_FORMAT = 2
 
 
 def busy_seconds() -> float | None:
@@ -133,7 +138,7 @@ def measure_speed(bench, variants: list[str], steps: int = 200, warmup: int = 15
 
     cfg = bench.cfg
     native = (ROOT / "train" / "csrc" / "native.cpp").read_bytes()  # kernels change speed; the fingerprint is .py only
-    settings = {"code": bench.code, "native": hashlib.sha256(native).hexdigest()[:16], "steps": steps,
+    settings = {"format": SPEED_FORMAT, "code": bench.code, "native": hashlib.sha256(native).hexdigest()[:16], "steps": steps,
                 "warmup": warmup, "batch_size": cfg.batch_size, "d_sae": cfg.d_sae,
                 "tokens_per_sae": cfg.tokens_per_sae, "layer": cfg.layer, "autocast": cfg.autocast,
                 "device": cfg.device, "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
@@ -158,7 +163,7 @@ def measure_speed(bench, variants: list[str], steps: int = 200, warmup: int = 15
             _write_json(cfg.out / SPEED_FILE, data)
             bench.echo(f"  speed {v} (round {r + 1}/{rounds}): {row['step_ms_mean']:.0f} ms/step (median "
                        f"{row['step_ms_median']:.0f}), {row['tokens_per_s']:,.0f} tok/s (settings of {row['sae']}; "
-                       f"other processes took {_share(row['others_cpu'])} of the CPUs meanwhile)")
+                       f"other processes took {_share(row['others_cpu'])} of the CPUs meanwhile){_acted(row)}")
     return data
 
 
@@ -191,7 +196,34 @@ def _time_variant(bench, v: str, steps: int, warmup: int) -> dict | None:
     skip = min(warmup, len(seconds) // 2)  # a run shorter than steps (tiny tests) keeps half its steps
     return {"sae": name, "arch": job.arch, "warmup": skip,
             "others_cpu": None if others is None else others / (wall * os.cpu_count()),
-            **summarise(seconds, skip, cfg.batch_size)}
+            **summarise(seconds, skip, cfg.batch_size), **window_state(log, skip)}
+
+
+def window_state(log: list[dict], skip: int) -> dict:
+    """What the timed steps ``log[skip:]`` ran: ``l0_timed``, their mean L0 (latents per token), and ``counters``,
+    the SAE's mechanism counters (``SAE.counters``: cumulative ones such as ``sparse_steps``, states such as
+    ``auxk_dead``) at the window's start (after step ``skip - 1``; ``{}`` when ``skip`` is 0) and end, so that
+    speed.json shows which path was timed (e.g. a ReLU SAE's pairs step on 50 of 50 timed steps:
+    ``sparse_steps`` 100 -> 150).
+
+    Raises:
+        ValueError: ``skip`` leaves no logged step.
+    """
+    if not 0 <= skip < len(log):
+        raise ValueError(f"speed: a warm-up of {skip} leaves none of {len(log)} logged steps")
+    l0 = [r["l0"] for r in log[skip:] if "l0" in r]
+    return {"l0_timed": statistics.fmean(l0) if l0 else None,
+            "counters": {"start": log[skip - 1].get("counters", {}) if skip else {},
+                         "end": log[-1].get("counters", {})}}
+
+
+def _acted(row: dict) -> str:
+    """``"; L0 31, pairs step on 50 of 50 timed steps"``-style tail of a timing's echo (empty when unknown)."""
+    out = "" if row.get("l0_timed") is None else f"; L0 {row['l0_timed']:.0f}"
+    start, end = row["counters"]["start"], row["counters"]["end"]
+    if "sparse_steps" in end:
+        out += f", pairs step on {end['sparse_steps'] - start.get('sparse_steps', 0)} of {row['steps_timed']} timed steps"
+    return out
 
 
 def _share(x: float | None) -> str:

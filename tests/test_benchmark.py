@@ -208,6 +208,10 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
         assert r["steps_timed"] == 16 - r["warmup"] and r["tokens_per_s"] > 100  # 4096 tokens / 256: 16 steps
         assert 0.0 <= r["others_cpu"] <= 1.0
     assert got["tokens_per_s"] == sorted(r["tokens_per_s"] for r in got["rounds"])[1]  # the median round
+    k = json.loads((cfg.out / "saes" / got["sae"] / "job.json").read_text())["target_l0"]
+    for r in got["rounds"]:  # what the timed steps ran: topk's L0 at most its k (ReLU after the top-k); AuxK's counters
+        assert 0 < r["l0_timed"] <= k and {"auxk_dead", "auxk_pairs"} <= r["counters"]["end"].keys()
+        assert r["counters"]["start"].keys() == r["counters"]["end"].keys()
     assert sum(l.startswith("  speed topk (round ") for l in lines) == 3
     assert _matched(bench, "topk", 32.0)["train_tokens_per_s"] == got["tokens_per_s"]
     assert _matched(bench, "topk", 20.0)["train_tokens_per_s"] is None  # timed at L0-32 settings only
@@ -223,6 +227,23 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     again = json.loads((cfg.out / "speed.json").read_text())
     assert sum(l.startswith("  speed topk (round ") for l in lines) == 3
     assert again["cpu"] == "Another CPU (avx2)" and len(again["variants"]["topk"]["rounds"]) == 3
+
+
+def test_speed_says_which_path_its_timed_steps_took():
+    """A ReLU SAE's timing names its mean L0 and how many timed steps took the pairs step (the counters at the
+    window's two ends), so the column cannot silently time the dense step."""
+    from saestrata.benchmark_speed import _acted, window_state
+
+    log = [{"step": s, "l0": 600.0 if s < 3 else 30.0 + s, "counters": {"sparse_steps": max(0, s - 2),
+                                                                      "sparsity_multiplier": 0.1 * s}}
+           for s in range(8)]
+    got = window_state(log, 4)
+    assert got["l0_timed"] == pytest.approx((34 + 35 + 36 + 37) / 4)
+    assert got["counters"] == {"start": log[3]["counters"], "end": log[7]["counters"]}
+    assert _acted({**got, "steps_timed": 4}) == "; L0 36, pairs step on 4 of 4 timed steps"
+    assert window_state(log, 0)["counters"]["start"] == {}
+    with pytest.raises(ValueError, match="leaves none"):
+        window_state(log, 8)
 
 
 def test_speed_recovers_each_steps_time_from_the_cumulative_log():
