@@ -44,7 +44,8 @@ from pathlib import Path
 
 SPEED_FILE = "speed.json"
 # What a round records; part of the settings, so rounds of an older format are timed again rather than kept
-# beside new ones (2: each round's ``l0_timed`` and ``counters``, twenty-eighth session).
+# beside new ones (2: each round's ``l0_timed`` and ``counters``, and the timed window really after ``warmup``
+# steps: :func:`warmup_steps`; twenty-eighth session).
 SPEED_FORMAT = 2
 
 
@@ -193,10 +194,18 @@ def _time_variant(bench, v: str, steps: int, warmup: int) -> dict | None:
     log = [json.loads(line) for line in (run_dir / v / "train_log.jsonl").read_text().splitlines()]
     shutil.rmtree(run_dir, ignore_errors=True)
     seconds = step_seconds(log, cfg.batch_size)
-    skip = min(warmup, len(seconds) // 2)  # a run shorter than steps (tiny tests) keeps half its steps
+    skip = warmup_steps(len(seconds), warmup)
     return {"sae": name, "arch": job.arch, "warmup": skip,
             "others_cpu": None if others is None else others / (wall * os.cpu_count()),
             **summarise(seconds, skip, cfg.batch_size), **window_state(log, skip)}
+
+
+def warmup_steps(n: int, warmup: int) -> int:
+    """Steps of a timing's ``n`` left untimed: ``warmup``, or half of them when ``warmup`` would leave none (a run
+    that ended before ``steps``, as tiny test stores do). Until the twenty-eighth session this was ``min(warmup,
+    n // 2)``, which for 200 steps and a warm-up of 150 timed steps 100-199, not the 150-199 speed.json's
+    ``warmup`` said (each round's own ``warmup`` / ``steps_timed`` recorded the truth: 100 / 100)."""
+    return warmup if warmup < n else n // 2
 
 
 def window_state(log: list[dict], skip: int) -> dict:

@@ -229,6 +229,15 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     assert again["cpu"] == "Another CPU (avx2)" and len(again["variants"]["topk"]["rounds"]) == 3
 
 
+def test_speed_times_the_steps_after_its_warmup():
+    """200 steps with a warm-up of 150 time steps 150-199 (the twenty-seventh session's code timed 100-199: its
+    min(warmup, n // 2) guard, meant for runs shorter than the warm-up, cut every run's warm-up to half)."""
+    from saestrata.benchmark_speed import warmup_steps
+
+    assert warmup_steps(200, 150) == 150 and warmup_steps(151, 150) == 150
+    assert warmup_steps(150, 150) == 75 and warmup_steps(16, 150) == 8  # a run the store ended early
+
+
 def test_speed_says_which_path_its_timed_steps_took():
     """A ReLU SAE's timing names its mean L0 and how many timed steps took the pairs step (the counters at the
     window's two ends), so the column cannot silently time the dense step."""
