@@ -811,6 +811,13 @@ def test_seed000_overhead_claim_reads_the_speed_stage_and_the_ablation_rows_inte
     rows = {r["claim"]: r for r in claims(bench)}
     over = rows["adaptive feature selection: computational overhead (train tok/s), adaptive vs standard"]
     assert over["matched"] == "8,000 vs 10,000; overhead +25%"  # 1/8000 s per token vs 1/10000: 25% more time
+    # With format-2 rounds the row says at which L0 each was timed (the pairs step's cost grows with L0).
+    rounds = lambda *l0: [{"l0_timed": x} for x in l0]  # noqa: E731
+    (bench.cfg.out / "speed.json").write_text(json.dumps({"variants": {
+        "seed000_adaptive": {"tokens_per_s": 8000.0, "rounds": rounds(41.0, 40.0, 39.0)},
+        "standard": {"tokens_per_s": 10000.0, "rounds": rounds(24.0, 25.0, 26.0)}}}))
+    over = {r["claim"]: r for r in claims(bench)}[over["claim"]]
+    assert over["matched"] == "8,000 vs 10,000 at L0 40 vs 25 of the timed steps; overhead +25%"
     w = math.log(32 / 24) / math.log(40 / 24)
     sep = rows["ablation without the feature separation loss: sparsity kept, no unlearning gain (CE loss score at "
                "L0 32, base vs ablation)"]
