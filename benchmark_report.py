@@ -206,7 +206,9 @@ COLUMNS_NOTE = ("Columns: EV, CE loss score, KL score and dead frac are interpol
                 "between the two SAEs in \"from\" (never extrapolated); train tok/s is the variant's training throughput from "
                 "the benchmark's speed stage (speed.json: every variant timed in one run on an otherwise idle "
                 "machine, with the settings of its SAE nearest L0 32, steps 150-199 of its run (after the sparsity warm-up), "
-                "the median of 3 rounds, today's code; in the L0 32 rows only; \"-\" before that stage ran), not "
+                "the median of 3 rounds, today's code; in the L0 32 rows only; \"-\" before that stage ran; the timed steps' "
+                "own L0 is speed.json's l0_timed, and for the ReLU-type archs on the pairs step, whose cost grows with L0, "
+                "it is that of their SAE nearest 32, 24 or 40), not "
                 "its SAEs' own step clocks, which ran beside other jobs; "
                 "the unlearning columns are the SAE nearest L0 32 in log L0 (one unlearning run per variant).")
 
