@@ -9,8 +9,8 @@ another in one process, meant for an otherwise idle machine: for each variant, i
 L0 32 (its ``job.json``: arch, hparams, lr, target L0, controller start) trains again with the trainer
 itself, on the benchmark's store, batch size, d_sae and schedule (``tokens_per_sae``), stopped after
 ``steps`` (200) steps (``TrainConfig.stop_after_step``, nothing saved), and the steps after the first ``warmup``
-(150) are timed: a window of the bulk of a run, not its start. A run's first ~100 steps are unlike the rest (of
-1,024 in the benchmark): the L1 / L0 penalties warm up over the first 5% of steps and L0 falls from ~d_sae / 2
+(150) are timed: a window of the bulk of a run, not its start. A run's first steps are unlike the rest (of
+1,024 in the benchmark; 53-68 of the first 150 dense for the ReLU-type archs in the pass of 2026-12-06): the L1 / L0 penalties warm up over the first 5% of steps and L0 falls from ~d_sae / 2
 to its target, so a ReLU SAE (``standard``) runs its dense step there and its pairs step afterwards (train/
 standard.py; 4x apart), and latents start dying (AuxK acting) from step ~150 in the TopK family. Until the
 twenty-seventh session the window was steps 10-59 (a run's start; ``speed.json``'s ``steps`` / ``warmup`` say which).
@@ -61,8 +61,8 @@ def busy_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-# The CPU features a matmul's speed depends on (sessions land on different machines: AMD EPYC with AVX-512 BF16
-# until 2026-12-06, an Intel Xeon with AMX then; rates from two of them must never share a median).
+# The CPU features a matmul's speed depends on (sessions land on different machines, e.g. the AMD EPYC with AVX-512
+# BF16 of DESIGN.md and the Intel Xeon with AMX of 2026-12-06; rates from two of them must never share a median).
 MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
@@ -212,8 +212,8 @@ def window_state(log: list[dict], skip: int) -> dict:
     """What the timed steps ``log[skip:]`` ran: ``l0_timed``, their mean L0 (latents per token), and ``counters``,
     the SAE's mechanism counters (``SAE.counters``: cumulative ones such as ``sparse_steps``, states such as
     ``auxk_dead``) at the window's start (after step ``skip - 1``; ``{}`` when ``skip`` is 0) and end, so that
-    speed.json shows which path was timed (e.g. a ReLU SAE's pairs step on 50 of 50 timed steps:
-    ``sparse_steps`` 100 -> 150).
+    speed.json shows which path was timed (e.g. standard's pairs step on 50 of 50 timed steps: ``sparse_steps``
+    90 -> 140 in the pass of 2026-12-06).
 
     Raises:
         ValueError: ``skip`` leaves no logged step.

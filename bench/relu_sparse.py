@@ -72,6 +72,7 @@ def _crossover(arch: str, d_in: int, d_sae: int, batch, l0s: list[int], autocast
                 sae.b_enc -= sae.pre_acts(batch).float().quantile(1 - l0 / d_sae, dim=1).mean()
 
             def step() -> float:
+                """One forward + backward of ``sae`` on ``batch``; returns its L0 (latents per token)."""
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     out = sae(batch)
                 sae.zero_grad(set_to_none=True)
