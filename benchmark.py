@@ -32,8 +32,8 @@ One resumable command (issue 10; DESIGN.md "Comparing variants fairly"):
    ``work/probe-residuals/<key>/`` (:func:`~saestrata.evaluate.sparse_probing.cached_residuals`);
    each SAE then costs an encode of the cached residuals and the probes.
 9. **speed**: every variant's training throughput, timed again in one process (:mod:`.benchmark_speed`:
-   the settings of its matched SAE nearest L0 32, the run's first 60 steps, the first 10 dropped, the median
-   of 3 rounds), because
+   each of its two matched SAEs bracketing L0 32 with its own settings, steps 150-199 of its run, the median
+   of 3 rounds; the report interpolates the two rates at L0 32), because
    the SAEs' own step clocks ran beside other jobs over many sessions; ``speed.json``, the matched table's
    train tok/s column. Run it on an otherwise idle machine.
 10. **report**: ``report.md``/``report.html``/PNGs with matched-L0 rows at 32 and 64, the

@@ -19,11 +19,11 @@ import re
 import statistics
 from pathlib import Path
 
-from .benchmark_speed import read_speed
+from .benchmark_speed import read_speed, sae_speed
 from .evaluate.report import METRICS_AT_L0, log_l0_weight, matched_l0_rows, write_report
 
 MATCHED_AT = (32.0, 64.0)
-SPEED_AT = 32.0  # the speed stage times each variant with its SAE nearest this L0 (benchmark_speed.py)
+SPEED_AT = 32.0  # the speed stage times each variant's two SAEs bracketing this L0 (benchmark_speed.py)
 
 
 def _num(v, fmt: str = ".3f") -> str:
@@ -44,6 +44,7 @@ def _core_row(bench, name: str, variant: str) -> dict | None:
             "kl_div_with_sae": m["model_behavior_preservation"]["kl_div_with_sae"],
             "dead_frac": 1.0 - m["misc_metrics"]["frac_alive"], "alive": round(m["misc_metrics"]["frac_alive"] * r["sae_cfg_dict"]["d_sae"]),
             "train_tokens_per_s": cfg.get("train_tokens_per_s"), "failed": cfg.get("failed"),
+            "speed_tokens_per_s": (sae_speed(read_speed(bench.cfg.out), name) or {}).get("tokens_per_s"),
             "counters": _final_counters(bench.cfg.out / "saes" / name), "code": r.get("saestrata_benchmark", {}).get("code"),
             "train_code": _train_code(bench, name),
             "diagnostics": r["eval_result_unstructured"].get("diagnostics") or {},
@@ -97,18 +98,19 @@ MATCHED_METRICS = METRICS_AT_L0 + ("dead_frac",)  # interpolated in log L0 like 
 def _matched(bench, variant: str, l0: float, seed: int = 0, metrics: tuple[str, ...] = MATCHED_METRICS) -> dict | None:
     """``variant`` interpolated at ``l0`` from its matched-stage results (seed 0 = the main runs);
     ``metrics``: the :func:`_core_row` keys to interpolate (default: the matched table's, dead fraction
-    included). ``train_tokens_per_s`` is the variant's throughput from stage ``speed`` (``speed.json``, at ``l0`` 32
-    only, None before it ran; a cost, not a function of L0, and not the SAEs' own step clocks, which shared the machine); ``train_codes`` the fingerprints that trained them (two when the pair mixes code versions)."""
+    included). ``train_tokens_per_s`` is the variant's throughput from stage ``speed`` (``speed.json``: its two SAEs'
+    rates interpolated like the other columns; at ``l0`` 32 only, the pair the stage times; None before it ran or
+    when one of the two was not timed; not the SAEs' own step clocks, which shared the machine); ``train_codes`` the
+    fingerprints that trained them (two when the pair mixes code versions)."""
     suffix = f"-seed{seed}" if seed else ""
     rows = [r for r in (_core_row(bench, f"{variant}-l0={t:g}{suffix}", variant) for t in bench.cfg.targets) if r]
-    hit = matched_l0_rows(rows, l0, metrics)
+    # stage speed (one run, not the SAEs' step clocks) timed the two SAEs bracketing L0 32 only
+    hit = matched_l0_rows(rows, l0, metrics + (("speed_tokens_per_s",) if l0 == SPEED_AT else ()))
     if not hit:
         return None
     row = hit[0]
     used = [r for r in rows if r["sae"] in row["between"]]
-    speed = read_speed(bench.cfg.out).get("variants", {}).get(variant)  # stage speed: one run, not step clocks
-    # timed with the settings of the SAE nearest L0 32 (k = 40 for TopK at L0 64 would be a different cost)
-    row["train_tokens_per_s"] = speed["tokens_per_s"] if speed and l0 == SPEED_AT else None
+    row["train_tokens_per_s"] = row.pop("speed_tokens_per_s", None)
     row["files"] = ", ".join(r["file"] for r in used)
     row["train_codes"] = sorted({r["train_code"] or "?" for r in used})
     return row
@@ -205,10 +207,10 @@ def matched_table(bench) -> tuple[str, list[dict]]:
 COLUMNS_NOTE = ("Columns: EV, CE loss score, KL score and dead frac are interpolated linearly in log L0 at the row's L0 "
                 "between the two SAEs in \"from\" (never extrapolated); train tok/s is the variant's training throughput from "
                 "the benchmark's speed stage (speed.json: every variant timed in one run on an otherwise idle "
-                "machine, with the settings of its SAE nearest L0 32, steps 150-199 of its run (after the sparsity warm-up), "
-                "the median of 3 rounds, today's code; in the L0 32 rows only; \"-\" before that stage ran; the timed steps' "
-                "own L0 is speed.json's l0_timed, and for the ReLU-type archs on the pairs step, whose cost grows with L0, "
-                "it is that of their SAE nearest 32, 24 or 40), not "
+                "machine, each of the two SAEs in \"from\" trained again with its own settings, steps 150-199 of its run "
+                "(after the sparsity warm-up), the median of 3 rounds, today's code; the two rates interpolated in log L0 "
+                "like the other columns, since a step's cost grows with L0 (a ReLU SAE's pairs step, TopK's k); in the "
+                "L0 32 rows only; \"-\" before that stage ran; the timed steps' own L0 is speed.json's l0_timed), not "
                 "its SAEs' own step clocks, which ran beside other jobs; "
                 "the unlearning columns are the SAE nearest L0 32 in log L0 (one unlearning run per variant).")
 
@@ -478,12 +480,6 @@ def _fmt_pair(a, b, fmt=".3f") -> str:
     return f"{_num(a, fmt)} vs {_num(b, fmt)}"
 
 
-def _timed_l0(entry: dict | None) -> float | None:
-    """Median over a speed.json variant's rounds of the timed steps' mean L0 (``l0_timed``), None before format 2."""
-    l0 = [r["l0_timed"] for r in (entry or {}).get("rounds", []) if r.get("l0_timed") is not None]
-    return statistics.median(l0) if l0 else None
-
-
 def claims(bench) -> list[dict]:
     """The seeds' checkable claims: paper's value, measured at the paper's settings, measured at matched L0."""
     d_sae = bench.cfg.d_sae
@@ -508,19 +504,17 @@ def claims(bench) -> list[dict]:
     add("faster initial convergence: training tokens to train FVU 0.5, HSAE vs standard", "000, sec. 1",
         "40% faster", _fmt_pair(t_h, t_s, ",d"), f"{_fmt_pair(t_hm, t_sm, ',d')} {_sae_label(hsae_m)} {_sae_label(std_m)}",
         "matched: each variant's SAE nearest L0 32 (a training curve is not interpolated)")
-    speed = read_speed(bench.cfg.out).get("variants", {})
-    tps = lambda v: speed.get(v, {}).get("tokens_per_s")  # noqa: E731
-    a_t, s_t = tps("seed000_adaptive"), tps("standard")
+    rate = lambda r: r["speed_tokens_per_s"]  # noqa: E731
+    a_t, s_t = _at32(bench, "seed000_adaptive", rate), _at32(bench, "standard", rate)
     overhead = f"; overhead {100 * (s_t / a_t - 1):+.0f}%" if a_t and s_t else ""
-    a_l0, s_l0 = _timed_l0(speed.get("seed000_adaptive")), _timed_l0(speed.get("standard"))
-    at_l0 = f" at L0 {_fmt_pair(a_l0, s_l0, '.0f')} of the timed steps" if a_l0 and s_l0 else ""
     add("adaptive feature selection: computational overhead (train tok/s), adaptive vs standard", "000, sec. 6",
-        "+35% overhead", "-", _fmt_pair(a_t, s_t, ",.0f") + at_l0 + overhead,
-        "speed stage (speed.json: settings of each variant's SAE nearest L0 32, median of 3 rounds; each "
-        "variant's spread between rounds is in speed.json); seed000_adaptive is a ReLU SAE with learnable importance masks (sec. 5), so standard is "
+        "+35% overhead", "-", _fmt_pair(a_t, s_t, ",.0f") + overhead,
+        "speed stage (speed.json: each variant's two SAEs bracketing L0 32 timed with their own settings, median of "
+        "3 rounds, interpolated at L0 32 in log L0 as the matched table; each SAE's spread between rounds is in "
+        "speed.json); seed000_adaptive is a ReLU SAE with learnable importance masks (sec. 5), so standard is "
         "it without them, and both train on the same step (train/relu_pairs.py's pairs step, from the "
-        "twenty-seventh session; before it both dense), whose cost grows with L0: where their SAEs nearest 32 "
-        "sit at different L0 the two do not time equal work; the paper does not say what its 35% is relative to")
+        "twenty-seventh session; before it both dense), whose cost grows with L0, hence matched L0; "
+        "the paper does not say what its 35% is relative to")
     for base, ablation, what in (("seed000_hsae", "seed000_hsae_no_separation", "without the feature separation loss"),
                                  ("seed000_temporal", "seed000_temporal_single_scale", "single-scale temporal")):
         add(f"ablation {what}: sparsity kept, no unlearning gain (CE loss score at L0 32, base vs ablation)",

@@ -5,8 +5,9 @@ in its cfg.json). Those SAEs trained over many sessions while tests, installs an
 this 2-core machine, and some were stopped (SIGSTOP) mid-step while a benchmark ran: their clocks measure
 the machine's load as much as the arch (seed000_hsae's L0-32 pair: 1,074 and 673 tok/s, its L0-64 pair
 5,521 and 5,581; docs/results/benchmark_findings.md). This stage times every variant again, one after
-another in one process, meant for an otherwise idle machine: for each variant, its matched SAE nearest
-L0 32 (its ``job.json``: arch, hparams, lr, target L0, controller start) trains again with the trainer
+another in one process, meant for an otherwise idle machine: for each variant, each of its two matched SAEs
+whose L0s bracket 32 (the pair the matched table interpolates between; each SAE's ``job.json``: arch, hparams, lr,
+target L0, controller start) trains again with the trainer
 itself, on the benchmark's store, batch size, d_sae and schedule (``tokens_per_sae``), stopped after
 ``steps`` (200) steps (``TrainConfig.stop_after_step``, nothing saved), and the steps after the first ``warmup``
 (150) are timed: a window of the bulk of a run, not its start. A run's first steps are unlike the rest (of
@@ -15,8 +16,12 @@ to its target, so a ReLU SAE (``standard``) runs its dense step there and its pa
 standard.py; 4x apart), and latents start dying (AuxK acting) from step ~150 in the TopK family. Until the
 twenty-seventh session the window was steps 10-59 (a run's start; ``speed.json``'s ``steps`` / ``warmup`` say which).
 
-Every variant is timed in ``rounds`` (3) rounds over all variants; ``speed.json`` keeps, per variant, the SAE
-whose settings were used, ``tokens_per_s`` (the median of its rounds') and ``spread`` ((max - min) / median
+The report interpolates the two rates linearly in log L0 at 32 with the other columns' weights: a step's cost
+depends on L0 (a ReLU SAE's pairs step, the TopK family's k), and until the twenty-ninth session the stage timed
+only the SAE nearest 32, which put each variant at L0 24 or 40 (seed000_adaptive at 42 beside standard at 24).
+
+Every SAE is timed in ``rounds`` (3) rounds over all of them; ``speed.json``'s ``saes`` keeps, per SAE, its
+variant, ``tokens_per_s`` (the median of its rounds') and ``spread`` ((max - min) / median
 of its rounds' rates: two whole passes on this machine, with < 1% of the CPUs taken by anything else, differed
 by up to 13% for one variant), and per round the mean / median / 90th-percentile step time (ms) of the timed
 steps, its ``tokens_per_s = batch_size / mean step`` (the mean, not the median, so that work a mechanism
@@ -27,7 +32,7 @@ e.g. how many took a ReLU SAE's pairs step);
 for the whole run the code fingerprint (today's code, which may differ from the code that trained the
 matched SAEs), a hash of the compiled kernels' source (which the fingerprint, .py files only, misses),
 torch's thread count, the CPU (:func:`cpu_model`: a rerun on another machine starts afresh rather than mix its
-rounds with this one's) and the settings. Resumable: variants already timed with the same code, kernels, CPU and
+rounds with this one's) and the settings. Resumable: SAEs already timed with the same code, kernels, CPU and
 settings are skipped. What it does not time: the steps after a run's first ``steps`` (more latents dying, seed
 002's pruning after its warm-up) and evaluation.
 """
@@ -45,8 +50,9 @@ from pathlib import Path
 SPEED_FILE = "speed.json"
 # What a round records; part of the settings, so rounds of an older format are timed again rather than kept
 # beside new ones (2: each round's ``l0_timed`` and ``counters``, and the timed window really after ``warmup``
-# steps: :func:`warmup_steps`; twenty-eighth session).
-SPEED_FORMAT = 2
+# steps: :func:`warmup_steps`; twenty-eighth session. 3: both SAEs bracketing L0 32, keyed by SAE name under
+# ``saes``; twenty-ninth session).
+SPEED_FORMAT = 3
 
 
 def busy_seconds() -> float | None:
@@ -123,11 +129,13 @@ def read_speed(out: Path) -> dict:
 def measure_speed(bench, variants: list[str], steps: int = 200, warmup: int = 150, rounds: int = 3) -> dict:
     """Time each of ``variants`` ``rounds`` times (stage ``speed``, module docstring); returns ``speed.json``'s dict.
 
-    Round after round over all variants, so that a slow spell of the machine lands in one round of several
-    variants rather than in every round of one; a variant's ``tokens_per_s`` is the median of its rounds'
-    (its ``rounds`` list keeps each). ``bench`` is the :class:`~saestrata.benchmark.Benchmark`; a variant
-    without an evaluated matched SAE yet is skipped (named in the echo). Writes ``speed.json`` after each
-    timing (atomically), and a rerun does only the missing rounds.
+    Each variant is timed with the settings of its matched SAEs that bracket L0 32 (:meth:`~saestrata.benchmark.
+    Benchmark.bracketing`, the two the matched table interpolates between), each SAE on its own, so the report can
+    interpolate the rate at L0 32 as it does every other column. Round after round over all of them, so that a
+    slow spell of the machine lands in one round of several SAEs rather than in every round of one; an SAE's
+    ``tokens_per_s`` is the median of its rounds' (its ``rounds`` list keeps each). ``bench`` is the
+    :class:`~saestrata.benchmark.Benchmark`; a variant without an evaluated matched SAE yet is skipped (named in the
+    echo). Writes ``speed.json`` after each timing (atomically), and a rerun does only the missing rounds.
 
     Raises:
         StoreError and the trainer's errors (one-line messages) from training; ValueError from
@@ -135,7 +143,7 @@ def measure_speed(bench, variants: list[str], steps: int = 200, warmup: int = 15
     """
     import torch
 
-    from .benchmark import PUBLISHED_ONLY, ROOT, _write_json
+    from .benchmark import PUBLISHED_ONLY, ROOT, SWEEP_TARGET, _write_json
 
     cfg = bench.cfg
     native = (ROOT / "train" / "csrc" / "native.cpp").read_bytes()  # kernels change speed; the fingerprint is .py only
@@ -145,45 +153,53 @@ def measure_speed(bench, variants: list[str], steps: int = 200, warmup: int = 15
                 "device": cfg.device, "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
     data = read_speed(cfg.out)
     if {k: data.get(k) for k in settings} != settings:
-        data = {**settings, "variants": {}}
-    todo = [v for v in variants if v not in PUBLISHED_ONLY]  # those have no matched row to fill
+        data = {**settings, "saes": {}}
+    todo = []
+    for v in variants:
+        if v in PUBLISHED_ONLY:  # those have no matched row to fill
+            continue
+        names = bench.bracketing(v, SWEEP_TARGET)
+        if not names:
+            bench.echo(f"  speed {v}: no evaluated matched SAE yet, skipped")
+        todo += [(v, n) for n in names]
     for r in range(rounds):
-        for v in todo:
-            timed = data["variants"].get(v, {}).get("rounds", [])
+        for v, name in todo:
+            timed = data["saes"].get(name, {}).get("rounds", [])
             if len(timed) > r:
                 continue
-            row = _time_variant(bench, v, steps, warmup)
-            if row is None:
-                continue
+            row = _time_sae(bench, name, steps, warmup)
             timed = timed + [row]
             rates = [t["tokens_per_s"] for t in timed]
-            data["variants"][v] = {"sae": row["sae"], "arch": row["arch"], "rounds": timed,
-                                   "tokens_per_s": statistics.median(rates),
-                                   "spread": (max(rates) - min(rates)) / statistics.median(rates)}
+            data["saes"][name] = {"variant": v, "arch": row["arch"], "rounds": timed,
+                                  "tokens_per_s": statistics.median(rates),
+                                  "spread": (max(rates) - min(rates)) / statistics.median(rates)}
             data["date"] = time.strftime("%Y-%m-%d")
             _write_json(cfg.out / SPEED_FILE, data)
-            bench.echo(f"  speed {v} (round {r + 1}/{rounds}): {row['step_ms_mean']:.0f} ms/step (median "
-                       f"{row['step_ms_median']:.0f}), {row['tokens_per_s']:,.0f} tok/s (settings of {row['sae']}; "
-                       f"other processes took {_share(row['others_cpu'])} of the CPUs meanwhile){_acted(row)}")
+            bench.echo(f"  speed {name} (round {r + 1}/{rounds}): {row['step_ms_mean']:.0f} ms/step (median "
+                       f"{row['step_ms_median']:.0f}), {row['tokens_per_s']:,.0f} tok/s (other processes took "
+                       f"{_share(row['others_cpu'])} of the CPUs meanwhile){_acted(row)}")
     return data
 
 
-def _time_variant(bench, v: str, steps: int, warmup: int) -> dict | None:
-    """One timing of variant ``v``: its SAE nearest L0 32's settings, ``steps`` steps of its run's schedule.
-    None (echoed) when it has no evaluated matched SAE yet."""
-    from .benchmark import SWEEP_TARGET, Job
+def sae_speed(data: dict, name: str) -> dict | None:
+    """SAE ``name``'s entry of a ``speed.json`` dict (:func:`read_speed`): ``tokens_per_s`` (median of its rounds),
+    ``spread``, ``rounds``; None when it was not timed (or the file predates format 3, which timed one SAE per
+    variant and keyed it by variant)."""
+    return data.get("saes", {}).get(name)
+
+
+def _time_sae(bench, name: str, steps: int, warmup: int) -> dict:
+    """One timing of matched SAE ``name``: its settings (``saes/<name>/job.json``), ``steps`` steps of its run's
+    schedule, nothing saved."""
+    from .benchmark import Job
     from .train.trainer import SAESpec, TrainConfig, train
 
     cfg = bench.cfg
-    name = bench.nearest_to(v, SWEEP_TARGET)
-    if name is None:
-        bench.echo(f"  speed {v}: no evaluated matched SAE yet, skipped")
-        return None
     job = json.loads((cfg.out / "saes" / name / "job.json").read_text())
     job = Job(**{k: job[k] for k in Job.__dataclass_fields__ if k in job})
-    run_dir = cfg.work / "speed" / v
+    run_dir = cfg.work / "speed" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    spec = SAESpec(v, job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed, job.l0_start)
+    spec = SAESpec("timed", job.arch, dict(job.hparams), job.lr, job.target_l0, job.seed, job.l0_start)
     tc = TrainConfig(store=bench.store, layer=cfg.layer, out=run_dir, specs=[spec], d_sae=cfg.d_sae,
                      batch_size=cfg.batch_size, tokens=job.tokens or cfg.tokens_per_sae, device=cfg.device,
                      checkpoint_every=0, log_every=1, stop_after_step=steps, autocast=cfg.autocast)
@@ -191,11 +207,11 @@ def _time_variant(bench, v: str, steps: int, warmup: int) -> dict | None:
     train(tc, progress=False)
     wall = time.perf_counter() - wall0
     others = None if busy0 is None else max(0.0, busy_seconds() - busy0 - (time.process_time() - own0))
-    log = [json.loads(line) for line in (run_dir / v / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (run_dir / "timed" / "train_log.jsonl").read_text().splitlines()]
     shutil.rmtree(run_dir, ignore_errors=True)
     seconds = step_seconds(log, cfg.batch_size)
     skip = warmup_steps(len(seconds), warmup)
-    return {"sae": name, "arch": job.arch, "warmup": skip,
+    return {"arch": job.arch, "warmup": skip,
             "others_cpu": None if others is None else others / (wall * os.cpu_count()),
             **summarise(seconds, skip, cfg.batch_size), **window_state(log, skip)}
 

@@ -189,7 +189,7 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     assert "| 0123456789abcdef | ? | topk l0=48 |" in md  # no commits.json entry: origin unknown, said so
 
     # train tok/s: not the SAEs' own step clocks (they share the machine with anything else running) but
-    # stage speed's, which times the variant again with its SAE-nearest-32's settings (benchmark_speed.py).
+    # stage speed's, which times the variant's two SAEs bracketing 32 again with their settings (benchmark_speed.py).
     assert row["train_tokens_per_s"] is None  # before the stage ran: "-"
     for name in ("topk-l0=16", "topk-l0=48"):  # clocks as a paused run would leave them
         path = cfg.out / "saes" / name / "cfg.json"
@@ -200,21 +200,30 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     lines.clear()
     Benchmark(cfg, lines.append).run()
     speed = json.loads((cfg.out / "speed.json").read_text())
-    got = speed["variants"]["topk"]
-    assert speed["code"] == bench.code and got["sae"] == bench.nearest_to("topk", 32.0)
-    assert len(got["rounds"]) == 3 and len(speed["native"]) == 16
-    for r in got["rounds"]:
-        assert r["tokens_per_s"] == pytest.approx(cfg.batch_size / (r["step_ms_mean"] / 1e3))
-        assert r["steps_timed"] == 16 - r["warmup"] and r["tokens_per_s"] > 100  # 4096 tokens / 256: 16 steps
-        assert 0.0 <= r["others_cpu"] <= 1.0
-    assert got["tokens_per_s"] == sorted(r["tokens_per_s"] for r in got["rounds"])[1]  # the median round
-    k = json.loads((cfg.out / "saes" / got["sae"] / "job.json").read_text())["target_l0"]
-    for r in got["rounds"]:  # what the timed steps ran: topk's L0 at most its k (ReLU after the top-k); AuxK's counters
-        assert 0 < r["l0_timed"] <= k and {"auxk_dead", "auxk_pairs"} <= r["counters"]["end"].keys()
-        assert r["counters"]["start"].keys() == r["counters"]["end"].keys()
-    assert sum(l.startswith("  speed topk (round ") for l in lines) == 3
-    assert _matched(bench, "topk", 32.0)["train_tokens_per_s"] == got["tokens_per_s"]
-    assert _matched(bench, "topk", 20.0)["train_tokens_per_s"] is None  # timed at L0-32 settings only
+    # Both SAEs the matched row interpolates between are timed, each with its own settings (k 16 and k 48 cost
+    # differently; until the twenty-ninth session only the SAE nearest 32 was, at L0 24 or 40 for every variant).
+    assert speed["code"] == bench.code and len(speed["native"]) == 16
+    assert set(speed["saes"]) == set(bench.bracketing("topk", 32.0)) == {"topk-l0=16", "topk-l0=48"}
+    for name, got in speed["saes"].items():
+        assert got["variant"] == "topk" and len(got["rounds"]) == 3
+        for r in got["rounds"]:
+            assert r["tokens_per_s"] == pytest.approx(cfg.batch_size / (r["step_ms_mean"] / 1e3))
+            assert r["steps_timed"] == 16 - r["warmup"] and r["tokens_per_s"] > 100  # 4096 tokens / 256: 16 steps
+            assert 0.0 <= r["others_cpu"] <= 1.0
+        assert got["tokens_per_s"] == sorted(r["tokens_per_s"] for r in got["rounds"])[1]  # the median round
+        k = json.loads((cfg.out / "saes" / name / "job.json").read_text())["target_l0"]
+        for r in got["rounds"]:  # what the timed steps ran: topk's L0 at most its k (ReLU after the top-k); AuxK's counters
+            assert 0 < r["l0_timed"] <= k and {"auxk_dead", "auxk_pairs"} <= r["counters"]["end"].keys()
+            assert r["counters"]["start"].keys() == r["counters"]["end"].keys()
+        assert sum(l.startswith(f"  speed {name} (round ") for l in lines) == 3
+    assert max(r["l0_timed"] for r in speed["saes"]["topk-l0=16"]["rounds"]) <= 16 < min(
+        r["l0_timed"] for r in speed["saes"]["topk-l0=48"]["rounds"])  # each timed with its own k
+    lo_l0, hi_l0 = (json.loads((cfg.out / "core" / f"{n}.json").read_text())["eval_result_metrics"]["sparsity"]["l0"]
+                    for n in ("topk-l0=16", "topk-l0=48"))
+    w = math.log(32.0 / lo_l0) / math.log(hi_l0 / lo_l0)
+    lo_t, hi_t = (speed["saes"][n]["tokens_per_s"] for n in ("topk-l0=16", "topk-l0=48"))
+    assert _matched(bench, "topk", 32.0)["train_tokens_per_s"] == pytest.approx(lo_t + w * (hi_t - lo_t), rel=1e-12)
+    assert _matched(bench, "topk", 20.0)["train_tokens_per_s"] is None  # timed for the L0-32 rows only
     lines.clear()
     Benchmark(cfg, lines.append).run()  # timed once: a rerun skips it
     assert not any(l.startswith("  speed topk") for l in lines)
@@ -225,8 +234,8 @@ def test_matched_rows_interpolate_between_bracketing_points(tiny_model_dir, tmp_
     lines.clear()
     Benchmark(cfg, lines.append).run()
     again = json.loads((cfg.out / "speed.json").read_text())
-    assert sum(l.startswith("  speed topk (round ") for l in lines) == 3
-    assert again["cpu"] == "Another CPU (avx2)" and len(again["variants"]["topk"]["rounds"]) == 3
+    assert sum(l.startswith("  speed topk-l0=") for l in lines) == 6
+    assert again["cpu"] == "Another CPU (avx2)" and all(len(g["rounds"]) == 3 for g in again["saes"].values())
 
 
 def test_speed_times_the_steps_after_its_warmup():
@@ -802,23 +811,26 @@ def test_seed000_overhead_claim_reads_the_speed_stage_and_the_ablation_rows_inte
     from saestrata.benchmark_report import claims
 
     bench = Benchmark(_cfg("no-model-needed", tmp_path, d_sae=100, targets=(24.0, 40.0)), lambda _: None)
-    bench.cfg.out.mkdir(parents=True, exist_ok=True)
-    (bench.cfg.out / "speed.json").write_text(json.dumps({"variants": {"seed000_adaptive": {"tokens_per_s": 8000.0},
-                                                                       "standard": {"tokens_per_s": 10000.0}}}))
+    # Stage speed's rates of each variant's two SAEs bracketing 32 (adaptive at 40 / 24 as well): the pairs step's
+    # cost grows with L0, so each side is interpolated at 32, not the SAE nearest 32 taken alone (until the
+    # twenty-ninth session: adaptive's l0=40 beside standard's l0=24).
+    rates = {"seed000_adaptive-l0=24": 9000.0, "seed000_adaptive-l0=40": 7000.0,
+             "standard-l0=24": 12000.0, "standard-l0=40": 10000.0}
+    for name in rates:
+        _fake_core(bench, name, float(name.rsplit("=", 1)[1]), 0.5, 0.5, 0.5, 0.5)
+    (bench.cfg.out / "speed.json").write_text(json.dumps({"saes": {n: {"tokens_per_s": t} for n, t in rates.items()}}))
     for v, ce in (("seed000_hsae", 0.9), ("seed000_hsae_no_separation", 0.8)):
         _fake_core(bench, f"{v}-l0=24", 24, ce - 0.1, ce - 0.1, 0.5, 0.5)
         _fake_core(bench, f"{v}-l0=40", 40, ce, ce, 0.5, 0.5)
     rows = {r["claim"]: r for r in claims(bench)}
     over = rows["adaptive feature selection: computational overhead (train tok/s), adaptive vs standard"]
-    assert over["matched"] == "8,000 vs 10,000; overhead +25%"  # 1/8000 s per token vs 1/10000: 25% more time
-    # With format-2 rounds the row says at which L0 each was timed (the pairs step's cost grows with L0).
-    rounds = lambda *l0: [{"l0_timed": x} for x in l0]  # noqa: E731
-    (bench.cfg.out / "speed.json").write_text(json.dumps({"variants": {
-        "seed000_adaptive": {"tokens_per_s": 8000.0, "rounds": rounds(41.0, 40.0, 39.0)},
-        "standard": {"tokens_per_s": 10000.0, "rounds": rounds(24.0, 25.0, 26.0)}}}))
-    over = {r["claim"]: r for r in claims(bench)}[over["claim"]]
-    assert over["matched"] == "8,000 vs 10,000 at L0 40 vs 25 of the timed steps; overhead +25%"
     w = math.log(32 / 24) / math.log(40 / 24)
+    a, b = 9000 - 2000 * w, 12000 - 2000 * w
+    assert over["matched"] == f"{a:,.0f} vs {b:,.0f}; overhead {100 * (b / a - 1):+.0f}%"  # time per token: 1/a vs 1/b
+    # A speed.json of the older format (one SAE per variant, keyed by variant) gives no row rather than a wrong one.
+    (bench.cfg.out / "speed.json").write_text(json.dumps({"variants": {"seed000_adaptive": {"tokens_per_s": 8000.0},
+                                                                       "standard": {"tokens_per_s": 10000.0}}}))
+    assert {r["claim"]: r for r in claims(bench)}[over["claim"]]["matched"] == "- vs -"
     sep = rows["ablation without the feature separation loss: sparsity kept, no unlearning gain (CE loss score at "
                "L0 32, base vs ablation)"]
     assert sep["matched"] == f"{0.8 + 0.1 * w:.3f} vs {0.7 + 0.1 * w:.3f}"
