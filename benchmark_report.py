@@ -506,7 +506,7 @@ def claims(bench) -> list[dict]:
         "matched: each variant's SAE nearest L0 32 (a training curve is not interpolated)")
     rate = lambda r: r["speed_tokens_per_s"]  # noqa: E731
     a_t, s_t = _at32(bench, "seed000_adaptive", rate), _at32(bench, "standard", rate)
-    overhead = f"; overhead {100 * (s_t / a_t - 1):+.0f}%" if a_t and s_t else ""
+    overhead = f"; overhead {round(100 * (s_t / a_t - 1)):+d}%" if a_t and s_t else ""  # "+0%", never "-0%"
     add("adaptive feature selection: computational overhead (train tok/s), adaptive vs standard", "000, sec. 6",
         "+35% overhead", "-", _fmt_pair(a_t, s_t, ",.0f") + overhead,
         "speed stage (speed.json: each variant's two SAEs bracketing L0 32 timed with their own settings, median of "

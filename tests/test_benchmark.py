@@ -826,7 +826,7 @@ def test_seed000_overhead_claim_reads_the_speed_stage_and_the_ablation_rows_inte
     over = rows["adaptive feature selection: computational overhead (train tok/s), adaptive vs standard"]
     w = math.log(32 / 24) / math.log(40 / 24)
     a, b = 9000 - 2000 * w, 12000 - 2000 * w
-    assert over["matched"] == f"{a:,.0f} vs {b:,.0f}; overhead {100 * (b / a - 1):+.0f}%"  # time per token: 1/a vs 1/b
+    assert over["matched"] == f"{a:,.0f} vs {b:,.0f}; overhead +{100 * (b / a - 1):.0f}%"  # time per token: 1/a vs 1/b
     # A speed.json of the older format (one SAE per variant, keyed by variant) gives no row rather than a wrong one.
     (bench.cfg.out / "speed.json").write_text(json.dumps({"variants": {"seed000_adaptive": {"tokens_per_s": 8000.0},
                                                                        "standard": {"tokens_per_s": 10000.0}}}))
