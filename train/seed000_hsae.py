@@ -84,15 +84,17 @@ from .arch_info import ArchError, ArchInfo
 from .base import SAE, ForwardOutput
 from .kernels import check_kernels
 from .relu_pairs import WeightedL1PairsMixin
+from .sparse_gram import coactivation_gram
 
 SEED = "seed 000 (shared/seeds/000_f12e7a2a70be7625.txt)"
 
 
-def gram_disentanglement(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+def gram_disentanglement(z1: torch.Tensor, z2: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
     """Unweighted ``||G1 * G2||_F^2`` with ``G_i = Z_i^T Z_i / B`` (seed 000 eq. 4; reading 3).
 
     Args:
-        z1, z2: ``[B, m]`` level latents (same width ``m``).
+        z1, z2: ``[B, m]`` level latents (same width ``m``; ReLU codes: each Gram comes from its code's non-zeros
+            when sparse enough, :func:`.sparse_gram.coactivation_gram`, counted in ``stats["sparse_gram"]``).
 
     Returns:
         fp32 scalar (units: latent activation to the 8th power).
@@ -103,8 +105,8 @@ def gram_disentanglement(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     if z1.shape != z2.shape:
         raise ValueError(f"levels must have equal shapes for G1 * G2, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     n = z1.shape[0]
-    g1 = (z1.T @ z1).float() / n
-    g2 = (z2.T @ z2).float() / n
+    g1 = coactivation_gram(z1, stats) / n
+    g2 = coactivation_gram(z2, stats) / n
     return (g1 * g2).pow(2).sum()
 
 
@@ -152,6 +154,7 @@ class HierarchicalSAE(SAE):
         self.W_enc2, self.b_enc2 = nn.Parameter(w_d2.T.clone()), nn.Parameter(torch.zeros(half))
         self.W_dec, self.W_skip = nn.Parameter(w_d1), nn.Parameter(w_d1.clone())
         self.W_dec2, self.b_dec2 = nn.Parameter(w_d2), nn.Parameter(torch.zeros(half))
+        self._grams: dict[str, int] = {}  # "sparse_gram": training Grams formed from the code's non-zeros
 
     latent_group_kind = "level"
 
@@ -191,7 +194,7 @@ class HierarchicalSAE(SAE):
         z1, z2 = self.levels(x)
         f = torch.cat([z1, z2], dim=-1)
         x_hat = self.decode(f)
-        gram = gram_disentanglement(z1, z2)
+        gram = gram_disentanglement(z1, z2, self._grams if self.training else None)
         if self.training:
             self._last = {"l0_level1": (z1 > 0).sum(-1).float().mean().detach(),
                           "l0_level2": (z2 > 0).sum(-1).float().mean().detach(), "gram": gram.detach()}
@@ -233,7 +236,8 @@ class HierarchicalSAE(SAE):
         to the loss (0 in the no-separation ablation, while ``gram`` shows what it would penalise).
         ``enc_norm_level1`` / ``skip_norm``: mean column norm of ``W1`` / row norm of ``Ws`` (both
         start at the init gain, reading 12): their ratio is the scale symmetry of reading 7
-        through which the level-1 L1 can be lowered without sparsifying level 1.
+        through which the level-1 L1 can be lowered without sparsifying level 1. ``sparse_gram``: training
+        Grams (two a step) formed from the code's non-zeros (:func:`.sparse_gram.coactivation_gram`).
         """
         from .trainer import sae_dead_window  # the trainer imports this module's registry
 
@@ -246,7 +250,17 @@ class HierarchicalSAE(SAE):
         last = getattr(self, "_last", None)
         if last is not None:
             out.update({k: float(v) for k, v in last.items()}, disentangle=self.lambda_d * float(last["gram"]))
-        return out
+        return {**out, "sparse_gram": self._grams.get("sparse_gram", 0)}
+
+    def extra_state(self) -> dict:
+        """``sparse_gram``: the training Grams (two a step) formed from the code's non-zeros, so a resumed run's
+        counter continues (:func:`gram_disentanglement`)."""
+        return {**super().extra_state(), "sparse_gram": self._grams.get("sparse_gram", 0)}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state`'s counter (0 from checkpoints written before it existed)."""
+        super().load_extra_state(state)
+        self._grams = {"sparse_gram": int(state.get("sparse_gram", 0))}
 
     def _unit_norm_weights(self) -> tuple[nn.Parameter, ...]:
         return self.W_dec, self.W_dec2  # sec. 5: unit norm on Wd1 and Wd2 only

@@ -88,6 +88,7 @@ from torch import nn
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, groups_from_ids
+from .sparse_gram import coactivation_gram
 
 SEED = "shared/seeds/001_0012a683e3519a7f.txt"
 
@@ -113,12 +114,14 @@ def one_hot(ids: torch.Tensor, n_groups: int) -> torch.Tensor:
     return F.one_hot(ids.long(), n_groups).float()
 
 
-def latent_gram(f: torch.Tensor) -> torch.Tensor:
+def latent_gram(f: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
     """Batch-mean co-activation ``f^T f / batch``: ``[batch, d_sae] -> [d_sae, d_sae]`` float32.
 
-    Eq. 4's ``h^T h`` of seed 001 sec. 4.3, divided by the batch size (module docstring).
+    Eq. 4's ``h^T h`` of seed 001 sec. 4.3, divided by the batch size (module docstring). ``f`` is a ReLU code;
+    the product comes from its non-zeros when sparse enough (:func:`.sparse_gram.coactivation_gram`, which
+    counts those in ``stats["sparse_gram"]``).
     """
-    return (f.T @ f).float() / f.shape[0]
+    return coactivation_gram(f, stats) / f.shape[0]
 
 
 def block_frobenius(gram: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
@@ -139,15 +142,16 @@ def _blocks_from_sq_gram(gram_sq: torch.Tensor, assign: torch.Tensor) -> torch.T
     return (a2.T @ (gram_sq @ a2)).clamp_min(1e-30).sqrt()
 
 
-def ortho_penalty(f: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+def ortho_penalty(f: torch.Tensor, assign: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
     """Unweighted single-level Eq. 4: ``sum_{i != j} ||h_gi^T h_gj||_F / batch`` (scalar float32).
 
     Args:
         f: ``[batch, d_sae]`` latents.
         assign: ``[d_sae, n_groups]`` membership (one-hot or soft rows summing to 1).
+        stats: counters dict for :func:`latent_gram`.
     Source: seed 001 sec. 4.3, Eq. 4 (first term), sec. 6.1 (grouped variants).
     """
-    blocks = block_frobenius(latent_gram(f), assign)
+    blocks = block_frobenius(latent_gram(f, stats), assign)
     off = ~torch.eye(blocks.shape[0], dtype=torch.bool, device=blocks.device)
     return blocks[off].sum()
 
@@ -160,17 +164,18 @@ def sibling_mask(n_coarse: int, n_fine: int, device=None) -> torch.Tensor:
 
 
 def hier_ortho_terms(f: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
-                     n_fine: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     n_fine: int, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Unweighted level-1 and level-2 sums of seed 001 Eq. 4 (sec. 4.1, 4.3).
 
     Args:
         f: ``[batch, d_sae]`` latents.
         coarse: ``[d_sae, n_coarse]`` coarse membership.
         fine: ``[d_sae, n_coarse * n_fine]`` fine membership; fine group ``k`` lies in coarse ``k // n_fine``.
+        stats: counters dict for :func:`latent_gram`.
     Returns:
         ``(sum_{i != j} ||h_g1i^T h_g1j||_F, sum_{i, j != k} ||h_g2ij^T h_g2ik||_F)``, both ``/ batch``, float32.
     """
-    return _ortho_terms(latent_gram(f).pow(2), coarse, fine, n_fine)
+    return _ortho_terms(latent_gram(f, stats).pow(2), coarse, fine, n_fine)
 
 
 def _ortho_terms(gram_sq: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
@@ -303,6 +308,11 @@ class _ReluL1SAE(SAE):
         """``l1_coeff * sparsity_scale * mean_batch ||f||_1`` (scalar float32; Eq. 3)."""
         return self.l1_coeff * self.sparsity_scale * f.float().sum(-1).mean()
 
+    def _train_stats(self) -> dict | None:
+        """The counters dict while training (``sparse_gram``: batches whose Gram came from the code's
+        non-zeros, :func:`latent_gram`), None in eval mode."""
+        return self._stats if self.training else None
+
     def _tick(self, every: int) -> bool:
         """Count a training forward; True on the first and then every ``every``-th one."""
         if not self.training:
@@ -315,7 +325,8 @@ class _ReluL1SAE(SAE):
         """Mechanism counters of the last training forward / update (see each class's ``_record``).
 
         Common to all seed 001 variants: ``l1`` (unweighted mean ``||f||_1``), the unweighted
-        orthogonality sums of Eq. 4 and ``inter_group_corr`` (:func:`inter_group_correlation` of
+        orthogonality sums of Eq. 4, ``sparse_gram`` (training batches whose Eq. 4 Gram came from the code's
+        non-zeros, :func:`latent_gram`) and ``inter_group_corr`` (:func:`inter_group_correlation` of
         the batch over the current groups, seed 001 sec. 6.2's "feature correlation").
         """
         return {**super().counters(), **self._stats}
@@ -416,7 +427,7 @@ class GroupedOrthoSAE(_ReluL1SAE):
         if self.adaptive and self._tick(self.update_every):
             self.adapt(f)
         assign = one_hot(self.group_ids, self.n_groups).to(f.device)
-        ortho = ortho_penalty(f, assign)
+        ortho = ortho_penalty(f, assign, self._train_stats())
         self._record_batch(f, assign, ortho=ortho, alpha=self.alpha)
         return {"l1": self.l1(f), "ortho": self.alpha * ortho}
 
@@ -467,7 +478,7 @@ class StaticHierSAE(_ReluL1SAE):
         the coarse groups and ``l1``.
         """
         coarse, fine = self.assignments()
-        t1, t2 = hier_ortho_terms(f, coarse, fine, self.n_fine)
+        t1, t2 = hier_ortho_terms(f, coarse, fine, self.n_fine, self._train_stats())
         self._record_batch(f, coarse, ortho_level1=t1, ortho_level2=t2)
         return {"l1": self.l1(f), "ortho_level1": self.alpha_l1 * t1, "ortho_level2": self.alpha_l2 * t2}
 
@@ -678,7 +689,7 @@ class DynamicHierSAE(StaticHierSAE):
         :meth:`_refresh`, ``assign_grad_steps`` (:meth:`after_step`) and ``infonce`` (unweighted).
         """
         (coarse, fine), live = self._assignment_views()
-        gram_sq = latent_gram(f).pow(2)
+        gram_sq = latent_gram(f, self._train_stats()).pow(2)
         t1, t2 = _ortho_terms(gram_sq, coarse, fine, self.n_fine)
         if live is not None:  # the attention's gradient at the live point (why: entropy_reg's docstring)
             at_live = _ortho_terms(gram_sq.detach(), *live, self.n_fine)

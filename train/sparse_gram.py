@@ -1,0 +1,64 @@
+"""The co-activation Gram ``f^T f`` of a sparse code, from its non-zeros (issue 14).
+
+Seed 001's orthogonality (Eq. 4: ``||h_gi^T h_gj||_F`` between latent groups, ``train/seed001_grouped.py``) and
+seed 000's disentanglement (eq. 4: ``||G1 * G2||_F^2`` with ``G = Z^T Z / B``, ``train/seed000_hsae.py``) need the
+``[d_sae, d_sae]`` Gram of a batch's code. A dense ``f^T f`` costs ``batch * d_sae^2`` multiply-adds forward and
+twice that backward (``f @ (dG + dG^T)``): at batch 1024, d_sae 2048 about 13 GFLOP a step, most of a seed 001 step
+on the CPU. But a ReLU code at L0 ~30 has ~30 non-zeros a row, and ``G[p, q] = sum_b f[b, p] f[b, q]`` needs only
+products of two non-zeros of one row: ``sum_b n_b^2`` of them (~0.9M here, ~5,000x fewer). Backward,
+``dL/df[b, p] = sum_q (dG[p, q] + dG[q, p]) f[b, q]`` at the non-zeros only: where ``f == 0`` the dense product
+gives a gradient too, which the ReLU behind ``f`` (the only activation of these archs) sets to zero; so callers
+must pass a ReLU-type code (``f = 0`` exactly where its gradient is not wanted).
+
+:func:`coactivation_gram` runs the compiled kernels (``code_gram`` / ``code_gram_backward`` of
+``csrc/native.cpp``) for an fp32 CPU code with at most :data:`MAX_PAIRS` products, and the dense matmul otherwise:
+a run's first steps (L0 ~d_sae / 2), CUDA (where the matmul is fast), bf16 under autocast (whose dense Gram is a
+bf16 matmul: the kernel would change its numerics), no compiler. Same maths as the dense product, summed in
+another order (fp32 rounding; tests/test_sparse_gram.py compares both, values and gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .native import load_native
+
+# Most (latent, latent) products per batch the kernel forms; beyond it (L0 ~64 at batch 1024 past 2^22) the dense
+# matmul runs: the kernel's scattered adds cost ~10-20x a matmul's multiply-add, and a run's first steps, at
+# L0 ~d_sae / 2, would need ~B d_sae^2 / 4 of them.
+MAX_PAIRS = 1 << 22
+
+
+class _CodeGram(torch.autograd.Function):
+    """``f^T f`` from the kernel's ``(gram, crow, cols, vals)``; backward: ``df`` at the non-zeros only."""
+
+    @staticmethod
+    def forward(ctx, f, gram, crow, cols, vals):
+        ctx.save_for_backward(crow, cols, vals)
+        return gram
+
+    @staticmethod
+    def backward(ctx, grad):
+        crow, cols, vals = ctx.saved_tensors
+        return load_native().code_gram_backward(grad.float(), crow, cols, vals), None, None, None, None
+
+
+def coactivation_gram(f: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+    """``f^T f``: fp32 ``[d_sae, d_sae]`` (not divided by the batch) of a ReLU-type code ``f [batch, d_sae]``.
+
+    From the code's non-zeros (module docstring) for an fp32 CPU code of at most :data:`MAX_PAIRS` products when
+    the compiled module is built; else ``(f.T @ f).float()``. ``stats``: a dict whose ``"sparse_gram"`` count is
+    raised by one when the non-zeros path ran (the arch's counter, so a log shows which path a step took).
+    """
+    mod = load_native() if f.device.type == "cpu" and f.dtype == torch.float32 and f.dim() == 2 else None
+    if mod is not None:
+        with torch.profiler.record_function("saestrata::code_gram"):
+            out = mod.code_gram(f.detach().contiguous(), MAX_PAIRS)
+        if out:
+            if stats is not None:
+                stats["sparse_gram"] = stats.get("sparse_gram", 0) + 1
+            return _CodeGram.apply(f, *out)
+    return (f.T @ f).float()
+
+
+__all__ = ["MAX_PAIRS", "coactivation_gram"]
