@@ -243,11 +243,14 @@ def window_state(log: list[dict], skip: int) -> dict:
 
 
 def _acted(row: dict) -> str:
-    """``"; L0 31, pairs step on 50 of 50 timed steps"``-style tail of a timing's echo (empty when unknown)."""
+    """``"; L0 31, pairs step on 50 of 50 timed steps"``-style tail of a timing's echo (empty when unknown); for seed
+    000 / 001 the count of Grams the compiled kernel formed (``sparse_gram``)."""
     out = "" if row.get("l0_timed") is None else f"; L0 {row['l0_timed']:.0f}"
     start, end = row["counters"]["start"], row["counters"]["end"]
     if "sparse_steps" in end:
         out += f", pairs step on {end['sparse_steps'] - start.get('sparse_steps', 0)} of {row['steps_timed']} timed steps"
+    if "sparse_gram" in end:  # seed 000 / 001 (train/sparse_gram.py): one or two Grams a step
+        out += f", {end['sparse_gram'] - start.get('sparse_gram', 0):g} Grams from the code's non-zeros in the timed steps"
     return out
 
 

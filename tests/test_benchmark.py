@@ -260,6 +260,8 @@ def test_speed_says_which_path_its_timed_steps_took():
     assert got["counters"] == {"start": log[3]["counters"], "end": log[7]["counters"]}
     assert _acted({**got, "steps_timed": 4}) == "; L0 36, pairs step on 4 of 4 timed steps"
     assert window_state(log, 0)["counters"]["start"] == {}
+    gram = {"steps_timed": 4, "l0_timed": 30.0, "counters": {"start": {"sparse_gram": 10}, "end": {"sparse_gram": 18}}}
+    assert _acted(gram) == "; L0 30, 8 Grams from the code's non-zeros in the timed steps"  # seed 000: two a step
     with pytest.raises(ValueError, match="leaves none"):
         window_state(log, 8)
 
