@@ -43,6 +43,27 @@ def _slot(arch: str, d_in: int, d_sae: int, target_l0: float, steps: int, first)
     return slot
 
 
+def warmed_slot(args, need: int, autocast: bool):
+    """``(batches, slot, metrics)``: ``need`` fp32 batches of ``args.batch_size`` tokens from ``args.store``'s layer
+    ``args.layer`` (scaled as the trainer scales them), a :func:`_slot` of ``args.arch`` and the metrics of its last
+    of ``args.warm_steps`` untimed steps. Exits with a message when the store is too small."""
+    from saestrata.store import ActivationStore
+
+    store = ActivationStore(args.store)
+    hook = f"blocks.{args.layer}.hook_resid_post"
+    n = args.batch_size
+    acts = store.activations(hook, 0, need * n)
+    if acts.shape[0] < need * n:
+        raise SystemExit(f"the store holds {acts.shape[0]} tokens; {need * n} are needed (fewer --steps / --rounds)")
+    scale = acts.shape[1] ** 0.5 / store.stats(hook)["mean_norm"]  # the trainer's scaling (mean norm sqrt(d_in))
+    batches = [acts[i * n:(i + 1) * n].float() * scale for i in range(need)]
+    slot = _slot(args.arch, acts.shape[1], args.d_sae, args.target_l0, args.run_steps, batches[0])
+    metrics = {}
+    for i in range(args.warm_steps):
+        metrics = slot.step(batches[i], i, autocast)
+    return batches, slot, metrics
+
+
 def _timed_steps(slot, batches, start: int, n: int, autocast: bool) -> tuple[float, float]:
     """Median step ms of ``n`` trainer steps on ``batches[start:start + n]`` and the steps' mean L0."""
     times, l0 = [], []
@@ -104,21 +125,10 @@ def main() -> None:
     tune_allocator()  # as the CLI does
     import torch
 
-    from saestrata.store import ActivationStore
-
-    store = ActivationStore(args.store)
-    hook = f"blocks.{args.layer}.hook_resid_post"
-    n, need = args.batch_size, args.warm_steps + 2 * args.rounds * args.steps
-    acts = store.activations(hook, 0, need * n)
-    if acts.shape[0] < need * n:
-        raise SystemExit(f"the store holds {acts.shape[0]} tokens; {need * n} are needed (fewer --steps / --rounds)")
-    scale = acts.shape[1] ** 0.5 / store.stats(hook)["mean_norm"]  # the trainer's scaling (mean norm sqrt(d_in))
-    batches = [acts[i * n:(i + 1) * n].float() * scale for i in range(need)]
-    slot = _slot(args.arch, acts.shape[1], args.d_sae, args.target_l0, args.run_steps, batches[0])
+    n = args.batch_size
+    batches, slot, metrics = warmed_slot(args, args.warm_steps + 2 * args.rounds * args.steps, args.autocast)
     sae = slot.sae
-    for i in range(args.warm_steps):
-        metrics = slot.step(batches[i], i, args.autocast)
-    print(f"{torch.get_num_threads()} thread(s); {args.arch} SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, batch {n}, "
+    print(f"{torch.get_num_threads()} thread(s); {args.arch} SAE d_in {batches[0].shape[1]}, d_sae {args.d_sae}, batch {n}, "
           f"{'bf16 autocast' if args.autocast else 'fp32'}; torch {torch.__version__}")
     print(f"after {args.warm_steps} untimed steps: L0 {metrics['l0']:.1f}, {sae.sparse_steps} of them on the pairs")
     at = args.warm_steps
@@ -141,7 +151,7 @@ def main() -> None:
     print(f"median step: dense {dense:.1f} ms, pairs {sparse:.1f} ms -> {dense / sparse:.2f}x; encoder matmul alone "
           f"{mm_ms:.1f} ms (dense {dense / mm_ms:.2f}x, pairs {sparse / mm_ms:.2f}x of it)")
     if args.crossover:
-        _crossover(args.arch, acts.shape[1], args.d_sae, batches[-1], [int(v) for v in args.crossover.split(",")], args.autocast)
+        _crossover(args.arch, batches[0].shape[1], args.d_sae, batches[-1], [int(v) for v in args.crossover.split(",")], args.autocast)
 
 
 if __name__ == "__main__":

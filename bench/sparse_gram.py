@@ -8,6 +8,7 @@ script trains one ``--arch`` SAE with the trainer's own step and L0 controller o
 medians, their ratio, and how many timed steps the counter ``sparse_gram`` says took the kernel (fp32).
 
     .venv/bin/python bench/sparse_gram.py --store /work/bench-data/store-train --layer 8 --arch seed001_static_hier
+    .venv/bin/python bench/sparse_gram.py --breakeven   # the Gram alone, dense vs kernel, over d_sae and L0
 """
 
 from __future__ import annotations
@@ -17,19 +18,49 @@ import statistics
 from pathlib import Path
 
 from _common import machine
-from relu_sparse import _slot, _timed_steps
+from relu_sparse import _timed_steps, warmed_slot
 from saestrata.allocator import tune_allocator
 
 ARCHS = ("seed001_fixed_ortho", "seed001_adaptive_ortho32", "seed001_adaptive_ortho64", "seed001_static_hier",
          "seed001_dynamic_hier", "seed001_contrastive_hier", "seed000_hsae", "seed000_hsae_no_separation")
 
 
+def breakeven(batch: int = 1024) -> None:
+    """Print the Gram's forward + backward time, dense matmul vs kernel (no fallback), over d_sae and code density:
+    where ``train/sparse_gram.py``'s ``RATIO`` comes from."""
+    import torch
+
+    from _common import median_ms
+    from saestrata.train.native import load_native
+    from saestrata.train.sparse_gram import _CodeGram
+
+    mod = load_native()
+    for d in (128, 256, 512, 1024, 2048):
+        for frac in (0.01, 0.05, 0.15, 0.3):
+            q = float(torch.randn(100_000, generator=torch.Generator().manual_seed(0)).quantile(1 - frac))
+            pre = (torch.randn(batch, d) - q).requires_grad_(True)
+            w = torch.randn(d, d)
+
+            def dense():
+                f = torch.relu(pre)
+                ((f.T @ f) * w).sum().backward()
+
+            def kernel():
+                f = torch.relu(pre)
+                (_CodeGram.apply(f, *mod.code_gram(f.detach(), 1 << 62)) * w).sum().backward()
+
+            pairs = int((pre > 0).sum(1).pow(2).sum())
+            a, b = median_ms(dense, 5, 1), median_ms(kernel, 5, 1)
+            print(f"d_sae {d:5d}, {frac:.0%} active: {pairs:10,d} products, B d^2 / products {batch * d * d / pairs:7.1f}; "
+                  f"dense {a:7.2f} ms, kernel {b:7.2f} ms -> {a / b:5.2f}x", flush=True)
+
+
 def main() -> None:
     """Print each round's kernel and dense medians, their ratio and the counter's share of kernel steps."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--store", type=Path, help="activation store (needed unless --breakeven)")
     ap.add_argument("--arch", choices=ARCHS, default="seed001_static_hier")
-    ap.add_argument("--layer", type=int, required=True)
+    ap.add_argument("--layer", type=int, help="its layer (needed unless --breakeven)")
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--target-l0", type=float, default=32.0)
@@ -37,27 +68,23 @@ def main() -> None:
     ap.add_argument("--warm-steps", type=int, default=150, help="untimed steps first (L0 falls towards the target)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per arm and round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--breakeven", action="store_true", help="only the Gram alone, dense vs kernel, over d_sae and L0")
     args = ap.parse_args()
     print(machine(), flush=True)
+    if args.breakeven:
+        breakeven(args.batch_size)
+        return
+    if args.store is None or args.layer is None:
+        ap.error("--store and --layer are needed (or --breakeven)")
     tune_allocator()  # as the CLI does
     import torch
 
     import saestrata.train.sparse_gram as sparse_gram
-    from saestrata.store import ActivationStore
 
-    store = ActivationStore(args.store)
-    hook = f"blocks.{args.layer}.hook_resid_post"
-    n, need = args.batch_size, args.warm_steps + 2 * args.rounds * args.steps
-    acts = store.activations(hook, 0, need * n)
-    if acts.shape[0] < need * n:
-        raise SystemExit(f"the store holds {acts.shape[0]} tokens; {need * n} are needed (fewer --steps / --rounds)")
-    scale = acts.shape[1] ** 0.5 / store.stats(hook)["mean_norm"]  # the trainer's scaling (mean norm sqrt(d_in))
-    batches = [acts[i * n:(i + 1) * n].float() * scale for i in range(need)]
-    slot = _slot(args.arch, acts.shape[1], args.d_sae, args.target_l0, args.run_steps, batches[0])
+    n = args.batch_size
+    batches, slot, metrics = warmed_slot(args, args.warm_steps + 2 * args.rounds * args.steps, False)
     sae = slot.sae
-    for i in range(args.warm_steps):
-        metrics = slot.step(batches[i], i, False)
-    print(f"{torch.get_num_threads()} thread(s); {args.arch} SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, batch {n}, "
+    print(f"{torch.get_num_threads()} thread(s); {args.arch} SAE d_in {batches[0].shape[1]}, d_sae {args.d_sae}, batch {n}, "
           f"fp32; torch {torch.__version__}")
     print(f"after {args.warm_steps} untimed steps: L0 {metrics['l0']:.1f}, Grams from the non-zeros so far "
           f"{sae.counters()['sparse_gram']:g}")

@@ -21,10 +21,11 @@ def _relu_code(batch: int, d_sae: int, shift: float, seed: int = 0) -> torch.Ten
 
 
 @pytest.mark.parametrize("shift", [2.2, 0.0])  # L0 ~1.4% and ~50% of the latents
-def test_gram_from_the_non_zeros_equals_the_dense_product_and_its_gradient(shift):
+def test_gram_from_the_non_zeros_equals_the_dense_product_and_its_gradient(shift, monkeypatch):
     pre = _relu_code(96, 160, shift)
     weight = torch.randn(160, 160, generator=torch.Generator().manual_seed(1))
     grads, grams = [], []
+    monkeypatch.setattr(sparse_gram, "RATIO", 1)  # the kernel at any density (the dense code of shift 0 too)
     for fn in (lambda f: sparse_gram.coactivation_gram(f, stats), lambda f: (f.T @ f).float()):
         stats: dict = {}
         f = torch.relu(pre)
@@ -43,14 +44,17 @@ def test_gram_from_the_non_zeros_equals_the_dense_product_and_its_gradient(shift
 
 
 def test_gram_falls_back_to_the_matmul_past_its_pair_budget(monkeypatch):
+    """The kernel runs while its products are at most batch * d_sae^2 / RATIO (the measured break-even)."""
     pre = _relu_code(32, 64, 0.0)
     f = torch.relu(pre)
     pairs = int((f != 0).sum(1).pow(2).sum())
-    monkeypatch.setattr(sparse_gram, "MAX_PAIRS", pairs - 1)
+    ratio = 32 * 64 * 64 / pairs
+    assert ratio != int(ratio)
+    monkeypatch.setattr(sparse_gram, "RATIO", int(ratio) + 1)  # budget just below the products: the matmul
     stats: dict = {}
     gram = sparse_gram.coactivation_gram(f, stats)
     assert stats == {} and torch.equal(gram, (f.T @ f).float())
-    monkeypatch.setattr(sparse_gram, "MAX_PAIRS", pairs)  # exactly at the budget: the kernel
+    monkeypatch.setattr(sparse_gram, "RATIO", int(ratio))  # just above: the kernel
     sparse_gram.coactivation_gram(f, stats)
     assert stats == {"sparse_gram": 1}
 
@@ -70,6 +74,7 @@ def test_archs_on_the_sparse_gram_equal_their_dense_step(arch, monkeypatch):
         sae = build(arch, d_in, d_sae, seed=5).train()
         sae.init_b_dec(x)
         sae.b_enc.data -= 0.5  # a sparser code than at init, as in training
+        monkeypatch.setattr(sparse_gram, "RATIO", 1)  # the kernel whatever this tiny code's density
         out = sae(x)
         out.loss.backward()
         monkeypatch.undo()
@@ -87,7 +92,8 @@ def test_archs_on_the_sparse_gram_equal_their_dense_step(arch, monkeypatch):
         torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_hsae_counter_survives_a_checkpoint():
+def test_hsae_counter_survives_a_checkpoint(monkeypatch):
+    monkeypatch.setattr(sparse_gram, "RATIO", 1)  # the kernel whatever this tiny code's density
     sae = build("seed000_hsae", 16, 32).train()
     sae(torch.randn(8, 16))
     state = sae.extra_state()

@@ -11,8 +11,8 @@ gives a gradient too, which the ReLU behind ``f`` (the only activation of these 
 must pass a ReLU-type code (``f = 0`` exactly where its gradient is not wanted).
 
 :func:`coactivation_gram` runs the compiled kernels (``code_gram`` / ``code_gram_backward`` of
-``csrc/native.cpp``) for an fp32 CPU code with at most :data:`MAX_PAIRS` products, and the dense matmul otherwise:
-a run's first steps (L0 ~d_sae / 2), CUDA (where the matmul is fast), bf16 under autocast (whose dense Gram is a
+``csrc/native.cpp``) for an fp32 CPU code with at most ``batch * d_sae^2 /`` :data:`RATIO` products, and the dense
+matmul otherwise: a run's first steps (L0 ~d_sae / 2), CUDA (where the matmul is fast), bf16 under autocast (whose dense Gram is a
 bf16 matmul: the kernel would change its numerics), no compiler. Same maths as the dense product, summed in
 another order (fp32 rounding; tests/test_sparse_gram.py compares both, values and gradients).
 """
@@ -23,10 +23,12 @@ import torch
 
 from .native import load_native
 
-# Most (latent, latent) products per batch the kernel forms; beyond it (L0 ~64 at batch 1024 past 2^22) the dense
-# matmul runs: the kernel's scattered adds cost ~10-20x a matmul's multiply-add, and a run's first steps, at
-# L0 ~d_sae / 2, would need ~B d_sae^2 / 4 of them.
-MAX_PAIRS = 1 << 22
+# The kernel runs when its products are at most 1/RATIO of the dense matmul's multiply-adds (B d_sae^2).
+# `bench/sparse_gram.py --breakeven` (twenty-ninth session, Intel Xeon with AMX, 2 threads, fp32, forward + backward,
+# B 1024, d_sae 128-2048; docs/results/bench/sparse_gram_breakeven_2026-12-06.txt): the kernel is 2.3-7.6x faster
+# than the matmul at B d^2 / products ~5,500-9,300 (L0 1% of d_sae), 1.5-2.8x at ~340-385 (5%), 0.5-0.8x at ~42-44
+# (15%), 0.1-0.3x at ~11 (30%). A run's first steps (L0 ~d_sae / 2) take the matmul.
+RATIO = 100
 
 
 class _CodeGram(torch.autograd.Function):
@@ -46,14 +48,14 @@ class _CodeGram(torch.autograd.Function):
 def coactivation_gram(f: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
     """``f^T f``: fp32 ``[d_sae, d_sae]`` (not divided by the batch) of a ReLU-type code ``f [batch, d_sae]``.
 
-    From the code's non-zeros (module docstring) for an fp32 CPU code of at most :data:`MAX_PAIRS` products when
-    the compiled module is built; else ``(f.T @ f).float()``. ``stats``: a dict whose ``"sparse_gram"`` count is
+    From the code's non-zeros (module docstring) for an fp32 CPU code of at most ``batch * d_sae^2 /`` :data:`RATIO`
+    products when the compiled module is built; else ``(f.T @ f).float()``. ``stats``: a dict whose ``"sparse_gram"`` count is
     raised by one when the non-zeros path ran (the arch's counter, so a log shows which path a step took).
     """
     mod = load_native() if f.device.type == "cpu" and f.dtype == torch.float32 and f.dim() == 2 else None
     if mod is not None:
         with torch.profiler.record_function("saestrata::code_gram"):
-            out = mod.code_gram(f.detach().contiguous(), MAX_PAIRS)
+            out = mod.code_gram(f.detach().contiguous(), f.shape[0] * f.shape[1] ** 2 // RATIO)
         if out:
             if stats is not None:
                 stats["sparse_gram"] = stats.get("sparse_gram", 0) + 1
@@ -61,4 +63,4 @@ def coactivation_gram(f: torch.Tensor, stats: dict | None = None) -> torch.Tenso
     return (f.T @ f).float()
 
 
-__all__ = ["MAX_PAIRS", "coactivation_gram"]
+__all__ = ["RATIO", "coactivation_gram"]
