@@ -87,18 +87,18 @@ def main() -> None:
     print(f"{torch.get_num_threads()} thread(s); {args.arch} SAE d_in {batches[0].shape[1]}, d_sae {args.d_sae}, batch {n}, "
           f"fp32; torch {torch.__version__}")
     print(f"after {args.warm_steps} untimed steps: L0 {metrics['l0']:.1f}, Grams from the non-zeros so far "
-          f"{sae.counters()['sparse_gram']:g}")
+          f"{sae.counters().get('sparse_gram', 0):g}")
     native = sparse_gram.load_native
     at = args.warm_steps
     res: dict[str, list[float]] = {"dense": [], "kernel": []}
     for r in range(args.rounds):
         for arm in ("dense", "kernel"):
             sparse_gram.load_native = native if arm == "kernel" else (lambda: None)
-            before = sae.counters()["sparse_gram"]
+            before = sae.counters().get("sparse_gram", 0)
             ms, l0 = _timed_steps(slot, batches, at, args.steps, False)
             at += args.steps
             res[arm].append(ms)
-            print(f"  round {r + 1} {arm:6s}: {ms:6.1f} ms/step (L0 {l0:5.1f}, {sae.counters()['sparse_gram'] - before:g} "
+            print(f"  round {r + 1} {arm:6s}: {ms:6.1f} ms/step (L0 {l0:5.1f}, {sae.counters().get('sparse_gram', 0) - before:g} "
                   f"Grams from the non-zeros in {args.steps} steps)")
     sparse_gram.load_native = native
     dense, kernel = statistics.median(res["dense"]), statistics.median(res["kernel"])

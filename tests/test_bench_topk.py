@@ -45,3 +45,15 @@ def test_topk_auxk_runs_until_latents_die(tiny_store, arch):
                "--profile", "2")
     assert f"{arch} d_in" in out and "AuxK acting" in out, out
     assert "profile of 2 steps" in out and "Self CPU" in out
+
+
+def test_relu_sparse_and_sparse_gram_run_on_their_shared_setup(tiny_store):
+    """bench/relu_sparse.py and bench/sparse_gram.py share ``relu_sparse.warmed_slot`` (store batches, the trainer's
+    slot, its untimed steps): both run end to end and print their ratio lines and counters."""
+    common = ["--store", str(tiny_store), "--layer", "2", "--d-sae", "64", "--batch-size", "64", "--warm-steps", "2",
+              "--steps", "2", "--rounds", "1"]
+    out = _run("relu_sparse.py", *common, "--arch", "standard")
+    assert out.splitlines()[0].startswith("machine: ") and "median step: dense" in out and "on the pairs" in out
+    out = _run("sparse_gram.py", *common, "--arch", "seed001_static_hier")
+    assert out.splitlines()[0].startswith("machine: ") and "median step: dense Gram" in out
+    assert "Grams from the non-zeros in 2 steps" in out

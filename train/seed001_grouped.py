@@ -329,7 +329,7 @@ class _ReluL1SAE(SAE):
         non-zeros, :func:`latent_gram`) and ``inter_group_corr`` (:func:`inter_group_correlation` of
         the batch over the current groups, seed 001 sec. 6.2's "feature correlation").
         """
-        return {**super().counters(), **self._stats}
+        return {**super().counters(), "sparse_gram": 0, **self._stats}  # 0 until the kernel first runs
 
     def extra_state(self) -> dict:
         """``{"calls": int, "stats": dict}``: training forwards seen (they schedule the every-N-steps
