@@ -42,10 +42,12 @@ def breakeven(batch: int = 1024) -> None:
             w = torch.randn(d, d)
 
             def dense():
+                """Forward + backward of ``sum(G * w)`` with ``G = f^T f`` by the dense matmul."""
                 f = torch.relu(pre)
                 ((f.T @ f) * w).sum().backward()
 
             def kernel():
+                """The same with ``G`` from the code's non-zeros (the compiled kernels, no fallback)."""
                 f = torch.relu(pre)
                 (_CodeGram.apply(f, *mod.code_gram(f.detach(), 1 << 62)) * w).sum().backward()
 

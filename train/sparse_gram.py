@@ -36,11 +36,15 @@ class _CodeGram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f, gram, crow, cols, vals):
+        """``gram`` (fp32 ``[d_sae, d_sae]``, computed by ``code_gram`` from ``f [B, d_sae]``) as ``f``'s function;
+        keeps the code's CSR (``crow`` long ``[B + 1]``, ``cols`` long ``[N]``, ``vals`` fp32 ``[N]``)."""
         ctx.save_for_backward(crow, cols, vals)
         return gram
 
     @staticmethod
     def backward(ctx, grad):
+        """``dL/df`` fp32 ``[B, d_sae]`` from ``grad = dL/dG`` ``[d_sae, d_sae]``: ``sum_q (grad[p, q] + grad[q, p])
+        f[b, q]`` at ``f``'s non-zeros, 0 elsewhere (``code_gram_backward``); no gradient for the other inputs."""
         crow, cols, vals = ctx.saved_tensors
         return load_native().code_gram_backward(grad.float(), crow, cols, vals), None, None, None, None
 
