@@ -1,4 +1,4 @@
-"""The ReLU-type SAEs' training step (standard, jumprelu, seeds 004 and 000), dense vs on their active pairs (issue 14).
+"""The ReLU-type SAEs' training step (standard, jumprelu, seeds 004, 000 and 001), dense vs on their active pairs (issue 14).
 
 A ReLU SAE trained to L0 ~30 of thousands of latents spends four of the dense step's five
 ``[batch, d_in] x [d_in, d_sae]``-sized matmuls on zeros. ``train/standard.py`` runs such steps on the
@@ -28,6 +28,10 @@ from pathlib import Path
 
 from _common import machine, median_ms
 from saestrata.allocator import tune_allocator
+
+
+SEED001 = ("seed001_fixed_ortho", "seed001_adaptive_ortho32", "seed001_adaptive_ortho64", "seed001_static_hier",
+           "seed001_dynamic_hier", "seed001_contrastive_hier")  # the pairs step with penalties on the dense code
 
 
 def _slot(arch: str, d_in: int, d_sae: int, target_l0: float, steps: int, first):
@@ -109,7 +113,8 @@ def main() -> None:
     """Print the dense and the pairs step's medians per round, their ratio, and the encoder matmul alone."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
-    ap.add_argument("--arch", choices=("standard", "jumprelu", "seed004-groups", "seed000_adaptive"), default="standard")
+    ap.add_argument("--arch", choices=("standard", "jumprelu", "seed004-groups", "seed000_adaptive", *SEED001),
+                    default="standard")
     ap.add_argument("--layer", type=int, required=True)
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=1024)

@@ -595,3 +595,42 @@ def test_seed000_adaptive_pairs_step_equals_the_dense_step_with_the_masks_gradie
     torch.testing.assert_close(out_s.f, out_d.f, **TOL)
     _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
     assert float(dense.importance.grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize("arch", ["seed001_fixed_ortho", "seed001_adaptive_ortho32", "seed001_adaptive_ortho64",
+                                  "seed001_static_hier", "seed001_dynamic_hier", "seed001_contrastive_hier"])
+def test_seed001_pairs_step_with_penalties_on_the_dense_code_equals_the_dense_step(arch):
+    """Seed 001's SAEs on the pairs step (train/relu_pairs.py's DenseCodePairsMixin): the reconstruction on the pairs,
+    the penalties (Eq. 4's Gram, group statistics, entropy, InfoNCE) on the dense code the fused op hands out.
+    Every loss term, x_hat, the code, every parameter's gradient and the input's, and the mechanism counters equal
+    the dense step's; the counter ``sparse_steps`` survives a checkpoint. The penalties' gradient reaches W_enc /
+    b_enc only through the pairs' dv in the compiled backward (dropping it fails the W_enc comparison)."""
+    d_in, d_sae = 200, 512
+    x = torch.randn(96, d_in, generator=torch.Generator().manual_seed(2)) * 3
+    runs = []
+    for kernels in ("dense", "sparse"):
+        sae = build(arch, d_in, d_sae, seed=5, kernels=kernels).train()
+        sae.init_b_dec(x)
+        with torch.no_grad():
+            sae.b_enc.sub_(4.5)  # ~7% of the entries positive: under the pairs step's density cap
+        x_in = x.clone().requires_grad_()
+        out = sae(x_in)
+        runs.append((sae, out, x_in))
+    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
+    assert sparse.sparse_steps == 1 and out_s.active is not None and dense.sparse_steps == 0
+    assert 0.02 < out_s.l0() / d_sae < 1 / 8
+    assert out_d.losses.keys() == out_s.losses.keys() and len(out_d.losses) >= 3  # mse, l1 and Eq. 4's terms
+    for key in out_d.losses:
+        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=1e-4, atol=1e-6, msg=key)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
+    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    torch.testing.assert_close(out_s.sq_error, (x - out_d.x_hat.detach()).pow(2).sum(-1).mean(), rtol=1e-5, atol=1e-4)
+    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
+    c_d, c_s = dense.counters(), sparse.counters()
+    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0
+    assert c_d.keys() == c_s.keys()
+    for key in c_d:
+        assert math.isclose(c_d[key], c_s[key], rel_tol=1e-4, abs_tol=1e-6), key
+    fresh = build(arch, d_in, d_sae)
+    fresh.load_extra_state(sparse.extra_state())
+    assert fresh.counters()["sparse_steps"] == 1

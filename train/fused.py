@@ -212,11 +212,17 @@ class _FusedPairs(torch.autograd.Function):
     * ``theta`` (fp32 ``[L]``, may carry a gradient) with ``window`` (:class:`JumpWindow`): JumpReLU's thresholds;
       the decode is ``f = z H(z - theta)`` of the pairs (all above theta), and ``theta`` gets the reconstruction's
       pseudo-derivative ``sum_b -(theta / eps) K((z - theta) / eps) d loss / d f`` (sec. 4, rectangle ``K``) over
-      the window's entries, whose ``d loss / d f = coef <e, W_dec[i]>`` are formed only there."""
+      the window's entries, whose ``d loss / d f = coef <e, W_dec[i]>`` are formed only there.
+    * ``code`` (True): a fifth output, the code ``f`` as a dense fp32 ``[B, L]`` tensor (zero off the pairs) that
+      carries a gradient, for penalties that are not linear in the activations (seed 001's Eq. 4 Gram, its
+      entropy weights and InfoNCE, :class:`.relu_pairs.DenseCodePairsMixin`); its gradient at the pairs joins the
+      pairs' ``dv`` inside the compiled backward like ``pen_w``'s (off the pairs it is dropped: there the dense
+      step's ReLU passes none)."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux, pen_w, theta, window, gain):
-        """Autograd forward: the decode, the squared error, AuxK and the linear penalty of the given pairs."""
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, act, vals, norms, aux, pen_w, theta, window, gain, code=False):
+        """Autograd forward: the decode, the squared error, AuxK and the linear penalty of the given pairs (and
+        the dense code when ``code``)."""
         mod = load_native()
         xf = x.detach().float()
         f = vals if gain is None else vals * gain.detach().float()[act.cols]
@@ -228,17 +234,23 @@ class _FusedPairs(torch.autograd.Function):
         ctx.save_for_backward(xf, e, de, b_dec, W_enc, W_dec, vals, f, mse, pen_w, theta, gain)
         ctx.x_dtype, ctx.norms, ctx.aux, ctx.act, ctx.window = x.dtype, norms, aux, act, window
         ctx.mark_non_differentiable(x_hat)
-        return mse, aux_loss, pen, x_hat
+        if not code:
+            return mse, aux_loss, pen, x_hat
+        return mse, aux_loss, pen, x_hat, act.to_dense(f, torch.float32)
 
     @staticmethod
-    def backward(ctx, grad_mse, grad_aux, grad_pen, _grad_x_hat):
-        """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms``, ``aux`` and ``window``."""
+    def backward(ctx, grad_mse, grad_aux, grad_pen, _grad_x_hat, *grad_code):
+        """Gradients of the inputs that need them; None for ``act``, ``vals``, ``norms``, ``aux``, ``window`` and
+        ``code``."""
         xf, e, de, b_dec, W_enc, W_dec, vals, f, mse, pen_w, theta, gain = ctx.saved_tensors
         act = ctx.act
         B = xf.shape[0]
         coef = 2 * float(grad_mse) / B
         scale = float(grad_pen) / B if pen_w is not None else 0.0
         d_f_pen = pen_w.detach().float()[act.cols] * scale if scale != 0.0 else None  # the penalty's d loss / d f
+        if grad_code and grad_code[0] is not None:  # the dense code's gradient, at the pairs
+            at_pairs = grad_code[0].float()[act.rows, act.cols]
+            d_f_pen = at_pairs if d_f_pen is None else d_f_pen + at_pairs
         g = None if gain is None else gain.detach().float()[act.cols]
         dv_add = xf.new_empty(0) if d_f_pen is None else (d_f_pen if g is None else d_f_pen * g)
         with torch.profiler.record_function("saestrata::topk_fused_backward"):
@@ -255,7 +267,7 @@ class _FusedPairs(torch.autograd.Function):
         if gain is not None and ctx.needs_input_grad[12]:  # sum over the latent's pairs of pre * d loss / d f
             d_f = coef * de if d_f_pen is None else coef * de + d_f_pen
             d_gain = torch.zeros_like(gain, dtype=torch.float32).index_add_(0, act.cols, vals * d_f).to(gain.dtype)
-        return *grads, None, None, None, None, d_pen_w, d_theta, None, d_gain
+        return *grads, None, None, None, None, d_pen_w, d_theta, None, d_gain, None
 
 
 def _threshold_grad(window: JumpWindow, theta: torch.Tensor, e: torch.Tensor, coef: float,
@@ -429,6 +441,28 @@ def fused_pairs_jump(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, t
     return mse, x_hat
 
 
+def fused_pairs_code(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor):
+    """A ReLU SAE's reconstruction on its positive pre-activations in one fused op, with its code handed out dense
+    for penalties of any form (:class:`.relu_pairs.DenseCodePairsMixin`, seed 001): ``(mse, x_hat, f)``.
+
+    Args:
+        x: ``[B, d_in]`` inputs (fp32 or bf16) on CPU; ``sae``: as :func:`fused_topk`'s (any decoder norms).
+        act: the row-sorted pairs with ``mm + b_enc > 0`` (:class:`.kernels.ActiveSet` without groups), ``N``.
+        vals: fp32 ``[N]`` their pre-activations, all > 0 (= the ReLU'd latents; no autograd).
+    Returns:
+        ``mse`` and ``x_hat`` as :func:`fused_pairs`'s; ``f`` fp32 ``[B, d_sae]``, ``vals`` at the pairs and 0
+        elsewhere (the dense step's ``ReLU(pre)``). ``mse`` and every loss computed from ``f`` are differentiable in
+        the SAE's parameters and ``x``; ``f``'s gradient reaches the encoder through the pairs' ``dv`` inside the
+        compiled latent-grouped backward (no dense encoder-gradient matmul), and off the pairs it is dropped, as
+        the dense step's ReLU drops it. Gradient norms are not handed to the clip.
+    Raises:
+        RuntimeError: from the compiled module on shape or dtype mismatches.
+    """
+    mse, _, _, x_hat, f = _FusedPairs.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, act, vals, None, None,
+                                            None, None, None, None, True)
+    return mse, x_hat, f
+
+
 def fused_nested(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms: GradSqNorms | None = None,
                  aux: AuxKPairs | None = None):
     """Matryoshka's training losses on its selected pairs in one fused op: ``(errors, aux_loss, x_hat)``.
@@ -450,4 +484,4 @@ def fused_nested(x: torch.Tensor, sae, act: ActiveSet, vals: torch.Tensor, norms
 
 
 __all__ = ["AuxKPairs", "GradSqNorms", "JumpWindow", "encoder_mm", "fused_available", "fused_nested", "fused_pairs",
-           "fused_pairs_jump", "fused_pairs_l1", "fused_topk"]
+           "fused_pairs_code", "fused_pairs_jump", "fused_pairs_l1", "fused_topk"]

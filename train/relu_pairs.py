@@ -1,5 +1,5 @@
 """Training the ReLU-type SAEs on their active pairs (issue 14): ``standard``, ``jumprelu``, seed 004's groups,
-seed 000's importance masks.
+seed 000's importance masks, seed 001's grouped / hierarchical SAEs.
 
 A ReLU SAE trained to L0 ~30 of thousands of latents spends four of the dense step's five
 ``[batch, d_in] x [d_in, d_sae]``-sized matmuls on zeros (the decode, its two gradients, the encoder's
@@ -15,7 +15,9 @@ dense step, whose matmul then runs a second time (the pairs' count is known only
 :class:`PairsStepMixin` holds the switch, the dispatch and the ``sparse_steps`` counter (train log,
 checkpoints); :class:`WeightedL1PairsMixin` is the whole pairs step of a ReLU SAE whose penalty is linear
 in the activations, ``mean_b sum_i w_i f_i`` (``standard``: ``w = lambda ||W_dec[i]||``; seed 004: ``w`` per
-group; seed000_adaptive: ``f = ReLU(pre) sigmoid(importance)``, a per-latent gain). JumpReLU's step (thresholds and a straight-through window) is its own (:mod:`.jumprelu`).
+group; seed000_adaptive: ``f = ReLU(pre) sigmoid(importance)``, a per-latent gain). :class:`DenseCodePairsMixin` is the pairs
+step of a ReLU SAE whose penalties need the whole code (seed 001): it hands them the code as a dense tensor whose
+gradient joins the pairs' in the compiled backward. JumpReLU's step (thresholds and a straight-through window) is its own (:mod:`.jumprelu`).
 
 Measured (``bench/relu_sparse.py``, d_in 640, d_sae 2048, batch 1024, fp32, layer 8 of the benchmark store,
 L0 ~32): standard 101.7 -> 24.4 ms a step (4.17x), jumprelu 112.7 -> 28.4 ms (3.97x).
@@ -26,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .base import SAE, ForwardOutput
-from .fused import encoder_mm, fused_available, fused_pairs_l1
+from .fused import encoder_mm, fused_available, fused_pairs_code, fused_pairs_l1
 from .kernels import ActiveSet
 from .native import batch_topk_pairs
 
@@ -124,4 +126,28 @@ class WeightedL1PairsMixin(PairsStepMixin):
                              f_dtype=torch.promote_types(mm.dtype, self.b_enc.dtype), sq_error=mse.detach())
 
 
-__all__ = ["PairsStepMixin", "SPARSE_MAX_DENSITY", "WeightedL1PairsMixin", "positive_pairs"]
+class DenseCodePairsMixin(PairsStepMixin):
+    """The pairs step of a plain ReLU SAE whose penalties read the code ``f`` in any way (seed 001's Eq. 4 Gram,
+    group statistics, InfoNCE): the reconstruction runs on the pairs with ``pre > 0`` (:func:`.fused.fused_pairs_code`),
+    the penalties get the dense code it hands out, and their gradient reaches the encoder through the pairs inside
+    the compiled backward. It saves the decode and its gradients and the encoder's weight-gradient matmul; what
+    the penalties themselves cost stays.
+
+    The arch's ``activation`` must be ``ReLU(pre)`` and its ``penalties(x, pre, f, x_hat)`` must read neither ``pre``
+    (None here) nor ``x_hat``'s gradient (``x_hat`` is detached here); ``x`` and ``f`` as in the dense step.
+    """
+
+    def _pairs_forward(self, x: torch.Tensor) -> ForwardOutput | None:
+        """Decode and squared error of the pairs with ``pre > 0``, the penalties on their dense code (None when
+        the batch is dense)."""
+        picked = positive_pairs(self, x)
+        if picked is None:
+            return None
+        mm, rows, cols, vals = picked
+        act = ActiveSet(rows, cols, *mm.shape)
+        mse, x_hat, f = fused_pairs_code(x, self, act, vals)
+        return ForwardOutput(x_hat, f, {"mse": mse, **self.penalties(x, None, f, x_hat)}, active=act, values=vals,
+                             sq_error=mse.detach())
+
+
+__all__ = ["DenseCodePairsMixin", "PairsStepMixin", "SPARSE_MAX_DENSITY", "WeightedL1PairsMixin", "positive_pairs"]

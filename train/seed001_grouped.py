@@ -88,6 +88,8 @@ from torch import nn
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, groups_from_ids
+from .kernels import check_kernels
+from .relu_pairs import DenseCodePairsMixin
 from .sparse_gram import coactivation_gram
 
 SEED = "shared/seeds/001_0012a683e3519a7f.txt"
@@ -280,14 +282,20 @@ def coactivation_groups(f: torch.Tensor, ids: torch.Tensor, n_groups: int) -> to
 # --------------------------------------------------------------------------------------
 # Architectures
 # --------------------------------------------------------------------------------------
-class _ReluL1SAE(SAE):
-    """ReLU encoder, unit-norm decoder, plain L1 (seed 001 sec. 3.1 and Eq. 3's first two terms)."""
+class _ReluL1SAE(DenseCodePairsMixin, SAE):
+    """ReLU encoder, unit-norm decoder, plain L1 (seed 001 sec. 3.1 and Eq. 3's first two terms).
+
+    ``kernels``: ``"sparse"`` (default: on the CPU, once a batch is sparse enough, the reconstruction on the pairs
+    with ``pre > 0`` and the penalties on their dense code, :class:`.relu_pairs.DenseCodePairsMixin`; counted in
+    ``sparse_steps``) or ``"dense"`` (always the dense step); same maths. None = ``kernels.DEFAULT_KERNELS``.
+    """
 
     unit_norm_decoder = True
 
-    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0):
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0, kernels: str | None = None):
         super().__init__(d_in, d_sae, seed)
         self.l1_coeff = l1_coeff
+        self.kernels = check_kernels(kernels)
         self._calls = 0  # training forwards seen; drives the every-N-steps updates
         # Mechanism counters (plain floats, see counters()); saved in extra_state so a resumed run logs the same.
         self._stats: dict[str, float] = {}
@@ -370,6 +378,7 @@ class GroupedOrthoSAE(_ReluL1SAE):
         adaptive: re-form groups and adapt alpha.
         alpha_range: ``[lo, hi]`` of the adaptive alpha.
         update_every: training steps between adaptive updates.
+        kernels: ``"sparse"`` (default) or ``"dense"`` training step (:class:`_ReluL1SAE`).
     Raises:
         ArchError: bad group count, alpha range or update interval.
     Buffers: ``group_ids [d_sae]`` int64, ``alpha`` scalar float32 (saved with the SAE).
@@ -379,8 +388,8 @@ class GroupedOrthoSAE(_ReluL1SAE):
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0, n_groups: int = 32,
                  alpha: float = 0.1, adaptive: bool = False, alpha_range: tuple | list = (0.05, 0.15),
-                 update_every: int = 100):
-        super().__init__(d_in, d_sae, seed, l1_coeff)
+                 update_every: int = 100, kernels: str | None = None):
+        super().__init__(d_in, d_sae, seed, l1_coeff, kernels)
         lo, hi = (float(v) for v in alpha_range)
         if not 0 <= lo <= hi or update_every < 1:
             raise ArchError(f"need 0 <= alpha_range[0] <= alpha_range[1] and update_every >= 1, "
@@ -442,6 +451,7 @@ class StaticHierSAE(_ReluL1SAE):
         d_in, d_sae, seed, l1_coeff: see :class:`GroupedOrthoSAE`.
         n_coarse, n_fine: hierarchy shape (``n_coarse * n_fine <= d_sae``).
         alpha_l1, alpha_l2: level weights (paper: 0.4, 0.2).
+        kernels: ``"sparse"`` (default) or ``"dense"`` training step (:class:`_ReluL1SAE`).
     Raises:
         ArchError: more fine groups than latents.
     """
@@ -449,8 +459,8 @@ class StaticHierSAE(_ReluL1SAE):
     arch = "seed001_static_hier"
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, l1_coeff: float = 5.0, n_coarse: int = 8,
-                 n_fine: int = 8, alpha_l1: float = 0.4, alpha_l2: float = 0.2):
-        super().__init__(d_in, d_sae, seed, l1_coeff)
+                 n_fine: int = 8, alpha_l1: float = 0.4, alpha_l2: float = 0.2, kernels: str | None = None):
+        super().__init__(d_in, d_sae, seed, l1_coeff, kernels)
         self.n_coarse, self.n_fine, self.alpha_l1, self.alpha_l2 = n_coarse, n_fine, alpha_l1, alpha_l2
         fine = static_group_ids(d_sae, n_coarse * n_fine)
         self.register_buffer("fine_ids", fine)  # coarse group of fine k is k // n_fine (nesting)
@@ -512,6 +522,7 @@ class DynamicHierSAE(StaticHierSAE):
             once, the paper's "entropy regularization on group assignments" read literally) or
             ``"activity"`` (each latent weighted by its summed activation in the batch, so dead latents
             cannot keep it high while the live ones collapse; not in the paper, a study option).
+        kernels: ``"sparse"`` (default) or ``"dense"`` training step (:class:`_ReluL1SAE`).
     Raises:
         ArchError: bad ``contrast_over`` or ``entropy_over``, ``update_every < 1`` or too many groups.
     Buffers: ``assign_coarse``, ``assign_fine`` (cached assignments, saved); the inherited static
@@ -524,8 +535,8 @@ class DynamicHierSAE(StaticHierSAE):
                  n_fine: int = 8, alpha_l1: float = 0.4, alpha_l2: float = 0.2, d_key: int = 64,
                  temperature: float = 1.0, entropy_coeff: float = 0.01, update_every: int = 50,
                  contrast_coeff: float = 0.0, contrast_temperature: float = 0.1, contrast_over: str = "groups",
-                 view_noise: float = 0.1, entropy_over: str = "latents"):
-        super().__init__(d_in, d_sae, seed, l1_coeff, n_coarse, n_fine, alpha_l1, alpha_l2)
+                 view_noise: float = 0.1, entropy_over: str = "latents", kernels: str | None = None):
+        super().__init__(d_in, d_sae, seed, l1_coeff, n_coarse, n_fine, alpha_l1, alpha_l2, kernels)
         if contrast_over not in ("groups", "tokens") or entropy_over not in ("latents", "activity") or update_every < 1:
             raise ArchError(f"contrast_over must be 'groups' or 'tokens', entropy_over 'latents' or 'activity' and "
                             f"update_every >= 1, got {contrast_over!r}, {entropy_over!r}, {update_every}")
