@@ -634,3 +634,51 @@ def test_seed001_pairs_step_with_penalties_on_the_dense_code_equals_the_dense_st
     fresh = build(arch, d_in, d_sae)
     fresh.load_extra_state(sparse.extra_state())
     assert fresh.counters()["sparse_steps"] == 1
+
+
+@pytest.mark.parametrize("preset", ["seed002-contrastive", "seed002-hierarchical"])
+def test_seed002_pairs_step_leaves_pruned_latents_out_and_equals_the_dense_step(preset):
+    """Seed 002's importance-tracking SAE on the pairs step: pruned latents (keep_mask 0) never become pairs, the
+    unlearning term's L2 on their pre-activations (eq. 4) is formed from their encoder columns alone, the KL on the
+    candidates, the cluster decorrelation and the L1 read the dense code. Losses, x_hat, the code, every gradient
+    (the input's too) and the counters equal the dense step's; a bookkeeping round (clusters, importance, pruning)
+    on the pairs step's x_hat equals the dense one's."""
+    d_in, d_sae = 200, 512
+    x = torch.randn(96, d_in, generator=torch.Generator().manual_seed(3)) * 3
+    gen = torch.Generator().manual_seed(4)
+    importance = torch.rand(d_sae, generator=gen) * 0.05  # ~20% below tau = 0.01: candidates for the KL term
+    pruned = torch.randperm(d_sae, generator=gen)[:40]
+    runs = []
+    for kernels in ("dense", "sparse"):
+        sae = build(preset, d_in, d_sae, seed=5, kernels=kernels).train()
+        sae.init_b_dec(x)
+        with torch.no_grad():
+            sae.b_enc.sub_(4.5)
+            sae.b_enc[pruned] += 6.0  # pruned latents' pre-activations mostly > 0: the L2 term has work, the mask too
+            sae.importance.copy_(importance)
+            sae.keep_mask[pruned] = 0
+            sae.n_updates.fill_(3)  # scored: candidates exist
+        sae.after_step(0, 1000)  # step 1: no bookkeeping round in this forward (it would re-score the candidates)
+        x_in = x.clone().requires_grad_()
+        runs.append((sae, sae(x_in), x_in))
+    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
+    assert sparse.sparse_steps == 1 and out_s.active is not None
+    assert not torch.isin(out_s.active.cols, pruned).any()
+    assert 0.02 < out_s.l0() / d_sae < 1 / 8
+    for key in out_d.losses:
+        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=1e-4, atol=1e-6, msg=key)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
+    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
+    c_d, c_s = dense.counters(), sparse.counters()
+    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d.keys() == c_s.keys()
+    for key in c_d:
+        assert math.isclose(c_d[key], c_s[key], rel_tol=1e-4, abs_tol=1e-6), key
+    if "unlearn" in out_d.losses:  # the unlearning presets: both parts of eq. 4 acted
+        assert c_d["unlearn_kl"] > 0 and c_d["prune_l2"] > 0 and float(dense.W_enc.grad[:, pruned].abs().max()) > 0
+    for sae in (dense, sparse):  # step 100: a bookkeeping round (every preset's update_every divides it)
+        sae.after_step(99, 1000)
+        sae(x)
+    assert dense.counters()["importance_updates"] == 4 == sparse.counters()["importance_updates"]
+    assert torch.equal(dense.keep_mask, sparse.keep_mask) and torch.equal(dense.clusters, sparse.clusters)
+    torch.testing.assert_close(sparse.importance, dense.importance, rtol=1e-4, atol=1e-6)

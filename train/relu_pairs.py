@@ -1,5 +1,5 @@
 """Training the ReLU-type SAEs on their active pairs (issue 14): ``standard``, ``jumprelu``, seed 004's groups,
-seed 000's importance masks, seed 001's grouped / hierarchical SAEs.
+seed 000's importance masks, seed 001's grouped / hierarchical SAEs, seed 002's importance-tracking SAEs.
 
 A ReLU SAE trained to L0 ~30 of thousands of latents spends four of the dense step's five
 ``[batch, d_in] x [d_in, d_sae]``-sized matmuls on zeros (the decode, its two gradients, the encoder's
@@ -16,7 +16,7 @@ dense step, whose matmul then runs a second time (the pairs' count is known only
 checkpoints); :class:`WeightedL1PairsMixin` is the whole pairs step of a ReLU SAE whose penalty is linear
 in the activations, ``mean_b sum_i w_i f_i`` (``standard``: ``w = lambda ||W_dec[i]||``; seed 004: ``w`` per
 group; seed000_adaptive: ``f = ReLU(pre) sigmoid(importance)``, a per-latent gain). :class:`DenseCodePairsMixin` is the pairs
-step of a ReLU SAE whose penalties need the whole code (seed 001): it hands them the code as a dense tensor whose
+step of a ReLU SAE whose penalties need the whole code (seeds 001 and 002): it hands them the code as a dense tensor whose
 gradient joins the pairs' in the compiled backward. JumpReLU's step (thresholds and a straight-through window) is its own (:mod:`.jumprelu`).
 
 Measured (``bench/relu_sparse.py``, d_in 640, d_sae 2048, batch 1024, fp32, layer 8 of the benchmark store,
@@ -133,14 +133,20 @@ class DenseCodePairsMixin(PairsStepMixin):
     the compiled backward. It saves the decode and its gradients and the encoder's weight-gradient matmul; what
     the penalties themselves cost stays.
 
-    The arch's ``activation`` must be ``ReLU(pre)`` and its ``penalties(x, pre, f, x_hat)`` must read neither ``pre``
-    (None here) nor ``x_hat``'s gradient (``x_hat`` is detached here); ``x`` and ``f`` as in the dense step.
+    The arch's ``activation`` must be ``ReLU(pre)``, or that with some latents switched off (:meth:`pair_shift`), and
+    its ``penalties(x, pre, f, x_hat)`` must read neither ``pre`` (None here: an arch needing a few of its columns forms
+    them itself) nor ``x_hat``'s gradient (``x_hat`` is detached here); ``x`` and ``f`` as in the dense step.
     """
+
+    def pair_shift(self) -> torch.Tensor | None:
+        """fp32 ``[d_sae]`` subtracted from ``pre`` before the pairs are picked (``inf``: the latent is off, as a
+        pruned latent of seed 002), or None (default: none)."""
+        return None
 
     def _pairs_forward(self, x: torch.Tensor) -> ForwardOutput | None:
         """Decode and squared error of the pairs with ``pre > 0``, the penalties on their dense code (None when
         the batch is dense)."""
-        picked = positive_pairs(self, x)
+        picked = positive_pairs(self, x, self.pair_shift())
         if picked is None:
             return None
         mm, rows, cols, vals = picked

@@ -109,6 +109,8 @@ import torch.nn.functional as F
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, groups_from_ids
+from .kernels import check_kernels
+from .relu_pairs import DenseCodePairsMixin
 
 _EPS = 1e-8
 
@@ -249,7 +251,7 @@ def bernoulli_kl(rate: torch.Tensor, target: float) -> torch.Tensor:
     return r * torch.log(r / target) + (1 - r) * torch.log((1 - r) / (1 - target))
 
 
-class ImportanceSAE(SAE):
+class ImportanceSAE(DenseCodePairsMixin, SAE):
     """ReLU+L1 SAE with clusters, importance scores, adaptive pruning and KL unlearning.
 
     ``[batch, d_in] -> [batch, d_sae]``; pruned latents are always 0.
@@ -265,6 +267,9 @@ class ImportanceSAE(SAE):
         unlearn_coeff: beta of eq. (1) (0.3). prune_coeff: beta of eq. (4) (0.3).
         target_rate: firing rate of ``p_target`` (1e-4). profile_tokens: tokens per profile (512).
         kmeans_iters: k-means iterations per update (5).
+        kernels: ``"sparse"`` (default: on the CPU, once a batch is sparse enough, the reconstruction on the pairs
+            with ``pre > 0`` of the kept latents and the penalties on their dense code,
+            :class:`.relu_pairs.DenseCodePairsMixin`; counted in ``sparse_steps``) or ``"dense"``; same maths.
 
     Raises:
         ArchError: a hyperparameter out of range.
@@ -277,8 +282,9 @@ class ImportanceSAE(SAE):
                  min_cluster_size: int = 5, contrast_coeff: float = 0.2, importance_weights=(0.35, 0.5, 0.15),
                  memory: float = 0.9, update_every: int = 50, threshold: float = 0.01, prune_rate: float = 0.05,
                  unlearn_coeff: float = 0.3, prune_coeff: float = 0.3, target_rate: float = 1e-4,
-                 profile_tokens: int = 512, kmeans_iters: int = 5):
+                 profile_tokens: int = 512, kmeans_iters: int = 5, kernels: str | None = None):
         super().__init__(d_in, d_sae, seed)
+        self.kernels = check_kernels(kernels)
         if not 1 <= n_clusters <= d_sae or update_every < 1 or not 0 <= memory < 1 or len(importance_weights) != 3:
             raise ArchError("need 1 <= n_clusters <= d_sae, update_every >= 1, 0 <= memory < 1, 3 importance weights")
         bernoulli_kl(torch.zeros(1), target_rate)  # validates target_rate
@@ -320,6 +326,11 @@ class ImportanceSAE(SAE):
         """
         return torch.relu(pre) * self.keep_mask.to(pre.dtype, copy=True)
 
+    def pair_shift(self) -> torch.Tensor:
+        """``inf`` for pruned latents, 0 for kept ones (fp32 ``[d_sae]``): the pairs step leaves the pruned out, as
+        :meth:`activation`'s mask does."""
+        return torch.where(self.keep_mask > 0, 0.0, math.inf)
+
     def scored(self) -> bool:
         """True once the importance has an observation: bookkeeping round 1 or later (round 0 only clusters)."""
         return int(self.n_updates) >= 2
@@ -348,24 +359,39 @@ class ImportanceSAE(SAE):
         if self.contrast_coeff > 0:
             out["contrast"] = self.contrast_coeff * cluster_decorrelation(f, self.clusters, self.n_clusters)
         if self.unlearn_coeff > 0:
-            kl, l2 = self.unlearn_terms(pre, f)
+            kl, l2 = self.unlearn_terms(pre, f, x)
             out["unlearn"] = self.unlearn_coeff * (kl + self.prune_coeff * l2)
             if self.training:
                 self._count_unlearn(kl, l2)
         return out
 
-    def unlearn_terms(self, pre: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def unlearn_terms(self, pre: torch.Tensor | None, f: torch.Tensor,
+                      x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Seed 002 eq. (4)'s two parts, unweighted float scalars:
         ``(sum_{i cand} KL(Bern(mean_b tanh f_bi) || Bern(target_rate))`` [nats],
-        ``E_b ||relu(pre)_pruned||^2`` [squared input units]); each 0 when its latent set is empty."""
-        kl = l2 = pre.new_zeros((), dtype=torch.float32)
+        ``E_b ||relu(pre)_pruned||^2`` [squared input units]); each 0 when its latent set is empty.
+
+        ``pre`` ``[batch, d_sae]``, or None (the pairs step): the pruned latents' columns are then formed from ``x``
+        ``[batch, d_in]`` alone, a ``[d_in, n_pruned]`` matmul with autograd.
+
+        Raises:
+            ValueError: ``pre`` and ``x`` both None while latents are pruned.
+        """
+        kl = l2 = f.new_zeros((), dtype=torch.float32)
         cand = self.candidates()
         if cand.any():
             rate = torch.tanh(f.float()[:, cand]).mean(0)
             kl = bernoulli_kl(rate, self.target_rate).sum()
         pruned = self.keep_mask == 0
         if pruned.any():
-            l2 = torch.relu(pre.float()[:, pruned]).pow(2).sum(-1).mean()
+            if pre is not None:
+                cols = pre.float()[:, pruned]
+            elif x is not None:
+                idx = pruned.nonzero().flatten()
+                cols = ((x - self.b_dec) @ self.W_enc.index_select(1, idx) + self.b_enc.index_select(0, idx)).float()
+            else:
+                raise ValueError("unlearn_terms needs pre or x once latents are pruned")
+            l2 = torch.relu(cols).pow(2).sum(-1).mean()
         return kl, l2
 
     def unlearn_loss(self, pre: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
