@@ -1,4 +1,4 @@
-"""The ReLU-type SAEs' training step (standard, jumprelu, seeds 004, 000, 001, 002), dense vs on their active pairs (issue 14).
+"""The ReLU-type SAEs' training step (standard, jumprelu, seeds 000-004), dense vs on their active pairs (issue 14).
 
 A ReLU SAE trained to L0 ~30 of thousands of latents spends four of the dense step's five
 ``[batch, d_in] x [d_in, d_sae]``-sized matmuls on zeros. ``train/standard.py`` runs such steps on the
@@ -30,9 +30,12 @@ from _common import machine, median_ms
 from saestrata.allocator import tune_allocator
 
 
-DENSE_CODE = ("seed001_fixed_ortho", "seed001_adaptive_ortho32", "seed001_adaptive_ortho64", "seed001_static_hier",
-              "seed001_dynamic_hier", "seed001_contrastive_hier", "seed002-contrastive", "seed002-selection",
-              "seed002-pruning", "seed002-hierarchical")  # the pairs step with penalties on the dense code
+ARCHS = ("standard", "jumprelu", "seed004-groups", "seed000_adaptive",
+         # the pairs step with penalties on the dense code (relu_pairs.DenseCodePairsMixin)
+         "seed001_fixed_ortho", "seed001_adaptive_ortho32", "seed001_adaptive_ortho64", "seed001_static_hier",
+         "seed001_dynamic_hier", "seed001_contrastive_hier", "seed002-contrastive", "seed002-selection",
+         "seed002-pruning", "seed002-hierarchical",
+         "seed003-tiered")  # dense tiers, the decode from the code's non-zeros (kernels.decode_nonzeros)
 
 
 def _slot(arch: str, d_in: int, d_sae: int, target_l0: float, steps: int, first):
@@ -114,8 +117,7 @@ def main() -> None:
     """Print the dense and the pairs step's medians per round, their ratio, and the encoder matmul alone."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
-    ap.add_argument("--arch", choices=("standard", "jumprelu", "seed004-groups", "seed000_adaptive", *DENSE_CODE),
-                    default="standard")
+    ap.add_argument("--arch", choices=ARCHS, default="standard")
     ap.add_argument("--layer", type=int, required=True)
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=1024)

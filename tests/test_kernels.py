@@ -682,3 +682,39 @@ def test_seed002_pairs_step_leaves_pruned_latents_out_and_equals_the_dense_step(
     assert dense.counters()["importance_updates"] == 4 == sparse.counters()["importance_updates"]
     assert torch.equal(dense.keep_mask, sparse.keep_mask) and torch.equal(dense.clusters, sparse.clusters)
     torch.testing.assert_close(sparse.importance, dense.importance, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("progress", [0.05, 0.5])  # tier 2's gate 0.5 and tier 3's 0; every gate 1
+def test_seed003_decode_from_the_code_non_zeros_equals_the_dense_step(progress):
+    """Seed 003's chained tiers with the decode and its gradients from the code's non-zeros (kernels.decode_nonzeros):
+    losses, x_hat, the code, every gradient (tier maps, tier logits, the input's) and the counters equal the dense
+    step's, whatever the curriculum gates (a zero gate's latents are zeros of the code whose gradient is gated away).
+    A dense code takes the dense product; eval mode never counts."""
+    d_in, d_sae = 200, 600
+    x = torch.randn(96, d_in, generator=torch.Generator().manual_seed(6)) * 3
+    runs = []
+    for kernels in ("dense", "sparse"):
+        sae = build("seed003-tiered", d_in, d_sae, seed=5, kernels=kernels).train()
+        sae.init_b_dec(x)
+        with torch.no_grad():
+            sae.b_enc[:100] -= 4.0  # tier 1 (100 latents) reads x, tiers 2-3 a layer norm: 3-7% of the code positive
+            sae.b_enc[100:] -= 1.3
+        sae.after_step(int(progress * 1000) - 1, 1000)
+        x_in = x.clone().requires_grad_()
+        runs.append((sae, sae(x_in), x_in))
+    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
+    assert sparse.sparse_steps == 1 and dense.sparse_steps == 0
+    assert 0.01 < float((out_s.f > 0).float().mean()) < 1 / 8
+    for key in out_d.losses:
+        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=1e-5, atol=1e-5, msg=key)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
+    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
+    c_d, c_s = dense.counters(), sparse.counters()
+    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d == pytest.approx(c_s)
+    with torch.no_grad():
+        sparse.b_enc.add_(3.0)  # a dense code: the dense product
+    sparse(x)
+    sparse.eval()
+    sparse(x)
+    assert sparse.sparse_steps == 1

@@ -401,5 +401,47 @@ def sparse_decode(vals: torch.Tensor, W_dec: torch.Tensor, act: ActiveSet) -> to
     return _SparseDecode.apply(vals, W_dec, act)
 
 
-__all__ = ["DEFAULT_KERNELS", "KERNELS", "ActiveSet", "ColumnPre", "check_kernels", "gather_columns", "gather_pre_acts",
-           "sampled_dot", "sparse_decode"]
+class _CodeValues(torch.autograd.Function):
+    """``f[act.rows, act.cols]`` of a dense code ``f`` ``[B, L]`` as ``[N]``, whose backward writes the gradient into a
+    fresh ``[B, L]`` buffer at the pairs only (``index_put`` without accumulation: the pairs are unique), where
+    advanced indexing's backward accumulates through a sort."""
+
+    @staticmethod
+    def forward(ctx, f, act):
+        """Autograd forward: the gather."""
+        ctx.act, ctx.shape = act, f.shape
+        return f[act.rows, act.cols]
+
+    @staticmethod
+    def backward(ctx, grad):
+        """The gradient scattered to the pairs, zero elsewhere; None for ``act``."""
+        act = ctx.act
+        return grad.new_zeros(ctx.shape).index_put_((act.rows, act.cols), grad), None
+
+
+def decode_nonzeros(f: torch.Tensor, W_dec: torch.Tensor, max_density: float) -> tuple[torch.Tensor, ActiveSet] | None:
+    """``f @ W_dec`` from the non-zeros of a dense, mostly zero code, with a sparse backward: ``(out, act)``.
+
+    For SAEs whose code comes from a dense computation (seed 003's chained tiers) but is sparse: the decode and its
+    two gradients touch only the ``N`` non-zeros (:func:`sparse_decode`) instead of three ``[B, L] x [L, D]``
+    matmuls. ``f``'s gradient is exact at its non-zeros and 0 elsewhere, where the dense product's is
+    ``<dout[b], W_dec[i]>``: so use it only where that gradient reaches nothing, i.e. ``f = ReLU(.)``-like codes whose
+    zeros pass no gradient back (a ReLU's derivative at <= 0 is 0; a zero gate multiplies it away).
+
+    Args:
+        f: ``[B, L]`` float code (any autograd history).
+        W_dec: ``[L, D]`` decoder (a parameter or any differentiable tensor).
+        max_density: largest share of non-zero entries for which it runs (:data:`.relu_pairs.SPARSE_MAX_DENSITY`).
+    Returns:
+        ``out`` fp32 ``[B, D]`` (no bias; fp32 under autocast too) and the non-zeros as an :class:`ActiveSet`, or None
+        when ``f`` has more than ``max_density`` non-zeros (the caller then runs the dense product).
+    """
+    rows, cols = f.detach().nonzero(as_tuple=True)
+    if rows.numel() > max_density * f.numel():
+        return None
+    act = ActiveSet(rows, cols, *f.shape)
+    return sparse_decode(_CodeValues.apply(f, act), W_dec, act), act
+
+
+__all__ = ["DEFAULT_KERNELS", "KERNELS", "ActiveSet", "ColumnPre", "check_kernels", "decode_nonzeros", "gather_columns",
+           "gather_pre_acts", "sampled_dot", "sparse_decode"]

@@ -62,6 +62,8 @@ from torch import nn
 
 from .arch_info import ArchError, ArchInfo
 from .base import ForwardOutput, SAE
+from .kernels import check_kernels, decode_nonzeros
+from .relu_pairs import SPARSE_MAX_DENSITY, PairsStepMixin
 
 
 def tier_widths(d_sae: int, ratios: tuple[float, ...]) -> list[int]:
@@ -95,7 +97,7 @@ def curriculum_gates(progress: float, n_tiers: int, curriculum_frac: float) -> l
     return [min(1.0, max(0.0, progress * slope - (i - 1))) for i in range(n_tiers)]
 
 
-class TieredHSAE(SAE):
+class TieredHSAE(PairsStepMixin, SAE):
     """Chained ReLU tiers, summed decoders, learned softmax tier weights. ``[batch, d_in] -> [batch, d_sae]``.
 
     Latents are the tiers concatenated in order: ``f = [h_1, h_2, h_3]``.
@@ -108,6 +110,10 @@ class TieredHSAE(SAE):
         l1_coeff: lambda_1 (seed 003: 0.04), on inputs normalised to mean norm ``sqrt(d_in)``.
         curriculum_frac: fraction of training over which tiers 2.. fade in (0 disables).
         tier_layernorm: layer-normalise a tier's output before the next tier reads it (seed 003 sec. 5).
+        kernels: ``"sparse"`` (default: while training on the CPU, the decode and its gradients from the code's
+            non-zeros once at most :data:`.relu_pairs.SPARSE_MAX_DENSITY` of it is non-zero,
+            :func:`.kernels.decode_nonzeros`; counted in ``sparse_steps``) or ``"dense"``; same maths. The chained
+            tiers' encoders stay dense (tier ``i`` reads the layer norm of tier ``i - 1``, a dense vector).
 
     Raises:
         ArchError: the three per-tier lists differ in length, a weight is not positive, or d_sae is too small.
@@ -120,8 +126,9 @@ class TieredHSAE(SAE):
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, tier_ratios=(1, 2, 3), tier_init=(0.1, 0.3, 0.6),
                  tier_clip=(1.0, 2.0, 5.0), l1_coeff: float = 0.04, curriculum_frac: float = 0.2,
-                 tier_layernorm: bool = True):
+                 tier_layernorm: bool = True, kernels: str | None = None):
         super().__init__(d_in, d_sae, seed)
+        self.kernels = check_kernels(kernels)
         if not len(tier_ratios) == len(tier_init) == len(tier_clip):
             raise ArchError("tier_ratios, tier_init and tier_clip need one entry per tier")
         if min(tier_init) <= 0:
@@ -209,13 +216,24 @@ class TieredHSAE(SAE):
         """Reconstruction (seed 003 eq. 5) and losses ``mse`` and ``l1 = lambda_1 sum_i w_i E||h_i||_1`` (eq. 6)."""
         tiers = self._gated(self.tier_latents(x))
         f = torch.cat(tiers, dim=-1)
-        x_hat = self.decode(f)
+        x_hat = self._train_decode(f)
         mse = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
         l1_per_tier = torch.stack([h.float().abs().sum(-1).mean() for h in tiers])
         l1 = self.l1_coeff * self.sparsity_scale * (self.tier_weights() * l1_per_tier).sum()
         if self.training:  # per-tier L0 of this batch, for counters()
             self._tier_l0 = torch.stack([(h > 0).sum(-1).float().mean() for h in tiers]).detach()
         return ForwardOutput(x_hat, f, {"mse": mse, "l1": l1})
+
+    def _train_decode(self, f: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` of ``f`` ``[batch, d_sae]``; in a CPU training forward with ``kernels="sparse"`` from its
+        non-zeros when sparse enough (fp32 ``[batch, d_in]``; the zeros of ``f`` are those of a ReLU or of a zero
+        curriculum gate, which pass no gradient back: :func:`.kernels.decode_nonzeros`)."""
+        if self.kernels == "sparse" and self.training and f.device.type == "cpu":
+            got = decode_nonzeros(f, self.W_dec, SPARSE_MAX_DENSITY)
+            if got is not None:
+                self.sparse_steps += 1
+                return got[0] + self.b_dec
+        return self.decode(f)
 
     def counters(self) -> dict[str, float]:
         """What each seed-003 mechanism did, at log time.
@@ -226,7 +244,8 @@ class TieredHSAE(SAE):
         (eq. 3); ``curriculum_progress`` (of the next step) and ``gate_tier{i}`` (the gate the last
         training forward used; before any, the gate at ``progress``) for the curriculum; ``clipped_tier{i}``:
         optimiser steps whose tier-``i`` gradient was rescaled by the per-tier clipping, and
-        ``grad_norm_tier{i}``: that tier's gradient norm before clipping at the last step (sec. 5).
+        ``grad_norm_tier{i}``: that tier's gradient norm before clipping at the last step (sec. 5); ``sparse_steps``:
+        training forwards that decoded from the code's non-zeros (:meth:`_train_decode`).
         """
         from .trainer import sae_dead_window  # the trainer imports this module's registry
 
