@@ -35,7 +35,8 @@ ARCHS = ("standard", "jumprelu", "seed004-groups", "seed000_adaptive",
          "seed001_fixed_ortho", "seed001_adaptive_ortho32", "seed001_adaptive_ortho64", "seed001_static_hier",
          "seed001_dynamic_hier", "seed001_contrastive_hier", "seed002-contrastive", "seed002-selection",
          "seed002-pruning", "seed002-hierarchical",
-         "seed003-tiered")  # dense tiers, the decode from the code's non-zeros (kernels.decode_nonzeros)
+         # dense encoders, the sparse codes' products from their non-zeros (kernels.code_nonzeros)
+         "seed003-tiered", "seed000_hsae", "seed000_hsae_no_separation")
 
 
 def _slot(arch: str, d_in: int, d_sae: int, target_l0: float, steps: int, first):

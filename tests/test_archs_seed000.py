@@ -326,7 +326,7 @@ def test_temporal_counters_show_the_dilated_branches_acting():
         for t in range(4, 12):  # same document and a valid source token (reading 9)
             if DOCS[r, t - 4] == DOCS[r, t] and VALID[r, t - 4]:
                 lag4[r, t] = 0.5 * u[r, t - 4]
-    n0, n4 = float(u[VALID].norm()), float(lag4[VALID].norm())
+    n0, n4 = float(u[VALID].detach().norm()), float(lag4[VALID].detach().norm())
     assert c["norm_share_lag4"] == pytest.approx(n4 / (n0 + n4), rel=1e-4) and c["norm_share_lag4"] > 0
     assert c["tap_abs_lag4"] == pytest.approx(0.5)
 

@@ -718,3 +718,34 @@ def test_seed003_decode_from_the_code_non_zeros_equals_the_dense_step(progress):
     sparse.eval()
     sparse(x)
     assert sparse.sparse_steps == 1
+
+
+@pytest.mark.parametrize("preset, z2_shift", [("seed000_hsae", 1.0), ("seed000_hsae_no_separation", 1.0),
+                                              ("seed000_hsae", 0.0)])  # last: z2 too dense, z2 Wd2 dense
+def test_seed000_hsae_level_products_from_the_codes_non_zeros_equal_the_dense_step(preset, z2_shift):
+    """Seed 000's HSAE with z1 W2, z2 Wd2 and z1 Ws (and their gradients) from the level codes' non-zeros: losses
+    (the Gram term too), x_hat, the code, every gradient (the input's too) and the counters equal the dense step's,
+    also when only level 1 is sparse enough."""
+    d_in, d_sae = 200, 512
+    x = torch.randn(96, d_in, generator=torch.Generator().manual_seed(7)) * 3
+    runs = []
+    for kernels in ("dense", "sparse"):
+        sae = build(preset, d_in, d_sae, seed=5, kernels=kernels).train()
+        sae.init_b_dec(x)
+        with torch.no_grad():
+            sae.b_enc.sub_(1.5 * sae.b_enc.abs().mean() + 2.0)  # level 1 ~5% active
+            sae.b_enc2.sub_(z2_shift)
+        x_in = x.clone().requires_grad_()
+        runs.append((sae, sae(x_in), x_in))
+    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
+    half = d_sae // 2
+    z1_density, z2_density = (float((out_s.f[:, s] > 0).float().mean()) for s in (slice(0, half), slice(half, None)))
+    assert sparse.sparse_steps == 1 and dense.sparse_steps == 0
+    assert 0.01 < z1_density < 1 / 8 and (0.003 < z2_density < 1 / 8) == (z2_shift > 0), (z1_density, z2_density)
+    for key in out_d.losses:
+        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=1e-4, atol=1e-6, msg=key)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
+    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
+    c_d, c_s = dense.counters(), sparse.counters()
+    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d == pytest.approx(c_s)

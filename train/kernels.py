@@ -334,7 +334,9 @@ class _SparseDecode(torch.autograd.Function):
         ctx.act = act
         ctx.save_for_backward(vals, W_dec)
         with torch.autocast(vals.device.type, enabled=False):
-            return F.embedding_bag(act.cols, W_dec.float(), act.bag_crow[:-1], mode="sum",
+            # rows contiguous: on a column-major weight (the optimiser's layout of encoder matrices, train/optim.py)
+            # embedding_bag takes a path ~80x slower (seed 000's W_enc2 [1024, 1024]: 176 vs 2.2 ms)
+            return F.embedding_bag(act.cols, W_dec.float().contiguous(), act.bag_crow[:-1], mode="sum",
                                    per_sample_weights=vals.float())
 
     @staticmethod
@@ -419,29 +421,37 @@ class _CodeValues(torch.autograd.Function):
         return grad.new_zeros(ctx.shape).index_put_((act.rows, act.cols), grad), None
 
 
-def decode_nonzeros(f: torch.Tensor, W_dec: torch.Tensor, max_density: float) -> tuple[torch.Tensor, ActiveSet] | None:
-    """``f @ W_dec`` from the non-zeros of a dense, mostly zero code, with a sparse backward: ``(out, act)``.
+def code_nonzeros(f: torch.Tensor, max_density: float) -> tuple[torch.Tensor, ActiveSet] | None:
+    """The non-zeros of a dense, mostly zero code as ``(vals, act)``, for :func:`sparse_decode`: ``vals`` fp32-or-``f``'s
+    dtype ``[N]`` differentiable in ``f``, ``act`` their (row, latent) pairs (:class:`ActiveSet`).
 
-    For SAEs whose code comes from a dense computation (seed 003's chained tiers) but is sparse: the decode and its
-    two gradients touch only the ``N`` non-zeros (:func:`sparse_decode`) instead of three ``[B, L] x [L, D]``
-    matmuls. ``f``'s gradient is exact at its non-zeros and 0 elsewhere, where the dense product's is
-    ``<dout[b], W_dec[i]>``: so use it only where that gradient reaches nothing, i.e. ``f = ReLU(.)``-like codes whose
-    zeros pass no gradient back (a ReLU's derivative at <= 0 is 0; a zero gate multiplies it away).
+    For SAEs whose code comes from a dense computation (seed 003's chained tiers, seed 000's two levels) but is
+    sparse: a product ``f @ W`` and its two gradients then touch only the ``N`` non-zeros instead of three
+    ``[B, L] x [L, D]`` matmuls. ``f``'s gradient is exact at its non-zeros and 0 elsewhere, where the dense
+    product's is ``<dout[b], W[i]>``: so use it only where that gradient reaches nothing, i.e. ``f = ReLU(.)``-like
+    codes whose zeros pass no gradient back (a ReLU's derivative at <= 0 is 0; a zero gate multiplies it away).
 
     Args:
         f: ``[B, L]`` float code (any autograd history).
-        W_dec: ``[L, D]`` decoder (a parameter or any differentiable tensor).
         max_density: largest share of non-zero entries for which it runs (:data:`.relu_pairs.SPARSE_MAX_DENSITY`).
     Returns:
-        ``out`` fp32 ``[B, D]`` (no bias; fp32 under autocast too) and the non-zeros as an :class:`ActiveSet`, or None
-        when ``f`` has more than ``max_density`` non-zeros (the caller then runs the dense product).
+        ``(vals, act)``, or None when ``f`` has more than ``max_density`` non-zeros (the caller then runs the dense
+        product).
     """
     rows, cols = f.detach().nonzero(as_tuple=True)
     if rows.numel() > max_density * f.numel():
         return None
     act = ActiveSet(rows, cols, *f.shape)
-    return sparse_decode(_CodeValues.apply(f, act), W_dec, act), act
+    return _CodeValues.apply(f, act), act
 
 
-__all__ = ["DEFAULT_KERNELS", "KERNELS", "ActiveSet", "ColumnPre", "check_kernels", "decode_nonzeros", "gather_columns",
-           "gather_pre_acts", "sampled_dot", "sparse_decode"]
+def decode_nonzeros(f: torch.Tensor, W_dec: torch.Tensor, max_density: float) -> torch.Tensor | None:
+    """``f @ W_dec`` from the non-zeros of ``f`` ``[B, L]`` with a sparse backward (:func:`code_nonzeros`, same
+    conditions): fp32 ``[B, D]`` (no bias; fp32 under autocast too), or None when ``f`` is too dense.
+    ``W_dec`` ``[L, D]``: a parameter or any differentiable tensor."""
+    got = code_nonzeros(f, max_density)
+    return None if got is None else sparse_decode(got[0], W_dec, got[1])
+
+
+__all__ = ["DEFAULT_KERNELS", "KERNELS", "ActiveSet", "ColumnPre", "check_kernels", "code_nonzeros", "decode_nonzeros",
+           "gather_columns", "gather_pre_acts", "sampled_dot", "sparse_decode"]

@@ -82,8 +82,8 @@ from torch import nn
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, ForwardOutput
-from .kernels import check_kernels
-from .relu_pairs import WeightedL1PairsMixin
+from .kernels import check_kernels, code_nonzeros, sparse_decode
+from .relu_pairs import SPARSE_MAX_DENSITY, PairsStepMixin, WeightedL1PairsMixin
 from .sparse_gram import coactivation_gram
 
 SEED = "seed 000 (shared/seeds/000_f12e7a2a70be7625.txt)"
@@ -121,7 +121,7 @@ def _mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x_hat.float() - x.float()).pow(2).sum(-1).mean()
 
 
-class HierarchicalSAE(SAE):
+class HierarchicalSAE(PairsStepMixin, SAE):
     """Two-level HSAE with decoder skip connection and Gram disentanglement (seed 000 sec. 4).
 
     ``encode: [batch, d_in] -> [batch, d_sae]`` (``[z1, z2]``, each ``d_sae/2``);
@@ -132,6 +132,10 @@ class HierarchicalSAE(SAE):
         d_sae: total latents ``k`` (even); each level has ``k/2``.
         lambda1, lambda2: L1 weights of levels 1 and 2 (eq. 4; sec. 5: 0.03, 0.05).
         lambda_d: weight of the Gram disentanglement term (eq. 4; sec. 5: 0.02).
+        kernels: ``"sparse"`` (default: in CPU training forwards, the products of the sparse level codes,
+            ``z1 W2``, ``z2 Wd2`` and ``z1 Ws``, and their gradients from the codes' non-zeros once at most
+            :data:`.relu_pairs.SPARSE_MAX_DENSITY` of ``z1`` is non-zero, :func:`.kernels.code_nonzeros`; counted in
+            ``sparse_steps``) or ``"dense"``; same maths. ``x W1`` and ``(.) Wd1`` read dense inputs and stay dense.
 
     Raises:
         ArchError: ``d_sae`` odd or < 2.
@@ -141,11 +145,12 @@ class HierarchicalSAE(SAE):
     saelens_unsupported = "two-level encoder (z2 = ReLU(z1 W_enc2 + b_enc2)) and a skip decoder; no SAELens arch"
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, lambda1: float = 0.03, lambda2: float = 0.05,
-                 lambda_d: float = 0.02):
+                 lambda_d: float = 0.02, kernels: str | None = None):
         if d_sae < 2 or d_sae % 2:
             raise ArchError(f"hsae_skip splits d_sae into two equal levels: d_sae must be even, got {d_sae}")
         super().__init__(d_in, d_sae, seed)
         self.lambda1, self.lambda2, self.lambda_d = lambda1, lambda2, lambda_d
+        self.kernels = check_kernels(kernels)
         half = d_sae // 2
         gen = torch.Generator().manual_seed(seed + 1_000_003)
         w_d1, w_d2 = _unit_rows(half, d_in, gen), _unit_rows(half, half, gen)
@@ -191,9 +196,11 @@ class HierarchicalSAE(SAE):
         In training mode the batch's per-level L0 and the unweighted Gram value are kept
         (detached) for :meth:`counters`.
         """
-        z1, z2 = self.levels(x)
+        sparse = self.kernels == "sparse" and self.training and x.device.type == "cpu"
+        z1, z2, x_hat = self._sparse_levels(x) if sparse else (*self.levels(x), None)
         f = torch.cat([z1, z2], dim=-1)
-        x_hat = self.decode(f)
+        if x_hat is None:
+            x_hat = self.decode(f)
         gram = gram_disentanglement(z1, z2, self._grams if self.training else None)
         if self.training:
             self._last = {"l0_level1": (z1 > 0).sum(-1).float().mean().detach(),
@@ -204,6 +211,20 @@ class HierarchicalSAE(SAE):
             "l1_level2": self.lambda2 * self.sparsity_scale * z2.float().sum(-1).mean(),
             "disentangle": self.lambda_d * gram,
         })
+
+    def _sparse_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(z1, z2, x_hat)`` of :meth:`levels` and :meth:`decode` with the sparse codes' products from their non-zeros
+        (:func:`.kernels.code_nonzeros`: ReLU codes, whose zeros pass no gradient back); ``x_hat`` None (decode
+        densely) when ``z1`` is too dense. ``x_hat`` is fp32 ``[batch, d_in]``."""
+        z1 = torch.relu(self.pre_acts(x))
+        c1 = code_nonzeros(z1, SPARSE_MAX_DENSITY)
+        if c1 is None:
+            return z1, torch.relu(z1 @ self.W_enc2 + self.b_enc2), None
+        self.sparse_steps += 1
+        z2 = torch.relu(sparse_decode(c1[0], self.W_enc2, c1[1]) + self.b_enc2)
+        c2 = code_nonzeros(z2, SPARSE_MAX_DENSITY)
+        mid = (z2 @ self.W_dec2 if c2 is None else sparse_decode(c2[0], self.W_dec2, c2[1])) + self.b_dec2
+        return z1, z2, mid @ self.W_dec + sparse_decode(c1[0], self.W_skip, c1[1]) + self.b_dec
 
     @torch.no_grad()
     def init_b_dec(self, x: torch.Tensor) -> None:
@@ -237,7 +258,8 @@ class HierarchicalSAE(SAE):
         ``enc_norm_level1`` / ``skip_norm``: mean column norm of ``W1`` / row norm of ``Ws`` (both
         start at the init gain, reading 12): their ratio is the scale symmetry of reading 7
         through which the level-1 L1 can be lowered without sparsifying level 1. ``sparse_gram``: training
-        Grams (two a step) formed from the code's non-zeros (:func:`.sparse_gram.coactivation_gram`).
+        Grams (two a step) formed from the code's non-zeros (:func:`.sparse_gram.coactivation_gram`); ``sparse_steps``:
+        training forwards whose level products came from the codes' non-zeros (:meth:`_sparse_levels`).
         """
         from .trainer import sae_dead_window  # the trainer imports this module's registry
 

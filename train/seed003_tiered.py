@@ -229,10 +229,10 @@ class TieredHSAE(PairsStepMixin, SAE):
         non-zeros when sparse enough (fp32 ``[batch, d_in]``; the zeros of ``f`` are those of a ReLU or of a zero
         curriculum gate, which pass no gradient back: :func:`.kernels.decode_nonzeros`)."""
         if self.kernels == "sparse" and self.training and f.device.type == "cpu":
-            got = decode_nonzeros(f, self.W_dec, SPARSE_MAX_DENSITY)
-            if got is not None:
+            out = decode_nonzeros(f, self.W_dec, SPARSE_MAX_DENSITY)
+            if out is not None:
                 self.sparse_steps += 1
-                return got[0] + self.b_dec
+                return out + self.b_dec
         return self.decode(f)
 
     def counters(self) -> dict[str, float]:
