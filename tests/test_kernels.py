@@ -749,3 +749,35 @@ def test_seed000_hsae_level_products_from_the_codes_non_zeros_equal_the_dense_st
     _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
     c_d, c_s = dense.counters(), sparse.counters()
     assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d == pytest.approx(c_s)
+
+
+@pytest.mark.parametrize("preset", ["seed000_temporal", "seed000_temporal_single_scale"])
+def test_seed000_temporal_decode_from_the_code_non_zeros_equals_the_dense_step(preset):
+    """Seed 000's temporal SAE (dilated causal convolutions over the encoder's output) with the decode and its
+    gradients from the valid tokens' code non-zeros: losses, x_hat, the code, every gradient (taps, the input's)
+    and the counters equal the dense step's."""
+    d_in, d_sae, rows, seq = 200, 512, 4, 24
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(rows, seq, d_in, generator=gen) * 3
+    docs = torch.arange(rows * seq).reshape(rows, seq) // 10  # documents cross the rows' middles
+    valid = torch.rand(rows, seq, generator=gen) > 0.1
+    taps = torch.rand(1, generator=gen)
+    runs = []
+    for kernels in ("dense", "sparse"):
+        sae = build(preset, d_in, d_sae, seed=5, kernels=kernels).train()
+        sae.init_b_dec(x[valid])
+        with torch.no_grad():
+            sae.b_enc.sub_(4.0)
+            sae.conv_weight[:, -1] += 0.3 * taps  # the context taps act
+        x_in = x.clone().requires_grad_()
+        runs.append((sae, sae.forward_seq(x_in, docs, valid), x_in))
+    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
+    assert sparse.sparse_steps == 1 and dense.sparse_steps == 0
+    assert 0.01 < float((out_s.f > 0).float().mean()) < 1 / 8
+    for key in out_d.losses:
+        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=1e-5, atol=1e-5, msg=key)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
+    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
+    c_d, c_s = dense.counters(), sparse.counters()
+    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d == pytest.approx(c_s)

@@ -29,7 +29,7 @@ import torch
 
 from .base import SAE, ForwardOutput
 from .fused import encoder_mm, fused_available, fused_pairs_code, fused_pairs_l1
-from .kernels import ActiveSet
+from .kernels import ActiveSet, decode_nonzeros
 from .native import batch_topk_pairs
 
 # Largest share of (token, latent) entries a step may have as pairs (else dense): the pairs step's work grows with
@@ -63,6 +63,19 @@ class PairsStepMixin:
     def _pairs_forward(self, x: torch.Tensor) -> ForwardOutput | None:
         """The training forward on the batch's pairs, or None for the dense step (the arch's conditions)."""
         raise NotImplementedError
+
+    def decode_code(self, f: torch.Tensor) -> torch.Tensor:
+        """``f @ W_dec + b_dec`` (the base :meth:`~.base.SAE.decode`) of a code ``f`` ``[batch, d_sae]`` computed
+        densely (archs whose own forward forms the code: seed 003's tiers, seed 000's temporal SAE); in a CPU
+        training forward with ``kernels="sparse"``, from its non-zeros when at most :data:`SPARSE_MAX_DENSITY` of
+        it is non-zero (fp32; counted in ``sparse_steps``). ``f``'s zeros must pass no gradient back (those of a
+        ReLU, or of a zero gate): :func:`.kernels.code_nonzeros`."""
+        if self.kernels == "sparse" and self.training and f.device.type == "cpu":
+            out = decode_nonzeros(f, self.W_dec, SPARSE_MAX_DENSITY)
+            if out is not None:
+                self.sparse_steps += 1
+                return out + self.b_dec
+        return self.decode(f)
 
     def counters(self) -> dict[str, float]:
         """``sparse_steps``: training forwards that ran on the pairs (the rest were dense)."""

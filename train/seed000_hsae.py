@@ -311,7 +311,7 @@ class HierarchicalSAE(PairsStepMixin, SAE):
         self.W_skip /= scale
 
 
-class TemporalSAE(SAE):
+class TemporalSAE(PairsStepMixin, SAE):
     """Multi-scale temporal SAE: causal dilated depthwise convolutions over pre-activations (seed 000 sec. 5).
 
     Sequence SAE (reading 9): :meth:`encode_seq` ``x [R, T, d_in] -> f [R, T, d_sae]``;
@@ -322,6 +322,9 @@ class TemporalSAE(SAE):
         rates: dilation rates, one branch each (paper: 1, 2, 4).
         kernel_size: taps per branch; tap ``j`` looks ``j * rate`` tokens back.
         l1_coeff: L1 weight (reading 11: lambda1 = 0.03).
+        kernels: ``"sparse"`` (default: in CPU training forwards the decode and its gradients from the code's
+            non-zeros once sparse enough, :meth:`.relu_pairs.PairsStepMixin.decode_code`; counted in ``sparse_steps``)
+            or ``"dense"``; same maths. The encoder and its convolutions stay dense.
 
     Raises:
         ArchError: empty rates, a rate < 1 or kernel_size < 1.
@@ -332,8 +335,9 @@ class TemporalSAE(SAE):
     saelens_unsupported = "latents read earlier tokens (causal dilated convolutions); SAELens SAEs are token-wise"
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, rates=(1, 2, 4), kernel_size: int = 2,
-                 l1_coeff: float = 0.03):
+                 l1_coeff: float = 0.03, kernels: str | None = None):
         super().__init__(d_in, d_sae, seed)
+        self.kernels = check_kernels(kernels)
         self.rates, self.kernel_size, self.l1_coeff = tuple(int(r) for r in rates), int(kernel_size), l1_coeff
         if not self.rates or min(self.rates) < 1 or self.kernel_size < 1:
             raise ArchError(f"temporal_dilated needs rates >= 1 and kernel_size >= 1, got {rates}, {kernel_size}")
@@ -401,7 +405,7 @@ class TemporalSAE(SAE):
             x, f = x[valid], f[valid]
         else:
             x, f = x.flatten(0, 1), f.flatten(0, 1)
-        x_hat = self.decode(f)
+        x_hat = self.decode_code(f)
         return ForwardOutput(x_hat, f, {"mse": _mse(x, x_hat), **self.penalties(x, None, f, x_hat)})
 
     def penalties(self, x, pre, f, x_hat) -> dict:
@@ -414,7 +418,8 @@ class TemporalSAE(SAE):
         ``tap_abs_lag{L}``: mean over latents of ``|summed tap weight|`` at lag ``L`` (lag 0 starts
         at 1, the others at 0); ``norm_share_lag{L}``: on the last training batch, the Frobenius
         norm of lag ``L``'s pre-activation term over the valid tokens divided by the sum over
-        all lags (lag > 0 = what the context adds; all 0 before the first training forward).
+        all lags (lag > 0 = what the context adds; all 0 before the first training forward); ``sparse_steps``:
+        training forwards that decoded from the code's non-zeros.
         """
         out = {**super().counters(),
                **{f"tap_abs_lag{lag}": float(w.detach().abs().mean()) for lag, w in self.lag_weights().items()}}

@@ -62,8 +62,8 @@ from torch import nn
 
 from .arch_info import ArchError, ArchInfo
 from .base import ForwardOutput, SAE
-from .kernels import check_kernels, decode_nonzeros
-from .relu_pairs import SPARSE_MAX_DENSITY, PairsStepMixin
+from .kernels import check_kernels
+from .relu_pairs import PairsStepMixin
 
 
 def tier_widths(d_sae: int, ratios: tuple[float, ...]) -> list[int]:
@@ -112,7 +112,7 @@ class TieredHSAE(PairsStepMixin, SAE):
         tier_layernorm: layer-normalise a tier's output before the next tier reads it (seed 003 sec. 5).
         kernels: ``"sparse"`` (default: while training on the CPU, the decode and its gradients from the code's
             non-zeros once at most :data:`.relu_pairs.SPARSE_MAX_DENSITY` of it is non-zero,
-            :func:`.kernels.decode_nonzeros`; counted in ``sparse_steps``) or ``"dense"``; same maths. The chained
+            :meth:`.relu_pairs.PairsStepMixin.decode_code`; counted in ``sparse_steps``) or ``"dense"``; same maths. The chained
             tiers' encoders stay dense (tier ``i`` reads the layer norm of tier ``i - 1``, a dense vector).
 
     Raises:
@@ -216,24 +216,13 @@ class TieredHSAE(PairsStepMixin, SAE):
         """Reconstruction (seed 003 eq. 5) and losses ``mse`` and ``l1 = lambda_1 sum_i w_i E||h_i||_1`` (eq. 6)."""
         tiers = self._gated(self.tier_latents(x))
         f = torch.cat(tiers, dim=-1)
-        x_hat = self._train_decode(f)
+        x_hat = self.decode_code(f)
         mse = (x_hat.float() - x.float()).pow(2).sum(-1).mean()
         l1_per_tier = torch.stack([h.float().abs().sum(-1).mean() for h in tiers])
         l1 = self.l1_coeff * self.sparsity_scale * (self.tier_weights() * l1_per_tier).sum()
         if self.training:  # per-tier L0 of this batch, for counters()
             self._tier_l0 = torch.stack([(h > 0).sum(-1).float().mean() for h in tiers]).detach()
         return ForwardOutput(x_hat, f, {"mse": mse, "l1": l1})
-
-    def _train_decode(self, f: torch.Tensor) -> torch.Tensor:
-        """:meth:`decode` of ``f`` ``[batch, d_sae]``; in a CPU training forward with ``kernels="sparse"`` from its
-        non-zeros when sparse enough (fp32 ``[batch, d_in]``; the zeros of ``f`` are those of a ReLU or of a zero
-        curriculum gate, which pass no gradient back: :func:`.kernels.decode_nonzeros`)."""
-        if self.kernels == "sparse" and self.training and f.device.type == "cpu":
-            out = decode_nonzeros(f, self.W_dec, SPARSE_MAX_DENSITY)
-            if out is not None:
-                self.sparse_steps += 1
-                return out + self.b_dec
-        return self.decode(f)
 
     def counters(self) -> dict[str, float]:
         """What each seed-003 mechanism did, at log time.
@@ -245,7 +234,7 @@ class TieredHSAE(PairsStepMixin, SAE):
         training forward used; before any, the gate at ``progress``) for the curriculum; ``clipped_tier{i}``:
         optimiser steps whose tier-``i`` gradient was rescaled by the per-tier clipping, and
         ``grad_norm_tier{i}``: that tier's gradient norm before clipping at the last step (sec. 5); ``sparse_steps``:
-        training forwards that decoded from the code's non-zeros (:meth:`_train_decode`).
+        training forwards that decoded from the code's non-zeros (:meth:`.relu_pairs.PairsStepMixin.decode_code`).
         """
         from .trainer import sae_dead_window  # the trainer imports this module's registry
 
