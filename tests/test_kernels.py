@@ -781,3 +781,5 @@ def test_seed000_temporal_decode_from_the_code_non_zeros_equals_the_dense_step(p
     _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
     c_d, c_s = dense.counters(), sparse.counters()
     assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d == pytest.approx(c_s)
+    flat = x[valid][:16]
+    torch.testing.assert_close(sparse(flat).loss, dense(flat).loss)  # token-wise forward (no context): the dense one

@@ -61,8 +61,10 @@ class PairsStepMixin:
         return super().forward(x)
 
     def _pairs_forward(self, x: torch.Tensor) -> ForwardOutput | None:
-        """The training forward on the batch's pairs, or None for the dense step (the arch's conditions)."""
-        raise NotImplementedError
+        """The training forward on the batch's pairs, or None for the dense step (the arch's conditions). Default:
+        None (archs whose own forward forms the code and only decodes it from its non-zeros, :meth:`decode_code`;
+        e.g. seed 000's temporal SAE, whose token-wise :meth:`forward` stays the dense one)."""
+        return None
 
     def decode_code(self, f: torch.Tensor) -> torch.Tensor:
         """``f @ W_dec + b_dec`` (the base :meth:`~.base.SAE.decode`) of a code ``f`` ``[batch, d_sae]`` computed
