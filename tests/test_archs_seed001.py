@@ -483,3 +483,37 @@ def test_all_variants_train_on_real_gemma_layer8(real_store, tmp_path):
         assert last < first, (preset, first, last)
         loaded, _ = load_sae(folders[preset])
         assert all(torch.isfinite(p).all() for p in loaded.parameters())
+
+
+def test_sharp_soft_assignments_enter_eq4_without_subnormal_products(monkeypatch):
+    """Sharp attention (probabilities down to ~1e-38, as InfoNCE makes them) would put subnormal floats into Eq. 4's
+    products, on which x86 matmuls are ~50x slower; squared memberships below the floor are zeroed first. Eq. 4's
+    terms, InfoNCE and their gradients equal those with the subnormals kept (fp32 tolerance), and the weights
+    entering the products hold no subnormal."""
+    tiny = torch.finfo(torch.float32).tiny
+    gen = torch.Generator().manual_seed(0)
+    d_sae = 128
+    coarse = torch.softmax(torch.randn(d_sae, 8, generator=gen) * 40, -1)  # sharp: many entries < 1e-19
+    fine = torch.softmax(torch.randn(d_sae, 64, generator=gen) * 40, -1)
+    sq = fine.pow(2)
+    assert bool(((sq > 0) & (sq < tiny)).any())  # the case: subnormal squares without the floor
+    kept = s1._without_denormals(sq, s1.MEMBERSHIP_SQ_FLOOR)
+    assert not bool(((kept > 0) & (kept < tiny)).any()) and bool((kept > 0).any())
+    f = torch.relu(torch.randn(96, d_sae, generator=gen) - 1.5)
+
+    def terms(floor):
+        monkeypatch.setattr(s1, "MEMBERSHIP_SQ_FLOOR", floor)
+        f_ = f.clone().requires_grad_()
+        c_, g_ = coarse.clone().requires_grad_(), fine.clone().requires_grad_()
+        gram_sq = s1.latent_gram(f_).pow(2)
+        t1, t2 = s1._ortho_terms(gram_sq, c_, g_, 8)
+        sae = build("seed001_contrastive_hier", 16, d_sae)
+        nce = sae.contrast(f_, f_.flip(0), g_)
+        (t1 + t2 + nce).backward()
+        return [t.detach() for t in (t1, t2, nce)], [f_.grad, g_.grad]
+
+    (vals_floor, grads_floor), (vals_raw, grads_raw) = terms(1e-18), terms(0.0)
+    for a, b in zip(vals_floor, vals_raw):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    for a, b in zip(grads_floor, grads_raw):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))

@@ -20,7 +20,9 @@ step of a ReLU SAE whose penalties need the whole code (seeds 001 and 002): it h
 gradient joins the pairs' in the compiled backward. JumpReLU's step (thresholds and a straight-through window) is its own (:mod:`.jumprelu`).
 
 Measured (``bench/relu_sparse.py``, d_in 640, d_sae 2048, batch 1024, fp32, layer 8 of the benchmark store,
-L0 ~32): standard 101.7 -> 24.4 ms a step (4.17x), jumprelu 112.7 -> 28.4 ms (3.97x).
+L0 ~32): standard 101.7 -> 24.4 ms a step (4.17x), jumprelu 112.7 -> 28.4 ms (3.97x); on the dense code
+(thirtieth session, docs/results/bench/relu_dense_code_2026-12-06.txt) seed001_static_hier 85.3 -> 42.1 ms (2.03x),
+seed002-hierarchical 66.6 -> 21.9 ms (3.04x); seed003-tiered's decode from the non-zeros 67.3 -> 51.8 ms (1.30x).
 """
 
 from __future__ import annotations

@@ -138,9 +138,31 @@ def block_frobenius(gram: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     return _blocks_from_sq_gram(gram.float().pow(2), assign)
 
 
+# Squared soft memberships below this are set to 0 before they enter a product (see _without_denormals).
+MEMBERSHIP_SQ_FLOOR = 1e-18
+
+
+def _without_denormals(w: torch.Tensor, floor: float) -> torch.Tensor:
+    """``w`` (fp32, >= 0) with entries below ``floor`` set to 0 (their gradient too).
+
+    Sharp soft assignments (seed 001 sec. 4.2's attention once InfoNCE makes it decide) hold probabilities down
+    to ~1e-38 and their squares underflow to subnormal floats, on which x86 matmuls run on a slow microcode path:
+    one ``[2048, 64] x [64, 2048]`` product of Eq. 4's backward took 100 ms instead of ~2 ms, and a
+    seed001_contrastive_hier step 216 instead of 94 ms (found 2026-12-06 by the speed stage; the same run with
+    flush-to-zero set was 94 ms). A membership of ``sqrt(floor)`` = 1e-9 adds under 1e-9 of a latent's weight to
+    any sum, below fp32's resolution next to the members' weights, so the penalties' values do not change; the
+    gradients they lose are of that order too after the softmax (its Jacobian scales them by the probability).
+    Thread-local flush-to-zero (``torch.set_flush_denormal``) would not reach every worker thread reliably. Not
+    applied to InfoNCE's ``f @ P_fine``: its cosine normalisation gives a group of only tiny memberships a full
+    direction, so zeroing them would change its gradient (measured: 0.5% on some entries), and that product was
+    not the slow one.
+    """
+    return w.masked_fill(w < floor, 0.0)
+
+
 def _blocks_from_sq_gram(gram_sq: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     """:func:`block_frobenius` from ``gram_sq = gram.float() ** 2`` (one squaring shared by several groupings)."""
-    a2 = assign.float().pow(2)
+    a2 = _without_denormals(assign.float().pow(2), MEMBERSHIP_SQ_FLOOR)
     return (a2.T @ (gram_sq @ a2)).clamp_min(1e-30).sqrt()
 
 
