@@ -597,6 +597,26 @@ def test_seed000_adaptive_pairs_step_equals_the_dense_step_with_the_masks_gradie
     assert float(dense.importance.grad.abs().max()) > 0
 
 
+def _assert_step_like_dense(runs, rtol: float = 1e-4, atol: float = 1e-6):
+    """``runs`` = ``[(SAE, training output, input)]`` with ``kernels="dense"`` then ``"sparse"``, one forward each: the
+    sparse SAE took its sparse step once and the dense one never; every loss term (``rtol`` / ``atol``), ``x_hat``,
+    the code, every parameter's gradient and the input's, and the mechanism counters equal (fp32 tolerance).
+    Returns ``(dense, out_d, sparse, out_s)``."""
+    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
+    assert sparse.sparse_steps == 1 and dense.sparse_steps == 0
+    assert out_d.losses.keys() == out_s.losses.keys()
+    for key in out_d.losses:
+        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=rtol, atol=atol, msg=key)
+    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
+    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
+    c_d, c_s = dense.counters(), sparse.counters()
+    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d.keys() == c_s.keys()
+    for key in c_d:
+        assert math.isclose(c_d[key], c_s[key], rel_tol=1e-4, abs_tol=1e-6), key
+    return dense, out_d, sparse, out_s
+
+
 @pytest.mark.parametrize("arch", ["seed001_fixed_ortho", "seed001_adaptive_ortho32", "seed001_adaptive_ortho64",
                                   "seed001_static_hier", "seed001_dynamic_hier", "seed001_contrastive_hier"])
 def test_seed001_pairs_step_with_penalties_on_the_dense_code_equals_the_dense_step(arch):
@@ -616,21 +636,10 @@ def test_seed001_pairs_step_with_penalties_on_the_dense_code_equals_the_dense_st
         x_in = x.clone().requires_grad_()
         out = sae(x_in)
         runs.append((sae, out, x_in))
-    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
-    assert sparse.sparse_steps == 1 and out_s.active is not None and dense.sparse_steps == 0
-    assert 0.02 < out_s.l0() / d_sae < 1 / 8
-    assert out_d.losses.keys() == out_s.losses.keys() and len(out_d.losses) >= 3  # mse, l1 and Eq. 4's terms
-    for key in out_d.losses:
-        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=1e-4, atol=1e-6, msg=key)
-    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
-    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
+    dense, out_d, sparse, out_s = _assert_step_like_dense(runs)
+    assert out_s.active is not None and 0.02 < out_s.l0() / d_sae < 1 / 8
+    assert len(out_d.losses) >= 3  # mse, l1 and Eq. 4's terms
     torch.testing.assert_close(out_s.sq_error, (x - out_d.x_hat.detach()).pow(2).sum(-1).mean(), rtol=1e-5, atol=1e-4)
-    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
-    c_d, c_s = dense.counters(), sparse.counters()
-    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0
-    assert c_d.keys() == c_s.keys()
-    for key in c_d:
-        assert math.isclose(c_d[key], c_s[key], rel_tol=1e-4, abs_tol=1e-6), key
     fresh = build(arch, d_in, d_sae)
     fresh.load_extra_state(sparse.extra_state())
     assert fresh.counters()["sparse_steps"] == 1
@@ -661,19 +670,10 @@ def test_seed002_pairs_step_leaves_pruned_latents_out_and_equals_the_dense_step(
         sae.after_step(0, 1000)  # step 1: no bookkeeping round in this forward (it would re-score the candidates)
         x_in = x.clone().requires_grad_()
         runs.append((sae, sae(x_in), x_in))
-    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
-    assert sparse.sparse_steps == 1 and out_s.active is not None
-    assert not torch.isin(out_s.active.cols, pruned).any()
+    dense, out_d, sparse, out_s = _assert_step_like_dense(runs)
+    assert out_s.active is not None and not torch.isin(out_s.active.cols, pruned).any()
     assert 0.02 < out_s.l0() / d_sae < 1 / 8
-    for key in out_d.losses:
-        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=1e-4, atol=1e-6, msg=key)
-    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
-    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
-    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
-    c_d, c_s = dense.counters(), sparse.counters()
-    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d.keys() == c_s.keys()
-    for key in c_d:
-        assert math.isclose(c_d[key], c_s[key], rel_tol=1e-4, abs_tol=1e-6), key
+    c_d = dense.counters()
     if "unlearn" in out_d.losses:  # the unlearning presets: both parts of eq. 4 acted
         assert c_d["unlearn_kl"] > 0 and c_d["prune_l2"] > 0 and float(dense.W_enc.grad[:, pruned].abs().max()) > 0
     for sae in (dense, sparse):  # step 100: a bookkeeping round (every preset's update_every divides it)
@@ -702,16 +702,8 @@ def test_seed003_decode_from_the_code_non_zeros_equals_the_dense_step(progress):
         sae.after_step(int(progress * 1000) - 1, 1000)
         x_in = x.clone().requires_grad_()
         runs.append((sae, sae(x_in), x_in))
-    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
-    assert sparse.sparse_steps == 1 and dense.sparse_steps == 0
+    dense, out_d, sparse, out_s = _assert_step_like_dense(runs, rtol=1e-5, atol=1e-5)
     assert 0.01 < float((out_s.f > 0).float().mean()) < 1 / 8
-    for key in out_d.losses:
-        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=1e-5, atol=1e-5, msg=key)
-    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
-    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
-    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
-    c_d, c_s = dense.counters(), sparse.counters()
-    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d == pytest.approx(c_s)
     with torch.no_grad():
         sparse.b_enc.add_(3.0)  # a dense code: the dense product
     sparse(x)
@@ -737,18 +729,10 @@ def test_seed000_hsae_level_products_from_the_codes_non_zeros_equal_the_dense_st
             sae.b_enc2.sub_(z2_shift)
         x_in = x.clone().requires_grad_()
         runs.append((sae, sae(x_in), x_in))
-    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
+    _, _, _, out_s = _assert_step_like_dense(runs)
     half = d_sae // 2
     z1_density, z2_density = (float((out_s.f[:, s] > 0).float().mean()) for s in (slice(0, half), slice(half, None)))
-    assert sparse.sparse_steps == 1 and dense.sparse_steps == 0
     assert 0.01 < z1_density < 1 / 8 and (0.003 < z2_density < 1 / 8) == (z2_shift > 0), (z1_density, z2_density)
-    for key in out_d.losses:
-        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=1e-4, atol=1e-6, msg=key)
-    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
-    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
-    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
-    c_d, c_s = dense.counters(), sparse.counters()
-    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d == pytest.approx(c_s)
 
 
 @pytest.mark.parametrize("preset", ["seed000_temporal", "seed000_temporal_single_scale"])
@@ -771,15 +755,7 @@ def test_seed000_temporal_decode_from_the_code_non_zeros_equals_the_dense_step(p
             sae.conv_weight[:, -1] += 0.3 * taps  # the context taps act
         x_in = x.clone().requires_grad_()
         runs.append((sae, sae.forward_seq(x_in, docs, valid), x_in))
-    (dense, out_d, x_d), (sparse, out_s, x_s) = runs
-    assert sparse.sparse_steps == 1 and dense.sparse_steps == 0
+    dense, _, sparse, out_s = _assert_step_like_dense(runs, rtol=1e-5, atol=1e-5)
     assert 0.01 < float((out_s.f > 0).float().mean()) < 1 / 8
-    for key in out_d.losses:
-        torch.testing.assert_close(out_s.losses[key], out_d.losses[key], rtol=1e-5, atol=1e-5, msg=key)
-    torch.testing.assert_close(out_s.x_hat, out_d.x_hat, **TOL)
-    torch.testing.assert_close(out_s.f, out_d.f, **TOL)
-    _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
-    c_d, c_s = dense.counters(), sparse.counters()
-    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d == pytest.approx(c_s)
     flat = x[valid][:16]
     torch.testing.assert_close(sparse(flat).loss, dense(flat).loss)  # token-wise forward (no context): the dense one
