@@ -611,7 +611,10 @@ def _assert_step_like_dense(runs, rtol: float = 1e-4, atol: float = 1e-6):
     torch.testing.assert_close(out_s.f, out_d.f, **TOL)
     _assert_same_grads(dense, sparse, out_d, out_s, x_d, x_s)
     c_d, c_s = dense.counters(), sparse.counters()
-    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0 and c_d.keys() == c_s.keys()
+    assert c_s.pop("sparse_steps") == 1 and c_d.pop("sparse_steps") == 0
+    if "sparse_views" in c_s:  # seed001_contrastive_hier's second view, on its pairs too (never in the dense step)
+        assert c_s.pop("sparse_views") == 1 and "sparse_views" not in c_d
+    assert c_d.keys() == c_s.keys()
     for key in c_d:
         assert math.isclose(c_d[key], c_s[key], rel_tol=1e-4, abs_tol=1e-6), key
     return dense, out_d, sparse, out_s
@@ -643,6 +646,41 @@ def test_seed001_pairs_step_with_penalties_on_the_dense_code_equals_the_dense_st
     fresh = build(arch, d_in, d_sae)
     fresh.load_extra_state(sparse.extra_state())
     assert fresh.counters()["sparse_steps"] == 1
+    if arch == "seed001_contrastive_hier":  # the second view took its pairs as well (the grads above cover it)
+        assert fresh.counters()["sparse_views"] == 1 and "contrast" in out_s.losses
+
+
+def test_contrastive_second_view_on_its_pairs_equals_the_dense_encode():
+    """seed001_contrastive_hier's second view (input plus noise) encoded from its positive pairs (gather_pre_acts,
+    pairs_code): the code and the gradients of an arbitrary function of it into W_enc, b_enc, b_dec and the input
+    equal the dense encode's (the whole-step test above cannot see them: InfoNCE's share of the gradient is under
+    its tolerance); the view counts in sparse_views; a dense view takes the dense encode."""
+    d_in, d_sae = 200, 512
+    x = torch.randn(96, d_in, generator=torch.Generator().manual_seed(2)) * 3
+    weight = torch.randn(96, d_sae, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for kernels in ("dense", "sparse"):
+        sae = build("seed001_contrastive_hier", d_in, d_sae, seed=5, kernels=kernels).train()
+        sae.init_b_dec(x)
+        with torch.no_grad():
+            sae.b_enc.sub_(4.5)
+        x_in = x.clone().requires_grad_()
+        f2 = sae.second_view(x_in)
+        (f2 * weight).sum().backward()
+        runs.append((sae, f2, x_in))
+    (dense, f_d, x_d), (sparse, f_s, x_s) = runs
+    assert sparse.counters().get("sparse_views") == 1 and "sparse_views" not in dense.counters()
+    assert 0.01 < float((f_s > 0).float().mean()) < 1 / 8
+    torch.testing.assert_close(f_s, f_d, **TOL)
+    for name in ("W_enc", "b_enc", "b_dec"):
+        g_d, g_s = getattr(dense, name).grad, getattr(sparse, name).grad
+        assert float(g_d.abs().max()) > 0
+        torch.testing.assert_close(g_s, g_d, rtol=1e-5, atol=1e-5 * float(g_d.abs().max()), msg=name)
+    torch.testing.assert_close(x_s.grad, x_d.grad, rtol=1e-5, atol=1e-5 * float(x_d.grad.abs().max()))
+    with torch.no_grad():
+        sparse.b_enc.add_(6.0)  # most entries positive: the dense encode
+    sparse.second_view(x)
+    assert sparse.counters()["sparse_views"] == 1
 
 
 @pytest.mark.parametrize("preset", ["seed002-contrastive", "seed002-hierarchical"])

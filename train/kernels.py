@@ -421,6 +421,31 @@ class _CodeValues(torch.autograd.Function):
         return grad.new_zeros(ctx.shape).index_put_((act.rows, act.cols), grad), None
 
 
+class _PairsCode(torch.autograd.Function):
+    """The reverse of :class:`_CodeValues`: the dense code ``[B, L]`` (fp32) holding ``vals`` at the pairs and 0 elsewhere,
+    whose backward reads the gradient at the pairs only (a gather)."""
+
+    @staticmethod
+    def forward(ctx, vals, act):
+        """Autograd forward: the scatter."""
+        ctx.act = act
+        return act.to_dense(vals, torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        """The gradient at the pairs, ``[N]`` in ``vals``' dtype; None for ``act``."""
+        act = ctx.act
+        return grad[act.rows, act.cols], None
+
+
+def pairs_code(vals: torch.Tensor, act: ActiveSet) -> torch.Tensor:
+    """A ReLU code ``[B, L]`` fp32 from its positive pairs: ``vals`` ``[N]`` (> 0, differentiable, e.g.
+    :func:`gather_pre_acts`) at ``act``'s (row, latent) pairs, 0 elsewhere. Its gradient reaches ``vals`` at the
+    pairs only, as a ReLU's reaches ``pre`` (0 where ``pre <= 0``): with :func:`gather_pre_acts` the encoder's
+    backward touches the ``N`` pairs instead of a ``[B, d_in] x [d_in, L]`` matmul and its input gradient."""
+    return _PairsCode.apply(vals, act)
+
+
 def code_nonzeros(f: torch.Tensor, max_density: float) -> tuple[torch.Tensor, ActiveSet] | None:
     """The non-zeros of a dense, mostly zero code as ``(vals, act)``, for :func:`sparse_decode`: ``vals`` fp32-or-``f``'s
     dtype ``[N]`` differentiable in ``f``, ``act`` their (row, latent) pairs (:class:`ActiveSet`).
@@ -454,4 +479,4 @@ def decode_nonzeros(f: torch.Tensor, W_dec: torch.Tensor, max_density: float) ->
 
 
 __all__ = ["DEFAULT_KERNELS", "KERNELS", "ActiveSet", "ColumnPre", "check_kernels", "code_nonzeros", "decode_nonzeros",
-           "gather_columns", "gather_pre_acts", "sampled_dot", "sparse_decode"]
+           "gather_columns", "gather_pre_acts", "pairs_code", "sampled_dot", "sparse_decode"]

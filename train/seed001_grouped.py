@@ -88,8 +88,9 @@ from torch import nn
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, groups_from_ids
-from .kernels import check_kernels
-from .relu_pairs import DenseCodePairsMixin
+from .fused import fused_available
+from .kernels import ActiveSet, check_kernels, gather_pre_acts, pairs_code
+from .relu_pairs import DenseCodePairsMixin, positive_pairs
 from .sparse_gram import coactivation_gram
 
 SEED = "shared/seeds/001_0012a683e3519a7f.txt"
@@ -154,10 +155,30 @@ def _without_denormals(w: torch.Tensor, floor: float) -> torch.Tensor:
     gradients they lose are of that order too after the softmax (its Jacobian scales them by the probability).
     Thread-local flush-to-zero (``torch.set_flush_denormal``) would not reach every worker thread reliably. Not
     applied to InfoNCE's ``f @ P_fine``: its cosine normalisation gives a group of only tiny memberships a full
-    direction, so zeroing them would change its gradient (measured: 0.5% on some entries), and that product was
-    not the slow one.
+    direction, so zeroing them at this floor would change its gradient (measured: 0.5% on some entries). The
+    memberships themselves are flushed far lower, below 1e-30, where Eq. 2 forms them (:func:`_flush_tiny`).
     """
     return w.masked_fill(w < floor, 0.0)
+
+
+# Soft memberships below this are 0 in value where Eq. 2 forms them (see _flush_tiny).
+MEMBERSHIP_FLOOR = 1e-30
+
+
+def _flush_tiny(p: torch.Tensor, floor: float) -> torch.Tensor:
+    """``p`` (fp32 probabilities) with entries below ``floor`` set to 0 in value; the gradient passes through
+    unchanged (straight-through), so the attention's gradient is the one of the unflushed memberships.
+
+    Why: once InfoNCE sharpens seed 001 sec. 4.2's attention, memberships fall to ~1e-38 and below, into subnormal
+    floats, and every matmul reading them (InfoNCE's ``f @ P_fine`` and its backward ``dz @ P_fine^T``, Eq. 4's
+    ``gram_sq @ a2``) takes x86's slow subnormal path: the ``[1024, 64] x [64, 2048]`` backward product cost 11 ms
+    instead of 0.8 ms at step 600 of seed001_contrastive_hier's benchmark run (2026-12-06, 31st session;
+    :func:`_without_denormals` covered the squares only). At 1e-30 a row (summing to 1) changes by under 1e-28,
+    below fp32's resolution, and ``f p`` stays a normal float for codes above 1e-8. InfoNCE's cosine normalisation
+    (``eps`` 1e-12) maps a group column of norm under ~1e-26 to a vector of norm under 1e-14 with or without the
+    flush, so its value and gradient do not move either (a floor of 1e-9 did move them: 0.5%).
+    """
+    return p + (p.masked_fill(p < floor, 0.0) - p).detach()
 
 
 def _blocks_from_sq_gram(gram_sq: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
@@ -592,12 +613,14 @@ class DynamicHierSAE(StaticHierSAE):
                 "contrast_over": self.contrast_over, "view_noise": self.view_noise, "entropy_over": self.entropy_over}
 
     def live_assignments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 2 now: ``(coarse [d_sae, n_coarse], fine [d_sae, n_coarse*n_fine])`` float32, rows sum to 1."""
+        """Eq. 2 now: ``(coarse [d_sae, n_coarse], fine [d_sae, n_coarse*n_fine])`` float32, rows sum to 1
+        (memberships below ``MEMBERSHIP_FLOOR`` 0 in value, :func:`_flush_tiny`)."""
         keys = F.layer_norm(self.W_dec.detach().float(), (self.d_in,)) @ self.W_key  # [d_sae, d_key]
         tau = self.log_tau.exp()
         coarse = torch.softmax(keys @ self.q_coarse.T / tau, -1)
         cond = torch.softmax(torch.einsum("nd,ijd->nij", keys, self.q_fine) / tau, -1)  # p(j | i)
-        return coarse, (coarse[:, :, None] * cond).reshape(self.d_sae, -1)
+        fine = (coarse[:, :, None] * cond).reshape(self.d_sae, -1)
+        return _flush_tiny(coarse, MEMBERSHIP_FLOOR), _flush_tiny(fine, MEMBERSHIP_FLOOR)
 
     def attention_parameters(self) -> list[nn.Parameter]:
         """The parameters of Eq. 2's attention: ``W_key``, ``q_coarse``, ``q_fine``, ``log_tau``."""
@@ -703,10 +726,26 @@ class DynamicHierSAE(StaticHierSAE):
         self._noise.set_state(state["noise_rng"])
 
     def second_view(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents ``[batch, d_sae]`` of ``x`` plus Gaussian noise of ``view_noise`` x per-token RMS."""
+        """Latents ``[batch, d_sae]`` of ``x`` plus Gaussian noise of ``view_noise`` x per-token RMS.
+
+        On the pairs step (``kernels="sparse"``, a CPU training forward, at most ``SPARSE_MAX_DENSITY`` of the view's
+        entries positive) the code is built from the view's positive pre-activations (:func:`.relu_pairs.positive_pairs`,
+        :func:`.kernels.gather_pre_acts`, :func:`.kernels.pairs_code`), so its backward into the encoder touches those
+        pairs only instead of two dense ``[batch, d_in] x [d_in, d_sae]`` products (the weight gradient and, for
+        ``b_dec``, the input gradient: 8.4 + 7.9 ms of a ~108 ms step at d_sae 2048, 31st session); same values and
+        gradients as the dense encode (tests/test_kernels.py). Counted in ``sparse_views``.
+        """
         rms = x.float().pow(2).mean(-1, keepdim=True).sqrt()
         noise = torch.randn(x.shape, generator=self._noise).to(x.device)
-        return self.encode(x + self.view_noise * rms * noise)
+        view = x + self.view_noise * rms * noise
+        if self.kernels == "sparse" and self.training and fused_available(self, view):
+            picked = positive_pairs(self, view)
+            if picked is not None:
+                mm, rows, cols, vals = picked
+                act = ActiveSet(rows, cols, *mm.shape)
+                self._stats["sparse_views"] = self._stats.get("sparse_views", 0) + 1
+                return pairs_code(gather_pre_acts(view, self, vals, act), act)
+        return self.encode(view)
 
     def contrast(self, f: torch.Tensor, f2: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
         """Unweighted InfoNCE between the views' fine-group activations ``f @ fine`` ([batch, n_groups])."""
@@ -719,7 +758,8 @@ class DynamicHierSAE(StaticHierSAE):
         """``l1``, ``ortho_level1``, ``ortho_level2``, ``entropy`` and (training, ``contrast_coeff > 0``) ``contrast``.
 
         Counters: those of :class:`StaticHierSAE` (soft groups), the refresh counts of
-        :meth:`_refresh`, ``assign_grad_steps`` (:meth:`after_step`) and ``infonce`` (unweighted).
+        :meth:`_refresh`, ``assign_grad_steps`` (:meth:`after_step`), ``infonce`` (unweighted) and ``sparse_views``
+        (second views encoded from their pairs, :meth:`second_view`).
         """
         (coarse, fine), live = self._assignment_views()
         gram_sq = latent_gram(f, self._train_stats()).pow(2)
