@@ -555,3 +555,15 @@ def test_sharp_attention_memberships_below_the_floor_are_zero_in_value_with_the_
     for name in grads:
         g, r = grads[name], raw_grads[name]
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6 * float(r.abs().max()), msg=name)
+
+
+def test_flush_tiny_grad_zeroes_only_the_gradient_entries_below_the_floor():
+    """Eq. 2's logits pass through _flush_tiny_grad: identity forward; backward, entries of magnitude below the floor
+    (a sharp softmax's subnormal logit gradients) become 0 and every other entry passes exactly."""
+    t = torch.randn(6, 5, requires_grad=True)
+    out = s1._flush_tiny_grad(t, 1e-30)
+    assert torch.equal(out, t)
+    upstream = torch.tensor([1e-3, -2e-31, 5e-39, -1.0, 3e-30] * 6).reshape(6, 5)
+    out.backward(upstream)
+    expected = upstream.masked_fill(upstream.abs() < 1e-30, 0.0)
+    assert torch.equal(t.grad, expected) and int((t.grad == 0).sum()) == 12

@@ -43,6 +43,29 @@ def test_gram_from_the_non_zeros_equals_the_dense_product_and_its_gradient(shift
     assert grads[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("divisor", [96.0, 7.0])  # the batch size; and one that is not a power of two
+def test_squared_gram_from_the_non_zeros_equals_the_squared_dense_product_and_its_gradient(divisor, monkeypatch):
+    """coactivation_gram_sq (the square and the division fused into the kernel, their gradients formed only where the
+    non-zeros read them) equals ``((f^T f) / divisor) ** 2`` of the dense product, value and gradient, and counts."""
+    pre = _relu_code(96, 160, 2.2)
+    weight = torch.randn(160, 160, generator=torch.Generator().manual_seed(1))
+    grads, sqs = [], []
+    monkeypatch.setattr(sparse_gram, "RATIO", 1)
+    for fn in (lambda f: sparse_gram.coactivation_gram_sq(f, divisor, stats),
+               lambda f: ((f.T @ f).float() / divisor).pow(2)):
+        stats: dict = {}
+        sq = fn(torch.relu(pre))
+        (sq * weight).sum().backward()  # asymmetric: both of the backward's terms count
+        sqs.append(sq.detach())
+        grads.append(pre.grad.clone())
+        pre.grad = None
+        if len(sqs) == 1:
+            assert stats == {"sparse_gram": 1}
+    torch.testing.assert_close(sqs[0], sqs[1], rtol=1e-5, atol=1e-6 * float(sqs[1].abs().max()))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5 * float(grads[1].abs().max()))
+    assert grads[0].abs().sum() > 0
+
+
 def test_gram_falls_back_to_the_matmul_past_its_pair_budget(monkeypatch):
     """The kernel runs while its products are at most batch * d_sae^2 / RATIO (the measured break-even)."""
     pre = _relu_code(32, 64, 0.0)

@@ -91,7 +91,7 @@ from .base import SAE, groups_from_ids
 from .fused import fused_available
 from .kernels import ActiveSet, check_kernels, gather_pre_acts, pairs_code
 from .relu_pairs import DenseCodePairsMixin, positive_pairs
-from .sparse_gram import coactivation_gram
+from .sparse_gram import coactivation_gram, coactivation_gram_sq
 
 SEED = "shared/seeds/001_0012a683e3519a7f.txt"
 
@@ -125,6 +125,12 @@ def latent_gram(f: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
     counts those in ``stats["sparse_gram"]``).
     """
     return coactivation_gram(f, stats) / f.shape[0]
+
+
+def latent_gram_sq(f: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+    """``latent_gram(f) ** 2`` elementwise, fp32 ``[d_sae, d_sae]``: what Eq. 4's block norms read, the square fused into
+    the non-zeros kernel when it runs (:func:`.sparse_gram.coactivation_gram_sq`; same values and gradients)."""
+    return coactivation_gram_sq(f, f.shape[0], stats)
 
 
 def block_frobenius(gram: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
@@ -181,6 +187,34 @@ def _flush_tiny(p: torch.Tensor, floor: float) -> torch.Tensor:
     return p + (p.masked_fill(p < floor, 0.0) - p).detach()
 
 
+class _FlushTinyGrad(torch.autograd.Function):
+    """Identity whose backward sets gradient entries of magnitude below ``floor`` to 0 (:func:`_flush_tiny_grad`)."""
+
+    @staticmethod
+    def forward(ctx, t, floor):
+        """Autograd forward: ``t`` itself (a view)."""
+        ctx.floor = floor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        """The gradient with its tiny entries 0; None for ``floor``."""
+        return grad.masked_fill(grad.abs() < ctx.floor, 0.0), None
+
+
+def _flush_tiny_grad(logits: torch.Tensor, floor: float) -> torch.Tensor:
+    """``logits`` unchanged; in the backward, gradient entries below ``floor`` in magnitude become 0.
+
+    For Eq. 2's softmax logits: a softmax's backward scales each entry's gradient by its probability, so a sharp
+    attention's ~1e-38 probabilities give subnormal logit gradients, and the products reading them (``W_key``'s
+    gradient ``LN(W_dec)^T dkeys``, ``[640, 2048] x [2048, 64]``; ``q_fine``'s batched one) ran 11.5 ms instead of
+    ~0.5 (seed001_dynamic_hier, step 600 of its benchmark run, 31st session). An entry below 1e-30 adds under
+    ``d_sae * 1e-30`` to any of those sums, below fp32's resolution next to the other entries, and under 1e-22 of an
+    Adam step (eps 1e-8) if every entry is that small.
+    """
+    return _FlushTinyGrad.apply(logits, floor)
+
+
 def _blocks_from_sq_gram(gram_sq: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     """:func:`block_frobenius` from ``gram_sq = gram.float() ** 2`` (one squaring shared by several groupings)."""
     a2 = _without_denormals(assign.float().pow(2), MEMBERSHIP_SQ_FLOOR)
@@ -196,7 +230,7 @@ def ortho_penalty(f: torch.Tensor, assign: torch.Tensor, stats: dict | None = No
         stats: counters dict for :func:`latent_gram`.
     Source: seed 001 sec. 4.3, Eq. 4 (first term), sec. 6.1 (grouped variants).
     """
-    blocks = block_frobenius(latent_gram(f, stats), assign)
+    blocks = _blocks_from_sq_gram(latent_gram_sq(f, stats), assign)
     off = ~torch.eye(blocks.shape[0], dtype=torch.bool, device=blocks.device)
     return blocks[off].sum()
 
@@ -220,7 +254,7 @@ def hier_ortho_terms(f: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
     Returns:
         ``(sum_{i != j} ||h_g1i^T h_g1j||_F, sum_{i, j != k} ||h_g2ij^T h_g2ik||_F)``, both ``/ batch``, float32.
     """
-    return _ortho_terms(latent_gram(f, stats).pow(2), coarse, fine, n_fine)
+    return _ortho_terms(latent_gram_sq(f, stats), coarse, fine, n_fine)
 
 
 def _ortho_terms(gram_sq: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
@@ -614,13 +648,15 @@ class DynamicHierSAE(StaticHierSAE):
 
     def live_assignments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 2 now: ``(coarse [d_sae, n_coarse], fine [d_sae, n_coarse*n_fine])`` float32, rows sum to 1
-        (memberships below ``MEMBERSHIP_FLOOR`` 0 in value, :func:`_flush_tiny`)."""
+        (memberships below ``MEMBERSHIP_FLOOR`` 0 in value, :func:`_flush_tiny`; the logits' gradients too,
+        :func:`_flush_tiny_grad`)."""
         keys = F.layer_norm(self.W_dec.detach().float(), (self.d_in,)) @ self.W_key  # [d_sae, d_key]
         tau = self.log_tau.exp()
-        coarse = torch.softmax(keys @ self.q_coarse.T / tau, -1)
-        cond = torch.softmax(torch.einsum("nd,ijd->nij", keys, self.q_fine) / tau, -1)  # p(j | i)
+        floor = MEMBERSHIP_FLOOR  # no subnormal in the memberships or, through the softmax, in the logits' gradients
+        coarse = torch.softmax(_flush_tiny_grad(keys @ self.q_coarse.T / tau, floor), -1)
+        cond = torch.softmax(_flush_tiny_grad(torch.einsum("nd,ijd->nij", keys, self.q_fine) / tau, floor), -1)  # p(j|i)
         fine = (coarse[:, :, None] * cond).reshape(self.d_sae, -1)
-        return _flush_tiny(coarse, MEMBERSHIP_FLOOR), _flush_tiny(fine, MEMBERSHIP_FLOOR)
+        return _flush_tiny(coarse, floor), _flush_tiny(fine, floor)
 
     def attention_parameters(self) -> list[nn.Parameter]:
         """The parameters of Eq. 2's attention: ``W_key``, ``q_coarse``, ``q_fine``, ``log_tau``."""
@@ -762,7 +798,7 @@ class DynamicHierSAE(StaticHierSAE):
         (second views encoded from their pairs, :meth:`second_view`).
         """
         (coarse, fine), live = self._assignment_views()
-        gram_sq = latent_gram(f, self._train_stats()).pow(2)
+        gram_sq = latent_gram_sq(f, self._train_stats())
         t1, t2 = _ortho_terms(gram_sq, coarse, fine, self.n_fine)
         if live is not None:  # the attention's gradient at the live point (why: entropy_reg's docstring)
             at_live = _ortho_terms(gram_sq.detach(), *live, self.n_fine)

@@ -1438,7 +1438,9 @@ std::vector<torch::Tensor> head_block_stats(torch::Tensor z) {
 // (seed 001's Eq. 4 and seed 000's eq. 4 on a ReLU code, whose zeros get no gradient through the ReLU).
 // Threads own rows of G (latents p), each walking the batch rows that contain p (a column index built
 // here), so no two threads add into one entry and the sums run in batch-row order on every run.
-std::vector<torch::Tensor> code_gram(torch::Tensor f, int64_t max_pairs) {
+// divisor > 0: also sq = (G / divisor)^2 (seed 001's Eq. 4 reads only that), each row squared by the thread that
+// summed it while the row is in its cache, instead of two torch passes over [L, L] (a division, a square).
+std::vector<torch::Tensor> code_gram_impl(torch::Tensor f, int64_t max_pairs, double divisor) {
   TORCH_CHECK(f.scalar_type() == at::kFloat && f.dim() == 2 && f.is_contiguous(),
               "code_gram: a contiguous 2-D float32 code is needed");
   const int64_t B = f.size(0), L = f.size(1);
@@ -1483,6 +1485,10 @@ std::vector<torch::Tensor> code_gram(torch::Tensor f, int64_t max_pairs) {
     for (int64_t n = cr[b]; n < cr[b + 1]; ++n) { at_n[fill[cp[n]]++] = n; row_of[n] = b; }
   auto gram = torch::zeros({L, L}, f.options());
   float* gp = gram.data_ptr<float>();
+  const bool square = divisor > 0;
+  auto sq = square ? torch::empty({L, L}, f.options()) : torch::Tensor();
+  float* sp = square ? sq.data_ptr<float>() : nullptr;
+  const float div = static_cast<float>(divisor);
   at::parallel_for(0, L, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
       float* g = gp + p * L;
@@ -1491,17 +1497,30 @@ std::vector<torch::Tensor> code_gram(torch::Tensor f, int64_t max_pairs) {
         const float v = vp[n];
         for (int64_t m = cr[b]; m < cr[b + 1]; ++m) g[cp[m]] += v * vp[m];
       }
+      if (square)
+        for (int64_t q = 0; q < L; ++q) {
+          const float t = g[q] / div;  // as torch's (G / divisor).pow(2): a division, then t * t
+          sp[p * L + q] = t * t;
+        }
     }
   });
+  if (square) return {gram, crow, cols, vals, sq};
   return {gram, crow, cols, vals};
 }
 
-// d f at the code's non-zeros from dG [L, L]: df[b, p] = sum_q (dG[p, q] + dG[q, p]) f[b, q] (code_gram).
-torch::Tensor code_gram_backward(torch::Tensor dgram, torch::Tensor crow, torch::Tensor cols, torch::Tensor vals) {
-  TORCH_CHECK(dgram.scalar_type() == at::kFloat && vals.scalar_type() == at::kFloat, "code_gram_backward: float32 is needed");
-  auto dg = dgram.contiguous();
-  const int64_t L = dg.size(0), B = crow.numel() - 1;
-  const float* gp = dg.data_ptr<float>();
+std::vector<torch::Tensor> code_gram(torch::Tensor f, int64_t max_pairs) { return code_gram_impl(f, max_pairs, 0.0); }
+
+// code_gram and (G / divisor)^2: (gram, crow, cols, vals, sq), [] past max_pairs.
+std::vector<torch::Tensor> code_gram_sq(torch::Tensor f, int64_t max_pairs, double divisor) {
+  TORCH_CHECK(divisor > 0, "code_gram_sq: the divisor must be positive");
+  return code_gram_impl(f, max_pairs, divisor);
+}
+
+// d f at the code's non-zeros: df[b, p] = sum_q (dG(p, q) + dG(q, p)) f[b, q], dG(p, q) the gradient of G[p, q].
+template <typename DG>
+torch::Tensor gram_backward_at_nonzeros(DG dG, int64_t L, const torch::Tensor& crow, const torch::Tensor& cols,
+                                        const torch::Tensor& vals) {
+  const int64_t B = crow.numel() - 1;
   const int64_t* cr = crow.data_ptr<int64_t>();
   const int64_t* cp = cols.data_ptr<int64_t>();
   const float* vp = vals.data_ptr<float>();
@@ -1512,12 +1531,38 @@ torch::Tensor code_gram_backward(torch::Tensor dgram, torch::Tensor crow, torch:
       for (int64_t n = cr[b]; n < cr[b + 1]; ++n) {
         const int64_t p = cp[n];
         float acc = 0.0f;
-        for (int64_t m = cr[b]; m < cr[b + 1]; ++m) acc += (gp[p * L + cp[m]] + gp[cp[m] * L + p]) * vp[m];
+        for (int64_t m = cr[b]; m < cr[b + 1]; ++m) acc += (dG(p, cp[m]) + dG(cp[m], p)) * vp[m];
         dp[b * L + p] = acc;
       }
     }
   });
   return df;
+}
+
+// d f at the code's non-zeros from dG [L, L] (code_gram).
+torch::Tensor code_gram_backward(torch::Tensor dgram, torch::Tensor crow, torch::Tensor cols, torch::Tensor vals) {
+  TORCH_CHECK(dgram.scalar_type() == at::kFloat && vals.scalar_type() == at::kFloat, "code_gram_backward: float32 is needed");
+  auto dg = dgram.contiguous();
+  const int64_t L = dg.size(0);
+  const float* gp = dg.data_ptr<float>();
+  return gram_backward_at_nonzeros([gp, L](int64_t p, int64_t q) { return gp[p * L + q]; }, L, crow, cols, vals);
+}
+
+// d f at the code's non-zeros from dsq [L, L], the gradient of sq = (G / divisor)^2 (code_gram_sq): dG = dsq * (2 *
+// (G / divisor)) / divisor, formed only at the entries the non-zeros read, in torch's order of the square's and the
+// division's backward (the dense [L, L] dG is never written).
+torch::Tensor code_gram_sq_backward(torch::Tensor dsq, torch::Tensor gram, double divisor, torch::Tensor crow,
+                                    torch::Tensor cols, torch::Tensor vals) {
+  TORCH_CHECK(dsq.scalar_type() == at::kFloat && gram.scalar_type() == at::kFloat && vals.scalar_type() == at::kFloat,
+              "code_gram_sq_backward: float32 is needed");
+  TORCH_CHECK(dsq.sizes() == gram.sizes() && divisor > 0, "code_gram_sq_backward: shapes or divisor do not match");
+  auto ds = dsq.contiguous(), gc = gram.contiguous();
+  const int64_t L = gc.size(0);
+  const float* dp = ds.data_ptr<float>();
+  const float* gp = gc.data_ptr<float>();
+  const float div = static_cast<float>(divisor);
+  auto dG = [dp, gp, L, div](int64_t p, int64_t q) { return dp[p * L + q] * (2.0f * (gp[p * L + q] / div)) / div; };
+  return gram_backward_at_nonzeros(dG, L, crow, cols, vals);
 }
 
 }  // namespace
@@ -1541,5 +1586,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("head_block_stats", &head_block_stats, "Per-position max, sum of exp and clean-weighted logit differences of [U, P, W] logits");
   m.def("code_gram", &code_gram, "f^T f of a [B, L] fp32 code from its non-zeros (gram, crow, cols, vals), [] past max_pairs");
   m.def("code_gram_backward", &code_gram_backward, "d f at the code's non-zeros from d(f^T f) (fp32, CPU)");
+  m.def("code_gram_sq", &code_gram_sq, "code_gram and (f^T f / divisor)^2: (gram, crow, cols, vals, sq), [] past max_pairs");
+  m.def("code_gram_sq_backward", &code_gram_sq_backward, "d f at the code's non-zeros from d((f^T f / divisor)^2) (fp32, CPU)");
   m.def("adam_unit_rows_", &adam_unit_rows_, "Adam step with projected gradient and row renormalisation (fp32, CPU)");
 }
