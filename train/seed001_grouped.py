@@ -260,11 +260,18 @@ def hier_ortho_terms(f: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
 def _ortho_terms(gram_sq: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor,
                  n_fine: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`hier_ortho_terms` from ``gram_sq`` ``[d_sae, d_sae]`` float32, the elementwise square of
-    :func:`latent_gram`, so that one squaring serves the cached and the live assignments."""
-    b1 = _blocks_from_sq_gram(gram_sq, coarse)
-    b2 = _blocks_from_sq_gram(gram_sq, fine)
+    :func:`latent_gram`, so that one squaring serves the cached and the live assignments.
+
+    Both levels' squared memberships go through ``gram_sq`` in one product (``[d_sae, n_coarse + n_coarse n_fine]``):
+    one read of ``gram_sq`` and, backward, one ``[d_sae, d_sae]`` gradient instead of two summed (the blocks of
+    :func:`_blocks_from_sq_gram`, level by level)."""
+    n_coarse = coarse.shape[1]
+    a2 = _without_denormals(torch.cat([coarse.float(), fine.float()], 1).pow(2), MEMBERSHIP_SQ_FLOOR)
+    m = gram_sq @ a2
+    b1 = (a2[:, :n_coarse].T @ m[:, :n_coarse]).clamp_min(1e-30).sqrt()
+    b2 = (a2[:, n_coarse:].T @ m[:, n_coarse:]).clamp_min(1e-30).sqrt()
     off = ~torch.eye(b1.shape[0], dtype=torch.bool, device=b1.device)
-    return b1[off].sum(), b2[sibling_mask(coarse.shape[1], n_fine, b2.device)].sum()
+    return b1[off].sum(), b2[sibling_mask(n_coarse, n_fine, b2.device)].sum()
 
 
 def usage_entropy(assign: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
