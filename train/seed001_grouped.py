@@ -173,7 +173,8 @@ MEMBERSHIP_FLOOR = 1e-30
 
 def _flush_tiny(p: torch.Tensor, floor: float) -> torch.Tensor:
     """``p`` (fp32 probabilities) with entries below ``floor`` set to 0 in value; the gradient passes through
-    unchanged (straight-through), so the attention's gradient is the one of the unflushed memberships.
+    unchanged (straight-through), so the softmax receives the unflushed memberships' gradient (the tiny logit
+    gradients it makes of it are dropped by :func:`_flush_tiny_grad`).
 
     Why: once InfoNCE sharpens seed 001 sec. 4.2's attention, memberships fall to ~1e-38 and below, into subnormal
     floats, and every matmul reading them (InfoNCE's ``f @ P_fine`` and its backward ``dz @ P_fine^T``, Eq. 4's
