@@ -38,12 +38,16 @@ def _subnormal_scan(step) -> collections.Counter:
     hits: collections.Counter = collections.Counter()
 
     def count(t) -> int:
+        """Subnormal entries of ``t`` if it is a float tensor, else 0."""
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
             return 0
         return int(((t != 0) & (t.abs() < tiny)).sum())
 
     class Scan(TorchDispatchMode):
+        """Runs every op as usual and adds the subnormal entries of a scanned op's inputs and outputs to ``hits``."""
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            """The op's result, after counting."""
             out = func(*args, **(kwargs or {}))
             name = str(func.overloadpacket)
             if name in SCANNED:

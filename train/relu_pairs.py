@@ -46,8 +46,9 @@ class PairsStepMixin:
 
     ``kernels``: ``"sparse"`` (the pairs step while training on the CPU with the compiled module, when the arch's
     :meth:`_pairs_forward` accepts the batch) or ``"dense"``; set by the arch from its ``kernels`` argument
-    (:func:`.kernels.check_kernels`). ``sparse_steps`` counts the training forwards that ran on the pairs (in the
-    train log's counters and the checkpoint's extra state).
+    (:func:`.kernels.check_kernels`). ``sparse_steps`` counts the training forwards that ran on the pairs or, for
+    archs that only decode their code from its non-zeros (:meth:`decode_code`), that did so (in the train log's
+    counters and the checkpoint's extra state).
     """
 
     kernels: str = "dense"

@@ -56,15 +56,24 @@ def coactivation_gram(f: torch.Tensor, stats: dict | None = None) -> torch.Tenso
     products when the compiled module is built; else ``(f.T @ f).float()``. ``stats``: a dict whose ``"sparse_gram"`` count is
     raised by one when the non-zeros path ran (the arch's counter, so a log shows which path a step took).
     """
+    out = _on_nonzeros(f, stats, lambda mod, code, budget: mod.code_gram(code, budget))
+    return _CodeGram.apply(f, *out) if out else (f.T @ f).float()
+
+
+def _on_nonzeros(f: torch.Tensor, stats: dict | None, kernel):
+    """``kernel(native module, f detached contiguous, pair budget)``'s outputs for an fp32 2-D CPU code ``f`` when the
+    compiled module is built and the code's products fit ``batch * d_sae^2 /`` :data:`RATIO` (counted in
+    ``stats["sparse_gram"]``), else None (the caller's dense matmul)."""
     mod = load_native() if f.device.type == "cpu" and f.dtype == torch.float32 and f.dim() == 2 else None
-    if mod is not None:
-        with torch.profiler.record_function("saestrata::code_gram"):
-            out = mod.code_gram(f.detach().contiguous(), f.shape[0] * f.shape[1] ** 2 // RATIO)
-        if out:
-            if stats is not None:
-                stats["sparse_gram"] = stats.get("sparse_gram", 0) + 1
-            return _CodeGram.apply(f, *out)
-    return (f.T @ f).float()
+    if mod is None:
+        return None
+    with torch.profiler.record_function("saestrata::code_gram"):
+        out = kernel(mod, f.detach().contiguous(), f.shape[0] * f.shape[1] ** 2 // RATIO)
+    if not out:
+        return None
+    if stats is not None:
+        stats["sparse_gram"] = stats.get("sparse_gram", 0) + 1
+    return out
 
 
 class _CodeGramSq(torch.autograd.Function):
@@ -97,15 +106,8 @@ def coactivation_gram_sq(f: torch.Tensor, divisor: float, stats: dict | None = N
     backward give back part of the ~1.3 ms a pass saved). Values and gradients as ``(coactivation_gram(f) / divisor).pow(2)``
     computes them (tests/test_sparse_gram.py); that expression otherwise. ``stats`` as there.
     """
-    mod = load_native() if f.device.type == "cpu" and f.dtype == torch.float32 and f.dim() == 2 else None
-    if mod is not None:
-        with torch.profiler.record_function("saestrata::code_gram"):
-            out = mod.code_gram_sq(f.detach().contiguous(), f.shape[0] * f.shape[1] ** 2 // RATIO, float(divisor))
-        if out:
-            if stats is not None:
-                stats["sparse_gram"] = stats.get("sparse_gram", 0) + 1
-            return _CodeGramSq.apply(f, *out, float(divisor))
-    return ((f.T @ f).float() / divisor).pow(2)
+    out = _on_nonzeros(f, stats, lambda mod, code, budget: mod.code_gram_sq(code, budget, float(divisor)))
+    return _CodeGramSq.apply(f, *out, float(divisor)) if out else ((f.T @ f).float() / divisor).pow(2)
 
 
 __all__ = ["RATIO", "coactivation_gram", "coactivation_gram_sq"]
