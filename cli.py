@@ -239,11 +239,15 @@ def main():
     tune_allocator()
 
 
+_device_opt = click.option("--device", default="auto", show_default=True, type=DEVICE,
+                           help="auto = CUDA when available, else CPU; or cpu, cuda, cuda:N.")
 _model_opts = [
-    click.option("--device", default="auto", show_default=True, type=DEVICE,
-                 help="auto = CUDA when available, else CPU; or cpu, cuda, cuda:N."),
-    click.option("--dtype", default="bfloat16", show_default=True,
-                 type=click.Choice(["bfloat16", "float32", "float16"]), help="Model dtype (Gemma residuals overflow float16)."),
+    _device_opt,
+    click.option("--dtype", default="auto", show_default=True,
+                 type=click.Choice(["auto", "bfloat16", "float32", "float16"]),
+                 help="Dtype the model computes in. auto = bfloat16 where the device has native bf16 matmuls "
+                      "(CUDA Ampere+, AVX-512 BF16, AMX), else float32 (emulated bf16 ran ~5x slower). "
+                      "Gemma residuals overflow float16."),
 ]
 
 
@@ -285,10 +289,13 @@ def _with(opts):
               help="Shard-writer processes on a dask LocalCluster (0 = harvest in this process).")
 @click.option("--scheduler", metavar="ADDRESS",
               help="Use an existing dask scheduler (tcp://host:8786) instead; its workers must see --out and the model.")
-@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]),
-              help="Dtype the model computes in, if not --dtype (activations are rounded to --dtype to be stored): "
-                   "float32 on CPUs without native bf16 (no AVX-512 BF16/AMX), where bf16 matmuls run ~6x slower.")
-@_with(_model_opts)
+@click.option("--compute-dtype", default="auto", show_default=True, type=click.Choice(["auto", "bfloat16", "float32"]),
+              help="Dtype the model computes in (activations are rounded to --dtype to be stored). auto = the "
+                   "existing store's when resuming or extending one, else --dtype where the device has native bf16 "
+                   "matmuls (CUDA Ampere+, AVX-512 BF16, AMX), else float32 (emulated bf16 ran ~5x slower).")
+@_device_opt
+@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32", "float16"]),
+              help="Store dtype (Gemma residuals overflow float16).")
 @_one_line_errors
 def harvest(model, layers, dataset, split, tokens, context_length, batch_rows, text_field, seed, rows_per_chunk,
             chunks_per_shard, out, storage_options, workers, scheduler, compute_dtype, device, dtype):
@@ -372,7 +379,9 @@ def _check_specs(specs, d_sae: int) -> None:
                    "own lr (the seed papers' 3e-4), else 2e-4 / sqrt(d_sae / 16384).")
 @click.option("--seed", default=0, show_default=True, type=NONNEG_INT)
 @click.option("--device", default="auto", show_default=True, type=DEVICE)
-@click.option("--no-autocast", is_flag=True, help="Train in fp32 (default: bf16 autocast, fp32 master weights).")
+@click.option("--autocast/--no-autocast", default=None,
+              help="bf16 autocast with fp32 master weights, or fp32 throughout. Default: autocast where the device has "
+                   "native bf16 matmuls (CUDA Ampere+, AVX-512 BF16, AMX), else fp32; a --resume keeps the run's own.")
 @click.option("--allow-partial", is_flag=True, help="Train on the committed part of a half-written store.")
 @click.option("--list-archs", is_flag=True, help="List every arch and preset with its source, then exit.")
 @click.option("--checkpoint-every", default=100, show_default=True, type=NONNEG_INT,
@@ -393,7 +402,7 @@ def _check_specs(specs, d_sae: int) -> None:
               help="Use an existing dask scheduler (tcp://host:8786) instead; its workers must see --store and --out.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory: one sub-folder per SAE.")
 @_one_line_errors
-def train(store, storage_options, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, no_autocast,
+def train(store, storage_options, layer, archs, sets, d_sae, expansion, tokens, batch_size, lr, seed, device, autocast,
           allow_partial, list_archs, checkpoint_every, resume, overwrite, sae_threads, target_l0, workers, scheduler,
           out):
     """Train SAEs from a store in one pass: every batch is read once and fed to every SAE.
@@ -429,7 +438,7 @@ def train(store, storage_options, layer, archs, sets, d_sae, expansion, tokens, 
         shutil.rmtree(folder)  # --overwrite: the old SAE and its results go; other folders stay
     cfg = TrainConfig(store=store, layer=layer, out=out, specs=specs, d_sae=d_sae, expansion=expansion,
                       batch_size=batch_size, tokens=tokens, lr=lr, seed=seed, device=device,
-                      autocast=not no_autocast, allow_partial=allow_partial,
+                      autocast=autocast, allow_partial=allow_partial,
                       checkpoint_every=checkpoint_every, resume=resume, sae_threads=sae_threads,
                       storage_options=storage_options or None)
     if workers or scheduler:

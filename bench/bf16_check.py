@@ -1,20 +1,28 @@
 """Is bf16 fast on this machine? bf16 vs fp32 time of one SAE-sized matmul, in one run.
 
-``python bench/bf16_check.py [--rows 2048 --d-in 640 --d-sae 2048 --repeats 5]``
+``python bench/bf16_check.py [--rows 2048 --d-in 640 --d-sae 2048 --repeats 5] [--stages --rounds 3]``
 
-Prints torch's CPU capability, whether oneDNN has native bf16 (AVX-512 BF16 / AMX), and the
-ratio bf16 time / fp32 time. Where the ratio is well above 1 (2026-12-01's machine: AVX2 only),
-run the LM in float32 (``harvest --compute-dtype float32``, ``benchmark --lm-dtype float32``)
-and train without autocast.
+Prints torch's CPU capability, whether the device has native bf16 matmuls
+(:func:`saestrata.device.native_bf16`: AVX-512 BF16 / AMX), and the ratio bf16 time / fp32
+time. Where the ratio is well above 1 (AVX2-only machines), the CLI's ``auto`` defaults compute
+in float32 (``harvest --compute-dtype``, ``evaluate --dtype``, ``train --autocast``).
+
+``--stages`` times, arms interleaved over ``--rounds``, what those defaults choose between on the
+embedded Gemma 3 270M: the harvest forward (16 rows x 128 tokens through block 8, tok/s), the
+evaluation forward (4 rows x 128 tokens with the 262k-vocab head, tok/s) with the LM loaded in bf16
+vs fp32, and one TopK training step (d_in 640, d_sae 4096, k 32, batch 1024: the trainer's own slot)
+with vs without bf16 autocast. Token ids are random (speed does not depend on the text).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
-from _common import machine
+from _common import interleaved, machine, rate
+from saestrata.device import native_bf16
 
 
 def time_linear(rows: int, d_in: int, d_out: int, dtype: torch.dtype, repeats: int) -> float:
@@ -32,6 +40,68 @@ def time_linear(rows: int, d_in: int, d_out: int, dtype: torch.dtype, repeats: i
     return sorted(times)[len(times) // 2]
 
 
+def _lm_arms(repeats: int) -> dict:
+    """Arms timing the harvest forward and the evaluation forward of the embedded LM in bf16 and fp32 (tok/s)."""
+    from saestrata.harvest.hooks import residuals
+    from saestrata.harvest.model import load_model
+
+    gen = torch.Generator().manual_seed(0)
+    arms = {}
+    for dtype in ("bfloat16", "float32"):
+        lm = load_model(device="cpu", dtype=dtype)
+        vocab = lm.model.config.get_text_config().vocab_size
+        harvest_ids = torch.randint(1, vocab, (16, 128), generator=gen)
+        eval_ids = torch.randint(1, vocab, (4, 128), generator=gen)
+
+        def run_harvest(lm=lm, ids=harvest_ids):
+            return residuals(lm, ids, [8])
+
+        def run_eval(lm=lm, ids=eval_ids):
+            with torch.no_grad():
+                return lm.model(ids).logits
+
+        arms[f"harvest forward {dtype}"] = lambda f=run_harvest: rate(f, repeats, 16 * 128)
+        arms[f"evaluate forward {dtype}"] = lambda f=run_eval: rate(f, repeats, 4 * 128)
+    return arms
+
+
+def _train_arms(repeats: int) -> dict:
+    """Arms timing one TopK step of the trainer's own slot with and without bf16 autocast (steps/s)."""
+    import tempfile
+    from pathlib import Path
+
+    from saestrata.train.registry import build
+    from saestrata.train.trainer import SAESpec, TrainConfig, _Slot
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 640, generator=gen)  # unit-variance entries: row norm ~sqrt(d_in), as the trainer scales
+    arms = {}
+    for autocast in (True, False):
+        spec = SAESpec("topk", "topk", {"k": 32})
+        cfg = TrainConfig(store=Path("."), layer=0, out=Path(tempfile.mkdtemp()), specs=[spec], d_sae=4096)
+        slot = _Slot(spec, build("topk", 640, 4096, k=32), cfg, steps=10_000)
+        slot.sae.init_from_batch(x)
+        counter = iter(range(10**9))
+        name = "train step " + ("bf16 autocast" if autocast else "float32")
+        arms[name] = lambda s=slot, a=autocast: rate(lambda: s.step(x, next(counter), a), repeats, 1)
+    return arms
+
+
+def stages(rounds: int, repeats: int) -> None:
+    """Print each stage's bf16 and fp32 rates (median of ``rounds`` interleaved rounds) and their ratio."""
+    from saestrata.device import fast_dtype
+
+    arms = {**_lm_arms(repeats), **_train_arms(repeats)}
+    got = {name: statistics.median(v) for name, v in interleaved(arms, rounds).items()}
+    auto = fast_dtype("bfloat16", torch.device("cpu"))
+    print(f"auto picks {auto} here; medians of {rounds} interleaved rounds of {repeats} calls")
+    for stage in ("harvest forward", "evaluate forward"):
+        b, f = got[f"{stage} bfloat16"], got[f"{stage} float32"]
+        print(f"{stage:18s} bf16 {b:9.1f} tok/s  fp32 {f:9.1f} tok/s  fp32/bf16 = {f / b:.2f}x")
+    b, f = got["train step bf16 autocast"], got["train step float32"]
+    print(f"{'topk train step':18s} bf16 {1e3 / b:9.1f} ms     fp32 {1e3 / f:9.1f} ms     fp32/bf16 speed = {f / b:.2f}x")
+
+
 def main() -> None:
     """Parse the sizes, time both dtypes, print the ratio."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,14 +109,18 @@ def main() -> None:
     p.add_argument("--d-in", type=int, default=640)
     p.add_argument("--d-sae", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--stages", action="store_true", help="also time harvest / evaluate forwards and a TopK step")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --stages")
     a = p.parse_args()
     print(machine(), flush=True)
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"oneDNN native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}, threads {torch.get_num_threads()}")
+          f"native bf16 {native_bf16(torch.device('cpu'))}, threads {torch.get_num_threads()}")
     t32 = time_linear(a.rows, a.d_in, a.d_sae, torch.float32, a.repeats)
     t16 = time_linear(a.rows, a.d_in, a.d_sae, torch.bfloat16, a.repeats)
     print(f"[{a.rows}, {a.d_in}] x [{a.d_in}, {a.d_sae}]: fp32 {t32 * 1e3:.1f} ms, bf16 {t16 * 1e3:.1f} ms, "
-          f"bf16/fp32 = {t16 / t32:.2f}x")
+          f"bf16/fp32 = {t16 / t32:.2f}x", flush=True)
+    if a.stages:
+        stages(a.rounds, a.repeats)
 
 
 if __name__ == "__main__":

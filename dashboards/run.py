@@ -162,7 +162,7 @@ def inspect_sae(cfg: InspectConfig, lm=None, model: str | None = None, device: s
         from ..harvest.model import load_model
 
         ours = sae_cfg.get("saestrata") if isinstance(sae_cfg.get("saestrata"), dict) else {}
-        lm = load_model(model or ours.get("model_id") or sae_cfg.get("model_name"), device)
+        lm = load_model(model or ours.get("model_id") or sae_cfg.get("model_name"), device, "auto")
     logits = logit_effects(sae, unembedding(lm.model).detach())
     facts = {**facts, "sae": str(Path(cfg.sae).resolve()), "sae_name": Path(cfg.sae).name,
              "arch": (sae_cfg.get("saestrata") or {}).get("arch", sae_cfg.get("architecture")),

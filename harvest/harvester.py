@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..store import StoreError, StoreWriter
+from ..device import fast_dtype, resolve_device
+from ..store import ActivationStore, StoreError, StoreWriter
 from ..store.format import FORMAT_VERSION, ActivationStats, committed_tokens, shard_bounds, to_stored
 from ..store.reader import prefetch
 from ..store.location import Location, as_location
@@ -50,7 +51,7 @@ class HarvestConfig:
     device: str = "auto"
     dtype: str = "bfloat16"
     # dtype the LM computes in (None: ``dtype``); activations are rounded to ``dtype`` to be stored.
-    # float32 on CPUs without native bf16 matmul (no AVX-512 BF16 / AMX), where bf16 runs ~6x slower.
+    # "auto" (the CLI's default): see :func:`resolve_compute_dtype` (float32 where bf16 is emulated, ~5x slower).
     compute_dtype: str | None = None
     rows_per_chunk: int = 8
     chunks_per_shard: int = 8
@@ -85,6 +86,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = 
         IdentityMismatch: ``cfg.out`` holds a store with a different identity (names the fields).
         FloatingPointError: the model produced NaN/Inf activations (nothing of that shard is written).
     """
+    if cfg.compute_dtype == "auto":  # resolved once, so dask workers load the same dtype
+        cfg = replace(cfg, compute_dtype=lm.dtype if lm is not None else resolve_compute_dtype(cfg))
     lm = lm or load_model(cfg.model, cfg.device, cfg.compute_dtype or cfg.dtype)
     layers = check_layers(cfg.layers, lm.n_layers, cfg.model)
     _check_context_length(cfg, lm)
@@ -108,6 +111,23 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, progress: bool = 
         # rerun (also in this process, e.g. a notebook) can resume instead of being refused.
         writer.close()
     return _out_location(cfg).path
+
+
+def resolve_compute_dtype(cfg: HarvestConfig) -> str:
+    """The dtype the LM computes in for ``cfg``: ``cfg.compute_dtype``, ``cfg.dtype`` when that is None, and
+    for ``"auto"`` the compute dtype of the store already at ``cfg.out`` (so a resumed or extended store
+    stays bit for bit one harvest, on any machine), else :func:`~saestrata.device.fast_dtype` of
+    ``cfg.dtype`` on ``cfg.device`` (float32 in place of bfloat16 where the device has no native bf16).
+
+    An unreadable store at ``cfg.out`` counts as none here; :func:`harvest` reports it when it opens it.
+    """
+    if cfg.compute_dtype != "auto":
+        return cfg.compute_dtype or cfg.dtype
+    try:
+        attrs = ActivationStore(cfg.out, allow_partial=True, storage_options=cfg.storage_options).attrs
+        return attrs.get("compute_dtype", attrs["dtype"])
+    except (StoreError, KeyError):
+        return fast_dtype(cfg.dtype, resolve_device(cfg.device))
 
 
 def _check_context_length(cfg: HarvestConfig, lm: LoadedModel) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..device import resolve_device
+from ..device import fast_dtype, resolve_device
 
 EMBEDDED_MODEL = "gemma-3-270m"
 _CONVERTED_MARK = "saestrata-converted.json"
@@ -218,7 +218,8 @@ def load_model(
         model_id: ``gemma-3-270m`` (embedded, offline), a hub name or a local folder.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
         dtype: torch dtype name for the weights and activations (``bfloat16`` default:
-            Gemma residuals exceed the float16 range, DESIGN.md).
+            Gemma residuals exceed the float16 range, DESIGN.md), or ``auto``: bfloat16 where the
+            device has native bf16 matmuls, else float32 (:func:`saestrata.device.fast_dtype`).
         cache_dir: where the embedded model is converted (default :func:`default_cache_dir`).
 
     Raises:
@@ -229,6 +230,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_id, cache_dir)
+    if dtype == "auto":
+        dtype = fast_dtype("bfloat16", resolve_device(device))
     torch_dtype = getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,5 +1,6 @@
 """Device handling: host-to-device copies (pinned, non-blocking on CUDA) and the GPU readiness script."""
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saestrata.device import resolve_device, to_device
+from saestrata.device import fast_dtype, native_bf16, resolve_device, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -37,3 +38,38 @@ def test_gpu_check_without_cuda_says_so_and_exits_cleanly():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "no CUDA device" in done.stdout
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(),
+                    reason="reads x86 CPU flags from /proc/cpuinfo")
+def test_native_bf16_on_cpu_agrees_with_the_kernels_cpu_flags():
+    """torch's cpuinfo checks against the kernel's own list: AVX-512 BF16 or AMX means native bf16."""
+    flags = _cpu_flags()
+    assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+
+
+def test_fast_dtype_swaps_only_emulated_bfloat16(monkeypatch):
+    import saestrata.device as device_mod
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device_mod, "native_bf16", lambda device: False)
+    assert [fast_dtype(d, cpu) for d in ("bfloat16", "float32", "float16")] == ["float32", "float32", "float16"]
+    monkeypatch.setattr(device_mod, "native_bf16", lambda device: True)
+    assert [fast_dtype(d, cpu) for d in ("bfloat16", "float32", "float16")] == ["bfloat16", "float32", "float16"]
+    assert native_bf16(torch.device("meta")) is False
+
+
+def test_auto_model_dtype_is_the_fast_one(tiny_model_dir, monkeypatch):
+    import saestrata.device as device_mod
+    from saestrata.harvest.model import load_model
+
+    for flag, want in ((False, "float32"), (True, "bfloat16")):
+        monkeypatch.setattr(device_mod, "native_bf16", lambda device, flag=flag: flag)
+        assert load_model(str(tiny_model_dir), "cpu", "auto").dtype == want

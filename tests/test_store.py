@@ -339,6 +339,23 @@ def test_compute_dtype_float32_is_stored_rounded_and_part_of_the_identity(scratc
         harvest(_cfg(out, tiny_model_dir, 256), lm=tiny_lm, progress=False)
 
 
+def test_auto_compute_dtype_follows_the_device_then_the_store(scratch, tiny_model_dir, monkeypatch):
+    """--compute-dtype auto (the CLI's default): float32 for a new store where bf16 is emulated, the store's
+    own compute dtype when extending it, even on a machine with native bf16 (same store, bit for bit)."""
+    import saestrata.device as device_mod
+
+    grown, fresh, native = scratch / "grown.zarr", scratch / "fresh.zarr", scratch / "native.zarr"
+    monkeypatch.setattr(device_mod, "native_bf16", lambda device: False)
+    harvest(_cfg(grown, tiny_model_dir, 128, compute_dtype="auto"), progress=False)
+    assert zarr.open_group(str(grown), mode="r").attrs["compute_dtype"] == "float32"
+    monkeypatch.setattr(device_mod, "native_bf16", lambda device: True)  # "another machine"
+    harvest(_cfg(grown, tiny_model_dir, 256, compute_dtype="auto"), progress=False)  # no IdentityMismatch
+    harvest(_cfg(fresh, tiny_model_dir, 256, compute_dtype="float32"), progress=False)
+    _assert_same_store(grown, fresh)
+    harvest(_cfg(native, tiny_model_dir, 128, compute_dtype="auto"), progress=False)
+    assert "compute_dtype" not in zarr.open_group(str(native), mode="r").attrs  # computed in the store's bf16
+
+
 def _to_legacy(path) -> None:
     """Rewrite a marker-layout store as a store of before commit markers: the record back in the attributes."""
     from saestrata.store.format import read_records

@@ -161,3 +161,37 @@ def test_nan_hparams_do_not_break_identity(tiny_store, tmp_path):
     train(cfg, progress=False)
     done = train(_cfg(tiny_store, cfg.out, specs, tokens=4 * BATCH, checkpoint_every=2, resume=True), progress=False)
     assert math.isnan(json.loads((done["broken"] / "cfg.json").read_text())["saestrata"]["hparams"]["l1_coeff"])
+
+
+def _weights(folder) -> dict:
+    return load_file(str(folder / "sae_weights.safetensors"))
+
+
+def _autocast(folder) -> bool:
+    return json.loads((folder / "cfg.json").read_text())["saestrata"]["autocast"]
+
+
+def test_auto_autocast_follows_the_device_and_a_resume_keeps_the_runs_own(tiny_store, tmp_path, monkeypatch):
+    """autocast=None (the default): bf16 autocast iff the device has native bf16 matmuls. A run interrupted
+    on such a machine and resumed on one without keeps autocast, and ends bit for bit as if uninterrupted."""
+    import saestrata.train.trainer as trainer_mod
+
+    specs = [SAESpec("topk", "topk", {"k": 8})]
+    native = lambda flag: monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: flag)  # noqa: E731
+    kw = dict(tokens=8 * BATCH, autocast=None)
+    native(False)
+    fp32 = train(_cfg(tiny_store, tmp_path / "fp32", specs, checkpoint_every=0, **kw), progress=False)["topk"]
+    native(True)
+    whole = train(_cfg(tiny_store, tmp_path / "whole", specs, checkpoint_every=0, **kw), progress=False)["topk"]
+    assert _autocast(fp32) is False and _autocast(whole) is True
+    assert not torch.equal(_weights(fp32)["W_enc"], _weights(whole)["W_enc"])  # the setting acted
+    out = tmp_path / "run"
+    assert train(_cfg(tiny_store, out, specs, checkpoint_every=2, stop_after_step=3, **kw), progress=False) == {}
+    native(False)  # "another machine"
+    with pytest.raises(CheckpointError, match="autocast"):  # an explicit other setting is still refused
+        train(_cfg(tiny_store, out, specs, checkpoint_every=2, resume=True, tokens=8 * BATCH, autocast=False),
+              progress=False)
+    done = train(_cfg(tiny_store, out, specs, checkpoint_every=2, resume=True, **kw), progress=False)["topk"]
+    assert _autocast(done) is True
+    a, b = _weights(whole), _weights(done)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -78,6 +78,16 @@ def write_checkpoint(out: str | Path, payload: dict) -> Path:
     return path
 
 
+def saved_identity(out: str | Path) -> dict | None:
+    """The settings ``<out>/checkpoint.pt`` was written with, or None when there is no readable checkpoint
+    (then :func:`read_checkpoint` says why). Used to resolve settings left to the machine (autocast)."""
+    try:
+        ckpt = torch.load(checkpoint_path(out), map_location="cpu", weights_only=True)
+        return ckpt["identity"] if isinstance(ckpt, dict) and isinstance(ckpt.get("identity"), dict) else None
+    except Exception:  # missing, corrupt or foreign: read_checkpoint reports it in one line
+        return None
+
+
 def read_checkpoint(out: str | Path, identity: dict) -> dict:
     """Load ``<out>/checkpoint.pt`` (tensors on CPU) and check it was written for ``identity``.
 

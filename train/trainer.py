@@ -4,7 +4,8 @@ Every batch is read once and fed to every SAE (``dictionary_learning``'s
 "several trainers, one buffer"). Each SAE has its own Adam optimiser, learning
 rate schedule (linear warmup, constant, linear decay to 0 over the last
 ``decay_frac`` of steps), sparsity-coefficient warmup and dead-latent tracking.
-Matmuls run under bf16 autocast (AVX-512 BF16 on this CPU; it has no AMX) with fp32 master weights.
+Matmuls run under bf16 autocast with fp32 master weights where the device has native bf16 matmuls
+(``autocast=None``, the default: :func:`~saestrata.device.native_bf16`), else in fp32.
 
 A non-finite loss or gradient stops only that SAE: its update is not applied,
 so its weights stay the last good ones and are saved with a ``failed`` note;
@@ -23,20 +24,20 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from ..device import resolve_device, to_device
+from ..device import native_bf16, resolve_device, to_device
 from ..store import ActivationStore, StoreError, sequence_batches, shuffled_batches
 from ..store.location import as_location
 from . import optim
 from .base import SAE
 from .checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, rng_state, run_identity,
-                         set_rng_state, truncate_log, write_checkpoint)
+                         saved_identity, set_rng_state, truncate_log, write_checkpoint)
 from .native import load_native
 from .registry import ARCHS, build, optimizer_hparams, resolve
 from .sae_io import save_sae
@@ -90,7 +91,7 @@ class TrainConfig:
     sparsity_warmup_frac: float = 0.05
     seed: int = 0
     device: str = "auto"
-    autocast: bool = True
+    autocast: bool | None = None  # None: bf16 autocast iff native_bf16(device); a resumed run keeps its own
     log_every: int = 25
     dead_window_tokens: int | None = None  # None: a tenth of the budget (see dead_window)
     # Gradient-norm clip for EVERY arch (one rule for a fair comparison; the reference TopK/BatchTopK
@@ -533,7 +534,7 @@ def _save_all(cfg: TrainConfig, store: ActivationStore, hook: str, scale: float,
         "hook_name": hook, "layer": cfg.layer, "context_length": store.attrs.get("context_length"),
         "dataset": store.attrs.get("dataset"), "store": as_location(cfg.store).identity(),
         "train_tokens": steps * cfg.batch_size, "batch_size": cfg.batch_size, "input_scale": scale,
-        "special_token_ids": store.attrs.get("special_token_ids", []),
+        "special_token_ids": store.attrs.get("special_token_ids", []), "autocast": cfg.autocast,
     }
     folders = {}
     for slot in slots:
@@ -547,6 +548,18 @@ def _save_all(cfg: TrainConfig, store: ActivationStore, hook: str, scale: float,
                  "train_tokens_per_s": slot.steps_done * cfg.batch_size / max(slot.seconds, 1e-9)}
         folders[slot.spec.name] = save_sae(slot.sae.cpu().eval(), slot.folder, {**meta, **extra})
     return folders
+
+
+def _resolve_autocast(cfg: TrainConfig, device: torch.device) -> bool:
+    """``cfg.autocast``, or for None: the interrupted run's own setting when resuming (so a checkpoint
+    resumes on any machine), else bf16 autocast iff ``device`` has native bf16 matmuls (emulated bf16
+    ran ~5x slower than fp32: :func:`~saestrata.device.native_bf16`)."""
+    if cfg.autocast is not None:
+        return cfg.autocast
+    saved = saved_identity(cfg.out) if cfg.resume else None
+    if saved is not None and isinstance(saved.get("autocast"), bool):
+        return saved["autocast"]
+    return native_bf16(device)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
@@ -570,6 +583,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Path]:
     # Inputs scaled to mean norm sqrt(d_in) (Gao et al. 2024 sec. 2.1); folded back at save.
     scale = math.sqrt(d_in) / store.stats(hook)["mean_norm"]
     device = resolve_device(cfg.device)
+    cfg = replace(cfg, autocast=_resolve_autocast(cfg, device))
     steps = cfg.tokens // cfg.batch_size
     if steps < 1:
         raise ValueError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}")
