@@ -499,7 +499,7 @@ def evaluate(saes, dataset, split, tokens, batch_rows, model, allow_other_model,
     for sae, cfg in zip(saes, cfgs):
         check_same_model(sae, cfg, lm.model_id, lm.weights_hash, allow_other_model)
     results = evaluate_saes(list(saes), EvalConfig(dataset=dataset, split=split, tokens=tokens, batch_rows=batch_rows,
-                                                   model=model, device=device, dtype=dtype), lm=lm)
+                                                   model=model, device=device, dtype=lm.dtype), lm=lm)
     for sae, result, target in zip(saes, results, targets):
         write_json_atomic(target, result)
         m = result["eval_result_metrics"]
@@ -648,7 +648,7 @@ def unlearn(saes, benchmark, questions_dir, full_grid, max_retain_questions, all
                                               full_grid=full_grid, max_retain_questions=None if all_retain_questions else max_retain_questions,
                                               prefix_cache_gib=0.0 if no_prefix_cache else UnlearnConfig.prefix_cache_gib,
                                               random_control=not no_control, batch_rows=batch_rows,
-                                              model=lm.model_id, device=device, dtype=dtype), lm=lm)
+                                              model=lm.model_id, device=device, dtype=lm.dtype), lm=lm)
         write_json_atomic(target, result)
         m = result["eval_result_metrics"]["unlearning"]
         click.echo(f"{sae}: unlearning_score {m['unlearning_score']:.3f} (random-latent control "
@@ -719,7 +719,7 @@ def probe(saes, labels, k_values, train_per_class, test_per_class, context_lengt
     results = run_sparse_probing(ProbeConfig(saes=list(saes), labels=labels, k_values=k_values,
                                              train_per_class=train_per_class, test_per_class=test_per_class,
                                              context_length=context_length, batch_rows=batch_rows, seed=seed,
-                                             model=model, device=device, dtype=dtype), lm)
+                                             model=model, device=device, dtype=lm.dtype), lm)
     for sae, result, target in zip(saes, results, targets):
         write_json_atomic(target, result)
         llm, m = result["eval_result_metrics"]["llm"], result["eval_result_metrics"]["sae"]

@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--warm-steps", type=int, default=200, help="untimed steps first (L0 falls towards the target)")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per arm and round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--autocast", action="store_true", help="bf16 autocast (the CLI's default; the benchmark's is fp32)")
+    ap.add_argument("--autocast", action="store_true", help="bf16 autocast (the CLI's default on devices with native bf16; the benchmark's is fp32)")
     ap.add_argument("--crossover", default="", help="comma-separated L0s to time both arms at (e.g. 32,64,128,256)")
     args = ap.parse_args()
     print(machine(), flush=True)

@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--warm-steps", type=int, default=600, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     ap.add_argument("--top", type=int, default=20, help="ops listed")
-    ap.add_argument("--autocast", action="store_true", help="bf16 autocast (the CLI's default; the benchmark's is fp32)")
+    ap.add_argument("--autocast", action="store_true", help="bf16 autocast (the CLI's default on devices with native bf16; the benchmark's is fp32)")
     ap.add_argument("--scan", action="store_true", help="count subnormal floats in one more step's ops")
     args = ap.parse_args()
     print(machine(), flush=True)

@@ -11,6 +11,12 @@ ratio on this machine unless selection or Adam themselves get cheaper; the compi
 step runs (train/native.py) is timed beside torch's.
 
     .venv/bin/python bench/topk_profile.py --store demo-out/store-train --layer 8 [--arch batchtopk] [--threads 1]
+        [--dtype auto|bf16|fp32]
+
+``--dtype`` (default ``auto``, what ``saestrata train`` picks on this device): ``bf16`` steps under
+bf16 autocast against a bf16 matmul, ``fp32`` steps in fp32 against an fp32 matmul. On a CPU
+without native bf16 (AVX2 only) the CLI trains in fp32, and a ratio to the emulated bf16 matmul
+(~5x slower than fp32 there) would flatter the step.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from saestrata.allocator import tune_allocator
 from saestrata.train.native import load_native, rowwise_topk_indices
 
 GROUPS = {  # profiler op name -> what it is for (everything else: "other")
-    "aten::mm": "encoder matmul (bf16)",
+    "aten::mm": "encoder matmul",
     "aten::topk": "top-k selection",
     "saestrata::rowwise_topk": "top-k selection",  # train/native.py's compiled kernel
     "aten::_fused_adam_": "Adam (fused)",
@@ -67,7 +73,7 @@ def _slot(arch: str, d_in: int, d_sae: int, k: int, first):
 
 
 def main() -> None:
-    """Print the step, the profile grouped by purpose, and the floor of stock-op parts, all vs one bf16 matmul."""
+    """Print the step, the profile grouped by purpose, and the floor of stock-op parts, all vs one encoder matmul."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
     ap.add_argument("--layer", type=int, required=True)
@@ -79,14 +85,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40, help="timed steps (after 20 warm-up steps)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="step under bf16 autocast vs a bf16 matmul, or in fp32 vs an fp32 matmul; auto: bf16 "
+                         "where the device has native bf16 matmuls (saestrata train's default)")
     args = ap.parse_args()
     print(machine(), flush=True)
     tune_allocator()  # as the CLI does
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from saestrata.device import native_bf16
     from saestrata.store import ActivationStore
 
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and native_bf16(torch.device("cpu")))
+    mm_dtype, mm_name = (torch.bfloat16, "bf16") if bf16 else (torch.float32, "fp32")
     if args.threads:
         torch.set_num_threads(args.threads)
     store = ActivationStore(args.store)
@@ -101,7 +113,7 @@ def main() -> None:
 
     def run() -> None:
         """One trainer step of the slot on the next of the 16 real batches."""
-        slot.step(batches[done[0] % 16], done[0], True)
+        slot.step(batches[done[0] % 16], done[0], bf16)
         done[0] += 1
 
     for _ in range(20):
@@ -120,9 +132,9 @@ def main() -> None:
     profiled = sum(by_group.values())
 
     sae = slot.sae
-    x16, w16 = batches[1].bfloat16(), sae.W_enc.detach().bfloat16()
+    x16, w16 = batches[1].to(mm_dtype), sae.W_enc.detach().to(mm_dtype)
     mm_ms = min(median_ms(lambda: x16 @ w16, 5) for _ in range(4))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         pre = sae.pre_acts(batches[1])
     topk_ms = median_ms(lambda: pre.topk(args.k, dim=-1, sorted=False), 10)
     ours_ms = median_ms(lambda: rowwise_topk_indices(pre, args.k), 10)  # what the topk step runs (train/native.py)
@@ -130,8 +142,8 @@ def main() -> None:
     adam_ms = median_ms(slot.opt.step, 10)  # the same fused optimiser on the SAE's last gradients
 
     print(f"{torch.get_num_threads()} thread(s); {args.arch} SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, k {args.k}, "
-          f"batch {n}, sparse kernels; torch {torch.__version__}")
-    print(f"mean step (median of {args.steps}): {step_ms:.1f} ms = {step_ms / mm_ms:.2f}x one bf16 encoder matmul "
+          f"batch {n}, sparse kernels, {'bf16 autocast' if bf16 else 'fp32'}; torch {torch.__version__}")
+    print(f"mean step (median of {args.steps}): {step_ms:.1f} ms = {step_ms / mm_ms:.2f}x one {mm_name} encoder matmul "
           f"({mm_ms:.1f} ms, same run)")
     print(f"\nprofile of 5 steps ({profiled:.1f} ms/step under the profiler), self CPU time by purpose:")
     for group, ms in sorted(by_group.items(), key=lambda kv: -kv[1]):
