@@ -28,11 +28,13 @@ def _run(script: str, *args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
-def test_topk_profile_runs_each_arch(tiny_store, arch):
+@pytest.mark.parametrize("arch,dtype", [("topk", "bf16"), ("batchtopk", "bf16"), ("matryoshka", "bf16"),
+                                        ("topk", "fp32")])
+def test_topk_profile_runs_each_arch(tiny_store, arch, dtype):
     out = _run("topk_profile.py", "--store", str(tiny_store), "--layer", "2", "--arch", arch, "--d-sae", "64",
-               "--k", "4", "--batch-size", "64", "--steps", "3")
-    assert f"{arch} SAE d_in" in out and "x one bf16 encoder matmul" in out
+               "--k", "4", "--batch-size", "64", "--steps", "3", "--dtype", dtype)
+    autocast = "bf16 autocast" if dtype == "bf16" else "fp32"
+    assert f"{arch} SAE d_in" in out and f"x one {dtype} encoder matmul" in out and f"kernels, {autocast};" in out
     # Ratios against a bf16 matmul differ ~4x between an EPYC and an AMX Xeon: every output names its machine.
     assert out.splitlines()[0].startswith(f"machine: {cpu_model()}; torch {torch.__version__}, ")
     assert ("own selection" in out) == (arch != "topk")

@@ -356,6 +356,22 @@ def test_auto_compute_dtype_follows_the_device_then_the_store(scratch, tiny_mode
     assert "compute_dtype" not in zarr.open_group(str(native), mode="r").attrs  # computed in the store's bf16
 
 
+def test_cli_harvest_defaults_to_auto_compute_dtype(scratch, tiny_model_dir, monkeypatch):
+    """`saestrata harvest` without --compute-dtype: a bf16 store computed in float32 where bf16 is emulated."""
+    from click.testing import CliRunner
+
+    import saestrata.device as device_mod
+    from saestrata.cli import main
+
+    for flag, out in ((False, scratch / "emulated.zarr"), (True, scratch / "native.zarr")):
+        monkeypatch.setattr(device_mod, "native_bf16", lambda device, flag=flag: flag)
+        res = CliRunner().invoke(main, ["harvest", "--model", str(tiny_model_dir), "--layers", "1", "--tokens", "128",
+                                        "--context-length", "32", "--device", "cpu", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        attrs = zarr.open_group(str(out), mode="r").attrs
+        assert attrs["dtype"] == "bfloat16" and attrs.get("compute_dtype", "bfloat16") == ("bfloat16" if flag else "float32")
+
+
 def _to_legacy(path) -> None:
     """Rewrite a marker-layout store as a store of before commit markers: the record back in the attributes."""
     from saestrata.store.format import read_records

@@ -50,6 +50,7 @@ def _cli_harvest(model_dir: Path, out: Path, fault: str | None = None, *extra: s
         env["SAESTRATA_FAULT"] = fault
     cmd = [SAESTRATA, "harvest", "--model", str(model_dir), "--layers", "1,2", "--tokens", str(TOKENS),
            "--context-length", str(CTX), "--rows-per-chunk", "2", "--chunks-per-shard", "2", "--device", "cpu",
+           "--compute-dtype", "bfloat16",  # as the in-process references (tiny_lm); auto: test_store.py
            "--out", str(out), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 

@@ -155,6 +155,7 @@ def _cli_harvest(env: dict, url: str, model_dir: Path, fault: str | None = None)
         full["SAESTRATA_FAULT"] = fault
     cmd = [SAESTRATA, "harvest", "--model", str(model_dir), "--layers", "1,2", "--tokens", str(TOKENS),
            "--context-length", str(CTX), "--rows-per-chunk", "2", "--chunks-per-shard", "2", "--device", "cpu",
+           "--compute-dtype", "bfloat16",  # as local_ref (tiny_lm); auto: test_store.py
            "--out", url]
     return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=600)
 
