@@ -340,36 +340,39 @@ def test_compute_dtype_float32_is_stored_rounded_and_part_of_the_identity(scratc
 
 
 def test_auto_compute_dtype_follows_the_device_then_the_store(scratch, tiny_model_dir, monkeypatch):
-    """--compute-dtype auto (the CLI's default): float32 for a new store where bf16 is emulated, the store's
-    own compute dtype when extending it, even on a machine with native bf16 (same store, bit for bit)."""
+    """compute_dtype "auto" (the CLI's default): float32 for a new bf16 store where bf16 is emulated, bf16 where
+    native; an existing store's own compute dtype when extending it on any machine (same store, bit for bit)."""
     import saestrata.device as device_mod
+    from saestrata.harvest.harvester import resolve_compute_dtype
+    from saestrata.harvest.model import load_model
 
-    grown, fresh, native = scratch / "grown.zarr", scratch / "fresh.zarr", scratch / "native.zarr"
-    monkeypatch.setattr(device_mod, "native_bf16", lambda device: False)
-    harvest(_cfg(grown, tiny_model_dir, 128, compute_dtype="auto"), progress=False)
-    assert zarr.open_group(str(grown), mode="r").attrs["compute_dtype"] == "float32"
-    monkeypatch.setattr(device_mod, "native_bf16", lambda device: True)  # "another machine"
+    grown, fresh = scratch / "grown.zarr", scratch / "fresh.zarr"
+    for flag, want in ((False, "float32"), (True, "bfloat16")):
+        monkeypatch.setattr(device_mod, "native_bf16", lambda device, flag=flag: flag)
+        assert resolve_compute_dtype(_cfg(grown, tiny_model_dir, 128, compute_dtype="auto")) == want
+        assert resolve_compute_dtype(_cfg(grown, tiny_model_dir, 128)) == "bfloat16"  # None: the store's dtype
+    lm32 = load_model(str(tiny_model_dir), "cpu", "float32")
+    harvest(_cfg(grown, tiny_model_dir, 128, compute_dtype="float32"), lm=lm32, progress=False)
+    # "Another machine", with native bf16: extending without an LM must load the store's float32, not bf16.
     harvest(_cfg(grown, tiny_model_dir, 256, compute_dtype="auto"), progress=False)  # no IdentityMismatch
-    harvest(_cfg(fresh, tiny_model_dir, 256, compute_dtype="float32"), progress=False)
+    harvest(_cfg(fresh, tiny_model_dir, 256, compute_dtype="float32"), lm=lm32, progress=False)
     _assert_same_store(grown, fresh)
-    harvest(_cfg(native, tiny_model_dir, 128, compute_dtype="auto"), progress=False)
-    assert "compute_dtype" not in zarr.open_group(str(native), mode="r").attrs  # computed in the store's bf16
 
 
 def test_cli_harvest_defaults_to_auto_compute_dtype(scratch, tiny_model_dir, monkeypatch):
-    """`saestrata harvest` without --compute-dtype: a bf16 store computed in float32 where bf16 is emulated."""
+    """`saestrata harvest` without --compute-dtype, where bf16 is emulated: a bf16 store computed in float32."""
     from click.testing import CliRunner
 
     import saestrata.device as device_mod
     from saestrata.cli import main
 
-    for flag, out in ((False, scratch / "emulated.zarr"), (True, scratch / "native.zarr")):
-        monkeypatch.setattr(device_mod, "native_bf16", lambda device, flag=flag: flag)
-        res = CliRunner().invoke(main, ["harvest", "--model", str(tiny_model_dir), "--layers", "1", "--tokens", "128",
-                                        "--context-length", "32", "--device", "cpu", "--out", str(out)])
-        assert res.exit_code == 0, res.output
-        attrs = zarr.open_group(str(out), mode="r").attrs
-        assert attrs["dtype"] == "bfloat16" and attrs.get("compute_dtype", "bfloat16") == ("bfloat16" if flag else "float32")
+    monkeypatch.setattr(device_mod, "native_bf16", lambda device: False)
+    out = scratch / "emulated.zarr"
+    res = CliRunner().invoke(main, ["harvest", "--model", str(tiny_model_dir), "--layers", "1", "--tokens", "128",
+                                    "--context-length", "32", "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    attrs = zarr.open_group(str(out), mode="r").attrs
+    assert attrs["dtype"] == "bfloat16" and attrs["compute_dtype"] == "float32"
 
 
 def _to_legacy(path) -> None:
