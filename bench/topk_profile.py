@@ -22,6 +22,7 @@ without native bf16 (AVX2 only) the CLI trains in fp32, and a ratio to the emula
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -56,6 +57,9 @@ GROUPS = {  # profiler op name -> what it is for (everything else: "other")
     "saestrata::topk_fused_forward": "fused forward: top-k of mm + b_enc, decode",  # train/fused.py
     "saestrata::topk_fused_backward": "fused backward: pair and weight gradients",  # train/fused.py
 }
+
+
+ROUNDS = 8  # alternating step / matmul timing rounds
 
 
 def _slot(arch: str, d_in: int, d_sae: int, k: int, first):
@@ -118,7 +122,14 @@ def main() -> None:
 
     for _ in range(20):
         run()
-    step_ms = median_ms(run, args.steps)
+    # Step and matmul alternate in rounds: on a shared VM the host's speed drifts by 10-30% within minutes,
+    # and a ratio of two timings taken minutes apart would carry that drift.
+    x16, w16 = batches[1].to(mm_dtype), slot.sae.W_enc.detach().to(mm_dtype)
+    rounds = [(median_ms(run, max(1, args.steps // ROUNDS)), median_ms(lambda: x16 @ w16, 5))
+              for _ in range(ROUNDS)]
+    ratios = sorted(s / m for s, m in rounds)
+    step_ms = statistics.median(s for s, _ in rounds)
+    mm_ms = statistics.median(m for _, m in rounds)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             run()
@@ -132,8 +143,6 @@ def main() -> None:
     profiled = sum(by_group.values())
 
     sae = slot.sae
-    x16, w16 = batches[1].to(mm_dtype), sae.W_enc.detach().to(mm_dtype)
-    mm_ms = min(median_ms(lambda: x16 @ w16, 5) for _ in range(4))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         pre = sae.pre_acts(batches[1])
     topk_ms = median_ms(lambda: pre.topk(args.k, dim=-1, sorted=False), 10)
@@ -143,8 +152,10 @@ def main() -> None:
 
     print(f"{torch.get_num_threads()} thread(s); {args.arch} SAE d_in {acts.shape[1]}, d_sae {args.d_sae}, k {args.k}, "
           f"batch {n}, sparse kernels, {'bf16 autocast' if bf16 else 'fp32'}; torch {torch.__version__}")
-    print(f"mean step (median of {args.steps}): {step_ms:.1f} ms = {step_ms / mm_ms:.2f}x one {mm_name} encoder matmul "
-          f"({mm_ms:.1f} ms, same run)")
+    print(f"step / one {mm_name} encoder matmul, {ROUNDS} alternating rounds: median {statistics.median(ratios):.2f}x "
+          f"(rounds {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
+    print(f"step {step_ms:.1f} ms, matmul {mm_ms:.1f} ms (medians over the rounds of {max(1, args.steps // ROUNDS)} "
+          f"steps / 5 matmuls each): {step_ms / mm_ms:.2f}x")
     print(f"\nprofile of 5 steps ({profiled:.1f} ms/step under the profiler), self CPU time by purpose:")
     for group, ms in sorted(by_group.items(), key=lambda kv: -kv[1]):
         print(f"  {group:40s} {ms:6.1f} ms/step  {100 * ms / profiled:5.1f}%  {ms / mm_ms:5.2f}x matmul")
