@@ -47,7 +47,11 @@ def test_two_workers_give_the_one_process_saes_bit_for_bit(tiny_store, tmp_path,
     for name, folder in got.items():
         assert folder == tmp_path / "run" / name
         want, have = _weights(reference[name]), _weights(folder)
-        assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
+        assert want.keys() == have.keys()
+        # Failed once in a full suite on a loaded 2-core VM (thirty-second session), never alone: say where.
+        differ = {k: float((want[k] - have[k]).abs().max()) for k in want if not torch.equal(want[k], have[k])}
+        first = next((i for i, (a, b) in enumerate(zip(_metrics(folder), _metrics(reference[name]))) if a != b), None)
+        assert not differ, f"{name}: tensors differ {differ}; first differing log line {first}"
         assert _metrics(folder) == _metrics(reference[name])
 
 
