@@ -239,15 +239,16 @@ def main():
     tune_allocator()
 
 
+# Where ``auto`` dtypes choose bf16 (saestrata.device.native_bf16); emulated bf16 ran ~5x slower than fp32.
+_NATIVE_BF16 = "native bf16 matmuls (CUDA Ampere+, AVX-512 BF16, AMX)"
 _device_opt = click.option("--device", default="auto", show_default=True, type=DEVICE,
                            help="auto = CUDA when available, else CPU; or cpu, cuda, cuda:N.")
 _model_opts = [
     _device_opt,
     click.option("--dtype", default="auto", show_default=True,
                  type=click.Choice(["auto", "bfloat16", "float32", "float16"]),
-                 help="Dtype the model computes in. auto = bfloat16 where the device has native bf16 matmuls "
-                      "(CUDA Ampere+, AVX-512 BF16, AMX), else float32 (emulated bf16 ran ~5x slower). "
-                      "Gemma residuals overflow float16."),
+                 help=f"Dtype the model computes in. auto = bfloat16 where the device has {_NATIVE_BF16}, else "
+                      "float32 (emulated bf16 ran ~5x slower). Gemma residuals overflow float16."),
 ]
 
 
@@ -291,8 +292,8 @@ def _with(opts):
               help="Use an existing dask scheduler (tcp://host:8786) instead; its workers must see --out and the model.")
 @click.option("--compute-dtype", default="auto", show_default=True, type=click.Choice(["auto", "bfloat16", "float32"]),
               help="Dtype the model computes in (activations are rounded to --dtype to be stored). auto = the "
-                   "existing store's when resuming or extending one, else --dtype where the device has native bf16 "
-                   "matmuls (CUDA Ampere+, AVX-512 BF16, AMX), else float32 (emulated bf16 ran ~5x slower).")
+                   f"existing store's when resuming or extending one, else --dtype where the device has {_NATIVE_BF16}, "
+                   "else float32 (emulated bf16 ran ~5x slower).")
 @_device_opt
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32", "float16"]),
               help="Store dtype (Gemma residuals overflow float16).")
@@ -380,8 +381,8 @@ def _check_specs(specs, d_sae: int) -> None:
 @click.option("--seed", default=0, show_default=True, type=NONNEG_INT)
 @click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--autocast/--no-autocast", default=None,
-              help="bf16 autocast with fp32 master weights, or fp32 throughout. Default: autocast where the device has "
-                   "native bf16 matmuls (CUDA Ampere+, AVX-512 BF16, AMX), else fp32; a --resume keeps the run's own.")
+              help=f"bf16 autocast with fp32 master weights, or fp32 throughout. Default: autocast where the device has "
+                   f"{_NATIVE_BF16}, else fp32; a --resume keeps the run's own.")
 @click.option("--allow-partial", is_flag=True, help="Train on the committed part of a half-written store.")
 @click.option("--list-archs", is_flag=True, help="List every arch and preset with its source, then exit.")
 @click.option("--checkpoint-every", default=100, show_default=True, type=NONNEG_INT,

@@ -54,9 +54,11 @@ def _lm_arms(repeats: int) -> dict:
         eval_ids = torch.randint(1, vocab, (4, 128), generator=gen)
 
         def run_harvest(lm=lm, ids=harvest_ids):
+            """Harvest's forward: ``{8: [16, 128, 640]}`` residuals in ``lm``'s dtype, stopped after block 8."""
             return residuals(lm, ids, [8])
 
         def run_eval(lm=lm, ids=eval_ids):
+            """Evaluation's clean forward: ``[4, 128, vocab]`` logits in ``lm``'s dtype, no autograd."""
             with torch.no_grad():
                 return lm.model(ids).logits
 
@@ -67,23 +69,15 @@ def _lm_arms(repeats: int) -> dict:
 
 def _train_arms(repeats: int) -> dict:
     """Arms timing one TopK step of the trainer's own slot with and without bf16 autocast (steps/s)."""
-    import tempfile
-    from pathlib import Path
-
-    from saestrata.train.registry import build
-    from saestrata.train.trainer import SAESpec, TrainConfig, _Slot
+    from topk_profile import _slot
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1024, 640, generator=gen)  # unit-variance entries: row norm ~sqrt(d_in), as the trainer scales
     arms = {}
     for autocast in (True, False):
-        spec = SAESpec("topk", "topk", {"k": 32})
-        cfg = TrainConfig(store=Path("."), layer=0, out=Path(tempfile.mkdtemp()), specs=[spec], d_sae=4096)
-        slot = _Slot(spec, build("topk", 640, 4096, k=32), cfg, steps=10_000)
-        slot.sae.init_from_batch(x)
-        counter = iter(range(10**9))
+        slot, counter = _slot("topk", 640, 4096, 32, x), iter(range(10**9))  # each slot counts its own steps
         name = "train step " + ("bf16 autocast" if autocast else "float32")
-        arms[name] = lambda s=slot, a=autocast: rate(lambda: s.step(x, next(counter), a), repeats, 1)
+        arms[name] = lambda s=slot, a=autocast, c=counter: rate(lambda: s.step(x, next(c), a), repeats, 1)
     return arms
 
 
