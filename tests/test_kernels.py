@@ -7,6 +7,7 @@ Every comparison runs in fp32 without autocast against the existing dense comput
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import saestrata.train.batchtopk as batchtopk_module
+import saestrata.train.fused as fused_module
 import saestrata.train.matryoshka as matryoshka_module
 import saestrata.train.topk as topk_module
 from saestrata.train.arch_info import ArchError
@@ -301,6 +303,46 @@ def test_fused_backward_hands_the_clip_its_gradient_norms_only_while_they_hold(d
     sae.kernels = "dense"
     sae(_inputs(9)).loss.backward()
     assert sae.grad_sq_norms() == {}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_clip_keeps_the_fused_norms_when_autograd_copies_the_gradient(arch, monkeypatch):
+    """Autograd stores a copy as ``.grad`` when something else still holds the backward's gradient (a thread
+    sampling ``sys._current_frames()``, as dask's worker profiler does every 10 ms, keeps the backward's frame
+    and its locals alive). The norms must survive that copy: withdrawn, the clip recomputes them in other
+    arithmetic and the SAE's last bits depend on that thread's timing (tests/test_train_distributed.py's
+    two-worker test failed so on a loaded VM). Here the test holds the references, so autograd copies every time."""
+    held = []
+    real = fused_module.GradSqNorms.record
+    monkeypatch.setattr(fused_module.GradSqNorms, "record",
+                        lambda self, d_enc, d_dec, sq: held.extend((d_enc, d_dec)) or real(self, d_enc, d_dec, sq))
+    _, sae = _pair(arch, None)
+    sae(_inputs(8)).loss.backward()
+    assert len(held) == 2 and sae.W_dec.grad.data_ptr() != held[1].data_ptr()  # autograd copied W_dec's gradient
+    known = sae.grad_sq_norms()
+    assert len(known) == 2, "the fused backward's norms were withdrawn because autograd copied its gradient"
+    w, g = sae.W_dec.detach(), sae.W_dec.grad
+    projected = g - (g * w).sum(1, keepdim=True) * w
+    assert known[sae.W_enc] == pytest.approx(float(sae.W_enc.grad.double().pow(2).sum()), rel=1e-5)
+    assert known[sae.W_dec] == pytest.approx(float(projected.double().pow(2).sum()), rel=1e-5)
+    sae.W_dec.grad.add_(1.0)  # the copy changed afterwards: withdrawn
+    assert sae.grad_sq_norms() == {}
+    sae(_inputs(9)).loss.backward()  # accumulated into the existing .grad: not this backward's alone
+    assert sae.grad_sq_norms() == {}
+
+
+def test_a_deep_copied_sae_tracks_its_own_gradients():
+    """The norm hooks sit on parameter objects; a deep copy (new parameters, no hooks) gets its own on its next
+    fused forward, and the original keeps its."""
+    _, sae = _pair("topk", None)
+    sae(_inputs(8)).loss.backward()
+    twin = copy.deepcopy(sae)
+    assert twin.grad_sq_norms() == {}  # nothing tracked on the copy's parameters yet
+    for model in (twin, sae, twin):
+        model.zero_grad(set_to_none=True)
+        model(_inputs(9)).loss.backward()
+        assert len(model.grad_sq_norms()) == 2
+    assert sae.grad_sq_norms()[sae.W_enc] == pytest.approx(float(sae.W_enc.grad.double().pow(2).sum()), rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])

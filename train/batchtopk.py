@@ -31,7 +31,7 @@ import torch
 
 from .arch_info import ArchError, ArchInfo
 from .base import SAE, ForwardOutput
-from .fused import AuxKPairs, GradSqNorms, encoder_mm, fused_available, fused_pairs
+from .fused import AuxKPairs, encoder_mm, fused_available, fused_pairs
 from .kernels import ActiveSet, ColumnPre, check_kernels
 from .native import batch_topk_pairs
 from .topk import AuxKMixin, SparseKernelsMixin
@@ -163,7 +163,7 @@ class BatchTopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         pre, act, vals = self._matmul_pairs(x, group_ends)
         plan = self.auxk_plan(pre)
         pairs = AuxKPairs(plan.act, plan.vals, self.aux_coeff) if plan.kind == "pairs" else None  # fused in
-        self._grad_norms = GradSqNorms()
+        self._grad_norms = self._norms_for_step()
         loss, auxk, x_hat = fused_op(x, self, act, vals, self._grad_norms, aux=pairs)
         if pairs is None:
             auxk = self.auxk_loss_sparse(x, None, x_hat, plan=plan)

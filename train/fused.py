@@ -47,6 +47,8 @@ losses and gradients with ``kernels="dense"``. Where the compiled module is miss
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -64,30 +66,74 @@ def fused_available(sae, x: torch.Tensor) -> bool:
 
 class GradSqNorms:
     """Squared L2 norms of ``W_enc.grad`` and of ``W_dec.grad`` projected off ``W_dec``'s (unit) rows, as
-    the fused backward computed them, valid while those gradient tensors are the backward's, unchanged.
+    the fused backward computed them, valid while those gradients hold exactly the backward's values.
 
     ``for_params(W_enc, W_dec)`` returns ``{W_enc: float, W_dec: float}`` (the ``known`` argument of
-    :meth:`.optim.Adam.clip_grad_norm_`), or ``{}`` when either ``.grad`` is not the tensor the backward
-    returned (autograd copied it) or was changed since (e.g. the AuxK term's gradient added in place:
-    its version counter moved); the clip then computes the norms itself.
+    :meth:`.optim.Adam.clip_grad_norm_`), or ``{}`` when either ``.grad`` is not the backward's alone: another
+    term's gradient summed in (a dense AuxK), ``.grad`` not empty before the backward, or changed since; the
+    clip then computes the norms itself, in its own (last-bit different) arithmetic.
+
+    Which of the two the clip takes must not depend on anything but the step's maths. It did: validity was the
+    ``.grad`` tensor's address, and autograd stores the backward's tensor as ``.grad`` only when nothing else
+    holds a reference to it, else a copy. A thread sampling ``sys._current_frames()`` (dask's worker profiler,
+    every 10 ms) keeps the backward's frame, and its locals, alive for a moment, so on a dask worker some steps
+    lost the norms at random and the SAE differed in the last bits from a one-process run (the flaky
+    tests/test_train_distributed.py of the 32nd session; tests/test_kernels.py reproduces it with such a
+    thread). So the two parameters carry hooks, registered once (:meth:`watches` says for which parameters):
+    a pre-hook checks that the gradient arriving at ``.grad`` is the backward's own tensor (not summed with
+    another) and ``.grad`` empty, and a post-accumulate hook stamps the ``.grad`` it became, the tensor or its
+    copy; ``for_params`` checks that stamp (address and version counter).
+
+    Raises: nothing; a parameter without the hooks only loses the norms (the clip computes them).
     """
 
-    def __init__(self):
-        self._stamps: list[tuple[int, int, float]] | None = None
+    def __init__(self, W_enc: torch.Tensor, W_dec: torch.Tensor):
+        self._params = (weakref.ref(W_enc), weakref.ref(W_dec))  # weak: the copy of a deep-copied SAE re-registers
+        for i, p in enumerate((W_enc, W_dec)):
+            p.register_hook(functools.partial(self._arrive, i))
+            p.register_post_accumulate_grad_hook(functools.partial(self._accumulated, i))
+        self.expect()
+
+    def watches(self, W_enc: torch.Tensor, W_dec: torch.Tensor) -> bool:
+        """True when this tracker's hooks sit on these two parameter objects."""
+        return self._params[0]() is W_enc and self._params[1]() is W_dec
+
+    def __deepcopy__(self, memo) -> None:
+        """None: a deep-copied SAE's parameters are new objects without these hooks; its next fused forward
+        makes its own tracker (``copy.deepcopy`` of the handles would let the copy unhook the original)."""
+        return None
+
+    def expect(self) -> None:
+        """A new fused forward: forget the last backward's norms."""
+        self._produced: list[tuple[int, int, float]] | None = None
+        self._arrived = [False, False]
+        self._stamps: list[tuple[int, int] | None] = [None, None]
 
     def record(self, d_W_enc: torch.Tensor, d_W_dec: torch.Tensor, sq: torch.Tensor) -> None:
         """Remember the backward's gradients (by storage and version) and ``sq`` fp64 ``[2]`` =
         (projected ``||dW_dec||^2``, ``||dW_enc||^2``)."""
-        self._stamps = [(d_W_enc.data_ptr(), d_W_enc._version, float(sq[1])),
-                        (d_W_dec.data_ptr(), d_W_dec._version, float(sq[0]))]
+        self._produced = [(d_W_enc.data_ptr(), d_W_enc._version, float(sq[1])),
+                          (d_W_dec.data_ptr(), d_W_dec._version, float(sq[0]))]
+
+    def _arrive(self, i: int, grad: torch.Tensor) -> None:
+        """Pre-accumulate hook of parameter ``i``: ``grad`` (all terms summed) is the backward's own tensor and
+        ``.grad`` is empty, so ``.grad`` will hold exactly the backward's values."""
+        p = self._params[i]()
+        self._arrived[i] = (self._produced is not None and p is not None and p.grad is None
+                            and (grad.data_ptr(), grad._version) == self._produced[i][:2])
+
+    def _accumulated(self, i: int, p: torch.Tensor) -> None:
+        """Post-accumulate hook: stamp the ``.grad`` that holds the backward's values (its tensor or a copy)."""
+        self._stamps[i] = (p.grad.data_ptr(), p.grad._version) if self._arrived[i] and p.grad is not None else None
+        self._arrived[i] = False
 
     def for_params(self, W_enc: torch.Tensor, W_dec: torch.Tensor) -> dict[torch.Tensor, float]:
         """``{W_enc: ||W_enc.grad||^2, W_dec: ||projected W_dec.grad||^2}`` if still valid, else ``{}``."""
-        if self._stamps is None:
+        if self._produced is None or not self.watches(W_enc, W_dec):
             return {}
         known = {}
-        for p, (ptr, version, sq) in zip((W_enc, W_dec), self._stamps):
-            if p.grad is None or p.grad.data_ptr() != ptr or p.grad._version != version:
+        for p, stamp, (_, _, sq) in zip((W_enc, W_dec), self._stamps, self._produced):
+            if stamp is None or p.grad is None or (p.grad.data_ptr(), p.grad._version) != stamp:
                 return {}
             known[p] = sq
         return known

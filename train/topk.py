@@ -159,6 +159,15 @@ class SparseKernelsMixin:
         (:class:`.fused.GradSqNorms`); ``{}`` after a forward that did not run fused."""
         return self._grad_norms.for_params(self.W_enc, self.W_dec) if self._grad_norms is not None else {}
 
+    def _norms_for_step(self) -> GradSqNorms:
+        """This SAE's :class:`.fused.GradSqNorms`, reset for a new fused forward; created (hooks registered on
+        ``W_enc`` / ``W_dec``) once per pair of parameter objects, e.g. again in a deep copy."""
+        tracker = self.__dict__.get("_norms_tracker")
+        if tracker is None or not tracker.watches(self.W_enc, self.W_dec):
+            tracker = self.__dict__["_norms_tracker"] = GradSqNorms(self.W_enc, self.W_dec)
+        tracker.expect()
+        return tracker
+
     def use_sparse(self) -> bool:
         """True when this forward pass should run on the sparse kernels (training mode only)."""
         return self.kernels == "sparse" and self.training
@@ -233,7 +242,7 @@ class TopKSAE(SparseKernelsMixin, AuxKMixin, SAE):
         """The sparse training forward, fused into two compiled calls on CPU (:mod:`.fused`), else :mod:`.kernels`'."""
         if not fused_available(self, x):
             return super().sparse_forward(x)
-        self._grad_norms = GradSqNorms()
+        self._grad_norms = self._norms_for_step()
         mm = encoder_mm(x, self)
         plan = self.auxk_plan(ColumnPre(mm, self.b_enc.detach()))  # dead columns' pre, formed only if one is dead
         pairs = AuxKPairs(plan.act, plan.vals, self.aux_coeff) if plan.kind == "pairs" else None  # fused in
