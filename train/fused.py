@@ -78,8 +78,8 @@ class GradSqNorms:
     holds a reference to it, else a copy. A thread sampling ``sys._current_frames()`` (dask's worker profiler,
     every 10 ms) keeps the backward's frame, and its locals, alive for a moment, so on a dask worker some steps
     lost the norms at random and the SAE differed in the last bits from a one-process run (the flaky
-    tests/test_train_distributed.py of the 32nd session; tests/test_kernels.py reproduces it with such a
-    thread). So the two parameters carry hooks, registered once (:meth:`watches` says for which parameters):
+    tests/test_train_distributed.py of the 32nd session; tests/test_kernels.py forces the copy by holding the
+    gradients). So the two parameters carry hooks, registered once (:meth:`watches` says for which parameters):
     a pre-hook checks that the gradient arriving at ``.grad`` is the backward's own tensor (not summed with
     another) and ``.grad`` empty, and a post-accumulate hook stamps the ``.grad`` it became, the tensor or its
     copy; ``for_params`` checks that stamp (address and version counter).
@@ -88,7 +88,7 @@ class GradSqNorms:
     """
 
     def __init__(self, W_enc: torch.Tensor, W_dec: torch.Tensor):
-        self._params = (weakref.ref(W_enc), weakref.ref(W_dec))  # weak: the copy of a deep-copied SAE re-registers
+        self._params = (weakref.ref(W_enc), weakref.ref(W_dec))  # weak: the hooks on them hold this tracker
         for i, p in enumerate((W_enc, W_dec)):
             p.register_hook(functools.partial(self._arrive, i))
             p.register_post_accumulate_grad_hook(functools.partial(self._accumulated, i))
@@ -99,8 +99,8 @@ class GradSqNorms:
         return self._params[0]() is W_enc and self._params[1]() is W_dec
 
     def __deepcopy__(self, memo) -> None:
-        """None: a deep-copied SAE's parameters are new objects without these hooks; its next fused forward
-        makes its own tracker (``copy.deepcopy`` of the handles would let the copy unhook the original)."""
+        """None: a deep-copied SAE's parameters are new objects without these hooks (torch does not copy
+        them); its next fused forward makes its own tracker."""
         return None
 
     def expect(self) -> None:
