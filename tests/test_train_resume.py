@@ -45,7 +45,7 @@ GROUPS = {
 def _cfg(store, out, specs, **kw) -> TrainConfig:
     settings = dict(store=store, layer=1, out=out, specs=specs, d_sae=128, batch_size=BATCH, tokens=STEPS * BATCH,
                     lr=1e-3, log_every=3, sparsity_warmup_frac=0.25, device="cpu",
-                    sae_threads=0)  # side by side: the harder case for bit-identity
+                    sae_threads=0, autocast=True)  # side by side, bf16 casts: the harder case for bit-identity
     return TrainConfig(**{**settings, **kw})
 
 

@@ -117,9 +117,6 @@ class SAE(nn.Module):
     # trainer's global clip must not override (seed 003 sec. 5: per-tier bounds 1 / 2 / 5).
     clips_own_grads: ClassVar[bool] = False
     needs_sequences: ClassVar[bool] = False  # True: fed [R, T, d] rows via encode_seq/forward_seq
-    # False: the trainer never steps this SAE concurrently with others (its numerics were
-    # seen to depend on what ran beside it; tests/test_train_resume.py checks bit-identity).
-    thread_safe: ClassVar[bool] = True
     # How ``--target-l0`` reaches this arch (trainer.py): "penalty" = the trainer scales every
     # sparsity term through ``sparsity_scale``; "k" = the arch takes ``k`` latents per token;
     # "target" = the arch also takes ``target_l0`` as a hyperparameter (jumprelu.py: init and a two-sided

@@ -827,17 +827,6 @@ class ContrastiveHierSAE(DynamicHierSAE):
     """:class:`DynamicHierSAE` with InfoNCE on by default (seed 001 sec. 4.3, 6.1: T 0.1, weight 0.1)."""
 
     arch = "seed001_contrastive_hier"
-    # Stepped concurrently with another SAE (trainer thread pool), its updates differ in the last
-    # bits from a sequential run, from the 3rd step on (d_in 640, d_sae 2048, beside a topk SAE).
-    # Narrowed down (2026-11-22): alone in a pool thread, or beside the other SAE with the steps
-    # serialised by a lock, it is bit-identical; a fixed noise tensor instead of its generator
-    # still differs; so do a contrast term of plain matmuls (f @ fine) and one of InfoNCE alone on
-    # raw latents, while a zero-gradient contrast term (f2.sum() * 0) is identical. So the
-    # divergence needs a non-zero gradient through the second view's encode (a second use of the
-    # same parameters in one graph); which shared state its backward reads is not isolated.
-    # Until it is, it always steps alone.
-    thread_safe = False
-
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, contrast_coeff: float = 0.1, **kwargs):
         super().__init__(d_in, d_sae, seed, contrast_coeff=contrast_coeff, **kwargs)
 

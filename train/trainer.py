@@ -337,7 +337,11 @@ class _Slot:
         mult = self.l0_control.multiplier if self.l0_control else 1.0
         self.sae.sparsity_scale = min(1.0, (step + 1) / self.sparsity_warm) * mult
         lr = self.opt.param_groups[0]["lr"]  # the rate this step uses (logged)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        # No weight-cast cache: torch keeps one cache for all threads and empties it whenever any thread leaves its
+        # outermost autocast region, so a weight used twice in one forward (seed 001's contrastive second view) was
+        # cast once or twice depending on what a concurrent SAE's step was doing, and its gradient summed in bf16 or
+        # in fp32 (found 2026-12-07; tests/test_train_pool.py). Uncached, every use casts on its own: one result.
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
             out = self.sae.forward_seq(*rows) if self.sae.needs_sequences else self.sae(x)
         loss = out.loss
         self.opt.zero_grad(set_to_none=True)
@@ -462,11 +466,8 @@ def _train_step(slots: list[_Slot], x: torch.Tensor, rows: tuple | None, step: i
     """
     live = [slot for slot in slots if not slot.failed]
     run = lambda slot: slot.step(x, step, cfg.autocast, rows)  # noqa: E731
-    together = [slot for slot in live if pool and slot.sae.thread_safe]
-    results = dict(zip(map(id, together), pool.map(run, together))) if together else {}
-    results.update({id(slot): run(slot) for slot in live if id(slot) not in results})  # alone, in this thread
-    for slot in live:
-        metrics = results[id(slot)]
+    results = list(pool.map(run, live)) if pool else [run(slot) for slot in live]
+    for slot, metrics in zip(live, results):
         if metrics is None:
             tqdm.write(f"{slot.spec.name}: stopped, {slot.failed}; keeping its last good weights")
             continue
