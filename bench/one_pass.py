@@ -26,7 +26,8 @@ allocator settings the CLI applies (saestrata/allocator.py) against one with
 (train/kernels.py), both trained in the same pass on the same batches, each timed by
 the trainer's own per-SAE step clock (forward, backward, clip, Adam; data loading and
 metrics excluded), and prints each mean step against the 5-matmul roofline and against one
-encoder matmul in bf16 and in fp32 (issue 14's measure, target <= 2.0x):
+encoder matmul in the SAEs' matmul dtype (bf16 where native, else fp32) and in fp32 (issue 14's
+measure, target <= 2.0x):
 
     .venv/bin/python bench/one_pass.py --store demo-out/store-train --layer 8 --steps 100 --kernels
     .venv/bin/python bench/one_pass.py ... --kernels --dead-window-tokens 20480   # AuxK on from step 20
@@ -114,6 +115,18 @@ def _arms(args: argparse.Namespace, tmp: Path) -> dict[str, _Arm]:
     return arms
 
 
+def _unit_dtype() -> str:
+    """The dtype of the roofline's unit matmul: the one the SAEs' matmuls ran in (the trainer's default autocast:
+    bf16 where the CPU has native bf16 matmuls, else fp32). A bf16 unit on an AVX2-only CPU was meaningless: there
+    ``[1024, 640] @ [640, 4096]`` in bf16 took 10.3 s (torch 2.13's slow path for a row-major right operand, which no
+    SAE takes: a topk SAE's ``pre_acts`` under autocast took 293 ms) against 40.6 ms in fp32 (AMD Zen 3, 2026-12-07)."""
+    import torch
+
+    from saestrata.device import fast_dtype
+
+    return fast_dtype("bfloat16", torch.device("cpu"))
+
+
 def _matmul_seconds(batch: int, d_in: int, d_sae: int, reps: int = 10, dtype: str = "bfloat16") -> float:
     """Best time of one ``[batch, d_in] @ [d_in, d_sae]`` matmul in ``dtype`` on this machine (the roofline unit)."""
     import torch
@@ -139,11 +152,12 @@ def _kernels(args) -> None:
             steps_ms[spec.name] = 1024 / meta["train_tokens_per_s"] * 1e3
             final[spec.name] = meta["final_train_metrics"]
             dead = final[spec.name]["dead_frac"]
-    mm = _matmul_seconds(1024, 640, args.d_sae) * 1e3
-    mm32 = _matmul_seconds(1024, 640, args.d_sae, dtype="float32") * 1e3  # the encoder's own dtype (SAEs train in fp32)
+    unit = _unit_dtype()
+    mm = _matmul_seconds(1024, 640, args.d_sae, dtype=unit) * 1e3
+    mm32 = mm if unit == "float32" else _matmul_seconds(1024, 640, args.d_sae, dtype="float32") * 1e3  # weights' dtype
     import torch
 
-    print(f"{torch.get_num_threads()} thread(s); bf16 matmul 1024x640x{args.d_sae}: {mm:.1f} ms; "
+    print(f"{torch.get_num_threads()} thread(s); {unit} matmul 1024x640x{args.d_sae}: {mm:.1f} ms; "
           f"5-matmul roofline {5 * mm:.1f} ms "
           f"(final dead fraction {dead:.3f}, AuxK {'on' if dead > 0 else 'off'})")
     for name, ms in steps_ms.items():
@@ -151,8 +165,8 @@ def _kernels(args) -> None:
               f"(last batch: fvu {final[name]['fvu']:.4f}, auxk {final[name].get('auxk', 0.0):.4f})")
     print(f"sparse / dense step time: {steps_ms['topk-sparse'] / steps_ms['topk-dense']:.2f}")
     # Issue 14's measure: the step against ONE dense encoder matmul (target <= 2.0x).
-    print(f"sparse step / one encoder matmul: {steps_ms['topk-sparse'] / mm:.2f}x the bf16 matmul, "
-          f"{steps_ms['topk-sparse'] / mm32:.2f}x the fp32 matmul ({mm32:.1f} ms)")
+    fp32 = "" if unit == "float32" else f", {steps_ms['topk-sparse'] / mm32:.2f}x the fp32 matmul ({mm32:.1f} ms)"
+    print(f"sparse step / one encoder matmul: {steps_ms['topk-sparse'] / mm:.2f}x the {unit} matmul{fp32}")
 
 
 def _allocator(args) -> None:
@@ -217,9 +231,10 @@ def main() -> None:
     if args.processes:
         print(f"speed-up as CLI processes, 4 processes / 1: {ratio(SEPARATE_CLI, ONE_CLI):.2f}x")
     # A dense SAE step is ~5 matmuls of this shape (enc fwd, dec fwd, 3 for the two backward passes).
-    mm = _matmul_seconds(1024, 640, args.d_sae)
+    unit = _unit_dtype()
+    mm = _matmul_seconds(1024, 640, args.d_sae, dtype=unit)
     step = statistics.median(arms[ONE].step_seconds) / (len(ARCHS) * args.steps)
-    print(f"bf16 matmul 1024x640x{args.d_sae}: {mm * 1e3:.1f} ms ({2 * 1024 * 640 * args.d_sae / mm / 1e9:.0f} GFLOP/s)")
+    print(f"{unit} matmul 1024x640x{args.d_sae}: {mm * 1e3:.1f} ms ({2 * 1024 * 640 * args.d_sae / mm / 1e9:.0f} GFLOP/s)")
     print(f"mean SAE step    : {step * 1e3:.1f} ms = {step / (5 * mm):.1f}x the 5-matmul roofline")
 
 
