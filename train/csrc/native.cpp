@@ -20,7 +20,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -61,6 +61,39 @@ inline v16 sqrt16(v16 v) {
   return reinterpret_cast<v16&>(r);
 #else
   for (int j = 0; j < 16; ++j) v[j] = std::sqrt(v[j]);
+  return v;
+#endif
+}
+
+// The build's native vector: 16 floats with AVX-512, else 8 (one ymm register). The training kernels are
+// written in it (dot, the Adam / projection kernels, decode_row, latent_grads, Matryoshka's nested ones):
+// where registers hold 32 bytes, GCC lowered their 64-byte v16 through the stack (perf annotate of
+// latent_grads on AMD Zen 3: 128-bit moves to and from the stack inside the pair loop). There, at B 1024,
+// d_in 640, d_sae 4096, k 32, both builds timed in one process: fused backward 21.0 -> 6.1 ms, forward
+// 13.7 -> 6.5 ms; bench/topk_profile.py on the demo store's layer 8: TopK step 2.03x -> 1.46x the fp32
+// encoder matmul (docs/results/bench/topk_fp32_avx2_2026-12-07.txt). With AVX-512 vn is v16: those kernels
+// compile as before. On AVX2 their sums group 8 lanes, not 16, so the last bits of dot products and
+// squared norms differ from the v16 build's (each deterministic).
+#ifdef __AVX512F__
+typedef v16 vn;
+#else
+typedef float vn __attribute__((vector_size(32)));
+#endif
+constexpr int VN = sizeof(vn) / sizeof(float);
+inline vn loadn(const float* p) {
+  vn v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void storen(float* p, vn v) { std::memcpy(p, &v, sizeof v); }
+inline vn sqrtn(vn v) {
+#if defined(__AVX512F__)
+  return sqrt16(v);
+#elif defined(__AVX__)
+  __m256 r = _mm256_sqrt_ps(reinterpret_cast<__m256&>(v));
+  return reinterpret_cast<vn&>(r);
+#else
+  for (int j = 0; j < VN; ++j) v[j] = std::sqrt(v[j]);
   return v;
 #endif
 }
@@ -259,14 +292,14 @@ std::vector<torch::Tensor> rowwise_topk(torch::Tensor x, int64_t k) {
 
 // <a, b> over D floats: four vector accumulators, so consecutive FMAs do not wait on each other.
 inline float dot(const float* a, const float* b, int64_t D) {
-  v16 acc[4] = {};
+  vn acc[4] = {};
   int64_t d = 0;
-  for (; d + 64 <= D; d += 64)
-    for (int j = 0; j < 4; ++j) acc[j] += load16(a + d + 16 * j) * load16(b + d + 16 * j);
-  for (; d + 16 <= D; d += 16) acc[0] += load16(a + d) * load16(b + d);
-  v16 t = acc[0] + acc[1] + acc[2] + acc[3];
+  for (; d + 4 * VN <= D; d += 4 * VN)
+    for (int j = 0; j < 4; ++j) acc[j] += loadn(a + d + VN * j) * loadn(b + d + VN * j);
+  for (; d + VN <= D; d += VN) acc[0] += loadn(a + d) * loadn(b + d);
+  vn t = acc[0] + acc[1] + acc[2] + acc[3];
   float s = 0;
-  for (int j = 0; j < 16; ++j) s += t[j];
+  for (int j = 0; j < VN; ++j) s += t[j];
   for (; d < D; ++d) s += a[d] * b[d];
   return s;
 }
@@ -326,14 +359,14 @@ torch::Tensor projected_row_sq_norms(torch::Tensor grad, torch::Tensor w) {
       const float* gr = g + r * d;
       const float* wr = v + r * d;
       const float p = dot(gr, wr, d);
-      v16 acc = {};
+      vn acc = {};
       int64_t c = 0;
-      for (; c + 16 <= d; c += 16) {
-        const v16 e = load16(gr + c) - p * load16(wr + c);  // remove_parallel_'s value
+      for (; c + VN <= d; c += VN) {
+        const vn e = loadn(gr + c) - p * loadn(wr + c);  // remove_parallel_'s value
         acc += e * e;
       }
       double s = 0;
-      for (int j = 0; j < 16; ++j) s += acc[j];
+      for (int j = 0; j < VN; ++j) s += acc[j];
       for (; c < d; ++c) s += static_cast<double>(gr[c] - p * wr[c]) * (gr[c] - p * wr[c]);
       o[r] = s;
     }
@@ -368,14 +401,14 @@ void adam_unit_rows_(torch::Tensor w, torch::Tensor grad, torch::Tensor m, torch
       float* vr = vp + r * d;
       const float p = dot(gr, wr, d);
       int64_t c = 0;
-      for (; c + 16 <= d; c += 16) {  // written out in vectors: the scalar loop did not vectorize (5x slower)
-        const v16 gc = (load16(gr + c) - p * load16(wr + c)) * sc;
-        v16 mc = load16(mr + c), vc = load16(vr + c);
+      for (; c + VN <= d; c += VN) {  // written out in vectors: the scalar loop did not vectorize (5x slower)
+        const vn gc = (loadn(gr + c) - p * loadn(wr + c)) * sc;
+        vn mc = loadn(mr + c), vc = loadn(vr + c);
         mc += one_b1 * (gc - mc);  // torch's exp_avg.lerp_(grad, 1 - beta1)
         vc = b2 * vc + one_b2 * gc * gc;
-        store16(mr + c, mc);
-        store16(vr + c, vc);
-        store16(wr + c, load16(wr + c) - ss * mc / (sqrt16(vc) / bc2 + ep));
+        storen(mr + c, mc);
+        storen(vr + c, vc);
+        storen(wr + c, loadn(wr + c) - ss * mc / (sqrtn(vc) / bc2 + ep));
       }
       for (; c < d; ++c) {
         const float gc = (gr[c] - p * wr[c]) * sc;
@@ -584,18 +617,18 @@ inline void prefetch_block(const float* p, int64_t n) {
 // than torch's embedding_bag).
 void decode_row(const std::vector<Cand>& cand, const float* W, const float* b_dec, int64_t D, float* x) {
   int64_t d0 = 0;
-  for (; d0 + 128 <= D; d0 += 128) {
-    v16 acc[8];
-    for (int j = 0; j < 8; ++j) acc[j] = load16(b_dec + d0 + 16 * j);
+  for (; d0 + 8 * VN <= D; d0 += 8 * VN) {
+    vn acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = loadn(b_dec + d0 + VN * j);
     const int64_t m = static_cast<int64_t>(cand.size());
     for (int64_t t = 0; t < m; ++t) {
       const Cand& c = cand[t];
-      if (t + PREFETCH < m) prefetch_block(W + cand[t + PREFETCH].i * D + d0, 128);
+      if (t + PREFETCH < m) prefetch_block(W + cand[t + PREFETCH].i * D + d0, 8 * VN);
       if (!(c.v > 0)) continue;
       const float* w = W + c.i * D + d0;
-      for (int j = 0; j < 8; ++j) acc[j] += c.v * load16(w + 16 * j);
+      for (int j = 0; j < 8; ++j) acc[j] += c.v * loadn(w + VN * j);
     }
-    for (int j = 0; j < 8; ++j) store16(x + d0 + 16 * j, acc[j]);
+    for (int j = 0; j < 8; ++j) storen(x + d0 + VN * j, acc[j]);
   }
   for (int64_t d = d0; d < D; ++d) {
     float a = b_dec[d];
@@ -611,7 +644,7 @@ void decode_row(const std::vector<Cand>& cand, const float* W, const float* b_de
 void error_row(const std::vector<Cand>& cand, const float* W, const float* x_hat, const float* x, int64_t D,
                float* e, float* sq, float* de) {
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) store16(e + d, load16(x_hat + d) - load16(x + d));
+  for (; d + VN <= D; d += VN) storen(e + d, loadn(x_hat + d) - loadn(x + d));
   for (; d < D; ++d) e[d] = x_hat[d] - x[d];
   *sq = dot(e, e, D);
   const int64_t m = static_cast<int64_t>(cand.size());
@@ -702,39 +735,39 @@ void latent_grads(const Pair* pairs, const int64_t* start, int64_t lo, int64_t h
   const int64_t end = start[hi];
   for (int64_t c = lo; c < hi; ++c) sq_dec[c] = sq_enc[c] = 0;
   int64_t d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) {
-    v16 bd[4], acc_b[4] = {};
-    for (int j = 0; j < 4; ++j) bd[j] = load16(b_dec + d0 + 16 * j);
+  for (; d0 + 4 * VN <= D; d0 += 4 * VN) {
+    vn bd[4], acc_b[4] = {};
+    for (int j = 0; j < 4; ++j) bd[j] = loadn(b_dec + d0 + VN * j);
     for (int64_t c = lo; c < hi; ++c) {
-      for (int j = 0; j < 4; ++j) acc_b[j] += db_enc[c] * load16(W_encT + c * D + d0 + 16 * j);
-      v16 a_dec[4] = {}, a_enc[4] = {};
+      for (int j = 0; j < 4; ++j) acc_b[j] += db_enc[c] * loadn(W_encT + c * D + d0 + VN * j);
+      vn a_dec[4] = {}, a_enc[4] = {};
       for (int64_t s = start[c]; s < start[c + 1]; ++s) {
         const Pair& p = pairs[s];
         if (s + PREFETCH < end) {
-          prefetch_block(e + pairs[s + PREFETCH].bag * D + d0, 64);
-          prefetch_block(x + pairs[s + PREFETCH].row * D + d0, 64);
+          prefetch_block(e + pairs[s + PREFETCH].bag * D + d0, 4 * VN);
+          prefetch_block(x + pairs[s + PREFETCH].row * D + d0, 4 * VN);
         }
         const float* er = e + p.bag * D + d0;
         const float* xr = x + p.row * D + d0;
         for (int j = 0; j < 4; ++j) {
-          a_dec[j] += p.v * load16(er + 16 * j);
-          a_enc[j] += p.dv * (load16(xr + 16 * j) - bd[j]);
+          a_dec[j] += p.v * loadn(er + VN * j);
+          a_enc[j] += p.dv * (loadn(xr + VN * j) - bd[j]);
         }
       }
-      v16 q_dec = {}, q_enc = {};
+      vn q_dec = {}, q_enc = {};
       for (int j = 0; j < 4; ++j) {
         a_dec[j] *= coef;
         q_dec += a_dec[j] * a_dec[j];
         q_enc += a_enc[j] * a_enc[j];
-        store16(d_dec + c * D + d0 + 16 * j, a_dec[j]);
-        store16(d_enc + c * D + d0 + 16 * j, a_enc[j]);
+        storen(d_dec + c * D + d0 + VN * j, a_dec[j]);
+        storen(d_enc + c * D + d0 + VN * j, a_enc[j]);
       }
       float qd = 0, qe = 0;
-      for (int j = 0; j < 16; ++j) qd += q_dec[j], qe += q_enc[j];
+      for (int j = 0; j < VN; ++j) qd += q_dec[j], qe += q_enc[j];
       sq_dec[c] += qd;
       sq_enc[c] += qe;
     }
-    for (int j = 0; j < 4; ++j) store16(wdb + d0 + 16 * j, load16(wdb + d0 + 16 * j) + acc_b[j]);
+    for (int j = 0; j < 4; ++j) storen(wdb + d0 + VN * j, loadn(wdb + d0 + VN * j) + acc_b[j]);
   }
   for (int64_t c = lo; c < hi; ++c)
     for (int64_t d = d0; d < D; ++d) {
@@ -959,22 +992,22 @@ std::vector<torch::Tensor> nested_fused_forward(torch::Tensor bag_crow, torch::T
       float* er = ep + r * G * D;
       const int64_t last = bp[(r + 1) * G];
       int64_t d0 = 0;
-      for (; d0 + 128 <= D; d0 += 128) {
-        v16 acc[8];
-        for (int j = 0; j < 8; ++j) acc[j] = load16(bdp + d0 + 16 * j) - load16(xr + d0 + 16 * j);
+      for (; d0 + 8 * VN <= D; d0 += 8 * VN) {
+        vn acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = loadn(bdp + d0 + VN * j) - loadn(xr + d0 + VN * j);
         for (int64_t g = 0; g < G; ++g) {
           for (int64_t s = bp[r * G + g]; s < bp[r * G + g + 1]; ++s) {
-            if (s + PREFETCH < last) prefetch_block(Wp + cp[s + PREFETCH] * D + d0, 128);
+            if (s + PREFETCH < last) prefetch_block(Wp + cp[s + PREFETCH] * D + d0, 8 * VN);
             const float* w = Wp + cp[s] * D + d0;
-            for (int j = 0; j < 8; ++j) acc[j] += vp[s] * load16(w + 16 * j);
+            for (int j = 0; j < 8; ++j) acc[j] += vp[s] * loadn(w + VN * j);
           }
-          v16 q = {};
+          vn q = {};
           for (int j = 0; j < 8; ++j) {
-            store16(er + g * D + d0 + 16 * j, acc[j]);
+            storen(er + g * D + d0 + VN * j, acc[j]);
             q += acc[j] * acc[j];
           }
           float t = 0;
-          for (int j = 0; j < 16; ++j) t += q[j];
+          for (int j = 0; j < VN; ++j) t += q[j];
           sp[r * G + g] += t;
         }
       }
@@ -988,7 +1021,7 @@ std::vector<torch::Tensor> nested_fused_forward(torch::Tensor bag_crow, torch::T
       }
       for (int64_t g = G - 2; g >= 0; --g) {  // the row's errors -> suffix sums, in place
         int64_t d = 0;
-        for (; d + 16 <= D; d += 16) store16(er + g * D + d, load16(er + g * D + d) + load16(er + (g + 1) * D + d));
+        for (; d + VN <= D; d += VN) storen(er + g * D + d, loadn(er + g * D + d) + loadn(er + (g + 1) * D + d));
         for (; d < D; ++d) er[g * D + d] += er[(g + 1) * D + d];
       }
       for (int64_t g = 0; g < G; ++g)
@@ -1024,11 +1057,11 @@ std::vector<torch::Tensor> nested_fused_grads(torch::Tensor err, torch::Tensor w
   at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       int64_t d = 0;
-      for (; d + 16 <= D; d += 16) {
-        v16 acc = {};
+      for (; d + VN <= D; d += VN) {
+        vn acc = {};
         for (int64_t g = G - 1; g >= 0; --g) {
-          acc += wp[g] * load16(epp + (r * G + g) * D + d);
-          store16(gp + (r * G + g) * D + d, acc);
+          acc += wp[g] * loadn(epp + (r * G + g) * D + d);
+          storen(gp + (r * G + g) * D + d, acc);
         }
       }
       for (; d < D; ++d) {
@@ -1150,7 +1183,7 @@ void auxk_error_row(const float* e, const int64_t* cols, const float* vals, int6
     const float* w = W + cols[s] * D;
     const float v = vals[s];
     int64_t d = 0;
-    for (; d + 16 <= D; d += 16) store16(out + d, load16(out + d) + v * load16(w + d));
+    for (; d + VN <= D; d += VN) storen(out + d, loadn(out + d) + v * loadn(w + d));
     for (; d < D; ++d) out[d] += v * w[d];
   }
 }
