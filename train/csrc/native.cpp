@@ -65,15 +65,17 @@ inline v16 sqrt16(v16 v) {
 #endif
 }
 
-// The build's native vector: 16 floats with AVX-512, else 8 (one ymm register). The training kernels are
-// written in it (dot, the Adam / projection kernels, decode_row, latent_grads, Matryoshka's nested ones):
-// where registers hold 32 bytes, GCC lowered their 64-byte v16 through the stack (perf annotate of
-// latent_grads on AMD Zen 3: 128-bit moves to and from the stack inside the pair loop). There, at B 1024,
-// d_in 640, d_sae 4096, k 32, both builds timed in one process: fused backward 21.0 -> 6.1 ms, forward
-// 13.7 -> 6.5 ms; bench/topk_profile.py on the demo store's layer 8: TopK step 2.03x -> 1.46x the fp32
-// encoder matmul (docs/results/bench/topk_fp32_avx2_2026-12-07.txt). With AVX-512 vn is v16: those kernels
-// compile as before. On AVX2 their sums group 8 lanes, not 16, so the last bits of dot products and
-// squared norms differ from the v16 build's (each deterministic).
+// The build's native vector: 16 floats with AVX-512, else 8 (one ymm register). The training kernels (dot,
+// the Adam / projection kernels, decode_row, latent_grads, Matryoshka's nested ones) and the evaluation
+// head's statistics (head_stats_rows) are written in it: where registers hold 32 bytes, GCC lowered their
+// 64-byte v16 through the stack (perf annotate of latent_grads on AMD Zen 3: 128-bit moves to and from the
+// stack inside the pair loop). There, old and new builds timed in one process: at B 1024, d_in 640, d_sae
+// 4096, k 32 the fused backward 21.0 -> 6.1 ms, forward 13.7 -> 6.5 ms (bench/topk_profile.py on the demo
+// store's layer 8: TopK step 2.03x -> 1.46x the fp32 encoder matmul, docs/results/bench/
+// topk_fp32_avx2_2026-12-07.txt); head_block_stats on a [5, 1025, 4096] block 78 -> 18 ms (fp32), 90 -> 24 ms
+// (bf16). With AVX-512 vn is v16: those kernels compile to the same instructions as before. On AVX2 their
+// sums group 8 lanes, not 16, so the last bits of dot products, squared norms and the head's sums differ from
+// the v16 build's (each deterministic; ~3e-8 relative in head_block_stats, ~2e-7 in the forward's).
 #ifdef __AVX512F__
 typedef v16 vn;
 #else
@@ -1331,54 +1333,54 @@ torch::Tensor auxk_backward_(torch::Tensor crow, torch::Tensor cols, torch::Tens
 
 // exp of 16 floats (Cephes expf: 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2; relative error ~1e-7),
 // in plain vector arithmetic so that it stays in registers. Inputs below -87.3 give ~1e-38, not 0.
-inline v16 exp16(v16 x) {
-  typedef int32_t vi16 __attribute__((vector_size(64)));
-  const v16 lo = v16{} - 87.3f, hi = v16{} + 88.7f;
+inline vn expn(vn x) {
+  typedef int32_t vin __attribute__((vector_size(sizeof(vn))));
+  const vn lo = vn{} - 87.3f, hi = vn{} + 88.7f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const v16 magic = v16{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
-  v16 n = (x * 1.44269504088896341f + magic) - magic;
-  v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 p = v16{} + 1.9875691500e-4f;
+  const vn magic = vn{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
+  vn n = (x * 1.44269504088896341f + magic) - magic;
+  vn r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vn p = vn{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  v16 scale;
+  vin bits = (__builtin_convertvector(n, vin) + 127) << 23;
+  vn scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
 
-inline double hsum(v16 a) {
+inline double hsum(vn a) {
   double s = 0;
-  for (int j = 0; j < 16; ++j) s += a[j];
+  for (int j = 0; j < VN; ++j) s += a[j];
   return s;
 }
 
 template <typename scalar_t>
-inline v16 load16(const scalar_t* p) {
+inline vn loadn(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return load16(static_cast<const float*>(p));
+    return loadn(static_cast<const float*>(p));
   } else {
-    v16 v;
-    for (int j = 0; j < 16; ++j) v[j] = to_float(p[j]);
+    vn v;
+    for (int j = 0; j < VN; ++j) v[j] = to_float(p[j]);
     return v;
   }
 }
 
 template <typename scalar_t>
 float row_max(const scalar_t* z, int64_t W) {
-  v16 mv = v16{} - std::numeric_limits<float>::infinity();
+  vn mv = vn{} - std::numeric_limits<float>::infinity();
   int64_t v = 0;
-  for (; v + 16 <= W; v += 16) {
-    v16 x = load16(z + v);
+  for (; v + VN <= W; v += VN) {
+    vn x = loadn(z + v);
     mv = x > mv ? x : mv;
   }
   float m = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j < 16; ++j) m = std::max(m, mv[j]);
+  for (int j = 0; j < VN; ++j) m = std::max(m, mv[j]);
   for (; v < W; ++v) m = std::max(m, to_float(z[v]));
   return m;
 }
@@ -1394,14 +1396,14 @@ void head_stats_rows(const scalar_t* z, int64_t U, int64_t P, int64_t W, float* 
     for (int64_t p = lo; p < hi; ++p) {
       const scalar_t* z0 = z + p * W;
       const float m0 = row_max(z0, W);
-      const v16 m0v = v16{} + m0;
+      const vn m0v = vn{} + m0;
       double s0 = 0, d0 = 0;
       int64_t v = 0;
-      while (v + 16 <= W) {  // float lane sums over <= 256 columns, then double
-        v16 sa = {}, da = {};
-        for (const int64_t end = std::min(W - W % 16, v + 256); v < end; v += 16) {
-          v16 x = load16(z0 + v), e = exp16(x - m0v);
-          store16(e0.data() + v, e);
+      while (v + VN <= W) {  // float lane sums over <= 256 columns, then double
+        vn sa = {}, da = {};
+        for (const int64_t end = std::min(W - W % VN, v + 256); v < end; v += VN) {
+          vn x = loadn(z0 + v), e = expn(x - m0v);
+          storen(e0.data() + v, e);
           sa += e;
           da += e * x;
         }
@@ -1420,15 +1422,15 @@ void head_stats_rows(const scalar_t* z, int64_t U, int64_t P, int64_t W, float* 
       for (int64_t u = 1; u < U; ++u) {
         const scalar_t* zu = z + (u * P + p) * W;
         const float mu = row_max(zu, W);
-        const v16 muv = v16{} + mu;
+        const vn muv = vn{} + mu;
         double su = 0, du = 0;
         v = 0;
-        while (v + 16 <= W) {
-          v16 sa = {}, da = {};
-          for (const int64_t end = std::min(W - W % 16, v + 256); v < end; v += 16) {
-            v16 x = load16(zu + v);
-            sa += exp16(x - muv);
-            da += load16(e0.data() + v) * (load16(z0 + v) - x);
+        while (v + VN <= W) {
+          vn sa = {}, da = {};
+          for (const int64_t end = std::min(W - W % VN, v + 256); v < end; v += VN) {
+            vn x = loadn(zu + v);
+            sa += expn(x - muv);
+            da += loadn(e0.data() + v) * (loadn(z0 + v) - x);
           }
           su += hsum(sa);
           du += hsum(da);
