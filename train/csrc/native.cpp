@@ -55,15 +55,6 @@ inline v16 load16(const float* p) {
   return v;
 }
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 sqrt16(v16 v) {
-#ifdef __AVX512F__
-  __m512 r = _mm512_sqrt_ps(reinterpret_cast<__m512&>(v));
-  return reinterpret_cast<v16&>(r);
-#else
-  for (int j = 0; j < 16; ++j) v[j] = std::sqrt(v[j]);
-  return v;
-#endif
-}
 
 // The build's native vector: 16 floats with AVX-512, else 8 (one ymm register). The training kernels (dot,
 // the Adam / projection kernels, decode_row, latent_grads, Matryoshka's nested ones) and the evaluation
@@ -90,7 +81,8 @@ inline vn loadn(const float* p) {
 inline void storen(float* p, vn v) { std::memcpy(p, &v, sizeof v); }
 inline vn sqrtn(vn v) {
 #if defined(__AVX512F__)
-  return sqrt16(v);
+  __m512 r = _mm512_sqrt_ps(reinterpret_cast<__m512&>(v));
+  return reinterpret_cast<vn&>(r);
 #elif defined(__AVX__)
   __m256 r = _mm256_sqrt_ps(reinterpret_cast<__m256&>(v));
   return reinterpret_cast<vn&>(r);
