@@ -226,7 +226,7 @@ def test_head_stats_equal_groups_share_exact_numbers_and_zero_fixed_group(kernel
 @pytest.mark.parametrize("U,P,W", [(5, 9, 4096), (3, 4, 1000), (1, 3, 17), (2, 2, 16 * 17 + 5)])
 def test_head_kernel_block_stats_equal_float64_and_the_torch_ops(dtype, U, P, W):
     # csrc/native.cpp's head_block_stats against the definitions in float64 and the torch path it
-    # replaces: widths off the 16-lane vector and the 256-column sum blocks, one to five groups,
+    # replaces: widths off the 8- and 16-lane vectors and the 256-column sum blocks, one to five groups,
     # logits spread over ~100 nats (exp underflows for most columns, as on the real head).
     from saestrata.evaluate.branch import _block_stats_native, _block_stats_torch
     from saestrata.train.native import load_native
