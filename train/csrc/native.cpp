@@ -46,7 +46,8 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
-// 16 floats in one vector register (AVX-512 with -march=native; the compiler splits it elsewhere).
+// 16 floats in one vector register with AVX-512 (-march=native); elsewhere GCC splits it, through the stack where
+// it holds values across a loop (see vn below, which the hot kernels use; the top-k scans still use v16).
 // Loads and stores go through memcpy: rows are only 4-byte aligned.
 typedef float v16 __attribute__((vector_size(64)));
 inline v16 load16(const float* p) {
@@ -1323,7 +1324,7 @@ torch::Tensor auxk_backward_(torch::Tensor crow, torch::Tensor cols, torch::Tens
 
 // ---- LM-head statistics for spliced evaluation (saestrata.evaluate.branch.head_stats) ----
 
-// exp of 16 floats (Cephes expf: 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2; relative error ~1e-7),
+// exp of VN floats (Cephes expf: 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2; relative error ~1e-7),
 // in plain vector arithmetic so that it stays in registers. Inputs below -87.3 give ~1e-38, not 0.
 inline vn expn(vn x) {
   typedef int32_t vin __attribute__((vector_size(sizeof(vn))));
