@@ -46,30 +46,20 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
-// 16 floats in one vector register with AVX-512 (-march=native); elsewhere GCC splits it, through the stack where
-// it holds values across a loop (see vn below, which the hot kernels use; the top-k scans still use v16).
-// Loads and stores go through memcpy: rows are only 4-byte aligned.
-typedef float v16 __attribute__((vector_size(64)));
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-
-// The build's native vector: 16 floats with AVX-512, else 8 (one ymm register). The training kernels (dot,
-// the Adam / projection kernels, decode_row, latent_grads, Matryoshka's nested ones) and the evaluation
-// head's statistics (head_stats_rows) are written in it: where registers hold 32 bytes, GCC lowered their
-// 64-byte v16 through the stack (perf annotate of latent_grads on AMD Zen 3: 128-bit moves to and from the
-// stack inside the pair loop). There, old and new builds timed in one process: at B 1024, d_in 640, d_sae
-// 4096, k 32 the fused backward 21.0 -> 6.1 ms, forward 13.7 -> 6.5 ms (bench/topk_profile.py on the demo
-// store's layer 8: TopK step 2.03x -> 1.46x the fp32 encoder matmul, docs/results/bench/
-// topk_fp32_avx2_2026-12-07.txt); head_block_stats on a [5, 1025, 4096] block 78 -> 18 ms (fp32), 90 -> 24 ms
-// (bf16). With AVX-512 vn is v16: those kernels compile to the same instructions as before. On AVX2 their
-// sums group 8 lanes, not 16, so the last bits of dot products, squared norms and the head's sums differ from
-// the v16 build's (each deterministic; ~3e-8 relative in head_block_stats, ~2e-7 in the forward's).
+// The build's native vector: 16 floats with AVX-512, else 8 (one ymm register); loads and stores go through
+// memcpy (rows are only 4-byte aligned). The training kernels (dot, the Adam / projection kernels, decode_row,
+// latent_grads, Matryoshka's nested ones) and the evaluation head's statistics (head_stats_rows) are written in
+// it. They were written in 16 floats everywhere, and where registers hold 32 bytes GCC lowered those vectors
+// through the stack (perf annotate of latent_grads on AMD Zen 3: 128-bit moves to and from the stack inside the
+// pair loop). There, old and new builds timed in one process: at B 1024, d_in 640, d_sae 4096, k 32 the fused
+// backward 21.0 -> 6.1 ms, forward 13.7 -> 6.5 ms (bench/topk_profile.py on the demo store's layer 8: TopK step
+// 2.03x -> 1.46x the fp32 encoder matmul, docs/results/bench/topk_fp32_avx2_2026-12-07.txt); head_block_stats
+// on a [5, 1025, 4096] block 78 -> 18 ms (fp32), 90 -> 24 ms (bf16). With AVX-512 vn is 16 floats as before:
+// the kernels compile to the same instructions. On AVX2 their sums group 8 lanes, not 16, so the last bits of
+// dot products, squared norms and the head's sums differ from the 16-float build's (each deterministic; ~3e-8
+// relative in head_block_stats, ~2e-7 in the forward's).
 #ifdef __AVX512F__
-typedef v16 vn;
+typedef float vn __attribute__((vector_size(64)));
 #else
 typedef float vn __attribute__((vector_size(32)));
 #endif
