@@ -205,3 +205,21 @@ def test_only_archs_keeping_the_base_decoder_constraint_hand_it_to_the_optimizer
         sae = build(arch, 16, 64)
         opt = _optimizer(SAESpec(arch, arch), sae, cfg)
         assert (opt.unit_rows is sae.W_dec) if handed else opt.unit_rows is None, arch
+
+
+def test_the_unit_row_step_asks_for_the_cpu_kernels_only_for_cpu_weights(monkeypatch):
+    """On a GPU the optimiser must not build the compiled CPU kernels (~1 min of g++ inside step 0, counted as
+    training time, or a misleading "not built" warning without a compiler): it rules the fused path out by the
+    weight's device before asking for the module. Meta tensors stand in for a GPU's; a CPU weight must ask."""
+    from saestrata.train import native as nat
+    from saestrata.train import optim
+
+    calls = []
+    monkeypatch.setattr(nat, "load_native", lambda: calls.append(1))  # returns None: "not built"
+    for device, asked in (("meta", []), ("cpu", [1])):
+        w = torch.nn.Parameter(torch.zeros(8, 4, device=device))
+        w.grad = torch.zeros(8, 4, device=device)
+        opt = optim.Adam([w], lr=1e-2, unit_rows=w)
+        assert opt._fusable() is False
+        assert calls == asked, device
+        calls.clear()

@@ -200,6 +200,27 @@ def test_run_unlearning_tiny_end_to_end(tiny_lm, tiny_model_dir, scratch):
         assert {"forget_accuracy", "retain_accuracy", "latents", "retain_ok"} <= set(d)
 
 
+def test_row_values_equal_the_models_own_log_probs(tiny_lm):
+    """score_rows' values (picked from the head's log-probs on the LM's device) equal log-softmax of the
+    model's own logits row by row: a completion row's summed log p of its completion tokens and token
+    count, a letter row's max log p over each letter's spellings."""
+    forget, retain = U.wiki_questions("eval")
+    questions = forget[:3] + retain[:2] + U.load_mcq("wmdp-bio", FIXTURES)[:2]
+    rows = U.build_rows(tiny_lm.tokenizer, questions)
+    assert {r.choice is None for r in rows} == {True, False}
+    values, _ = U.score_rows(tiny_lm, LAYER, rows, None, 4)
+    letters = U._letter_token_ids(tiny_lm.tokenizer)
+    for row, got in zip(rows, values):
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_lm.model(input_ids=torch.tensor([row.ids])).logits[0].float(), -1)
+        if row.choice is None:
+            want = [float(logp[row.start, ids].max()) for ids in letters]
+        else:
+            pos = torch.arange(row.start - 1, len(row.ids) - 1)
+            want = [float(logp[pos, torch.tensor(row.ids[row.start:])].sum()), len(row.ids) - row.start, 0, 0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_unaffected_rows_reuse_matches_full_rerun(tiny_lm):
     """Skipping rows where no selected latent fires gives the same values as re-running every row."""
     sae = hand_sae(d_sae=16)

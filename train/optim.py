@@ -84,7 +84,8 @@ class _UnitRowsStep:
     def _fusable(self) -> bool:
         """True when the next step can run the fused unit-row kernel (see the class docstring)."""
         w = self.unit_rows
-        if w is None or w.grad is None or not native.load_native():
+        # device first: on CUDA, building the CPU kernels (~1 min) inside step 0 would be timed as training
+        if w is None or w.grad is None or w.device.type != "cpu" or not native.load_native():
             return False
         group = next(g for g in self.param_groups if any(p is w for p in g["params"]))
         plain = (not group.get("weight_decay") and not group.get("amsgrad") and not group.get("maximize")
