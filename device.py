@@ -31,7 +31,7 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def native_bf16(device: torch.device) -> bool:
     """True if ``device`` runs bf16 matmuls in hardware, so bf16 is faster than fp32 there.
 
-    CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)`` (Ampere and newer).
+    CUDA: compute capability 8 or more (Ampere and newer) of ``device`` itself; ROCm: True.
     x86 CPU: AVX-512 BF16 or AMX tiles (torch's own cpuinfo checks). Arm CPU: oneDNN's bf16
     support, which on Arm means the BF16 instructions. Other devices: False. Why it matters:
     without them oneDNN emulates bf16, and a ``[2048, 640] x [640, 2048]`` matmul ran 4.97x
@@ -39,8 +39,8 @@ def native_bf16(device: torch.device) -> bool:
     5.28x on the first session's AVX2 machine), while AVX-512 BF16 / AMX machines ran it
     9-25x faster in bf16 (README, "Numerics are one setting").
     """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cuda":  # this device's, not the current one's (torch.cuda.is_bf16_supported asks that)
+        return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
     if device.type != "cpu":
         return False
     cpu = torch.cpu

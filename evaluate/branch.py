@@ -357,10 +357,9 @@ def head_stats(head: Head, h: torch.Tensor, target: torch.Tensor, fixed: list[tu
                 else:
                     _block_stats_torch(z, e, m[c], s[c], d[c], fixed, tp, v0, v1)
                 idx = tg - v0
-                inside = (idx >= 0) & (idx < v1 - v0)
-                if inside.any():
-                    got = z.gather(-1, idx.clamp(0, v1 - v0 - 1).expand(U, pc)[..., None])[..., 0].float()
-                    zt = torch.where(inside, got, zt)
+                inside = (idx >= 0) & (idx < v1 - v0)  # no `if inside.any()`: a host sync per chunk on CUDA
+                got = z.gather(-1, idx.clamp(0, v1 - v0 - 1).expand(U, pc)[..., None])[..., 0].float()
+                zt = torch.where(inside, got, zt)
         with timer("head_combine"):
             mx = m.amax(0)  # [U, pc]; m, s, d are float64 already
             w = torch.exp(m - mx)  # [n_vc, U, pc]

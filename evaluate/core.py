@@ -450,7 +450,7 @@ def _reference_batch(lm, loaded, replacements, layers, zero_group, kept_group, f
         with timer("forward (blocks + head)"), splice(lm.layers, plan, keep.to(lm.device), keep_groups):
             logits = lm.model(input_ids=ids.repeat(n_groups, 1).to(lm.device), use_cache=False).logits
         with timer("log_softmax CE/KL"):
-            logit_sums.add(logits.cpu(), ids, keep)
+            logit_sums.add(logits, ids.to(logits.device), keep.to(logits.device))  # on the LM's device
 
     return step
 

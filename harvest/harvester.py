@@ -350,7 +350,9 @@ def _fingerprint(tokenizer, _vocab_size: int) -> str:
 
 
 def harvest_identity(cfg: HarvestConfig, lm: LoadedModel, layers: list[int], hooks: list[str]) -> dict:
-    """Fields that determine a store's content; equal identities mean equal stores (bit for bit).
+    """Fields that determine a store's content; equal identities mean equal stores (bit for bit on one
+    machine class: another CPU instruction set or a GPU sums the LM's matmuls in another order, which can
+    move a stored bf16 value by one rounding step, and a resumed or extended store does not check that).
 
     Model (name + weights hash), layers and hook names, dataset + split + split rule +
     text field + order seed, context length, BOS handling, dtype (and the LM's compute dtype

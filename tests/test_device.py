@@ -55,6 +55,20 @@ def test_native_bf16_on_cpu_agrees_with_the_kernels_cpu_flags():
     assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
 
 
+def test_native_bf16_asks_the_named_gpu_not_the_current_one(monkeypatch):
+    """On a host with a Turing GPU 0 and an Ampere GPU 1, ``--device cuda:1`` has native bf16 and ``cuda:0``
+    has not, whichever GPU is current (GPU properties simulated: no CUDA here)."""
+    from types import SimpleNamespace
+
+    majors = {0: 7, 1: 8}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(major=majors[torch.device(d).index or 0]))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert native_bf16(torch.device("cuda:1")) is True
+    assert native_bf16(torch.device("cuda:0")) is False
+
+
 def test_fast_dtype_swaps_only_emulated_bfloat16(monkeypatch):
     import saestrata.device as device_mod
 

@@ -5,7 +5,7 @@ and once interrupted twice (``stop_after_step``) between checkpoints, so every r
 also has to cut log lines written after its checkpoint. The groups cover archs whose
 training state lives in Python attributes (seed 001 ``_calls``, seed 002 update
 counters, seed 003 curriculum progress), buffers (BatchTopK threshold, seed 002
-masks, dead-latent counters), the global RNG (seed 001 contrastive view noise), a
+masks, dead-latent counters), a generator (seed 001 contrastive view noise), a
 failed SAE, and the sequence batch stream (seed 000 temporal SAE).
 """
 
@@ -195,3 +195,22 @@ def test_auto_autocast_follows_the_device_and_a_resume_keeps_the_runs_own(tiny_s
     assert _autocast(done) is True
     a, b = _weights(whole), _weights(done)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_leave_the_cuda_generators_alone(monkeypatch):
+    """Training draws only from explicit CPU generators, so a checkpoint neither reads the CUDA generators
+    (that creates a context on every visible GPU, even for a CPU run) nor restores them from an earlier
+    version's checkpoint (that raised IndexError on a machine with fewer GPUs). A GPU host is simulated."""
+    from saestrata.train import checkpoint
+
+    def touched(*args):
+        raise AssertionError("the CUDA generators were touched")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", touched)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", touched)
+    state = checkpoint.rng_state()
+    assert set(state) == {"cpu"}
+    torch.rand(3)  # move the CPU generator on, so that restoring it is seen
+    checkpoint.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8})
+    assert torch.equal(torch.get_rng_state(), state["cpu"])

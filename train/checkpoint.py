@@ -112,18 +112,18 @@ def read_checkpoint(out: str | Path, identity: dict) -> dict:
 
 
 def rng_state() -> dict:
-    """The global torch generator states: ``{"cpu": ByteTensor, "cuda": [ByteTensor] (if CUDA)}``."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The global CPU generator's state: ``{"cpu": ByteTensor}``.
+
+    Not the CUDA generators': no training draw uses them (every random draw of the SAEs and the reader takes
+    an explicit, seeded CPU ``torch.Generator``), reading them creates a CUDA context on every visible GPU
+    even for a CPU run, and restoring them failed (IndexError) on a machine with fewer GPUs.
+    """
+    return {"cpu": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state` (the CUDA part only when CUDA is present)."""
+    """Restore :func:`rng_state`; a ``"cuda"`` entry (checkpoints of earlier versions) is ignored."""
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def truncate_log(path: Path, size: int) -> None:

@@ -321,7 +321,7 @@ def _threshold_grad(window: JumpWindow, theta: torch.Tensor, e: torch.Tensor, co
     """JumpReLU's ``d loss / d theta`` ``[L]`` (``theta``'s dtype) from the reconstruction: over the window's entries
     ``(b, i)``, ``-(theta_i / eps) coef <e[b], W_dec[i]>`` (Rajamanoharan et al. 2024, sec. 4; ``coef e`` = d loss /
     d x_hat, so ``coef <e[b], W_dec[i]>`` = d loss / d f[b, i])."""
-    d_theta = torch.zeros(theta.shape, dtype=torch.float32)
+    d_theta = torch.zeros(theta.shape, dtype=torch.float32, device=theta.device)
     if window.cols.numel() and coef != 0.0:
         dots = load_native().sampled_dot(e, W_dec.detach().contiguous(), window.rows, window.cols)
         th = theta.detach().float()[window.cols]

@@ -159,8 +159,8 @@ class _WindowStep(torch.autograd.Function):
     def backward(ctx, grad):
         """Gradient of ``theta`` only."""
         w = ctx.window
-        counts = torch.zeros(ctx.theta_shape, dtype=torch.float32).index_add_(
-            0, w.cols, torch.ones(w.cols.numel(), dtype=torch.float32))
+        counts = torch.zeros(ctx.theta_shape, dtype=torch.float32, device=w.cols.device).index_add_(
+            0, w.cols, torch.ones(w.cols.numel(), dtype=torch.float32, device=w.cols.device))
         return (counts * (-float(grad) / (w.bandwidth * ctx.n_rows))).to(ctx.theta_dtype), None, None, None
 
 

@@ -13,7 +13,10 @@ the others go on.
 
 Checkpoints (``checkpoint_every``) and ``resume`` continue an interrupted run exactly:
 the resumed run gives bit-identical SAEs and the same logs as an uninterrupted one
-(:mod:`saestrata.train.checkpoint`).
+(:mod:`saestrata.train.checkpoint`) on the same CPU build (tested). On CUDA some kernels the
+step uses (``index_add_``, the backward of ``gather``) sum floats with atomics in no fixed
+order, so there a resumed run equals an uninterrupted one only to fp32 rounding (never run
+on a GPU here).
 """
 
 from __future__ import annotations
