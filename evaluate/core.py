@@ -294,8 +294,9 @@ class _LogitSums:
 
 
 def _accumulate_recon(sums: ReconSums, record: dict, keep_flat: torch.Tensor) -> None:
-    """Reconstruction and sparsity sums over non-special tokens of one batch."""
-    use = ~keep_flat
+    """Reconstruction and sparsity sums over non-special tokens of one batch (on the record's device: on a GPU,
+    moving ``f`` ``[tokens, d_sae]`` to the host to reduce it there would cost more than the SAE)."""
+    use = ~keep_flat.to(record["x"].device)
     sums.add(record["x"][use], record["x_hat"][use], record["f"][use])
 
 
@@ -403,7 +404,7 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
             batch_fn(ids, keep, logit_sums)
             with timer("recon_metrics"):
                 for s, record in zip(sums, records):
-                    _accumulate_recon(s, {k: v.cpu() for k, v in record.items()}, keep.reshape(-1))
+                    _accumulate_recon(s, record, keep.reshape(-1))  # reduced where the SAE ran
             seconds += time.perf_counter() - t0
             done += len(batch)
             bar.update(len(batch) * ctx)
