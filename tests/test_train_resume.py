@@ -200,7 +200,7 @@ def test_auto_autocast_follows_the_device_and_a_resume_keeps_the_runs_own(tiny_s
 def test_checkpoints_leave_the_cuda_generators_alone(monkeypatch):
     """Training draws only from explicit CPU generators, so a checkpoint neither reads the CUDA generators
     (that creates a context on every visible GPU, even for a CPU run) nor restores them from an earlier
-    version's checkpoint (that raised IndexError on a machine with fewer GPUs). A GPU host is simulated."""
+    version's checkpoint (that would raise IndexError on a machine with fewer GPUs). A GPU host is simulated."""
     from saestrata.train import checkpoint
 
     def touched(*args):

@@ -116,7 +116,8 @@ def rng_state() -> dict:
 
     Not the CUDA generators': no training draw uses them (every random draw of the SAEs and the reader takes
     an explicit, seeded CPU ``torch.Generator``), reading them creates a CUDA context on every visible GPU
-    even for a CPU run, and restoring them failed (IndexError) on a machine with fewer GPUs.
+    even for a CPU run, and restoring them would raise IndexError on a machine with fewer GPUs (torch's
+    ``set_rng_state_all`` sets one state per saved GPU index; read in its code, not run: no GPU here).
     """
     return {"cpu": torch.get_rng_state()}
 
