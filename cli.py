@@ -766,7 +766,8 @@ def report(paths, out, matched_l0):
 @click.option("--seed", default=0, show_default=True, type=NONNEG_INT, help="Quantile-sampling seed.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), callback=_outside_stores,
               help="Dashboard folder (new, empty, or an earlier inspect output to replace).")
-@click.option("--device", default="cpu", show_default=True, type=DEVICE)
+@click.option("--device", default="auto", show_default=True, type=DEVICE,
+              help="Where the streaming encode and the logit effects run (auto: CUDA when present).")
 @_one_line_errors
 def inspect(sae, store, storage_options, tokens, top_k, context, intervals, per_interval, batch_rows, model, allow_partial, seed, out,
             device):
@@ -792,8 +793,8 @@ def inspect(sae, store, storage_options, tokens, top_k, context, intervals, per_
         index = inspect_sae(InspectConfig(sae=sae, store=store, out=out, tokens=tokens, top_k=top_k, context=context,
                                           batch_rows=batch_rows, n_intervals=intervals, per_interval=per_interval,
                                           allow_partial=allow_partial, seed=seed,
-                                          storage_options=storage_options or None),
-                            model=_model_of([sae], [cfg], model), device=device, progress=progress)
+                                          storage_options=storage_options or None, device=device),
+                            model=_model_of([sae], [cfg], model), progress=progress)
     alive = sum(1 for r in index["latents"] if r["fire_count"])
     click.echo(f"{sae}: {index['tokens']} tokens in {index['seconds']:.1f} s ({index['tokens_per_s']:.0f} tok/s), "
                f"{alive}/{index['d_sae']} latents fired -> {out / 'index.html'}")

@@ -10,12 +10,14 @@ Only the unembedding and the tokenizer are taken from the model (logit effects, 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..device import resolve_device, to_device
 from ..harvest.model import layer_of_hook
 from ..store import ActivationStore, ordered_batches
 from ..store.location import is_url
@@ -41,6 +43,8 @@ class InspectConfig:
         block_size: latents per output block file.
         allow_partial: read the committed prefix of a half-written store.
         seed: reservoir-sampling seed.
+        device: where the streaming encode runs (``"cpu"``, ``"cuda"``, ``"auto"``); the collector, the logit
+            effects' bookkeeping and the files stay on the host.
     """
 
     sae: Path
@@ -56,6 +60,7 @@ class InspectConfig:
     allow_partial: bool = False
     seed: int = 0
     storage_options: dict | None = None
+    device: str = "cpu"
 
 
 def open_inputs(cfg: InspectConfig):
@@ -85,19 +90,21 @@ def special_ids(store: ActivationStore) -> tuple[int, ...]:
 @torch.no_grad()
 def encode_batch(sae, acts: torch.Tensor, doc_index, token_ids, context_length: int,
                  specials: tuple[int, ...]) -> torch.Tensor:
-    """Latents fp32 ``[n, d_sae]`` of ``n`` tokens of whole rows (``acts [n, d_in]``, any float dtype).
+    """Latents fp32 ``[n, d_sae]``, on the CPU, of ``n`` tokens of whole rows (``acts [n, d_in]``, any float
+    dtype, on the CPU), encoded on the SAE's device.
 
     Token SAEs encode each token; sequence SAEs (``needs_sequences``) get the rows
     ``[n / T, T, d_in]`` with their ``doc_index`` and ``valid = not special`` (as evaluate/splice.py).
     """
-    x = acts.float()
+    dev = next(sae.parameters()).device
+    x = to_device(acts, dev).float()
     if not getattr(sae, "needs_sequences", False):
-        return sae.encode(x).float()
+        return sae.encode(x).float().cpu()
     rows = x.reshape(-1, context_length, x.shape[-1])
     doc = torch.as_tensor(doc_index).long().reshape(rows.shape[:2])
     tok = torch.as_tensor(token_ids).reshape(rows.shape[:2])
     valid = ~torch.isin(tok, torch.tensor(specials, dtype=tok.dtype))
-    return sae.encode_seq(rows, doc, valid).flatten(0, 1).float()
+    return sae.encode_seq(rows, doc.to(dev), valid.to(dev)).flatten(0, 1).float().cpu()
 
 
 def collect(cfg: InspectConfig, progress=None, inputs=None) -> tuple[LatentCollector, dict]:
@@ -118,6 +125,9 @@ def collect(cfg: InspectConfig, progress=None, inputs=None) -> tuple[LatentColle
         raise ValueError(f"{stop} tokens is less than one context row of {ctx} tokens: read at least {ctx} "
                          "(--tokens), or all of the store")
     specials = special_ids(store)
+    dev = resolve_device(cfg.device)
+    if dev.type != "cpu":  # a copy: the caller's SAE stays on the CPU for the steps after the pass
+        sae = copy.deepcopy(sae).to(dev)
     coll = LatentCollector(sae.d_sae, ctx, cfg.top_k, cfg.context, special_ids=specials, seed=cfg.seed)
     t0, done = time.perf_counter(), 0
     for batch in ordered_batches(store, hook, cfg.batch_rows, (0, stop)):
@@ -131,14 +141,14 @@ def collect(cfg: InspectConfig, progress=None, inputs=None) -> tuple[LatentColle
                   "tokens_per_s": done / seconds if seconds else None}
 
 
-def inspect_sae(cfg: InspectConfig, lm=None, model: str | None = None, device: str = "cpu", progress=None) -> dict:
+def inspect_sae(cfg: InspectConfig, lm=None, model: str | None = None, device: str | None = None, progress=None) -> dict:
     """Run ``inspect``: the pass, logit effects, structure, dashboard files and the browser in ``cfg.out``.
 
     Args:
         cfg: run settings.
         lm: a loaded model (:class:`~saestrata.harvest.model.LoadedModel`) for the unembedding and
             tokenizer; else ``model`` (default: the model recorded in the SAE's cfg.json) is loaded.
-        model, device: what to load when ``lm`` is None.
+        model, device: what to load when ``lm`` is None (``device`` default: ``cfg.device``).
         progress: see :func:`collect`.
 
     Returns:
@@ -162,7 +172,7 @@ def inspect_sae(cfg: InspectConfig, lm=None, model: str | None = None, device: s
         from ..harvest.model import load_model
 
         ours = sae_cfg.get("saestrata") if isinstance(sae_cfg.get("saestrata"), dict) else {}
-        lm = load_model(model or ours.get("model_id") or sae_cfg.get("model_name"), device, "auto")
+        lm = load_model(model or ours.get("model_id") or sae_cfg.get("model_name"), device or cfg.device, "auto")
     logits = logit_effects(sae, unembedding(lm.model).detach())
     facts = {**facts, "sae": str(Path(cfg.sae).resolve()), "sae_name": Path(cfg.sae).name,
              "arch": (sae_cfg.get("saestrata") or {}).get("arch", sae_cfg.get("architecture")),

@@ -150,6 +150,21 @@ def test_top_examples_and_windows_are_exactly_the_known_ones(known, batch_rows, 
     assert tuple(coll.samples.scores.shape) == (4 * N_BINS, coll.samples.k)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_the_encode_on_cuda_gives_the_cpus_top_examples(known, tmp_path):
+    """``device="cuda"`` runs the streaming encode on the GPU (a copy of the SAE) and collects the same top
+    examples as the CPU, to fp32 rounding."""
+    root = known[0]
+    got = {}
+    for device in ("cpu", "cuda"):
+        coll, _ = collect(InspectConfig(sae=root / "sae", store=root / "store", out=tmp_path, top_k=6, context=3,
+                                        device=device))
+        got[device] = coll.top_examples()
+    (s_cpu, t_cpu), (s_gpu, t_gpu) = got["cpu"], got["cuda"]
+    assert torch.equal(torch.as_tensor(t_cpu["index"]), torch.as_tensor(t_gpu["index"]))
+    torch.testing.assert_close(torch.as_tensor(s_gpu), torch.as_tensor(s_cpu), rtol=1e-5, atol=1e-6)
+
+
 def test_quantile_examples_are_real_firings_inside_their_interval(known, tmp_path):
     root, tok, doc, x0 = known
     coll, _ = collect(InspectConfig(sae=root / "sae", store=root / "store", out=tmp_path, top_k=3, context=2,
