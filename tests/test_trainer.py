@@ -136,3 +136,25 @@ def test_the_kernel_build_happens_before_the_first_steps_clock(tiny_store, tmp_p
                       batch_size=64, tokens=64 * 3, device="cpu", checkpoint_every=0)
     train(cfg, progress=False)
     assert events[0] == "build" and events.count("step") == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_training_on_cuda_learns_like_the_cpu_without_the_cpu_kernels(tiny_store, tmp_path, monkeypatch):
+    """The same SAEs trained on CUDA and on the CPU (fp32, same batches) end at nearly the same FVU, and the CUDA
+    run never asks for the compiled CPU kernels (their ~1 min build would land in its step time)."""
+    from saestrata.train import fused, kernels, native, sparse_gram, trainer
+
+    specs = [SAESpec(a, a, hp) for a, hp in (("standard", {"l1_coeff": 1.0}), ("topk", {"k": 8}),
+                                             ("batchtopk", {"k": 8}), ("matryoshka", {"k": 8}), ("jumprelu", {}))]
+    cfg = dict(store=tiny_store, layer=1, specs=specs, d_sae=128, batch_size=256, tokens=40 * 256, log_every=5,
+               lr=1e-3, autocast=False)
+    cpu = train(TrainConfig(out=tmp_path / "cpu", device="cpu", **cfg), progress=False)
+    asked = []
+    real = native.load_native
+    for module in (native, fused, kernels, sparse_gram, trainer):  # every module's own binding of it
+        monkeypatch.setattr(module, "load_native", lambda: asked.append(1) or real())
+    gpu = train(TrainConfig(out=tmp_path / "cuda", device="cuda", **cfg), progress=False)
+    assert asked == []
+    for spec in specs:
+        a, b = _log(cpu[spec.name])[-1], _log(gpu[spec.name])[-1]
+        assert math.isfinite(b["fvu"]) and b["fvu"] == pytest.approx(a["fvu"], rel=0.1, abs=0.02), spec.name
