@@ -9,6 +9,9 @@ Arms, all on the same rows of the embedded corpus with the real Gemma 3 270M, in
   the cluster start and each worker's model load (a real user pays both).
 
     .venv/bin/python bench/harvest.py --layers 4,8 --tokens 65536
+
+The LM computes in the dtype ``harvest --compute-dtype auto`` picks on this machine (bf16 only where it
+is native: device.fast_dtype), as users run it; it is printed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import machine
 from saestrata.allocator import tune_allocator
+from saestrata.device import fast_dtype
 from saestrata.harvest.harvester import HarvestConfig, _rows, harvest, tokenizer_fingerprint
 from saestrata.harvest.hooks import residuals
 from saestrata.harvest.model import load_model
@@ -54,12 +59,14 @@ def main() -> None:
     ap.add_argument("--batch-rows", type=int, default=16)
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
-    lm = load_model(device="cpu")
+    dtype = fast_dtype("bfloat16", torch.device("cpu"))  # what `harvest` computes in by default here
+    print(machine(), f"; LM computes in {dtype}", sep="", flush=True)
+    lm = load_model(device="cpu", dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         def cfg(name: str, workers: int = 0) -> HarvestConfig:
             """A harvest of the benchmark's rows into ``tmp/name`` (``workers`` > 0: dask)."""
             return HarvestConfig(layers=layers, tokens=args.tokens, out=Path(tmp) / name, device="cpu",
-                                 batch_rows=args.batch_rows, workers=workers)
+                                 batch_rows=args.batch_rows, workers=workers, compute_dtype=dtype)
 
         _bare_forward(lm, cfg("warm"))  # warm-up: oneDNN kernels, page cache of the weights
         t0 = time.perf_counter()
