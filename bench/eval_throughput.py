@@ -18,8 +18,8 @@ it builds four random-init SAEs (topk, standard, tiered_hsae, batchtopk; d_sae 2
 
     .venv/bin/python bench/eval_throughput.py --compare --rows 8
 
-``--dtype float32`` evaluates as the benchmark does (``lm_dtype float32``; default bfloat16,
-the CLI's default); ``--arms fast`` times one path only. Measured with ``--rows 8 --repeats 3`` on a
+``--dtype float32`` evaluates as the benchmark does (``lm_dtype float32``; default ``auto``, the CLI's
+default: bfloat16 where the CPU computes it natively, else float32); ``--arms fast`` times one path only. Measured with ``--rows 8 --repeats 3`` on a
 2-core machine, benchmark queue paused (2026-12-05, docs/results/bench/README.md): float32 2.12x median
 of five rounds (1.92x with ``SAESTRATA_NATIVE=0``, torch's ops for the head statistics), bfloat16
 1.79x. On a shared machine both wall and CPU seconds inflate.
@@ -40,6 +40,7 @@ import torch
 from _common import best_time, machine
 
 from saestrata.allocator import tune_allocator
+from saestrata.device import fast_dtype
 from saestrata.evaluate.branch import OpTimer
 from saestrata.evaluate.core import EvalConfig, evaluate_saes
 from saestrata.evaluate.splice import sae_replacement, splice
@@ -137,11 +138,14 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=8, help="--compare without --sae: layer of the random SAEs")
     ap.add_argument("--ctx", type=int, default=128, help="--compare: context length")
     ap.add_argument("--batch-rows", type=int, default=4, help="--compare: rows per batch")
-    ap.add_argument("--dtype", default="bfloat16",
-                    help="--compare: LM dtype (the benchmark evaluates with lm_dtype float32)")
+    ap.add_argument("--dtype", default="auto",
+                    help="LM dtype; auto: what `evaluate --dtype auto` picks here (bf16 only where it is native; "
+                         "the benchmark evaluates with lm_dtype float32)")
     ap.add_argument("--arms", default="reference,fast", help="--compare: which paths to time, comma-separated")
     args = ap.parse_args()
-    print(machine(), flush=True)
+    if args.dtype == "auto":
+        args.dtype = fast_dtype("bfloat16", torch.device("cpu"))
+    print(machine(), f"; LM dtype {args.dtype}", sep="", flush=True)
     if args.compare:
         args.repeats = args.repeats or 1
         compare(args)
@@ -151,7 +155,7 @@ def main() -> None:
     args.repeats = args.repeats or 3
     sae, cfg = load_sae(args.sae[0])
     layer = layer_of_hook(cfg["hook_name"])
-    lm = load_model(cfg["saestrata"]["model_id"], device="cpu")
+    lm = load_model(cfg["saestrata"]["model_id"], device="cpu", dtype=args.dtype)
     ctx = cfg["saestrata"].get("context_length") or 128
     rows = list(itertools.islice(pack_documents(iter_documents("wiki-vital", "eval"), lm.tokenizer, ctx), args.rows))
     ids = torch.from_numpy(np.stack([r.token_ids for r in rows])).long()

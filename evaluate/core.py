@@ -66,7 +66,7 @@ from ..harvest.model import LoadedModel, ModelError, check_layers, layer_of_hook
 from ..harvest.packing import pack_documents
 from ..harvest.text import EMBEDDED_DATASET, DatasetError, iter_documents
 from ..train.sae_io import load_sae
-from .branch import BranchForward, Head, OpTimer, head_stats, supports_branch
+from .branch import BranchForward, Head, OpTimer, head_stats, prepare_kernels, supports_branch
 from .diagnostics import Diagnostics
 from .splice import sae_replacement, splice, zero_replacement
 
@@ -377,6 +377,7 @@ def evaluate_saes(folders: list[Path], cfg: EvalConfig, lm: LoadedModel | None =
     replacements = [sae_replacement(sae, records[i], rows_ctx) for i, (sae, _, _) in enumerate(loaded)]
     fast = not reference and supports_branch(lm.model)
     if fast:
+        prepare_kernels(lm.device)  # a first build of the CPU kernels, if any, before the clock runs
         batch_fn = _fast_batch(lm, loaded, replacements, layers, zero_group, kept_group, first_sae, timer)
     else:
         batch_fn = _reference_batch(lm, loaded, replacements, layers, zero_group, kept_group, first_sae, n_groups,

@@ -298,3 +298,22 @@ def test_fast_path_on_cuda_matches_the_cpu_result(tiny_model_dir, sae_dirs, both
             if key.rsplit(".", 1)[-1] in TIMING_KEYS or math.isnan(b[key]):
                 continue
             assert abs(a[key] - b[key]) <= 10 * TOL, key
+
+
+def test_the_kernel_build_happens_before_evaluations_clock(lm32, sae_dirs, tiny_model_dir, monkeypatch):
+    """On a machine without a cached build the head kernel compiles (~1 min) on first use; that landed inside
+    the first batch's clock and so in ``eval_tokens_per_s``. evaluate_saes now builds it before the first batch."""
+    from saestrata.evaluate import core
+    from saestrata.train import native
+
+    events = []
+    real_load, real_fast = native.load_native, core._fast_batch
+    monkeypatch.setattr(native, "load_native", lambda: events.append("build") or real_load())
+
+    def fast_batch(*args, **kw):
+        step = real_fast(*args, **kw)
+        return lambda *a: events.append("batch") or step(*a)
+
+    monkeypatch.setattr(core, "_fast_batch", fast_batch)
+    evaluate_saes(sae_dirs[:1], _cfg(tiny_model_dir), lm=lm32, progress=False)
+    assert "batch" in events and events[0] == "build"
