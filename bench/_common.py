@@ -22,6 +22,17 @@ def machine() -> str:
     return f"machine: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
+def auto_dtype() -> str:
+    """``"bfloat16"`` or ``"float32"``: what the CLI's ``auto`` dtypes pick on this CPU (``harvest --compute-dtype``,
+    ``evaluate --dtype``, ``train``'s autocast): bf16 only where its matmuls are native (saestrata.device.fast_dtype),
+    so a bench times what users run."""
+    import torch
+
+    from saestrata.device import fast_dtype
+
+    return fast_dtype("bfloat16", torch.device("cpu"))
+
+
 def best_time(fn: Callable[[], object], repeats: int) -> float:
     """Smallest wall time in seconds of ``repeats`` calls of ``fn`` (the least-disturbed run)."""
     best = float("inf")

@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from _common import interleaved, machine, rate
+from _common import auto_dtype, interleaved, machine, rate
 from saestrata.device import native_bf16
 
 
@@ -83,11 +83,9 @@ def _train_arms(repeats: int) -> dict:
 
 def stages(rounds: int, repeats: int) -> None:
     """Print each stage's bf16 and fp32 rates (median of ``rounds`` interleaved rounds) and their ratio."""
-    from saestrata.device import fast_dtype
-
     arms = {**_lm_arms(repeats), **_train_arms(repeats)}
     got = {name: statistics.median(v) for name, v in interleaved(arms, rounds).items()}
-    auto = fast_dtype("bfloat16", torch.device("cpu"))
+    auto = auto_dtype()
     print(f"auto picks {auto} here; medians of {rounds} interleaved rounds of {repeats} calls")
     for stage in ("harvest forward", "evaluate forward"):
         b, f = got[f"{stage} bfloat16"], got[f"{stage} float32"]

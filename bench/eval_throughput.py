@@ -37,10 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import best_time, machine
+from _common import auto_dtype, best_time, machine
 
 from saestrata.allocator import tune_allocator
-from saestrata.device import fast_dtype
 from saestrata.evaluate.branch import OpTimer
 from saestrata.evaluate.core import EvalConfig, evaluate_saes
 from saestrata.evaluate.splice import sae_replacement, splice
@@ -144,7 +143,7 @@ def main() -> None:
     ap.add_argument("--arms", default="reference,fast", help="--compare: which paths to time, comma-separated")
     args = ap.parse_args()
     if args.dtype == "auto":
-        args.dtype = fast_dtype("bfloat16", torch.device("cpu"))
+        args.dtype = auto_dtype()
     print(machine(), f"; LM dtype {args.dtype}", sep="", flush=True)
     if args.compare:
         args.repeats = args.repeats or 1

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import machine
+from _common import auto_dtype, machine
 from saestrata.allocator import tune_allocator
-from saestrata.device import fast_dtype
 from saestrata.harvest.harvester import HarvestConfig, _rows, harvest, tokenizer_fingerprint
 from saestrata.harvest.hooks import residuals
 from saestrata.harvest.model import load_model
@@ -59,7 +58,7 @@ def main() -> None:
     ap.add_argument("--batch-rows", type=int, default=16)
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
-    dtype = fast_dtype("bfloat16", torch.device("cpu"))  # what `harvest` computes in by default here
+    dtype = auto_dtype()  # what `harvest` computes in by default here
     print(machine(), f"; LM computes in {dtype}", sep="", flush=True)
     lm = load_model(device="cpu", dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:

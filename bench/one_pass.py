@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import interleaved, machine
+from _common import auto_dtype, interleaved, machine
 
 from saestrata.allocator import tune_allocator
 from saestrata.train.trainer import SAESpec, TrainConfig, train
@@ -120,11 +120,7 @@ def _unit_dtype() -> str:
     bf16 where the CPU has native bf16 matmuls, else fp32). A bf16 unit on an AVX2-only CPU was meaningless: there
     ``[1024, 640] @ [640, 4096]`` in bf16 took 10.3 s (torch 2.13's slow path for a row-major right operand, which no
     SAE takes: a topk SAE's ``pre_acts`` under autocast took 293 ms) against 40.6 ms in fp32 (AMD Zen 3, 2026-12-07)."""
-    import torch
-
-    from saestrata.device import fast_dtype
-
-    return fast_dtype("bfloat16", torch.device("cpu"))
+    return auto_dtype()
 
 
 def _matmul_seconds(batch: int, d_in: int, d_sae: int, reps: int = 10, dtype: str = "bfloat16") -> float:
